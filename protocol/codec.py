@@ -1,0 +1,71 @@
+"""Canonical msgpack: the exact bytes a body is signed as.
+
+One value has exactly one encoding: maps with their keys sorted by UTF-8 bytes, every
+integer in its shortest msgpack form, text as ``str`` and bytes as ``bin``, no floats, no
+extension types. Decoding is strict — duplicate keys, trailing bytes and non-canonical
+encodings are refused — so two different byte strings never carry the same message, and
+a signature can never be moved onto a re-encoded copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from protocol.errors import ProtocolError
+from protocol.messages import Envelope
+from protocol.reasons import Reason
+from protocol.schema import parse_envelope
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every map's keys in canonical (UTF-8 byte) order."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value, key=lambda k: k.encode())}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def pack(value: Any) -> bytes:
+    """Canonical msgpack encoding of a wire value (maps, arrays, str, bytes, int, nil)."""
+    packed: bytes = msgpack.packb(canonical(value), use_bin_type=True, strict_types=True)
+    return packed
+
+
+def _pairs_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate map key")
+    return result
+
+
+def unpack(data: bytes) -> Any:
+    """Strictly decode one msgpack value; any fault is :class:`ProtocolError` ``body.malformed``."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            object_pairs_hook=_pairs_without_duplicates,
+            timestamp=0,
+        )
+    # msgpack signals bad input through several exception types (ExtraData, FormatError,
+    # StackError, ValueError, UnicodeDecodeError, TypeError for unhashable keys ...); all
+    # of them mean the same thing to us.
+    except Exception as exc:
+        raise ProtocolError(Reason.BODY_MALFORMED, f"body is not valid msgpack: {exc}") from exc
+
+
+def encode_body(envelope: Envelope) -> bytes:
+    return pack(envelope.to_wire())
+
+
+def decode_body(body: bytes) -> Envelope:
+    """Body bytes → :class:`Envelope`; raises :class:`ProtocolError` on any fault."""
+    envelope = parse_envelope(unpack(body))
+    if encode_body(envelope) != body:
+        raise ProtocolError(Reason.BODY_MALFORMED, "body is not in canonical msgpack form")
+    return envelope
