@@ -34,7 +34,28 @@ def pack(value: Any) -> bytes:
     return packed
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"extension type {code} is not allowed")
+
+
+def _no_timestamps(values: list[Any]) -> None:
+    # msgpack decodes ext type -1 itself (as a Timestamp) instead of calling ext_hook;
+    # the container hooks catch it, so *every* extension value is refused the same way.
+    for value in values:
+        if isinstance(value, msgpack.Timestamp):
+            raise ValueError("extension type -1 (timestamp) is not allowed")
+
+
+def _checked_list(values: list[Any]) -> list[Any]:
+    _no_timestamps(values)
+    return values
+
+
 def _pairs_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise ValueError("map keys must be strings")
+        _no_timestamps([value])
     result = dict(pairs)
     if len(result) != len(pairs):
         raise ValueError("duplicate map key")
@@ -42,16 +63,24 @@ def _pairs_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 
 def unpack(data: bytes) -> Any:
-    """Strictly decode one msgpack value; any fault is :class:`ProtocolError` ``body.malformed``."""
+    """Strictly decode one msgpack value; any fault is :class:`ProtocolError` ``body.malformed``.
+
+    Refused here: anything but exactly one well-formed value, invalid UTF-8, a map key that
+    is not a string, a duplicate key, any extension value, nesting deeper than 1024.
+    """
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=True,
             object_pairs_hook=_pairs_without_duplicates,
+            list_hook=_checked_list,
+            ext_hook=_refuse_ext,
             timestamp=0,
         )
+        _no_timestamps([value])
+        return value
     # msgpack signals bad input through several exception types (ExtraData, FormatError,
     # StackError, ValueError, UnicodeDecodeError, TypeError for unhashable keys ...); all
     # of them mean the same thing to us.

@@ -192,7 +192,7 @@ class Rejection:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "reason": self.reason,
+            "reason": str(self.reason),  # a Reason member is welcome here
             "text": self.text,
             "certificate": self.certificate,
             "problems": [p.to_wire() for p in self.problems],
@@ -207,7 +207,7 @@ class Cancellation:
     reason: str
 
     def to_wire(self) -> dict[str, Any]:
-        return {"certificate": self.certificate, "reason": self.reason}
+        return {"certificate": self.certificate, "reason": str(self.reason)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -48,7 +48,7 @@ MESSAGE_ID = re.compile(r"[0-9A-Za-z_-]{16,64}")
 CERTIFICATE_NUMBER = re.compile(r"[A-Z]{2}[A-Z0-9/-]{1,38}")
 AUTHORITY_ID = re.compile(r"[A-Z]{2}[A-Za-z0-9_.-]{0,38}")
 REASON_CODE = re.compile(r"[a-z_]+(\.[a-z_]+)+")
-DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # ASCII digits only, unlike \d
 
 MAX_NAME = 200
 MAX_ADDRESS = 500
@@ -198,17 +198,21 @@ class Reader:
         return self.check_integer(path, value, present, minimum=minimum, maximum=maximum)
 
     def day(self, key: str) -> date:
+        return self.valid_day(key) or _PLACEHOLDER_DATE
+
+    def valid_day(self, key: str) -> date | None:
+        """The date at ``key``, or ``None`` (a problem recorded) when it is not one."""
         path, value, present = self.raw(key)
         text = self.check_text(
             path, value, present, max_len=10, pattern=DATE, hint="a date YYYY-MM-DD"
         )
         if not DATE.fullmatch(text):
-            return _PLACEHOLDER_DATE
+            return None
         try:
             return date.fromisoformat(text)
         except ValueError:
             self.problem(path, Reason.BAD_DATE, "is not a calendar date")
-            return _PLACEHOLDER_DATE
+            return None
 
     def blob(self, key: str, *, size: int) -> bytes:
         path, value, present = self.raw(key)
@@ -274,7 +278,7 @@ def _lines(r: Reader) -> tuple[Line, ...]:
                 hs_path, Reason.UNKNOWN_HS_CODE,
                 f"unknown HS code {hs_code!r}; expected one of {', '.join(HS_CODES)}",
             )
-        elif hs_code in seen:
+        elif hs_code and hs_code in seen:  # a missing code is no duplicate of another
             lr.problem(hs_path, Reason.DUPLICATE_HS_CODE, f"HS code {hs_code} appears twice")
         seen.add(hs_code)
         lines.append(
@@ -313,8 +317,8 @@ def parse_certificate(problems: list[Problem], value: object, path: str = "") ->
     importer = r.nested("importer", _party)
     lines = _lines(r)
     parcels = r.integer("parcels", minimum=1, maximum=MAX_PARCELS)
-    issued_on = r.day("issued_on")
-    expires_on = r.day("expires_on")
+    issued_on = r.valid_day("issued_on")
+    expires_on = r.valid_day("expires_on")
     remarks = r.text("remarks", max_len=MAX_TEXT, allow_empty=True)
     if number and issuer and not number.startswith(issuer):
         r.problem(join(path, "number"), Reason.NUMBER_PREFIX,
@@ -325,13 +329,14 @@ def parse_certificate(problems: list[Problem], value: object, path: str = "") ->
     if issuer and issuer == destination:
         r.problem(join(path, "destination"), Reason.SELF_TRADE,
                   "must differ from the issuer")
-    if (_PLACEHOLDER_DATE not in (issued_on, expires_on)) and expires_on <= issued_on:
+    if issued_on is not None and expires_on is not None and expires_on <= issued_on:
         r.problem(join(path, "expires_on"), Reason.EXPIRY_BEFORE_ISSUE,
                   "must be after issued_on")
     return Certificate(
         number=number, issuer=issuer, issuing_authority=authority, destination=destination,
         origins=tuple(origins), exporter=exporter, importer=importer, lines=lines,
-        parcels=parcels, issued_on=issued_on, expires_on=expires_on, remarks=remarks,
+        parcels=parcels, issued_on=issued_on or _PLACEHOLDER_DATE,
+        expires_on=expires_on or _PLACEHOLDER_DATE, remarks=remarks,
     )
 
 
@@ -446,7 +451,7 @@ def _participant(problems: list[Problem], value: object, path: str) -> Participa
     )
 
 
-def _registry(problems: list[Problem], value: object, path: str) -> RegistryUpdate:
+def parse_registry(problems: list[Problem], value: object, path: str) -> RegistryUpdate:
     r = Reader(problems, value, path, ("version", "participants", "embargoed_origins"))
     version = r.integer("version", minimum=1, maximum=2**63 - 1)
     participants = tuple(
@@ -457,7 +462,7 @@ def _registry(problems: list[Problem], value: object, path: str) -> RegistryUpda
         r.check_text(p, v, True, max_len=2, pattern=PARTICIPANT_CODE, hint="a country code")
         for p, v in r.items("embargoed_origins", max_items=MAX_PARTICIPANTS, min_items=0)
     ]
-    codes = [p.code for p in participants]
+    codes = [p.code for p in participants if p.code]  # a missing code repeats nothing
     if len(set(codes)) != len(codes):
         r.problem(join(path, "participants"), Reason.BAD_FORMAT, "participant codes repeat")
     return RegistryUpdate(version=version, participants=participants,
@@ -479,7 +484,7 @@ PAYLOAD_PARSERS: dict[Kind, Callable[[list[Problem], object, str], Payload]] = {
     Kind.REJECTION: _rejection,
     Kind.CANCELLATION: _cancellation,
     Kind.REPLACEMENT: _replacement,
-    Kind.REGISTRY_UPDATE: _registry,
+    Kind.REGISTRY_UPDATE: parse_registry,
     Kind.PING: _ping,
     Kind.PONG: _pong,
 }

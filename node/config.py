@@ -1,0 +1,151 @@
+"""A node's configuration file (``node.toml`` in the node's directory) and its key files.
+
+Relative paths in the file are relative to the node's directory, so a directory can be
+moved or mounted as a volume as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from protocol.schema import AUTHORITY_ID, PARTICIPANT_CODE
+
+CONFIG_NAME = "node.toml"
+DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class ConfigError(Exception):
+    """The configuration or a key file is missing or wrong; the message says which."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    directory: Path
+    participant: str
+    authority: str
+    broker_urls: tuple[str, ...] = (DEFAULT_BROKER,)
+    #: RabbitMQ user the node logs in as; sent as the validated ``user_id`` when set.
+    broker_user: str | None = None
+    chair_public_key: bytes = b""
+    registry_file: str = "registry.kpx"
+    database: str = "node.sqlite3"
+    signing_key_file: str = "node.key"
+    prefetch: int = 256
+    delivery_limit: int = 5
+    declare_topology: bool = True
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def database_path(self) -> Path:
+        return self.path(self.database)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.path(self.registry_file)
+
+    def signing_key(self) -> SigningKey:
+        return read_signing_key(self.path(self.signing_key_file))
+
+
+def load_config(directory: Path | str) -> NodeConfig:
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no {CONFIG_NAME} in {directory} (run 'kpnode init' first, or "
+                          "pass --dir)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    known = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
+    unknown = sorted(set(data) - known - {"chair_public_key", "signing_key"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    try:
+        participant = str(data["participant"])
+        authority = str(data.get("authority", participant))
+        chair = bytes.fromhex(str(data["chair_public_key"]))
+    except KeyError as exc:
+        raise ConfigError(f"{path}: missing setting {exc.args[0]}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path}: chair_public_key must be hex: {exc}") from exc
+    if not PARTICIPANT_CODE.fullmatch(participant):
+        raise ConfigError(f"{path}: participant must be a two-letter code, not {participant!r}")
+    if not AUTHORITY_ID.fullmatch(authority) or not authority.startswith(participant):
+        raise ConfigError(f"{path}: authority {authority!r} must start with {participant}")
+    if len(chair) != 32:
+        raise ConfigError(f"{path}: chair_public_key must be 32 bytes (64 hex characters)")
+    urls = data.get("broker_urls", [DEFAULT_BROKER])
+    if isinstance(urls, str):
+        urls = [urls]
+    return NodeConfig(
+        directory=directory, participant=participant, authority=authority,
+        broker_urls=tuple(str(u) for u in urls), broker_user=data.get("broker_user") or None,
+        chair_public_key=chair, registry_file=str(data.get("registry_file", "registry.kpx")),
+        database=str(data.get("database", "node.sqlite3")),
+        signing_key_file=str(data.get("signing_key_file", "node.key")),
+        prefetch=int(data.get("prefetch", 256)),
+        delivery_limit=int(data.get("delivery_limit", 5)),
+        declare_topology=bool(data.get("declare_topology", True)),
+    )
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(config: NodeConfig) -> Path:
+    lines = [
+        "# kpx node configuration. Paths are relative to this directory.",
+        f"participant = {_toml_value(config.participant)}",
+        f"authority = {_toml_value(config.authority)}",
+        f"broker_urls = {_toml_value(list(config.broker_urls))}",
+        f"chair_public_key = {_toml_value(config.chair_public_key.hex())}",
+        f"registry_file = {_toml_value(config.registry_file)}",
+        f"database = {_toml_value(config.database)}",
+        f"signing_key_file = {_toml_value(config.signing_key_file)}",
+        f"prefetch = {config.prefetch}",
+        f"delivery_limit = {config.delivery_limit}",
+        f"declare_topology = {_toml_value(config.declare_topology)}",
+    ]
+    if config.broker_user:
+        lines.append(f"broker_user = {_toml_value(config.broker_user)}")
+    path = config.directory / CONFIG_NAME
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_signing_key(path: Path, key: SigningKey) -> None:
+    """Write the 32-byte seed as hex, readable by the owner only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(bytes(key).hex() + "\n")
+
+
+def read_signing_key(path: Path) -> SigningKey:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"signing key {path} not found") from None
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"signing key {path} is readable by others; chmod 600 it")
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"signing key {path} is not hex") from None
+    if len(seed) != 32:
+        raise ConfigError(f"signing key {path} must hold a 32-byte seed")
+    return SigningKey(seed)

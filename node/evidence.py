@@ -1,0 +1,99 @@
+"""The evidence log's hash chain: how entries are hashed and how the chain is re-checked.
+
+Every signed frame a node sends or receives is kept verbatim, and each entry's hash covers
+the previous entry's hash, so changing, removing or reordering any byte of the history is
+detectable years later. Pure: the store persists entries, this module only computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from protocol import ProtocolError, RegistryUpdate, decode_body, parse_frame, verify_frame
+from protocol.codec import pack
+from protocol.keys import key_id
+
+GENESIS = bytes(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    recorded_at: int
+    direction: str  # "in" | "out"
+    message_id: str
+    certificate: str | None
+    frame: bytes
+    hash: bytes
+
+
+def entry_hash(prev: bytes, seq: int, recorded_at: int, direction: str, message_id: str,
+               certificate: str | None, frame: bytes) -> bytes:
+    """SHA-256 over the previous hash and the canonical msgpack of the entry's fields."""
+    fields = [seq, recorded_at, direction, message_id, certificate, frame]
+    return hashlib.sha256(prev + pack(fields)).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    seq: int
+    problem: str
+
+    def __str__(self) -> str:
+        return f"entry {self.seq}: {self.problem}"
+
+
+def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
+                 chair_public_key: bytes) -> list[Fault]:
+    """Every fault in the log: broken links, altered entries, signatures that fail.
+
+    Keys are those of the node itself and its partners as any registry ever listed them;
+    registry frames found in the log add their keys as the walk meets them, so a key that
+    was later rotated away still verifies what it signed.
+    """
+    keys: dict[bytes, bytes] = {key_id(k): k for k in known_keys}
+    keys[key_id(chair_public_key)] = chair_public_key
+    faults: list[Fault] = []
+    prev = GENESIS
+    expected_seq = 1
+    for e in entries:
+        if e.seq != expected_seq:
+            faults.append(Fault(e.seq, f"expected entry {expected_seq}: entries missing"))
+        expected_seq = e.seq + 1
+        if entry_hash(prev, e.seq, e.recorded_at, e.direction, e.message_id, e.certificate,
+                      e.frame) != e.hash:
+            faults.append(Fault(e.seq, "hash does not match its content and predecessor"))
+        prev = e.hash
+        problems = _frame_problems(e.frame, keys.get)
+        faults.extend(Fault(e.seq, p) for p in problems)
+        if not problems:
+            _learn_keys(e.frame, keys, key_id(chair_public_key))
+    return faults
+
+
+def _frame_problems(frame_bytes: bytes, key_for: Callable[[bytes], bytes | None]) -> list[str]:
+    try:
+        frame = parse_frame(frame_bytes)
+        public_key = key_for(frame.key_id)
+        if public_key is None:
+            return [f"signed by unknown key {frame.key_id.hex()}"]
+        verify_frame(frame, public_key)
+    except ProtocolError as exc:
+        return [f"frame does not verify: {exc}"]
+    return []
+
+
+def _learn_keys(frame_bytes: bytes, keys: dict[bytes, bytes], chair_id: bytes) -> None:
+    """Add the keys of a registry update that the Chair signed (and that verified)."""
+    try:
+        frame = parse_frame(frame_bytes)
+        envelope = decode_body(frame.body)
+    except ProtocolError:
+        return
+    if frame.key_id == chair_id and isinstance(envelope.payload, RegistryUpdate):
+        for p in envelope.payload.participants:
+            for a in p.authorities:
+                for k in a.keys:
+                    keys[key_id(k.public_key)] = k.public_key

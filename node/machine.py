@@ -1,0 +1,578 @@
+"""The certificate state machine: every decision a node takes, as pure functions.
+
+Given the node's context (who it is, its registry, the time, its signer), the records a
+message or command touches, and that message or command, each function returns a
+:class:`Decision`: the records to write, the signed messages to send, the answer to
+remember for duplicates, or the refusal and its reason. Nothing here does I/O; the
+service shell loads records, calls one function, and commits the decision in one
+transaction. Signing is pure (Ed25519 is deterministic), so decisions carry signed frames.
+
+Lifecycles (design brief §1)::
+
+    exporter: issued ─receipt→ delivered ─confirmation→ confirmed
+              issued|delivered → rejected | cancelled | replaced | expired
+    importer: received ─confirm→ confirmed;  received → rejected | cancelled | replaced | expired
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from enum import StrEnum
+
+from node.registry import KeyOwner, Registry, newer
+from protocol import (
+    BROADCAST,
+    CHAIR,
+    Cancellation,
+    Certificate,
+    Envelope,
+    Frame,
+    ImportConfirmation,
+    Line,
+    Opened,
+    Payload,
+    Ping,
+    Pong,
+    Problem,
+    ProtocolError,
+    Reason,
+    Receipt,
+    RegistryUpdate,
+    Rejection,
+    Replacement,
+    SignatureError,
+    parse_frame,
+)
+from protocol.codec import decode_body
+from protocol.frame import verify_frame
+from protocol.keys import key_id
+from protocol.schema import validate_import_confirmation
+
+
+class Side(StrEnum):
+    EXPORT = "export"
+    IMPORT = "import"
+
+
+class State(StrEnum):
+    ISSUED = "issued"
+    DELIVERED = "delivered"
+    RECEIVED = "received"
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    REPLACED = "replaced"
+    EXPIRED = "expired"
+
+
+#: States in which a loop is still open (waiting on the other side or on the shipment).
+OPEN_STATES = frozenset({State.ISSUED, State.DELIVERED, State.RECEIVED})
+
+Signer = Callable[[Envelope], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    """Where what arrived differs from what the certificate declared."""
+
+    field: str
+    declared: int
+    received: int
+
+
+def discrepancies(
+    certificate: Certificate, confirmation: ImportConfirmation
+) -> tuple[Discrepancy, ...]:
+    """Every difference between a certificate and its import confirmation.
+
+    Both ends compute this from the same two signed messages, so they agree.
+    """
+    found = []
+    if certificate.parcels != confirmation.parcels:
+        found.append(Discrepancy("parcels", certificate.parcels, confirmation.parcels))
+    declared = {x.hs_code: x for x in certificate.lines}
+    received = {x.hs_code: x for x in confirmation.lines}
+    for hs in sorted(set(declared) | set(received)):
+        d, r = declared.get(hs), received.get(hs)
+        for attr in ("carats_hundredths", "usd_cents"):
+            dv, rv = (getattr(d, attr) if d else 0), (getattr(r, attr) if r else 0)
+            if dv != rv:
+                found.append(Discrepancy(f"lines[{hs}].{attr}", dv, rv))
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """One certificate as one side holds it."""
+
+    side: Side
+    number: str
+    partner: str
+    state: State
+    certificate: Certificate
+    #: SHA-256 of the frame that carried the certificate: what receipts bind to.
+    certificate_digest: bytes
+    message_id: str
+    updated_at: int
+    confirmation: ImportConfirmation | None = None
+    rejection_reason: str | None = None
+    rejection_text: str | None = None
+    replaces: str | None = None
+    replaced_by: str | None = None
+
+    @property
+    def discrepancies(self) -> tuple[Discrepancy, ...]:
+        if self.confirmation is None:
+            return ()
+        return discrepancies(self.certificate, self.confirmation)
+
+    def moved(self, state: State, now_ms: int, **changes: object) -> Record:
+        return dataclasses.replace(self, state=state, updated_at=now_ms, **changes)  # type: ignore[arg-type]
+
+
+RecordKey = tuple[Side, str]
+Known = Mapping[RecordKey, Record]
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A message and the exact signed bytes that will travel."""
+
+    envelope: Envelope
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a message or command was refused. ``answer_to`` is set only for an authentic
+    sender, who then gets a signed rejection."""
+
+    reason: str
+    text: str
+    problems: tuple[Problem, ...] = ()
+    answer_to: str | None = None
+    in_reply_to: str | None = None
+    certificate: str | None = None
+
+    def __str__(self) -> str:
+        detail = "; ".join(str(p) for p in self.problems)
+        return f"{self.reason}: {self.text}" + (f" ({detail})" if detail else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    records: tuple[Record, ...] = ()
+    send: tuple[Sealed, ...] = ()
+    #: The answer to the incoming message, replayed verbatim if the message comes again.
+    answer: Sealed | None = None
+    refusal: Refusal | None = None
+    registry: Registry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a decision may depend on besides the records and the message."""
+
+    me: str
+    registry: Registry
+    chair_public_key: bytes
+    own_authority: str
+    now_ms: int
+    sign: Signer
+
+    @property
+    def today(self) -> date:
+        return datetime.fromtimestamp(self.now_ms / 1000, UTC).date()
+
+    def seal(self, recipient: str, payload: Payload, in_reply_to: str | None = None) -> Sealed:
+        envelope = Envelope(sender=self.me, recipient=recipient, created_at=self.now_ms,
+                            payload=payload, in_reply_to=in_reply_to)
+        return Sealed(envelope, self.sign(envelope))
+
+
+def side_of(number: str, me: str) -> Side:
+    """Certificate numbers start with the issuer's code: ours are exports."""
+    return Side.EXPORT if number.startswith(me) else Side.IMPORT
+
+
+def refuse(reason: Reason | str, text: str, *, certificate: str | None = None,
+           problems: tuple[Problem, ...] = ()) -> Decision:
+    return Decision(refusal=Refusal(str(reason), text, problems, certificate=certificate))
+
+
+# -- admitting a delivery: frame → authentic, well-formed message for us ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    opened: Opened
+    #: the registry entry of the signing key; ``None`` for the Chair's registry updates
+    signer: KeyOwner | None
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.opened.envelope
+
+    @property
+    def frame(self) -> Frame:
+        return self.opened.frame
+
+
+def admit(ctx: Context, data: bytes, broker_user: str | None = None,
+          expected_broker_user: Callable[[str], str] | None = None) -> Admitted | Refusal:
+    """Parse and verify a delivery before anything else looks at it (design principle 2).
+
+    The order matters: the frame's shape and signature are checked before the body is
+    decoded, and a rejection is only ever addressed to a sender whose signature verified.
+    """
+    try:
+        frame = parse_frame(data)
+    except ProtocolError as exc:
+        return Refusal(str(exc.reason), exc.text)
+    chair = frame.key_id == key_id(ctx.chair_public_key)
+    owner = None if chair else ctx.registry.key_owner(frame.key_id)
+    try:
+        public_key = (ctx.chair_public_key if chair
+                      else ctx.registry.public_key_for(frame.key_id, ctx.now_ms))
+        verify_frame(frame, public_key)
+    except SignatureError as exc:
+        return Refusal(str(exc.reason), exc.text)
+    signer_code = CHAIR if owner is None else owner.participant
+    # From here the signer is authentic: refusals go back to them, signed.
+    answer_to = None if chair else signer_code
+    try:
+        envelope = decode_body(frame.body)
+    except ProtocolError as exc:
+        return Refusal(str(exc.reason), exc.text, exc.problems, answer_to=answer_to)
+
+    def refused(reason: Reason, text: str) -> Refusal:
+        return Refusal(str(reason), text, answer_to=answer_to, in_reply_to=envelope.message_id)
+
+    if envelope.sender != signer_code:
+        return refused(Reason.KEY_WRONG_SENDER,
+                       f"signed by a key of {signer_code} but sent as {envelope.sender}")
+    if chair != isinstance(envelope.payload, RegistryUpdate):
+        return refused(Reason.KEY_WRONG_SENDER,
+                       "only the Chair's key signs registry updates, and only those")
+    if envelope.recipient not in (ctx.me, BROADCAST):
+        return refused(Reason.NOT_FOR_US,
+                       f"addressed to {envelope.recipient}, this node is {ctx.me}")
+    if broker_user is not None and expected_broker_user is not None and not chair:
+        expected = expected_broker_user(envelope.sender)
+        if broker_user != expected:
+            return refused(Reason.BROKER_USER_MISMATCH,
+                           f"published by broker user {broker_user!r}, expected {expected!r}")
+    return Admitted(Opened(frame, envelope), owner)
+
+
+# -- incoming messages ------------------------------------------------------------------
+
+
+def touches(envelope: Envelope, me: str) -> list[RecordKey]:
+    """The records a message may read or change: the shell loads exactly these."""
+    payload = envelope.payload
+    if isinstance(payload, Certificate):
+        return [(Side.IMPORT, payload.number)]
+    if isinstance(payload, Replacement):
+        return [(Side.IMPORT, payload.certificate.number), (Side.IMPORT, payload.replaces)]
+    if isinstance(payload, Receipt | ImportConfirmation | Cancellation):
+        return [(side_of(payload.certificate, me), payload.certificate)]
+    if isinstance(payload, Rejection) and payload.certificate:
+        return [(side_of(payload.certificate, me), payload.certificate)]
+    return []
+
+
+def receive(ctx: Context, admitted: Admitted, known: Known) -> Decision:
+    """Decide what an admitted message does. The answer (receipt, pong or rejection) of a
+    refusal is built here too, so the shell only has to send and remember it."""
+    env = admitted.envelope
+    payload = env.payload
+    if isinstance(payload, Certificate):
+        decision = _on_certificate(ctx, admitted, payload, known)
+    elif isinstance(payload, Replacement):
+        decision = _on_certificate(ctx, admitted, payload.certificate, known, payload)
+    elif isinstance(payload, Receipt):
+        decision = _on_receipt(ctx, env, payload, known)
+    elif isinstance(payload, ImportConfirmation):
+        decision = _on_confirmation(ctx, env, payload, known)
+    elif isinstance(payload, Cancellation):
+        decision = _on_cancellation(ctx, env, payload, known)
+    elif isinstance(payload, Rejection):
+        decision = _on_rejection(ctx, env, payload, known)
+    elif isinstance(payload, Ping):
+        answer = ctx.seal(env.sender, Pong(nonce=payload.nonce), env.message_id)
+        decision = Decision(send=(answer,), answer=answer)
+    elif isinstance(payload, RegistryUpdate):
+        candidate = Registry(payload, admitted.frame.raw, env.message_id)
+        if not newer(ctx.registry, candidate):
+            decision = refuse(Reason.REGISTRY_STALE, f"registry version {payload.version} is "
+                              f"not newer than {ctx.registry.version}")
+        else:
+            decision = Decision(registry=candidate)
+    else:  # Pong: the ping command reads it from the evidence log
+        decision = Decision()
+    return _answer_refusal(ctx, env, decision)
+
+
+def _answer_refusal(ctx: Context, env: Envelope, decision: Decision) -> Decision:
+    refusal = decision.refusal
+    if refusal is None:
+        return decision
+    if isinstance(env.payload, Rejection | RegistryUpdate | Pong):
+        # Never answer a rejection with a rejection: two nodes could loop for ever.
+        return decision
+    refusal = dataclasses.replace(refusal, answer_to=env.sender, in_reply_to=env.message_id)
+    answer = rejection_for(ctx, refusal)
+    send = decision.send + ((answer,) if answer else ())
+    return dataclasses.replace(decision, refusal=refusal, answer=answer, send=send)
+
+
+def rejection_for(ctx: Context, refusal: Refusal) -> Sealed | None:
+    """The signed rejection that answers ``refusal``, when its sender is authentic."""
+    if refusal.answer_to is None or refusal.answer_to == CHAIR:
+        return None
+    payload = Rejection(reason=refusal.reason, text=refusal.text[:2000],
+                        certificate=refusal.certificate, problems=refusal.problems[:100])
+    return ctx.seal(refusal.answer_to, payload, refusal.in_reply_to)
+
+
+def _trade_problems(ctx: Context, certificate: Certificate) -> list[tuple[Reason, str]]:
+    """Registry and calendar rules that hold at issue time and again on receipt."""
+    found: list[tuple[Reason, str]] = []
+    for code in (certificate.issuer, certificate.destination):
+        standing = ctx.registry.standing(code)
+        if standing is not None:
+            found.append((standing, f"{code} may not trade under the Scheme ({standing})"))
+    if ctx.registry.authority(certificate.issuer, certificate.issuing_authority) is None:
+        found.append((Reason.AUTHORITY_UNKNOWN, f"{certificate.issuing_authority} is not an "
+                      f"issuing authority of {certificate.issuer}"))
+    for origin in certificate.origins:
+        if ctx.registry.embargoed(origin):
+            found.append((Reason.ORIGIN_EMBARGOED, f"origin {origin} is under embargo"))
+    if certificate.expires_on < ctx.today:
+        found.append((Reason.CERTIFICATE_EXPIRED,
+                      f"certificate expired on {certificate.expires_on.isoformat()}"))
+    return found
+
+
+def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, known: Known,
+                    replacement: Replacement | None = None) -> Decision:
+    env = admitted.envelope
+    number = certificate.number
+    problems = _trade_problems(ctx, certificate)
+    if admitted.signer is not None and admitted.signer.authority.id != (
+        certificate.issuing_authority
+    ):
+        problems.append((Reason.AUTHORITY_UNKNOWN, f"signed by {admitted.signer.authority.id}, "
+                         f"not by the issuing authority {certificate.issuing_authority}"))
+    existing = known.get((Side.IMPORT, number))
+    if existing is not None:
+        problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
+                            f"certificate {number} was already received"))
+    old = known.get((Side.IMPORT, replacement.replaces)) if replacement else None
+    if old is not None and old.state not in OPEN_STATES | {State.EXPIRED}:
+        problems.append((Reason.CERTIFICATE_WRONG_STATE,
+                         f"{old.number} is {old.state} and can no longer be replaced"))
+    record = Record(
+        side=Side.IMPORT, number=number, partner=env.sender, state=State.RECEIVED,
+        certificate=certificate, certificate_digest=admitted.frame.digest,
+        message_id=env.message_id, updated_at=ctx.now_ms,
+        replaces=replacement.replaces if replacement else None,
+    )
+    if problems:
+        reason, _ = problems[0]
+        text = "; ".join(t for _, t in problems)
+        # Keep a record of the refused certificate, unless its number is already taken.
+        refused = () if existing else (record.moved(State.REJECTED, ctx.now_ms,
+                                                    rejection_reason=str(reason),
+                                                    rejection_text=text),)
+        return Decision(records=refused,
+                        refusal=Refusal(str(reason), text, certificate=number))
+    records = [record]
+    if old is not None:
+        records.append(old.moved(State.REPLACED, ctx.now_ms, replaced_by=number))
+    answer = ctx.seal(env.sender, Receipt(certificate=number,
+                                          certificate_digest=admitted.frame.digest),
+                      env.message_id)
+    return Decision(records=tuple(records), send=(answer,), answer=answer)
+
+
+def _own_record(env: Envelope, number: str, side: Side, known: Known) -> Record | Decision:
+    record = known.get((side, number))
+    if record is None:
+        return refuse(Reason.CERTIFICATE_UNKNOWN, f"no {side} certificate {number} here",
+                      certificate=number)
+    if record.partner != env.sender:
+        return refuse(Reason.SENDER_MISMATCH, f"certificate {number} is with "
+                      f"{record.partner}, not {env.sender}", certificate=number)
+    return record
+
+
+def _on_receipt(ctx: Context, env: Envelope, receipt: Receipt, known: Known) -> Decision:
+    record = _own_record(env, receipt.certificate, Side.EXPORT, known)
+    if isinstance(record, Decision):
+        return record
+    if receipt.certificate_digest != record.certificate_digest:
+        return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, "receipt names other certificate "
+                      "bytes than the ones sent", certificate=record.number)
+    if record.state is State.ISSUED:
+        return Decision(records=(record.moved(State.DELIVERED, ctx.now_ms),))
+    return Decision()  # late or repeated receipt: the record has moved on already
+
+
+def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmation,
+                     known: Known) -> Decision:
+    record = _own_record(env, confirmation.certificate, Side.EXPORT, known)
+    if isinstance(record, Decision):
+        return record
+    if confirmation.certificate_digest != record.certificate_digest:
+        return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, "confirmation names other "
+                      "certificate bytes than the ones sent", certificate=record.number)
+    if record.state is State.CONFIRMED and record.confirmation == confirmation:
+        return Decision()
+    if record.state not in (State.ISSUED, State.DELIVERED, State.EXPIRED):
+        return refuse(Reason.CERTIFICATE_WRONG_STATE, f"certificate {record.number} is "
+                      f"{record.state}; it cannot be confirmed", certificate=record.number)
+    return Decision(records=(record.moved(State.CONFIRMED, ctx.now_ms,
+                                          confirmation=confirmation),))
+
+
+def _on_cancellation(ctx: Context, env: Envelope, cancellation: Cancellation,
+                     known: Known) -> Decision:
+    record = _own_record(env, cancellation.certificate, Side.IMPORT, known)
+    if isinstance(record, Decision):
+        return record
+    if record.state in (State.CANCELLED, State.REJECTED):
+        return Decision()
+    if record.state not in (State.RECEIVED, State.EXPIRED):
+        return refuse(Reason.CERTIFICATE_WRONG_STATE, f"certificate {record.number} is "
+                      f"{record.state}; it cannot be cancelled", certificate=record.number)
+    return Decision(records=(record.moved(State.CANCELLED, ctx.now_ms,
+                                          rejection_text=cancellation.reason),))
+
+
+def _on_rejection(ctx: Context, env: Envelope, rejection: Rejection, known: Known) -> Decision:
+    if rejection.certificate is None:
+        return Decision()  # a refused ping or similar: the evidence log keeps it
+    record = known.get((side_of(rejection.certificate, ctx.me), rejection.certificate))
+    if record is None or record.partner != env.sender:
+        return Decision()
+    fields = {"rejection_reason": rejection.reason, "rejection_text": rejection.text}
+    if record.side is Side.EXPORT and record.state in (State.ISSUED, State.DELIVERED):
+        return Decision(records=(record.moved(State.REJECTED, ctx.now_ms, **fields),))
+    # A refused confirmation or cancellation: keep the state, record the refusal.
+    return Decision(records=(record.moved(record.state, ctx.now_ms, **fields),))
+
+
+# -- local commands -------------------------------------------------------------------
+
+
+def issue(ctx: Context, certificate: Certificate, known: Known,
+          replacing: tuple[Record, str] | None = None) -> Decision:
+    """Issue a certificate (or, with ``replacing=(old, reason)``, its replacement)."""
+    problems = _trade_problems(ctx, certificate)
+    if certificate.issuer != ctx.me:
+        problems.insert(0, (Reason.SENDER_MISMATCH,
+                            f"this node issues for {ctx.me}, not {certificate.issuer}"))
+    if certificate.issuing_authority != ctx.own_authority:
+        problems.append((Reason.AUTHORITY_UNKNOWN, f"this node signs for "
+                         f"{ctx.own_authority}, not {certificate.issuing_authority}"))
+    if (Side.EXPORT, certificate.number) in known:
+        problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
+                            f"certificate {certificate.number} was already issued"))
+    if replacing is not None and replacing[0].state not in OPEN_STATES | {State.EXPIRED}:
+        old = replacing[0]
+        problems.append((Reason.CERTIFICATE_WRONG_STATE,
+                         f"{old.number} is {old.state} and can no longer be replaced"))
+    if problems:
+        return refuse(problems[0][0], "; ".join(t for _, t in problems),
+                      certificate=certificate.number)
+    payload: Payload = certificate
+    if replacing is not None:
+        payload = Replacement(replaces=replacing[0].number, reason=replacing[1],
+                              certificate=certificate)
+    sealed = ctx.seal(certificate.destination, payload)
+    record = Record(
+        side=Side.EXPORT, number=certificate.number, partner=certificate.destination,
+        state=State.ISSUED, certificate=certificate,
+        certificate_digest=_digest(sealed.frame), message_id=sealed.envelope.message_id,
+        updated_at=ctx.now_ms, replaces=replacing[0].number if replacing else None,
+    )
+    records = [record]
+    if replacing is not None:
+        records.append(replacing[0].moved(State.REPLACED, ctx.now_ms,
+                                          replaced_by=certificate.number,
+                                          rejection_text=replacing[1]))
+    return Decision(records=tuple(records), send=(sealed,))
+
+
+def _digest(frame: bytes) -> bytes:
+    return parse_frame(frame).digest
+
+
+def cancel(ctx: Context, record: Record, reason: str) -> Decision:
+    if record.side is not Side.EXPORT:
+        return refuse(Reason.CERTIFICATE_WRONG_STATE,
+                      f"{record.number} is an import; only its issuer can cancel it")
+    if record.state not in OPEN_STATES | {State.EXPIRED}:
+        return refuse(Reason.CERTIFICATE_WRONG_STATE,
+                      f"{record.number} is {record.state}; it can no longer be cancelled")
+    if not reason.strip():
+        return refuse(Reason.REQUIRED, "a cancellation needs a reason")
+    sealed = ctx.seal(record.partner, Cancellation(certificate=record.number, reason=reason))
+    return Decision(records=(record.moved(State.CANCELLED, ctx.now_ms,
+                                          rejection_text=reason),), send=(sealed,))
+
+
+def confirm(ctx: Context, record: Record, *, lines: tuple[Line, ...] | None = None,
+            parcels: int | None = None, received_on: date | None = None,
+            remarks: str = "") -> Decision:
+    """Confirm an import: what arrived (by default, exactly what was declared)."""
+    if record.side is not Side.IMPORT:
+        return refuse(Reason.CERTIFICATE_WRONG_STATE,
+                      f"{record.number} is an export; its importer confirms it")
+    if record.state is not State.RECEIVED:
+        return refuse(Reason.CERTIFICATE_WRONG_STATE,
+                      f"{record.number} is {record.state}; only a received certificate "
+                      "can be confirmed")
+    day = received_on or ctx.today
+    if day > ctx.today or day < record.certificate.issued_on:
+        return refuse(Reason.BAD_DATE, f"received_on {day.isoformat()} must lie between the "
+                      "date of issue and today")
+    certificate = record.certificate
+    confirmation = ImportConfirmation(
+        certificate=record.number, certificate_digest=record.certificate_digest,
+        destination=ctx.me, importer=certificate.importer,
+        lines=lines if lines is not None else certificate.lines,
+        parcels=parcels if parcels is not None else certificate.parcels,
+        received_on=day, remarks=remarks,
+    )
+    try:  # the same field rules a receiving node applies
+        validate_import_confirmation(confirmation.to_wire())
+    except ProtocolError as exc:
+        return refuse(exc.reason, exc.text, problems=exc.problems)
+    sealed = ctx.seal(record.partner, confirmation)
+    return Decision(records=(record.moved(State.CONFIRMED, ctx.now_ms,
+                                          confirmation=confirmation),), send=(sealed,))
+
+
+def expire(ctx: Context, records: Iterable[Record]) -> Decision:
+    """Open loops past their certificate's expiry become ``expired``: overdue, to chase."""
+    moved = tuple(r.moved(State.EXPIRED, ctx.now_ms) for r in records
+                  if r.state in OPEN_STATES and r.certificate.expires_on < ctx.today)
+    return Decision(records=moved)
+
+
+def ping(ctx: Context, partner: str, nonce: bytes) -> Decision:
+    return Decision(send=(ctx.seal(partner, Ping(nonce=nonce)),))
+
+
+__all__ = [
+    "OPEN_STATES", "Admitted", "Context", "Decision", "Discrepancy", "Record", "Refusal",
+    "Sealed", "Side", "State", "admit", "cancel", "confirm", "discrepancies", "expire",
+    "issue", "ping", "receive", "rejection_for", "side_of", "touches",
+]
+

@@ -1,0 +1,107 @@
+"""Setting up nodes: one node's directory (``kpnode init``), or a whole local network of
+them with a Chair and a signed registry (the demo, the tests, the simulation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from node.chair import sign_registry
+from node.config import CONFIG_NAME, ConfigError, NodeConfig, write_config, write_signing_key
+from node.service import now_ms
+from protocol import (
+    Authority,
+    ParticipantEntry,
+    ParticipantStatus,
+    RegistryKey,
+    RegistryUpdate,
+)
+
+NAMES = {
+    "ZA": "South Africa", "EU": "European Union", "IN": "India", "BW": "Botswana",
+    "AE": "United Arab Emirates", "BE": "Belgium", "RU": "Russian Federation",
+    "CA": "Canada", "AU": "Australia", "NA": "Namibia", "AO": "Angola", "CN": "China",
+    "US": "United States", "IL": "Israel", "CH": "Switzerland", "SL": "Sierra Leone",
+    "CD": "DR Congo", "LS": "Lesotho", "ZW": "Zimbabwe", "TZ": "Tanzania",
+}
+
+
+def default_authority(participant: str) -> str:
+    return f"{participant}-KPA"
+
+
+def init_node(directory: Path, participant: str, *, authority: str | None = None,
+              broker_urls: Sequence[str] = (), chair_public_key: bytes = b"") -> NodeConfig:
+    """Create a node directory: a fresh Ed25519 key (mode 0600) and ``node.toml``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / CONFIG_NAME).exists():
+        raise ConfigError(f"{directory / CONFIG_NAME} exists already; not overwriting it")
+    config = NodeConfig(directory=directory, participant=participant,
+                        authority=authority or default_authority(participant),
+                        chair_public_key=chair_public_key)
+    if broker_urls:
+        config = NodeConfig(**{**_fields(config), "broker_urls": tuple(broker_urls)})
+    key = SigningKey.generate()
+    write_signing_key(config.path(config.signing_key_file), key)
+    write_config(config)
+    return config
+
+
+def _fields(config: NodeConfig) -> dict[str, object]:
+    return {f: getattr(config, f) for f in NodeConfig.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class LocalNetwork:
+    base: Path
+    chair_key: SigningKey
+    configs: dict[str, NodeConfig]
+    registry: RegistryUpdate
+
+    @property
+    def chair_public_key(self) -> bytes:
+        return bytes(self.chair_key.verify_key)
+
+    def publish_registry(self, update: RegistryUpdate) -> bytes:
+        """Sign ``update`` and put it in every node's registry file; returns the frame."""
+        frame = sign_registry(update, self.chair_key, now_ms())
+        for config in self.configs.values():
+            config.registry_path.write_bytes(frame)
+        (self.base / "chair" / "registry.kpx").write_bytes(frame)
+        return frame
+
+
+def create_network(base: Path, codes: Sequence[str], broker_urls: Sequence[str],
+                   *, others: Sequence[tuple[str, ParticipantStatus]] = ()) -> LocalNetwork:
+    """A Chair and one node per code under ``base``, all active in a signed registry.
+
+    ``others`` adds Participants without a node here (e.g. a suspended one) to the registry.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    chair_dir = base / "chair"
+    chair_dir.mkdir(exist_ok=True)
+    chair_key = SigningKey.generate()
+    write_signing_key(chair_dir / "chair.key", chair_key)
+    chair_public = bytes(chair_key.verify_key)
+    configs = {
+        code: init_node(base / code, code, broker_urls=broker_urls, chair_public_key=chair_public)
+        for code in codes
+    }
+    entries = [
+        ParticipantEntry(
+            code=code, name=NAMES.get(code, code), status=ParticipantStatus.ACTIVE,
+            authorities=(Authority(id=c.authority, name=f"{NAMES.get(code, code)} KP authority",
+                                   keys=(RegistryKey(public_key=bytes(c.signing_key().verify_key),
+                                                     valid_from=0),)),),
+        )
+        for code, c in configs.items()
+    ]
+    entries += [ParticipantEntry(code=code, name=NAMES.get(code, code), status=status,
+                                 authorities=()) for code, status in others]
+    update = RegistryUpdate(version=1, participants=tuple(entries))
+    network = LocalNetwork(base, chair_key, configs, update)
+    network.publish_registry(update)
+    return network

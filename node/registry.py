@@ -1,0 +1,111 @@
+"""The Participant registry as the node sees it: who may trade, and with which keys.
+
+Pure: a :class:`Registry` is built from a registry-update frame that the Chair signed and
+answers questions about it. Loading it from a file or the database is the caller's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol import (
+    CHAIR,
+    Authority,
+    Opened,
+    ParticipantEntry,
+    ParticipantStatus,
+    Reason,
+    RegistryKey,
+    RegistryUpdate,
+    SignatureError,
+    key_id,
+    open_frame,
+)
+from protocol.errors import ProtocolError
+
+_STANDING_REASON = {
+    ParticipantStatus.SUSPENDED: Reason.PARTICIPANT_SUSPENDED,
+    ParticipantStatus.WITHDRAWN: Reason.PARTICIPANT_WITHDRAWN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOwner:
+    participant: str
+    authority: Authority
+    key: RegistryKey
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """One verified registry version, with its frame kept verbatim for the evidence log."""
+
+    update: RegistryUpdate
+    frame: bytes
+    message_id: str
+
+    @property
+    def version(self) -> int:
+        return self.update.version
+
+    def participant(self, code: str) -> ParticipantEntry | None:
+        return next((p for p in self.update.participants if p.code == code), None)
+
+    def standing(self, code: str) -> Reason | None:
+        """``None`` when ``code`` is an active Participant, else why it may not trade."""
+        entry = self.participant(code)
+        if entry is None:
+            return Reason.PARTICIPANT_UNKNOWN
+        return _STANDING_REASON.get(entry.status)
+
+    def authority(self, participant: str, authority_id: str) -> Authority | None:
+        entry = self.participant(participant)
+        if entry is None:
+            return None
+        return next((a for a in entry.authorities if a.id == authority_id), None)
+
+    def embargoed(self, origin: str) -> bool:
+        return origin in self.update.embargoed_origins
+
+    def key_owner(self, kid: bytes) -> KeyOwner | None:
+        for p in self.update.participants:
+            for a in p.authorities:
+                for k in a.keys:
+                    if key_id(k.public_key) == kid:
+                        return KeyOwner(p.code, a, k)
+        return None
+
+    def public_key_for(self, kid: bytes, at_ms: int) -> bytes:
+        """The public key with id ``kid`` if it may sign at ``at_ms``; else SignatureError."""
+        owner = self.key_owner(kid)
+        if owner is None:
+            raise SignatureError(Reason.KEY_UNKNOWN, f"key {kid.hex()} is not in the registry")
+        key = owner.key
+        if key.revoked_at is not None and at_ms >= key.revoked_at:
+            raise SignatureError(Reason.KEY_REVOKED, f"key {kid.hex()} of {owner.authority.id} "
+                                 "is revoked")
+        if at_ms < key.valid_from or (key.valid_until is not None and at_ms >= key.valid_until):
+            raise SignatureError(Reason.KEY_NOT_VALID_NOW,
+                                 f"key {kid.hex()} of {owner.authority.id} is not valid now")
+        return key.public_key
+
+
+def open_registry_frame(frame: bytes, chair_public_key: bytes) -> Registry:
+    """Verify a registry-update frame against the Chair's key; raise ProtocolError if bad."""
+    chair_id = key_id(chair_public_key)
+
+    def chair_only(kid: bytes) -> bytes:
+        if kid != chair_id:
+            raise SignatureError(Reason.KEY_UNKNOWN, "registry is not signed by the Chair's key")
+        return chair_public_key
+
+    opened: Opened = open_frame(frame, chair_only)
+    payload = opened.envelope.payload
+    if opened.envelope.sender != CHAIR or not isinstance(payload, RegistryUpdate):
+        raise ProtocolError(Reason.BODY_SCHEMA, "frame is not a registry update")
+    return Registry(payload, frame, opened.envelope.message_id)
+
+
+def newer(current: Registry | None, candidate: Registry) -> bool:
+    """Registry versions only move forward."""
+    return current is None or candidate.version > current.version

@@ -1,0 +1,328 @@
+"""The node service: the state machine applied to the store, one transaction per decision.
+
+This is where design principle 4 is kept. A command or a batch of deliveries is decided
+by :mod:`node.machine`, and its records, its evidence entries and its outgoing frames (the
+outbox) are committed together; only then are deliveries acknowledged to the broker and
+frames published. Nothing here touches the network: :mod:`node.runner` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import structlog
+from nacl.signing import SigningKey
+
+from node.config import NodeConfig
+from node.machine import (
+    Admitted,
+    Context,
+    Decision,
+    Record,
+    Refusal,
+    Sealed,
+    Side,
+    State,
+    admit,
+    cancel,
+    confirm,
+    expire,
+    issue,
+    ping,
+    receive,
+    rejection_for,
+    side_of,
+    touches,
+)
+from node.registry import Registry, newer, open_registry_frame
+from node.store import Store
+from protocol import (
+    Cancellation,
+    Certificate,
+    Envelope,
+    ImportConfirmation,
+    Line,
+    ProtocolError,
+    Receipt,
+    Rejection,
+    Replacement,
+    seal,
+)
+from protocol.keys import key_id
+
+log = structlog.get_logger("kpx.node")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def broker_user_for(participant: str) -> str:
+    """The RabbitMQ user a Participant's node logs in as (deploy/ creates them)."""
+    return f"kpx-{participant.lower()}"
+
+
+class CommandRefused(Exception):
+    """A local command (issue, confirm ...) was refused; ``refusal`` says why."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as the broker handed it over."""
+
+    body: bytes
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with a delivery once the batch is committed."""
+
+    #: set when the delivery must go to the dead-letter queue (then be acknowledged)
+    dead_letter: Refusal | None = None
+    duplicate: bool = False
+
+
+def certificate_of(envelope: Envelope) -> str | None:
+    """The certificate number a message is about, for indexing the evidence log."""
+    payload = envelope.payload
+    if isinstance(payload, Certificate):
+        return payload.number
+    if isinstance(payload, Replacement):
+        return payload.certificate.number
+    if isinstance(payload, Receipt | ImportConfirmation | Cancellation | Rejection):
+        return payload.certificate
+    return None
+
+
+class Node:
+    """One Participant's node over its store. Synchronous and single-threaded by design:
+    the runner calls it from the event loop, the CLI calls it directly."""
+
+    def __init__(self, config: NodeConfig, store: Store, signing_key: SigningKey,
+                 registry: Registry, *, check_broker_user: bool = False,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.config = config
+        self.store = store
+        self.signing_key = signing_key
+        self.registry = registry
+        self.check_broker_user = check_broker_user
+        self.clock = clock
+        self.me = config.participant
+        self.key_id = key_id(bytes(signing_key.verify_key))
+        #: called after a commit that queued frames, so the relay can publish at once
+        self.on_outbox: Callable[[], None] = lambda: None
+
+    @classmethod
+    def open(cls, config: NodeConfig, *, check_broker_user: bool = False) -> Node:
+        """Open the node's store and the newest verified registry (file or database)."""
+        signing_key = config.signing_key()
+        store = Store(config.database_path)
+        try:
+            registry = load_registry(config, store)
+        except BaseException:
+            store.close()
+            raise
+        return cls(config, store, signing_key, registry, check_broker_user=check_broker_user)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def context(self, now: int | None = None) -> Context:
+        return Context(me=self.me, registry=self.registry,
+                       chair_public_key=self.config.chair_public_key,
+                       own_authority=self.config.authority,
+                       now_ms=self.clock() if now is None else now,
+                       sign=lambda envelope: seal(envelope, self.signing_key))
+
+    # -- committing a decision -------------------------------------------------------
+
+    def _commit(self, ctx: Context, decision: Decision, incoming: Admitted | None = None) -> None:
+        """Write a decision's effects. Call inside a store transaction."""
+        store = self.store
+        if incoming is not None:
+            env = incoming.envelope
+            store.append_evidence("in", incoming.frame.raw, env.message_id,
+                                  certificate_of(env), ctx.now_ms)
+        store.save(decision.records)
+        for sealed in decision.send:
+            store.append_evidence("out", sealed.frame, sealed.envelope.message_id,
+                                  certificate_of(sealed.envelope), ctx.now_ms)
+        store.enqueue(decision.send, ctx.now_ms)
+        if decision.registry is not None:
+            store.save_registry(decision.registry.version, decision.registry.frame, ctx.now_ms)
+            self.registry = decision.registry
+        for r in decision.records:
+            log.info("certificate", number=r.number, side=str(r.side), state=str(r.state),
+                     partner=r.partner, message_id=r.message_id,
+                     discrepancies=len(r.discrepancies) or None)
+
+    def _command(self, decide: Callable[[Context], Decision]) -> Decision:
+        with self.store.transaction():
+            ctx = self.context()
+            decision = decide(ctx)
+            if decision.refusal is not None:
+                raise CommandRefused(decision.refusal)
+            self._commit(ctx, decision)
+        if decision.send:
+            self.on_outbox()
+        return decision
+
+    # -- local commands --------------------------------------------------------------
+
+    def issue(self, certificate: Certificate) -> Record:
+        def decide(ctx: Context) -> Decision:
+            return issue(ctx, certificate, self.store.load([(Side.EXPORT, certificate.number)]))
+        return self._command(decide).records[0]
+
+    def replace(self, number: str, certificate: Certificate, reason: str) -> Record:
+        def decide(ctx: Context) -> Decision:
+            old = self._require(Side.EXPORT, number)
+            return issue(ctx, certificate,
+                         self.store.load([(Side.EXPORT, certificate.number)]), (old, reason))
+        return self._command(decide).records[0]
+
+    def cancel(self, number: str, reason: str) -> Record:
+        def decide(ctx: Context) -> Decision:
+            return cancel(ctx, self._require(Side.EXPORT, number), reason)
+        return self._command(decide).records[0]
+
+    def confirm(self, number: str, *, lines: tuple[Line, ...] | None = None,
+                parcels: int | None = None, received_on: date | None = None,
+                remarks: str = "") -> Record:
+        def decide(ctx: Context) -> Decision:
+            return confirm(ctx, self._require(Side.IMPORT, number), lines=lines,
+                           parcels=parcels, received_on=received_on, remarks=remarks)
+        return self._command(decide).records[0]
+
+    def ping(self, partner: str, nonce: bytes) -> Sealed:
+        return self._command(lambda ctx: ping(ctx, partner, nonce)).send[0]
+
+    def expire_overdue(self) -> list[Record]:
+        def decide(ctx: Context) -> Decision:
+            today = ctx.today.isoformat()
+            return expire(ctx, self.store.records(states=(State.ISSUED, State.DELIVERED,
+                                                          State.RECEIVED),
+                                                  expiring_before=today))
+        return list(self._command(decide).records)
+
+    def _require(self, side: Side, number: str) -> Record:
+        record = self.store.get(side, number)
+        if record is None:
+            other = self.store.get(Side.IMPORT if side is Side.EXPORT else Side.EXPORT, number)
+            hint = f" (it is an {other.side} here)" if other else ""
+            raise CommandRefused(Refusal("certificate.unknown",
+                                         f"no {side} certificate {number}{hint}"))
+        return record
+
+    # -- incoming messages -----------------------------------------------------------
+
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Verdict]:
+        """Decide and commit a batch of deliveries in one transaction.
+
+        Returns one verdict per delivery, in order. Raises (nothing committed) only when
+        the store fails: the caller must then leave the deliveries unacknowledged.
+        """
+        with self.store.transaction():
+            ctx = self.context()
+            verdicts = []
+            for delivery in deliveries:
+                verdict = self._handle(ctx, delivery)
+                verdicts.append(verdict)
+                if ctx.registry is not self.registry:
+                    ctx = self.context(ctx.now_ms)
+        self.on_outbox()
+        return verdicts
+
+    def _handle(self, ctx: Context, delivery: Delivery) -> Verdict:
+        expected = broker_user_for if self.check_broker_user else None
+        admitted = admit(ctx, delivery.body, delivery.user_id, expected)
+        if isinstance(admitted, Refusal):
+            return self._refused_at_admission(ctx, admitted, delivery)
+        env = admitted.envelope
+        seen = self.store.seen(env.sender, env.message_id)
+        if seen is not None:
+            _, answer_id = seen
+            if answer_id is not None:  # the same answer again, byte for byte
+                self.store.requeue(answer_id, ctx.now_ms)
+            log.info("duplicate", message_id=env.message_id, sender=env.sender,
+                     kind=str(env.kind), answered_again=answer_id is not None)
+            return Verdict(duplicate=True)
+        known = self.store.load(touches(env, self.me))
+        decision = receive(ctx, admitted, known)
+        self._commit(ctx, decision, admitted)
+        refusal = decision.refusal
+        self.store.remember(env.message_id, env.sender, str(env.kind),
+                            "refused" if refusal else "accepted",
+                            refusal.reason if refusal else None,
+                            decision.answer.envelope.message_id if decision.answer else None,
+                            ctx.now_ms)
+        if refusal is not None:
+            log.warning("refused", message_id=env.message_id, sender=env.sender,
+                        kind=str(env.kind), reason=refusal.reason, text=refusal.text,
+                        certificate=refusal.certificate)
+        return Verdict(dead_letter=refusal)
+
+    def _refused_at_admission(self, ctx: Context, refusal: Refusal,
+                              delivery: Delivery) -> Verdict:
+        """A delivery that failed before it became a message. Only an authentic sender
+        (the signature verified) gets a signed rejection, and the frame is kept as
+        evidence; anything else is dead-lettered and logged, never answered."""
+        log.warning("refused", reason=refusal.reason, text=refusal.text,
+                    sender=refusal.answer_to, message_id=refusal.in_reply_to)
+        answer = rejection_for(ctx, refusal)
+        if answer is not None:
+            frame_id = refusal.in_reply_to or ""
+            self.store.append_evidence("in", delivery.body, frame_id, None, ctx.now_ms)
+            self._commit(ctx, Decision(send=(answer,)))
+        return Verdict(dead_letter=refusal)
+
+    # -- queries -----------------------------------------------------------------
+
+    def records(self, *, side: Side | None = None, states: Sequence[State] = (),
+                partner: str | None = None) -> list[Record]:
+        return self.store.records(side=side, states=states, partner=partner)
+
+    def find(self, number: str) -> list[Record]:
+        return self.store.find(number)
+
+
+def load_registry(config: NodeConfig, store: Store) -> Registry:
+    """The newest registry the node holds: its file or its database, whichever is newer.
+
+    Both are verified against the Chair's key; a file that fails is an error, not
+    silently ignored, because the operator put it there."""
+    best: Registry | None = None
+    for frame in store.registry_frames()[-1:]:
+        best = open_registry_frame(frame, config.chair_public_key)
+    path: Path = config.registry_path
+    if path.exists():
+        try:
+            from_file = open_registry_frame(path.read_bytes(), config.chair_public_key)
+        except ProtocolError as exc:
+            raise RegistryFileError(f"{path}: {exc}") from exc
+        if newer(best, from_file):
+            best = from_file
+            with store.transaction():
+                store.save_registry(best.version, best.frame, now_ms())
+                # Kept as evidence too, so verify-log knows every key that ever signed.
+                store.append_evidence("in", best.frame, best.message_id, None, now_ms())
+    if best is None:
+        raise RegistryFileError(f"no registry: put the Chair-signed registry at {path}")
+    return best
+
+
+class RegistryFileError(Exception):
+    """The registry file is missing or does not verify against the Chair's key."""
+
+
+__all__ = ["CommandRefused", "Delivery", "Node", "Verdict", "broker_user_for",
+           "certificate_of", "now_ms", "side_of"]

@@ -1,0 +1,368 @@
+"""SQLite storage of one node: certificates, outbox, inbox, evidence log, registry.
+
+A thin shell: it turns the state machine's records and signed frames into rows and back,
+and offers one transaction at a time. Durability choices (see deploy/ docs): WAL journal
+with ``synchronous=FULL`` — the node acknowledges a delivery to the broker only after the
+commit, so a commit must survive a power cut, not just a process crash. Several processes
+may write (``kpnode issue`` while ``kpnode run`` is up): every write transaction starts
+with ``BEGIN IMMEDIATE`` and waits for the lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.evidence import GENESIS, Entry, entry_hash
+from node.machine import Record, RecordKey, Sealed, Side, State
+from protocol import Certificate, ImportConfirmation, ProtocolError
+from protocol.codec import pack, unpack
+from protocol.schema import validate_certificate, validate_import_confirmation
+
+#: Each migration brings the schema from version i to i+1; never edit one that shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE certificates (
+        side TEXT NOT NULL,
+        number TEXT NOT NULL,
+        partner TEXT NOT NULL,
+        state TEXT NOT NULL,
+        certificate BLOB NOT NULL,
+        certificate_digest BLOB NOT NULL,
+        message_id TEXT NOT NULL,
+        confirmation BLOB,
+        rejection_reason TEXT,
+        rejection_text TEXT,
+        replaces TEXT,
+        replaced_by TEXT,
+        issued_on TEXT NOT NULL,
+        expires_on TEXT NOT NULL,
+        discrepancy INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (side, number)
+    );
+    CREATE INDEX certificates_by_state ON certificates (state, expires_on);
+    CREATE INDEX certificates_by_partner ON certificates (partner);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id TEXT NOT NULL UNIQUE,
+        recipient TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        frame BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_error TEXT,
+        published_at INTEGER
+    );
+    CREATE INDEX outbox_due ON outbox (published_at, next_attempt_at);
+    CREATE TABLE inbox (
+        sender TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT,
+        answer_message_id TEXT,
+        PRIMARY KEY (sender, message_id)
+    );
+    CREATE TABLE evidence (
+        seq INTEGER PRIMARY KEY,
+        recorded_at INTEGER NOT NULL,
+        direction TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        certificate TEXT,
+        frame BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    CREATE INDEX evidence_by_certificate ON evidence (certificate);
+    CREATE INDEX evidence_by_message ON evidence (message_id);
+    CREATE TABLE registry (
+        version INTEGER PRIMARY KEY,
+        frame BLOB NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    message_id: str
+    recipient: str
+    kind: str
+    frame: bytes
+    attempts: int
+    last_error: str | None
+
+
+class StoreError(Exception):
+    """The database cannot be used (locked for too long, disk full, corrupt ...)."""
+
+
+class Store:
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+        self._last_hash: tuple[int, bytes] | None = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={i}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction; rolled back if the block raises."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot start a transaction on {self.path}: {exc}") from exc
+        self._last_hash = None
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.db.execute("ROLLBACK")
+            raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
+
+    # -- certificates ----------------------------------------------------------------
+
+    def save(self, records: Iterable[Record]) -> None:
+        self.db.executemany(
+            """INSERT INTO certificates (side, number, partner, state, certificate,
+                   certificate_digest, message_id, confirmation, rejection_reason,
+                   rejection_text, replaces, replaced_by, issued_on, expires_on, discrepancy,
+                   created_at, updated_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (side, number) DO UPDATE SET
+                   state=excluded.state, confirmation=excluded.confirmation,
+                   rejection_reason=excluded.rejection_reason,
+                   rejection_text=excluded.rejection_text, replaced_by=excluded.replaced_by,
+                   discrepancy=excluded.discrepancy, updated_at=excluded.updated_at""",
+            [
+                (
+                    str(r.side), r.number, r.partner, str(r.state),
+                    pack(r.certificate.to_wire()), r.certificate_digest, r.message_id,
+                    pack(r.confirmation.to_wire()) if r.confirmation else None,
+                    r.rejection_reason, r.rejection_text, r.replaces, r.replaced_by,
+                    r.certificate.issued_on.isoformat(), r.certificate.expires_on.isoformat(),
+                    int(bool(r.discrepancies)), r.updated_at, r.updated_at,
+                )
+                for r in records
+            ],
+        )
+
+    _COLUMNS = """side, number, partner, state, certificate, certificate_digest, message_id,
+                  confirmation, rejection_reason, rejection_text, replaces, replaced_by,
+                  updated_at"""
+
+    def load(self, keys: Iterable[RecordKey]) -> dict[RecordKey, Record]:
+        found: dict[RecordKey, Record] = {}
+        for side, number in keys:
+            row = self.db.execute(
+                f"SELECT {self._COLUMNS} FROM certificates WHERE side=? AND number=?",
+                (str(side), number),
+            ).fetchone()
+            if row is not None:
+                found[(side, number)] = _record(row)
+        return found
+
+    def get(self, side: Side, number: str) -> Record | None:
+        return self.load([(side, number)]).get((side, number))
+
+    def find(self, number: str) -> list[Record]:
+        rows = self.db.execute(
+            f"SELECT {self._COLUMNS} FROM certificates WHERE number=? ORDER BY side", (number,)
+        )
+        return [_record(row) for row in rows]
+
+    def records(self, *, side: Side | None = None, states: Iterable[State] = (),
+                partner: str | None = None, expiring_before: str | None = None) -> list[Record]:
+        where, args = ["1=1"], []
+        if side is not None:
+            where.append("side=?")
+            args.append(str(side))
+        state_list = [str(s) for s in states]
+        if state_list:
+            where.append(f"state IN ({','.join('?' * len(state_list))})")
+            args.extend(state_list)
+        if partner is not None:
+            where.append("partner=?")
+            args.append(partner)
+        if expiring_before is not None:
+            where.append("expires_on < ?")
+            args.append(expiring_before)
+        rows = self.db.execute(
+            f"SELECT {self._COLUMNS} FROM certificates WHERE {' AND '.join(where)} "
+            "ORDER BY created_at, number", args,
+        )
+        return [_record(row) for row in rows]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self.db.execute("SELECT side, state, count(*) FROM certificates GROUP BY 1, 2")
+        return {(side, state): n for side, state, n in rows}
+
+    # -- outbox ----------------------------------------------------------------------
+
+    def enqueue(self, messages: Iterable[Sealed], now_ms: int) -> None:
+        """Queue signed frames for the relay. Re-queuing a frame already sent (the answer
+        to a duplicate) sends the very same bytes again."""
+        self.db.executemany(
+            """INSERT INTO outbox (message_id, recipient, kind, frame, created_at,
+                   next_attempt_at) VALUES (?,?,?,?,?,?)
+               ON CONFLICT (message_id) DO UPDATE SET published_at=NULL,
+                   next_attempt_at=excluded.next_attempt_at""",
+            [(m.envelope.message_id, m.envelope.recipient, str(m.envelope.kind), m.frame,
+              now_ms, now_ms) for m in messages],
+        )
+
+    def requeue(self, message_id: str, now_ms: int) -> None:
+        self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=? "
+                        "WHERE message_id=?", (now_ms, message_id))
+
+    def due(self, now_ms: int, limit: int) -> list[OutboxRow]:
+        rows = self.db.execute(
+            """SELECT seq, message_id, recipient, kind, frame, attempts, last_error FROM outbox
+               WHERE published_at IS NULL AND next_attempt_at <= ? ORDER BY seq LIMIT ?""",
+            (now_ms, limit),
+        )
+        return [OutboxRow(*row) for row in rows]
+
+    def mark_published(self, seqs: Iterable[int], now_ms: int) -> None:
+        self.db.executemany("UPDATE outbox SET published_at=?, attempts=attempts+1, "
+                            "last_error=NULL WHERE seq=?", [(now_ms, s) for s in seqs])
+
+    def mark_failed(self, seq: int, error: str, retry_at_ms: int) -> None:
+        self.db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, "
+                        "next_attempt_at=? WHERE seq=?", (error, retry_at_ms, seq))
+
+    def backlog(self) -> list[OutboxRow]:
+        rows = self.db.execute(
+            """SELECT seq, message_id, recipient, kind, frame, attempts, last_error FROM outbox
+               WHERE published_at IS NULL ORDER BY seq""")
+        return [OutboxRow(*row) for row in rows]
+
+    # -- inbox -----------------------------------------------------------------------
+
+    def seen(self, sender: str, message_id: str) -> tuple[str, str | None] | None:
+        """``(outcome, answer message id)`` if this sender's message was processed before.
+
+        Keyed by sender too, so one Participant cannot pre-empt another's message id."""
+        row = self.db.execute("SELECT outcome, answer_message_id FROM inbox WHERE sender=? "
+                              "AND message_id=?", (sender, message_id)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def remember(self, message_id: str, sender: str, kind: str, outcome: str,
+                 reason: str | None, answer_message_id: str | None, now_ms: int) -> None:
+        self.db.execute(
+            "INSERT INTO inbox (message_id, sender, kind, received_at, outcome, reason, "
+            "answer_message_id) VALUES (?,?,?,?,?,?,?)",
+            (message_id, sender, kind, now_ms, outcome, reason, answer_message_id),
+        )
+
+    # -- evidence log ----------------------------------------------------------------
+
+    def append_evidence(self, direction: str, frame: bytes, message_id: str,
+                        certificate: str | None, now_ms: int) -> None:
+        """Chain one verbatim frame onto the log. Call inside a transaction."""
+        if self._last_hash is None:
+            row = self.db.execute("SELECT seq, hash FROM evidence ORDER BY seq DESC LIMIT 1")
+            last = row.fetchone()
+            self._last_hash = (last[0], last[1]) if last else (0, GENESIS)
+        prev_seq, prev_hash = self._last_hash
+        seq = prev_seq + 1
+        digest = entry_hash(prev_hash, seq, now_ms, direction, message_id, certificate, frame)
+        self.db.execute(
+            "INSERT INTO evidence (seq, recorded_at, direction, message_id, certificate, frame,"
+            " hash) VALUES (?,?,?,?,?,?,?)",
+            (seq, now_ms, direction, message_id, certificate, frame, digest),
+        )
+        self._last_hash = (seq, digest)
+
+    def evidence(self, certificate: str | None = None) -> Iterator[Entry]:
+        query = ("SELECT seq, recorded_at, direction, message_id, certificate, frame, hash "
+                 "FROM evidence")
+        args: tuple[str, ...] = ()
+        if certificate is not None:
+            query += " WHERE certificate=?"
+            args = (certificate,)
+        for row in self.db.execute(query + " ORDER BY seq", args):
+            yield Entry(*row)
+
+    def evidence_frame(self, message_id: str) -> bytes | None:
+        row = self.db.execute("SELECT frame FROM evidence WHERE message_id=? ORDER BY seq "
+                              "LIMIT 1", (message_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # -- registry --------------------------------------------------------------------
+
+    def save_registry(self, version: int, frame: bytes, now_ms: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO registry (version, frame, received_at) "
+                        "VALUES (?,?,?)", (version, frame, now_ms))
+
+    def registry_frames(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self.db.execute("SELECT frame FROM registry "
+                                                      "ORDER BY version")]
+
+    def latest_registry_frame(self) -> bytes | None:
+        row = self.db.execute("SELECT frame FROM registry ORDER BY version DESC LIMIT 1")
+        found = row.fetchone()
+        return None if found is None else bytes(found[0])
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    (side, number, partner, state, certificate, digest, message_id, confirmation,
+     rejection_reason, rejection_text, replaces, replaced_by, updated_at) = row
+    return Record(
+        side=Side(str(side)), number=str(number), partner=str(partner), state=State(str(state)),
+        certificate=_certificate(certificate), certificate_digest=bytes(digest),
+        message_id=str(message_id), updated_at=int(updated_at),
+        confirmation=_confirmation(confirmation) if confirmation is not None else None,
+        rejection_reason=_opt(rejection_reason), rejection_text=_opt(rejection_text),
+        replaces=_opt(replaces), replaced_by=_opt(replaced_by),
+    )
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _certificate(blob: bytes) -> Certificate:
+    try:
+        return validate_certificate(unpack(bytes(blob)))
+    except ProtocolError as exc:
+        raise StoreError(f"stored certificate does not parse: {exc}") from exc
+
+
+def _confirmation(blob: bytes) -> ImportConfirmation:
+    try:
+        return validate_import_confirmation(unpack(bytes(blob)))
+    except ProtocolError as exc:
+        raise StoreError(f"stored confirmation does not parse: {exc}") from exc

@@ -1,0 +1,52 @@
+"""Test helpers shared by the node tests: certificates and hand-carried message passing."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+from node.service import Delivery, Node, Verdict
+from protocol import Certificate, Line, Party, validate_certificate
+
+
+def certificate_json(number: str, issuer: str, destination: str, **changes: Any) -> dict[str, Any]:
+    today = date.today()
+    data: dict[str, Any] = {
+        "number": number,
+        "issuer": issuer,
+        "issuing_authority": f"{issuer}-KPA",
+        "destination": destination,
+        "origins": [issuer],
+        "exporter": {"name": f"{issuer} Mining Ltd", "address": f"1 Main Road, {issuer}"},
+        "importer": {"name": f"{destination} Diamond Traders", "address": f"2 Bourse, {destination}"},
+        "lines": [
+            {"hs_code": "7102.31", "carats_hundredths": 250_000, "usd_cents": 40_000_000},
+            {"hs_code": "7102.21", "carats_hundredths": 30_000, "usd_cents": 10_000_000},
+        ],
+        "parcels": 3,
+        "issued_on": today.isoformat(),
+        "expires_on": (today + timedelta(days=60)).isoformat(),
+        "remarks": "",
+    }
+    data.update(changes)
+    return data
+
+
+def certificate(number: str, issuer: str, destination: str, **changes: Any) -> Certificate:
+    return validate_certificate(certificate_json(number, issuer, destination, **changes))
+
+
+def carry(sender: Node, nodes: dict[str, Node]) -> list[tuple[str, Verdict]]:
+    """Move everything in ``sender``'s outbox to its recipients, as the broker would."""
+    verdicts = []
+    rows = sender.store.due(now_ms=2**62, limit=10_000)
+    with sender.store.transaction():
+        sender.store.mark_published([r.seq for r in rows], 0)
+    for row in rows:
+        target = nodes[row.recipient]
+        (verdict,) = target.handle_batch([Delivery(row.frame)])
+        verdicts.append((row.kind, verdict))
+    return verdicts
+
+
+__all__ = ["Line", "Party", "carry", "certificate", "certificate_json"]

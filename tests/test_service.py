@@ -1,0 +1,153 @@
+"""The node's decisions applied to real stores, messages carried by hand (no broker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.evidence import verify_chain
+from node.machine import Side, State
+from node.network import create_network
+from node.service import CommandRefused, Delivery, Node
+from protocol import Line, ParticipantStatus
+from tests.netutil import carry, certificate
+
+Nodes = dict[str, Node]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    network = create_network(tmp_path, ["ZA", "IN", "EU"], ["amqp://unused/"],
+                             others=[("XS", ParticipantStatus.SUSPENDED)])
+    opened = {code: Node.open(cfg) for code, cfg in network.configs.items()}
+    yield opened
+    for n in opened.values():
+        n.close()
+
+
+def evidence_frames(node: Node, number: str) -> set[bytes]:
+    return {bytes(e.frame) for e in node.store.evidence(number)}
+
+
+def test_loop_closes_on_both_sides_with_identical_evidence(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+    assert [(k, v.dead_letter) for k, v in carry(za, nodes)] == [("certificate", None)]
+    assert india.store.get(Side.IMPORT, "ZA-2026-0001").state is State.RECEIVED
+    carry(india, nodes)  # the receipt
+    assert za.store.get(Side.EXPORT, "ZA-2026-0001").state is State.DELIVERED
+    india.confirm("ZA-2026-0001")
+    carry(india, nodes)
+    exported = za.store.get(Side.EXPORT, "ZA-2026-0001")
+    imported = india.store.get(Side.IMPORT, "ZA-2026-0001")
+    assert exported.state is State.CONFIRMED and imported.state is State.CONFIRMED
+    assert exported.confirmation == imported.confirmation
+    assert exported.discrepancies == () == imported.discrepancies
+    # certificate, receipt, confirmation: the same three signed frames on both sides
+    assert evidence_frames(za, "ZA-2026-0001") == evidence_frames(india, "ZA-2026-0001")
+    assert len(evidence_frames(za, "ZA-2026-0001")) == 3
+
+
+def test_discrepancy_is_recorded_on_both_sides(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0002", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    lines = (Line(hs_code="7102.31", carats_hundredths=249_000, usd_cents=40_000_000),
+             Line(hs_code="7102.21", carats_hundredths=30_000, usd_cents=10_000_000))
+    india.confirm("ZA-2026-0002", lines=lines, parcels=2)
+    carry(india, nodes)
+    for node, side in ((za, Side.EXPORT), (india, Side.IMPORT)):
+        record = node.store.get(side, "ZA-2026-0002")
+        assert record.state is State.CONFIRMED
+        assert {(d.field, d.declared, d.received) for d in record.discrepancies} == {
+            ("parcels", 3, 2), ("lines[7102.31].carats_hundredths", 250_000, 249_000)}
+
+
+def test_duplicate_delivery_gets_the_original_answer_and_one_record(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0003", "ZA", "IN"))
+    (row,) = za.store.due(2**62, 10)
+    (first,) = india.handle_batch([Delivery(row.frame)])
+    (answer1,) = india.store.due(2**62, 10)
+    with india.store.transaction():
+        india.store.mark_published([answer1.seq], 1)
+    (second,) = india.handle_batch([Delivery(row.frame)])
+    assert second.duplicate and not first.duplicate
+    (answer2,) = india.store.due(2**62, 10)
+    assert answer2.frame == answer1.frame  # the same receipt, byte for byte
+    assert len(india.store.records(side=Side.IMPORT)) == 1
+
+
+def test_refusals_reach_the_exporter_with_their_reason(nodes: Nodes, tmp_path: Path) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    # importer not a Participant in good standing: refused at issue time
+    with pytest.raises(CommandRefused) as refused:
+        za.issue(certificate("ZA-2026-0004", "ZA", "XS"))
+    assert refused.value.refusal.reason == "participant.suspended"
+    # the importer's registry disagrees (here: number already used) → signed rejection back
+    za.issue(certificate("ZA-2026-0005", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    za.store.db.execute("DELETE FROM certificates WHERE number='ZA-2026-0005'")
+    za.issue(certificate("ZA-2026-0005", "ZA", "IN"))
+    (kind, verdict), = carry(za, nodes)
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "certificate.duplicate_number"
+    carry(india, nodes)
+    record = za.store.get(Side.EXPORT, "ZA-2026-0005")
+    assert record.state is State.REJECTED
+    assert record.rejection_reason == "certificate.duplicate_number"
+
+
+def test_cancel_and_replace_propagate(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0006", "ZA", "IN"))
+    za.issue(certificate("ZA-2026-0007", "ZA", "IN"))
+    carry(za, nodes)
+    za.cancel("ZA-2026-0006", "issued in error")
+    za.replace("ZA-2026-0007", certificate("ZA-2026-0008", "ZA", "IN", parcels=4), "wrong parcels")
+    carry(za, nodes)
+    assert india.store.get(Side.IMPORT, "ZA-2026-0006").state is State.CANCELLED
+    old = india.store.get(Side.IMPORT, "ZA-2026-0007")
+    new = india.store.get(Side.IMPORT, "ZA-2026-0008")
+    assert (old.state, old.replaced_by) == (State.REPLACED, "ZA-2026-0008")
+    assert (new.state, new.replaces) == (State.RECEIVED, "ZA-2026-0007")
+    assert za.store.get(Side.EXPORT, "ZA-2026-0007").replaced_by == "ZA-2026-0008"
+    with pytest.raises(CommandRefused):
+        india.confirm("ZA-2026-0006")
+
+
+def test_evidence_log_verifies_and_detects_a_changed_byte(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0009", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    keys = [bytes(n.signing_key.verify_key) for n in nodes.values()]
+    chair = za.config.chair_public_key
+    assert verify_chain(za.store.evidence(), keys, chair) == []
+    seq, frame = za.store.db.execute("SELECT seq, frame FROM evidence ORDER BY seq DESC").fetchone()
+    changed = bytearray(frame)
+    changed[40] ^= 0x01
+    za.store.db.execute("UPDATE evidence SET frame=? WHERE seq=?", (bytes(changed), seq))
+    faults = verify_chain(za.store.evidence(), keys, chair)
+    assert faults and all(f.seq == seq for f in faults)
+
+
+def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nodes) -> None:
+    za, india, eu = nodes["ZA"], nodes["IN"], nodes["EU"]
+    za.issue(certificate("ZA-2026-0010", "ZA", "IN"))
+    (row,) = za.store.due(2**62, 10)
+    forged = bytearray(row.frame)
+    forged[-1] ^= 0x80
+    verdicts = india.handle_batch([Delivery(b"garbage" * 20), Delivery(bytes(forged))])
+    assert [v.dead_letter.reason for v in verdicts if v.dead_letter] == [
+        "frame.malformed", "signature.invalid"]
+    assert india.store.records() == []
+    assert india.store.due(2**62, 10) == []  # nobody authentic to answer
+    # a genuine frame delivered to the wrong node is refused and answered
+    (wrong,) = eu.handle_batch([Delivery(row.frame)])
+    assert wrong.dead_letter is not None and wrong.dead_letter.reason == "message.not_for_us"
+    assert len(eu.store.due(2**62, 10)) == 1
