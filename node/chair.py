@@ -67,6 +67,8 @@ def sign_registry_file(source: Path, chair_key: SigningKey, out: Path, now_ms: i
     """Sign a registry JSON file into a registry frame file; returns its version."""
     try:
         data = json.loads(source.read_text())
+    except OSError as exc:
+        raise RegistryJsonError(f"cannot read {source}: {exc.strerror}") from exc
     except json.JSONDecodeError as exc:
         raise RegistryJsonError(f"{source}: not JSON: {exc}") from exc
     update = registry_from_json(data)

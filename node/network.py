@@ -3,6 +3,7 @@ them with a Chair and a signed registry (the demo, the tests, the simulation).""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +44,11 @@ def init_node(directory: Path, participant: str, *, authority: str | None = None
                         authority=authority or default_authority(participant),
                         chair_public_key=chair_public_key)
     if broker_urls:
-        config = NodeConfig(**{**_fields(config), "broker_urls": tuple(broker_urls)})
+        config = dataclasses.replace(config, broker_urls=tuple(broker_urls))
     key = SigningKey.generate()
     write_signing_key(config.path(config.signing_key_file), key)
     write_config(config)
     return config
-
-
-def _fields(config: NodeConfig) -> dict[str, object]:
-    return {f: getattr(config, f) for f in NodeConfig.__dataclass_fields__}
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,6 +183,12 @@ class Node:
             return issue(ctx, certificate, self.store.load([(Side.EXPORT, certificate.number)]))
         return self._command(decide).records[0]
 
+    def check_issue(self, certificate: Certificate) -> Refusal | None:
+        """What ``issue`` would say, without signing or storing anything (``validate``)."""
+        ctx = self.context()
+        known = self.store.load([(Side.EXPORT, certificate.number)])
+        return issue(ctx, certificate, known).refusal
+
     def replace(self, number: str, certificate: Certificate, reason: str) -> Record:
         def decide(ctx: Context) -> Decision:
             old = self._require(Side.EXPORT, number)

@@ -18,7 +18,8 @@ def certificate_json(number: str, issuer: str, destination: str, **changes: Any)
         "destination": destination,
         "origins": [issuer],
         "exporter": {"name": f"{issuer} Mining Ltd", "address": f"1 Main Road, {issuer}"},
-        "importer": {"name": f"{destination} Diamond Traders", "address": f"2 Bourse, {destination}"},
+        "importer": {"name": f"{destination} Diamond Traders",
+                     "address": f"2 Bourse, {destination}"},
         "lines": [
             {"hs_code": "7102.31", "carats_hundredths": 250_000, "usd_cents": 40_000_000},
             {"hs_code": "7102.21", "carats_hundredths": 30_000, "usd_cents": 10_000_000},

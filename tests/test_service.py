@@ -93,7 +93,7 @@ def test_refusals_reach_the_exporter_with_their_reason(nodes: Nodes, tmp_path: P
     carry(india, nodes)
     za.store.db.execute("DELETE FROM certificates WHERE number='ZA-2026-0005'")
     za.issue(certificate("ZA-2026-0005", "ZA", "IN"))
-    (kind, verdict), = carry(za, nodes)
+    ((_, verdict),) = carry(za, nodes)
     assert verdict.dead_letter is not None
     assert verdict.dead_letter.reason == "certificate.duplicate_number"
     carry(india, nodes)

@@ -1,0 +1,453 @@
+"""``kpnode``: the command line of a kpx node.
+
+Readable tables for people, ``--json`` for machines; on bad input a one-line error on
+stderr and a non-zero exit (1: refused or invalid input, 2: usage, 3: environment such as
+a missing configuration or registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from node.chair import RegistryJsonError, sign_registry_file
+from node.config import ConfigError, load_config, read_signing_key, write_signing_key
+from node.evidence import verify_chain
+from node.logs import configure_logging
+from node.machine import Record, Side, State
+from node.network import init_node
+from node.registry import open_registry_frame
+from node.service import CommandRefused, Node, RegistryFileError, now_ms
+from node.store import StoreError
+from protocol import (
+    Certificate,
+    Line,
+    ProtocolError,
+    ValidationError,
+    decode_body,
+    key_id,
+    parse_frame,
+    validate_certificate,
+)
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit 1."""
+
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
+
+
+def carats(hundredths: int) -> str:
+    return f"{Decimal(hundredths) / 100:,.2f}"
+
+
+def usd(cents: int) -> str:
+    return f"{Decimal(cents) / 100:,.2f}"
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def record_json(record: Record) -> dict[str, Any]:
+    c = record.certificate
+    return {
+        "side": str(record.side), "number": record.number, "partner": record.partner,
+        "state": str(record.state), "issued_on": c.issued_on.isoformat(),
+        "expires_on": c.expires_on.isoformat(), "carats_hundredths": c.carats_hundredths,
+        "usd_cents": c.usd_cents, "parcels": c.parcels,
+        "certificate_digest": record.certificate_digest.hex(),
+        "message_id": record.message_id, "updated_at": record.updated_at,
+        "rejection_reason": record.rejection_reason, "rejection_text": record.rejection_text,
+        "replaces": record.replaces, "replaced_by": record.replaced_by,
+        "confirmation": None if record.confirmation is None else {
+            "carats_hundredths": record.confirmation.carats_hundredths,
+            "usd_cents": record.confirmation.usd_cents,
+            "parcels": record.confirmation.parcels,
+            "received_on": record.confirmation.received_on.isoformat(),
+        },
+        "discrepancies": [
+            {"field": d.field, "declared": d.declared, "received": d.received}
+            for d in record.discrepancies
+        ],
+        "certificate": c.to_wire(),
+    }
+
+
+RECORD_HEADERS = ("side", "number", "partner", "state", "carats", "US$", "expires", "note")
+
+
+def record_row(record: Record) -> list[object]:
+    note = ""
+    if record.rejection_reason:
+        note = record.rejection_reason
+    if record.discrepancies:
+        note = f"{len(record.discrepancies)} discrepancy(ies)"
+    if record.replaced_by:
+        note = f"replaced by {record.replaced_by}"
+    elif record.replaces:
+        note = f"replaces {record.replaces}"
+    c = record.certificate
+    return [record.side, record.number, record.partner, record.state,
+            carats(c.carats_hundredths), usd(c.usd_cents), c.expires_on.isoformat(), note]
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+# -- input parsing ----------------------------------------------------------------------
+
+
+def read_json(path: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def read_certificate(path: str) -> Certificate:
+    return validate_certificate(read_json(path))
+
+
+def decimal_amount(text: str, what: str) -> int:
+    """'2500.5' → 250050 hundredths; at most two decimals, > 0."""
+    try:
+        value = Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        raise UserError(f"{what} must be a number, not {text!r}") from None
+    scaled = value * 100
+    if scaled != scaled.to_integral_value() or scaled <= 0:
+        raise UserError(f"{what} must be > 0 with at most two decimals, not {text!r}")
+    return int(scaled)
+
+
+def received_lines(args: argparse.Namespace, record: Record) -> tuple[Line, ...] | None:
+    """What arrived, from --line HS=CARATS:USD options or --carats/--value on a one-line
+    certificate; ``None`` means 'exactly as declared'."""
+    if args.line:
+        if args.carats or args.value:
+            raise UserError("use either --line or --carats/--value, not both")
+        lines = []
+        for spec in args.line:
+            try:
+                hs, amounts = spec.split("=", 1)
+                ct, value = amounts.split(":", 1)
+            except ValueError:
+                raise UserError(f"--line {spec!r}: expected HS=CARATS:USD") from None
+            lines.append(Line(hs_code=hs, carats_hundredths=decimal_amount(ct, "carats"),
+                              usd_cents=decimal_amount(value, "value")))
+        return tuple(lines)
+    if not (args.carats or args.value):
+        return None
+    declared = record.certificate.lines
+    if len(declared) != 1:
+        raise UserError(f"{record.number} has {len(declared)} HS lines: give each with "
+                        "--line HS=CARATS:USD")
+    (line,) = declared
+    return (Line(hs_code=line.hs_code,
+                 carats_hundredths=decimal_amount(args.carats, "--carats")
+                 if args.carats else line.carats_hundredths,
+                 usd_cents=decimal_amount(args.value, "--value")
+                 if args.value else line.usd_cents),)
+
+
+def node_dir(args: argparse.Namespace) -> Path:
+    return Path(args.dir or os.environ.get("KPX_NODE_DIR") or ".")
+
+
+def open_node(args: argparse.Namespace) -> Node:
+    return Node.open(load_config(node_dir(args)))
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    chair = bytes.fromhex(args.chair_key) if args.chair_key else b""
+    config = init_node(Path(args.dir), args.participant, authority=args.authority,
+                       broker_urls=args.broker or (), chair_public_key=chair)
+    public = bytes(config.signing_key().verify_key)
+    data = {"directory": str(config.directory), "participant": config.participant,
+            "authority": config.authority, "public_key": public.hex(),
+            "key_id": key_id(public).hex()}
+    emit(args, data, "\n".join([
+        f"Created node {config.participant} in {config.directory}",
+        f"  authority   {config.authority}",
+        f"  public key  {public.hex()}",
+        f"  key id      {key_id(public).hex()}",
+        "Next: send the public key to the KP Chair to be put in the registry; put the",
+        f"Chair-signed registry at {config.registry_path}"
+        + ("" if chair else " and the Chair's public key in node.toml"),
+        f"then run: kpnode run --dir {config.directory}",
+    ]))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from node.runner import run_until_signalled
+
+    config = load_config(node_dir(args))
+    asyncio.run(run_until_signalled(config))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    certificate = read_certificate(args.certificate)
+    refusal = None
+    if args.dir or os.environ.get("KPX_NODE_DIR") or Path("node.toml").exists():
+        node = open_node(args)
+        try:
+            refusal = node.check_issue(certificate)
+        finally:
+            node.close()
+    if refusal is not None:
+        raise CommandRefused(refusal)
+    emit(args, {"valid": True, "number": certificate.number},
+         f"{certificate.number}: valid")
+
+
+def cmd_issue(args: argparse.Namespace) -> None:
+    certificate = read_certificate(args.certificate)
+    with_node(args, lambda node: show_records(args, [node.issue(certificate)], "issued"))
+
+
+def cmd_replace(args: argparse.Namespace) -> None:
+    certificate = read_certificate(args.certificate)
+    with_node(args, lambda node: show_records(
+        args, [node.replace(args.number, certificate, args.reason)], "replacement issued"))
+
+
+def cmd_cancel(args: argparse.Namespace) -> None:
+    with_node(args, lambda node: show_records(
+        args, [node.cancel(args.number, args.reason)], "cancelled"))
+
+
+def cmd_confirm(args: argparse.Namespace) -> None:
+    def run(node: Node) -> None:
+        record = node.store.get(Side.IMPORT, args.number)
+        lines = received_lines(args, record) if record else None
+        received_on = None
+        if args.received_on:
+            try:
+                received_on = date.fromisoformat(args.received_on)
+            except ValueError:
+                raise UserError("--received-on must be a date YYYY-MM-DD") from None
+        confirmed = node.confirm(args.number, lines=lines, parcels=args.parcels,
+                                 received_on=received_on, remarks=args.remarks or "")
+        show_records(args, [confirmed], "confirmed")
+    with_node(args, run)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    states = [State(s) for s in args.state or []]
+    side = Side(args.side) if args.side else None
+    with_node(args, lambda node: show_records(
+        args, node.records(side=side, states=states, partner=args.partner), None))
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    def run(node: Node) -> None:
+        records = node.find(args.number)
+        if not records:
+            raise UserError(f"no certificate {args.number} at this node")
+        history: list[dict[str, Any]] = []
+        for entry in node.store.evidence(args.number):
+            frame = parse_frame(entry.frame)
+            env = decode_body(frame.body)
+            history.append({"seq": entry.seq, "direction": entry.direction,
+                            "kind": str(env.kind), "from": env.sender, "to": env.recipient,
+                            "message_id": env.message_id, "in_reply_to": env.in_reply_to,
+                            "created_at": env.created_at, "frame_sha256": frame.digest.hex()})
+        data = {"records": [record_json(r) for r in records], "history": history}
+        parts = [table([record_row(r) for r in records], RECORD_HEADERS)]
+        for r in records:
+            for d in r.discrepancies:
+                parts.append(f"  discrepancy {d.field}: declared {d.declared}, "
+                             f"received {d.received}")
+            if r.rejection_text:
+                parts.append(f"  {r.side} note: {r.rejection_text}")
+        parts.append("")
+        parts.append(table([[h["seq"], h["direction"], h["kind"], h["from"], h["to"],
+                             h["message_id"], str(h["frame_sha256"])[:16]] for h in history],
+                           ("#", "dir", "kind", "from", "to", "message id", "frame sha256")))
+        emit(args, data, "\n".join(parts))
+    with_node(args, run)
+
+
+def cmd_verify_log(args: argparse.Namespace) -> None:
+    def run(node: Node) -> None:
+        keys = [bytes(node.signing_key.verify_key)]
+        for frame in node.store.registry_frames():
+            registry = open_registry_frame(frame, node.config.chair_public_key)
+            keys += [k.public_key for p in registry.update.participants
+                     for a in p.authorities for k in a.keys]
+        entries = list(node.store.evidence())
+        faults = verify_chain(entries, keys, node.config.chair_public_key)
+        data = {"entries": len(entries), "ok": not faults, "faults": [str(f) for f in faults]}
+        text = (f"evidence log OK: {len(entries)} entries, chain and every signature verified"
+                if not faults else "evidence log FAILED:\n" + "\n".join(f"  {f}" for f in faults))
+        emit(args, data, text)
+        if faults:
+            raise SystemExit(EXIT_REFUSED)
+    with_node(args, run)
+
+
+def cmd_chair_init(args: argparse.Namespace) -> None:
+    from nacl.signing import SigningKey
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "chair.key"
+    if path.exists():
+        raise UserError(f"{path} exists already; not overwriting the Chair's key")
+    key = SigningKey.generate()
+    write_signing_key(path, key)
+    public = bytes(key.verify_key).hex()
+    emit(args, {"key_file": str(path), "public_key": public},
+         f"Chair key written to {path}\n  public key {public}\n"
+         "Give the public key to every node (chair_public_key in node.toml).")
+
+
+def cmd_chair_sign(args: argparse.Namespace) -> None:
+    key = read_signing_key(Path(args.key))
+    version = sign_registry_file(Path(args.registry), key, Path(args.out), now_ms())
+    emit(args, {"version": version, "out": args.out},
+         f"registry version {version} signed into {args.out}")
+
+
+def with_node(args: argparse.Namespace, action: Callable[[Node], None]) -> None:
+    node = open_node(args)
+    try:
+        action(node)
+    finally:
+        node.close()
+
+
+def show_records(args: argparse.Namespace, records: Sequence[Record], verb: str | None) -> None:
+    if verb and len(records) == 1:
+        r = records[0]
+        text = f"{r.number}: {verb} ({r.side} {r.partner}, state {r.state})"
+    else:
+        text = table([record_row(r) for r in records], RECORD_HEADERS) if records else \
+            "no certificates"
+    data: Any = [record_json(r) for r in records]
+    emit(args, data[0] if verb and len(data) == 1 else data, text)
+
+
+# -- the parser -------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", help="node directory (default: $KPX_NODE_DIR or .)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    p = argparse.ArgumentParser(prog="kpnode", description="A kpx node: signed KP "
+                                "certificates between national authorities over RabbitMQ.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], None], help_: str,
+            parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_,
+                            parents=[common] if parents is None else parents)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    sp = add("init", cmd_init, "create a node directory with a new key and node.toml", [])
+    sp.add_argument("--participant", required=True, help="two-letter code, e.g. ZA or EU")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("--authority", help="issuing authority id (default CODE-KPA)")
+    sp.add_argument("--broker", action="append", help="AMQP URL (repeat for a cluster)")
+    sp.add_argument("--chair-key", help="the KP Chair's public key, hex")
+    sp.add_argument("--json", action="store_true")
+    add("run", cmd_run, "run the node until SIGTERM/SIGINT")
+    sp = add("validate", cmd_validate, "check a certificate JSON file; sends nothing")
+    sp.add_argument("certificate", help="certificate JSON file, or - for stdin")
+    sp = add("issue", cmd_issue, "validate, sign and queue a certificate for its importer")
+    sp.add_argument("certificate", help="certificate JSON file, or - for stdin")
+    sp = add("confirm", cmd_confirm, "confirm an import: what arrived (default: as declared)")
+    sp.add_argument("number")
+    sp.add_argument("--carats", help="carats received (one-line certificates), e.g. 2500.00")
+    sp.add_argument("--value", help="US$ value received (one-line certificates)")
+    sp.add_argument("--line", action="append", help="HS=CARATS:USD per HS line, repeatable")
+    sp.add_argument("--parcels", type=int, help="number of parcels received")
+    sp.add_argument("--received-on", help="date of receipt YYYY-MM-DD (default today)")
+    sp.add_argument("--remarks")
+    sp = add("cancel", cmd_cancel, "cancel an exported certificate before confirmation")
+    sp.add_argument("number")
+    sp.add_argument("--reason", required=True)
+    sp = add("replace", cmd_replace, "issue a certificate replacing one issued in error")
+    sp.add_argument("number", help="the certificate to replace")
+    sp.add_argument("certificate", help="the new certificate's JSON file")
+    sp.add_argument("--reason", required=True)
+    sp = add("show", cmd_show, "one certificate: both sides' view and its signed history")
+    sp.add_argument("number")
+    sp = add("list", cmd_list, "list certificates")
+    sp.add_argument("--state", action="append", choices=[s.value for s in State])
+    sp.add_argument("--partner")
+    sp.add_argument("--side", choices=[s.value for s in Side])
+    add("verify-log", cmd_verify_log, "re-check the evidence log's chain and signatures")
+    chair = sub.add_parser("chair", help="the KP Chair's tools: key and registry")
+    chair_sub = chair.add_subparsers(dest="chair_command", required=True, metavar="COMMAND")
+    sp = chair_sub.add_parser("init", help="create the Chair's key", parents=[common])
+    sp.set_defaults(handler=cmd_chair_init)
+    sp = chair_sub.add_parser("sign-registry", help="sign a registry JSON file",
+                              parents=[common])
+    sp.add_argument("registry", help="registry JSON")
+    sp.add_argument("--key", required=True, help="the Chair's key file")
+    sp.add_argument("--out", required=True, help="where to write the signed registry")
+    sp.set_defaults(handler=cmd_chair_sign)
+    sp = add("demo", cmd_demo, "start a broker and three nodes, close loops, print them", [])
+    sp.add_argument("--certificates", type=int, default=3, help="per direction (default 3)")
+    sp.add_argument("--keep", help="keep the network's directories here")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from node.demo import run_demo
+
+    raise SystemExit(asyncio.run(run_demo(args.certificates, args.keep, as_json=args.json)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    configure_logging(level=None if args.command in ("run", "demo") else "WARNING")
+    try:
+        args.handler(args)
+    except ValidationError as exc:
+        print(f"kpnode: {exc.text}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}  [{problem.reason}]", file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
+    except CommandRefused as exc:
+        print(f"kpnode: refused: {exc.refusal}", file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
+    except (UserError, ProtocolError) as exc:
+        print(f"kpnode: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
+    except (ConfigError, RegistryFileError, StoreError, RegistryJsonError) as exc:
+        print(f"kpnode: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ENVIRONMENT) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
