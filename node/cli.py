@@ -428,7 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    configure_logging(level=None if args.command in ("run", "demo") else "WARNING")
+    configure_logging(level=None if args.command == "run" else "WARNING")
     try:
         args.handler(args)
     except ValidationError as exc:

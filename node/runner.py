@@ -1,0 +1,243 @@
+"""``kpnode run``: the node's service wired to the broker.
+
+Three loops share one :class:`~node.service.Node`:
+
+* the **inbox consumer** hands each batch of deliveries to the service, which decides and
+  commits them in one transaction; only then are they dead-lettered (if refused) and
+  acknowledged — so a crash at any point leaves them in the queue, and the inbox's
+  de-duplication makes the redelivery harmless;
+* the **outbox relay** publishes committed frames, pipelined, with publisher confirms, and
+  marks them sent only once the broker confirmed them; unroutable or failed messages stay
+  queued and are retried with backoff;
+* the **expiry sweep** turns open loops past their expiry date into ``expired``.
+
+Shutdown (SIGTERM/SIGINT) stops consuming, lets the batch in hand finish, flushes the
+outbox for up to ``DRAIN_SECONDS`` and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from node.config import ConfigError, NodeConfig
+from node.service import Delivery, Node, now_ms
+from node.store import StoreError
+from node.transport import Delivery as BrokerDelivery
+from node.transport import Outgoing, Transport, TransportUnavailable
+
+log = structlog.get_logger("kpx.runner")
+
+DRAIN_SECONDS = 10.0
+RELAY_BATCH = 500
+IDLE_POLL_SECONDS = 0.25
+EXPIRY_SWEEP_SECONDS = 60.0
+UNROUTABLE_RETRY_MS = 30_000
+
+
+def retry_delay_ms(attempts: int) -> int:
+    """Exponential backoff for a failed publish: 0.5 s doubling to at most a minute."""
+    return int(min(60_000, 500 * 2 ** min(attempts, 7)))
+
+
+class DirectoryLock:
+    """One ``kpnode run`` per node directory: two would relay the same outbox twice."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "node.lock"
+        self.file: IO[str] | None = None
+
+    def __enter__(self) -> DirectoryLock:
+        self.file = self.path.open("w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ConfigError(f"another 'kpnode run' is using {self.path.parent}") from None
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class RunningNode:
+    """A node connected to the broker. ``start()``, then ``stop()``; or ``async with``."""
+
+    def __init__(self, config: NodeConfig, *, check_broker_user: bool = False) -> None:
+        self.config = config
+        self.check_broker_user = check_broker_user
+        self.node: Node | None = None
+        self.transport: Transport | None = None
+        self._lock = DirectoryLock(config.directory)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._batch_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> RunningNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._lock.__enter__()
+        try:
+            self.node = Node.open(self.config, check_broker_user=self.check_broker_user)
+            self.node.on_outbox = self._wake.set
+            self.transport = Transport(
+                self.config.broker_urls, self.config.participant,
+                prefetch=self.config.prefetch, delivery_limit=self.config.delivery_limit,
+                declare=self.config.declare_topology, broker_user=self.config.broker_user,
+            )
+            await self.transport.connect()
+            self._tasks = [asyncio.create_task(self._relay(), name="relay"),
+                           asyncio.create_task(self._sweep(), name="sweep")]
+            await self.transport.consume(self._on_batch)
+        except BaseException:
+            await self._close()
+            raise
+        log.info("node started", participant=self.config.participant,
+                 registry_version=self.node.registry.version)
+
+    async def stop(self) -> None:
+        """Graceful: stop consuming, finish the batch in hand, flush the outbox, close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                await self.transport.stop_consuming()
+        async with self._batch_lock:
+            pass  # the batch in hand, if any, has been committed and acknowledged
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
+        except TimeoutError:
+            log.warning("outbox not empty at shutdown; it is sent on next start",
+                        backlog=len(self.node.store.backlog()) if self.node else None)
+        await self._close()
+        log.info("node stopped", participant=self.config.participant)
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                await self.transport.close()
+        if self.node is not None:
+            self.node.close()
+        self._lock.__exit__()
+
+    # -- the inbox ---------------------------------------------------------------
+
+    async def _on_batch(self, deliveries: list[BrokerDelivery]) -> None:
+        assert self.node is not None and self.transport is not None
+        async with self._batch_lock:
+            try:
+                verdicts = self.node.handle_batch(
+                    [Delivery(d.body, d.user_id) for d in deliveries])
+            except StoreError as exc:
+                # Nothing was committed: leave the deliveries with the broker.
+                log.error("store failed; deliveries left unacknowledged", error=str(exc),
+                          count=len(deliveries))
+                await asyncio.sleep(1.0)
+                for d in deliveries:
+                    await self.transport.reject(d, requeue=True)
+                return
+            for delivery, verdict in zip(deliveries, verdicts, strict=True):
+                refusal = verdict.dead_letter
+                if refusal is not None:
+                    await self.transport.dead_letter(
+                        delivery.body, reason=refusal.reason, text=refusal.text[:1000],
+                        headers={"x-kpx-sender": refusal.answer_to or "",
+                                 "x-kpx-message-id": refusal.in_reply_to or ""})
+            await self.transport.ack(deliveries)
+
+    # -- the outbox --------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        while True:
+            try:
+                sent = await self.relay_once()
+            except TransportUnavailable as exc:
+                log.warning("broker unavailable; outbox waits", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            if sent == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def relay_once(self) -> int:
+        """Publish what is due; returns how many rows were attempted."""
+        assert self.node is not None and self.transport is not None
+        store = self.node.store
+        rows = store.due(now_ms(), RELAY_BATCH)
+        if not rows:
+            return 0
+        results = await self.transport.publish(
+            [Outgoing(message_id=r.message_id, recipient=r.recipient, body=r.frame,
+                      kind=r.kind) for r in rows])
+        now = now_ms()
+        with store.transaction():
+            store.mark_published([r.seq for r, res in zip(rows, results, strict=True)
+                                  if res.confirmed], now)
+            for row, result in zip(rows, results, strict=True):
+                if result.confirmed:
+                    continue
+                if result.returned:
+                    log.warning("unroutable: no inbox for recipient; kept in outbox",
+                                recipient=row.recipient, message_id=row.message_id)
+                    store.mark_failed(row.seq, f"unroutable: no inbox for {row.recipient}",
+                                      now + UNROUTABLE_RETRY_MS)
+                else:
+                    store.mark_failed(row.seq, result.error or "not confirmed",
+                                      now + retry_delay_ms(row.attempts))
+        return len(rows)
+
+    async def _drain(self) -> None:
+        assert self.node is not None
+        while self.node.store.due(now_ms(), 1):
+            if await self.relay_once() == 0:
+                break
+
+    # -- expiry ------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        assert self.node is not None
+        while True:
+            try:
+                expired = self.node.expire_overdue()
+                if expired:
+                    log.warning("certificates expired unconfirmed",
+                                numbers=[r.number for r in expired])
+            except StoreError as exc:
+                log.error("expiry sweep failed", error=str(exc))
+            await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+
+
+async def run_until_signalled(config: NodeConfig,
+                              signals: Sequence[signal.Signals] = (signal.SIGTERM,
+                                                                    signal.SIGINT)) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    async with RunningNode(config):
+        await stop.wait()

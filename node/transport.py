@@ -1,0 +1,408 @@
+"""The node's AMQP shell (aio-pika): bytes in, bytes out, no business logic.
+
+Topology, one set per Participant CODE (``declare_topology``; in a locked-down broker the
+operator loads it from definitions instead and nodes only check it exists)::
+
+    exchange kpx (direct, durable) ──CODE──▶ quorum queue kpx.inbox.CODE
+        x-delivery-limit N, dead-lettered at least once to
+    exchange kpx.dlx (direct, durable) ──CODE──▶ quorum queue kpx.dead.CODE
+
+Why these settings (RabbitMQ 3.10): quorum queues replicate and fsync before confirming;
+they have no delivery limit by default, so a poison message would loop for ever;
+at-least-once dead-lettering needs ``overflow=reject-publish``, else it silently
+degrades to at-most-once.
+
+Connection handling is our own small supervisor rather than aio-pika's robust connection,
+because a node may be given several broker endpoints (a cluster) and must move to the
+next one when its broker goes away; after any reconnect, deliveries from the old channel
+are never acknowledged (that would fail): the broker redelivers them and the node's inbox
+de-duplicates. Publishing is pipelined: all frames of a batch are in flight at once on one
+confirming channel, each resolved by its own confirm, return or error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aio_pika.exceptions import DeliveryError, PublishError
+
+log = structlog.get_logger("kpx.transport")
+
+EXCHANGE = "kpx"
+DEAD_LETTER_EXCHANGE = "kpx.dlx"
+CONTENT_TYPE = "application/x-kpx-frame"
+PUBLISH_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+
+
+def inbox_queue(code: str) -> str:
+    return f"kpx.inbox.{code}"
+
+
+def dead_letter_queue(code: str) -> str:
+    return f"kpx.dead.{code}"
+
+
+def inbox_arguments(code: str, delivery_limit: int) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": code,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def declare_topology(channel: AbstractChannel, code: str, delivery_limit: int) -> None:
+    """Declare the exchanges and this Participant's inbox and dead-letter queue."""
+    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT,
+                                              durable=True)
+    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT,
+                                         durable=True)
+    dead = await channel.declare_queue(dead_letter_queue(code), durable=True,
+                                       arguments={"x-queue-type": "quorum"})
+    await dead.bind(dlx, routing_key=code)
+    inbox = await channel.declare_queue(inbox_queue(code), durable=True,
+                                        arguments=inbox_arguments(code, delivery_limit))
+    await inbox.bind(exchange, routing_key=code)
+
+
+class TransportUnavailable(Exception):
+    """No broker connection now; the caller keeps its work and tries later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    message_id: str
+    recipient: str
+    body: bytes
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    confirmed: bool
+    #: unroutable: the broker has no inbox bound for the recipient
+    returned: bool = False
+    error: str | None = None
+
+
+class Delivery:
+    """One message taken from the inbox, not yet acknowledged."""
+
+    __slots__ = ("_generation", "_message", "body", "delivery_count", "headers", "message_id",
+                 "redelivered", "user_id")
+
+    def __init__(self, message: AbstractIncomingMessage, generation: int) -> None:
+        self._message = message
+        self._generation = generation
+        self.body: bytes = message.body
+        self.message_id: str | None = message.message_id
+        self.user_id: str | None = message.user_id
+        self.headers: dict[str, Any] = dict(message.headers or {})
+        self.redelivered: bool = bool(message.redelivered)
+        count = self.headers.get("x-delivery-count")
+        self.delivery_count: int | None = count if isinstance(count, int) else None
+
+
+OnBatch = Callable[[list[Delivery]], Awaitable[None]]
+
+
+class Transport:
+    """One node's connection to the broker: publish, consume, dead-letter."""
+
+    def __init__(self, urls: Sequence[str], participant: str, *, prefetch: int = 256,
+                 delivery_limit: int = 5, declare: bool = True,
+                 broker_user: str | None = None) -> None:
+        if not urls:
+            raise ValueError("at least one broker URL is needed")
+        self.urls = list(urls)
+        self.participant = participant
+        self.prefetch = prefetch
+        self.delivery_limit = delivery_limit
+        self.declare = declare
+        self.broker_user = broker_user
+        self._connection: AbstractConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self._inbox: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._generation = 0
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._on_batch: OnBatch | None = None
+        self._max_batch = 256
+        self._max_wait = 0.005
+        self._pending: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._batcher: asyncio.Task[None] | None = None
+        self._current_url: str | None = None
+        #: delivery tags of the current consumer channel not yet acked or rejected
+        self._outstanding: set[int] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def url(self) -> str | None:
+        return self._current_url
+
+    async def connect(self, timeout: float = 60.0) -> None:
+        """Connect (trying every URL) and declare or check the topology."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="amqp-supervisor")
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise TransportUnavailable(f"no broker answered at {', '.join(self.urls)}") from None
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._batcher, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        self._connected.clear()
+
+    # -- connection supervision ----------------------------------------------------
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        index = 0
+        while not self._closing:
+            url = self.urls[index % len(self.urls)]
+            index += 1
+            try:
+                connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
+            except Exception as exc:
+                log.warning("broker connection failed", url=_redact(url), error=str(exc))
+                if index % len(self.urls) == 0:
+                    await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt))
+                    attempt += 1
+                continue
+            lost = asyncio.Event()
+            connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
+            try:
+                await self._set_up(connection)
+            except Exception as exc:
+                log.error("broker set-up failed", url=_redact(url), error=str(exc))
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt))
+                attempt += 1
+                continue
+            attempt = 0
+            self._current_url = url
+            self._connected.set()
+            log.info("broker connected", url=_redact(url), participant=self.participant)
+            await lost.wait()
+            self._connected.clear()
+            self._generation += 1
+            if not self._closing:
+                log.warning("broker connection lost; reconnecting", url=_redact(url))
+                index -= 1  # try the same broker first, then the others
+
+    async def _set_up(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        if self.declare:
+            await declare_topology(channel, self.participant, self.delivery_limit)
+        self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        self._connection = connection
+        self._publish_channel = channel
+        if self._on_batch is not None:
+            await self._start_consumer()
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(self, items: Sequence[Outgoing]) -> list[PublishResult]:
+        """Publish all items at once; one result each, in order. Never raises for a single
+        message's failure; raises TransportUnavailable when not connected at all."""
+        exchange = self._exchange
+        if not self.connected or exchange is None:
+            raise TransportUnavailable("not connected to a broker")
+        return list(await asyncio.gather(*(self._publish_one(exchange, i) for i in items)))
+
+    async def _publish_one(self, exchange: AbstractExchange, item: Outgoing) -> PublishResult:
+        message = aio_pika.Message(
+            item.body, message_id=item.message_id, type=item.kind, content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.broker_user,
+        )
+        try:
+            await exchange.publish(message, routing_key=item.recipient, mandatory=True,
+                                   timeout=PUBLISH_TIMEOUT)
+        except PublishError:
+            return PublishResult(confirmed=False, returned=True, error="unroutable")
+        except DeliveryError as exc:
+            return PublishResult(confirmed=False, error=f"nacked by the broker: {exc}")
+        except Exception as exc:
+            return PublishResult(confirmed=False, error=f"{type(exc).__name__}: {exc}")
+        return PublishResult(confirmed=True)
+
+    async def dead_letter(self, body: bytes, *, reason: str, text: str,
+                          headers: Mapping[str, str] = {}) -> None:
+        """Put a copy of a refused message, with the reason, on this node's dead-letter queue.
+        Returns once the broker confirmed it; raises otherwise (then do not ack the original)."""
+        dlx = self._dlx
+        if not self.connected or dlx is None:
+            raise TransportUnavailable("not connected to a broker")
+        message = aio_pika.Message(
+            body, content_type=CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"x-kpx-reason": reason, "x-kpx-text": text, **headers},
+            user_id=self.broker_user,
+        )
+        await dlx.publish(message, routing_key=self.participant, mandatory=True,
+                          timeout=PUBLISH_TIMEOUT)
+
+    # -- consuming -------------------------------------------------------------------
+
+    async def consume(self, on_batch: OnBatch, *, max_batch: int = 256,
+                      max_wait: float = 0.005) -> None:
+        """Hand inbox deliveries to ``on_batch`` in batches; the caller acks or rejects."""
+        self._on_batch = on_batch
+        self._max_batch = max_batch
+        self._max_wait = max_wait
+        self._batcher = asyncio.create_task(self._batches(), name="amqp-batcher")
+        if self.connected:
+            await self._start_consumer()
+
+    async def _start_consumer(self) -> None:
+        assert self._connection is not None
+        generation = self._generation
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self.prefetch)
+        if self.declare:
+            inbox = await channel.declare_queue(
+                inbox_queue(self.participant), durable=True,
+                arguments=inbox_arguments(self.participant, self.delivery_limit))
+        else:
+            inbox = await channel.declare_queue(inbox_queue(self.participant), passive=True)
+
+        self._outstanding = set()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            if isinstance(message.delivery_tag, int):
+                self._outstanding.add(message.delivery_tag)
+            await self._pending.put(Delivery(message, generation))
+
+        self._consume_channel = channel
+        self._inbox = inbox
+        self._consumer_tag = await inbox.consume(on_message, no_ack=False)
+
+    async def _batches(self) -> None:
+        while True:
+            first = await self._pending.get()
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + self._max_wait
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._pending.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._pending.get(), remaining))
+                except TimeoutError:
+                    break
+            stale = [d for d in batch if d._generation != self._generation]
+            if stale:
+                log.info("dropping deliveries from a closed channel; the broker redelivers",
+                         count=len(stale))
+                batch = [d for d in batch if d._generation == self._generation]
+            if batch and self._on_batch is not None:
+                try:
+                    await self._on_batch(batch)
+                except Exception:
+                    log.exception("batch handler failed; deliveries left to the broker")
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge deliveries from the current channel; older ones are left to the
+        broker, which redelivers them after the reconnect."""
+        current = [d for d in deliveries if d._generation == self._generation]
+        if not current:
+            return
+        tags = [t for d in current if isinstance(t := d._message.delivery_tag, int)]
+        try:
+            # One basic.ack for the whole batch, but only when it covers exactly the
+            # oldest outstanding deliveries: 'multiple' acks everything up to the tag.
+            lowest = min(self._outstanding, default=None)
+            if (len(tags) == len(current) > 1 and tags == sorted(tags)
+                    and tags[0] == lowest and tags[-1] - tags[0] + 1 == len(tags)):
+                await current[-1]._message.ack(multiple=True)
+            else:
+                for d in current:
+                    await d._message.ack()
+            self._outstanding.difference_update(tags)
+        except Exception as exc:
+            log.warning("ack failed; the broker will redeliver", error=str(exc))
+
+    async def reject(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        if delivery._generation != self._generation:
+            return
+        with contextlib.suppress(Exception):
+            await delivery._message.reject(requeue=requeue)
+        if isinstance(delivery._message.delivery_tag, int):
+            self._outstanding.discard(delivery._message.delivery_tag)
+
+    async def stop_consuming(self) -> None:
+        """Stop taking new deliveries (graceful shutdown); ones in hand may still be acked."""
+        if self._inbox is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await self._inbox.cancel(self._consumer_tag)
+        self._on_batch = None
+        self._consumer_tag = None
+
+    # -- observation -----------------------------------------------------------------
+
+    async def queue_depth(self, name: str) -> tuple[int, int]:
+        """(messages ready, consumers) of a queue, by passive declare."""
+        if self._connection is None or not self.connected:
+            raise TransportUnavailable("not connected to a broker")
+        channel = await self._connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            return int(result.message_count or 0), int(result.consumer_count or 0)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def inbox_depth(self) -> tuple[int, int]:
+        return await self.queue_depth(inbox_queue(self.participant))
+
+    async def dead_letter_depth(self) -> int:
+        return (await self.queue_depth(dead_letter_queue(self.participant)))[0]
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
