@@ -38,6 +38,8 @@ class NodeConfig:
     prefetch: int = 256
     delivery_limit: int = 5
     declare_topology: bool = True
+    #: send a certificate again (same message id) when no receipt came back in this time
+    resend_after_seconds: int = 3600
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -94,6 +96,7 @@ def load_config(directory: Path | str) -> NodeConfig:
         prefetch=int(data.get("prefetch", 256)),
         delivery_limit=int(data.get("delivery_limit", 5)),
         declare_topology=bool(data.get("declare_topology", True)),
+        resend_after_seconds=int(data.get("resend_after_seconds", 3600)),
     )
 
 
@@ -120,6 +123,7 @@ def write_config(config: NodeConfig) -> Path:
         f"prefetch = {config.prefetch}",
         f"delivery_limit = {config.delivery_limit}",
         f"declare_topology = {_toml_value(config.declare_topology)}",
+        f"resend_after_seconds = {config.resend_after_seconds}",
     ]
     if config.broker_user:
         lines.append(f"broker_user = {_toml_value(config.broker_user)}")

@@ -9,7 +9,9 @@ Three loops share one :class:`~node.service.Node`:
 * the **outbox relay** publishes committed frames, pipelined, with publisher confirms, and
   marks them sent only once the broker confirmed them; unroutable or failed messages stay
   queued and are retried with backoff;
-* the **expiry sweep** turns open loops past their expiry date into ``expired``.
+* the **sweep** turns open loops past their expiry date into ``expired``, and sends a
+  certificate again (same message id, same bytes) when no receipt came back within
+  ``resend_after_seconds``, doubling the wait after each attempt.
 
 Shutdown (SIGTERM/SIGINT) stops consuming, lets the batch in hand finish, flushes the
 outbox for up to ``DRAIN_SECONDS`` and exits 0.
@@ -29,7 +31,7 @@ from typing import IO
 import structlog
 
 from node.config import ConfigError, NodeConfig
-from node.service import Delivery, Node, now_ms
+from node.service import Delivery, Node, Verdict, now_ms
 from node.store import StoreError
 from node.transport import Delivery as BrokerDelivery
 from node.transport import Outgoing, Transport, TransportUnavailable
@@ -39,7 +41,7 @@ log = structlog.get_logger("kpx.runner")
 DRAIN_SECONDS = 10.0
 RELAY_BATCH = 500
 IDLE_POLL_SECONDS = 0.25
-EXPIRY_SWEEP_SECONDS = 60.0
+SWEEP_SECONDS = 5.0
 UNROUTABLE_RETRY_MS = 30_000
 
 
@@ -84,6 +86,8 @@ class RunningNode:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._batch_lock = asyncio.Lock()
+        #: False while the store refuses to commit (reported by status and /readyz)
+        self.store_ok = True
 
     async def __aenter__(self) -> RunningNode:
         await self.start()
@@ -149,25 +153,54 @@ class RunningNode:
     async def _on_batch(self, deliveries: list[BrokerDelivery]) -> None:
         assert self.node is not None and self.transport is not None
         async with self._batch_lock:
-            try:
-                verdicts = self.node.handle_batch(
-                    [Delivery(d.body, d.user_id) for d in deliveries])
-            except StoreError as exc:
-                # Nothing was committed: leave the deliveries with the broker.
-                log.error("store failed; deliveries left unacknowledged", error=str(exc),
-                          count=len(deliveries))
-                await asyncio.sleep(1.0)
-                for d in deliveries:
-                    await self.transport.reject(d, requeue=True)
-                return
-            for delivery, verdict in zip(deliveries, verdicts, strict=True):
+            decided = await self._decide(deliveries)
+            if decided is None:
+                return  # shutting down with the store failing: left to the broker
+            for delivery, verdict in decided:
                 refusal = verdict.dead_letter
                 if refusal is not None:
                     await self.transport.dead_letter(
                         delivery.body, reason=refusal.reason, text=refusal.text[:1000],
                         headers={"x-kpx-sender": refusal.answer_to or "",
                                  "x-kpx-message-id": refusal.in_reply_to or ""})
-            await self.transport.ack(deliveries)
+            await self.transport.ack([d for d, _ in decided])
+
+    async def _decide(self, deliveries: list[BrokerDelivery]
+                      ) -> list[tuple[BrokerDelivery, Verdict]] | None:
+        """Commit a batch; on a store fault, hold the deliveries and retry until the store
+        recovers (nothing acked, nothing requeued: a requeue would burn the delivery limit);
+        on any other fault, isolate the poison message by deciding one delivery at a time."""
+        assert self.node is not None and self.transport is not None
+        delay = 0.5
+        while True:
+            try:
+                verdicts = self.node.handle_batch(
+                    [Delivery(d.body, d.user_id) for d in deliveries])
+                if not self.store_ok:
+                    log.warning("store recovered")
+                self.store_ok = True
+                return list(zip(deliveries, verdicts, strict=True))
+            except StoreError as exc:
+                if self.store_ok:
+                    log.error("store failed; holding deliveries unacknowledged until it "
+                              "recovers", error=str(exc), count=len(deliveries))
+                self.store_ok = False
+                if self._stopping:
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except Exception:
+                if len(deliveries) > 1:
+                    decided: list[tuple[BrokerDelivery, Verdict]] = []
+                    for one in deliveries:
+                        decided.extend(await self._decide([one]) or [])
+                    return decided
+                log.exception("processing failed; the broker will redeliver it, and "
+                              "dead-letter it after the delivery limit",
+                              message_id=deliveries[0].message_id,
+                              delivery_count=deliveries[0].delivery_count)
+                await self.transport.reject(deliveries[0], requeue=True)
+                return []
 
     # -- the outbox --------------------------------------------------------------
 
@@ -177,6 +210,10 @@ class RunningNode:
                 sent = await self.relay_once()
             except TransportUnavailable as exc:
                 log.warning("broker unavailable; outbox waits", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            except StoreError as exc:
+                log.error("store failed; outbox waits", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
             if sent == 0:
@@ -227,9 +264,14 @@ class RunningNode:
                 if expired:
                     log.warning("certificates expired unconfirmed",
                                 numbers=[r.number for r in expired])
+                resent = self.node.resend_unanswered(self.config.resend_after_seconds * 1000)
+                if resent:
+                    log.warning("no receipt yet: certificates sent again with the same "
+                                "message id", count=len(resent), message_ids=resent[:20])
+                    self._wake.set()
             except StoreError as exc:
-                log.error("expiry sweep failed", error=str(exc))
-            await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+                log.error("sweep failed", error=str(exc))
+            await asyncio.sleep(SWEEP_SECONDS)
 
 
 async def run_until_signalled(config: NodeConfig,

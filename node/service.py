@@ -220,6 +220,18 @@ class Node:
                                                   expiring_before=today))
         return list(self._command(decide).records)
 
+    def resend_unanswered(self, after_ms: int) -> list[str]:
+        """Queue again, byte for byte, certificates still without a receipt: the first
+        time ``after_ms`` after they were sent, then after twice as long each time."""
+        now = self.clock()
+        with self.store.transaction():
+            due = self.store.unanswered(now, after_ms)
+            for message_id in due:
+                self.store.requeue(message_id, now)
+        if due:
+            self.on_outbox()
+        return due
+
     def _require(self, side: Side, number: str) -> Record:
         record = self.store.get(side, number)
         if record is None:
@@ -237,14 +249,19 @@ class Node:
         Returns one verdict per delivery, in order. Raises (nothing committed) only when
         the store fails: the caller must then leave the deliveries unacknowledged.
         """
-        with self.store.transaction():
-            ctx = self.context()
-            verdicts = []
-            for delivery in deliveries:
-                verdict = self._handle(ctx, delivery)
-                verdicts.append(verdict)
-                if ctx.registry is not self.registry:
-                    ctx = self.context(ctx.now_ms)
+        registry = self.registry
+        try:
+            with self.store.transaction():
+                ctx = self.context()
+                verdicts = []
+                for delivery in deliveries:
+                    verdict = self._handle(ctx, delivery)
+                    verdicts.append(verdict)
+                    if ctx.registry is not self.registry:
+                        ctx = self.context(ctx.now_ms)
+        except BaseException:
+            self.registry = registry  # a registry update in the batch was rolled back too
+            raise
         self.on_outbox()
         return verdicts
 

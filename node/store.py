@@ -247,6 +247,18 @@ class Store:
         self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=? "
                         "WHERE message_id=?", (now_ms, message_id))
 
+    def unanswered(self, now_ms: int, after_ms: int) -> list[str]:
+        """Message ids of issued certificates (or replacements) sent but not yet receipted,
+        whose resend is due: ``after_ms`` after the last send, doubling per attempt."""
+        rows = self.db.execute(
+            """SELECT o.message_id, o.published_at, o.attempts FROM certificates c
+               JOIN outbox o ON o.message_id = c.message_id
+               WHERE c.side = 'export' AND c.state = 'issued'
+                 AND o.published_at IS NOT NULL AND o.published_at <= ?""",
+            (now_ms - after_ms,))
+        return [mid for mid, sent, attempts in rows
+                if sent + after_ms * 2 ** min(max(attempts - 1, 0), 10) <= now_ms]
+
     def due(self, now_ms: int, limit: int) -> list[OutboxRow]:
         rows = self.db.execute(
             """SELECT seq, message_id, recipient, kind, frame, attempts, last_error FROM outbox

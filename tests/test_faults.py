@@ -1,0 +1,195 @@
+"""Faults a node must ride out: poison messages, a store that cannot commit, lost
+receipts, and shutdown in the middle of work. Real broker, nodes in-process unless the
+test needs a process (SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from node.machine import Side, State
+from node.network import create_network
+from node.runner import DRAIN_SECONDS, RunningNode
+from node.service import Delivery, Node, Verdict
+from node.transport import EXCHANGE, dead_letter_queue, inbox_queue
+from tests.netutil import carry, certificate
+from tests.test_network import fresh_codes, state, until
+
+pytestmark = pytest.mark.broker
+
+
+async def queue_counts(amqp_url: str, queue: str) -> int:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
+async def test_poison_message_is_dead_lettered_after_the_delivery_limit_and_rest_flows(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    poison = b"KPX\x01" + b"\xee" * 200  # the bytes this node's code cannot survive
+    original = Node._handle
+
+    def handle(self: Node, ctx: object, delivery: Delivery) -> Verdict:
+        if delivery.body == poison:
+            raise RuntimeError("a bug this message triggers every time")
+        return original(self, ctx, delivery)  # type: ignore[arg-type]
+    monkeypatch.setattr(Node, "_handle", handle)
+
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            x = await channel.get_exchange(EXCHANGE)
+            await x.publish(aio_pika.Message(poison, message_id="poison-0001",
+                                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                            routing_key=importer_code)
+        for i in range(20):
+            exporter.node.issue(certificate(f"{exporter_code}-P{i}", exporter_code,
+                                            importer_code))
+        await until(lambda: len(importer.node.store.records()) == 20)  # type: ignore[union-attr]
+        dead = dead_letter_queue(importer_code)
+        deadline = time.monotonic() + 30
+        while await queue_counts(amqp_url, dead) < 1:
+            assert time.monotonic() < deadline, "poison message never dead-lettered"
+            await asyncio.sleep(0.2)
+        assert await queue_counts(amqp_url, inbox_queue(importer_code)) == 0
+        await until(lambda: all(
+            state(exporter.node, Side.EXPORT, f"{exporter_code}-P{i}")  # type: ignore[arg-type]
+            is State.DELIVERED for i in range(20)))
+
+
+async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
+        amqp_url: str, tmp_path: Path) -> None:
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        importer.node.store.db.execute("PRAGMA busy_timeout=100")
+        # Another process takes the database's write lock and keeps it: commits fail.
+        blocker = sqlite3.connect(network.configs[importer_code].database_path,
+                                  isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            for i in range(10):
+                exporter.node.issue(certificate(f"{exporter_code}-S{i}", exporter_code,
+                                                importer_code))
+            await until(lambda: not importer.store_ok, 20)
+            await asyncio.sleep(1.0)
+            # held, not acknowledged, not requeued, not dead-lettered
+            assert await queue_counts(amqp_url, dead_letter_queue(importer_code)) == 0
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        await until(lambda: len(importer.node.store.records()) == 10)  # type: ignore[union-attr]
+        assert importer.store_ok
+        await until(lambda: all(
+            state(exporter.node, Side.EXPORT, f"{exporter_code}-S{i}")  # type: ignore[arg-type]
+            is State.DELIVERED for i in range(10)))
+        assert await queue_counts(amqp_url, dead_letter_queue(importer_code)) == 0
+
+
+def test_unanswered_certificate_is_resent_with_the_same_bytes_and_backoff(
+        tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    now = [1_800_000_000_000]
+    nodes = {c: Node.open(cfg) for c, cfg in network.configs.items()}
+    za = nodes["ZA"]
+    za.clock = lambda: now[0]
+    za.issue(certificate("ZA-R1", "ZA", "IN"))
+    (sent,) = za.store.due(now[0], 10)
+    with za.store.transaction():
+        za.store.mark_published([sent.seq], now[0])  # "published", but the receipt is lost
+    hour = 3_600_000
+    assert za.resend_unanswered(hour) == []
+    now[0] += hour
+    assert za.resend_unanswered(hour) == [sent.message_id]
+    (again,) = za.store.due(now[0], 10)
+    assert (again.message_id, again.frame) == (sent.message_id, sent.frame)
+    with za.store.transaction():
+        za.store.mark_published([again.seq], now[0])
+    now[0] += hour
+    assert za.resend_unanswered(hour) == []  # second wait is twice as long
+    now[0] += hour
+    assert za.resend_unanswered(hour) == [sent.message_id]
+    # the importer answers the resend like the original; the loop goes on
+    carry(za, nodes)
+    carry(nodes["IN"], nodes)
+    assert za.store.get(Side.EXPORT, "ZA-R1").state is State.DELIVERED  # type: ignore[union-attr]
+    assert za.resend_unanswered(hour) == []
+    for n in nodes.values():
+        n.close()
+
+
+def test_overdue_loops_expire_on_both_sides(tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {c: Node.open(cfg) for c, cfg in network.configs.items()}
+    nodes["ZA"].issue(certificate("ZA-E1", "ZA", "IN"))
+    carry(nodes["ZA"], nodes)
+    carry(nodes["IN"], nodes)
+    later = time.time_ns() // 1_000_000 + 61 * 86_400_000  # past the 60-day validity
+    for n in nodes.values():
+        n.clock = lambda: later
+        assert [r.number for r in n.expire_overdue()] == ["ZA-E1"]
+    assert nodes["ZA"].store.get(Side.EXPORT, "ZA-E1").state is State.EXPIRED  # type: ignore[union-attr]
+    assert nodes["IN"].store.get(Side.IMPORT, "ZA-E1").state is State.EXPIRED  # type: ignore[union-attr]
+    for n in nodes.values():
+        n.close()
+
+
+async def test_sigterm_mid_burst_exits_zero_in_bound_and_loses_nothing(
+        amqp_url: str, tmp_path: Path) -> None:
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    exporter_dir = network.configs[exporter_code].directory
+    importer_dir = network.configs[importer_code].directory
+    kpnode = [sys.executable, "-m", "node.cli"]
+    importer = subprocess.Popen([*kpnode, "run", "--dir", str(importer_dir)],
+                                stderr=subprocess.DEVNULL)
+    exporter = subprocess.Popen([*kpnode, "run", "--dir", str(exporter_dir)],
+                                stderr=subprocess.DEVNULL)
+    count = 300
+    try:
+        issuer = Node.open(network.configs[exporter_code])
+        for i in range(count):
+            issuer.issue(certificate(f"{exporter_code}-T{i:04d}", exporter_code, importer_code))
+        issuer.close()
+        await asyncio.sleep(0.5)  # mid-burst
+        started = time.monotonic()
+        importer.send_signal(signal.SIGTERM)
+        exporter.send_signal(signal.SIGTERM)
+        codes = [await asyncio.to_thread(p.wait, 60) for p in (importer, exporter)]
+        took = time.monotonic() - started
+    finally:
+        for p in (importer, exporter):
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    assert took < DRAIN_SECONDS + 5
+    # both come back; every certificate arrives exactly once
+    async with RunningNode(network.configs[importer_code]) as im, \
+            RunningNode(network.configs[exporter_code]) as ex:
+        assert im.node is not None and ex.node is not None
+        await until(lambda: len(im.node.store.records()) == count, 60)  # type: ignore[union-attr]
+        await until(lambda: all(r.state is State.DELIVERED
+                                for r in ex.node.store.records()), 60)  # type: ignore[union-attr]
+        assert len(ex.node.store.records()) == count
+    out = subprocess.run([*kpnode, "list", "--dir", str(importer_dir), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert sorted(r["number"] for r in json.loads(out)) == [
+        f"{exporter_code}-T{i:04d}" for i in range(count)]
