@@ -307,7 +307,9 @@ def receive(ctx: Context, admitted: Admitted, known: Known) -> Decision:
         decision = Decision(send=(answer,), answer=answer)
     elif isinstance(payload, RegistryUpdate):
         candidate = Registry(payload, admitted.frame.raw, env.message_id)
-        if not newer(ctx.registry, candidate):
+        if candidate.frame == ctx.registry.frame:
+            decision = Decision()  # the registry we hold already (e.g. also given as a file)
+        elif not newer(ctx.registry, candidate):
             decision = refuse(Reason.REGISTRY_STALE, f"registry version {payload.version} is "
                               f"not newer than {ctx.registry.version}")
         else:

@@ -4,6 +4,7 @@ Topology, one set per Participant CODE (``declare_topology``; in a locked-down b
 operator loads it from definitions instead and nodes only check it exists)::
 
     exchange kpx (direct, durable) ──CODE──▶ quorum queue kpx.inbox.CODE
+    exchange kpx.registry (fanout, durable) ──▶ every kpx.inbox.CODE
         x-delivery-limit N, dead-lettered at least once to
     exchange kpx.dlx (direct, durable) ──CODE──▶ quorum queue kpx.dead.CODE
 
@@ -43,6 +44,8 @@ log = structlog.get_logger("kpx.transport")
 
 EXCHANGE = "kpx"
 DEAD_LETTER_EXCHANGE = "kpx.dlx"
+#: fanout: the Chair publishes a registry update once, every inbox gets a copy
+REGISTRY_EXCHANGE = "kpx.registry"
 CONTENT_TYPE = "application/x-kpx-frame"
 PUBLISH_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
@@ -76,9 +79,25 @@ async def declare_topology(channel: AbstractChannel, code: str, delivery_limit: 
     dead = await channel.declare_queue(dead_letter_queue(code), durable=True,
                                        arguments={"x-queue-type": "quorum"})
     await dead.bind(dlx, routing_key=code)
+    registry = await channel.declare_exchange(REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT,
+                                              durable=True)
     inbox = await channel.declare_queue(inbox_queue(code), durable=True,
                                         arguments=inbox_arguments(code, delivery_limit))
     await inbox.bind(exchange, routing_key=code)
+    await inbox.bind(registry)
+
+
+async def publish_registry(url: str, frame: bytes, *, user_id: str | None = None) -> None:
+    """The Chair's side: one registry-update frame to every node's inbox, confirmed."""
+    connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True, passive=True)
+        await exchange.publish(
+            aio_pika.Message(frame, content_type=CONTENT_TYPE, type="registry_update",
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=user_id),
+            routing_key="", timeout=PUBLISH_TIMEOUT)
 
 
 class TransportUnavailable(Exception):
