@@ -332,6 +332,26 @@ def cmd_chair_sign(args: argparse.Namespace) -> None:
          f"registry version {version} signed into {args.out}")
 
 
+def cmd_backup(args: argparse.Namespace) -> None:
+    from node.backup import backup
+
+    config = load_config(node_dir(args))
+    out = Path(args.out)
+    members = backup(config, out)
+    emit(args, {"archive": str(out), "members": members},
+         f"backup of {config.participant} written to {out} ({', '.join(members)}); it holds "
+         "the node's private key: keep it like the key")
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    from node.backup import restore
+
+    config = restore(Path(args.archive), node_dir(args))
+    emit(args, {"directory": str(config.directory), "participant": config.participant},
+         f"restored {config.participant} into {config.directory}; check it with "
+         f"'kpnode verify-log --dir {config.directory}', then start it")
+
+
 def with_node(args: argparse.Namespace, action: Callable[[Node], None]) -> None:
     node = open_node(args)
     try:
@@ -403,6 +423,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--partner")
     sp.add_argument("--side", choices=[s.value for s in Side])
     add("verify-log", cmd_verify_log, "re-check the evidence log's chain and signatures")
+    sp = add("backup", cmd_backup, "archive the node's database (online), config, registry "
+             "and key")
+    sp.add_argument("--out", required=True, help="the archive to write (.tar.gz)")
+    sp = add("restore", cmd_restore, "unpack a backup into an empty node directory")
+    sp.add_argument("archive")
     chair = sub.add_parser("chair", help="the KP Chair's tools: key and registry")
     chair_sub = chair.add_subparsers(dest="chair_command", required=True, metavar="COMMAND")
     sp = chair_sub.add_parser("init", help="create the Chair's key", parents=[common])

@@ -151,3 +151,25 @@ def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nod
     (wrong,) = eu.handle_batch([Delivery(row.frame)])
     assert wrong.dead_letter is not None and wrong.dead_letter.reason == "message.not_for_us"
     assert len(eu.store.due(2**62, 10)) == 1
+
+
+def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path: Path) -> None:
+    from node.backup import backup, restore
+
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0100", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    archive = tmp_path / "za.tar.gz"
+    backup(za.config, archive)  # while ZA's store is open
+    assert archive.stat().st_mode & 0o777 == 0o600
+    restored = Node.open(restore(archive, tmp_path / "restored"))
+    try:
+        assert restored.store.get(Side.EXPORT, "ZA-2026-0100").state is State.DELIVERED
+        keys = [bytes(n.signing_key.verify_key) for n in nodes.values()]
+        assert verify_chain(restored.store.evidence(), keys, za.config.chair_public_key) == []
+        assert bytes(restored.signing_key) == bytes(za.signing_key)
+    finally:
+        restored.close()
+    with pytest.raises(Exception, match="already holds a node"):
+        restore(archive, tmp_path / "restored")
