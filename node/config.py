@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,29 @@ class NodeConfig:
         return read_signing_key(self.path(self.signing_key_file))
 
 
+ENV_PREFIX = "KPX_"
+#: settings whose environment value is a comma-separated list
+_LIST_SETTINGS = {"broker_urls"}
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
+    """``KPX_<SETTING>`` overrides ``<setting>`` of node.toml (e.g. ``KPX_BROKER_URLS``,
+    comma-separated; ``KPX_BROKER_USER``), so containers can be configured from outside."""
+    settings = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
+    found: dict[str, object] = {}
+    for name in settings:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is None:
+            continue
+        if name in _LIST_SETTINGS:
+            found[name] = [v.strip() for v in value.split(",") if v.strip()]
+        elif value.lower() in ("true", "false"):
+            found[name] = value.lower() == "true"
+        else:
+            found[name] = value
+    return found
+
+
 def load_config(directory: Path | str) -> NodeConfig:
     directory = Path(directory)
     path = directory / CONFIG_NAME
@@ -66,6 +90,7 @@ def load_config(directory: Path | str) -> NodeConfig:
                           "pass --dir)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    data.update(environment_overrides(os.environ))
     known = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
     unknown = sorted(set(data) - known - {"chair_public_key", "signing_key"})
     if unknown:
@@ -87,17 +112,20 @@ def load_config(directory: Path | str) -> NodeConfig:
     urls = data.get("broker_urls", [DEFAULT_BROKER])
     if isinstance(urls, str):
         urls = [urls]
-    return NodeConfig(
-        directory=directory, participant=participant, authority=authority,
-        broker_urls=tuple(str(u) for u in urls), broker_user=data.get("broker_user") or None,
-        chair_public_key=chair, registry_file=str(data.get("registry_file", "registry.kpx")),
-        database=str(data.get("database", "node.sqlite3")),
-        signing_key_file=str(data.get("signing_key_file", "node.key")),
-        prefetch=int(data.get("prefetch", 256)),
-        delivery_limit=int(data.get("delivery_limit", 5)),
-        declare_topology=bool(data.get("declare_topology", True)),
-        resend_after_seconds=int(data.get("resend_after_seconds", 3600)),
-    )
+    try:
+        return NodeConfig(
+            directory=directory, participant=participant, authority=authority,
+            broker_urls=tuple(str(u) for u in urls), broker_user=data.get("broker_user") or None,
+            chair_public_key=chair, registry_file=str(data.get("registry_file", "registry.kpx")),
+            database=str(data.get("database", "node.sqlite3")),
+            signing_key_file=str(data.get("signing_key_file", "node.key")),
+            prefetch=int(data.get("prefetch", 256)),
+            delivery_limit=int(data.get("delivery_limit", 5)),
+            declare_topology=bool(data.get("declare_topology", True)),
+            resend_after_seconds=int(data.get("resend_after_seconds", 3600)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: a setting has the wrong type: {exc}") from exc
 
 
 def _toml_value(value: object) -> str:
