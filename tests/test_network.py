@@ -288,3 +288,20 @@ async def test_kpnode_run_issue_and_verify_log_as_a_user_would(net: Net) -> None
     bad = subprocess.run([*kpnode, "verify-log", "--dir", str(za_dir)],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and f"entry {seq}" in bad.stdout
+
+
+async def test_unroutable_message_stays_in_the_outbox_until_the_inbox_exists(net: Net) -> None:
+    za, india, _ = net.codes  # type: ignore[attr-defined]
+    exporter = await net.start(za)  # india has never run: no inbox on the broker yet
+    exporter.issue(certificate(f"{za}-60", za, india))
+
+    def backlog_error() -> str | None:
+        rows = exporter.store.backlog()
+        return rows[0].last_error if rows else None
+    await until(lambda: (backlog_error() or "").startswith("unroutable"))
+    assert state(exporter, Side.EXPORT, f"{za}-60") is State.ISSUED
+    exporter.store.db.execute("UPDATE outbox SET next_attempt_at=0")  # skip the 30 s wait
+    importer = await net.start(india)
+    await until(lambda: state(importer, Side.IMPORT, f"{za}-60") is State.RECEIVED)
+    await until(lambda: state(exporter, Side.EXPORT, f"{za}-60") is State.DELIVERED)
+    assert exporter.store.backlog() == []
