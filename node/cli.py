@@ -18,6 +18,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from node import simulate
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, read_signing_key, write_signing_key
 from node.evidence import verify_chain
@@ -442,6 +443,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--certificates", type=int, default=3, help="per direction (default 3)")
     sp.add_argument("--keep", help="keep the network's directories here")
     sp.add_argument("--json", action="store_true")
+    simulate.register(sub, common)
     return p
 
 

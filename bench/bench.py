@@ -1,0 +1,372 @@
+"""kpx benchmark: the raw broker ceiling and kpx closed loops per second, in one run.
+
+    .venv/bin/python bench/bench.py                 # a throwaway local broker
+    KPX_AMQP_URL=amqp://... .venv/bin/python bench/bench.py --json
+
+On one broker, one after the other:
+
+1. **raw ceiling** — aio-pika alone: one process publishes persistent messages of a kpx
+   message's mean size, pipelined with publisher confirms and ``mandatory``, through a
+   direct exchange into a quorum queue declared with the very arguments of a kpx inbox,
+   while it consumes them with manual acknowledgements (prefetch 256, one ``multiple``
+   ack per 50). The best of two publish windows is taken as the ceiling.
+2. **kpx loops/s** — ``kpnode simulate`` with 2 and with 10 nodes, each node its own OS
+   process at the production durability settings (SQLite WAL with ``synchronous=FULL``,
+   one transaction per decision or batch, acknowledge after commit; quorum inboxes,
+   persistent messages, publisher confirms): every certificate issued at once, each
+   importer confirming as soon as the certificate arrived. Loops/s is closed loops over the
+   time from the first issue to the last confirmation, as the nodes recorded them.
+3. **latency at half load** — the same networks issuing at half their maximum rate
+   (Poisson arrivals): p50/p95/p99 from issue to the exporter's receipt of the receipt.
+
+It prints the ratio ``loops/s ÷ (raw messages/s ÷ 3)`` (a loop is three messages) and the
+peak RSS of every node process. Nothing here is a timed unit test: run it on a quiet
+machine and read the figures with their machine (printed first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # measure the tree this script lives in
+
+import aio_pika  # noqa: E402
+from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
+from nacl.signing import SigningKey  # noqa: E402
+
+from node.localbroker import broker_url  # noqa: E402
+from node.simulate import PARTICIPANTS, Options, Report, plan_trade, run_simulation  # noqa: E402
+from node.transport import (  # noqa: E402
+    CONTENT_TYPE,
+    dead_letter_queue,
+    inbox_arguments,
+    inbox_queue,
+)
+from protocol import Envelope, ImportConfirmation, Receipt, parse_frame, seal  # noqa: E402
+
+# -- message size -------------------------------------------------------------------
+
+
+def loop_frame_sizes(samples: int = 200) -> dict[str, float]:
+    """Mean sizes of the three signed frames of a loop, over generated certificates."""
+    key = SigningKey.generate()
+    sizes: dict[str, list[int]] = {"certificate": [], "receipt": [], "confirmation": []}
+    for s in plan_trade([p.code for p in PARTICIPANTS[:10]], samples, seed=7):
+        c = s.certificate
+        cert = seal(Envelope(sender=c.issuer, recipient=c.destination, created_at=1,
+                             payload=c), key)
+        digest = parse_frame(cert).digest
+        receipt = seal(Envelope(sender=c.destination, recipient=c.issuer, created_at=2,
+                                payload=Receipt(certificate=c.number,
+                                                certificate_digest=digest)), key)
+        confirmation = seal(Envelope(
+            sender=c.destination, recipient=c.issuer, created_at=3,
+            payload=ImportConfirmation(certificate=c.number, certificate_digest=digest,
+                                       destination=c.destination, importer=c.importer,
+                                       lines=c.lines, parcels=c.parcels,
+                                       received_on=date.today())), key)
+        sizes["certificate"].append(len(cert))
+        sizes["receipt"].append(len(receipt))
+        sizes["confirmation"].append(len(confirmation))
+    means = {k: statistics.mean(v) for k, v in sizes.items()}
+    means["loop_mean"] = statistics.mean(means.values())
+    return means
+
+
+# -- the raw ceiling --------------------------------------------------------------------
+
+
+async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch: int = 256,
+                      ack_every: int = 50) -> dict[str, float]:
+    """Publish ``count`` persistent messages with confirms (``window`` in flight) into a
+    quorum queue while consuming them with manual acks; messages/s end to end."""
+    publisher = await aio_pika.connect(url)
+    consumer = await aio_pika.connect(url)
+    name = f"bench.raw.{uuid.uuid4().hex[:8]}"
+    try:
+        channel = await publisher.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.declare_exchange("bench.raw", aio_pika.ExchangeType.DIRECT,
+                                                  durable=True)
+        queue = await channel.declare_queue(name, durable=True,
+                                            arguments=inbox_arguments("BENCH", 5))
+        await queue.bind(exchange, routing_key=name)
+        consume_channel = await consumer.channel()
+        await consume_channel.set_qos(prefetch_count=prefetch)
+        inbox = await consume_channel.get_queue(name)
+        received = 0
+        unacked = 0
+        done = asyncio.Event()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal received, unacked
+            received += 1
+            unacked += 1
+            if unacked >= ack_every or received == count:
+                unacked = 0
+                await message.ack(multiple=True)
+            if received == count:
+                done.set()
+
+        await inbox.consume(on_message)
+        body = os.urandom(size)
+        slots = asyncio.Semaphore(window)
+        failures = 0
+
+        async def publish() -> None:
+            nonlocal failures
+            try:
+                await exchange.publish(
+                    aio_pika.Message(body, message_id=uuid.uuid4().hex, type="certificate",
+                                     content_type=CONTENT_TYPE,
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=name, mandatory=True, timeout=60)
+            except Exception:
+                failures += 1
+            finally:
+                slots.release()
+
+        started = time.perf_counter()
+        tasks = []
+        for _ in range(count):
+            await slots.acquire()
+            tasks.append(asyncio.create_task(publish()))
+        await asyncio.gather(*tasks)
+        published = time.perf_counter() - started
+        await asyncio.wait_for(done.wait(), 120)
+        through = time.perf_counter() - started
+        if failures:
+            raise RuntimeError(f"{failures} raw publishes failed")
+        return {"messages": count, "window": window, "seconds": through,
+                "messages_per_second": count / through,
+                "published_per_second": count / published}
+    finally:
+        await consumer.close()
+        with contextlib.suppress(Exception):
+            channel = await publisher.channel()
+            await channel.queue_delete(name)
+        await publisher.close()
+
+
+# -- kpx runs -----------------------------------------------------------------------------
+
+
+async def delete_queues(url: str, codes: Sequence[str]) -> None:
+    """Start each run from empty inboxes (the bench's broker is its own)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for code in codes:
+            for name in (inbox_queue(code), dead_letter_queue(code)):
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(name)
+
+
+async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float,
+                  log_level: str, keep: Path | None) -> Report:
+    await delete_queues(url, codes)
+    directory = None
+    if keep is not None:
+        directory = keep / f"{len(codes)}-nodes-{'max' if rate == 0 else f'rate{rate:.0f}'}"
+    options = Options(codes=tuple(codes), certificates=certificates, rate=rate,
+                      confirm_delay=0.0, discrepancy_share=0.0, progress=False,
+                      log_level=log_level, directory=directory, seed=11)
+    report = await run_simulation(options, [url])
+    await delete_queues(url, codes)
+    if not report.ok:
+        raise RuntimeError(f"kpx run with {len(codes)} nodes failed its invariants: "
+                           f"{report.failures[:3]}")
+    return report
+
+
+def rss_summary(report: Report) -> dict[str, Any]:
+    per_node = {c: n.get("peak_rss_mib") for c, n in report.nodes.items()}
+    values = [v for v in per_node.values() if v is not None]
+    return {"per_node_mib": per_node, "max_mib": max(values, default=None),
+            "mean_mib": round(statistics.mean(values), 1) if values else None}
+
+
+# -- the machine ----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        first = Path("/proc/meminfo").read_text().splitlines()[0]
+        memory = round(int(first.split()[1]) / 1024 / 1024, 1)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "aio_pika": aio_pika.__version__, "sqlite": sqlite3.sqlite_version,
+            "fsyncs_per_second": fsync_rate()}
+
+
+def fsync_rate(count: int = 300) -> float:
+    """Committed SQLite transactions per second (WAL, synchronous=FULL) on the temp disk."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kpx-bench-") as tmp:
+        db = sqlite3.connect(Path(tmp) / "t.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (x BLOB)")
+        started = time.perf_counter()
+        for _ in range(count):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t VALUES (?)", (b"x" * 600,))
+            db.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        db.close()
+    return round(count / elapsed)
+
+
+async def broker_version(url: str) -> str:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        underlay = connection.transport
+        server = underlay.connection.server_properties if underlay is not None else {}
+        version = server.get("version", "?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+
+
+# -- the benchmark ------------------------------------------------------------------
+
+
+async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"machine": machine(), "broker": {"version": "?"}}
+    with contextlib.suppress(Exception):
+        result["broker"]["version"] = await broker_version(url)
+    sizes = loop_frame_sizes()
+    result["frame_bytes"] = {k: round(v) for k, v in sizes.items()}
+    size = round(sizes["loop_mean"])
+    say(f"raw ceiling: {args.raw_messages:,} messages of {size} bytes ...")
+    raws = [await raw_ceiling(url, args.raw_messages, size, window)
+            for window in (200, 1000)]
+    best = max(raws, key=lambda r: r["messages_per_second"])
+    result["raw"] = {"runs": raws, "messages_per_second": best["messages_per_second"],
+                     "loops_per_second_ceiling": best["messages_per_second"] / 3}
+    say(f"  {best['messages_per_second']:,.0f} messages/s")
+    result["kpx"] = {}
+    for n, count in ((2, args.loops_2), (10, args.loops_10)):
+        codes = [p.code for p in PARTICIPANTS[:n]]
+        say(f"kpx, {n} nodes: {count:,} certificates at once ...")
+        top = await kpx_run(url, codes, count, 0.0, args.log_level, args.keep)
+        loops = top.loops_per_second
+        say(f"  {loops:,.1f} loops/s")
+        half = loops / 2
+        certificates = max(100, round(half * args.latency_seconds))
+        say(f"kpx, {n} nodes: {certificates:,} certificates at {half:,.0f}/s (half load) ...")
+        paced = await kpx_run(url, codes, certificates, half, args.log_level, args.keep)
+        receipt = paced.to_json()["latency_ms"]["issue_to_receipt"]
+        say(f"  p99 issue→receipt {receipt['p99']} ms")
+        rss = rss_summary(top)
+        rss_paced = rss_summary(paced)
+        result["kpx"][f"{n}_nodes"] = {
+            "codes": codes, "certificates": count,
+            "loops_per_second": loops,
+            "seconds": top.span_ms / 1000,
+            "ratio": loops / result["raw"]["loops_per_second_ceiling"],
+            "max_rate_latency_ms": top.to_json()["latency_ms"],
+            "half_load": {"rate": half, "certificates": certificates,
+                          "achieved_loops_per_second": paced.loops_per_second,
+                          "issue_to_receipt_ms": receipt,
+                          "issue_to_confirmation_ms":
+                              paced.to_json()["latency_ms"]["issue_to_confirmation"]},
+            "peak_rss": rss, "peak_rss_half_load": rss_paced,
+        }
+    return result
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    m, raw = r["machine"], r["raw"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux "
+        f"{m['kernel']}, Python {m['python']}, aio-pika {m['aio_pika']}, SQLite "
+        f"{m['sqlite']}, RabbitMQ {r['broker']['version']}; "
+        f"{m['fsyncs_per_second']:,} SQLite commits/s (WAL, synchronous=FULL)",
+        f"frames: certificate {r['frame_bytes']['certificate']} B, receipt "
+        f"{r['frame_bytes']['receipt']} B, confirmation {r['frame_bytes']['confirmation']} B;"
+        f" raw messages of {r['frame_bytes']['loop_mean']} B",
+        "",
+        f"raw ceiling      {raw['messages_per_second']:>9,.0f} messages/s  "
+        f"(= {raw['loops_per_second_ceiling']:,.0f} loops/s of 3 messages; windows "
+        + ", ".join(f"{x['window']}: {x['messages_per_second']:,.0f}" for x in raw["runs"])
+        + ")",
+    ]
+    for key, k in r["kpx"].items():
+        h = k["half_load"]
+        rec = h["issue_to_receipt_ms"]
+        rss = k["peak_rss"]
+        lines += [
+            "",
+            f"kpx {key.replace('_', ' ')} ({', '.join(k['codes'])})",
+            f"  closed loops     {k['loops_per_second']:>9,.1f} loops/s   "
+            f"({k['certificates']:,} loops in {k['seconds']:.1f} s)",
+            f"  ratio            {k['ratio']:>9.2f}   loops/s ÷ (raw messages/s ÷ 3)",
+            f"  half load        {h['rate']:>9,.0f} certificates/s: issue→receipt p50 "
+            f"{rec['p50']} ms, p95 {rec['p95']} ms, p99 {rec['p99']} ms",
+            f"  peak RSS         max {rss['max_mib']} MiB, mean {rss['mean_mib']} MiB per node "
+            f"process ({', '.join(f'{c} {v}' for c, v in rss['per_node_mib'].items())})",
+        ]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _broker(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+    else:
+        with broker_url() as found:
+            yield found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", help="AMQP URL (default $KPX_AMQP_URL, else a throwaway "
+                   "local broker)")
+    p.add_argument("--raw-messages", type=int, default=20_000)
+    p.add_argument("--loops-2", type=int, default=4_000, help="certificates, 2-node run")
+    p.add_argument("--loops-10", type=int, default=5_000, help="certificates, 10-node run")
+    p.add_argument("--latency-seconds", type=float, default=20.0,
+                   help="length of each half-load run")
+    p.add_argument("--log-level", default="INFO",
+                   help="node log level (default INFO, as kpnode run)")
+    p.add_argument("--keep", type=Path, help="keep the networks' directories here")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from node.logs import configure_logging
+
+    configure_logging(level="WARNING")
+    with _broker(args.broker) as url:
+        result = asyncio.run(bench(url, args))
+    result["command"] = " ".join(["bench/bench.py", *(argv or sys.argv[1:])])
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

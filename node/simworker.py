@@ -1,0 +1,87 @@
+"""One simulated Participant in its own OS process: ``kpnode run`` plus its authority's desk.
+
+Started by :mod:`node.simulate` as ``python -m node.simworker --dir NODE_DIR``. It runs the
+node exactly as ``kpnode run`` does (:class:`~node.runner.RunningNode`) and, in the same
+event loop, the desk that issues the node's planned certificates and confirms arrivals
+(:class:`~node.simulate.Desk`), as an authority's own systems would next to its node.
+
+It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, and ``{"event":
+"done", ...}`` with its desk's counts and peak RSS after a clean stop; on stdin
+``{"start_at_ms": T}`` (issue the plan from that instant on) and ``{"stop": true}`` (or end
+of input, SIGTERM, SIGINT): stop the desk, drain the node, exit 0. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.config import load_config
+from node.logs import configure_logging
+from node.runner import RunningNode
+from node.simulate import Desk, peak_rss_kib, read_desk_plan
+
+
+def emit(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def run(directory: Path) -> int:
+    config = load_config(directory)
+    exports, arrivals = read_desk_plan(directory)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    running = RunningNode(config)
+    await running.start()
+    assert running.node is not None
+    desk = Desk(running.node, exports, arrivals)
+    emit({"event": "ready", "participant": config.participant, "pid": os.getpid()})
+
+    async def commands() -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            message = json.loads(line)
+            if "start_at_ms" in message:
+                desk.start(int(message["start_at_ms"]))
+            if message.get("stop"):
+                break
+        stop.set()
+
+    listener = asyncio.create_task(commands())
+    try:
+        await stop.wait()
+    finally:
+        listener.cancel()
+        await desk.stop()
+        await running.stop()
+    emit({"event": "done", "participant": config.participant,
+          "desk": desk.stats.to_json(), "peak_rss_kib": peak_rss_kib(os.getpid())})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m node.simworker",
+                                     description="one node of a kpx simulation")
+    parser.add_argument("--dir", required=True, type=Path, help="the node's directory")
+    args = parser.parse_args(argv)
+    configure_logging()
+    raise SystemExit(asyncio.run(run(args.dir)))
+
+
+if __name__ == "__main__":
+    main()
