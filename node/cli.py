@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,13 @@ from node.network import init_node
 from node.registry import open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.store import StoreError
+from node.views import carats, history_json, parse_amount, record_json, usd
 from protocol import (
     Certificate,
     Line,
     ProtocolError,
     ValidationError,
-    decode_body,
     key_id,
-    parse_frame,
     validate_certificate,
 )
 
@@ -47,14 +45,6 @@ class UserError(Exception):
 EXIT_REFUSED, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
 
 
-def carats(hundredths: int) -> str:
-    return f"{Decimal(hundredths) / 100:,.2f}"
-
-
-def usd(cents: int) -> str:
-    return f"{Decimal(cents) / 100:,.2f}"
-
-
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -62,31 +52,6 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def record_json(record: Record) -> dict[str, Any]:
-    c = record.certificate
-    return {
-        "side": str(record.side), "number": record.number, "partner": record.partner,
-        "state": str(record.state), "issued_on": c.issued_on.isoformat(),
-        "expires_on": c.expires_on.isoformat(), "carats_hundredths": c.carats_hundredths,
-        "usd_cents": c.usd_cents, "parcels": c.parcels,
-        "certificate_digest": record.certificate_digest.hex(),
-        "message_id": record.message_id, "updated_at": record.updated_at,
-        "rejection_reason": record.rejection_reason, "rejection_text": record.rejection_text,
-        "replaces": record.replaces, "replaced_by": record.replaced_by,
-        "confirmation": None if record.confirmation is None else {
-            "carats_hundredths": record.confirmation.carats_hundredths,
-            "usd_cents": record.confirmation.usd_cents,
-            "parcels": record.confirmation.parcels,
-            "received_on": record.confirmation.received_on.isoformat(),
-        },
-        "discrepancies": [
-            {"field": d.field, "declared": d.declared, "received": d.received}
-            for d in record.discrepancies
-        ],
-        "certificate": c.to_wire(),
-    }
 
 
 RECORD_HEADERS = ("side", "number", "partner", "state", "carats", "US$", "expires", "note")
@@ -130,15 +95,10 @@ def read_certificate(path: str) -> Certificate:
 
 
 def decimal_amount(text: str, what: str) -> int:
-    """'2500.5' → 250050 hundredths; at most two decimals, > 0."""
     try:
-        value = Decimal(text.replace(",", ""))
-    except InvalidOperation:
-        raise UserError(f"{what} must be a number, not {text!r}") from None
-    scaled = value * 100
-    if scaled != scaled.to_integral_value() or scaled <= 0:
-        raise UserError(f"{what} must be > 0 with at most two decimals, not {text!r}")
-    return int(scaled)
+        return parse_amount(text, what)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def received_lines(args: argparse.Namespace, record: Record) -> tuple[Line, ...] | None:
@@ -268,14 +228,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         records = node.find(args.number)
         if not records:
             raise UserError(f"no certificate {args.number} at this node")
-        history: list[dict[str, Any]] = []
-        for entry in node.store.evidence(args.number):
-            frame = parse_frame(entry.frame)
-            env = decode_body(frame.body)
-            history.append({"seq": entry.seq, "direction": entry.direction,
-                            "kind": str(env.kind), "from": env.sender, "to": env.recipient,
-                            "message_id": env.message_id, "in_reply_to": env.in_reply_to,
-                            "created_at": env.created_at, "frame_sha256": frame.digest.hex()})
+        history = history_json(node.store, args.number)
         data = {"records": [record_json(r) for r in records], "history": history}
         parts = [table([record_row(r) for r in records], RECORD_HEADERS)]
         for r in records:

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from node.audit import AUDIT_DIRECTION, audit_problems
 from protocol import ProtocolError, RegistryUpdate, decode_body, parse_frame, verify_frame
 from protocol.codec import pack
 from protocol.keys import key_id
@@ -22,7 +23,7 @@ GENESIS = bytes(32)
 class Entry:
     seq: int
     recorded_at: int
-    direction: str  # "in" | "out"
+    direction: str  # "in" | "out" | "api" (an API call: see node/audit.py)
     message_id: str
     certificate: str | None
     frame: bytes
@@ -66,6 +67,9 @@ def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
                       e.frame) != e.hash:
             faults.append(Fault(e.seq, "hash does not match its content and predecessor"))
         prev = e.hash
+        if e.direction == AUDIT_DIRECTION:  # unsigned: the chain alone protects it
+            faults.extend(Fault(e.seq, p) for p in audit_problems(e.frame))
+            continue
         problems = _frame_problems(e.frame, keys.get)
         faults.extend(Fault(e.seq, p) for p in problems)
         if not problems:

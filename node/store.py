@@ -88,6 +88,18 @@ MIGRATIONS: tuple[str, ...] = (
         received_at INTEGER NOT NULL
     );
     """,
+    # 2: the HTTP API's idempotency keys, so a retried create returns its first answer
+    """
+    CREATE TABLE idempotency (
+        principal TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint BLOB NOT NULL,
+        status INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (principal, key)
+    );
+    """,
 )
 
 
@@ -332,6 +344,20 @@ class Store:
         row = self.db.execute("SELECT frame FROM evidence WHERE message_id=? ORDER BY seq "
                               "LIMIT 1", (message_id,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    # -- idempotency keys (HTTP API) -------------------------------------------------
+
+    def idempotent_answer(self, principal: str, key: str) -> tuple[bytes, int, bytes] | None:
+        """``(request fingerprint, status, body)`` of the first call made with this key."""
+        row = self.db.execute("SELECT fingerprint, status, body FROM idempotency WHERE "
+                              "principal=? AND key=?", (principal, key)).fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]), bytes(row[2]))
+
+    def remember_idempotent(self, principal: str, key: str, fingerprint: bytes, status: int,
+                            body: bytes, now_ms: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO idempotency (principal, key, fingerprint, "
+                        "status, body, created_at) VALUES (?,?,?,?,?,?)",
+                        (principal, key, fingerprint, status, body, now_ms))
 
     # -- registry --------------------------------------------------------------------
 

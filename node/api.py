@@ -1,0 +1,426 @@
+"""The node's HTTP API for national systems, ``/api/v1`` (see ``node/openapi.py``).
+
+A thin shell over :class:`node.service.Node`: each handler parses the request, calls the
+same Node method ``kpnode`` calls, and answers with the same JSON (``node/views.py``).
+Bearer tokens (``node/tokens.py``) carry a role: *officer* may issue, replace, cancel and
+confirm; *monitor* may only read. Every call is chained into the evidence log with who
+made it. Calls that create something take an ``Idempotency-Key``: a retry with the same
+key gets the first answer again, byte for byte, and never acts twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Awaitable, Callable
+from datetime import date
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from node.machine import Side, State
+from node.openapi import openapi_document
+from node.quarter import Quarter
+from node.service import CommandRefused, Node
+from node.store import StoreError
+from node.tokens import Principal, TokenError, Tokens
+from node.views import history_json, record_json
+from node.webcontext import (
+    WEB_CONTEXT,
+    StatisticsProvider,
+    StatusProvider,
+    WebContext,
+    is_overdue,
+    refusal_problems,
+    refusal_status,
+)
+from protocol import Certificate, Line, Problem, Reason, ValidationError, validate_certificate
+
+log = structlog.get_logger("kpx.api")
+
+API_PREFIX = "/api/v1"
+PRINCIPAL = "kpx_principal"
+CERTIFICATE = "kpx_certificate"
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+MAX_LIST = 5000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An answer other than success: status, reason code, message, problems."""
+
+    def __init__(self, status: int, reason: str, message: str,
+                 problems: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+        self.problems = problems or []
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.reason, "message": self.message}
+        if self.problems:
+            body["problems"] = self.problems
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, sort_keys=True)
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=dumps)
+
+
+# -- middleware: errors as JSON, authentication, the evidence record ------------------------
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[WEB_CONTEXT]
+    try:
+        response = await _authenticated(request, handler, ctx.tokens)
+    except ApiError as exc:
+        response = exc.response()
+    except ValidationError as exc:
+        response = ApiError(400, str(exc.reason), exc.text,
+                            [p.to_wire() for p in exc.problems]).response()
+    except CommandRefused as exc:
+        refusal = exc.refusal
+        response = ApiError(refusal_status(refusal), refusal.reason, refusal.text,
+                            refusal_problems(refusal)).response()
+    except web.HTTPException as exc:  # the router's 404 and 405
+        reason = {404: "request.not_found", 405: "request.method_not_allowed"}.get(
+            exc.status, "request.refused")
+        response = ApiError(exc.status, reason, exc.reason,
+                            headers={k: v for k, v in exc.headers.items()
+                                     if k == "Allow"}).response()
+    except StoreError as exc:
+        log.error("store failed", error=str(exc), path=request.path)
+        return ApiError(503, "node.store_unavailable", "the node's database cannot be used "
+                        "now; retry later (with the same Idempotency-Key)").response()
+    except Exception:
+        log.exception("API call failed", method=request.method, path=request.path)
+        response = ApiError(500, "node.processing_failed", "internal error; the node's log "
+                            "has the details").response()
+    if request.path != f"{API_PREFIX}/openapi.json":
+        ctx.record_call(request.get(PRINCIPAL), request.method, request.path_qs,
+                        response.status, certificate=request.get(CERTIFICATE),
+                        idempotency_key=request.headers.get("Idempotency-Key"))
+    return response
+
+
+async def _authenticated(request: web.Request, handler: Handler,
+                         tokens: Tokens) -> web.StreamResponse:
+    if request.path == f"{API_PREFIX}/openapi.json":
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "auth.missing_token", "send 'Authorization: Bearer <token>' "
+                       "(kpnode token add NAME --role officer|monitor)",
+                       headers={"WWW-Authenticate": 'Bearer realm="kpx"'})
+    try:
+        principal = tokens.authenticate(token.strip())
+    except TokenError as exc:
+        log.error("tokens file unreadable", error=str(exc))
+        raise ApiError(503, "node.tokens_unavailable", "the node cannot read its tokens "
+                       "file") from None
+    if principal is None:
+        raise ApiError(401, "auth.bad_token", "unknown or revoked token",
+                       headers={"WWW-Authenticate": 'Bearer realm="kpx", '
+                                'error="invalid_token"'})
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def officer(request: web.Request) -> Principal:
+    principal: Principal = request[PRINCIPAL]
+    if not principal.may_act:
+        raise ApiError(403, "auth.forbidden", f"{principal.name} is a {principal.role}: "
+                       "only an officer may issue, replace, cancel or confirm")
+    return principal
+
+
+# -- request bodies ---------------------------------------------------------------------
+
+
+async def json_body(request: web.Request) -> Any:
+    try:
+        return await request.json(loads=json.loads)
+    except ValueError as exc:
+        raise ApiError(400, "request.malformed", f"the body is not JSON: {exc}") from None
+
+
+def json_object(data: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ApiError(400, "request.malformed", "the body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValidationError(tuple(Problem(k, Reason.UNKNOWN_FIELD, "unknown field")
+                                    for k in unknown), "request is not valid")
+    return data
+
+
+def text_field(data: dict[str, Any], name: str, *, required: bool) -> str:
+    value = data.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ValidationError((Problem(name, Reason.REQUIRED if value is None else
+                                       Reason.WRONG_TYPE, "a non-empty string is required"),),
+                              "request is not valid")
+    return value
+
+
+def confirm_arguments(data: dict[str, Any]) -> dict[str, Any]:
+    """What arrived: ``lines``, ``parcels``, ``received_on``, ``remarks``; absent fields
+    mean 'as declared' (and today)."""
+    problems: list[Problem] = []
+    lines: tuple[Line, ...] | None = None
+    if data.get("lines") is not None:
+        raw = data["lines"]
+        if not isinstance(raw, list) or not raw:
+            problems.append(Problem("lines", Reason.WRONG_TYPE, "a non-empty list"))
+        else:
+            built = []
+            for i, item in enumerate(raw):
+                fields = ("hs_code", "carats_hundredths", "usd_cents")
+                if not isinstance(item, dict) or set(item) != set(fields):
+                    problems.append(Problem(f"lines[{i}]", Reason.WRONG_TYPE,
+                                            "an object with hs_code, carats_hundredths, "
+                                            "usd_cents"))
+                    continue
+                bad = [f for f, t in zip(fields, (str, int, int), strict=True)
+                       if not isinstance(item[f], t) or isinstance(item[f], bool)]
+                problems.extend(Problem(f"lines[{i}].{f}", Reason.WRONG_TYPE,
+                                        "wrong type (amounts are integers)") for f in bad)
+                if not bad:
+                    built.append(Line(hs_code=item["hs_code"],
+                                      carats_hundredths=item["carats_hundredths"],
+                                      usd_cents=item["usd_cents"]))
+            lines = tuple(built)
+    parcels = data.get("parcels")
+    if parcels is not None and (not isinstance(parcels, int) or isinstance(parcels, bool)):
+        problems.append(Problem("parcels", Reason.WRONG_TYPE, "an integer"))
+    received_on: date | None = None
+    if data.get("received_on") is not None:
+        try:
+            received_on = date.fromisoformat(str(data["received_on"]))
+        except ValueError:
+            problems.append(Problem("received_on", Reason.BAD_DATE, "a date YYYY-MM-DD"))
+    remarks = data.get("remarks") or ""
+    if not isinstance(remarks, str):
+        problems.append(Problem("remarks", Reason.WRONG_TYPE, "a string"))
+    if problems:
+        raise ValidationError(tuple(problems), "request is not valid")
+    return {"lines": lines, "parcels": parcels, "received_on": received_on,
+            "remarks": remarks}
+
+
+# -- idempotency ------------------------------------------------------------------------
+
+
+async def idempotent(request: web.Request, act: Callable[[bytes], web.Response]) -> web.Response:
+    """Run ``act`` (given the raw body) once per Idempotency-Key; replay its success."""
+    key = request.headers.get("Idempotency-Key")
+    body = await request.read()
+    if key is None:
+        return act(body)
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "idempotency.bad_key", "Idempotency-Key: 1 to 255 visible "
+                       "ASCII characters")
+    principal: Principal = request[PRINCIPAL]
+    fingerprint = hashlib.sha256(b"\n".join([request.method.encode(),
+                                             request.path.encode(), body])).digest()
+    store = request.app[WEB_CONTEXT].node.store
+    first = store.idempotent_answer(principal.name, key)
+    if first is not None:
+        seen, status, answer = first
+        if seen != fingerprint:
+            raise ApiError(422, "idempotency.key_reused", f"Idempotency-Key {key!r} was "
+                           "used for a different request")
+        return web.Response(body=answer, status=status, content_type="application/json",
+                            headers={"Idempotent-Replayed": "true"})
+    response = act(body)
+    if 200 <= response.status < 300 and isinstance(response.body, bytes):
+        with store.transaction():
+            store.remember_idempotent(principal.name, key, fingerprint, response.status,
+                                      response.body, request.app[WEB_CONTEXT].node.clock())
+    return response
+
+
+def parse_json_bytes(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, "request.malformed", f"the body is not JSON: {exc}") from None
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return ok(openapi_document())
+
+
+async def post_validate(request: web.Request) -> web.Response:
+    node = request.app[WEB_CONTEXT].node
+    try:
+        certificate = validate_certificate(await json_body(request))
+    except ValidationError as exc:
+        return ok({"valid": False, "number": None,
+                   "problems": [p.to_wire() for p in exc.problems]})
+    request[CERTIFICATE] = certificate.number
+    refusal = node.check_issue(certificate)
+    return ok({"valid": refusal is None, "number": certificate.number,
+               "problems": [] if refusal is None else refusal_problems(refusal)})
+
+
+async def post_issue(request: web.Request) -> web.Response:
+    officer(request)
+    node = request.app[WEB_CONTEXT].node
+
+    def act(body: bytes) -> web.Response:
+        certificate = validate_certificate(parse_json_bytes(body))
+        request[CERTIFICATE] = certificate.number
+        return ok(record_json(node.issue(certificate)), 201)
+    return await idempotent(request, act)
+
+
+async def post_replace(request: web.Request) -> web.Response:
+    officer(request)
+    node = request.app[WEB_CONTEXT].node
+    number = request[CERTIFICATE] = request.match_info["number"]
+
+    def act(body: bytes) -> web.Response:
+        data = json_object(parse_json_bytes(body), {"certificate", "reason"})
+        reason = text_field(data, "reason", required=True)
+        if "certificate" not in data:
+            raise ValidationError((Problem("certificate", Reason.REQUIRED,
+                                           "the new certificate"),), "request is not valid")
+        certificate: Certificate = validate_certificate(data["certificate"])
+        return ok(record_json(node.replace(number, certificate, reason)), 201)
+    return await idempotent(request, act)
+
+
+async def post_cancel(request: web.Request) -> web.Response:
+    officer(request)
+    node = request.app[WEB_CONTEXT].node
+    number = request[CERTIFICATE] = request.match_info["number"]
+
+    def act(body: bytes) -> web.Response:
+        data = json_object(parse_json_bytes(body), {"reason"})
+        return ok(record_json(node.cancel(number, text_field(data, "reason", required=True))))
+    return await idempotent(request, act)
+
+
+async def post_confirm(request: web.Request) -> web.Response:
+    officer(request)
+    node = request.app[WEB_CONTEXT].node
+    number = request[CERTIFICATE] = request.match_info["number"]
+
+    def act(body: bytes) -> web.Response:
+        data = json_object(parse_json_bytes(body) if body.strip() else {},
+                           {"lines", "parcels", "received_on", "remarks"})
+        return ok(record_json(node.confirm(number, **confirm_arguments(data))))
+    return await idempotent(request, act)
+
+
+async def get_certificates(request: web.Request) -> web.Response:
+    node = request.app[WEB_CONTEXT].node
+    query = request.query
+    problems: list[Problem] = []
+    side: Side | None = None
+    if "side" in query:
+        try:
+            side = Side(query["side"])
+        except ValueError:
+            problems.append(Problem("side", Reason.BAD_FORMAT, "export or import"))
+    states: list[State] = []
+    for value in query.getall("state", []):
+        for one in value.split(","):
+            try:
+                states.append(State(one))
+            except ValueError:
+                problems.append(Problem("state", Reason.BAD_FORMAT, f"unknown state {one!r}: "
+                                        f"one of {', '.join(s.value for s in State)}"))
+    overdue = query.get("overdue", "false")
+    if overdue not in ("true", "false"):
+        problems.append(Problem("overdue", Reason.BAD_FORMAT, "true or false"))
+    limit = _int_query(query.get("limit", "1000"), "limit", 1, MAX_LIST, problems)
+    offset = _int_query(query.get("offset", "0"), "offset", 0, 2**62, problems)
+    if problems:
+        raise ValidationError(tuple(problems), "query is not valid")
+    records = node.records(side=side, states=states, partner=query.get("partner"))
+    if overdue == "true":
+        today = date.fromtimestamp(node.clock() / 1000)
+        records = [r for r in records if is_overdue(r, today)]
+    page = records[offset:offset + limit]
+    return ok({"total": len(records), "offset": offset,
+               "certificates": [record_json(r) for r in page]})
+
+
+def _int_query(text: str, name: str, low: int, high: int, problems: list[Problem]) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        problems.append(Problem(name, Reason.BAD_FORMAT, f"an integer from {low} to {high}"))
+        return low
+    return value
+
+
+async def get_certificate(request: web.Request) -> web.Response:
+    node = request.app[WEB_CONTEXT].node
+    number = request[CERTIFICATE] = request.match_info["number"]
+    records = node.find(number)
+    if not records:
+        raise ApiError(404, "certificate.unknown", f"no certificate {number} at this node")
+    return ok({"records": [record_json(r) for r in records],
+               "history": history_json(node.store, number, frames=True)})
+
+
+async def get_statistics(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    text = request.query.get("quarter")
+    try:
+        quarter = (Quarter.parse(text) if text is not None
+                   else Quarter.of(date.fromtimestamp(ctx.node.clock() / 1000)))
+    except ValueError as exc:
+        raise ValidationError((Problem("quarter", Reason.BAD_FORMAT, str(exc)),),
+                              "query is not valid") from None
+    return ok(dict(ctx.figures(quarter)))
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return ok(dict(await request.app[WEB_CONTEXT].status_document()))
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/openapi.json", get_openapi),
+    ("POST", "/certificates/validate", post_validate),
+    ("POST", "/certificates", post_issue),
+    ("GET", "/certificates", get_certificates),
+    ("GET", "/certificates/{number}", get_certificate),
+    ("POST", "/certificates/{number}/replace", post_replace),
+    ("POST", "/certificates/{number}/cancel", post_cancel),
+    ("POST", "/certificates/{number}/confirm", post_confirm),
+    ("GET", "/statistics", get_statistics),
+    ("GET", "/status", get_status),
+)
+
+
+def api_app(node: Node, tokens: Tokens, *, status: StatusProvider | None = None,
+            statistics: StatisticsProvider | None = None,
+            context: WebContext | None = None) -> web.Application:
+    """The API as an application to mount with ``app.add_subapp(API_PREFIX, ...)``."""
+    app = web.Application(middlewares=[api_middleware], client_max_size=1 << 20)
+    app[WEB_CONTEXT] = context or WebContext(node, tokens, status=status,
+                                             statistics=statistics)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app

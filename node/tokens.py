@@ -1,0 +1,173 @@
+"""API tokens: who may call a node's HTTP API and web console, and in which role.
+
+Tokens live in ``tokens.json`` in the node directory (mode 0600), hashed: the file says who
+may log in but cannot be used to log in. A token is 256 random bits, so a plain SHA-256 is
+enough (no password stretching needed) and comparisons are constant-time. The file is
+re-read when it changes, so ``kpnode token add`` takes effect on a running node at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+TOKENS_NAME = "tokens.json"
+TOKEN_PREFIX = "kpx_"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+class Role(StrEnum):
+    #: issues, confirms, cancels and replaces certificates
+    OFFICER = "officer"
+    #: reads everything, changes nothing
+    MONITOR = "monitor"
+
+
+class TokenError(Exception):
+    """Bad token name, unknown token, or an unreadable tokens file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who made a call: the token's name and its role."""
+
+    name: str
+    role: Role
+
+    @property
+    def may_act(self) -> bool:
+        return self.role is Role.OFFICER
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Tokens:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / TOKENS_NAME
+        self._stamp: tuple[int, int] | None = None
+        self._entries: list[dict[str, Any]] = []
+
+    def entries(self) -> list[dict[str, Any]]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._entries = None, []
+            return []
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            try:
+                data = json.loads(self.path.read_text())
+                entries = list(data["tokens"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise TokenError(f"{self.path}: unreadable tokens file: {exc}") from exc
+            self._stamp, self._entries = stamp, entries
+        return self._entries
+
+    def authenticate(self, token: str) -> Principal | None:
+        digest = token_hash(token)
+        found: Principal | None = None
+        for entry in self.entries():
+            # no early exit: the time taken does not say how many entries were compared
+            if hmac.compare_digest(str(entry.get("sha256", "")), digest):
+                found = Principal(str(entry["name"]), Role(entry["role"]))
+        return found
+
+    def add(self, name: str, role: Role, now_ms: int) -> str:
+        """A new token for ``name``; returned once, only its hash is kept."""
+        if not NAME.match(name):
+            raise TokenError(f"token name {name!r}: use letters, digits and ._@- "
+                             "(at most 64)")
+        entries = self.entries()
+        if any(e["name"] == name for e in entries):
+            raise TokenError(f"a token named {name!r} exists already; revoke it first")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self._write([*entries, {"name": name, "role": str(role), "sha256": token_hash(token),
+                                "created_at": now_ms}])
+        return token
+
+    def revoke(self, name: str) -> None:
+        entries = self.entries()
+        kept = [e for e in entries if e["name"] != name]
+        if len(kept) == len(entries):
+            raise TokenError(f"no token named {name!r}")
+        self._write(kept)
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"tokens": entries}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._stamp = None
+
+
+# -- kpnode token ... ---------------------------------------------------------------------
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    token = sub.add_parser("token", help="API and console tokens: add, list, revoke")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    sp = token_sub.add_parser("add", parents=[common], help="create a token (printed once)")
+    sp.add_argument("name", help="who holds it, e.g. customs-system or j.doe")
+    sp.add_argument("--role", required=True, choices=[r.value for r in Role])
+    sp.set_defaults(handler=_cmd_add)
+    sp = token_sub.add_parser("list", parents=[common], help="the tokens' names and roles")
+    sp.set_defaults(handler=_cmd_list)
+    sp = token_sub.add_parser("revoke", parents=[common], help="remove a token")
+    sp.add_argument("name")
+    sp.set_defaults(handler=_cmd_revoke)
+
+
+def _tokens(args: argparse.Namespace) -> Tokens:
+    from node.cli import node_dir
+    from node.config import load_config
+
+    return Tokens(load_config(node_dir(args)).directory)
+
+
+def _cmd_add(args: argparse.Namespace) -> None:
+    from node.cli import UserError, emit
+    from node.service import now_ms
+
+    try:
+        token = _tokens(args).add(args.name, Role(args.role), now_ms())
+    except TokenError as exc:
+        raise UserError(str(exc)) from None
+    emit(args, {"name": args.name, "role": args.role, "token": token},
+         f"token for {args.name} ({args.role}); shown once, keep it secret:\n{token}")
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from node.cli import UserError, emit, table
+
+    try:
+        entries = _tokens(args).entries()
+    except TokenError as exc:
+        raise UserError(str(exc)) from None
+    rows = [[e["name"], e["role"]] for e in entries]
+    emit(args, [{"name": e["name"], "role": e["role"], "created_at": e.get("created_at")}
+                for e in entries],
+         table(rows, ("name", "role")) if rows else "no tokens")
+
+
+def _cmd_revoke(args: argparse.Namespace) -> None:
+    from node.cli import UserError, emit
+
+    try:
+        _tokens(args).revoke(args.name)
+    except TokenError as exc:
+        raise UserError(str(exc)) from None
+    emit(args, {"revoked": args.name}, f"token {args.name} revoked")

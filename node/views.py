@@ -1,0 +1,82 @@
+"""How a node's records and evidence look from outside: the JSON that ``kpnode --json``,
+the HTTP API and the web console all show, and the amount formats people read and type.
+
+Shared so that a certificate looks the same whichever door an operator or a national
+system comes through.
+"""
+
+from __future__ import annotations
+
+import base64
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from node.machine import Record
+from node.store import Store
+from protocol import ProtocolError, decode_body, parse_frame
+
+
+def carats(hundredths: int) -> str:
+    return f"{Decimal(hundredths) / 100:,.2f}"
+
+
+def usd(cents: int) -> str:
+    return f"{Decimal(cents) / 100:,.2f}"
+
+
+def parse_amount(text: str, what: str) -> int:
+    """'2500.5' → 250050 hundredths; at most two decimals, > 0. ``ValueError`` says why."""
+    try:
+        value = Decimal(text.replace(",", "").strip())
+    except InvalidOperation:
+        raise ValueError(f"{what} must be a number, not {text!r}") from None
+    scaled = value * 100
+    if not scaled.is_finite() or scaled != scaled.to_integral_value() or scaled <= 0:
+        raise ValueError(f"{what} must be > 0 with at most two decimals, not {text!r}")
+    return int(scaled)
+
+
+def record_json(record: Record) -> dict[str, Any]:
+    c = record.certificate
+    return {
+        "side": str(record.side), "number": record.number, "partner": record.partner,
+        "state": str(record.state), "issued_on": c.issued_on.isoformat(),
+        "expires_on": c.expires_on.isoformat(), "carats_hundredths": c.carats_hundredths,
+        "usd_cents": c.usd_cents, "parcels": c.parcels,
+        "certificate_digest": record.certificate_digest.hex(),
+        "message_id": record.message_id, "updated_at": record.updated_at,
+        "rejection_reason": record.rejection_reason, "rejection_text": record.rejection_text,
+        "replaces": record.replaces, "replaced_by": record.replaced_by,
+        "confirmation": None if record.confirmation is None else {
+            "carats_hundredths": record.confirmation.carats_hundredths,
+            "usd_cents": record.confirmation.usd_cents,
+            "parcels": record.confirmation.parcels,
+            "received_on": record.confirmation.received_on.isoformat(),
+        },
+        "discrepancies": [
+            {"field": d.field, "declared": d.declared, "received": d.received}
+            for d in record.discrepancies
+        ],
+        "certificate": c.to_wire(),
+    }
+
+
+def history_json(store: Store, number: str, *, frames: bool = False) -> list[dict[str, Any]]:
+    """The signed messages about one certificate, in the order the evidence log kept them;
+    with ``frames``, each message's signed bytes too (base64), to keep or re-verify."""
+    history: list[dict[str, Any]] = []
+    for entry in store.evidence(number):
+        try:
+            frame = parse_frame(entry.frame)
+            env = decode_body(frame.body)
+        except ProtocolError:
+            continue  # kept verbatim as evidence, but not a message about this certificate
+        item: dict[str, Any] = {
+            "seq": entry.seq, "direction": entry.direction, "kind": str(env.kind),
+            "from": env.sender, "to": env.recipient, "message_id": env.message_id,
+            "in_reply_to": env.in_reply_to, "created_at": env.created_at,
+            "recorded_at": entry.recorded_at, "frame_sha256": frame.digest.hex()}
+        if frames:
+            item["frame_base64"] = base64.b64encode(entry.frame).decode()
+        history.append(item)
+    return history

@@ -1,0 +1,103 @@
+"""What the HTTP API and the web console share: the node, its tokens, where status and
+statistics come from, how a call is recorded as evidence, and how a refusal maps to HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from node.audit import AUDIT_DIRECTION, audit_entry
+from node.machine import OPEN_STATES, Record, Refusal, Side, State
+from node.quarter import Quarter, quarter_figures
+from node.service import Node, now_ms
+from node.tokens import Principal, Tokens
+from protocol import Reason, new_message_id
+
+StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
+StatisticsProvider = Callable[[Quarter], Mapping[str, Any]]
+DeadLetterDepth = Callable[[], Awaitable[int | None]]
+
+
+@dataclass(slots=True)
+class WebContext:
+    node: Node
+    tokens: Tokens
+    #: the node's status document (``GET /api/v1/status``); default :func:`basic_status`
+    status: StatusProvider | None = None
+    #: a quarter's figures; default :func:`node.quarter.quarter_figures` over the store
+    statistics: StatisticsProvider | None = None
+    #: messages waiting in the broker's dead-letter queue, or None when unknown
+    dead_letter_depth: DeadLetterDepth | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def status_document(self) -> Mapping[str, Any]:
+        if self.status is not None:
+            return await self.status()
+        return basic_status(self.node)
+
+    def figures(self, quarter: Quarter) -> Mapping[str, Any]:
+        if self.statistics is not None:
+            return self.statistics(quarter)
+        return quarter_figures(self.node.records(), quarter)
+
+    def record_call(self, principal: Principal | None, method: str, path: str, status: int,
+                    *, certificate: str | None = None, idempotency_key: str | None = None,
+                    via: str = "api") -> None:
+        """Chain the call into the evidence log: who, what, with which outcome."""
+        at = now_ms()
+        entry = audit_entry(at=at, who=principal.name if principal else None,
+                            role=str(principal.role) if principal else None, method=method,
+                            path=path, status=status, certificate=certificate,
+                            idempotency_key=idempotency_key, via=via)
+        store = self.node.store
+        with store.transaction():
+            store.append_evidence(AUDIT_DIRECTION, entry, f"api-{new_message_id()}", None, at)
+
+
+WEB_CONTEXT = web.AppKey("kpx_web_context", WebContext)
+
+#: refusals a client can fix by changing the request itself
+_VALIDATION_PREFIXES = ("field.", "body.")
+
+
+def refusal_status(refusal: Refusal) -> int:
+    """The HTTP status of a refused command: 404 no such certificate, 409 the state machine
+    refused it in the certificate's current state, 400 the request's content is invalid,
+    422 valid but not allowed under the Scheme's rules (a suspended partner, an embargo)."""
+    if refusal.reason == Reason.CERTIFICATE_UNKNOWN:
+        return 404
+    if refusal.reason in (Reason.CERTIFICATE_WRONG_STATE, Reason.CERTIFICATE_DUPLICATE_NUMBER):
+        return 409
+    if refusal.reason.startswith(_VALIDATION_PREFIXES):
+        return 400
+    return 422
+
+
+def refusal_problems(refusal: Refusal) -> list[dict[str, str]]:
+    if refusal.problems:
+        return [p.to_wire() for p in refusal.problems]
+    return [{"path": "", "reason": refusal.reason, "message": refusal.text}]
+
+
+def is_overdue(record: Record, today: dt.date) -> bool:
+    """A loop an officer must chase: expired unconfirmed, or still open past its expiry."""
+    return record.state is State.EXPIRED or (
+        record.state in OPEN_STATES and record.certificate.expires_on < today)
+
+
+def basic_status(node: Node) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {str(s): {} for s in Side}
+    for (side, state), n in node.store.counts().items():
+        counts[side][state] = n
+    today = dt.date.today()
+    return {
+        "participant": node.me, "authority": node.config.authority,
+        "key_id": node.key_id.hex(), "registry_version": node.registry.version,
+        "certificates": counts, "outbox_backlog": len(node.store.backlog()),
+        "overdue": sum(1 for r in node.records(states=(*OPEN_STATES, State.EXPIRED))
+                       if is_overdue(r, today)),
+    }
