@@ -41,8 +41,9 @@ from protocol import Certificate, Line, Problem, Reason, ValidationError, valida
 log = structlog.get_logger("kpx.api")
 
 API_PREFIX = "/api/v1"
-PRINCIPAL = "kpx_principal"
-CERTIFICATE = "kpx_certificate"
+PRINCIPAL = web.RequestKey("kpx_principal", Principal)
+#: the certificate a call is about, for its evidence-log entry
+CERTIFICATE = web.RequestKey("kpx_certificate", str)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_LIST = 5000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from node import simulate
+from node import simulate, tokens
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, read_signing_key, write_signing_key
 from node.evidence import verify_chain
@@ -397,6 +397,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep", help="keep the network's directories here")
     sp.add_argument("--json", action="store_true")
     simulate.register(sub, common)
+    tokens.register(sub, common)
     return p
 
 

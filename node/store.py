@@ -311,6 +311,14 @@ class Store:
             (message_id, sender, kind, now_ms, outcome, reason, answer_message_id),
         )
 
+    def refused_messages(self, limit: int) -> list[tuple[int, str, str, str, str | None]]:
+        """``(received_at, sender, kind, message id, reason)`` of the newest refusals."""
+        rows = self.db.execute("SELECT received_at, sender, kind, message_id, reason FROM "
+                               "inbox WHERE outcome='refused' ORDER BY received_at DESC "
+                               "LIMIT ?", (limit,))
+        return [(int(a), str(b), str(c), str(d), None if e is None else str(e))
+                for a, b, c, d, e in rows]
+
     # -- evidence log ----------------------------------------------------------------
 
     def append_evidence(self, direction: str, frame: bytes, message_id: str,

@@ -1,0 +1,688 @@
+"""The web console: server-rendered pages for a national authority's officers.
+
+Incoming certificates awaiting arrival (with a confirm form), outgoing ones by state with
+overdue loops highlighted, an issue form, dead letters, partners and the registry, and the
+quarter's statistics with a chart. Plain HTML with inline CSS, one small inline script and
+an inline SVG chart: nothing is fetched from the internet, so it works on an isolated
+network. An officer logs in with an API token (``kpnode token add NAME --role officer``);
+the session is a random cookie (HttpOnly, SameSite=Strict) held in memory, and every form
+carries the session's CSRF token. Actions go through the same Node methods as the API and
+the CLI, and each is chained into the evidence log with who did it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from node.machine import OPEN_STATES, Record, Side, State
+from node.quarter import Quarter
+from node.service import CommandRefused
+from node.tokens import Principal, TokenError
+from node.views import carats, history_json, parse_amount, usd
+from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, refusal_problems
+from protocol import HS_CODES, Line, ValidationError, validate_certificate
+
+log = structlog.get_logger("kpx.console")
+
+CONSOLE_PREFIX = "/console"
+SESSION_COOKIE = "kpx_session"
+LOGIN_COOKIE = "kpx_login"
+SESSION_SECONDS = 8 * 3600
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class Session:
+    principal: Principal
+    csrf: str
+    expires_at: float
+
+
+SESSIONS = web.AppKey("kpx_console_sessions", dict[str, Session])
+SESSION = web.RequestKey("kpx_console_session", Session)
+
+FLASH = {
+    "issued": "Certificate {n} issued and sent to the importer.",
+    "confirmed": "Import {n} confirmed; the exporter is told.",
+    "cancelled": "Certificate {n} cancelled; the importer is told.",
+}
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2430;background:#f4f6f8}
+header{background:#17324d;color:#fff;padding:.6em 1.2em;display:flex;gap:1.5em;
+ align-items:center;flex-wrap:wrap}
+header b{font-size:1.15em}header a{color:#cfe3f7;text-decoration:none}
+header a.on{color:#fff;border-bottom:2px solid #f5b942}
+header form{margin-left:auto}main{padding:1em 1.4em;max-width:1200px}
+table{border-collapse:collapse;width:100%;background:#fff;margin:.6em 0 1.4em}
+th,td{border-bottom:1px solid #dde3ea;padding:.35em .6em;text-align:left;vertical-align:top}
+th{background:#e9eef3;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
+tr.overdue td{background:#fde2e1}.badge{display:inline-block;padding:0 .45em;
+ border-radius:.6em;font-size:.85em;background:#dde3ea}
+.s-confirmed{background:#cdeccd}.s-received,.s-delivered,.s-issued{background:#fff1c2}
+.s-rejected,.s-cancelled,.s-expired{background:#f7c9c6}.s-replaced{background:#e3dcf5}
+.flash{background:#dff3df;border:1px solid #9ccf9c;padding:.5em .8em}
+.error{background:#fde2e1;border:1px solid #e39a95;padding:.5em .8em}
+button,input[type=submit]{background:#17324d;color:#fff;border:0;padding:.35em .9em;
+ border-radius:3px;cursor:pointer}button.danger{background:#a33}
+input,select{padding:.25em;border:1px solid #b9c3ce;border-radius:3px}
+fieldset{border:1px solid #cfd7df;background:#fff;margin:.8em 0}label{display:inline-block;
+ margin:.2em .8em .2em 0}.cards{display:flex;gap:1em;flex-wrap:wrap}
+.card{background:#fff;border:1px solid #dde3ea;padding:.6em 1em;min-width:9em}
+.card b{display:block;font-size:1.6em}.muted{color:#66717d}
+"""
+
+SCRIPT = """
+document.querySelectorAll('form[data-confirm]').forEach(function(f){
+  f.addEventListener('submit',function(e){if(!window.confirm(f.dataset.confirm))
+    e.preventDefault();});});
+document.querySelectorAll('input[data-filter]').forEach(function(box){
+  box.addEventListener('input',function(){var q=box.value.toLowerCase();
+    document.querySelectorAll(box.dataset.filter+' tbody tr').forEach(function(tr){
+      tr.style.display=tr.textContent.toLowerCase().indexOf(q)<0?'none':'';});});});
+"""
+
+NAV = (("", "Overview"), ("incoming", "Incoming"), ("outgoing", "Outgoing"),
+       ("issue", "Issue"), ("dead-letters", "Dead letters"), ("partners", "Partners"),
+       ("statistics", "Statistics"))
+
+
+def h(value: object) -> str:
+    return escape(str(value), quote=True)
+
+
+def page(request: web.Request, title: str, body: str, *, active: str = "",
+         status: int = 200) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    session: Session | None = request.get(SESSION)
+    nonce = secrets.token_urlsafe(16)
+    nav = ""
+    if session is not None:
+        links = "".join(f'<a href="{CONSOLE_PREFIX}/{path}"'
+                        f'{" class=on" if path == active else ""}>{h(name)}</a>'
+                        for path, name in NAV)
+        nav = (f"{links}<form method=post action='{CONSOLE_PREFIX}/logout'>"
+               f"<span class=muted>{h(session.principal.name)} "
+               f"({h(session.principal.role)})</span> {csrf_field(session)}"
+               "<button>Log out</button></form>")
+    flash = ""
+    code = request.query.get("flash")
+    if code in FLASH:
+        flash = f"<p class=flash>{h(FLASH[code].format(n=request.query.get('n', '')))}</p>"
+    html = (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content='width=device-width'>"
+            f"<title>{h(title)} · kpx {h(ctx.node.me)}</title><style>{CSS}</style></head>"
+            f"<body><header><b>kpx · {h(ctx.node.me)}</b>{nav}</header><main>"
+            f"<h1>{h(title)}</h1>{flash}{body}</main>"
+            f"<script nonce='{nonce}'>{SCRIPT}</script></body></html>")
+    csp = (f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; "
+           "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+           "base-uri 'none'")
+    return web.Response(text=html, status=status, content_type="text/html",
+                        headers={"Content-Security-Policy": csp,
+                                 "X-Content-Type-Options": "nosniff",
+                                 "Referrer-Policy": "same-origin",
+                                 "Cache-Control": "no-store"})
+
+
+def csrf_field(session: Session) -> str:
+    return f"<input type=hidden name=csrf value='{h(session.csrf)}'>"
+
+
+def see(location: str) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(location)
+
+
+# -- sessions, login, CSRF ---------------------------------------------------------------
+
+
+@web.middleware
+async def console_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path.removeprefix(CONSOLE_PREFIX)
+    if path in ("/login", "/login/"):
+        return await handler(request)
+    sessions: dict[str, Session] = request.app[SESSIONS]
+    session = sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+    if session is None or session.expires_at < time.monotonic():
+        if request.method == "GET":
+            raise see(f"{CONSOLE_PREFIX}/login")
+        return page(request, "Session expired", "<p>Please <a href='"
+                    f"{CONSOLE_PREFIX}/login'>log in</a> again.</p>", status=401)
+    session.expires_at = time.monotonic() + SESSION_SECONDS
+    request[SESSION] = session
+    if request.method == "POST":
+        form = await request.post()
+        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+            return page(request, "Refused", "<p class=error>The form's security token does "
+                        "not match this session; reload the page and try again.</p>",
+                        status=403)
+    return await handler(request)
+
+
+async def get_login(request: web.Request) -> web.Response:
+    token = secrets.token_urlsafe(24)
+    response = page(request, "Log in", login_form(token, ""))
+    response.set_cookie(LOGIN_COOKIE, token, path=CONSOLE_PREFIX, httponly=True,
+                        samesite="Strict", secure=request.secure)
+    return response
+
+
+def login_form(csrf: str, error: str) -> str:
+    return (f"{error}<form method=post action='{CONSOLE_PREFIX}/login'>"
+            f"<input type=hidden name=csrf value='{h(csrf)}'>"
+            "<label>Token <input type=password name=token size=50 autocomplete=off "
+            "autofocus></label> <button>Log in</button></form>"
+            "<p class=muted>A token comes from <code>kpnode token add NAME --role officer"
+            "</code> on the node.</p>")
+
+
+async def post_login(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB_CONTEXT]
+    form = await request.post()
+    expected = request.cookies.get(LOGIN_COOKIE, "")
+    if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
+        return page(request, "Log in", login_form(expected, "<p class=error>The login form "
+                    "expired; try again.</p>"), status=403)
+    try:
+        principal = ctx.tokens.authenticate(str(form.get("token", "")).strip())
+    except TokenError as exc:
+        log.error("tokens file unreadable", error=str(exc))
+        principal = None
+    ctx.record_call(principal, "POST", request.path, 303 if principal else 401, via="console")
+    if principal is None:
+        return page(request, "Log in", login_form(expected, "<p class=error>Unknown or "
+                    "revoked token.</p>"), status=401)
+    sid = secrets.token_urlsafe(32)
+    request.app[SESSIONS][sid] = Session(principal, secrets.token_urlsafe(32),
+                                         time.monotonic() + SESSION_SECONDS)
+    response = see(f"{CONSOLE_PREFIX}/")
+    response.set_cookie(SESSION_COOKIE, sid, path=CONSOLE_PREFIX, httponly=True,
+                        samesite="Strict", secure=request.secure)
+    response.del_cookie(LOGIN_COOKIE, path=CONSOLE_PREFIX)
+    raise response
+
+
+async def post_logout(request: web.Request) -> web.StreamResponse:
+    request.app[SESSIONS].pop(request.cookies.get(SESSION_COOKIE, ""), None)
+    response = see(f"{CONSOLE_PREFIX}/login")
+    response.del_cookie(SESSION_COOKIE, path=CONSOLE_PREFIX)
+    raise response
+
+
+def acting(request: web.Request) -> Principal | web.Response:
+    session: Session = request[SESSION]
+    principal = session.principal
+    if not principal.may_act:
+        return page(request, "Refused", f"<p class=error>{h(principal.name)} is a "
+                    f"{h(principal.role)}: only an officer may issue, confirm or cancel."
+                    "</p>", status=403)
+    return principal
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+def badge(state: State | str) -> str:
+    return f"<span class='badge s-{h(state)}'>{h(state)}</span>"
+
+
+def number_link(number: str) -> str:
+    return f"<a href='{CONSOLE_PREFIX}/certificate/{h(number)}'>{h(number)}</a>"
+
+
+def records_table(records: Sequence[Record], today: dt.date, *, table_id: str,
+                  actions: Callable[[Record], str] | None = None) -> str:
+    if not records:
+        return "<p class=muted>None.</p>"
+    rows = []
+    for r in records:
+        c = r.certificate
+        overdue = is_overdue(r, today)
+        note = r.rejection_reason or ""
+        if r.discrepancies:
+            note = f"{len(r.discrepancies)} discrepancy(ies)"
+        if r.replaced_by:
+            note = f"replaced by {r.replaced_by}"
+        elif r.replaces:
+            note = f"replaces {r.replaces}"
+        if overdue:
+            note = ("OVERDUE: " + note).strip()
+        rows.append(
+            f"<tr{' class=overdue' if overdue else ''} data-number='{h(r.number)}'>"
+            f"<td>{number_link(r.number)}</td><td>{h(r.partner)}</td><td>{badge(r.state)}</td>"
+            f"<td class=n>{carats(c.carats_hundredths)}</td><td class=n>{usd(c.usd_cents)}</td>"
+            f"<td class=n>{c.parcels}</td><td>{c.issued_on}</td><td>{c.expires_on}</td>"
+            f"<td>{h(note)}</td>{f'<td>{actions(r)}</td>' if actions else ''}</tr>")
+    head = "".join(f"<th>{x}</th>" for x in ("number", "partner", "state", "carats", "US$",
+                                              "parcels", "issued", "expires", "note"))
+    return (f"<table id={table_id}><thead><tr>{head}{'<th></th>' if actions else ''}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def filter_box(table_id: str) -> str:
+    return (f"<input data-filter='#{table_id}' placeholder='filter…' size=30 "
+            f"aria-label='filter the table'>")
+
+
+def today_of(ctx: WebContext) -> dt.date:
+    return dt.date.fromtimestamp(ctx.node.clock() / 1000)
+
+
+# -- pages -------------------------------------------------------------------------------
+
+
+async def overview(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    node, today = ctx.node, today_of(ctx)
+    records = node.records()
+    waiting = [r for r in records if r.side is Side.IMPORT and r.state is State.RECEIVED]
+    open_out = [r for r in records if r.side is Side.EXPORT and r.state in OPEN_STATES]
+    overdue = [r for r in records if is_overdue(r, today)]
+    closed = [r for r in records if r.state is State.CONFIRMED]
+    depth = await ctx.dead_letter_depth() if ctx.dead_letter_depth else None
+    cards = "".join(f"<div class=card><b>{n}</b>{h(what)}</div>" for n, what in (
+        (len(waiting), "incoming awaiting arrival"), (len(open_out), "outgoing open"),
+        (len(overdue), "overdue loops"), (len(closed), "loops closed"),
+        ("?" if depth is None else depth, "dead letters"),
+        (node.registry.version, "registry version")))
+    body = (f"<div class=cards>{cards}</div><h2>Overdue loops</h2>"
+            + records_table(overdue, today, table_id="overdue"))
+    return page(request, f"{node.me} · {node.config.authority}", body, active="")
+
+
+async def incoming(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    session: Session = request[SESSION]
+    today = today_of(ctx)
+    records = ctx.node.records(side=Side.IMPORT)
+    waiting = [r for r in records if r.state is State.RECEIVED]
+    others = [r for r in records if r.state is not State.RECEIVED]
+
+    def confirm_form(r: Record) -> str:
+        if not session.principal.may_act:
+            return ""
+        lines = "".join(
+            f"<div>{h(line.hs_code)}: <label>carats <input name=carats{i} size=10 "
+            f"value='{h(carats(line.carats_hundredths).replace(',', ''))}'></label>"
+            f"<label>US$ <input name=usd{i} size=12 "
+            f"value='{h(usd(line.usd_cents).replace(',', ''))}'></label></div>"
+            for i, line in enumerate(r.certificate.lines))
+        return (f"<form method=post action='{CONSOLE_PREFIX}/incoming/{h(r.number)}/confirm' "
+                f"class=confirm>{csrf_field(session)}<button>Confirm arrival</button>"
+                f"<details><summary>arrived differently…</summary>{lines}"
+                f"<label>parcels <input name=parcels size=4 value='{r.certificate.parcels}'>"
+                f"</label><label>received on <input type=date name=received_on "
+                f"value='{today}'></label><label>remarks <input name=remarks></label>"
+                "</details></form>")
+    body = (f"<h2>Awaiting arrival</h2>{filter_box('waiting')}"
+            + records_table(waiting, today, table_id="waiting", actions=confirm_form)
+            + "<h2>Other imports</h2>" + filter_box("imports")
+            + records_table(others, today, table_id="imports"))
+    return page(request, "Incoming certificates", body, active="incoming")
+
+
+async def confirm_import(request: web.Request) -> web.StreamResponse:
+    principal = acting(request)
+    if isinstance(principal, web.Response):
+        return principal
+    ctx = request.app[WEB_CONTEXT]
+    number = request.match_info["number"]
+    form = await request.post()
+    record = ctx.node.store.get(Side.IMPORT, number)
+    problems: list[str] = []
+    lines: list[Line] = []
+    parcels: int | None = None
+    received_on: dt.date | None = None
+    if record is not None:
+        for i, line in enumerate(record.certificate.lines):
+            try:
+                lines.append(Line(
+                    hs_code=line.hs_code,
+                    carats_hundredths=parse_amount(str(form.get(f"carats{i}", "")) or
+                                                   carats(line.carats_hundredths), "carats"),
+                    usd_cents=parse_amount(str(form.get(f"usd{i}", "")) or
+                                           usd(line.usd_cents), "US$")))
+            except ValueError as exc:
+                problems.append(f"{line.hs_code}: {exc}")
+        try:
+            parcels = int(str(form.get("parcels") or record.certificate.parcels))
+            received_on = (dt.date.fromisoformat(str(form["received_on"]))
+                           if form.get("received_on") else None)
+        except ValueError:
+            problems.append("parcels must be a whole number and the date YYYY-MM-DD")
+    status = 400
+    if not problems:
+        try:
+            ctx.node.confirm(number, lines=tuple(lines) or None, parcels=parcels,
+                             received_on=received_on, remarks=str(form.get("remarks", "")))
+            status = 303
+        except CommandRefused as exc:
+            problems = [f"{p['path']}: {p['message']} [{p['reason']}]".lstrip(": ")
+                        for p in refusal_problems(exc.refusal)]
+            status = 409
+    ctx.record_call(principal, "POST", request.path, status, certificate=number,
+                    via="console")
+    if status == 303:
+        raise see(f"{CONSOLE_PREFIX}/incoming?flash=confirmed&n={number}")
+    return refused_page(request, f"Confirming {number} was refused", problems, status)
+
+
+def refused_page(request: web.Request, title: str, problems: Iterable[str],
+                 status: int) -> web.Response:
+    items = "".join(f"<li>{h(p)}</li>" for p in problems)
+    return page(request, title, f"<div class=error><ul>{items}</ul></div>"
+                "<p><a href='javascript:history.back()'>back</a></p>", status=status)
+
+
+async def outgoing(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    session: Session = request[SESSION]
+    today = today_of(ctx)
+    records = ctx.node.records(side=Side.EXPORT)
+
+    def cancel_form(r: Record) -> str:
+        if not session.principal.may_act or r.state not in OPEN_STATES | {State.EXPIRED}:
+            return ""
+        return (f"<form method=post action='{CONSOLE_PREFIX}/outgoing/{h(r.number)}/cancel' "
+                f"data-confirm='Cancel {h(r.number)}? The importer is told.'>"
+                f"{csrf_field(session)}<input name=reason placeholder='reason' required "
+                "size=14> <button class=danger>Cancel</button></form>")
+    parts = [filter_box("outgoing-all")]
+    order = (State.ISSUED, State.DELIVERED, State.EXPIRED, State.CONFIRMED, State.REJECTED,
+             State.CANCELLED, State.REPLACED)
+    counts = " · ".join(f"{badge(s)} {sum(1 for r in records if r.state is s)}"
+                        for s in order)
+    parts.append(f"<p>{counts}</p>")
+    ordered = sorted(records, key=lambda r: (order.index(r.state), r.number))
+    parts.append(records_table(ordered, today, table_id="outgoing-all", actions=cancel_form))
+    return page(request, "Outgoing certificates", "".join(parts), active="outgoing")
+
+
+async def cancel_export(request: web.Request) -> web.StreamResponse:
+    principal = acting(request)
+    if isinstance(principal, web.Response):
+        return principal
+    ctx = request.app[WEB_CONTEXT]
+    number = request.match_info["number"]
+    form = await request.post()
+    try:
+        ctx.node.cancel(number, str(form.get("reason", "")))
+    except CommandRefused as exc:
+        ctx.record_call(principal, "POST", request.path, 409, certificate=number,
+                        via="console")
+        return refused_page(request, f"Cancelling {number} was refused",
+                            [str(exc.refusal)], 409)
+    ctx.record_call(principal, "POST", request.path, 303, certificate=number, via="console")
+    raise see(f"{CONSOLE_PREFIX}/outgoing?flash=cancelled&n={number}")
+
+
+ISSUE_FIELDS = ("number", "destination", "origins", "exporter_name", "exporter_address",
+                "importer_name", "importer_address", "parcels", "issued_on", "expires_on",
+                "remarks")
+
+
+def issue_form(request: web.Request, values: Mapping[str, str], problems: Sequence[str]) -> str:
+    ctx = request.app[WEB_CONTEXT]
+    session: Session = request[SESSION]
+    today = today_of(ctx)
+    v = {"number": f"{ctx.node.me}-{today.year}-", "origins": ctx.node.me,
+         "parcels": "1", "issued_on": today.isoformat(),
+         "expires_on": (today + dt.timedelta(days=60)).isoformat(), **values}
+    partners = [p for p in ctx.node.registry.update.participants if p.code != ctx.node.me]
+    options = "".join(f"<option value='{h(p.code)}'"
+                      f"{' selected' if v.get('destination') == p.code else ''}>"
+                      f"{h(p.code)} · {h(p.name)} ({h(p.status)})</option>" for p in partners)
+
+    def field(name: str, label: str, size: int = 30, kind: str = "text") -> str:
+        return (f"<label>{h(label)} <input type={kind} name={name} size={size} "
+                f"value='{h(v.get(name, ''))}'></label>")
+    lines = "".join(
+        f"<div><label>HS <select name=hs{i}><option value=''>—</option>"
+        + "".join(f"<option{' selected' if v.get(f'hs{i}') == code else ''}>{code}</option>"
+                  for code in sorted(HS_CODES))
+        + f"</select></label>{field(f'carats{i}', 'carats', 12)}"
+        f"{field(f'usd{i}', 'US$', 14)}</div>" for i in range(3))
+    error = ""
+    if problems:
+        error = ("<div class=error><b>Not issued:</b><ul>"
+                 + "".join(f"<li>{h(p)}</li>" for p in problems) + "</ul></div>")
+    return (f"{error}<form method=post action='{CONSOLE_PREFIX}/issue' id=issue>"
+            f"{csrf_field(session)}<fieldset><legend>Certificate</legend>"
+            f"{field('number', 'number', 20)}<label>importing Participant "
+            f"<select name=destination>{options}</select></label>"
+            f"{field('origins', 'origin(s), comma-separated', 12)}"
+            f"{field('parcels', 'parcels', 4)}{field('issued_on', 'issued', 12, 'date')}"
+            f"{field('expires_on', 'expires', 12, 'date')}</fieldset>"
+            f"<fieldset><legend>Exporter and importer</legend>"
+            f"<div>{field('exporter_name', 'exporter')}"
+            f"{field('exporter_address', 'address', 40)}</div>"
+            f"<div>{field('importer_name', 'importer')}"
+            f"{field('importer_address', 'address', 40)}</div></fieldset>"
+            f"<fieldset><legend>Goods (carats and US$ with up to two decimals)</legend>{lines}"
+            f"</fieldset>{field('remarks', 'remarks', 60)}"
+            "<p><button>Sign and send</button></p></form>")
+
+
+async def get_issue(request: web.Request) -> web.Response:
+    return page(request, "Issue a certificate", issue_form(request, {}, []), active="issue")
+
+
+async def post_issue(request: web.Request) -> web.StreamResponse:
+    principal = acting(request)
+    if isinstance(principal, web.Response):
+        return principal
+    ctx = request.app[WEB_CONTEXT]
+    form = await request.post()
+    values = {k: str(form.get(k, "")).strip() for k in
+              (*ISSUE_FIELDS, *(f"{x}{i}" for x in ("hs", "carats", "usd") for i in range(3)))}
+    problems: list[str] = []
+    lines = []
+    for i in range(3):
+        if not values[f"hs{i}"]:
+            continue
+        try:
+            lines.append({"hs_code": values[f"hs{i}"],
+                          "carats_hundredths": parse_amount(values[f"carats{i}"], "carats"),
+                          "usd_cents": parse_amount(values[f"usd{i}"], "US$")})
+        except ValueError as exc:
+            problems.append(f"line {i + 1}: {exc}")
+    try:
+        parcels: object = int(values["parcels"])
+    except ValueError:
+        parcels = values["parcels"]
+    data = {
+        "number": values["number"], "issuer": ctx.node.me,
+        "issuing_authority": ctx.node.config.authority, "destination": values["destination"],
+        "origins": [o.strip().upper() for o in values["origins"].split(",") if o.strip()],
+        "exporter": {"name": values["exporter_name"], "address": values["exporter_address"]},
+        "importer": {"name": values["importer_name"], "address": values["importer_address"]},
+        "lines": lines, "parcels": parcels, "issued_on": values["issued_on"],
+        "expires_on": values["expires_on"], "remarks": values["remarks"],
+    }
+    status = 400
+    if not problems:
+        try:
+            ctx.node.issue(validate_certificate(data))
+            status = 303
+        except ValidationError as exc:
+            problems = [f"{p.path}: {p.message} [{p.reason}]" for p in exc.problems]
+        except CommandRefused as exc:
+            problems = [f"{p['message']} [{p['reason']}]"
+                        for p in refusal_problems(exc.refusal)]
+            status = 409
+    ctx.record_call(principal, "POST", request.path, status, certificate=values["number"],
+                    via="console")
+    if status == 303:
+        raise see(f"{CONSOLE_PREFIX}/outgoing?flash=issued&n={values['number']}")
+    return page(request, "Issue a certificate", issue_form(request, values, problems),
+                active="issue", status=status)
+
+
+async def certificate(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    number = request.match_info["number"]
+    records = ctx.node.find(number)
+    if not records:
+        return page(request, "Not found", f"<p>No certificate {h(number)} at this node.</p>",
+                    status=404)
+    today = today_of(ctx)
+    parts = [records_table(records, today, table_id="records")]
+    for r in records:
+        c = r.certificate
+        parts.append(
+            f"<table><tr><th>exporter</th><td>{h(c.exporter.name)}, {h(c.exporter.address)}"
+            f"</td></tr><tr><th>importer</th><td>{h(c.importer.name)}, "
+            f"{h(c.importer.address)}</td></tr><tr><th>origins</th>"
+            f"<td>{h(', '.join(c.origins))}</td></tr><tr><th>lines</th><td>"
+            + "<br>".join(f"{h(x.hs_code)}: {carats(x.carats_hundredths)} ct, "
+                          f"US$ {usd(x.usd_cents)}" for x in c.lines)
+            + "</td></tr>"
+            + "".join(f"<tr class=overdue><th>discrepancy</th><td>{h(d.field)}: declared "
+                      f"{h(d.declared)}, received {h(d.received)}</td></tr>"
+                      for d in r.discrepancies)
+            + (f"<tr><th>note</th><td>{h(r.rejection_text)}</td></tr>"
+               if r.rejection_text else "") + "</table>")
+    history = history_json(ctx.node.store, number)
+    rows = "".join(f"<tr><td>{x['seq']}</td><td>{h(x['direction'])}</td><td>{h(x['kind'])}"
+                   f"</td><td>{h(x['from'])} → {h(x['to'])}</td><td><code>"
+                   f"{h(x['message_id'])}</code></td><td><code>{h(x['frame_sha256'][:16])}"
+                   "</code></td></tr>" for x in history)
+    parts.append("<h2>Signed history</h2><table id=history><thead><tr><th>#</th><th>dir</th>"
+                 "<th>kind</th><th>from → to</th><th>message id</th><th>frame sha256</th>"
+                 f"</tr></thead><tbody>{rows}</tbody></table>")
+    return page(request, f"Certificate {number}", "".join(parts))
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    depth = await ctx.dead_letter_depth() if ctx.dead_letter_depth else None
+    refused = ctx.node.store.refused_messages(200)
+    rows = "".join(f"<tr><td>{dt.datetime.fromtimestamp(at / 1000):%Y-%m-%d %H:%M:%S}</td>"
+                   f"<td>{h(sender)}</td><td>{h(kind)}</td><td><code>{h(mid)}</code></td>"
+                   f"<td>{h(reason or '')}</td></tr>"
+                   for at, sender, kind, mid, reason in refused)
+    body = (f"<div class=cards><div class=card><b>{'?' if depth is None else depth}</b>"
+            "messages in the broker's dead-letter queue</div></div>"
+            "<p class=muted>Messages that failed to parse, verify or validate are copied to "
+            "the dead-letter queue with the reason. Below: the authentic messages this node "
+            "refused (each answered with a signed rejection).</p>"
+            "<table id=refused><thead><tr><th>received</th><th>from</th><th>kind</th>"
+            f"<th>message id</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table>")
+    return page(request, "Dead letters", body, active="dead-letters")
+
+
+async def partners(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    registry = ctx.node.registry
+    counts: dict[str, dict[str, int]] = {}
+    for r in ctx.node.records():
+        entry = counts.setdefault(r.partner, {"open": 0, "closed": 0})
+        entry["open" if r.state in OPEN_STATES else "closed"] += 1
+    rows = []
+    for p in registry.update.participants:
+        authorities = "<br>".join(
+            f"{h(a.id)} · {h(a.name)} · keys "
+            + ", ".join(f"<code>{k.public_key.hex()[:16]}</code>" for k in a.keys)
+            for a in p.authorities) or "<span class=muted>no node</span>"
+        c = counts.get(p.code, {"open": 0, "closed": 0})
+        rows.append(f"<tr><td>{h(p.code)}</td><td>{h(p.name)}</td><td>{badge(p.status)}</td>"
+                    f"<td>{authorities}</td><td class=n>{c['open']}</td>"
+                    f"<td class=n>{c['closed']}</td></tr>")
+    embargo = ", ".join(registry.update.embargoed_origins) or "none"
+    body = (f"<p>Registry version <b>{registry.version}</b>, signed by the KP Chair. "
+            f"Embargoed origins: {h(embargo)}.</p>{filter_box('partners')}"
+            "<table id=partners><thead><tr><th>code</th><th>name</th><th>status</th>"
+            "<th>authorities</th><th>open loops</th><th>closed</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+    return page(request, "Partners and registry", body, active="partners")
+
+
+def bar_chart(figures: Mapping[str, Any]) -> str:
+    """Exports and imports in US$ per partner, as inline SVG."""
+    by_partner: dict[str, list[int]] = {}
+    for i, key in enumerate(("exports", "imports")):
+        for row in figures.get(key, []):
+            by_partner.setdefault(row["partner"], [0, 0])[i] += int(row["usd_cents"])
+    if not by_partner:
+        return "<p class=muted>No trade this quarter yet.</p>"
+    top = max(max(v) for v in by_partner.values()) or 1
+    group, bar, height, left = 70, 24, 180, 60
+    width = left + group * len(by_partner) + 20
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 60}' "
+             f"role=img aria-label='US$ value per partner' id=chart>"]
+    for tick in range(5):
+        y = 10 + height - height * tick / 4
+        parts.append(f"<line x1='{left}' x2='{width - 10}' y1='{y:.0f}' y2='{y:.0f}' "
+                     "stroke='#dde3ea'/><text x='{0}' y='{1:.0f}' font-size='10' "
+                     "text-anchor='end'>{2}</text>".format(
+                         left - 4, y + 3, usd(top * tick // 4).split('.')[0]))
+    for n, (partner, values) in enumerate(sorted(by_partner.items())):
+        x = left + 10 + n * group
+        for i, (value, colour) in enumerate(zip(values, ("#17324d", "#f5b942"), strict=True)):
+            bh = height * value / top
+            parts.append(f"<rect x='{x + i * bar}' y='{10 + height - bh:.1f}' width='{bar - 2}' "
+                         f"height='{bh:.1f}' fill='{colour}'><title>{h(partner)} "
+                         f"{'exports' if i == 0 else 'imports'}: US$ {usd(value)}</title></rect>")
+        parts.append(f"<text x='{x + bar}' y='{height + 26}' font-size='12' "
+                     f"text-anchor='middle'>{h(partner)}</text>")
+    parts.append(f"<rect x='{left}' y='{height + 38}' width='12' height='12' fill='#17324d'/>"
+                 f"<text x='{left + 16}' y='{height + 48}' font-size='12'>exports</text>"
+                 f"<rect x='{left + 90}' y='{height + 38}' width='12' height='12' "
+                 f"fill='#f5b942'/><text x='{left + 106}' y='{height + 48}' "
+                 "font-size='12'>imports (US$)</text></svg>")
+    return "".join(parts)
+
+
+async def statistics(request: web.Request) -> web.Response:
+    ctx = request.app[WEB_CONTEXT]
+    try:
+        quarter = Quarter.parse(request.query["quarter"]) if "quarter" in request.query \
+            else Quarter.of(today_of(ctx))
+    except ValueError as exc:
+        return page(request, "Statistics", f"<p class=error>{h(exc)}</p>", status=400)
+    figures = ctx.figures(quarter)
+    tables = []
+    for key in ("exports", "imports"):
+        rows = "".join(f"<tr><td>{h(x['partner'])}</td><td>{h(x['hs_code'])}</td>"
+                       f"<td class=n>{x['certificates']}</td>"
+                       f"<td class=n>{carats(x['carats_hundredths'])}</td>"
+                       f"<td class=n>{usd(x['usd_cents'])}</td></tr>"
+                       for x in figures.get(key, []))
+        tables.append(f"<h2>{key.capitalize()}</h2><table id={key}><thead><tr><th>partner</th>"
+                      "<th>HS code</th><th>certificates</th><th>carats</th><th>US$</th></tr>"
+                      f"</thead><tbody>{rows}</tbody></table>")
+    body = (f"<form method=get><label>Quarter <input name=quarter value='{quarter}' size=8>"
+            f"</label> <button>Show</button></form>{bar_chart(figures)}{''.join(tables)}")
+    return page(request, f"Statistics {quarter}", body, active="statistics")
+
+
+def console_app(context: WebContext) -> web.Application:
+    """The console as an application to mount with ``app.add_subapp(CONSOLE_PREFIX, ...)``."""
+    app = web.Application(middlewares=[console_middleware])
+    app[WEB_CONTEXT] = context
+    app[SESSIONS] = {}
+    app.router.add_get("/login", get_login)
+    app.router.add_post("/login", post_login)
+    app.router.add_post("/logout", post_logout)
+    app.router.add_get("/", overview)
+    app.router.add_get("/incoming", incoming)
+    app.router.add_post("/incoming/{number}/confirm", confirm_import)
+    app.router.add_get("/outgoing", outgoing)
+    app.router.add_post("/outgoing/{number}/cancel", cancel_export)
+    app.router.add_get("/issue", get_issue)
+    app.router.add_post("/issue", post_issue)
+    app.router.add_get("/certificate/{number}", certificate)
+    app.router.add_get("/dead-letters", dead_letters)
+    app.router.add_get("/partners", partners)
+    app.router.add_get("/statistics", statistics)
+    return app

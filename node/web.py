@@ -1,0 +1,30 @@
+"""Mounting the HTTP API (``/api/v1``) and the web console (``/console``) onto the node's
+aiohttp application (the one that serves /metrics and /healthz)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from node.api import API_PREFIX, api_app
+from node.console import CONSOLE_PREFIX, console_app
+from node.service import Node
+from node.tokens import Tokens
+from node.webcontext import DeadLetterDepth, StatisticsProvider, StatusProvider, WebContext
+
+
+def mount_web(app: web.Application, node: Node, directory: Path, *,
+              status: StatusProvider | None = None,
+              statistics: StatisticsProvider | None = None,
+              dead_letter_depth: DeadLetterDepth | None = None) -> WebContext:
+    """Serve the API and the console from ``app``; tokens come from ``directory``."""
+    context = WebContext(node, Tokens(directory), status=status, statistics=statistics,
+                         dead_letter_depth=dead_letter_depth)
+    app.add_subapp(API_PREFIX, api_app(node, context.tokens, context=context))
+    app.add_subapp(CONSOLE_PREFIX, console_app(context))
+
+    async def to_console(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(f"{CONSOLE_PREFIX}/")
+    app.router.add_get(CONSOLE_PREFIX, to_console)
+    return context

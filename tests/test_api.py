@@ -1,0 +1,345 @@
+"""The HTTP API: every endpoint, its authorisation, its refusals, idempotency, evidence.
+
+Messages between the two nodes are carried by hand here (tests/netutil.carry); the last
+test runs them on a real broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+
+from node.api import ROUTES, api_app
+from node.audit import AUDIT_DIRECTION, read_audit_entry
+from node.cli import main as kpnode
+from node.machine import Side, State
+from node.network import create_network
+from node.openapi import openapi_document
+from node.service import Node
+from node.tokens import Tokens
+from protocol import ParticipantStatus, parse_frame
+from tests.netutil import carry, certificate_json
+from tests.webutil import Served, serve
+
+API = "/api/v1"
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Served, Served]]:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"],
+                             others=[("XX", ParticipantStatus.SUSPENDED)])
+    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
+    served = (await serve(za), await serve(india))
+    yield served
+    for s in served:
+        await s.client.close()
+        s.node.close()
+
+
+def api_entries(node: Node) -> list[dict[str, Any]]:
+    return [read_audit_entry(e.frame) for e in node.store.evidence()
+            if e.direction == AUDIT_DIRECTION]
+
+
+async def issue(s: Served, number: str, **changes: Any) -> Any:
+    response = await s.client.post(f"{API}/certificates", headers=s.auth("officer"),
+                                   json=certificate_json(number, "ZA", "IN", **changes))
+    assert response.status == 201, await response.text()
+    return await response.json()
+
+
+def test_openapi_document_validates_and_matches_the_served_routes() -> None:
+    document = openapi_document()
+    validate(document)
+    described = {(method.upper(), path) for path, item in document["paths"].items()
+                 for method in item}
+    app = api_app(None, Tokens(Path("/nonexistent")))  # type: ignore[arg-type]
+    served = {(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    assert served == described
+    assert described == {(m, p) for m, p, _ in ROUTES}
+
+
+async def test_openapi_is_public_and_every_other_call_needs_a_token(pair: tuple[Served,
+                                                                                Served]) -> None:
+    za, _ = pair
+    response = await za.client.get(f"{API}/openapi.json")
+    assert response.status == 200
+    assert (await response.json())["openapi"] == "3.1.0"
+    response = await za.client.get(f"{API}/certificates")
+    assert response.status == 401
+    assert (await response.json())["error"] == "auth.missing_token"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    response = await za.client.get(f"{API}/status", headers={"Authorization": "Bearer nope"})
+    assert response.status == 401
+    assert (await response.json())["error"] == "auth.bad_token"
+    response = await za.client.get(f"{API}/status", headers=za.auth("monitor"))
+    assert response.status == 200
+    assert (await response.json())["participant"] == "ZA"
+
+
+async def test_a_monitor_reads_but_cannot_act_and_a_revoked_token_stops_working(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    body = certificate_json("ZA-2026-0001", "ZA", "IN")
+    response = await za.client.post(f"{API}/certificates", headers=za.auth("monitor"),
+                                    json=body)
+    assert response.status == 403
+    assert (await response.json())["error"] == "auth.forbidden"
+    assert za.node.records() == [] and za.node.store.backlog() == []
+    for path in ("ZA-1/cancel", "ZA-1/confirm", "ZA-1/replace"):
+        response = await za.client.post(f"{API}/certificates/{path}",
+                                         headers=za.auth("monitor"), json={})
+        assert response.status == 403
+    response = await za.client.get(f"{API}/certificates", headers=za.auth("monitor"))
+    assert response.status == 200
+    za.context.tokens.revoke("za-monitor")
+    response = await za.client.get(f"{API}/certificates", headers=za.auth("monitor"))
+    assert response.status == 401
+
+
+async def test_validate_lists_every_problem_with_paths_and_sends_nothing(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    bad = certificate_json("ZA-2026-0001", "ZA", "IN", parcels=0)
+    bad["lines"][1]["usd_cents"] = 1.5
+    response = await za.client.post(f"{API}/certificates/validate",
+                                    headers=za.auth("monitor"), json=bad)
+    assert response.status == 200
+    verdict = await response.json()
+    assert verdict["valid"] is False
+    found = {(p["path"], p["reason"]) for p in verdict["problems"]}
+    assert ("parcels", "field.not_positive") in found
+    assert ("lines[1].usd_cents", "field.float_not_allowed") in found
+    response = await za.client.post(f"{API}/certificates/validate", headers=za.auth("officer"),
+                                    json=certificate_json("ZA-2026-0001", "ZA", "XX"))
+    verdict = await response.json()
+    assert verdict["valid"] is False
+    assert verdict["problems"][0]["reason"] == "participant.suspended"
+    response = await za.client.post(f"{API}/certificates/validate", headers=za.auth("officer"),
+                                    json=certificate_json("ZA-2026-0001", "ZA", "IN"))
+    assert await response.json() == {"valid": True, "number": "ZA-2026-0001", "problems": []}
+    assert za.node.records() == [] and za.node.store.backlog() == []
+    assert not [e for e in za.node.store.evidence() if e.direction == "out"]
+
+
+async def test_issue_answers_bad_input_and_refusals_with_the_right_status(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    officer = za.auth("officer")
+    response = await za.client.post(f"{API}/certificates", headers=officer, data=b"{nope")
+    assert response.status == 400
+    assert (await response.json())["error"] == "request.malformed"
+    bad = certificate_json("ZA-2026-0001", "ZA", "IN")
+    del bad["importer"]
+    response = await za.client.post(f"{API}/certificates", headers=officer, json=bad)
+    assert response.status == 400
+    error = await response.json()
+    assert error["error"] == "body.schema"
+    assert [(p["path"], p["reason"]) for p in error["problems"]] == [
+        ("importer", "field.required")]
+    response = await za.client.post(f"{API}/certificates", headers=officer,
+                                    json=certificate_json("ZA-2026-0002", "ZA", "XX"))
+    assert response.status == 422
+    assert (await response.json())["error"] == "participant.suspended"
+    record = await issue(za, "ZA-2026-0001")
+    assert (record["state"], record["partner"]) == ("issued", "IN")
+    response = await za.client.post(f"{API}/certificates", headers=officer,
+                                    json=certificate_json("ZA-2026-0001", "ZA", "IN"))
+    assert response.status == 409
+    assert (await response.json())["error"] == "certificate.duplicate_number"
+    assert len(za.node.store.backlog()) == 1
+
+
+async def test_a_retried_issue_with_its_idempotency_key_returns_the_first_answer(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    headers = {**za.auth("officer"), "Idempotency-Key": "customs-4711"}
+    body = certificate_json("ZA-2026-0001", "ZA", "IN")
+    first = await za.client.post(f"{API}/certificates", headers=headers, json=body)
+    again = await za.client.post(f"{API}/certificates", headers=headers, json=body)
+    assert (first.status, again.status) == (201, 201)
+    assert await first.read() == await again.read()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(za.node.store.backlog()) == 1
+    other = certificate_json("ZA-2026-0002", "ZA", "IN")
+    response = await za.client.post(f"{API}/certificates", headers=headers, json=other)
+    assert response.status == 422
+    assert (await response.json())["error"] == "idempotency.key_reused"
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0002") is None
+    response = await za.client.post(f"{API}/certificates",
+                                    headers={**headers, "Idempotency-Key": "bad key"}, json=other)
+    assert response.status == 400
+
+
+async def test_list_filters_both_ways_and_show_gives_the_signed_history(
+        pair: tuple[Served, Served]) -> None:
+    za, india = pair
+    await issue(za, "ZA-2026-0001")
+    await issue(za, "ZA-2026-0002")
+    carry(za.node, {"IN": india.node})
+    za.node.cancel("ZA-2026-0002", "issued in error")
+    carry(za.node, {"IN": india.node})
+    carry(india.node, {"ZA": za.node})
+    monitor = za.auth("monitor")
+
+    async def listed(query: str, s: Served = za) -> list[str]:
+        response = await s.client.get(f"{API}/certificates?{query}", headers=s.auth("monitor"))
+        assert response.status == 200, await response.text()
+        return [c["number"] for c in (await response.json())["certificates"]]
+    assert await listed("side=export") == ["ZA-2026-0001", "ZA-2026-0002"]
+    assert await listed("side=import") == []
+    assert await listed("side=import&state=received", india) == ["ZA-2026-0001"]
+    assert await listed("state=cancelled", india) == ["ZA-2026-0002"]
+    assert await listed("state=delivered&partner=IN") == ["ZA-2026-0001"]
+    assert await listed("state=issued,confirmed") == []
+    assert await listed("state=delivered&state=cancelled&limit=1&offset=1") == [
+        "ZA-2026-0002"]
+    assert await listed("partner=BW") == []
+    response = await za.client.get(f"{API}/certificates?state=lost&side=up", headers=monitor)
+    assert response.status == 400
+    assert {p["path"] for p in (await response.json())["problems"]} == {"state", "side"}
+    response = await za.client.get(f"{API}/certificates/ZA-2026-0001", headers=monitor)
+    shown = await response.json()
+    assert [h["kind"] for h in shown["history"]] == ["certificate", "receipt"]
+    for item in shown["history"]:
+        frame = parse_frame(base64.b64decode(item["frame_base64"]))
+        assert frame.digest.hex() == item["frame_sha256"]
+    response = await za.client.get(f"{API}/certificates/ZA-2026-0404", headers=monitor)
+    assert response.status == 404
+    assert (await response.json())["error"] == "certificate.unknown"
+
+
+async def test_overdue_filter_shows_open_loops_past_expiry(pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    za.node.clock = lambda: 4_102_444_800_000  # 2100-01-01: every loop is long overdue
+    response = await za.client.get(f"{API}/certificates?overdue=true",
+                                   headers=za.auth("monitor"))
+    assert [c["number"] for c in (await response.json())["certificates"]] == ["ZA-2026-0001"]
+
+
+async def test_cancel_and_replace(pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    officer = za.auth("officer")
+    await issue(za, "ZA-2026-0001")
+    await issue(za, "ZA-2026-0002")
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0001/cancel",
+                                    headers=officer, json={})
+    assert response.status == 400
+    assert (await response.json())["problems"][0]["path"] == "reason"
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0001/cancel",
+                                    headers=officer, json={"reason": "issued in error"})
+    assert response.status == 200
+    assert (await response.json())["state"] == "cancelled"
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0001/cancel",
+                                    headers=officer, json={"reason": "again"})
+    assert response.status == 409
+    assert (await response.json())["error"] == "certificate.wrong_state"
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0999/cancel",
+                                    headers=officer, json={"reason": "x"})
+    assert response.status == 404
+    new = certificate_json("ZA-2026-0003", "ZA", "IN", parcels=4)
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0002/replace",
+                                    headers=officer, json={"reason": "wrong parcels",
+                                                           "certificate": new})
+    assert response.status == 201, await response.text()
+    assert (await response.json())["replaces"] == "ZA-2026-0002"
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0002").state is State.REPLACED
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0002/replace",
+                                    headers=officer, json={"reason": "x", "extra": 1})
+    assert response.status == 400
+    assert (await response.json())["problems"][0]["reason"] == "field.unknown"
+
+
+async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
+        pair: tuple[Served, Served]) -> None:
+    za, india = pair
+    await issue(za, "ZA-2026-0001")
+    await issue(za, "ZA-2026-0002")
+    carry(za.node, {"IN": india.node})
+    officer = india.auth("officer")
+    url = f"{API}/certificates/ZA-2026-0001/confirm"
+    response = await india.client.post(url, headers=officer, json={"parcels": "three"})
+    assert response.status == 400
+    assert (await response.json())["problems"][0]["path"] == "parcels"
+    response = await india.client.post(url, headers=officer, json={"received_on": "2000-01-01"})
+    assert response.status == 400
+    assert (await response.json())["error"] == "field.bad_date"
+    arrived = {"lines": [{"hs_code": "7102.31", "carats_hundredths": 240_000,
+                          "usd_cents": 40_000_000},
+                         {"hs_code": "7102.21", "carats_hundredths": 30_000,
+                          "usd_cents": 10_000_000}], "parcels": 3, "remarks": "one short"}
+    headers = {**officer, "Idempotency-Key": "arrival-1"}
+    first = await india.client.post(url, headers=headers, json=arrived)
+    assert first.status == 200, await first.text()
+    record = await first.json()
+    assert record["state"] == "confirmed"
+    assert record["discrepancies"][0]["field"].startswith("lines")
+    again = await india.client.post(url, headers=headers, json=arrived)
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    response = await india.client.post(url, headers=officer)
+    assert response.status == 409
+    response = await india.client.post(f"{API}/certificates/ZA-2026-0002/confirm",
+                                       headers=officer)  # no body: as declared
+    assert response.status == 200
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0002/confirm",
+                                    headers=za.auth("officer"))
+    assert response.status == 404  # the exporter holds no import of that number
+    carry(india.node, {"ZA": za.node})
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.CONFIRMED
+    assert len([r for r in india.node.store.backlog()]) == 0
+
+
+async def test_statistics_and_status(pair: tuple[Served, Served]) -> None:
+    za, india = pair
+    await issue(za, "ZA-2026-0001", issued_on="2026-11-22", expires_on="2027-01-21")
+    await issue(za, "ZA-2026-0002", issued_on="2026-05-02", expires_on="2027-01-21")
+    monitor = za.auth("monitor")
+    response = await za.client.get(f"{API}/statistics?quarter=2026-Q4", headers=monitor)
+    figures = await response.json()
+    assert figures["quarter"] == "2026-Q4"
+    assert figures["totals"]["exports"] == {"certificates": 1, "carats_hundredths": 280_000,
+                                            "usd_cents": 50_000_000}
+    assert {(r["partner"], r["hs_code"]) for r in figures["exports"]} == {
+        ("IN", "7102.31"), ("IN", "7102.21")}
+    response = await za.client.get(f"{API}/statistics?quarter=2026-Q5", headers=monitor)
+    assert response.status == 400
+    response = await za.client.get(f"{API}/status", headers=monitor)
+    status = await response.json()
+    assert status["certificates"]["export"] == {"issued": 2}
+    assert status["outbox_backlog"] == 2
+
+
+async def test_unknown_routes_and_methods_answer_json(pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    response = await za.client.get(f"{API}/nothing-here", headers=za.auth("monitor"))
+    assert response.status == 404
+    assert (await response.json())["error"] == "request.not_found"
+    response = await za.client.delete(f"{API}/certificates", headers=za.auth("officer"))
+    assert response.status == 405
+    assert (await response.json())["error"] == "request.method_not_allowed"
+
+
+async def test_every_call_is_in_the_evidence_log_with_who_made_it(
+        pair: tuple[Served, Served], capsys: pytest.CaptureFixture[str]) -> None:
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    await za.client.get(f"{API}/certificates", headers=za.auth("monitor"))
+    await za.client.get(f"{API}/certificates", headers={"Authorization": "Bearer wrong"})
+    await za.client.get(f"{API}/openapi.json")
+    calls = api_entries(za.node)
+    assert [(c["who"], c["method"], c["path"], c["status"]) for c in calls] == [
+        ("za-officer", "POST", f"{API}/certificates", 201),
+        ("za-monitor", "GET", f"{API}/certificates", 200),
+        (None, "GET", f"{API}/certificates", 401),
+    ]
+    assert calls[0]["certificate"] == "ZA-2026-0001"
+    capsys.readouterr()
+    kpnode(["verify-log", "--json", "--dir", str(za.node.config.directory)])
+    assert json.loads(capsys.readouterr().out) == {"entries": 5, "faults": [], "ok": True}
