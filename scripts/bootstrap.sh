@@ -41,3 +41,14 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
 fi
 
 .venv/bin/python -m node.localbroker --ensure-installed
+
+# The console's browser test (tests/test_console_browser.py) drives Debian's chromium; the
+# demo does not need it. Only root on an apt-based system installs it; else the test says so.
+if [ "$me" != demo ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] &&
+    command -v apt-get >/dev/null 2>&1; then
+    echo "$me: installing Debian's chromium for the console's browser test" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+        echo "$me: could not install chromium; the browser test will fail and say so" >&2
+    fi
+fi

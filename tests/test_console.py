@@ -1,0 +1,141 @@
+"""The web console without a browser: login, sessions, CSRF, roles, pages, evidence."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from node.audit import AUDIT_DIRECTION, read_audit_entry
+from node.machine import Side, State
+from node.network import create_network
+from node.service import Node
+from tests.netutil import carry
+from tests.webutil import Served, serve
+
+C = "/console"
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Served, Served]]:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
+    served = (await serve(za), await serve(india))
+    yield served
+    for s in served:
+        await s.client.close()
+        s.node.close()
+
+
+async def login(s: Served, who: str) -> str:
+    """Log in through the form; returns the session's CSRF token."""
+    page = await (await s.client.get(f"{C}/login")).text()
+    csrf = re.search(r"name=csrf value='([^']+)'", page)
+    assert csrf is not None
+    response = await s.client.post(f"{C}/login", data={"csrf": csrf[1],
+                                                       "token": s.tokens[who]})
+    assert response.status == 200 and str(response.url).endswith(f"{C}/")
+    match = re.search(r"name=csrf value='([^']+)'", await response.text())
+    assert match is not None
+    return match[1]
+
+
+def issue_form(csrf: str, number: str) -> dict[str, str]:
+    return {"csrf": csrf, "number": number, "destination": "IN", "origins": "ZA",
+            "exporter_name": "ZA Mining", "exporter_address": "1 Main Road",
+            "importer_name": "IN Traders", "importer_address": "2 Bourse", "parcels": "2",
+            "issued_on": date.today().isoformat(),
+            "expires_on": (date.today() + timedelta(days=60)).isoformat(), "remarks": "",
+            "hs0": "7102.31", "carats0": "1,250.50", "usd0": "200000"}
+
+
+async def test_pages_need_a_login_and_a_bad_token_is_refused(pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    response = await za.client.get(f"{C}/incoming", allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == f"{C}/login"
+    page = await (await za.client.get(f"{C}/login")).text()
+    csrf = re.search(r"name=csrf value='([^']+)'", page)
+    assert csrf is not None
+    response = await za.client.post(f"{C}/login", data={"csrf": csrf[1], "token": "kpx_no"})
+    assert response.status == 401
+    response = await za.client.post(f"{C}/login", data={"csrf": "forged", "token":
+                                                         za.tokens["officer"]})
+    assert response.status == 403
+    response = await za.client.post(f"{C}/issue", data={"number": "ZA-1"})
+    assert response.status == 401
+    assert za.node.records() == []
+
+
+async def test_an_officer_issues_and_a_form_without_the_csrf_token_is_refused(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    csrf = await login(za, "officer")
+    form = issue_form(csrf, "ZA-2026-0100")
+    response = await za.client.post(f"{C}/issue", data={**form, "csrf": "wrong"})
+    assert response.status == 403
+    assert za.node.records() == []
+    bad = {**form, "carats0": "12.345"}
+    response = await za.client.post(f"{C}/issue", data=bad)
+    assert response.status == 400
+    assert "at most two decimals" in await response.text()
+    bad = {**form, "exporter_name": ""}
+    response = await za.client.post(f"{C}/issue", data=bad)
+    assert response.status == 400
+    assert "exporter.name" in await response.text()
+    response = await za.client.post(f"{C}/issue", data=form)
+    assert response.status == 200 and "flash=issued" in str(response.url)
+    record = za.node.store.get(Side.EXPORT, "ZA-2026-0100")
+    assert record is not None
+    assert record.certificate.carats_hundredths == 125_050
+    assert record.certificate.usd_cents == 20_000_000
+    assert "ZA-2026-0100" in await response.text()
+    calls = [read_audit_entry(e.frame) for e in za.node.store.evidence()
+             if e.direction == AUDIT_DIRECTION]
+    assert ("za-officer", "/console/issue", 303) in {(c["who"], c["path"], c["status"])
+                                                     for c in calls}
+
+
+async def test_a_monitor_sees_the_pages_but_cannot_confirm(pair: tuple[Served, Served]) -> None:
+    za, india = pair
+    csrf = await login(za, "officer")
+    await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0101"))
+    carry(za.node, {"IN": india.node})
+    monitor_csrf = await login(india, "monitor")
+    page = await (await india.client.get(f"{C}/incoming")).text()
+    assert "ZA-2026-0101" in page and "Confirm arrival" not in page
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0101/confirm",
+                                       data={"csrf": monitor_csrf})
+    assert response.status == 403
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0101").state is State.RECEIVED
+    for path in ("", "outgoing", "dead-letters", "partners", "statistics",
+                 "certificate/ZA-2026-0101", "issue"):
+        response = await india.client.get(f"{C}/{path}")
+        assert response.status == 200, path
+        assert "http://" not in (await response.text()).replace(
+            "http://www.w3.org/2000/svg", "")  # nothing fetched from elsewhere
+
+
+async def test_confirming_what_arrived_differently_records_the_discrepancy(
+        pair: tuple[Served, Served]) -> None:
+    za, india = pair
+    csrf = await login(za, "officer")
+    await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0102"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0102/confirm",
+                                       data={"csrf": csrf, "carats0": "1250.00",
+                                             "usd0": "200000.00", "parcels": "2",
+                                             "received_on": "", "remarks": "short"})
+    assert response.status == 200 and "flash=confirmed" in str(response.url)
+    record = india.node.store.get(Side.IMPORT, "ZA-2026-0102")
+    assert record.state is State.CONFIRMED
+    assert any("carats" in d.field for d in record.discrepancies), record.discrepancies
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0102/confirm",
+                                       data={"csrf": csrf})
+    assert response.status == 409
+    carry(india.node, {"ZA": za.node})
+    page = await (await za.client.get(f"{C}/certificate/ZA-2026-0102")).text()
+    assert "import_confirmation" in page and "discrepancy" in page
