@@ -101,7 +101,7 @@ def h(value: object) -> str:
     return escape(str(value), quote=True)
 
 
-def page(request: web.Request, title: str, body: str, *, active: str = "",
+def page(request: web.Request, title: str, body: str, *, active: str | None = None,
          status: int = 200) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     session: Session | None = request.get(SESSION)

@@ -133,9 +133,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _tokens(args: argparse.Namespace) -> Tokens:
     from node.cli import node_dir
-    from node.config import load_config
+    from node.config import CONFIG_NAME, ConfigError
 
-    return Tokens(load_config(node_dir(args)).directory)
+    directory = node_dir(args)
+    if not (directory / CONFIG_NAME).exists():  # tokens need no key or registry yet
+        raise ConfigError(f"{directory} is not a node directory (no {CONFIG_NAME})")
+    return Tokens(directory)
 
 
 def _cmd_add(args: argparse.Namespace) -> None:

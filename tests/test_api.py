@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -17,7 +19,6 @@ from openapi_spec_validator import validate
 
 from node.api import ROUTES, api_app
 from node.audit import AUDIT_DIRECTION, read_audit_entry
-from node.cli import main as kpnode
 from node.machine import Side, State
 from node.network import create_network
 from node.openapi import openapi_document
@@ -41,6 +42,14 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Served, Served]]:
     for s in served:
         await s.client.close()
         s.node.close()
+
+
+def kpnode(*args: str) -> str:
+    """The real command, in its own process (it configures logging for the process)."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def api_entries(node: Node) -> list[dict[str, Any]]:
@@ -331,7 +340,7 @@ async def test_unknown_routes_and_methods_answer_json(pair: tuple[Served, Served
 
 
 async def test_every_call_is_in_the_evidence_log_with_who_made_it(
-        pair: tuple[Served, Served], capsys: pytest.CaptureFixture[str]) -> None:
+        pair: tuple[Served, Served]) -> None:
     za, _ = pair
     await issue(za, "ZA-2026-0001")
     await za.client.get(f"{API}/certificates", headers=za.auth("monitor"))
@@ -344,6 +353,19 @@ async def test_every_call_is_in_the_evidence_log_with_who_made_it(
         (None, "GET", f"{API}/certificates", 401),
     ]
     assert calls[0]["certificate"] == "ZA-2026-0001"
-    capsys.readouterr()
-    kpnode(["verify-log", "--json", "--dir", str(za.node.config.directory)])
-    assert json.loads(capsys.readouterr().out) == {"entries": 5, "faults": [], "ok": True}
+    verified = kpnode("verify-log", "--json", "--dir", str(za.node.config.directory))
+    assert json.loads(verified) == {"entries": 5, "faults": [], "ok": True}
+
+
+async def test_a_token_made_with_kpnode_works_at_once_and_is_kept_hashed(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    directory = za.node.config.directory
+    added = kpnode("token", "add", "customs-system", "--role", "officer", "--json",
+                   "--dir", str(directory))
+    token = json.loads(added)["token"]
+    response = await za.client.get(f"{API}/status",
+                                   headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200
+    assert token not in (directory / "tokens.json").read_text()
+    assert (directory / "tokens.json").stat().st_mode & 0o077 == 0
