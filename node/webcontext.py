@@ -15,7 +15,7 @@ from node.machine import OPEN_STATES, Record, Refusal, Side, State
 from node.quarter import Quarter, quarter_figures
 from node.service import Node, now_ms
 from node.tokens import Principal, Tokens
-from protocol import Reason, new_message_id
+from protocol import Reason, key_id, new_message_id
 
 StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 StatisticsProvider = Callable[[Quarter], Mapping[str, Any]]
@@ -96,7 +96,8 @@ def basic_status(node: Node) -> dict[str, Any]:
     today = dt.date.today()
     return {
         "participant": node.me, "authority": node.config.authority,
-        "key_id": node.key_id.hex(), "registry_version": node.registry.version,
+        "key_id": key_id(bytes(node.signing_key().verify_key)).hex(),
+        "registry_version": node.registry.version,
         "certificates": counts, "outbox_backlog": len(node.store.backlog()),
         "overdue": sum(1 for r in node.records(states=(*OPEN_STATES, State.EXPIRED))
                        if is_overdue(r, today)),
