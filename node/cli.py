@@ -444,6 +444,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep", help="keep the network's directories here")
     sp.add_argument("--json", action="store_true")
     simulate.register(sub, common)
+    from node.opscli import register as register_operator_commands  # it imports this module
+    register_operator_commands(sub, common)
     return p
 
 

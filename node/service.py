@@ -89,6 +89,8 @@ class Verdict:
     #: set when the delivery must go to the dead-letter queue (then be acknowledged)
     dead_letter: Refusal | None = None
     duplicate: bool = False
+    #: the message's kind once it could be read (for metrics); None for unreadable bytes
+    kind: str | None = None
 
 
 def certificate_of(envelope: Envelope) -> str | None:
@@ -278,7 +280,7 @@ class Node:
                 self.store.requeue(answer_id, ctx.now_ms)
             log.info("duplicate", message_id=env.message_id, sender=env.sender,
                      kind=str(env.kind), answered_again=answer_id is not None)
-            return Verdict(duplicate=True)
+            return Verdict(duplicate=True, kind=str(env.kind))
         known = self.store.load(touches(env, self.me))
         decision = receive(ctx, admitted, known)
         self._commit(ctx, decision, admitted)
@@ -292,7 +294,7 @@ class Node:
             log.warning("refused", message_id=env.message_id, sender=env.sender,
                         kind=str(env.kind), reason=refusal.reason, text=refusal.text,
                         certificate=refusal.certificate)
-        return Verdict(dead_letter=refusal)
+        return Verdict(dead_letter=refusal, kind=str(env.kind))
 
     def _refused_at_admission(self, ctx: Context, refusal: Refusal,
                               delivery: Delivery) -> Verdict:
