@@ -166,6 +166,16 @@ def _figures(f: dict[str, int]) -> list[object]:
     return [f["certificates"], carats(f["carats_hundredths"]), usd(f["usd_cents"])]
 
 
+def _amount(field: str, value: int | None) -> str:
+    if value is None:
+        return "-"
+    if field.endswith("usd_cents"):
+        return "US$ " + usd(value)
+    if field.endswith("carats_hundredths"):
+        return carats(value) + " ct"
+    return str(value)
+
+
 def render_stats(report: dict[str, Any]) -> str:
     parts = [f"{report['participant']} {report['quarter']} ({report['from']} to {report['to']}),"
              " by date of issue; rejected, cancelled and replaced certificates excluded", ""]
@@ -185,8 +195,7 @@ def render_stats(report: dict[str, Any]) -> str:
     if disagreements:
         parts += ["", f"{len(disagreements)} disagreement(s):",
                   table([[d["flow"], d["partner"], d["number"], d["state"], d["field"],
-                          "-" if d["declared"] is None else d["declared"],
-                          "-" if d["received"] is None else d["received"]]
+                          _amount(d["field"], d["declared"]), _amount(d["field"], d["received"])]
                          for d in disagreements],
                         ("flow", "partner", "certificate", "state", "field", "declared",
                          "received"))]

@@ -269,6 +269,8 @@ class RunningNode:
         for row, result in zip(rows, results, strict=True):
             if result.confirmed:
                 self.metrics.messages_out.labels(kind=row.kind).inc()
+                log.debug("published", message_id=row.message_id, recipient=row.recipient,
+                          kind=row.kind, attempts=row.attempts + 1)
             else:
                 self.metrics.publish_failures.labels(
                     kind=row.kind, error="unroutable" if result.returned else "failed").inc()

@@ -162,9 +162,14 @@ class Node:
         if decision.registry is not None:
             store.save_registry(decision.registry.version, decision.registry.frame, ctx.now_ms)
             self.registry = decision.registry
+        cause = incoming.envelope if incoming is not None else None
         for r in decision.records:
-            log.info("certificate", number=r.number, side=str(r.side), state=str(r.state),
-                     partner=r.partner, message_id=r.message_id,
+            # One line per state change, with what caused it: an incoming message (its id
+            # and kind) or a local command (no cause).
+            log.info("certificate", node=self.me, number=r.number, side=str(r.side),
+                     state=str(r.state), partner=r.partner, message_id=r.message_id,
+                     cause_message_id=cause.message_id if cause else None,
+                     cause_kind=str(cause.kind) if cause else "command",
                      discrepancies=len(r.discrepancies) or None)
 
     def _command(self, decide: Callable[[Context], Decision]) -> Decision:

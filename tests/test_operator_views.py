@@ -5,16 +5,22 @@ the evidence chain. No broker."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+import structlog.testing
 from nacl.signing import SigningKey
 
 from node.deadletters import dead_letter_id, describe
 from node.evidence import GENESIS, OPERATOR, Entry, entry_hash, operator_record, verify_chain
 from node.machine import Record, Side, State
+from node.network import create_network
 from node.registry import Registry
+from node.service import Node
 from node.stats import (
     Quarter,
     in_quarter,
@@ -23,7 +29,7 @@ from node.stats import (
     trade_table,
     valuation_check,
 )
-from node.status import BrokerView, Pending, age_bucket, build_status
+from node.status import BrokerView, Pending, age_bucket, build_status, gather_status
 from protocol import (
     Authority,
     ImportConfirmation,
@@ -33,7 +39,7 @@ from protocol import (
     RegistryKey,
     RegistryUpdate,
 )
-from tests.netutil import certificate
+from tests.netutil import carry, certificate
 
 DAY_MS = 86_400_000
 NOW = int(datetime(2026, 2, 15, 12, tzinfo=UTC).timestamp() * 1000)
@@ -255,3 +261,40 @@ def test_operator_records_chain_and_verify_and_tampering_is_found() -> None:
                 entry_hash(GENESIS, 1, NOW, OPERATOR, "op-1", None, junk))
     (fault,) = verify_chain([bad], [], bytes(32))
     assert "operator record does not parse" in fault.problem
+
+
+# -- the shells without a broker ------------------------------------------------------------
+
+
+def test_every_state_change_is_logged_with_certificate_partner_state_and_message_id(
+        tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    with structlog.testing.capture_logs() as logs:
+        nodes["ZA"].issue(certificate("ZA-L1", "ZA", "IN"))
+        carry(nodes["ZA"], nodes)
+        carry(nodes["IN"], nodes)
+    changes = [(e["node"], e["number"], e["partner"], e["state"], e["cause_kind"])
+               for e in logs if e["event"] == "certificate"]
+    assert changes == [("ZA", "ZA-L1", "IN", "issued", "command"),
+                       ("IN", "ZA-L1", "ZA", "received", "certificate"),
+                       ("ZA", "ZA-L1", "IN", "delivered", "receipt")]
+    assert all(e["message_id"] for e in logs if e["event"] == "certificate")
+    for node in nodes.values():
+        node.close()
+
+
+async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    try:
+        s = await gather_status(node)
+    finally:
+        node.close()
+    assert s["broker"]["reachable"] is False and s["health"] == "error"
+    assert "amqp://guest:***@127.0.0.1:1/" in s["broker"]["error"]
+    assert s["problems"][0]["text"].startswith("the node is not running")
+    listed = subprocess.run([sys.executable, "-m", "node.cli", "dead-letters", "list", "--dir",
+                             str(network.configs["ZA"].directory)],
+                            capture_output=True, text=True, check=False)
+    assert listed.returncode == 3 and "no broker answered" in listed.stderr
