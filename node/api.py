@@ -22,8 +22,8 @@ from aiohttp import web
 
 from node.machine import Side, State
 from node.openapi import openapi_document
-from node.quarter import Quarter
 from node.service import CommandRefused, Node
+from node.stats import Quarter
 from node.store import StoreError
 from node.tokens import Principal, TokenError, Tokens
 from node.views import history_json, record_json
@@ -33,6 +33,7 @@ from node.webcontext import (
     StatusProvider,
     WebContext,
     is_overdue,
+    quarter_of,
     refusal_problems,
     refusal_status,
 )
@@ -390,7 +391,7 @@ async def get_statistics(request: web.Request) -> web.Response:
     text = request.query.get("quarter")
     try:
         quarter = (Quarter.parse(text) if text is not None
-                   else Quarter.of(date.fromtimestamp(ctx.node.clock() / 1000)))
+                   else quarter_of(date.fromtimestamp(ctx.node.clock() / 1000)))
     except ValueError as exc:
         raise ValidationError((Problem("quarter", Reason.BAD_FORMAT, str(exc)),),
                               "query is not valid") from None

@@ -496,6 +496,8 @@ def parser() -> argparse.ArgumentParser:
     simulate.register(sub, common)
     registrytool.register(sub, common)
     tokens.register(sub, common)
+    from node.opscli import register as register_operator_commands  # it imports this module
+    register_operator_commands(sub, common)
     return p
 
 

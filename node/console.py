@@ -25,11 +25,11 @@ import structlog
 from aiohttp import web
 
 from node.machine import OPEN_STATES, Record, Side, State
-from node.quarter import Quarter
 from node.service import CommandRefused
+from node.stats import ALL, Quarter
 from node.tokens import Principal, TokenError
 from node.views import carats, history_json, parse_amount, usd
-from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, refusal_problems
+from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, quarter_of, refusal_problems
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
 
 log = structlog.get_logger("kpx.console")
@@ -79,7 +79,7 @@ input,select{padding:.25em;border:1px solid #b9c3ce;border-radius:3px}
 fieldset{border:1px solid #cfd7df;background:#fff;margin:.8em 0}label{display:inline-block;
  margin:.2em .8em .2em 0}.cards{display:flex;gap:1em;flex-wrap:wrap}
 .card{background:#fff;border:1px solid #dde3ea;padding:.6em 1em;min-width:9em}
-.card b{display:block;font-size:1.6em}.muted{color:#66717d}
+.card b{display:block;font-size:1.6em}tr.total td{font-weight:600}.muted{color:#66717d}
 """
 
 SCRIPT = """
@@ -610,8 +610,9 @@ async def partners(request: web.Request) -> web.Response:
 def bar_chart(figures: Mapping[str, Any]) -> str:
     """Exports and imports in US$ per partner, as inline SVG."""
     by_partner: dict[str, list[int]] = {}
-    for i, key in enumerate(("exports", "imports")):
-        for row in figures.get(key, []):
+    for row in figures.get("trade", []):
+        if row["partner"] != ALL and row["hs_code"] == ALL:  # one total per partner
+            i = 0 if row["flow"] == "exports" else 1
             by_partner.setdefault(row["partner"], [0, 0])[i] += int(row["usd_cents"])
     if not by_partner:
         return "<p class=muted>No trade this quarter yet.</p>"
@@ -647,17 +648,18 @@ async def statistics(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     try:
         quarter = Quarter.parse(request.query["quarter"]) if "quarter" in request.query \
-            else Quarter.of(today_of(ctx))
+            else quarter_of(today_of(ctx))
     except ValueError as exc:
         return page(request, "Statistics", f"<p class=error>{h(exc)}</p>", status=400)
     figures = ctx.figures(quarter)
     tables = []
     for key in ("exports", "imports"):
-        rows = "".join(f"<tr><td>{h(x['partner'])}</td><td>{h(x['hs_code'])}</td>"
+        rows = "".join(f"<tr{' class=total' if ALL in (x['partner'], x['hs_code']) else ''}>"
+                       f"<td>{h(x['partner'])}</td><td>{h(x['hs_code'])}</td>"
                        f"<td class=n>{x['certificates']}</td>"
                        f"<td class=n>{carats(x['carats_hundredths'])}</td>"
                        f"<td class=n>{usd(x['usd_cents'])}</td></tr>"
-                       for x in figures.get(key, []))
+                       for x in figures.get("trade", []) if x["flow"] == key)
         tables.append(f"<h2>{key.capitalize()}</h2><table id={key}><thead><tr><th>partner</th>"
                       "<th>HS code</th><th>certificates</th><th>carats</th><th>US$</th></tr>"
                       f"</thead><tbody>{rows}</tbody></table>")

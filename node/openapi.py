@@ -132,18 +132,30 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Figures": {
         "type": "object",
-        "properties": {"partner": _STR, "hs_code": _STR, "certificates": _INT,
+        "description": "one row of the trade table; partner or hs_code ALL in total rows",
+        "properties": {"flow": {"type": "string", "enum": ["exports", "imports"]},
+                       "partner": _STR, "hs_code": _STR, "certificates": _INT,
                        "carats_hundredths": _INT, "usd_cents": _INT},
     },
     "Statistics": {
-        "type": "object", "required": ["quarter"],
-        "properties": {"quarter": _STR,
-                       "exports": {"type": "array", "items": _ref("Figures")},
-                       "imports": {"type": "array", "items": _ref("Figures")},
-                       "totals": {"type": "object"}},
+        "type": "object", "required": ["quarter", "trade"],
+        "description": "what 'kpnode stats --json' gives: the trade table, the mirror check "
+                       "(declared against confirmed) and the valuation check",
+        "properties": {"participant": _STR, "quarter": _STR,
+                       "from": {"type": "string", "format": "date"},
+                       "to": {"type": "string", "format": "date"},
+                       "trade": {"type": "array", "items": _ref("Figures")},
+                       "mirror": {"type": "array", "items": {"type": "object"}},
+                       "disagreements": {"type": "array", "items": {"type": "object"}},
+                       "valuation_threshold_percent": _STR,
+                       "valuation_flags": {"type": "array", "items": {"type": "object"}}},
     },
-    "Status": {"type": "object", "required": ["participant"],
-               "properties": {"participant": _STR}},
+    "Status": {"type": "object", "required": ["participant", "health"],
+               "description": "what 'kpnode status --json' gives",
+               "properties": {"participant": _STR,
+                              "health": {"type": "string", "enum": ["ok", "warning",
+                                                                    "error"]},
+                              "problems": {"type": "array", "items": {"type": "object"}}}},
 }
 
 _READ = _errors(401)
@@ -225,7 +237,7 @@ _PATHS: dict[str, Any] = {
         "operationId": "quarterStatistics",
         "summary": "a quarter's certificate-based trade figures per partner and HS code",
         "parameters": [{"name": "quarter", "in": "query", "description": "default: this one",
-                        "schema": {"type": "string", "pattern": "^[0-9]{4}-Q[1-4]$"}}],
+                        "schema": {"type": "string", "pattern": "^[0-9]{4}-?Q[1-4]$"}}],
         "responses": {"200": _json(_ref("Statistics"), "the figures"), **_errors(400, 401)}}},
     "/status": {"get": {
         "operationId": "nodeStatus", "summary": "the node's status",

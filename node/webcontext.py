@@ -10,12 +10,13 @@ from typing import Any
 
 from aiohttp import web
 
-from node.audit import AUDIT_DIRECTION, audit_entry
-from node.machine import OPEN_STATES, Record, Refusal, Side, State
-from node.quarter import Quarter, quarter_figures
+from node.evidence import OPERATOR, operator_record
+from node.machine import OPEN_STATES, Record, Refusal, State
 from node.service import Node, now_ms
+from node.stats import Quarter, quarterly_report
+from node.status import gather_status
 from node.tokens import Principal, Tokens
-from protocol import Reason, key_id, new_message_id
+from protocol import Reason, new_message_id
 
 StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 StatisticsProvider = Callable[[Quarter], Mapping[str, Any]]
@@ -26,9 +27,9 @@ DeadLetterDepth = Callable[[], Awaitable[int | None]]
 class WebContext:
     node: Node
     tokens: Tokens
-    #: the node's status document (``GET /api/v1/status``); default :func:`basic_status`
+    #: the node's status document (``GET /api/v1/status``); default ``kpnode status``'s
     status: StatusProvider | None = None
-    #: a quarter's figures; default :func:`node.quarter.quarter_figures` over the store
+    #: a quarter's figures; default ``kpnode stats``'s report
     statistics: StatisticsProvider | None = None
     #: messages waiting in the broker's dead-letter queue, or None when unknown
     dead_letter_depth: DeadLetterDepth | None = None
@@ -37,27 +38,29 @@ class WebContext:
     async def status_document(self) -> Mapping[str, Any]:
         if self.status is not None:
             return await self.status()
-        return basic_status(self.node)
+        return await gather_status(self.node)
 
     def figures(self, quarter: Quarter) -> Mapping[str, Any]:
         if self.statistics is not None:
             return self.statistics(quarter)
-        return quarter_figures(self.node.records(), quarter)
+        return quarterly_report(self.node.me, self.node.records(), quarter)
 
     def record_call(self, principal: Principal | None, method: str, path: str, status: int,
                     *, certificate: str | None = None, idempotency_key: str | None = None,
                     via: str = "api") -> None:
-        """Chain the call into the evidence log: who, what, with which outcome."""
+        """Chain the call into the evidence log as an operator entry: who (the token's name,
+        or ``anonymous`` when it had none that worked), what, with which outcome."""
         at = now_ms()
-        entry = audit_entry(at=at, who=principal.name if principal else None,
-                            role=str(principal.role) if principal else None, method=method,
-                            path=path, status=status, certificate=certificate,
-                            idempotency_key=idempotency_key, via=via)
+        entry = operator_record(f"{via}.call", principal.name if principal else ANONYMOUS, at,
+                                role=str(principal.role) if principal else None,
+                                method=method, path=path, status=status,
+                                certificate=certificate, idempotency_key=idempotency_key)
         store = self.node.store
         with store.transaction():
-            store.append_evidence(AUDIT_DIRECTION, entry, f"api-{new_message_id()}", None, at)
+            store.append_evidence(OPERATOR, entry, new_message_id(), None, at)
 
 
+ANONYMOUS = "anonymous"
 WEB_CONTEXT = web.AppKey("kpx_web_context", WebContext)
 
 #: refusals a client can fix by changing the request itself
@@ -89,16 +92,5 @@ def is_overdue(record: Record, today: dt.date) -> bool:
         record.state in OPEN_STATES and record.certificate.expires_on < today)
 
 
-def basic_status(node: Node) -> dict[str, Any]:
-    counts: dict[str, dict[str, int]] = {str(s): {} for s in Side}
-    for (side, state), n in node.store.counts().items():
-        counts[side][state] = n
-    today = dt.date.today()
-    return {
-        "participant": node.me, "authority": node.config.authority,
-        "key_id": key_id(bytes(node.signing_key().verify_key)).hex(),
-        "registry_version": node.registry.version,
-        "certificates": counts, "outbox_backlog": len(node.store.backlog()),
-        "overdue": sum(1 for r in node.records(states=(*OPEN_STATES, State.EXPIRED))
-                       if is_overdue(r, today)),
-    }
+def quarter_of(day: dt.date) -> Quarter:
+    return Quarter(day.year, (day.month - 1) // 3 + 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.audit import AUDIT_DIRECTION, read_audit_entry
+from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
 from node.network import create_network
 from node.service import Node
@@ -92,10 +92,10 @@ async def test_an_officer_issues_and_a_form_without_the_csrf_token_is_refused(
     assert record.certificate.carats_hundredths == 125_050
     assert record.certificate.usd_cents == 20_000_000
     assert "ZA-2026-0100" in await response.text()
-    calls = [read_audit_entry(e.frame) for e in za.node.store.evidence()
-             if e.direction == AUDIT_DIRECTION]
-    assert ("za-officer", "/console/issue", 303) in {(c["who"], c["path"], c["status"])
-                                                     for c in calls}
+    calls = [read_operator_record(e.frame) for e in za.node.store.evidence()
+             if e.direction == OPERATOR]
+    assert ("za-officer", "console.call", "/console/issue", 303) in {
+        (c["operator"], c["action"], c["path"], c["status"]) for c in calls}
 
 
 async def test_a_monitor_sees_the_pages_but_cannot_confirm(pair: tuple[Served, Served]) -> None:

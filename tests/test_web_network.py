@@ -8,6 +8,7 @@ the README shows (docs/console.png).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -15,15 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from node.machine import Side, State
 from node.network import create_network
 from node.runner import RunningNode
 from node.service import Node, now_ms
 from node.tokens import Role, Tokens
-from node.web import mount_web
 from tests.netutil import certificate_json
 from tests.test_network import fresh_codes, state, until
 
@@ -40,11 +38,11 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
 class Site:
     code: str
     node: Node
-    server: TestServer
+    base: str
     officer: str
 
     def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
+        return self.base + path
 
 
 @pytest.fixture
@@ -54,19 +52,14 @@ async def sites(amqp_url: str, tmp_path: Path) -> AsyncIterator[tuple[Site, Site
     async with AsyncExitStack() as stack:
         found = []
         for code in codes:
-            running = RunningNode(network.configs[code])
+            # the node's own HTTP server (kpnode run with http_port) on a free port
+            running = RunningNode(dataclasses.replace(network.configs[code], http_port=0))
             await running.start()
             stack.push_async_callback(running.stop)
-            assert running.node is not None and running.transport is not None
-            app = web.Application()
-            mount_web(app, running.node, network.configs[code].directory,
-                      dead_letter_depth=running.transport.dead_letter_depth)
-            server = TestServer(app, host="127.0.0.1")
-            await server.start_server()
-            stack.push_async_callback(server.close)
+            assert running.node is not None and running.http is not None
             token = Tokens(network.configs[code].directory).add(
                 f"{code.lower()}-officer", Role.OFFICER, now_ms())
-            found.append(Site(code, running.node, server, token))
+            found.append(Site(code, running.node, running.http.url, token))
         yield found[0], found[1]
 
 
