@@ -274,6 +274,17 @@ def filter_box(table_id: str) -> str:
             f"aria-label='filter the table'>")
 
 
+async def dead_letter_count(ctx: WebContext) -> int | None:
+    """The dead-letter queue's depth, or None (shown as ?) while the broker cannot say."""
+    if ctx.dead_letter_depth is None:
+        return None
+    try:
+        return await ctx.dead_letter_depth()
+    except Exception as exc:  # a console page must not fail because the broker is away
+        log.warning("dead-letter depth unknown", error=str(exc))
+        return None
+
+
 def today_of(ctx: WebContext) -> dt.date:
     return dt.date.fromtimestamp(ctx.node.clock() / 1000)
 
@@ -289,7 +300,7 @@ async def overview(request: web.Request) -> web.Response:
     open_out = [r for r in records if r.side is Side.EXPORT and r.state in OPEN_STATES]
     overdue = [r for r in records if is_overdue(r, today)]
     closed = [r for r in records if r.state is State.CONFIRMED]
-    depth = await ctx.dead_letter_depth() if ctx.dead_letter_depth else None
+    depth = await dead_letter_count(ctx)
     cards = "".join(f"<div class=card><b>{n}</b>{h(what)}</div>" for n, what in (
         (len(waiting), "incoming awaiting arrival"), (len(open_out), "outgoing open"),
         (len(overdue), "overdue loops"), (len(closed), "loops closed"),
@@ -565,7 +576,7 @@ async def certificate(request: web.Request) -> web.Response:
 
 async def dead_letters(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
-    depth = await ctx.dead_letter_depth() if ctx.dead_letter_depth else None
+    depth = await dead_letter_count(ctx)
     refused = ctx.node.store.refused_messages(200)
     rows = "".join(f"<tr><td>{dt.datetime.fromtimestamp(at / 1000):%Y-%m-%d %H:%M:%S}</td>"
                    f"<td>{h(sender)}</td><td>{h(kind)}</td><td><code>{h(mid)}</code></td>"
