@@ -629,7 +629,7 @@ def bar_chart(figures: Mapping[str, Any]) -> str:
         return "<p class=muted>No trade this quarter yet.</p>"
     top = max(max(v) for v in by_partner.values()) or 1
     group, bar, height, left = 70, 24, 180, 60
-    width = left + group * len(by_partner) + 20
+    width = max(320, left + group * len(by_partner) + 20)
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 60}' "
              f"role=img aria-label='US$ value per partner' id=chart>"]
     for tick in range(5):
