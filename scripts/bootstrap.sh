@@ -42,7 +42,7 @@ fi
 
 .venv/bin/python -m node.localbroker --ensure-installed
 
-# The console's browser test (tests/test_console_browser.py) drives Debian's chromium; the
+# The console's browser test (tests/test_web_network.py) drives Debian's chromium; the
 # demo does not need it. Only root on an apt-based system installs it; else the test says so.
 if [ "$me" != demo ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] &&
     command -v apt-get >/dev/null 2>&1; then
