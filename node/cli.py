@@ -542,6 +542,8 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(handler=cmd_key_show)
     simulate.register(sub, common)
     registrytool.register(sub, common)
+    from node.opscli import register as register_operator_commands  # it imports this module
+    register_operator_commands(sub, common)
     return p
 
 

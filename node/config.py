@@ -41,6 +41,10 @@ class NodeConfig:
     declare_topology: bool = True
     #: send a certificate again (same message id) when no receipt came back in this time
     resend_after_seconds: int = 3600
+    #: /metrics, /healthz and /readyz (node/httpserver.py): off unless ``http_port`` is set;
+    #: 0 picks a free port (tests). Loopback by default: put a proxy in front to expose it.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -137,6 +141,8 @@ def load_config(directory: Path | str) -> NodeConfig:
             delivery_limit=int(data.get("delivery_limit", 5)),
             declare_topology=bool(data.get("declare_topology", True)),
             resend_after_seconds=int(data.get("resend_after_seconds", 3600)),
+            http_host=str(data.get("http_host", "127.0.0.1")),
+            http_port=None if data.get("http_port") in (None, "") else int(data["http_port"]),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: a setting has the wrong type: {exc}") from exc
@@ -167,6 +173,9 @@ def write_config(config: NodeConfig) -> Path:
         f"declare_topology = {_toml_value(config.declare_topology)}",
         f"resend_after_seconds = {config.resend_after_seconds}",
     ]
+    if config.http_port is not None:
+        lines.append(f"http_host = {_toml_value(config.http_host)}")
+        lines.append(f"http_port = {config.http_port}")
     if config.broker_user:
         lines.append(f"broker_user = {_toml_value(config.broker_user)}")
     path = config.directory / CONFIG_NAME

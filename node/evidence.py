@@ -10,19 +10,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from protocol import ProtocolError, RegistryUpdate, decode_body, parse_frame, verify_frame
-from protocol.codec import pack
+from protocol.codec import pack, unpack
 from protocol.keys import key_id
+from protocol.reasons import Reason
 
 GENESIS = bytes(32)
+#: The direction of an operator's action record (a dead letter replayed or discarded).
+#: Such an entry's "frame" is not a signed message but the canonical msgpack map that
+#: :func:`operator_record` makes; the hash chain protects it like any other entry.
+OPERATOR = "operator"
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
     seq: int
     recorded_at: int
-    direction: str  # "in" | "out"
+    direction: str  # "in" | "out" | "operator"
     message_id: str
     certificate: str | None
     frame: bytes
@@ -66,11 +72,37 @@ def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
                       e.frame) != e.hash:
             faults.append(Fault(e.seq, "hash does not match its content and predecessor"))
         prev = e.hash
+        if e.direction == OPERATOR:
+            faults.extend(Fault(e.seq, p) for p in _operator_problems(e.frame))
+            continue
         problems = _frame_problems(e.frame, keys.get)
         faults.extend(Fault(e.seq, p) for p in problems)
         if not problems:
             _learn_keys(e.frame, keys, key_id(chair_public_key))
     return faults
+
+
+def operator_record(action: str, operator: str, at_ms: int, **fields: Any) -> bytes:
+    """An operator's action as an evidence entry: who did what, when, and why, with the
+    bytes acted on (a discarded dead letter stays readable in the log)."""
+    return pack({"action": action, "operator": operator, "at": at_ms, **fields})
+
+
+def read_operator_record(data: bytes) -> dict[str, Any]:
+    """The fields of an operator record; ProtocolError if it is not one."""
+    value = unpack(data)
+    if not isinstance(value, dict) or not isinstance(value.get("action"), str) \
+            or not isinstance(value.get("operator"), str) or not isinstance(value.get("at"), int):
+        raise ProtocolError(Reason.BODY_MALFORMED, "not an operator record")
+    return value
+
+
+def _operator_problems(data: bytes) -> list[str]:
+    try:
+        read_operator_record(data)
+    except ProtocolError as exc:
+        return [f"operator record does not parse: {exc}"]
+    return []
 
 
 def _frame_problems(frame_bytes: bytes, key_for: Callable[[bytes], bytes | None]) -> list[str]:

@@ -24,17 +24,24 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import structlog
 
 from node.config import ConfigError, NodeConfig
+from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
 from node.store import StoreError
 from node.transport import Delivery as BrokerDelivery
 from node.transport import Outgoing, Transport, TransportUnavailable
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from node.httpserver import HttpServer
 
 log = structlog.get_logger("kpx.runner")
 
@@ -88,6 +95,10 @@ class RunningNode:
         self._batch_lock = asyncio.Lock()
         #: False while the store refuses to commit (reported by status and /readyz)
         self.store_ok = True
+        self.metrics = NodeMetrics()
+        #: called with the HTTP application before it starts (routes, sub-applications)
+        self.http_extensions: list[Callable[[web.Application], None]] = []
+        self.http: HttpServer | None = None
 
     async def __aenter__(self) -> RunningNode:
         await self.start()
@@ -110,6 +121,8 @@ class RunningNode:
             self._tasks = [asyncio.create_task(self._relay(), name="relay"),
                            asyncio.create_task(self._sweep(), name="sweep")]
             await self.transport.consume(self._on_batch)
+            if self.config.http_port is not None:
+                await self._start_http()
         except BaseException:
             await self._close()
             raise
@@ -135,7 +148,19 @@ class RunningNode:
         await self._close()
         log.info("node stopped", participant=self.config.participant)
 
+    async def _start_http(self) -> None:
+        from node.httpserver import HttpServer, build_app
+
+        app = build_app(self)
+        for extend in self.http_extensions:
+            extend(app)
+        self.http = HttpServer(app, self.config.http_host, self.config.http_port or 0)
+        await self.http.start()
+
     async def _close(self) -> None:
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await self.http.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -153,16 +178,23 @@ class RunningNode:
     async def _on_batch(self, deliveries: list[BrokerDelivery]) -> None:
         assert self.node is not None and self.transport is not None
         async with self._batch_lock:
+            started = time.perf_counter()
             decided = await self._decide(deliveries)
             if decided is None:
                 return  # shutting down with the store failing: left to the broker
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(deliveries))
             for delivery, verdict in decided:
                 refusal = verdict.dead_letter
+                self.metrics.received(verdict.kind, verdict.duplicate,
+                                      refusal.reason if refusal else None)
                 if refusal is not None:
                     await self.transport.dead_letter(
                         delivery.body, reason=refusal.reason, text=refusal.text[:1000],
                         headers={"x-kpx-sender": refusal.answer_to or "",
-                                 "x-kpx-message-id": refusal.in_reply_to or ""})
+                                 "x-kpx-message-id": refusal.in_reply_to or "",
+                                 "x-kpx-dead-at": str(now_ms())})
+                    self.metrics.dead_letters.labels(reason=refusal.reason).inc()
             await self.transport.ack([d for d, _ in decided])
 
     async def _decide(self, deliveries: list[BrokerDelivery]
@@ -199,6 +231,7 @@ class RunningNode:
                               "dead-letter it after the delivery limit",
                               message_id=deliveries[0].message_id,
                               delivery_count=deliveries[0].delivery_count)
+                self.metrics.messages_in.labels(kind="unknown", outcome="failed").inc()
                 await self.transport.reject(deliveries[0], requeue=True)
                 return []
 
@@ -228,9 +261,19 @@ class RunningNode:
         rows = store.due(now_ms(), RELAY_BATCH)
         if not rows:
             return 0
+        started = time.perf_counter()
         results = await self.transport.publish(
             [Outgoing(message_id=r.message_id, recipient=r.recipient, body=r.frame,
                       kind=r.kind) for r in rows])
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        for row, result in zip(rows, results, strict=True):
+            if result.confirmed:
+                self.metrics.messages_out.labels(kind=row.kind).inc()
+                log.debug("published", message_id=row.message_id, recipient=row.recipient,
+                          kind=row.kind, attempts=row.attempts + 1)
+            else:
+                self.metrics.publish_failures.labels(
+                    kind=row.kind, error="unroutable" if result.returned else "failed").inc()
         now = now_ms()
         with store.transaction():
             store.mark_published([r.seq for r, res in zip(rows, results, strict=True)

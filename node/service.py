@@ -88,6 +88,8 @@ class Verdict:
     #: set when the delivery must go to the dead-letter queue (then be acknowledged)
     dead_letter: Refusal | None = None
     duplicate: bool = False
+    #: the message's kind once it could be read (for metrics); None for unreadable bytes
+    kind: str | None = None
 
 
 def certificate_of(envelope: Envelope) -> str | None:
@@ -171,9 +173,14 @@ class Node:
         if decision.registry is not None:
             store.save_registry(decision.registry.version, decision.registry.frame, ctx.now_ms)
             self.registry = decision.registry
+        cause = incoming.envelope if incoming is not None else None
         for r in decision.records:
-            log.info("certificate", number=r.number, side=str(r.side), state=str(r.state),
-                     partner=r.partner, message_id=r.message_id,
+            # One line per state change, with what caused it: an incoming message (its id
+            # and kind) or a local command (no cause).
+            log.info("certificate", node=self.me, number=r.number, side=str(r.side),
+                     state=str(r.state), partner=r.partner, message_id=r.message_id,
+                     cause_message_id=cause.message_id if cause else None,
+                     cause_kind=str(cause.kind) if cause else "command",
                      discrepancies=len(r.discrepancies) or None)
 
     def _command(self, decide: Callable[[Context], Decision]) -> Decision:
@@ -289,7 +296,7 @@ class Node:
                 self.store.requeue(answer_id, ctx.now_ms)
             log.info("duplicate", message_id=env.message_id, sender=env.sender,
                      kind=str(env.kind), answered_again=answer_id is not None)
-            return Verdict(duplicate=True)
+            return Verdict(duplicate=True, kind=str(env.kind))
         known = self.store.load(touches(env, self.me))
         decision = receive(ctx, admitted, known)
         self._commit(ctx, decision, admitted)
@@ -303,7 +310,7 @@ class Node:
             log.warning("refused", message_id=env.message_id, sender=env.sender,
                         kind=str(env.kind), reason=refusal.reason, text=refusal.text,
                         certificate=refusal.certificate)
-        return Verdict(dead_letter=refusal)
+        return Verdict(dead_letter=refusal, kind=str(env.kind))
 
     def _refused_at_admission(self, ctx: Context, refusal: Refusal,
                               delivery: Delivery) -> Verdict:

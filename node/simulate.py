@@ -43,9 +43,10 @@ from typing import Any
 
 import structlog
 
-from node.machine import OPEN_STATES, Record, Side, State
+from node.machine import OPEN_STATES, Side, State
 from node.network import LocalNetwork, create_network
 from node.service import CommandRefused, Node, now_ms
+from node.stats import mirror_statistics
 from node.store import Store
 from protocol import (
     Certificate,
@@ -824,23 +825,6 @@ def evidence_by_certificate(store: Store) -> dict[str, Evidence]:
 
 
 Totals = tuple[int, int, int, int, int]  # certificates, carats, cents, carats and cents received
-
-
-def mirror_statistics(records: Sequence[Record]) -> dict[tuple[str, str, str], list[int]]:
-    """Per (partner, HS code, state) as one node records them: certificates, declared
-    carats and US$, received carats and US$ — what both sides of a pair must agree on."""
-    stats: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-    for r in records:
-        received = {x.hs_code: x for x in r.confirmation.lines} if r.confirmation else {}
-        for line in r.certificate.lines:
-            row = stats[(r.partner, line.hs_code, str(r.state))]
-            got = received.get(line.hs_code)
-            row[0] += 1
-            row[1] += line.carats_hundredths
-            row[2] += line.usd_cents
-            row[3] += got.carats_hundredths if got else 0
-            row[4] += got.usd_cents if got else 0
-    return stats
 
 
 def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shipment]) -> None:

@@ -225,6 +225,12 @@ class Store:
         )
         return [_record(row) for row in rows]
 
+    def partner_counts(self) -> dict[tuple[str, str, str], int]:
+        """Certificates per (partner, side, state)."""
+        rows = self.db.execute("SELECT partner, side, state, count(*) FROM certificates "
+                               "GROUP BY 1, 2, 3")
+        return {(partner, side, state): n for partner, side, state, n in rows}
+
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self.db.execute("SELECT side, state, count(*) FROM certificates GROUP BY 1, 2")
         return {(side, state): n for side, state, n in rows}
@@ -281,6 +287,31 @@ class Store:
                WHERE published_at IS NULL ORDER BY seq""")
         return [OutboxRow(*row) for row in rows]
 
+    def outbox_summary(self) -> list[tuple[str, int, int, int, str | None]]:
+        """Per recipient, what is not yet sent: (recipient, messages, oldest created_at,
+        most attempts, the newest error) — for status and metrics, without loading frames."""
+        rows = self.db.execute(
+            """SELECT recipient, count(*), min(created_at), max(attempts),
+                   (SELECT last_error FROM outbox e WHERE e.recipient = o.recipient
+                      AND e.published_at IS NULL AND e.last_error IS NOT NULL
+                    ORDER BY e.seq DESC LIMIT 1)
+               FROM outbox o WHERE published_at IS NULL GROUP BY recipient
+               ORDER BY recipient""")
+        return [(str(r), int(n), int(oldest), int(attempts), None if err is None else str(err))
+                for r, n, oldest, attempts, err in rows]
+
+    def sent_at(self, message_id: str) -> tuple[int | None, str | None] | None:
+        """(published_at, last_error) of one outbox message, ``None`` if not in the outbox."""
+        row = self.db.execute("SELECT published_at, last_error FROM outbox WHERE message_id=?",
+                              (message_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def withdraw(self, message_id: str) -> bool:
+        """Take a message not yet sent out of the outbox (a ping nobody can receive)."""
+        cursor = self.db.execute("DELETE FROM outbox WHERE message_id=? AND published_at IS "
+                                 "NULL", (message_id,))
+        return cursor.rowcount > 0
+
     # -- inbox -----------------------------------------------------------------------
 
     def seen(self, sender: str, message_id: str) -> tuple[str, str | None] | None:
@@ -327,6 +358,15 @@ class Store:
             args = (certificate,)
         for row in self.db.execute(query + " ORDER BY seq", args):
             yield Entry(*row)
+
+    def evidence_after(self, seq: int) -> list[Entry]:
+        """Entries appended after entry ``seq`` (what arrived since a point in time)."""
+        rows = self.db.execute("SELECT seq, recorded_at, direction, message_id, certificate, "
+                               "frame, hash FROM evidence WHERE seq > ? ORDER BY seq", (seq,))
+        return [Entry(*row) for row in rows]
+
+    def last_evidence_seq(self) -> int:
+        return int(self.db.execute("SELECT coalesce(max(seq), 0) FROM evidence").fetchone()[0])
 
     def evidence_frame(self, message_id: str) -> bytes | None:
         row = self.db.execute("SELECT frame FROM evidence WHERE message_id=? ORDER BY seq "

@@ -180,6 +180,10 @@ class Transport:
         return self._connected.is_set()
 
     @property
+    def consuming(self) -> bool:
+        return self.connected and self._consumer_tag is not None
+
+    @property
     def url(self) -> str | None:
         return self._current_url
 

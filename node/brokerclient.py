@@ -1,0 +1,59 @@
+"""Short-lived broker connections for operator commands (status, dead letters).
+
+The running node keeps its own supervised connection (:mod:`node.transport`); a command
+run by an operator only needs one connection for a few seconds, with the node's own
+configuration (its URLs, so its own broker user), and must say clearly when no broker
+answers instead of retrying for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from node.transport import TransportUnavailable, redact
+
+OPERATOR_TIMEOUT = 5.0
+
+
+async def connect_any(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT
+                      ) -> tuple[AbstractConnection, str]:
+    """The first broker that answers, and its URL without the password."""
+    errors = []
+    for url in urls:
+        try:
+            connection = await asyncio.wait_for(aio_pika.connect(url, timeout=timeout),
+                                                timeout + 1)
+        except Exception as exc:
+            errors.append(f"{redact(url)}: {exc or type(exc).__name__}")
+            continue
+        return connection, redact(url)
+    raise TransportUnavailable("no broker answered (" + "; ".join(errors) + ")")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    messages: int
+    consumers: int
+
+
+async def queue_info(connection: AbstractConnection, name: str) -> QueueInfo | None:
+    """Messages ready and consumers of a queue by passive declare; ``None`` if it does
+    not exist (the node never ran against this broker). A channel of its own, because a
+    failed passive declare closes the channel."""
+    channel: AbstractChannel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+    except ChannelNotFoundEntity:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    result = queue.declaration_result
+    return QueueInfo(int(result.message_count or 0), int(result.consumer_count or 0))

@@ -1,0 +1,285 @@
+"""The node's dead-letter queue (``kpx.dead.CODE``): browse it, replay or discard a message.
+
+Nothing is lost while browsing. Messages are taken with ``basic.get`` without
+acknowledgement and held on one channel; closing the channel hands back every message
+not explicitly acknowledged, in place. Only two acts remove a message, and each is
+written to the evidence log first (an operator record, see :mod:`node.evidence`):
+
+* **replay**: the frame is published again to this node's own inbox (publisher
+  confirms, mandatory), so it is parsed, verified and decided like any other message;
+  only once the broker confirmed it is the dead letter acknowledged. A message the node
+  had already decided (a refused certificate, say) gets its original answer again — a
+  duplicate is never processed twice; one refused before it could be read (unknown key,
+  bad signature, a bug that crashed processing) is decided afresh, e.g. after a registry
+  update or a fix;
+* **discard**: acknowledged away, with the operator's reason; the evidence record keeps
+  the frame verbatim, so even a discarded message can be read years later.
+
+Quorum queues count every hand-back as a delivery attempt (``x-delivery-count``). The
+dead-letter queue has no delivery limit (see :func:`node.transport.declare_topology`), so
+browsing only raises that count; a policy that set a limit on ``kpx.dead.*`` would make
+browsing lossy, and the operator runbook forbids one.
+
+A dead letter's id is the first 16 hex digits of the SHA-256 of its bytes: stable across
+browsing, the same at every look, and a prefix of at least 6 digits is accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import PublishError
+
+from node.brokerclient import connect_any
+from node.config import NodeConfig
+from node.evidence import OPERATOR, operator_record
+from node.machine import Refusal, admit
+from node.service import Node, certificate_of, now_ms
+from node.transport import (
+    CONTENT_TYPE,
+    EXCHANGE,
+    PUBLISH_TIMEOUT,
+    TransportUnavailable,
+    dead_letter_queue,
+    inbox_queue,
+)
+from protocol import ProtocolError, decode_body, new_message_id, parse_frame
+
+log = structlog.get_logger("kpx.deadletters")
+
+#: how many dead letters one look holds at most (the count from the broker is exact)
+BROWSE_LIMIT = 10_000
+MIN_ID_PREFIX = 6
+
+
+class DeadLetterError(Exception):
+    """An operator's dead-letter request that cannot be done (unknown id ...)."""
+
+
+def dead_letter_id(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """What a dead letter says about itself: the node's reason, or the broker's."""
+
+    id: str
+    reason: str
+    text: str
+    #: authentic sender when the node could tell (it signs rejections to them), else None
+    sender: str | None
+    message_id: str | None
+    #: milliseconds since the epoch, when known
+    dead_lettered_at: int | None
+    size: int
+    #: what the frame claims, decoded without trusting it (``None`` if it does not parse)
+    claimed: dict[str, Any] | None
+
+    def json(self) -> dict[str, Any]:
+        return {"id": self.id, "reason": self.reason, "text": self.text, "sender": self.sender,
+                "message_id": self.message_id, "dead_lettered_at": self.dead_lettered_at,
+                "size": self.size, "claimed": self.claimed}
+
+
+def describe(body: bytes, headers: Mapping[str, Any], message_id: str | None = None,
+             timestamp: datetime | None = None) -> DeadLetter:
+    """A dead letter from its bytes and AMQP headers. Pure.
+
+    The node's own dead letters carry ``x-kpx-reason``/``x-kpx-text`` (and the
+    ``x-kpx-sender``/``x-kpx-message-id`` it established); those the broker moved here
+    after the delivery limit carry ``x-death``: the node failed on them every time."""
+    reason = _text(headers.get("x-kpx-reason"))
+    text = _text(headers.get("x-kpx-text")) or ""
+    at = _text(headers.get("x-kpx-dead-at"))
+    at_ms = int(at) if at is not None and at.isdigit() else None
+    if reason is None:
+        deaths = headers.get("x-death")
+        death = deaths[0] if isinstance(deaths, list | tuple) and deaths else {}
+        why = _text(death.get("reason")) if isinstance(death, Mapping) else None
+        reason = f"broker.{why}" if why else "unknown"
+        count = headers.get("x-delivery-count")
+        text = ("the node failed to process it on every delivery"
+                + (f" ({count} attempts)" if isinstance(count, int) else "")
+                if why == "delivery_limit" else f"dead-lettered by the broker ({why})")
+        when = death.get("time") if isinstance(death, Mapping) else None
+        if isinstance(when, datetime):
+            at_ms = int(when.replace(tzinfo=when.tzinfo or UTC).timestamp() * 1000)
+    if at_ms is None and timestamp is not None:
+        at_ms = int(timestamp.replace(tzinfo=timestamp.tzinfo or UTC).timestamp() * 1000)
+    return DeadLetter(
+        id=dead_letter_id(body), reason=reason, text=text,
+        sender=_text(headers.get("x-kpx-sender")) or None,
+        message_id=_text(headers.get("x-kpx-message-id")) or message_id,
+        dead_lettered_at=at_ms, size=len(body), claimed=claimed(body))
+
+
+def claimed(body: bytes) -> dict[str, Any] | None:
+    """The envelope's routing fields as the frame states them, not verified."""
+    try:
+        frame = parse_frame(body)
+        envelope = decode_body(frame.body)
+    except ProtocolError:
+        return None
+    return {"kind": str(envelope.kind), "sender": envelope.sender,
+            "recipient": envelope.recipient, "message_id": envelope.message_id,
+            "in_reply_to": envelope.in_reply_to, "created_at": envelope.created_at,
+            "certificate": certificate_of(envelope), "key_id": frame.key_id.hex()}
+
+
+def verdict_now(node: Node, body: bytes) -> str:
+    """What the node's checks say of the frame today (signature, key, registry, address):
+    'admissible' or the refusal — what a replay would meet first."""
+    outcome = admit(node.context(), body)
+    if isinstance(outcome, Refusal):
+        return f"refused: {outcome.reason}: {outcome.text}"
+    return "admissible (signature verifies, addressed to this node)"
+
+
+@dataclass(slots=True)
+class Held:
+    letter: DeadLetter
+    message: AbstractIncomingMessage
+
+
+class DeadLetterQueue:
+    """``async with DeadLetterQueue(config) as q``: one look at the queue; every message
+    not replayed or discarded goes back when the block ends."""
+
+    def __init__(self, config: NodeConfig, *, limit: int = BROWSE_LIMIT) -> None:
+        self.config = config
+        self.limit = limit
+        self.queue_name = dead_letter_queue(config.participant)
+        self.depth = 0
+        self.url = ""
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._held: list[Held] = []
+        self._drained = False
+
+    async def __aenter__(self) -> DeadLetterQueue:
+        self._connection, self.url = await connect_any(self.config.broker_urls)
+        try:
+            self._channel = await self._connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
+            try:
+                queue = await self._channel.declare_queue(self.queue_name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                raise TransportUnavailable(f"no queue {self.queue_name} on the broker: has "
+                                           "this node ever run against it?") from None
+            self.depth = int(queue.declaration_result.message_count or 0)
+            self._queue = queue
+        except BaseException:
+            await self._connection.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        # Closing the channel returns every message taken and not acknowledged.
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    async def _take_one(self) -> Held | None:
+        if self._drained or len(self._held) >= self.limit:
+            return None
+        message = await self._queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT)
+        if message is None:
+            self._drained = True
+            return None
+        held = Held(describe(message.body, dict(message.headers or {}), message.message_id,
+                             message.timestamp), message)
+        self._held.append(held)
+        return held
+
+    async def letters(self) -> list[DeadLetter]:
+        """Every dead letter (up to the limit), oldest first."""
+        while await self._take_one() is not None:
+            pass
+        return [h.letter for h in self._held]
+
+    async def find(self, wanted: str) -> Held:
+        wanted = wanted.strip().lower()
+        if len(wanted) < MIN_ID_PREFIX:
+            raise DeadLetterError(f"give at least {MIN_ID_PREFIX} digits of the dead letter's "
+                                  "id (see 'kpnode dead-letters list')")
+        await self.letters()  # all of them: a prefix must be unique
+        matches = {h.letter.id: h for h in self._held if h.letter.id.startswith(wanted)}
+        if not matches:
+            raise DeadLetterError(f"no dead letter {wanted} in {self.queue_name}")
+        if len(matches) > 1:
+            raise DeadLetterError(f"{wanted} matches {len(matches)} dead letters: give more "
+                                  "digits")
+        return next(h for h in self._held if h.letter.id in matches)
+
+    async def replay(self, node: Node, held: Held, reason: str = "") -> int:
+        """Publish the frame to this node's inbox, record it, then remove the dead letter.
+        Returns the evidence entry's sequence number."""
+        assert self._channel is not None
+        exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
+        message = aio_pika.Message(
+            held.message.body, content_type=CONTENT_TYPE, message_id=held.letter.message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.config.broker_user,
+            headers={"x-kpx-replayed": held.letter.id})
+        try:
+            await exchange.publish(message, routing_key=self.config.participant,
+                                   mandatory=True, timeout=PUBLISH_TIMEOUT)
+        except PublishError:
+            raise DeadLetterError(f"{inbox_queue(self.config.participant)} does not exist on "
+                                  "the broker; start the node once, then replay") from None
+        seq = record_action(node, "dead_letter.replay", held, reason)
+        await held.message.ack()
+        self._held.remove(held)
+        log.info("dead letter replayed", dead_letter=held.letter.id,
+                 message_id=held.letter.message_id, reason=held.letter.reason, evidence=seq)
+        return seq
+
+    async def discard(self, node: Node, held: Held, reason: str) -> int:
+        if not reason.strip():
+            raise DeadLetterError("a discard needs a --reason")
+        seq = record_action(node, "dead_letter.discard", held, reason)
+        await held.message.ack()
+        self._held.remove(held)
+        log.info("dead letter discarded", dead_letter=held.letter.id,
+                 message_id=held.letter.message_id, reason=reason, evidence=seq)
+        return seq
+
+
+def operator_name() -> str:
+    """Who acts: ``KPX_OPERATOR`` if set (a shared service account), else the login."""
+    try:
+        return os.environ.get("KPX_OPERATOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def record_action(node: Node, action: str, held: Held, reason: str) -> int:
+    """Write the operator's act to the evidence log (committed before the broker sees it);
+    returns the entry's sequence number."""
+    letter = held.letter
+    now = now_ms()
+    record = operator_record(
+        action, operator_name(), now, reason=reason, dead_letter=letter.id,
+        dead_letter_reason=letter.reason, dead_letter_text=letter.text,
+        message_id=letter.message_id, sender=letter.sender, frame=held.message.body)
+    with node.store.transaction():
+        node.store.append_evidence(OPERATOR, record, new_message_id(), None, now)
+    return node.store.last_evidence_seq()

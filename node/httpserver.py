@@ -1,0 +1,136 @@
+"""The running node's HTTP endpoints (aiohttp): ``/metrics``, ``/healthz``, ``/readyz``.
+
+Served only when ``http_port`` is configured, on ``http_host`` (loopback by default:
+metrics and health name partners and volumes, so exposing them is a deliberate act, e.g.
+behind a reverse proxy). ``http_port = 0`` takes a free port (see ``HttpServer.port``).
+
+Other parts of kpx extend the same application: :func:`build_app` returns the
+``web.Application`` before it starts, and a :class:`~node.runner.RunningNode` calls every
+function in its ``http_extensions`` list on it, so routes and sub-applications
+(``app.add_subapp("/api/v1", api)``) are mounted before the server freezes the app.
+
+* ``/healthz`` — 200 while the process serves requests (liveness: restart when it fails);
+* ``/readyz`` — 200 when connected to a broker, consuming the inbox and the database takes
+  a write; 503 with the failing checks otherwise (readiness: alert, don't restart);
+* ``/metrics`` — Prometheus text format, this node's registry only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from node.machine import OPEN_STATES, State
+from node.service import now_ms
+from node.status import age_bucket, store_writable
+
+if TYPE_CHECKING:
+    from node.runner import RunningNode
+
+log = structlog.get_logger("kpx.http")
+
+NODE: web.AppKey[RunningNode] = web.AppKey("kpx_node")
+#: a scrape asks the broker for queue depths; never let a slow broker stall it
+BROKER_QUERY_SECONDS = 2.0
+
+
+async def healthz(request: web.Request) -> web.Response:
+    running = request.app[NODE]
+    return web.json_response({"alive": True, "participant": running.config.participant})
+
+
+def readiness(running: RunningNode) -> dict[str, bool]:
+    transport = running.transport
+    node = running.node
+    return {
+        "broker_connected": transport is not None and transport.connected,
+        "consuming": transport is not None and transport.consuming,
+        "store_writable": node is not None and running.store_ok
+        and store_writable(node, timeout_ms=500),
+    }
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = readiness(request.app[NODE])
+    ready = all(checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def refresh_gauges(running: RunningNode) -> None:
+    """Set the state gauges from the store and the broker, just before a scrape."""
+    metrics, node, transport = running.metrics, running.node, running.transport
+    if node is None:
+        return
+    now = now_ms()
+    metrics.set_outbox([(r, n, oldest) for r, n, oldest, _, _ in node.store.outbox_summary()],
+                       now)
+    today = datetime.fromtimestamp(now / 1000, UTC).date()
+    records = node.store.records(states=[*OPEN_STATES, State.EXPIRED])
+    metrics.set_loops(
+        Counter((str(r.side), age_bucket(max(0, (today - r.certificate.issued_on).days)))
+                for r in records if r.state in OPEN_STATES),
+        Counter(str(r.side) for r in records if r.state is State.EXPIRED))
+    checks = readiness(running)
+    metrics.broker_connected.set(int(checks["broker_connected"]))
+    metrics.consuming.set(int(checks["consuming"]))
+    metrics.store_ok.set(int(checks["store_writable"]))
+    metrics.registry_version.set(node.registry.version)
+    inbox = dead = -1
+    if transport is not None and transport.connected:
+        try:
+            inbox = (await asyncio.wait_for(transport.inbox_depth(), BROKER_QUERY_SECONDS))[0]
+            dead = await asyncio.wait_for(transport.dead_letter_depth(), BROKER_QUERY_SECONDS)
+        except Exception as exc:
+            log.warning("queue depths not available for /metrics", error=str(exc))
+    metrics.inbox_depth.set(inbox)
+    metrics.dead_letter_depth.set(dead)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    running = request.app[NODE]
+    await refresh_gauges(running)
+    return web.Response(body=running.metrics.exposition(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(running: RunningNode) -> web.Application:
+    """The node's application; add routes or sub-applications before it starts."""
+    app = web.Application()
+    app[NODE] = running
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+class HttpServer:
+    """Serves one application on host:port until stopped."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port)
+        await site.start()
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self.requested_port
+        log.info("http endpoints serving", url=self.url)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

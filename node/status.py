@@ -1,0 +1,359 @@
+"""``kpnode status``: the state of one node's exchange, from its store and its broker.
+
+:func:`build_status` is pure: given what was gathered (records, outbox, registry, what the
+broker said), it returns the JSON-ready status, with the problems an operator must act on
+listed first. :func:`gather_status` is the thin shell that reads the store and asks the
+broker (a broker that does not answer is reported, not a crash); :func:`render_status`
+is the screen for people.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import sqlite3
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from node.brokerclient import connect_any, queue_info
+from node.config import NodeConfig
+from node.deadletters import DeadLetter, DeadLetterQueue
+from node.machine import OPEN_STATES, Record, Side, State
+from node.registry import Registry
+from node.service import Node, now_ms
+from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
+from protocol.keys import key_id
+
+#: open loops are counted by days since the certificate's date of issue
+AGE_BUCKETS: tuple[tuple[str, int | None], ...] = (
+    ("0-1d", 1), ("2-7d", 7), ("8-30d", 30), ("31d+", None))
+#: an open loop whose certificate expires within this many days is overdue for follow-up
+OVERDUE_WITHIN_DAYS = 7
+#: warn this long before the node's own key stops being valid in the registry
+KEY_WARNING_DAYS = 30
+LATEST_DEAD_LETTERS = 5
+DAY_MS = 86_400_000
+
+
+def age_bucket(days: int) -> str:
+    for name, limit in AGE_BUCKETS:
+        if limit is None or days <= limit:
+            return name
+    raise AssertionError("the last bucket is open")
+
+
+def loops_by_age(records: Sequence[Record], today: date) -> dict[str, int]:
+    """Open loops per age bucket (every bucket present, zero or not)."""
+    counts = dict.fromkeys((name for name, _ in AGE_BUCKETS), 0)
+    for r in records:
+        if r.state in OPEN_STATES:
+            counts[age_bucket(max(0, (today - r.certificate.issued_on).days))] += 1
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerView:
+    """What the broker said, or why it could not be asked."""
+
+    reachable: bool
+    url: str | None = None
+    error: str | None = None
+    inbox_messages: int | None = None
+    inbox_consumers: int | None = None
+    inbox_exists: bool = True
+    dead_letters: int | None = None
+    #: the dead letters looked at, oldest first (their count is ``dead_letters``)
+    letters: tuple[DeadLetter, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """Outbox messages not yet confirmed by the broker, for one recipient."""
+
+    recipient: str
+    messages: int
+    oldest_ms: int
+    attempts: int
+    last_error: str | None
+
+
+def _loop(r: Record, today: date) -> dict[str, Any]:
+    return {"number": r.number, "side": str(r.side), "partner": r.partner, "state": str(r.state),
+            "issued_on": r.certificate.issued_on.isoformat(),
+            "expires_on": r.certificate.expires_on.isoformat(),
+            "days_left": (r.certificate.expires_on - today).days}
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(
+        timespec="seconds")
+
+
+def build_status(*, participant: str, authority: str, now: int, running_pid: int | None,
+                 registry: Registry, own_public_key: bytes, records: Sequence[Record],
+                 partner_counts: Mapping[tuple[str, str, str], int],
+                 outbox: Sequence[Pending], broker: BrokerView,
+                 store_ok: bool = True) -> dict[str, Any]:
+    """The status of one node, JSON-ready. ``records`` are the open and expired loops
+    (the rest only counts, through ``partner_counts``)."""
+    today = datetime.fromtimestamp(now / 1000, UTC).date()
+    problems: list[dict[str, str]] = []
+
+    def problem(level: str, text: str) -> None:
+        problems.append({"level": level, "text": text})
+
+    if running_pid is None:
+        problem("error", "the node is not running: start it with 'kpnode run'")
+    if not store_ok:
+        problem("error", "the node's database cannot be written")
+    if not broker.reachable:
+        problem("error", f"broker unreachable: {broker.error}")
+    elif not broker.inbox_exists:
+        problem("error", f"no {inbox_queue(participant)} on the broker: the node has never "
+                "connected to it")
+    elif broker.inbox_consumers == 0:
+        problem("error", f"nobody consumes {inbox_queue(participant)}: messages to this node "
+                "wait in the broker")
+
+    open_loops = [r for r in records if r.state in OPEN_STATES]
+    overdue = sorted((r for r in open_loops
+                      if (r.certificate.expires_on - today).days <= OVERDUE_WITHIN_DAYS),
+                     key=lambda r: (r.certificate.expires_on, r.number))
+    expired = sorted((r for r in records if r.state is State.EXPIRED),
+                     key=lambda r: (r.certificate.expires_on, r.number))
+    if overdue:
+        problem("warning", f"{len(overdue)} open loop(s) expire within "
+                f"{OVERDUE_WITHIN_DAYS} days or have expired: chase the partner")
+    if expired:
+        problem("warning", f"{len(expired)} certificate(s) expired without confirmation")
+
+    backlog = sum(p.messages for p in outbox)
+    oldest = min((p.oldest_ms for p in outbox), default=None)
+    for p in outbox:
+        if p.last_error:
+            problem("warning", f"{p.messages} message(s) to {p.recipient} not sent: "
+                    f"{p.last_error}")
+
+    dead_count = broker.dead_letters
+    if dead_count:
+        problem("warning", f"{dead_count} message(s) in the dead-letter queue: see "
+                "'kpnode dead-letters list'")
+
+    own_id = key_id(own_public_key)
+    owner = registry.key_owner(own_id)
+    key: dict[str, Any] = {"key_id": own_id.hex(), "in_registry": owner is not None}
+    if owner is None:
+        problem("error", "this node's key is not in the registry: partners refuse what it "
+                "signs")
+    else:
+        until = owner.key.valid_until
+        revoked = owner.key.revoked_at
+        key.update(authority=owner.authority.id, valid_from=_iso(owner.key.valid_from),
+                   valid_until=_iso(until), revoked_at=_iso(revoked),
+                   days_left=None if until is None else (until - now) // DAY_MS)
+        if revoked is not None and revoked <= now:
+            problem("error", "this node's key is revoked in the registry")
+        elif until is not None and until <= now:
+            problem("error", "this node's key is no longer valid in the registry")
+        elif until is not None and until - now <= KEY_WARNING_DAYS * DAY_MS:
+            problem("warning", f"this node's key stops being valid on {_iso(until)}: ask "
+                    "the Chair for a registry with its successor")
+
+    partners: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"exports": {}, "imports": {}, "open": 0})
+    for (partner, side, state), n in sorted(partner_counts.items()):
+        entry = partners[partner]
+        entry["exports" if side == Side.EXPORT else "imports"][state] = n
+        if state in OPEN_STATES:
+            entry["open"] += n
+    partner_rows = []
+    for code, entry in sorted(partners.items()):
+        standing = registry.standing(code)
+        partner_rows.append({"partner": code, **entry,
+                             "standing": "active" if standing is None else str(standing)})
+        if standing is not None and entry["open"]:
+            problem("warning", f"{entry['open']} open loop(s) with {code}, which may not "
+                    f"trade ({standing})")
+
+    letters = broker.letters[-LATEST_DEAD_LETTERS:]
+    level = ("error" if any(p["level"] == "error" for p in problems)
+             else "warning" if problems else "ok")
+    return {
+        "participant": participant, "authority": authority, "generated_at": _iso(now),
+        "health": level, "problems": problems,
+        "node": {"running": running_pid is not None, "pid": running_pid, "store_ok": store_ok},
+        "broker": {"reachable": broker.reachable, "url": broker.url, "error": broker.error,
+                   "inbox": None if not broker.reachable or not broker.inbox_exists else {
+                       "queue": inbox_queue(participant), "messages": broker.inbox_messages,
+                       "consumers": broker.inbox_consumers}},
+        "dead_letters": {"queue": dead_letter_queue(participant), "count": dead_count,
+                         "by_reason": dict(Counter(d.reason for d in broker.letters)),
+                         "latest": [d.json() for d in reversed(letters)]},
+        "outbox": {"backlog": backlog,
+                   "oldest_age_seconds": None if oldest is None else (now - oldest) // 1000,
+                   "by_recipient": [{"recipient": p.recipient, "messages": p.messages,
+                                     "oldest_age_seconds": (now - p.oldest_ms) // 1000,
+                                     "attempts": p.attempts, "last_error": p.last_error}
+                                    for p in outbox]},
+        "open_loops": {"total": len(open_loops), "by_age": loops_by_age(open_loops, today),
+                       "by_state": dict(Counter(str(r.state) for r in open_loops))},
+        "overdue": [_loop(r, today) for r in overdue],
+        "expired": [_loop(r, today) for r in expired],
+        "partners": partner_rows,
+        "registry": {"version": registry.version,
+                     "participants": len(registry.update.participants),
+                     "embargoed_origins": list(registry.update.embargoed_origins)},
+        "key": key,
+    }
+
+
+# -- the shell ------------------------------------------------------------------------
+
+
+def running_pid(directory: Path) -> int | None:
+    """The pid of the ``kpnode run`` holding this directory's lock, or None."""
+    path = directory / "node.lock"
+    try:
+        handle = path.open("r")
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def store_writable(node: Node, timeout_ms: int = 1000) -> bool:
+    """Can the node's database take a write transaction now? Waits at most ``timeout_ms``
+    for another writer, then says no rather than hang."""
+    db = node.store.db
+    previous = int(db.execute("PRAGMA busy_timeout").fetchone()[0])
+    db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        db.execute(f"PRAGMA busy_timeout={previous}")
+
+
+async def look_at_broker(config: NodeConfig, *, letters: bool = True) -> BrokerView:
+    try:
+        connection, url = await connect_any(config.broker_urls)
+    except TransportUnavailable as exc:
+        return BrokerView(reachable=False, error=str(exc))
+    async with connection:
+        inbox = await queue_info(connection, inbox_queue(config.participant))
+        dead = await queue_info(connection, dead_letter_queue(config.participant))
+    found: tuple[DeadLetter, ...] = ()
+    if letters and dead is not None and dead.messages:
+        with contextlib.suppress(TransportUnavailable):
+            async with DeadLetterQueue(config, limit=1000) as queue:
+                found = tuple(await queue.letters())
+    return BrokerView(reachable=True, url=url, inbox_exists=inbox is not None,
+                      inbox_messages=inbox.messages if inbox else None,
+                      inbox_consumers=inbox.consumers if inbox else None,
+                      dead_letters=dead.messages if dead else 0, letters=found)
+
+
+def read_store(node: Node) -> dict[str, Any]:
+    store = node.store
+    return {
+        "records": store.records(states=[*OPEN_STATES, State.EXPIRED]),
+        "partner_counts": store.partner_counts(),
+        "outbox": [Pending(*row) for row in store.outbox_summary()],
+    }
+
+
+async def gather_status(node: Node) -> dict[str, Any]:
+    config = node.config
+    store_ok = store_writable(node)
+    broker = await look_at_broker(config)
+    return build_status(participant=config.participant, authority=config.authority,
+                        now=now_ms(), running_pid=running_pid(config.directory),
+                        registry=node.registry,
+                        own_public_key=bytes(node.signing_key().verify_key),
+                        broker=broker, store_ok=store_ok, **read_store(node))
+
+
+# -- the screen -----------------------------------------------------------------------
+
+
+def render_status(s: dict[str, Any]) -> str:
+    from node.cli import table
+
+    lines = [f"kpx node {s['participant']} ({s['authority']}) at {s['generated_at']}: "
+             f"{s['health'].upper()}"]
+    for p in s["problems"]:
+        lines.append(f"  {'!!' if p['level'] == 'error' else ' !'} {p['text']}")
+    node = s["node"]
+    lines.append("")
+    running = f"running, pid {node['pid']}" if node["running"] else "NOT RUNNING"
+    lines.append(f"node      {running}; database "
+                 f"{'writable' if node['store_ok'] else 'NOT WRITABLE'}")
+    b = s["broker"]
+    if not b["reachable"]:
+        lines.append(f"broker    UNREACHABLE: {b['error']}")
+    elif b["inbox"] is None:
+        lines.append(f"broker    {b['url']}: no inbox queue yet")
+    else:
+        lines.append(f"broker    {b['url']}: {b['inbox']['queue']} holds "
+                     f"{b['inbox']['messages']} message(s), {b['inbox']['consumers']} "
+                     "consumer(s)")
+    o = s["outbox"]
+    oldest = f", oldest {o['oldest_age_seconds']} s" if o["backlog"] else ""
+    lines.append(f"outbox    {o['backlog']} message(s) waiting{oldest}")
+    for p in o["by_recipient"]:
+        lines.append(f"            to {p['recipient']}: {p['messages']}, attempts "
+                     f"{p['attempts']}{', ' + p['last_error'] if p['last_error'] else ''}")
+    d = s["dead_letters"]
+    count = "?" if d["count"] is None else d["count"]
+    lines.append(f"dead      {count} in {d['queue']}"
+                 + (" — " + ", ".join(f"{r} x{n}" for r, n in d["by_reason"].items())
+                    if d["by_reason"] else ""))
+    for letter in d["latest"]:
+        lines.append(f"            {letter['id']}  {letter['reason']}: {letter['text'][:70]}")
+    ol = s["open_loops"]
+    lines.append(f"open      {ol['total']} loop(s) by age since issue: "
+                 + ", ".join(f"{k} {v}" for k, v in ol["by_age"].items()))
+    r = s["registry"]
+    k = s["key"]
+    key_text = ("NOT IN THE REGISTRY" if not k["in_registry"] else
+                f"valid until {k['valid_until'] or 'further notice'}"
+                + (f" ({k['days_left']} days)" if k.get("days_left") is not None else ""))
+    lines.append(f"registry  version {r['version']}, {r['participants']} Participants")
+    lines.append(f"key       {k['key_id']} {key_text}")
+    for title, rows in (("overdue (expiring within 7 days, or past)", s["overdue"]),
+                        ("expired without confirmation", s["expired"])):
+        if rows:
+            lines += ["", title + ":", table(
+                [[x["number"], x["side"], x["partner"], x["state"], x["expires_on"],
+                  x["days_left"]] for x in rows[:20]],
+                ("number", "side", "partner", "state", "expires", "days left"))]
+            if len(rows) > 20:
+                lines.append(f"... and {len(rows) - 20} more (--json lists all)")
+    if s["partners"]:
+        def states(counts: dict[str, int]) -> str:
+            return " ".join(f"{st} {n}" for st, n in sorted(counts.items())) or "-"
+        lines += ["", table([[p["partner"], p["standing"], p["open"], states(p["exports"]),
+                              states(p["imports"])] for p in s["partners"]],
+                            ("partner", "standing", "open", "exports", "imports"))]
+    return "\n".join(lines)
+
+
+async def watch(node: Node, interval: float, show: Any) -> None:
+    """Refresh until interrupted; ``show`` prints one status."""
+    while True:
+        show(await gather_status(node))
+        await asyncio.sleep(interval)

@@ -1,0 +1,316 @@
+"""The operator's views as pure functions: quarterly statistics with the mirror and
+valuation checks, the status document, dead-letter descriptions, and operator records in
+the evidence chain. No broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import structlog.testing
+from nacl.signing import SigningKey
+
+from node.config import ConfigError, load_config, write_config
+from node.deadletters import dead_letter_id, describe
+from node.evidence import GENESIS, OPERATOR, Entry, entry_hash, operator_record, verify_chain
+from node.machine import Record, Side, State
+from node.network import create_network
+from node.registry import Registry
+from node.service import Node
+from node.stats import (
+    Quarter,
+    in_quarter,
+    mirror_check,
+    quarterly_report,
+    trade_table,
+    valuation_check,
+)
+from node.status import BrokerView, Pending, age_bucket, build_status, gather_status
+from protocol import (
+    Authority,
+    ImportConfirmation,
+    Line,
+    ParticipantEntry,
+    ParticipantStatus,
+    RegistryKey,
+    RegistryUpdate,
+)
+from tests.netutil import carry, certificate
+
+DAY_MS = 86_400_000
+NOW = int(datetime(2026, 2, 15, 12, tzinfo=UTC).timestamp() * 1000)
+TODAY = date(2026, 2, 15)
+
+
+def record(number: str, side: Side = Side.EXPORT, state: State = State.DELIVERED, *,
+           partner: str = "IN", issued: date = date(2026, 2, 1), expires: date | None = None,
+           received: tuple[Line, ...] | None = None, parcels: int | None = None) -> Record:
+    issuer, destination = ("ZA", partner) if side is Side.EXPORT else (partner, "ZA")
+    cert = certificate(number, issuer, destination, issued_on=issued.isoformat(),
+                       expires_on=(expires or issued + timedelta(days=60)).isoformat())
+    confirmation = None
+    if received is not None:
+        confirmation = ImportConfirmation(
+            certificate=number, certificate_digest=bytes(32), destination=destination,
+            importer=cert.importer, lines=received,
+            parcels=cert.parcels if parcels is None else parcels, received_on=issued)
+    return Record(side=side, number=number, partner=partner, state=state, certificate=cert,
+                  certificate_digest=bytes(32), message_id=f"m-{number}", updated_at=0,
+                  confirmation=confirmation)
+
+
+# certificate() lines: 7102.31 2,500.00 ct US$400,000.00; 7102.21 300.00 ct US$100,000.00
+AS_DECLARED = (Line(hs_code="7102.31", carats_hundredths=250_000, usd_cents=40_000_000),
+               Line(hs_code="7102.21", carats_hundredths=30_000, usd_cents=10_000_000))
+
+
+def test_quarter_parses_and_bounds() -> None:
+    q = Quarter.parse("2026Q1")
+    assert (q.first_day, q.last_day) == (date(2026, 1, 1), date(2026, 3, 31))
+    assert Quarter.parse("2024-q4").last_day == date(2024, 12, 31)
+    assert date(2026, 4, 1) not in q and date(2026, 3, 31) in q
+    for bad in ("2026Q5", "Q1 2026", "2026"):
+        with pytest.raises(ValueError, match="2026Q1"):
+            Quarter.parse(bad)
+
+
+def test_trade_table_counts_certificates_per_hs_line_and_distinct_in_totals() -> None:
+    records = [record("ZA-1"), record("ZA-2", partner="BE"),
+               record("IN-9", side=Side.IMPORT, state=State.RECEIVED)]
+    table = trade_table(records)
+    assert table[("exports", "IN", "7102.31")].json() == {
+        "certificates": 1, "carats_hundredths": 250_000, "usd_cents": 40_000_000}
+    assert table[("exports", "ALL", "ALL")].json() == {
+        "certificates": 2, "carats_hundredths": 560_000, "usd_cents": 100_000_000}
+    assert table[("imports", "IN", "ALL")].certificates == 1
+    assert next(iter(table))[0] == "exports" and list(table)[-1] == ("imports", "ALL", "ALL")
+
+
+def test_quarter_selection_excludes_other_quarters_and_certificates_that_never_were_trade(
+        ) -> None:
+    records = [record("ZA-1"), record("ZA-2", issued=date(2026, 4, 1)),
+               record("ZA-3", state=State.CANCELLED), record("ZA-4", state=State.REJECTED),
+               record("ZA-5", state=State.REPLACED), record("ZA-6", state=State.EXPIRED)]
+    assert [r.number for r in in_quarter(records, Quarter(2026, 1))] == ["ZA-1", "ZA-6"]
+
+
+def test_mirror_check_lists_each_differing_field_and_each_unconfirmed_certificate() -> None:
+    short = (dataclasses.replace(AS_DECLARED[0], carats_hundredths=240_000), AS_DECLARED[1])
+    records = [record("ZA-1", state=State.CONFIRMED, received=AS_DECLARED),
+               record("ZA-2", state=State.CONFIRMED, received=short, parcels=2),
+               record("ZA-3", state=State.DELIVERED)]
+    sums, found = mirror_check(records)
+    assert [(d.number, d.field, d.declared, d.received) for d in found] == [
+        ("ZA-2", "parcels", 3, 2),
+        ("ZA-2", "lines[7102.31].carats_hundredths", 250_000, 240_000),
+        ("ZA-3", "confirmation", None, None)]
+    assert sums[("exports", "IN")]["declared"].certificates == 3
+    assert sums[("exports", "IN")]["confirmed"].json() == {
+        "certificates": 2, "carats_hundredths": 550_000, "usd_cents": 100_000_000}
+
+
+def test_valuation_check_flags_only_beyond_the_threshold() -> None:
+    def received_at(usd_cents: int) -> tuple[Line, ...]:
+        return (dataclasses.replace(AS_DECLARED[0], usd_cents=usd_cents), AS_DECLARED[1])
+    records = [record("ZA-1", state=State.CONFIRMED, received=received_at(44_000_000)),
+               record("ZA-2", state=State.CONFIRMED, received=received_at(44_000_001)),
+               record("ZA-3", state=State.CONFIRMED, received=received_at(30_000_000)),
+               record("ZA-4")]
+    flags = valuation_check(records)
+    assert [(f.number, f.hs_code, str(f.declared_usd_per_carat),
+             str(f.received_usd_per_carat)) for f in flags] == [
+        ("ZA-2", "7102.31", "160.00", "176.00"), ("ZA-3", "7102.31", "160.00", "120.00")]
+    assert flags[1].json()["change_percent"] == "-25.0"
+    assert [f.number for f in valuation_check(records, Decimal("0.3"))] == []
+
+
+def test_quarterly_report_is_json_ready_with_all_parts() -> None:
+    report = quarterly_report("ZA", [record("ZA-1", state=State.CONFIRMED,
+                                            received=AS_DECLARED)], Quarter(2026, 1))
+    assert report["quarter"] == "2026Q1" and report["disagreements"] == []
+    assert report["valuation_threshold_percent"] == "10.00"
+    assert {r["hs_code"] for r in report["trade"]} == {"7102.31", "7102.21", "ALL"}
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+OWN_KEY = bytes(SigningKey(bytes(range(32))).verify_key)
+
+
+def registry(valid_until: int | None = None, *, own_key: bytes = OWN_KEY,
+             partner_status: ParticipantStatus = ParticipantStatus.ACTIVE) -> Registry:
+    def entry(code: str, key: bytes, status: ParticipantStatus) -> ParticipantEntry:
+        return ParticipantEntry(code=code, name=code, status=status, authorities=(
+            Authority(id=f"{code}-KPA", name=code, keys=(
+                RegistryKey(public_key=key, valid_from=0, valid_until=valid_until),)),))
+    update = RegistryUpdate(version=7, participants=(
+        entry("ZA", own_key, ParticipantStatus.ACTIVE),
+        entry("IN", bytes(SigningKey(bytes(32)).verify_key), partner_status)))
+    return Registry(update, b"", "registry-7")
+
+
+HEALTHY_BROKER = BrokerView(reachable=True, url="amqp://kpx-za:***@broker/",
+                            inbox_messages=0, inbox_consumers=1, dead_letters=0)
+
+
+def status(**changes: object) -> dict[str, object]:
+    arguments: dict[str, object] = dict(
+        participant="ZA", authority="ZA-KPA", now=NOW, running_pid=4242,
+        registry=registry(), own_public_key=OWN_KEY, records=[], partner_counts={},
+        outbox=[], broker=HEALTHY_BROKER)
+    arguments.update(changes)
+    return build_status(**arguments)  # type: ignore[arg-type]
+
+
+def test_healthy_node_says_ok_with_no_problems() -> None:
+    s = status()
+    assert s["health"] == "ok" and s["problems"] == []
+    assert s["registry"] == {"version": 7, "participants": 2, "embargoed_origins": []}
+    assert s["key"]["in_registry"] is True  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("changes", "level", "words"), [
+    ({"broker": BrokerView(reachable=False, error="no broker answered")}, "error",
+     "broker unreachable: no broker answered"),
+    ({"running_pid": None}, "error", "not running"),
+    ({"broker": dataclasses.replace(HEALTHY_BROKER, inbox_consumers=0)}, "error",
+     "nobody consumes kpx.inbox.ZA"),
+    ({"store_ok": False}, "error", "cannot be written"),
+    ({"registry": registry(own_key=bytes(32))}, "error", "not in the registry"),
+    ({"registry": registry(NOW + 10 * DAY_MS)}, "warning", "stops being valid"),
+    ({"registry": registry(NOW - 1)}, "error", "no longer valid"),
+    ({"outbox": [Pending("IN", 3, NOW - 90_000, 4, "unroutable: no inbox for IN")]},
+     "warning", "3 message(s) to IN not sent: unroutable"),
+    ({"broker": dataclasses.replace(HEALTHY_BROKER, dead_letters=2)}, "warning",
+     "2 message(s) in the dead-letter queue"),
+])
+def test_each_problem_is_named_with_its_level(changes: dict[str, object], level: str,
+                                               words: str) -> None:
+    s = status(**changes)
+    assert s["health"] == level
+    assert any(words in p["text"] and p["level"] == level
+               for p in s["problems"])  # type: ignore[attr-defined]
+
+
+def test_loops_overdue_expired_backlog_and_partners_are_reported() -> None:
+    records = [record("ZA-1", issued=TODAY),
+               record("ZA-2", issued=TODAY - timedelta(days=10),
+                      expires=TODAY + timedelta(days=3)),
+               record("IN-3", side=Side.IMPORT, state=State.RECEIVED,
+                      issued=TODAY - timedelta(days=40)),
+               record("ZA-4", state=State.EXPIRED, issued=TODAY - timedelta(days=70))]
+    s = status(records=records, outbox=[Pending("IN", 2, NOW - 60_000, 1, None)],
+               partner_counts={("IN", "export", "delivered"): 2, ("IN", "export", "expired"): 1,
+                               ("IN", "import", "received"): 1},
+               registry=registry(partner_status=ParticipantStatus.SUSPENDED))
+    assert s["open_loops"] == {"total": 3, "by_age": {"0-1d": 1, "2-7d": 0, "8-30d": 1,
+                                                      "31d+": 1},
+                               "by_state": {"delivered": 2, "received": 1}}
+    assert [(o["number"], o["days_left"]) for o in s["overdue"]] == [("ZA-2", 3)]  # type: ignore[attr-defined]
+    assert [e["number"] for e in s["expired"]] == ["ZA-4"]  # type: ignore[attr-defined]
+    assert s["outbox"] == {"backlog": 2, "oldest_age_seconds": 60, "by_recipient": [
+        {"recipient": "IN", "messages": 2, "oldest_age_seconds": 60, "attempts": 1,
+         "last_error": None}]}
+    assert s["partners"] == [{"partner": "IN", "standing": "participant.suspended", "open": 3,
+                              "exports": {"delivered": 2, "expired": 1},
+                              "imports": {"received": 1}}]
+    texts = " | ".join(p["text"] for p in s["problems"])  # type: ignore[attr-defined]
+    assert "1 open loop(s) expire within 7 days" in texts
+    assert "1 certificate(s) expired without confirmation" in texts
+    assert "3 open loop(s) with IN, which may not trade" in texts
+
+
+def test_age_buckets_have_inclusive_upper_bounds() -> None:
+    assert [age_bucket(d) for d in (0, 1, 2, 7, 8, 30, 31, 400)] == [
+        "0-1d", "0-1d", "2-7d", "2-7d", "8-30d", "8-30d", "31d+", "31d+"]
+
+
+# -- dead letters and operator records ----------------------------------------------------
+
+
+def test_dead_letter_description_from_the_nodes_headers_and_from_the_broker() -> None:
+    mine = describe(b"garbage", {"x-kpx-reason": "frame.malformed", "x-kpx-text": "too short",
+                                 "x-kpx-sender": "", "x-kpx-dead-at": str(NOW)})
+    assert (mine.id, mine.reason, mine.text, mine.sender, mine.dead_lettered_at,
+            mine.claimed) == (dead_letter_id(b"garbage"), "frame.malformed", "too short",
+                              None, NOW, None)
+    when = datetime(2026, 2, 15, 12, tzinfo=UTC)
+    poison = describe(b"x", {"x-death": [{"reason": b"delivery_limit", "time": when}],
+                             "x-delivery-count": 5}, message_id="m-1")
+    assert poison.reason == "broker.delivery_limit" and "5 attempts" in poison.text
+    assert (poison.message_id, poison.dead_lettered_at) == ("m-1", NOW)
+
+
+def test_operator_records_chain_and_verify_and_tampering_is_found() -> None:
+    record_bytes = operator_record("dead_letter.discard", "alice", NOW, reason="spam",
+                                   frame=b"\x00\x01")
+    h = entry_hash(GENESIS, 1, NOW, OPERATOR, "op-1", None, record_bytes)
+    entries = [Entry(1, NOW, OPERATOR, "op-1", None, record_bytes, h)]
+    assert verify_chain(entries, [], bytes(32)) == []
+    forged = dataclasses.replace(entries[0], frame=operator_record(
+        "dead_letter.discard", "mallory", NOW, reason="spam", frame=b"\x00\x01"))
+    assert [f.problem for f in verify_chain([forged], [], bytes(32))] == [
+        "hash does not match its content and predecessor"]
+    junk = b"\xc1"
+    bad = Entry(1, NOW, OPERATOR, "op-1", None, junk,
+                entry_hash(GENESIS, 1, NOW, OPERATOR, "op-1", None, junk))
+    (fault,) = verify_chain([bad], [], bytes(32))
+    assert "operator record does not parse" in fault.problem
+
+
+# -- the shells without a broker ------------------------------------------------------------
+
+
+def test_every_state_change_is_logged_with_certificate_partner_state_and_message_id(
+        tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    with structlog.testing.capture_logs() as logs:
+        nodes["ZA"].issue(certificate("ZA-L1", "ZA", "IN"))
+        carry(nodes["ZA"], nodes)
+        carry(nodes["IN"], nodes)
+    changes = [(e["node"], e["number"], e["partner"], e["state"], e["cause_kind"])
+               for e in logs if e["event"] == "certificate"]
+    assert changes == [("ZA", "ZA-L1", "IN", "issued", "command"),
+                       ("IN", "ZA-L1", "ZA", "received", "certificate"),
+                       ("ZA", "ZA-L1", "IN", "delivered", "receipt")]
+    assert all(e["message_id"] for e in logs if e["event"] == "certificate")
+    for node in nodes.values():
+        node.close()
+
+
+async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    try:
+        s = await gather_status(node)
+    finally:
+        node.close()
+    assert s["broker"]["reachable"] is False and s["health"] == "error"
+    assert "amqp://guest:***@127.0.0.1:1/" in s["broker"]["error"]
+    assert s["problems"][0]["text"].startswith("the node is not running")
+    listed = subprocess.run([sys.executable, "-m", "node.cli", "dead-letters", "list", "--dir",
+                             str(network.configs["ZA"].directory)],
+                            capture_output=True, text=True, check=False)
+    assert listed.returncode == 3 and "no broker answered" in listed.stderr
+
+
+def test_http_settings_round_trip_and_environment_overrides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    assert load_config(config.directory).http_port is None  # off unless asked for
+    write_config(dataclasses.replace(config, http_port=9470, http_host="0.0.0.0"))
+    loaded = load_config(config.directory)
+    assert (loaded.http_host, loaded.http_port) == ("0.0.0.0", 9470)
+    monkeypatch.setenv("KPX_HTTP_PORT", "0")
+    assert load_config(config.directory).http_port == 0
+    monkeypatch.setenv("KPX_HTTP_PORT", "eighty")
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_config(config.directory)
