@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from node import simulate
+from node import deploy, simulate
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, read_signing_key, write_signing_key
 from node.evidence import verify_chain
@@ -444,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep", help="keep the network's directories here")
     sp.add_argument("--json", action="store_true")
     simulate.register(sub, common)
+    deploy.register(sub, common)
     return p
 
 
