@@ -37,6 +37,7 @@ from node.network import create_network
 from node.registry import Registry, open_registry_frame
 from node.service import broker_user_for
 from protocol import ProtocolError
+from protocol.schema import PARTICIPANT_CODE
 
 PASSWORD_SUFFIX = ".password"
 
@@ -189,6 +190,8 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
     passwords = chair_dir / "broker-passwords"
     created = not (chair_dir / "registry.kpx").exists()
     if created:
+        for template in broker_templates:  # before anything is written
+            broker_url(template, "", "")
         if not codes:
             raise ConfigError("name at least one Participant to provision")
         network = create_network(base, codes, ())
@@ -209,7 +212,12 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
 
 
 def cmd_network(args: argparse.Namespace) -> None:
+    from node.cli import UserError
+
     codes = [c.strip() for c in args.participants.split(",") if c.strip()]
+    bad = [c for c in codes if not PARTICIPANT_CODE.fullmatch(c)]
+    if bad:
+        raise UserError(f"--participants: not a two-letter code: {', '.join(bad)}")
     done = provision(Path(args.dir), codes, args.broker, vhost=args.vhost,
                      delivery_limit=args.delivery_limit)
     nodes = sorted(done.node_dirs())
