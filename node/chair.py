@@ -8,13 +8,25 @@ nothing else as a registry.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nacl.signing import SigningKey
 
-from protocol import BROADCAST, CHAIR, Envelope, RegistryUpdate, seal
+from protocol import (
+    BROADCAST,
+    CHAIR,
+    Authority,
+    Envelope,
+    ParticipantEntry,
+    ParticipantStatus,
+    RegistryKey,
+    RegistryUpdate,
+    seal,
+)
 from protocol.schema import parse_registry, validate
 
 
@@ -74,3 +86,125 @@ def sign_registry_file(source: Path, chair_key: SigningKey, out: Path, now_ms: i
     update = registry_from_json(data)
     out.write_bytes(sign_registry(update, chair_key, now_ms))
     return update.version
+
+
+# -- editing the registry: pure functions, one per Chair decision ------------------------
+# Each takes the draft and returns the changed draft, or raises RegistryEditError with a
+# one-line reason. The draft keeps the version it will be published under.
+
+
+class RegistryEditError(Exception):
+    """The requested change does not fit the registry (unknown code, key held already...)."""
+
+
+def _participant_entry(update: RegistryUpdate, code: str) -> ParticipantEntry:
+    entry = next((p for p in update.participants if p.code == code), None)
+    if entry is None:
+        raise RegistryEditError(f"{code} is not in the registry")
+    return entry
+
+
+def _with_entry(update: RegistryUpdate, entry: ParticipantEntry) -> RegistryUpdate:
+    rest = [p for p in update.participants if p.code != entry.code]
+    return dataclasses.replace(update, participants=tuple(sorted([*rest, entry],
+                                                                 key=lambda p: p.code)))
+
+
+def _key_holder(update: RegistryUpdate, public_key: bytes) -> str | None:
+    for p in update.participants:
+        for a in p.authorities:
+            if any(k.public_key == public_key for k in a.keys):
+                return f"{p.code}/{a.id}"
+    return None
+
+
+def add_participant(update: RegistryUpdate, code: str, name: str, authority: str,
+                    authority_name: str, public_key: bytes, valid_from: int) -> RegistryUpdate:
+    if any(p.code == code for p in update.participants):
+        raise RegistryEditError(f"{code} is in the registry already")
+    held = _key_holder(update, public_key)
+    if held:
+        raise RegistryEditError(f"that key belongs to {held} already")
+    entry = ParticipantEntry(code=code, name=name, status=ParticipantStatus.ACTIVE,
+                             authorities=(Authority(id=authority, name=authority_name, keys=(
+                                 RegistryKey(public_key=public_key, valid_from=valid_from),)),))
+    return _checked(_with_entry(update, entry))
+
+
+def add_key(update: RegistryUpdate, code: str, authority: str, public_key: bytes,
+            valid_from: int, valid_until: int | None = None,
+            authority_name: str | None = None) -> RegistryUpdate:
+    """A new key for an authority (a rotation, or a new authority when ``authority_name``
+    is given). Existing keys stay valid: end them with :func:`end_key`."""
+    entry = _participant_entry(update, code)
+    held = _key_holder(update, public_key)
+    if held:
+        raise RegistryEditError(f"that key belongs to {held} already")
+    key = RegistryKey(public_key=public_key, valid_from=valid_from, valid_until=valid_until)
+    found = next((a for a in entry.authorities if a.id == authority), None)
+    if found is None:
+        if authority_name is None:
+            raise RegistryEditError(f"{code} has no authority {authority}; give "
+                                    "--authority-name to add it")
+        authorities = (*entry.authorities, Authority(id=authority, name=authority_name,
+                                                     keys=(key,)))
+    else:
+        authorities = tuple(dataclasses.replace(a, keys=(*a.keys, key)) if a is found else a
+                            for a in entry.authorities)
+    return _checked(_with_entry(update, dataclasses.replace(entry, authorities=authorities)))
+
+
+def _change_key(update: RegistryUpdate, public_key: bytes,
+                change: Callable[[RegistryKey], RegistryKey]) -> RegistryUpdate:
+    for p in update.participants:
+        for a in p.authorities:
+            for k in a.keys:
+                if k.public_key == public_key:
+                    new_a = dataclasses.replace(a, keys=tuple(change(x) if x is k else x
+                                                             for x in a.keys))
+                    new_p = dataclasses.replace(p, authorities=tuple(
+                        new_a if x is a else x for x in p.authorities))
+                    return _checked(_with_entry(update, new_p))
+    raise RegistryEditError(f"no key {public_key.hex()} in the registry")
+
+
+def end_key(update: RegistryUpdate, public_key: bytes, at_ms: int) -> RegistryUpdate:
+    """The key stays valid until ``at_ms`` (the end of a rotation's overlap)."""
+    def change(k: RegistryKey) -> RegistryKey:
+        if at_ms <= k.valid_from:
+            raise RegistryEditError("a key's end must come after its start")
+        return dataclasses.replace(k, valid_until=at_ms)
+    return _change_key(update, public_key, change)
+
+
+def revoke_key(update: RegistryUpdate, public_key: bytes, at_ms: int) -> RegistryUpdate:
+    """Refused from ``at_ms`` on, whatever its validity window said (a compromised key)."""
+    return _change_key(update, public_key,
+                       lambda k: dataclasses.replace(k, revoked_at=at_ms))
+
+
+def set_status(update: RegistryUpdate, code: str, status: ParticipantStatus) -> RegistryUpdate:
+    entry = _participant_entry(update, code)
+    if entry.status is status:
+        raise RegistryEditError(f"{code} is {status} already")
+    if entry.status is ParticipantStatus.WITHDRAWN:
+        raise RegistryEditError(f"{code} has withdrawn; it rejoins as a new Participant "
+                                "only through the Plenary (remove and add it again)")
+    return _checked(_with_entry(update, dataclasses.replace(entry, status=status)))
+
+
+def embargo(update: RegistryUpdate, origin: str, embargoed: bool) -> RegistryUpdate:
+    current = set(update.embargoed_origins)
+    if embargoed == (origin in current):
+        raise RegistryEditError(f"origin {origin} is {'' if embargoed else 'not '}embargoed "
+                                "already")
+    changed = current | {origin} if embargoed else current - {origin}
+    return _checked(dataclasses.replace(update, embargoed_origins=tuple(sorted(changed))))
+
+
+def _checked(update: RegistryUpdate) -> RegistryUpdate:
+    """Run the protocol's own validation, so the Chair never signs what nodes refuse."""
+    try:
+        return registry_from_json(registry_to_json(update))
+    except RegistryJsonError as exc:
+        raise RegistryEditError(str(exc)) from exc

@@ -18,10 +18,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from node import deploy, simulate
+from node import deploy, registrytool, simulate
 from node.chair import RegistryJsonError, sign_registry_file
-from node.config import ConfigError, load_config, read_signing_key, write_signing_key
+from node.config import ConfigError, load_config
 from node.evidence import verify_chain
+from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Side, State
 from node.network import init_node
@@ -294,7 +295,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_verify_log(args: argparse.Namespace) -> None:
     def run(node: Node) -> None:
-        keys = [bytes(node.signing_key.verify_key)]
+        keys = [bytes(k.verify_key) for k in node.signing_keys]
         for frame in node.store.registry_frames():
             registry = open_registry_frame(frame, node.config.chair_public_key)
             keys += [k.public_key for p in registry.update.participants
@@ -307,6 +308,90 @@ def cmd_verify_log(args: argparse.Namespace) -> None:
         emit(args, data, text)
         if faults:
             raise SystemExit(EXIT_REFUSED)
+    with_node(args, run)
+
+
+def _new_passphrase() -> str:
+    import getpass
+
+    from node.keyfile import passphrase_from_environment
+
+    if os.environ.get("KPX_KEY_PASSPHRASE") or os.environ.get("KPX_KEY_PASSPHRASE_FILE"):
+        found = passphrase_from_environment()
+        assert found is not None
+        return found
+    if not sys.stdin.isatty():
+        raise UserError("set KPX_KEY_PASSPHRASE or KPX_KEY_PASSPHRASE_FILE, or run from a "
+                        "terminal to be asked for the passphrase")
+    first = getpass.getpass("new passphrase: ")
+    if getpass.getpass("again: ") != first:
+        raise UserError("the passphrases differ; nothing changed")
+    return first
+
+
+def cmd_key_new(args: argparse.Namespace) -> None:
+    from nacl.signing import SigningKey
+
+    from node.config import KEYS_DIR
+
+    config = load_config(node_dir(args))
+    folder = config.path(KEYS_DIR)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    key = SigningKey.generate()
+    public = bytes(key.verify_key)
+    path = folder / f"{key_id(public).hex()}.key"
+    write_signing_key(path, key, passphrase=_new_passphrase() if args.encrypt else None)
+    emit(args, {"key_file": str(path), "public_key": public.hex(),
+                "key_id": key_id(public).hex()}, "\n".join([
+        f"New key written to {path}",
+        f"  public key  {public.hex()}",
+        "Next: the KP Chair adds it with 'kpnode registry add-key "
+        f"{config.participant} --key {public.hex()} --valid-from WHEN' and publishes;",
+        "the node signs with it from WHEN on, by itself. Then the Chair ends the old key",
+        "('kpnode registry end-key --key OLD --at LATER') once partners hold the new one.",
+    ]))
+
+
+def cmd_key_encrypt(args: argparse.Namespace) -> None:
+    from node.config import KEYS_DIR
+    from node.keyfile import encrypt_key_file, is_encrypted
+
+    config = load_config(node_dir(args))
+    paths = [config.path(config.signing_key_file),
+             *sorted(config.path(KEYS_DIR).glob("*.key"))]
+    todo = [p for p in paths if p.exists() and not is_encrypted(p)]
+    if not todo:
+        raise UserError("every key file of this node is encrypted already")
+    passphrase = _new_passphrase()
+    for path in todo:
+        encrypt_key_file(path, passphrase)
+    emit(args, {"encrypted": [str(p) for p in todo]},
+         "encrypted " + ", ".join(str(p) for p in todo) + "; the node now needs "
+         "KPX_KEY_PASSPHRASE (or KPX_KEY_PASSPHRASE_FILE, or a terminal) to start")
+
+
+def cmd_key_show(args: argparse.Namespace) -> None:
+    def run(node: Node) -> None:
+        now = node.clock()
+        current = bytes(node.signing_key(now).verify_key)
+        rows = []
+        for k in node.signing_keys:
+            public = bytes(k.verify_key)
+            owner = node.registry.key_owner(key_id(public))
+            if owner is None:
+                state = "not in the registry"
+            else:
+                try:
+                    node.registry.public_key_for(key_id(public), now)
+                    state = "valid"
+                except ProtocolError as exc:
+                    state = str(exc.reason)
+                if owner.key.valid_until is not None:
+                    state += f", ends {date.fromtimestamp(owner.key.valid_until / 1000)}"
+            rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),
+                         "registry": state, "signing": public == current})
+        emit(args, rows, table([[r["key_id"], r["registry"], "yes" if r["signing"] else ""]
+                                for r in rows], ("key id", "registry", "signs now")))
     with_node(args, run)
 
 
@@ -443,7 +528,20 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--certificates", type=int, default=3, help="per direction (default 3)")
     sp.add_argument("--keep", help="keep the network's directories here")
     sp.add_argument("--json", action="store_true")
+    key = sub.add_parser("key", help="the node's signing keys: rotation and encryption")
+    key_sub = key.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
+    sp = key_sub.add_parser("new", help="make a key for a rotation (keys/KEYID.key)",
+                            parents=[common])
+    sp.add_argument("--encrypt", action="store_true", help="encrypt it with a passphrase")
+    sp.set_defaults(handler=cmd_key_new)
+    sp = key_sub.add_parser("encrypt", help="encrypt the node's key files with a passphrase",
+                            parents=[common])
+    sp.set_defaults(handler=cmd_key_encrypt)
+    sp = key_sub.add_parser("show", help="the node's keys, their registry state, which signs",
+                            parents=[common])
+    sp.set_defaults(handler=cmd_key_show)
     simulate.register(sub, common)
+    registrytool.register(sub, common)
     deploy.register(sub, common)
     return p
 
@@ -467,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CommandRefused as exc:
         print(f"kpnode: refused: {exc.refusal}", file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None
-    except (UserError, ProtocolError) as exc:
+    except (UserError, ProtocolError, registrytool.ChairError) as exc:
         print(f"kpnode: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None
     except (ConfigError, RegistryFileError, StoreError, RegistryJsonError) as exc:

@@ -57,10 +57,24 @@ class NodeConfig:
         return self.path(self.registry_file)
 
     def signing_key(self) -> SigningKey:
+        from node.keyfile import read_signing_key  # keyfile's errors are ConfigErrors
+
         return read_signing_key(self.path(self.signing_key_file))
+
+    def rotated_keys(self) -> tuple[SigningKey, ...]:
+        """Keys made by ``kpnode key new`` (``keys/*.key``) for a rotation: the node signs
+        with one of them once the registry says it is valid (see Node.signing_key)."""
+        from node.keyfile import read_signing_key
+
+        folder = self.path(KEYS_DIR)
+        if not folder.is_dir():
+            return ()
+        return tuple(read_signing_key(p) for p in sorted(folder.glob("*.key")))
 
 
 ENV_PREFIX = "KPX_"
+#: where ``kpnode key new`` puts keys for a rotation
+KEYS_DIR = "keys"
 #: settings whose environment value is a comma-separated list
 _LIST_SETTINGS = {"broker_urls"}
 
@@ -163,26 +177,3 @@ def write_config(config: NodeConfig) -> Path:
     path = config.directory / CONFIG_NAME
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def write_signing_key(path: Path, key: SigningKey) -> None:
-    """Write the 32-byte seed as hex, readable by the owner only (mode 0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(bytes(key).hex() + "\n")
-
-
-def read_signing_key(path: Path) -> SigningKey:
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        raise ConfigError(f"signing key {path} not found") from None
-    if path.stat().st_mode & 0o077:
-        raise ConfigError(f"signing key {path} is readable by others; chmod 600 it")
-    try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        raise ConfigError(f"signing key {path} is not hex") from None
-    if len(seed) != 32:
-        raise ConfigError(f"signing key {path} must hold a 32-byte seed")
-    return SigningKey(seed)

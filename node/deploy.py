@@ -195,8 +195,10 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
         if not codes:
             raise ConfigError("name at least one Participant to provision")
         network = create_network(base, codes, ())
+        # The draft `kpnode registry` edits carries the version it will be published under.
+        draft = dataclasses.replace(network.registry, version=network.registry.version + 1)
         (chair_dir / "registry.json").write_text(
-            json.dumps(registry_to_json(network.registry), indent=2) + "\n")
+            json.dumps(registry_to_json(draft), indent=2) + "\n")
         (chair_dir / "chair.pub").write_text(network.chair_public_key.hex() + "\n")
         for code, config in network.configs.items():
             configure_node(config, broker_templates,

@@ -11,7 +11,9 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from node.chair import sign_registry
-from node.config import CONFIG_NAME, ConfigError, NodeConfig, write_config, write_signing_key
+from node.config import CONFIG_NAME, ConfigError, NodeConfig, write_config
+from node.keyfile import write_signing_key
+from node.registrytool import ChairDirectory
 from node.service import now_ms
 from protocol import (
     Authority,
@@ -68,6 +70,9 @@ class LocalNetwork:
         for config in self.configs.values():
             config.registry_path.write_bytes(frame)
         (self.base / "chair" / "registry.kpx").write_bytes(frame)
+        # the Chair's draft moves on, so `kpnode registry --dir BASE/chair` edits from here
+        ChairDirectory(self.base / "chair").save(
+            dataclasses.replace(update, version=update.version + 1))
         return frame
 
 

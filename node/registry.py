@@ -6,6 +6,7 @@ answers questions about it. Loading it from a file or the database is the caller
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protocol import (
@@ -88,6 +89,25 @@ class Registry:
             raise SignatureError(Reason.KEY_NOT_VALID_NOW,
                                  f"key {kid.hex()} of {owner.authority.id} is not valid now")
         return key.public_key
+
+
+def signing_key_choice(registry: Registry, participant: str, authority: str,
+                       public_keys: Sequence[bytes], at_ms: int) -> int | None:
+    """Which of a node's own keys to sign with at ``at_ms``: the one the registry lists for
+    this authority, valid and not revoked, that became valid last (so a rotated-in key takes
+    over at its start time without a restart). ``None`` when none of them is usable."""
+    best: tuple[int, int] | None = None
+    for index, public in enumerate(public_keys):
+        owner = registry.key_owner(key_id(public))
+        if owner is None or owner.participant != participant or owner.authority.id != authority:
+            continue
+        try:
+            registry.public_key_for(key_id(public), at_ms)
+        except SignatureError:
+            continue
+        if best is None or owner.key.valid_from > best[0]:
+            best = (owner.key.valid_from, index)
+    return None if best is None else best[1]
 
 
 def open_registry_frame(frame: bytes, chair_public_key: bytes) -> Registry:

@@ -38,7 +38,7 @@ from node.machine import (
     side_of,
     touches,
 )
-from node.registry import Registry, newer, open_registry_frame
+from node.registry import Registry, newer, open_registry_frame, signing_key_choice
 from node.store import Store
 from protocol import (
     Cancellation,
@@ -52,7 +52,6 @@ from protocol import (
     Replacement,
     seal,
 )
-from protocol.keys import key_id
 
 log = structlog.get_logger("kpx.node")
 
@@ -109,39 +108,51 @@ class Node:
 
     def __init__(self, config: NodeConfig, store: Store, signing_key: SigningKey,
                  registry: Registry, *, check_broker_user: bool = False,
-                 clock: Callable[[], int] = now_ms) -> None:
+                 clock: Callable[[], int] = now_ms,
+                 other_keys: Sequence[SigningKey] = ()) -> None:
         self.config = config
         self.store = store
-        self.signing_key = signing_key
+        #: the configured key first, then keys rotated in under keys/ (see signing_key)
+        self.signing_keys = (signing_key, *other_keys)
         self.registry = registry
         self.check_broker_user = check_broker_user
         self.clock = clock
         self.me = config.participant
-        self.key_id = key_id(bytes(signing_key.verify_key))
         #: called after a commit that queued frames, so the relay can publish at once
         self.on_outbox: Callable[[], None] = lambda: None
 
+    def signing_key(self, at_ms: int | None = None) -> SigningKey:
+        """The key to sign with now: of the node's keys, the newest one the registry holds
+        valid for this authority; the configured key when none is (peers will then refuse
+        what it signs, and ``kpnode status`` says why)."""
+        at = self.clock() if at_ms is None else at_ms
+        choice = signing_key_choice(self.registry, self.me, self.config.authority,
+                                    [bytes(k.verify_key) for k in self.signing_keys], at)
+        return self.signing_keys[choice or 0]
     @classmethod
     def open(cls, config: NodeConfig, *, check_broker_user: bool = False) -> Node:
         """Open the node's store and the newest verified registry (file or database)."""
         signing_key = config.signing_key()
+        other_keys = config.rotated_keys()
         store = Store(config.database_path)
         try:
             registry = load_registry(config, store)
         except BaseException:
             store.close()
             raise
-        return cls(config, store, signing_key, registry, check_broker_user=check_broker_user)
+        return cls(config, store, signing_key, registry, check_broker_user=check_broker_user,
+                   other_keys=other_keys)
 
     def close(self) -> None:
         self.store.close()
 
     def context(self, now: int | None = None) -> Context:
+        at = self.clock() if now is None else now
+        key = self.signing_key(at)
         return Context(me=self.me, registry=self.registry,
                        chair_public_key=self.config.chair_public_key,
-                       own_authority=self.config.authority,
-                       now_ms=self.clock() if now is None else now,
-                       sign=lambda envelope: seal(envelope, self.signing_key))
+                       own_authority=self.config.authority, now_ms=at,
+                       sign=lambda envelope: seal(envelope, key))
 
     # -- committing a decision -------------------------------------------------------
 

@@ -223,7 +223,7 @@ class Transport:
             try:
                 connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
             except Exception as exc:
-                log.warning("broker connection failed", url=_redact(url), error=str(exc))
+                log.warning("broker connection failed", url=redact(url), error=str(exc))
                 if index % len(self.urls) == 0:
                     await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt))
                     attempt += 1
@@ -233,7 +233,7 @@ class Transport:
             try:
                 await self._set_up(connection)
             except Exception as exc:
-                log.error("broker set-up failed", url=_redact(url), error=str(exc))
+                log.error("broker set-up failed", url=redact(url), error=str(exc))
                 with contextlib.suppress(Exception):
                     await connection.close()
                 await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt))
@@ -242,12 +242,12 @@ class Transport:
             attempt = 0
             self._current_url = url
             self._connected.set()
-            log.info("broker connected", url=_redact(url), participant=self.participant)
+            log.info("broker connected", url=redact(url), participant=self.participant)
             await lost.wait()
             self._connected.clear()
             self._generation += 1
             if not self._closing:
-                log.warning("broker connection lost; reconnecting", url=_redact(url))
+                log.warning("broker connection lost; reconnecting", url=redact(url))
                 index -= 1  # try the same broker first, then the others
 
     async def _set_up(self, connection: AbstractConnection) -> None:
@@ -425,7 +425,7 @@ class Transport:
         return (await self.queue_depth(dead_letter_queue(self.participant)))[0]
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """The URL without its password, for logs."""
     if "@" not in url or "://" not in url:
         return url

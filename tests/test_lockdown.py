@@ -190,7 +190,7 @@ async def test_loops_close_and_a_borrowed_key_is_refused(
             envelope = {"message_id": f"{i}" * 32, "kind": "certificate", "sender": "IN",
                         "recipient": "EU", "created_at": 1, "in_reply_to": None,
                         "payload": certificate_json(number, "IN", "EU")}
-            forged.append((number, seal_body(pack(envelope), nodes["IN"].signing_key)))
+            forged.append((number, seal_body(pack(envelope), nodes["IN"].signing_key())))
             connection = await aio_pika.connect(url_of(deployed, "kpx-za", broker.amqp_port))
             async with connection:
                 channel = await connection.channel(publisher_confirms=True)

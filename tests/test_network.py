@@ -140,7 +140,7 @@ async def test_rejections_reach_the_exporter_with_their_reason(net: Net, amqp_ur
     bad["lines"][0]["carats_hundredths"] = -5
     envelope = {"message_id": "b" * 32, "kind": "certificate", "sender": za,
                 "recipient": india, "created_at": 1, "in_reply_to": None, "payload": bad}
-    await publish_raw(amqp_url, india, seal_body(pack(envelope), exporter.signing_key),
+    await publish_raw(amqp_url, india, seal_body(pack(envelope), exporter.signing_key()),
                       "b" * 32)
     # Duplicate number: the same number issued again as a new message.
     exporter.issue(certificate(f"{za}-4", za, india))

@@ -125,7 +125,7 @@ def test_evidence_log_verifies_and_detects_a_changed_byte(nodes: Nodes) -> None:
     za.issue(certificate("ZA-2026-0009", "ZA", "IN"))
     carry(za, nodes)
     carry(india, nodes)
-    keys = [bytes(n.signing_key.verify_key) for n in nodes.values()]
+    keys = [bytes(n.signing_key().verify_key) for n in nodes.values()]
     chair = za.config.chair_public_key
     assert verify_chain(za.store.evidence(), keys, chair) == []
     seq, frame = za.store.db.execute("SELECT seq, frame FROM evidence ORDER BY seq DESC").fetchone()
@@ -166,9 +166,9 @@ def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path:
     restored = Node.open(restore(archive, tmp_path / "restored"))
     try:
         assert restored.store.get(Side.EXPORT, "ZA-2026-0100").state is State.DELIVERED
-        keys = [bytes(n.signing_key.verify_key) for n in nodes.values()]
+        keys = [bytes(n.signing_key().verify_key) for n in nodes.values()]
         assert verify_chain(restored.store.evidence(), keys, za.config.chair_public_key) == []
-        assert bytes(restored.signing_key) == bytes(za.signing_key)
+        assert bytes(restored.signing_key()) == bytes(za.signing_key())
     finally:
         restored.close()
     with pytest.raises(Exception, match="already holds a node"):

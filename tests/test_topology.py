@@ -136,23 +136,19 @@ def test_compose_topology_closes_loops_and_a_fourth_participant_joins(
         # -- RUNBOOK: joining a new Participant (BW) ---------------------------------------
         joined = kpnode("init", "--participant", "BW", "--dir", str(base / "BW"),
                         "--chair-key", chair_key)
-        registry_json = base / "chair" / "registry.json"
-        registry = json.loads(registry_json.read_text())
-        registry["version"] += 1
-        registry["participants"].append({
-            "code": "BW", "name": "Botswana", "status": "active",
-            "authorities": [{"id": joined["authority"], "name": "Botswana KP authority",
-                             "keys": [{"public_key": joined["public_key"]}]}]})
-        registry_json.write_text(json.dumps(registry, indent=2))
-        kpnode("chair", "sign-registry", str(registry_json), "--key",
-               str(base / "chair" / "chair.key"), "--out", str(base / "chair" / "registry.kpx"))
+        chair = str(base / "chair")
+        kpnode("registry", "add-participant", "BW", "--name", "Botswana", "--key",
+               joined["public_key"], "--dir", chair)
+        password = chair_password.read_text().strip()
+        published = kpnode("registry", "publish", "--dir", chair, "--broker",
+                           template.format(user="kpx-chair", password=password))
+        assert published["version"] == 2
         defs = kpnode("deploy", "definitions", "--registry",
                       str(base / "chair" / "registry.kpx"), "--chair-key", chair_key,
                       "--out", str(base / "broker" / "definitions.json"),
                       "--passwords", str(base / "chair" / "broker-passwords"))
         assert defs["registry_version"] == 2
         broker.import_definitions(defs["definitions"])
-        assert kpnode(*publish)["version"] == 2
         (base / "BW" / "registry.kpx").write_bytes((base / "chair" / "registry.kpx").read_bytes())
         kpnode("deploy", "configure", "--dir", str(base / "BW"), "--broker", template,
                "--password-file", str(base / "chair" / "broker-passwords" / "kpx-bw.password"))

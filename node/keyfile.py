@@ -1,0 +1,166 @@
+"""A node's Ed25519 signing key at rest: plain or passphrase-encrypted, owner-readable only.
+
+Two file formats, told apart by their first character:
+
+* **plain** — the 32-byte seed as hex, one line. What ``kpnode init`` writes.
+* **encrypted** — a JSON object ``{"format": "kpx-encrypted-key-v1", "kdf": "argon2id",
+  "opslimit", "memlimit", "salt", "box"}``: the seed in a PyNaCl ``SecretBox`` (XSalsa20-
+  Poly1305) under a key derived from the passphrase with Argon2id. The KDF parameters are
+  kept in the file so they can be raised later without breaking old files; the default is
+  libsodium's *moderate* level (256 MiB, about 1-3 s on a small server), paid once when the
+  node starts and once per CLI command that opens the node.
+
+The passphrase comes from ``KPX_KEY_PASSPHRASE``, else the file named by
+``KPX_KEY_PASSPHRASE_FILE`` (a container secret), else a prompt when a terminal is
+attached; otherwise the node refuses to start with a one-line reason. Whatever the format,
+a key file that its group or others can read is refused: a key that may have been copied
+is a key to revoke, not to use.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.pwhash.argon2id as argon2id
+import nacl.utils
+from nacl.secret import SecretBox
+from nacl.signing import SigningKey
+
+from node.config import ConfigError
+
+ENCRYPTED_FORMAT = "kpx-encrypted-key-v1"
+ENV_PASSPHRASE = "KPX_KEY_PASSPHRASE"
+ENV_PASSPHRASE_FILE = "KPX_KEY_PASSPHRASE_FILE"
+#: (opslimit, memlimit) presets; tests use "interactive" to stay fast
+STRENGTHS: Mapping[str, tuple[int, int]] = {
+    "moderate": (argon2id.OPSLIMIT_MODERATE, argon2id.MEMLIMIT_MODERATE),
+    "interactive": (argon2id.OPSLIMIT_INTERACTIVE, argon2id.MEMLIMIT_INTERACTIVE),
+}
+#: refuse absurd parameters in a file (a hostile file must not make us allocate 64 GiB)
+_MAX_MEMLIMIT = 1 << 31
+_MAX_OPSLIMIT = 64
+MIN_PASSPHRASE = 12
+
+
+class KeyFileError(ConfigError):
+    """The key file is missing, unsafe, malformed or cannot be unlocked."""
+
+
+def _derive(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
+    return argon2id.kdf(SecretBox.KEY_SIZE, passphrase.encode(), salt,
+                        opslimit=opslimit, memlimit=memlimit)
+
+
+def encrypt_seed(seed: bytes, passphrase: str, strength: str = "moderate") -> str:
+    """The encrypted file's text for ``seed``."""
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise KeyFileError(f"passphrase too short: use at least {MIN_PASSPHRASE} characters")
+    opslimit, memlimit = STRENGTHS[strength]
+    salt = nacl.utils.random(argon2id.SALTBYTES)
+    box = SecretBox(_derive(passphrase, salt, opslimit, memlimit)).encrypt(seed)
+    return json.dumps({"format": ENCRYPTED_FORMAT, "kdf": "argon2id", "opslimit": opslimit,
+                       "memlimit": memlimit, "salt": salt.hex(), "box": bytes(box).hex()},
+                      indent=1) + "\n"
+
+
+def decrypt_seed(text: str, passphrase: str, path: Path) -> bytes:
+    try:
+        data = json.loads(text)
+        if data.get("format") != ENCRYPTED_FORMAT or data.get("kdf") != "argon2id":
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        opslimit, memlimit = int(data["opslimit"]), int(data["memlimit"])
+        salt, box = bytes.fromhex(data["salt"]), bytes.fromhex(data["box"])
+        if not (0 < opslimit <= _MAX_OPSLIMIT and 0 < memlimit <= _MAX_MEMLIMIT):
+            raise ValueError("key derivation parameters out of range")
+        if len(salt) != argon2id.SALTBYTES:
+            raise ValueError("bad salt length")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise KeyFileError(f"encrypted signing key {path} is malformed: {exc}") from None
+    try:
+        seed = SecretBox(_derive(passphrase, salt, opslimit, memlimit)).decrypt(box)
+    except nacl.exceptions.CryptoError:
+        raise KeyFileError(f"wrong passphrase for signing key {path}") from None
+    if len(seed) != 32:
+        raise KeyFileError(f"encrypted signing key {path} does not hold a 32-byte seed")
+    return seed
+
+
+def passphrase_from_environment(environ: Mapping[str, str] = os.environ,
+                                prompt: Callable[[str], str] | None = None) -> str | None:
+    """The passphrase from the environment, a secret file, or a terminal prompt."""
+    if environ.get(ENV_PASSPHRASE):
+        return environ[ENV_PASSPHRASE]
+    secret = environ.get(ENV_PASSPHRASE_FILE)
+    if secret:
+        try:
+            return Path(secret).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise KeyFileError(f"{ENV_PASSPHRASE_FILE}={secret}: {exc.strerror}") from None
+    if prompt is not None:
+        return prompt("passphrase for the node's signing key: ")
+    if sys.stdin.isatty():
+        return getpass.getpass("passphrase for the node's signing key: ")
+    return None
+
+
+def write_signing_key(path: Path, key: SigningKey, *, passphrase: str | None = None,
+                      strength: str = "moderate") -> None:
+    """Write a new key file, mode 0600, never over an existing one."""
+    text = (bytes(key).hex() + "\n" if passphrase is None
+            else encrypt_seed(bytes(key), passphrase, strength))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def is_encrypted(path: Path) -> bool:
+    try:
+        return path.read_text().lstrip().startswith("{")
+    except OSError:
+        return False
+
+
+def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey:
+    """Load a key file. An encrypted one needs ``passphrase`` or
+    :func:`passphrase_from_environment`; a file others can read is refused."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise KeyFileError(f"signing key {path} not found") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise KeyFileError(f"signing key {path} is readable by others (mode "
+                           f"{mode & 0o777:o}); chmod 600 it, and consider the key exposed")
+    if text.startswith("{"):
+        if passphrase is None:
+            passphrase = passphrase_from_environment()
+        if passphrase is None:
+            raise KeyFileError(f"signing key {path} is encrypted: set {ENV_PASSPHRASE} or "
+                               f"{ENV_PASSPHRASE_FILE}, or run from a terminal")
+        return SigningKey(decrypt_seed(text, passphrase, path))
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(f"signing key {path} is neither hex nor an encrypted key") from None
+    if len(seed) != 32:
+        raise KeyFileError(f"signing key {path} must hold a 32-byte seed")
+    return SigningKey(seed)
+
+
+def encrypt_key_file(path: Path, passphrase: str, strength: str = "moderate") -> None:
+    """Encrypt a plain key file in place (atomically: a new file renamed over it)."""
+    key = read_signing_key(path)
+    if is_encrypted(path):
+        raise KeyFileError(f"signing key {path} is encrypted already")
+    tmp = path.with_name(path.name + ".new")
+    tmp.unlink(missing_ok=True)
+    write_signing_key(tmp, key, passphrase=passphrase, strength=strength)
+    os.replace(tmp, path)

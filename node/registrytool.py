@@ -1,0 +1,309 @@
+"""``kpnode registry ...``: the KP Chair keeps the Participant registry and publishes it.
+
+The Chair's directory (``--dir``) holds ``chair.key`` (from ``kpnode chair init`` or
+``registry init``), ``registry.json`` — the draft, always carrying the version it will be
+published under — ``registry.kpx``, the newest signed registry, and ``published/``, every
+version ever signed. Each edit is one command that checks the change against the protocol's
+own validation (:mod:`node.chair`) before writing the draft; ``publish`` signs the draft,
+writes it to file and sends it to every node over the broker's ``kpx.registry`` fanout, then
+moves the draft on to the next version. Nodes accept only a newer version signed by the
+Chair, store it and apply it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from node.chair import (
+    RegistryEditError,
+    add_key,
+    add_participant,
+    embargo,
+    end_key,
+    registry_from_json,
+    registry_to_json,
+    revoke_key,
+    set_status,
+    sign_registry,
+)
+from node.keyfile import read_signing_key, write_signing_key
+from node.service import now_ms
+from protocol import ParticipantStatus, RegistryUpdate, key_id
+
+DRAFT = "registry.json"
+SIGNED = "registry.kpx"
+PUBLISHED = "published"
+CHAIR_KEY = "chair.key"
+
+
+class ChairError(Exception):
+    """A one-line reason the Chair's command cannot be carried out."""
+
+
+def parse_instant(text: str) -> int:
+    """``now``, ms since the epoch, a date (midnight UTC) or an ISO 8601 instant → ms."""
+    if text == "now":
+        return now_ms()
+    if text.isdigit():
+        return int(text)
+    try:
+        if len(text) == 10:
+            moment = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+        else:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                raise ChairError(f"{text!r}: give a time zone (e.g. Z or +02:00)")
+    except ValueError:
+        raise ChairError(f"{text!r} is not a date, an ISO 8601 instant or ms") from None
+    return int(moment.timestamp() * 1000)
+
+
+def parse_public_key(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ChairError(f"public key {text!r} is not hex") from None
+    if len(key) != 32:
+        raise ChairError("a public key is 32 bytes (64 hex characters)")
+    return key
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+class ChairDirectory:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def draft_path(self) -> Path:
+        return self.directory / DRAFT
+
+    def key(self) -> SigningKey:
+        return read_signing_key(self.directory / CHAIR_KEY)
+
+    def load(self) -> RegistryUpdate:
+        try:
+            data = json.loads(self.draft_path.read_text())
+        except FileNotFoundError:
+            raise ChairError(f"no {DRAFT} in {self.directory}: run 'kpnode registry init' "
+                             "first") from None
+        except json.JSONDecodeError as exc:
+            raise ChairError(f"{self.draft_path}: not JSON: {exc}") from None
+        return registry_from_json(data)
+
+    def save(self, update: RegistryUpdate) -> None:
+        tmp = self.draft_path.with_suffix(".json.new")
+        tmp.write_text(json.dumps(registry_to_json(update), indent=2) + "\n")
+        os.replace(tmp, self.draft_path)
+
+
+def summary(update: RegistryUpdate) -> dict[str, Any]:
+    return {
+        "version": update.version,
+        "embargoed_origins": list(update.embargoed_origins),
+        "participants": [{
+            "code": p.code, "name": p.name, "status": str(p.status),
+            "authorities": [{
+                "id": a.id, "name": a.name,
+                "keys": [{"public_key": k.public_key.hex(),
+                          "key_id": key_id(k.public_key).hex(),
+                          "valid_from": k.valid_from, "valid_until": k.valid_until,
+                          "revoked_at": k.revoked_at} for k in a.keys]}
+                for a in p.authorities]}
+            for p in update.participants],
+    }
+
+
+def render(update: RegistryUpdate) -> str:
+    lines = [f"registry draft, to be published as version {update.version}",
+             "embargoed origins: " + (", ".join(update.embargoed_origins) or "none"), ""]
+    for p in update.participants:
+        lines.append(f"{p.code}  {p.name}  [{p.status}]")
+        for a in p.authorities:
+            lines.append(f"    {a.id}  {a.name}")
+            for k in a.keys:
+                state = "revoked " + _iso(k.revoked_at) if k.revoked_at is not None else (
+                    f"valid {_iso(k.valid_from)} .. {_iso(k.valid_until)}")
+                lines.append(f"        key {key_id(k.public_key).hex()}  {state}")
+    return "\n".join(lines)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryUpdate],
+          done: str) -> None:
+    chair = ChairDirectory(Path(args.dir))
+    try:
+        update = change(chair.load())
+    except RegistryEditError as exc:
+        raise ChairError(str(exc)) from None
+    chair.save(update)
+    _emit(args, summary(update), f"{done} (draft of version {update.version}; "
+          "'kpnode registry publish' to send it)")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    chair = ChairDirectory(directory)
+    if chair.draft_path.exists():
+        raise ChairError(f"{chair.draft_path} exists already")
+    key_path = directory / CHAIR_KEY
+    if not key_path.exists():
+        write_signing_key(key_path, SigningKey.generate())
+    public = bytes(chair.key().verify_key).hex()
+    chair.save(RegistryUpdate(version=1, participants=()))
+    _emit(args, {"directory": str(directory), "chair_public_key": public},
+          f"Chair directory ready in {directory}\n  Chair public key {public}\n"
+          "Give it to every node (chair_public_key in node.toml).")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    update = ChairDirectory(Path(args.dir)).load()
+    _emit(args, summary(update), render(update))
+
+
+def cmd_add_participant(args: argparse.Namespace) -> None:
+    code = args.code.upper()
+    authority = args.authority or f"{code}-KPA"
+    _edit(args, lambda u: add_participant(
+        u, code, args.name, authority, args.authority_name or f"{args.name} KP Authority",
+        parse_public_key(args.key), parse_instant(args.valid_from)),
+        f"added {code} with authority {authority}")
+
+
+def cmd_add_key(args: argparse.Namespace) -> None:
+    code = args.code.upper()
+    authority = args.authority or f"{code}-KPA"
+    until = parse_instant(args.valid_until) if args.valid_until else None
+    _edit(args, lambda u: add_key(u, code, authority, parse_public_key(args.key),
+                                  parse_instant(args.valid_from), until, args.authority_name),
+          f"added a key to {authority}")
+
+
+def cmd_end_key(args: argparse.Namespace) -> None:
+    _edit(args, lambda u: end_key(u, parse_public_key(args.key), parse_instant(args.at)),
+          f"key ends at {args.at}")
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> None:
+    _edit(args, lambda u: revoke_key(u, parse_public_key(args.key), parse_instant(args.at)),
+          "key revoked")
+
+
+def _status_command(status: ParticipantStatus) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        code = args.code.upper()
+        _edit(args, lambda u: set_status(u, code, status), f"{code} is now {status}")
+    return run
+
+
+def cmd_embargo(args: argparse.Namespace) -> None:
+    origin = args.origin.upper()
+    _edit(args, lambda u: embargo(u, origin, not args.lift),
+          f"origin {origin} {'no longer ' if args.lift else ''}embargoed")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    chair = ChairDirectory(Path(args.dir))
+    update = chair.load()
+    frame = sign_registry(update, chair.key(), now_ms())
+    published = chair.directory / PUBLISHED
+    published.mkdir(exist_ok=True)
+    (published / f"registry-v{update.version:06d}.kpx").write_bytes(frame)
+    (chair.directory / SIGNED).write_bytes(frame)
+    outputs = [str(chair.directory / SIGNED)]
+    if args.out:
+        Path(args.out).write_bytes(frame)
+        outputs.append(args.out)
+    sent_to = None
+    if args.broker:
+        sent_to = asyncio.run(_send(args.broker, frame))
+    chair.save(update.__class__(version=update.version + 1, participants=update.participants,
+                                embargoed_origins=update.embargoed_origins))
+    where = ", ".join(outputs) + (f" and to every node through {sent_to}" if sent_to else "")
+    _emit(args, {"version": update.version, "files": outputs, "broker": sent_to},
+          f"registry version {update.version} signed and published to {where}")
+
+
+async def _send(urls: list[str], frame: bytes) -> str:
+    from node.transport import publish_registry, redact
+
+    errors = []
+    for url in urls:
+        try:
+            await publish_registry(url, frame)
+            return redact(url)
+        except Exception as exc:  # any broker failure: try the next endpoint, then report
+            errors.append(f"{redact(url)}: {exc or type(exc).__name__}")
+    raise ChairError("could not publish to the broker (the signed file is written; run "
+                     "publish again or hand the file to the nodes): " + "; ".join(errors))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser) -> None:
+    """``kpnode registry ...``; ``--dir`` is the Chair's directory."""
+    registry = sub.add_parser("registry", help="the KP Chair: edit and publish the registry")
+    rsub = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], None],
+            help_: str) -> argparse.ArgumentParser:
+        sp = rsub.add_parser(name, help=help_, description=help_, parents=[common])
+        sp.set_defaults(handler=handler)
+        return sp
+
+    add("init", cmd_init, "create the Chair's key (if missing) and an empty registry draft")
+    add("show", cmd_show, "the draft: Participants, authorities, keys, embargoes")
+    sp = add("add-participant", cmd_add_participant, "add a Participant with its first key")
+    sp.add_argument("code")
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--key", required=True, help="the node's public key, hex "
+                    "(printed by 'kpnode init')")
+    sp.add_argument("--authority", help="issuing authority id (default CODE-KPA)")
+    sp.add_argument("--authority-name")
+    sp.add_argument("--valid-from", default="now", help="date, ISO instant or ms (default now)")
+    sp = add("add-key", cmd_add_key, "add a key (rotation) or an authority with its key")
+    sp.add_argument("code")
+    sp.add_argument("--key", required=True, help="public key, hex ('kpnode key new')")
+    sp.add_argument("--authority", help="authority id (default CODE-KPA)")
+    sp.add_argument("--authority-name", help="add the authority with this name")
+    sp.add_argument("--valid-from", default="now")
+    sp.add_argument("--valid-until")
+    sp = add("end-key", cmd_end_key, "let a key lapse at a time (end of a rotation)")
+    sp.add_argument("--key", required=True)
+    sp.add_argument("--at", required=True)
+    sp = add("revoke-key", cmd_revoke_key, "revoke a key: refused from --at (default now)")
+    sp.add_argument("--key", required=True)
+    sp.add_argument("--at", default="now")
+    for name, status, text in (
+            ("suspend", ParticipantStatus.SUSPENDED, "suspend a Participant"),
+            ("reactivate", ParticipantStatus.ACTIVE, "reactivate a suspended Participant"),
+            ("withdraw", ParticipantStatus.WITHDRAWN, "record a Participant's withdrawal")):
+        sp = add(name, _status_command(status), text)
+        sp.add_argument("code")
+    sp = add("embargo", cmd_embargo, "embargo an origin (--lift to end it)")
+    sp.add_argument("origin")
+    sp.add_argument("--lift", action="store_true")
+    sp = add("publish", cmd_publish, "sign the draft as the next version; write it and send "
+             "it to every node")
+    sp.add_argument("--broker", action="append", help="AMQP URL (repeat for a cluster); "
+                    "without it only files are written")
+    sp.add_argument("--out", help="also write the signed registry here")

@@ -1,0 +1,289 @@
+"""Trust: the Chair's live registry, key rotation and revocation, and the key at rest.
+
+Pure edits of the registry are checked without a broker; key validity windows with nodes
+whose clock the test sets, messages carried by hand; the live registry through
+``kpnode registry ... publish --broker`` on the real broker, with running nodes applying it
+at once; the encrypted key file through ``kpnode`` as an operator runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+from node.chair import (
+    RegistryEditError,
+    add_key,
+    add_participant,
+    embargo,
+    end_key,
+    revoke_key,
+    set_status,
+    sign_registry,
+)
+from node.config import KEYS_DIR, load_config
+from node.keyfile import KeyFileError, encrypt_seed, read_signing_key, write_signing_key
+from node.machine import Side, State
+from node.network import create_network
+from node.service import CommandRefused, Delivery, Node, now_ms
+from protocol import Envelope, ParticipantStatus, RegistryUpdate, key_id, seal
+from tests.netutil import carry, certificate
+from tests.test_network import Net, fresh_codes, net, state, until  # noqa: F401
+
+KPNODE = [sys.executable, "-m", "node.cli"]
+DAY = 86_400_000
+
+
+# -- the Chair's edits ----------------------------------------------------------------
+
+
+def _pub() -> bytes:
+    return bytes(SigningKey.generate().verify_key)
+
+
+def test_registry_edits_refuse_what_does_not_fit() -> None:
+    first = _pub()
+    base = add_participant(RegistryUpdate(version=1, participants=()), "BW", "Botswana",
+                           "BW-KPA", "Botswana KP Authority", first, 0)
+    with pytest.raises(RegistryEditError, match="already"):
+        add_participant(base, "BW", "Botswana", "BW-KPA", "x", _pub(), 0)
+    with pytest.raises(RegistryEditError, match="belongs to BW/BW-KPA"):
+        add_participant(base, "NA", "Namibia", "NA-KPA", "x", first, 0)
+    with pytest.raises(RegistryEditError, match="not in the registry"):
+        set_status(base, "ZZ", ParticipantStatus.SUSPENDED)
+    with pytest.raises(RegistryEditError, match="no authority"):
+        add_key(base, "BW", "BW-MINES", _pub(), 0)
+    two = add_key(base, "BW", "BW-MINES", _pub(), 0, authority_name="Mines")
+    assert [a.id for a in two.participants[0].authorities] == ["BW-KPA", "BW-MINES"]
+    with pytest.raises(RegistryEditError, match="after its start"):
+        end_key(end_key(base, first, 10), first, 0)
+    withdrawn = set_status(base, "BW", ParticipantStatus.WITHDRAWN)
+    with pytest.raises(RegistryEditError, match="withdrawn"):
+        set_status(withdrawn, "BW", ParticipantStatus.ACTIVE)
+    embargoed = embargo(base, "CF", True)
+    assert embargoed.embargoed_origins == ("CF",)
+    with pytest.raises(RegistryEditError, match="embargoed already"):
+        embargo(embargoed, "CF", True)
+    assert embargo(embargoed, "CF", False).embargoed_origins == ()
+    with pytest.raises(RegistryEditError, match=r"field\.bad_format|two-letter|code"):
+        add_participant(base, "bw1", "x", "BW1-KPA", "x", _pub(), 0)
+
+
+# -- key rotation and revocation, with a clock the test sets ---------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Node, Node, object]]:
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [])
+    exporter = Node.open(network.configs[exporter_code])
+    importer = Node.open(network.configs[importer_code])
+    yield exporter, importer, network
+    exporter.close()
+    importer.close()
+
+
+def _deliver_registry(update: RegistryUpdate, chair: SigningKey, *nodes: Node) -> None:
+    frame = sign_registry(update, chair, 1)
+    for node in nodes:
+        (verdict,) = node.handle_batch([Delivery(frame)])
+        assert verdict.dead_letter is None
+        assert node.registry.version == update.version
+
+
+def _signed_by(key: SigningKey, node: Node, number: str, to: str) -> bytes:
+    """A certificate from ``node``'s Participant signed with ``key``, as a peer would."""
+    envelope = Envelope(sender=node.me, recipient=to, created_at=node.clock(),
+                        payload=certificate(number, node.me, to))
+    return seal(envelope, key)
+
+
+def test_key_rotation_overlap_and_revocation(pair: tuple[Node, Node, object]) -> None:
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    me, you = exporter.me, importer.me
+    t0 = now_ms()
+    starts, old_ends = t0 + DAY, t0 + 3 * DAY
+    old = exporter.signing_keys[0]
+
+    # The node makes a key for the rotation; it is not used before the registry holds it.
+    new = SigningKey.generate()
+    folder = exporter.config.path(KEYS_DIR)
+    folder.mkdir()
+    write_signing_key(folder / "next.key", new)
+    exporter.close()
+    exporter = Node.open(exporter.config)
+    assert [bytes(k) for k in exporter.signing_keys] == [bytes(old), bytes(new)]
+
+    update = network.registry  # type: ignore[attr-defined]
+    update = add_key(update, me, exporter.config.authority, bytes(new.verify_key), starts)
+    update = end_key(update, bytes(old.verify_key), old_ends)
+    update = dataclasses.replace(update, version=2)
+    for node, at in ((exporter, t0), (importer, t0)):
+        node.clock = lambda at=at: at  # type: ignore[misc]
+    _deliver_registry(update, chair, exporter, importer)
+    nodes = {me: exporter, you: importer}
+
+    # Before the start time: the old key signs; a frame under the new key is refused.
+    assert bytes(exporter.signing_key()) == bytes(old)
+    exporter.issue(certificate(f"{me}-1", me, you))
+    assert [v.dead_letter for _, v in carry(exporter, nodes)] == [None]
+    (early,) = importer.handle_batch([Delivery(_signed_by(new, exporter, f"{me}-2", you))])
+    assert early.dead_letter is not None and early.dead_letter.reason == "key.not_valid_now"
+    assert importer.store.get(Side.IMPORT, f"{me}-2") is None
+
+    # In the overlap both keys verify; the node signs with the new one by itself.
+    for node in (exporter, importer):
+        node.clock = lambda: starts + DAY  # type: ignore[method-assign]
+    assert bytes(exporter.signing_key()) == bytes(new)
+    exporter.issue(certificate(f"{me}-3", me, you))
+    assert [v.dead_letter for _, v in carry(exporter, nodes)] == [None]
+    (overlap,) = importer.handle_batch([Delivery(_signed_by(old, exporter, f"{me}-4", you))])
+    assert overlap.dead_letter is None
+    assert state(importer, Side.IMPORT, f"{me}-3") is State.RECEIVED
+    assert state(importer, Side.IMPORT, f"{me}-4") is State.RECEIVED
+
+    # After the old key's end: refused, nothing recorded.
+    for node in (exporter, importer):
+        node.clock = lambda: old_ends + 1  # type: ignore[method-assign]
+    (late,) = importer.handle_batch([Delivery(_signed_by(old, exporter, f"{me}-5", you))])
+    assert late.dead_letter is not None and late.dead_letter.reason == "key.not_valid_now"
+    assert importer.store.get(Side.IMPORT, f"{me}-5") is None
+
+    # Revocation of the new key takes effect as soon as the registry arrives.
+    revoked = dataclasses.replace(revoke_key(update, bytes(new.verify_key), old_ends),
+                                  version=3)
+    _deliver_registry(revoked, chair, importer)
+    before = importer.store.counts()
+    (bad,) = importer.handle_batch([Delivery(_signed_by(new, exporter, f"{me}-6", you))])
+    assert bad.dead_letter is not None and bad.dead_letter.reason == "key.revoked"
+    assert importer.store.counts() == before
+
+
+def test_a_stale_registry_version_changes_nothing(pair: tuple[Node, Node, object]) -> None:
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    base: RegistryUpdate = network.registry  # type: ignore[attr-defined]
+    suspended = dataclasses.replace(set_status(base, importer.me, ParticipantStatus.SUSPENDED),
+                                    version=3)
+    _deliver_registry(suspended, chair, exporter)
+    older = dataclasses.replace(base, version=2)
+    (verdict,) = exporter.handle_batch([Delivery(sign_registry(older, chair, 2))])
+    assert verdict.dead_letter is not None and verdict.dead_letter.reason == "registry.stale"
+    assert exporter.registry.version == 3
+    with pytest.raises(CommandRefused, match=r"participant\.suspended"):
+        exporter.issue(certificate(f"{exporter.me}-1", exporter.me, importer.me))
+
+
+# -- the live registry over the broker ------------------------------------------------
+
+
+def kpnode(*args: str, check: bool = True,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*KPNODE, *args], capture_output=True, text=True, timeout=120,
+                            env=env)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.broker
+async def test_chair_publishes_and_nodes_apply_at_once(net: Net, amqp_url: str) -> None:  # noqa: F811
+    za, india, eu = net.codes  # type: ignore[attr-defined]
+    exporter = await net.start(za)
+    importer = await net.start(india)
+    chair_dir = str(net.network.base / "chair")
+
+    kpnode("registry", "suspend", india, "--dir", chair_dir)
+    kpnode("registry", "embargo", "CF", "--dir", chair_dir)
+    out = kpnode("registry", "publish", "--broker", amqp_url, "--dir", chair_dir, "--json")
+    assert json.loads(out.stdout)["version"] == 2
+    await until(lambda: exporter.registry.version == 2 and importer.registry.version == 2)
+
+    with pytest.raises(CommandRefused, match=r"participant\.suspended"):
+        exporter.issue(certificate(f"{za}-1", za, india))
+    with pytest.raises(CommandRefused, match=r"origin\.embargoed"):
+        exporter.issue(certificate(f"{za}-2", za, eu, origins=["CF"]))
+    # persisted: a node started later, or restarted, holds version 2 from its database
+    await net.stop(india)
+    again = await net.start(india)
+    assert again.registry.version == 2
+
+    kpnode("registry", "reactivate", india, "--dir", chair_dir)
+    kpnode("registry", "publish", "--broker", amqp_url, "--dir", chair_dir)
+    await until(lambda: exporter.registry.version == 3)
+    exporter.issue(certificate(f"{za}-3", za, india))
+    await until(lambda: state(again, Side.IMPORT, f"{za}-3") is State.RECEIVED)
+
+
+def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
+    network = create_network(tmp_path, fresh_codes(2), [])
+    chair_dir = str(network.base / "chair")
+    result = kpnode("registry", "publish", "--broker", "amqp://guest:guest@127.0.0.1:1/",
+                    "--dir", chair_dir, check=False)
+    assert result.returncode == 1
+    assert "could not publish" in result.stderr and "guest@" not in result.stderr
+    assert (network.base / "chair" / "published" / "registry-v000002.kpx").exists()
+
+
+# -- the private key at rest ------------------------------------------------------------
+
+
+def test_encrypted_key_needs_the_passphrase(tmp_path: Path) -> None:
+    network = create_network(tmp_path, fresh_codes(2), [])
+    code, config = next(iter(network.configs.items()))
+    public = bytes(config.signing_key().verify_key)
+    env = {**os.environ, "KPX_KEY_PASSPHRASE": "correct horse battery"}
+    kpnode("key", "encrypt", "--dir", str(config.directory), env=env)
+    text = config.path(config.signing_key_file).read_text()
+    assert json.loads(text)["format"] == "kpx-encrypted-key-v1"
+    seed = read_signing_key(config.path(config.signing_key_file),
+                            passphrase="correct horse battery")
+    assert bytes(seed).hex() not in text  # the seed is no longer in the clear
+    plain_env = {k: v for k, v in os.environ.items() if not k.startswith("KPX_KEY")}
+    locked = kpnode("list", "--dir", str(config.directory), check=False, env=plain_env)
+    assert locked.returncode == 3 and "is encrypted" in locked.stderr
+    wrong = kpnode("list", "--dir", str(config.directory), check=False,
+                   env={**plain_env, "KPX_KEY_PASSPHRASE": "wrong horse battery"})
+    assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr
+    shown = kpnode("key", "show", "--json", "--dir", str(config.directory), env=env)
+    (row,) = json.loads(shown.stdout)
+    assert row["public_key"] == public.hex() and row["signing"] is True
+    assert code
+
+
+def test_key_file_readable_by_others_or_damaged_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    write_signing_key(path, SigningKey.generate())
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError, match="readable by others"):
+        read_signing_key(path)
+    path.chmod(0o600)
+    read_signing_key(path)
+    damaged = tmp_path / "damaged.key"
+    fd = os.open(damaged, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b'{"format": "kpx-encrypted-key-v1", "kdf": "argon2id", "memlimit": '
+                 b'99999999999999, "opslimit": 3, "salt": "00", "box": "00"}')
+    os.close(fd)
+    with pytest.raises(KeyFileError, match="malformed"):
+        read_signing_key(damaged, passphrase="a passphrase long enough")
+    with pytest.raises(KeyFileError, match="too short"):
+        encrypt_seed(b"\0" * 32, "short")
+    assert key_id(bytes(SigningKey.generate().verify_key))
+
+
+def test_node_refuses_to_start_on_an_exposed_key(tmp_path: Path) -> None:
+    network = create_network(tmp_path, fresh_codes(2), [])
+    config = next(iter(network.configs.values()))
+    config.path(config.signing_key_file).chmod(0o640)
+    result = kpnode("run", "--dir", str(config.directory), check=False)
+    assert result.returncode == 3 and "readable by others" in result.stderr
+    assert load_config(config.directory).participant == config.participant
