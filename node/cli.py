@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from node import registrytool, simulate
+from node import deploy, registrytool, simulate
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config
 from node.evidence import verify_chain
@@ -544,6 +544,7 @@ def parser() -> argparse.ArgumentParser:
     registrytool.register(sub, common)
     from node.opscli import register as register_operator_commands  # it imports this module
     register_operator_commands(sub, common)
+    deploy.register(sub, common)
     return p
 
 

@@ -59,6 +59,18 @@ def dead_letter_queue(code: str) -> str:
     return f"kpx.dead.{code}"
 
 
+#: every exchange of the topology and its type (the deploy definitions reuse this list)
+EXCHANGES: tuple[tuple[str, aio_pika.ExchangeType], ...] = (
+    (EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    (DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    (REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT),
+)
+
+
+def dead_letter_arguments() -> dict[str, Any]:
+    return {"x-queue-type": "quorum"}
+
+
 def inbox_arguments(code: str, delivery_limit: int) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
@@ -72,19 +84,15 @@ def inbox_arguments(code: str, delivery_limit: int) -> dict[str, Any]:
 
 async def declare_topology(channel: AbstractChannel, code: str, delivery_limit: int) -> None:
     """Declare the exchanges and this Participant's inbox and dead-letter queue."""
-    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT,
-                                              durable=True)
-    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT,
-                                         durable=True)
+    exchanges = {name: await channel.declare_exchange(name, kind, durable=True)
+                 for name, kind in EXCHANGES}
     dead = await channel.declare_queue(dead_letter_queue(code), durable=True,
-                                       arguments={"x-queue-type": "quorum"})
-    await dead.bind(dlx, routing_key=code)
-    registry = await channel.declare_exchange(REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT,
-                                              durable=True)
+                                       arguments=dead_letter_arguments())
+    await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], routing_key=code)
     inbox = await channel.declare_queue(inbox_queue(code), durable=True,
                                         arguments=inbox_arguments(code, delivery_limit))
-    await inbox.bind(exchange, routing_key=code)
-    await inbox.bind(registry)
+    await inbox.bind(exchanges[EXCHANGE], routing_key=code)
+    await inbox.bind(exchanges[REGISTRY_EXCHANGE])
 
 
 async def publish_registry(url: str, frame: bytes, *, user_id: str | None = None) -> None:
