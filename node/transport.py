@@ -17,7 +17,10 @@ Connection handling is our own small supervisor rather than aio-pika's robust co
 because a node may be given several broker endpoints (a cluster) and must move to the
 next one when its broker goes away; after any reconnect, deliveries from the old channel
 are never acknowledged (that would fail): the broker redelivers them and the node's inbox
-de-duplicates. Publishing is pipelined: all frames of a batch are in flight at once on one
+de-duplicates. A channel the broker closes, or a consumer it cancels (a deleted queue),
+while the connection stays up would leave the node unable to publish or deaf for good
+(aio-pika's plain channels do not recover); either makes the supervisor reconnect and set
+everything up again. Publishing is pipelined: all frames of a batch are in flight at once on one
 confirming channel, each resolved by its own confirm, return or error.
 """
 
@@ -174,6 +177,8 @@ class Transport:
         self._current_url: str | None = None
         #: delivery tags of the current consumer channel not yet acked or rejected
         self._outstanding: set[int] = set()
+        #: connection closes under way (strong references: the loop keeps only weak ones)
+        self._closers: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -250,8 +255,21 @@ class Transport:
         self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
         self._connection = connection
         self._publish_channel = channel
+        channel.close_callbacks.add(
+            lambda *_: self._reconnect(connection, "publishing channel closed"))
         if self._on_batch is not None:
             await self._start_consumer()
+
+    def _reconnect(self, connection: AbstractConnection, why: str) -> None:
+        """A channel closed, or the broker cancelled our consumer, on a connection that
+        is still open: nothing would ever consume or confirm on it again (aio-pika's
+        known pitfall). Close the connection, so the supervisor sets everything up anew."""
+        if self._closing or connection is not self._connection or connection.is_closed:
+            return
+        log.warning("broker channel lost; reconnecting", reason=why)
+        task = asyncio.get_running_loop().create_task(connection.close())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -327,6 +345,12 @@ class Transport:
 
         self._consume_channel = channel
         self._inbox = inbox
+        connection = self._connection
+        channel.close_callbacks.add(
+            lambda *_: self._reconnect(connection, "consuming channel closed"))
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda *_: self._reconnect(connection, "consumer cancelled by the broker"))
         self._consumer_tag = await inbox.consume(on_message, no_ack=False)
 
     async def _batches(self) -> None:
