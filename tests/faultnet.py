@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from node.config import NodeConfig
 from node.machine import Side, State
@@ -121,3 +122,14 @@ def verify_log(directory: Path) -> dict[str, object]:
 def stop_all(processes: Sequence[NodeProcess]) -> list[int]:
     """SIGTERM every node; their exit codes (0 is a clean, drained shutdown)."""
     return [p.terminate() for p in processes]
+
+
+def logged_events(log: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log entries of one event name in a node's log."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == event:
+                found.append(entry)
+    return found

@@ -10,8 +10,6 @@ evidence, and ``kpnode verify-log`` the hash chains.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +25,7 @@ from tests.faultnet import (
     confirm,
     count,
     issue,
+    logged_events,
     logged_in,
     stop_all,
     unpublished,
@@ -99,12 +98,7 @@ async def test_importer_killed_mid_burst_every_loop_closes_exactly_once(
 
 
 def logged_duplicate(log: Path, message_id: str) -> bool:
-    for line in log.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if event.get("event") == "duplicate" and event.get("message_id") == message_id:
-                return True
-    return False
+    return any(e.get("message_id") == message_id for e in logged_events(log, "duplicate"))
 
 
 def via_proxy(url: str, port: int) -> str:
