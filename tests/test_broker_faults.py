@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -101,7 +101,7 @@ async def run_burst_through_fault(tmp_path: Path, urls: list[str],
 @pytest.mark.slow
 async def test_broker_restart_mid_burst_nodes_reconnect_and_finish(
         own_broker: LocalBroker, tmp_path: Path, processes: list[NodeProcess],
-        record_property: pytest.RecordProperty) -> None:
+        record_property: Callable[[str, object], None]) -> None:
     started = time.monotonic()
     recovered = await run_burst_through_fault(tmp_path, [own_broker.url], processes,
                                               own_broker.restart)
@@ -134,7 +134,7 @@ def quorum_members(broker: LocalBroker, queue: str) -> int:
 @pytest.mark.slow
 async def test_cluster_member_stopped_mid_burst_exchange_continues(
         cluster: list[LocalBroker], tmp_path: Path, processes: list[NodeProcess],
-        record_property: pytest.RecordProperty) -> None:
+        record_property: Callable[[str, object], None]) -> None:
     first = cluster[0]
     urls = [b.url for b in cluster]
 

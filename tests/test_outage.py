@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ def processes() -> Iterator[list[NodeProcess]]:
 
 async def test_importer_down_while_10000_queue_then_drains_them_all(
         amqp_url: str, tmp_path: Path, processes: list[NodeProcess],
-        record_property: pytest.RecordProperty) -> None:
+        record_property: Callable[[str, object], None]) -> None:
     ex, im = fresh_codes(2)
     network = create_network(tmp_path, [ex, im], [amqp_url])
     cfg = network.configs
