@@ -52,6 +52,7 @@ REGISTRY_EXCHANGE = "kpx.registry"
 CONTENT_TYPE = "application/x-kpx-frame"
 PUBLISH_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
+NACKED = "nacked by the broker"
 
 
 def inbox_queue(code: str) -> str:
@@ -255,10 +256,35 @@ class Transport:
         self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
         self._connection = connection
         self._publish_channel = channel
-        channel.close_callbacks.add(
-            lambda *_: self._reconnect(connection, "publishing channel closed"))
+        self._watch_publishing(connection, channel)
         if self._on_batch is not None:
             await self._start_consumer()
+
+    def _watch_publishing(self, connection: AbstractConnection, channel: AbstractChannel
+                          ) -> None:
+        def closed(*_: object) -> None:
+            if channel is self._publish_channel:  # not one replaced on purpose
+                self._reconnect(connection, "publishing channel closed")
+        channel.close_callbacks.add(closed)
+
+    async def _renew_publishing(self) -> None:
+        """Publish on a fresh channel from now on. RabbitMQ 3.10 registers a channel as
+        a quorum queue's publisher (overflow=reject-publish) on its first publish; one
+        that registered while the queue was electing a new leader (a cluster member lost)
+        can be left nacking every publish to that queue for good. Nacks are otherwise
+        rare, so after any nack the next attempt goes out on a new channel."""
+        connection, old = self._connection, self._publish_channel
+        if connection is None or connection.is_closed or not self.connected:
+            return
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        self._publish_channel = channel
+        self._watch_publishing(connection, channel)
+        log.warning("publish nacked by the broker; publishing on a new channel")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
 
     def _reconnect(self, connection: AbstractConnection, why: str) -> None:
         """A channel closed, or the broker cancelled our consumer, on a connection that
@@ -279,7 +305,11 @@ class Transport:
         exchange = self._exchange
         if not self.connected or exchange is None:
             raise TransportUnavailable("not connected to a broker")
-        return list(await asyncio.gather(*(self._publish_one(exchange, i) for i in items)))
+        results = list(await asyncio.gather(*(self._publish_one(exchange, i) for i in items)))
+        if any(r.error and r.error.startswith(NACKED) for r in results):
+            with contextlib.suppress(Exception):
+                await self._renew_publishing()
+        return results
 
     async def _publish_one(self, exchange: AbstractExchange, item: Outgoing) -> PublishResult:
         message = aio_pika.Message(
@@ -292,7 +322,7 @@ class Transport:
         except PublishError:
             return PublishResult(confirmed=False, returned=True, error="unroutable")
         except DeliveryError as exc:
-            return PublishResult(confirmed=False, error=f"nacked by the broker: {exc}")
+            return PublishResult(confirmed=False, error=f"{NACKED}: {exc}")
         except Exception as exc:
             return PublishResult(confirmed=False, error=f"{type(exc).__name__}: {exc}")
         return PublishResult(confirmed=True)
@@ -346,8 +376,11 @@ class Transport:
         self._consume_channel = channel
         self._inbox = inbox
         connection = self._connection
-        channel.close_callbacks.add(
-            lambda *_: self._reconnect(connection, "consuming channel closed"))
+
+        def closed(*_: object) -> None:
+            if channel is self._consume_channel:
+                self._reconnect(connection, "consuming channel closed")
+        channel.close_callbacks.add(closed)
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(
             lambda *_: self._reconnect(connection, "consumer cancelled by the broker"))
