@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from node import registrytool, simulate, tokens
+from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config
 from node.evidence import verify_chain
@@ -495,9 +495,10 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(handler=cmd_key_show)
     simulate.register(sub, common)
     registrytool.register(sub, common)
-    tokens.register(sub, common)
     from node.opscli import register as register_operator_commands  # it imports this module
     register_operator_commands(sub, common)
+    deploy.register(sub, common)
+    tokens.register(sub, common)
     return p
 
 

@@ -32,6 +32,9 @@ class NodeConfig:
     broker_urls: tuple[str, ...] = (DEFAULT_BROKER,)
     #: RabbitMQ user the node logs in as; sent as the validated ``user_id`` when set.
     broker_user: str | None = None
+    #: refuse a message whose validated ``user_id`` is not its signed sender's broker user
+    #: (a locked-down broker, where every node logs in as ``kpx-<code>``)
+    check_broker_user: bool = False
     chair_public_key: bytes = b""
     registry_file: str = "registry.kpx"
     database: str = "node.sqlite3"
@@ -140,6 +143,7 @@ def load_config(directory: Path | str) -> NodeConfig:
             prefetch=int(data.get("prefetch", 256)),
             delivery_limit=int(data.get("delivery_limit", 5)),
             declare_topology=bool(data.get("declare_topology", True)),
+            check_broker_user=bool(data.get("check_broker_user", False)),
             resend_after_seconds=int(data.get("resend_after_seconds", 3600)),
             http_host=str(data.get("http_host", "127.0.0.1")),
             http_port=None if data.get("http_port") in (None, "") else int(data["http_port"]),
@@ -171,6 +175,7 @@ def write_config(config: NodeConfig) -> Path:
         f"prefetch = {config.prefetch}",
         f"delivery_limit = {config.delivery_limit}",
         f"declare_topology = {_toml_value(config.declare_topology)}",
+        f"check_broker_user = {_toml_value(config.check_broker_user)}",
         f"resend_after_seconds = {config.resend_after_seconds}",
     ]
     if config.http_port is not None:

@@ -260,7 +260,8 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
     if envelope.recipient not in (ctx.me, BROADCAST):
         return refused(Reason.NOT_FOR_US,
                        f"addressed to {envelope.recipient}, this node is {ctx.me}")
-    if broker_user is not None and expected_broker_user is not None and not chair:
+    if expected_broker_user is not None and not chair:
+        # A missing user_id is a mismatch too: the broker only vouches for one that is set.
         expected = expected_broker_user(envelope.sender)
         if broker_user != expected:
             return refused(Reason.BROKER_USER_MISMATCH,

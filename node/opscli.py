@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -34,6 +35,10 @@ Handler = Callable[[argparse.Namespace], None]
 def _operator_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> None:
+        # The AMQP libraries log a failed connect themselves; these commands report it
+        # once, in their own words.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
             handler(args)
         except (DeadLetterError, PingFailed) as exc:

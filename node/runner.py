@@ -83,9 +83,10 @@ class DirectoryLock:
 class RunningNode:
     """A node connected to the broker. ``start()``, then ``stop()``; or ``async with``."""
 
-    def __init__(self, config: NodeConfig, *, check_broker_user: bool = False) -> None:
+    def __init__(self, config: NodeConfig, *, check_broker_user: bool | None = None) -> None:
         self.config = config
-        self.check_broker_user = check_broker_user
+        self.check_broker_user = (config.check_broker_user if check_broker_user is None
+                                  else check_broker_user)
         self.node: Node | None = None
         self.transport: Transport | None = None
         self._lock = DirectoryLock(config.directory)

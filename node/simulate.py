@@ -912,6 +912,13 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
             unplanned = {r.number for r in sent + got} - planned_numbers
             if unplanned:
                 report.fail(f"{x}→{y}: certificates nobody planned: {sorted(unplanned)[:5]}")
+    # Nothing doubled: a redelivered or re-sent message is recorded once (inbox dedup).
+    for code, store in stores.items():
+        logged = Counter((e.direction, e.message_id) for e in store.evidence() if e.message_id)
+        doubled = sorted(m for (_, m), n in logged.items() if n > 1)
+        if doubled:
+            report.fail(f"{code}: {len(doubled)} message(s) recorded more than once in the "
+                        f"evidence log, e.g. {doubled[0]}")
     for code in stores:
         report.nodes.setdefault(code, {}).update(
             exports=len(exports[code]), imports=len(imports[code]))

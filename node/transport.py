@@ -17,7 +17,10 @@ Connection handling is our own small supervisor rather than aio-pika's robust co
 because a node may be given several broker endpoints (a cluster) and must move to the
 next one when its broker goes away; after any reconnect, deliveries from the old channel
 are never acknowledged (that would fail): the broker redelivers them and the node's inbox
-de-duplicates. Publishing is pipelined: all frames of a batch are in flight at once on one
+de-duplicates. A channel the broker closes, or a consumer it cancels (a deleted queue),
+while the connection stays up would leave the node unable to publish or deaf for good
+(aio-pika's plain channels do not recover); either makes the supervisor reconnect and set
+everything up again. Publishing is pipelined: all frames of a batch are in flight at once on one
 confirming channel, each resolved by its own confirm, return or error.
 """
 
@@ -49,6 +52,7 @@ REGISTRY_EXCHANGE = "kpx.registry"
 CONTENT_TYPE = "application/x-kpx-frame"
 PUBLISH_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
+NACKED = "nacked by the broker"
 
 
 def inbox_queue(code: str) -> str:
@@ -57,6 +61,18 @@ def inbox_queue(code: str) -> str:
 
 def dead_letter_queue(code: str) -> str:
     return f"kpx.dead.{code}"
+
+
+#: every exchange of the topology and its type (the deploy definitions reuse this list)
+EXCHANGES: tuple[tuple[str, aio_pika.ExchangeType], ...] = (
+    (EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    (DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    (REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT),
+)
+
+
+def dead_letter_arguments() -> dict[str, Any]:
+    return {"x-queue-type": "quorum"}
 
 
 def inbox_arguments(code: str, delivery_limit: int) -> dict[str, Any]:
@@ -72,19 +88,15 @@ def inbox_arguments(code: str, delivery_limit: int) -> dict[str, Any]:
 
 async def declare_topology(channel: AbstractChannel, code: str, delivery_limit: int) -> None:
     """Declare the exchanges and this Participant's inbox and dead-letter queue."""
-    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT,
-                                              durable=True)
-    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT,
-                                         durable=True)
+    exchanges = {name: await channel.declare_exchange(name, kind, durable=True)
+                 for name, kind in EXCHANGES}
     dead = await channel.declare_queue(dead_letter_queue(code), durable=True,
-                                       arguments={"x-queue-type": "quorum"})
-    await dead.bind(dlx, routing_key=code)
-    registry = await channel.declare_exchange(REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT,
-                                              durable=True)
+                                       arguments=dead_letter_arguments())
+    await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], routing_key=code)
     inbox = await channel.declare_queue(inbox_queue(code), durable=True,
                                         arguments=inbox_arguments(code, delivery_limit))
-    await inbox.bind(exchange, routing_key=code)
-    await inbox.bind(registry)
+    await inbox.bind(exchanges[EXCHANGE], routing_key=code)
+    await inbox.bind(exchanges[REGISTRY_EXCHANGE])
 
 
 async def publish_registry(url: str, frame: bytes, *, user_id: str | None = None) -> None:
@@ -174,6 +186,8 @@ class Transport:
         self._current_url: str | None = None
         #: delivery tags of the current consumer channel not yet acked or rejected
         self._outstanding: set[int] = set()
+        #: connection closes under way (strong references: the loop keeps only weak ones)
+        self._closers: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -254,8 +268,46 @@ class Transport:
         self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
         self._connection = connection
         self._publish_channel = channel
+        self._watch_publishing(connection, channel)
         if self._on_batch is not None:
             await self._start_consumer()
+
+    def _watch_publishing(self, connection: AbstractConnection, channel: AbstractChannel
+                          ) -> None:
+        def closed(*_: object) -> None:
+            if channel is self._publish_channel:  # not one replaced on purpose
+                self._reconnect(connection, "publishing channel closed")
+        channel.close_callbacks.add(closed)
+
+    async def _renew_publishing(self) -> None:
+        """Publish on a fresh channel from now on. RabbitMQ 3.10 registers a channel as
+        a quorum queue's publisher (overflow=reject-publish) on its first publish; one
+        that registered while the queue was electing a new leader (a cluster member lost)
+        can be left nacking every publish to that queue for good. Nacks are otherwise
+        rare, so after any nack the next attempt goes out on a new channel."""
+        connection, old = self._connection, self._publish_channel
+        if connection is None or connection.is_closed or not self.connected:
+            return
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        self._publish_channel = channel
+        self._watch_publishing(connection, channel)
+        log.warning("publish nacked by the broker; publishing on a new channel")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
+
+    def _reconnect(self, connection: AbstractConnection, why: str) -> None:
+        """A channel closed, or the broker cancelled our consumer, on a connection that
+        is still open: nothing would ever consume or confirm on it again (aio-pika's
+        known pitfall). Close the connection, so the supervisor sets everything up anew."""
+        if self._closing or connection is not self._connection or connection.is_closed:
+            return
+        log.warning("broker channel lost; reconnecting", reason=why)
+        task = asyncio.get_running_loop().create_task(connection.close())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -265,7 +317,11 @@ class Transport:
         exchange = self._exchange
         if not self.connected or exchange is None:
             raise TransportUnavailable("not connected to a broker")
-        return list(await asyncio.gather(*(self._publish_one(exchange, i) for i in items)))
+        results = list(await asyncio.gather(*(self._publish_one(exchange, i) for i in items)))
+        if any(r.error and r.error.startswith(NACKED) for r in results):
+            with contextlib.suppress(Exception):
+                await self._renew_publishing()
+        return results
 
     async def _publish_one(self, exchange: AbstractExchange, item: Outgoing) -> PublishResult:
         message = aio_pika.Message(
@@ -278,7 +334,7 @@ class Transport:
         except PublishError:
             return PublishResult(confirmed=False, returned=True, error="unroutable")
         except DeliveryError as exc:
-            return PublishResult(confirmed=False, error=f"nacked by the broker: {exc}")
+            return PublishResult(confirmed=False, error=f"{NACKED}: {exc}")
         except Exception as exc:
             return PublishResult(confirmed=False, error=f"{type(exc).__name__}: {exc}")
         return PublishResult(confirmed=True)
@@ -331,6 +387,15 @@ class Transport:
 
         self._consume_channel = channel
         self._inbox = inbox
+        connection = self._connection
+
+        def closed(*_: object) -> None:
+            if channel is self._consume_channel:
+                self._reconnect(connection, "consuming channel closed")
+        channel.close_callbacks.add(closed)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda *_: self._reconnect(connection, "consumer cancelled by the broker"))
         self._consumer_tag = await inbox.consume(on_message, no_ack=False)
 
     async def _batches(self) -> None:

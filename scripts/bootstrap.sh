@@ -42,6 +42,20 @@ fi
 
 .venv/bin/python -m node.localbroker --ensure-installed
 
+# tests/test_compose.py validates docker-compose.yml with `docker compose config`, or with
+# Debian's docker-compose where the Compose plugin is missing (no Docker engine is needed).
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "$me: installing Debian's docker-compose (to validate docker-compose.yml)" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            docker-compose; } >/dev/null ||
+            echo "$me: could not install docker-compose; tests/test_compose.py will fail" >&2
+    else
+        echo "$me: neither 'docker compose' nor docker-compose found; as root:" \
+            "apt-get install docker-compose" >&2
+    fi
+fi
+
 # The console's browser test (tests/test_web_network.py) drives Debian's chromium; the
 # demo does not need it. Only root on an apt-based system installs it; else the test says so.
 if [ "$me" != demo ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] &&

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import string
 from datetime import date, timedelta
 from typing import Any
 
@@ -37,6 +39,17 @@ def certificate(number: str, issuer: str, destination: str, **changes: Any) -> C
     return validate_certificate(certificate_json(number, issuer, destination, **changes))
 
 
+# One iterator for the whole session. It lives here, not in a test module: pytest imports a
+# test module under its own name as well as under ``tests.``, which would make two iterators
+# hand out the same codes (and two tests share one queue).
+_codes = itertools.product(string.ascii_uppercase[::-1], repeat=2)
+
+
+def fresh_codes(n: int) -> list[str]:
+    """Two-letter codes no other test uses, so each test has its own queues."""
+    return ["".join(next(_codes)) for _ in range(n)]
+
+
 def carry(sender: Node, nodes: dict[str, Node]) -> list[tuple[str, Verdict]]:
     """Move everything in ``sender``'s outbox to its recipients, as the broker would."""
     verdicts = []
@@ -50,4 +63,4 @@ def carry(sender: Node, nodes: dict[str, Node]) -> list[tuple[str, Verdict]]:
     return verdicts
 
 
-__all__ = ["Line", "Party", "carry", "certificate", "certificate_json"]
+__all__ = ["Line", "Party", "carry", "certificate", "certificate_json", "fresh_codes"]

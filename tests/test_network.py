@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import string
 import subprocess
 import sys
 import time
@@ -27,17 +26,9 @@ from node.transport import EXCHANGE
 from protocol import ParticipantStatus, RegistryUpdate, Rejection, decode_body, parse_frame
 from protocol.codec import pack
 from protocol.frame import seal_body
-from tests.netutil import certificate, certificate_json
+from tests.netutil import certificate, certificate_json, fresh_codes
 
 pytestmark = pytest.mark.broker
-
-_codes = itertools.product(string.ascii_uppercase[::-1], repeat=2)
-
-
-def fresh_codes(n: int) -> list[str]:
-    """Two-letter codes no other test uses, so each test has its own queues."""
-    return ["".join(next(_codes)) for _ in range(n)]
-
 
 async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout

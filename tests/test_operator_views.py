@@ -15,6 +15,7 @@ import pytest
 import structlog.testing
 from nacl.signing import SigningKey
 
+from node.config import ConfigError, load_config, write_config
 from node.deadletters import dead_letter_id, describe
 from node.evidence import GENESIS, OPERATOR, Entry, entry_hash, operator_record, verify_chain
 from node.machine import Record, Side, State
@@ -298,3 +299,18 @@ async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path:
                              str(network.configs["ZA"].directory)],
                             capture_output=True, text=True, check=False)
     assert listed.returncode == 3 and "no broker answered" in listed.stderr
+
+
+def test_http_settings_round_trip_and_environment_overrides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    assert load_config(config.directory).http_port is None  # off unless asked for
+    write_config(dataclasses.replace(config, http_port=9470, http_host="0.0.0.0"))
+    loaded = load_config(config.directory)
+    assert (loaded.http_host, loaded.http_port) == ("0.0.0.0", 9470)
+    monkeypatch.setenv("KPX_HTTP_PORT", "0")
+    assert load_config(config.directory).http_port == 0
+    monkeypatch.setenv("KPX_HTTP_PORT", "eighty")
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_config(config.directory)

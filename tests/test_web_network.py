@@ -22,8 +22,8 @@ from node.network import create_network
 from node.runner import RunningNode
 from node.service import Node, now_ms
 from node.tokens import Role, Tokens
-from tests.netutil import certificate_json
-from tests.test_network import fresh_codes, state, until
+from tests.netutil import certificate_json, fresh_codes
+from tests.test_network import state, until
 
 pytestmark = pytest.mark.broker
 

@@ -1,0 +1,312 @@
+"""``kpnode deploy ...``: turn a registry into a locked-down broker and nodes that use it.
+
+* ``deploy definitions`` — RabbitMQ definitions (:mod:`node.definitions`) from the
+  Chair-signed registry file, with one password per broker user kept in a file of its own
+  (mode 0600) and reused on every later run, so regenerating after a registry change only
+  adds users. Passwords are never printed.
+* ``deploy configure`` — point one node directory at the locked-down broker: its URLs with
+  its own user and password, the validated ``user_id``, ``declare_topology = false`` and
+  the ``user_id`` check on receipt.
+* ``deploy network`` — a whole small network in one directory (the Chair, its registry,
+  nodes, definitions): what ``docker-compose.yml``'s bootstrap runs and the container-free
+  topology test runs, so both use the same generated files. Does nothing but regenerate the
+  definitions when the directory is provisioned already.
+* ``deploy publish-registry`` — the Chair sends a signed registry to every inbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.chair import registry_to_json
+from node.config import CONFIG_NAME, ConfigError, NodeConfig, load_config, write_config
+from node.definitions import (
+    DEFAULT_VHOST,
+    broker_definitions,
+    broker_users,
+    password_hash,
+)
+from node.network import create_network
+from node.registry import Registry, open_registry_frame
+from node.service import broker_user_for
+from protocol import ProtocolError
+from protocol.schema import PARTICIPANT_CODE
+
+PASSWORD_SUFFIX = ".password"
+
+
+def password_file(directory: Path, user: str) -> Path:
+    return directory / f"{user}{PASSWORD_SUFFIX}"
+
+
+def ensure_password(directory: Path, user: str) -> str:
+    """The user's password from its file, created (mode 0600, random) on first use."""
+    import secrets
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = password_file(directory, user)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_password(path)
+    password = secrets.token_urlsafe(24)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+def read_password(path: Path) -> str:
+    try:
+        password = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from exc
+    if not password:
+        raise ConfigError(f"password file {path} is empty")
+    return password
+
+
+def broker_url(template: str, user: str, password: str) -> str:
+    """``amqp://{user}:{password}@host:5672/kpx`` with the placeholders filled in."""
+    if "{password}" not in template and "{user}" not in template:
+        raise ConfigError(f"broker URL template {template!r} has no {{user}} or {{password}}")
+    return template.replace("{user}", user).replace("{password}", password)
+
+
+def read_registry(path: Path, chair_public_key: bytes) -> Registry:
+    try:
+        frame = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read registry {path}: {exc.strerror}") from exc
+    try:
+        return open_registry_frame(frame, chair_public_key)
+    except ProtocolError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def write_definitions(registry: Registry, out: Path, passwords: Path, *,
+                      vhost: str = DEFAULT_VHOST, delivery_limit: int = 5) -> dict[str, Any]:
+    """Write the definitions file (readable by the broker, it holds only salted hashes)
+    and any missing password file; returns the document."""
+    hashes = {user: password_hash(ensure_password(passwords, user))
+              for user in broker_users(registry.update)}
+    document = broker_definitions(registry.update, hashes, vhost=vhost,
+                                  delivery_limit=delivery_limit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.chmod(0o644)
+    tmp.replace(out)
+    return document
+
+
+def configure_node(config: NodeConfig, urls: Sequence[str], password: str) -> NodeConfig:
+    """Lock-down settings for one node; node.toml then holds a password: mode 0600."""
+    user = broker_user_for(config.participant)
+    locked = dataclasses.replace(
+        config, broker_urls=tuple(broker_url(u, user, password) for u in urls),
+        broker_user=user, declare_topology=False, check_broker_user=True)
+    path = write_config(locked)
+    path.chmod(0o600)
+    return locked
+
+
+# -- the commands -----------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    from node.cli import emit
+
+    emit(args, data, text)
+
+
+def _hex_key(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"--chair-key must be hex, not {text!r}") from None
+    if len(key) != 32:
+        raise ConfigError("--chair-key must be 32 bytes (64 hex characters)")
+    return key
+
+
+def cmd_definitions(args: argparse.Namespace) -> None:
+    from node.cli import table
+
+    registry = read_registry(Path(args.registry), _hex_key(args.chair_key))
+    out = Path(args.out)
+    passwords = Path(args.passwords) if args.passwords else out.parent / "passwords"
+    document = write_definitions(registry, out, passwords, vhost=args.vhost,
+                                 delivery_limit=args.delivery_limit)
+    rows = [[p["user"], p["configure"], p["write"], p["read"],
+             password_file(passwords, p["user"])] for p in document["permissions"]]
+    _emit(args, {"definitions": str(out), "registry_version": registry.version,
+                 "vhost": args.vhost, "passwords": str(passwords),
+                 "permissions": document["permissions"]},
+          f"definitions for registry version {registry.version} written to {out}\n"
+          + table(rows, ("user", "configure", "write", "read", "password file")))
+
+
+def cmd_configure(args: argparse.Namespace) -> None:
+    from node.cli import node_dir
+
+    config = load_config(node_dir(args))
+    password = read_password(Path(args.password_file))
+    locked = configure_node(config, args.broker, password)
+    _emit(args, {"directory": str(locked.directory), "broker_user": locked.broker_user},
+          f"{locked.participant}: logs in as {locked.broker_user}, declares nothing, checks "
+          f"the user_id of every message ({locked.directory / CONFIG_NAME})")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Provisioned:
+    base: Path
+    created: bool
+    chair_public_key: bytes
+    registry: Registry
+    definitions: Path
+    passwords: Path
+
+    @property
+    def chair_dir(self) -> Path:
+        return self.base / "chair"
+
+    def node_dirs(self) -> dict[str, Path]:
+        return {p.parent.name: p.parent for p in sorted(self.base.glob(f"*/{CONFIG_NAME}"))}
+
+
+def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str], *,
+              vhost: str = DEFAULT_VHOST, delivery_limit: int = 5) -> Provisioned:
+    """The Chair (key, registry.json, signed registry.kpx, chair.pub), one locked-down node
+    directory per code, the broker definitions and password files. On a directory that is
+    provisioned already it only regenerates the definitions from the Chair's registry."""
+    chair_dir = base / "chair"
+    passwords = chair_dir / "broker-passwords"
+    created = not (chair_dir / "registry.kpx").exists()
+    if created:
+        for template in broker_templates:  # before anything is written
+            broker_url(template, "", "")
+        if not codes:
+            raise ConfigError("name at least one Participant to provision")
+        network = create_network(base, codes, ())
+        # The draft `kpnode registry` edits carries the version it will be published under.
+        draft = dataclasses.replace(network.registry, version=network.registry.version + 1)
+        (chair_dir / "registry.json").write_text(
+            json.dumps(registry_to_json(draft), indent=2) + "\n")
+        (chair_dir / "chair.pub").write_text(network.chair_public_key.hex() + "\n")
+        for code, config in network.configs.items():
+            configure_node(config, broker_templates,
+                           ensure_password(passwords, broker_user_for(code)))
+    try:
+        chair_public = bytes.fromhex((chair_dir / "chair.pub").read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{chair_dir / 'chair.pub'}: {exc}") from exc
+    registry = read_registry(chair_dir / "registry.kpx", chair_public)
+    out = base / "broker" / "definitions.json"
+    write_definitions(registry, out, passwords, vhost=vhost, delivery_limit=delivery_limit)
+    return Provisioned(base, created, chair_public, registry, out, passwords)
+
+
+def cmd_network(args: argparse.Namespace) -> None:
+    from node.cli import UserError
+
+    codes = [c.strip() for c in args.participants.split(",") if c.strip()]
+    bad = [c for c in codes if not PARTICIPANT_CODE.fullmatch(c)]
+    if bad:
+        raise UserError(f"--participants: not a two-letter code: {', '.join(bad)}")
+    done = provision(Path(args.dir), codes, args.broker, vhost=args.vhost,
+                     delivery_limit=args.delivery_limit)
+    nodes = sorted(done.node_dirs())
+    _emit(args, {"directory": str(done.base), "created": done.created, "nodes": nodes,
+                 "registry_version": done.registry.version,
+                 "definitions": str(done.definitions),
+                 "chair_public_key": done.chair_public_key.hex(),
+                 "passwords": str(done.passwords)},
+          f"{'provisioned' if done.created else 'already provisioned'} {done.base}: nodes "
+          f"{', '.join(nodes)}, registry version {done.registry.version}\n"
+          f"  broker definitions  {done.definitions}\n"
+          f"  broker passwords    {done.passwords} (keep secret)\n"
+          f"  Chair public key    {done.chair_public_key.hex()}")
+
+
+def cmd_publish_registry(args: argparse.Namespace) -> None:
+    from yarl import URL
+
+    from node.transport import publish_registry
+
+    path = Path(args.registry)
+    try:
+        frame = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read registry {path}: {exc.strerror}") from exc
+    version = (read_registry(path, _hex_key(args.chair_key)).version if args.chair_key
+               else None)
+    url = args.broker
+    if args.password_file:
+        url = broker_url(url, args.user, read_password(Path(args.password_file)))
+    try:
+        # The broker vouches for the login as user_id; nodes skip the check for the Chair,
+        # whose signature is the proof, so any login that may write kpx.registry will do.
+        asyncio.run(publish_registry(url, frame, user_id=URL(url).user or None))
+    except Exception as exc:
+        raise ConfigError(f"registry not published: {type(exc).__name__}: {exc}") from exc
+    _emit(args, {"published": str(path), "version": version},
+          f"registry {path}{'' if version is None else f' (version {version})'} published "
+          "to every inbox")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser) -> None:
+    """Add ``kpnode deploy ...`` to the CLI."""
+    deploy = sub.add_parser("deploy", help="a locked-down broker and the nodes that use it")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="COMMAND")
+    json_only = argparse.ArgumentParser(add_help=False)
+    json_only.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def topology(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--vhost", default=DEFAULT_VHOST, help="virtual host (default kpx)")
+        sp.add_argument("--delivery-limit", type=int, default=5,
+                        help="deliveries before an inbox message is dead-lettered")
+
+    help_ = "RabbitMQ definitions (users, permissions, queues, policies) from the registry"
+    sp = dsub.add_parser("definitions", help=help_, description=help_, parents=[json_only])
+    sp.add_argument("--registry", required=True, help="the Chair-signed registry file")
+    sp.add_argument("--chair-key", required=True, help="the Chair's public key, hex")
+    sp.add_argument("--out", required=True, help="definitions JSON to write")
+    sp.add_argument("--passwords", help="directory of the users' password files, mode 0600 "
+                    "(default: passwords/ next to --out); existing ones are kept")
+    topology(sp)
+    sp.set_defaults(handler=cmd_definitions)
+
+    help_ = "point a node at a locked-down broker with its own user and password"
+    sp = dsub.add_parser("configure", help=help_, description=help_, parents=[common])
+    sp.add_argument("--broker", action="append", required=True,
+                    help="URL with {user} and {password}, e.g. "
+                    "amqp://{user}:{password}@broker:5672/kpx (repeat for a cluster)")
+    sp.add_argument("--password-file", required=True, help="this node's broker password")
+    sp.set_defaults(handler=cmd_configure)
+
+    help_ = "provision a Chair, a registry, nodes and broker definitions in one directory"
+    sp = dsub.add_parser("network", help=help_, description=help_, parents=[json_only])
+    sp.add_argument("--dir", required=True, help="directory of the whole network")
+    sp.add_argument("--participants", default="", help="comma-separated codes, e.g. ZA,EU,IN")
+    sp.add_argument("--broker", action="append", required=True,
+                    help="node broker URL with {user} and {password} (repeat for a cluster)")
+    topology(sp)
+    sp.set_defaults(handler=cmd_network)
+
+    help_ = "publish a Chair-signed registry to every node's inbox"
+    sp = dsub.add_parser("publish-registry", help=help_, description=help_, parents=[json_only])
+    sp.add_argument("registry", help="the Chair-signed registry file")
+    sp.add_argument("--broker", required=True,
+                    help="AMQP URL; {user} and {password} are filled in with --password-file")
+    sp.add_argument("--user", default="kpx-chair", help="broker user (default kpx-chair)")
+    sp.add_argument("--password-file", help="the broker user's password file")
+    sp.add_argument("--chair-key", help="check the registry against this public key first")
+    sp.set_defaults(handler=cmd_publish_registry)

@@ -1,0 +1,192 @@
+"""The broker goes away under running nodes: a restart, a cluster member lost, a consumer
+cancelled. The nodes reconnect by themselves and nothing is lost or doubled.
+
+The restart and cluster tests start brokers of their own (:class:`LocalBroker`), and stop
+only those; the nodes are real ``kpnode run`` processes that are never restarted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from node.localbroker import LocalBroker
+from node.machine import Side, State
+from node.network import create_network
+from node.nodeprocess import NodeProcess
+from node.runner import RunningNode
+from node.transport import inbox_queue
+from tests.faultnet import (
+    burst,
+    check,
+    confirm,
+    count,
+    issue,
+    logged_events,
+    logged_in,
+    stop_all,
+    verify_log,
+)
+from tests.netutil import certificate
+from tests.test_crash import start
+from tests.test_network import fresh_codes, state, until
+
+pytestmark = pytest.mark.broker
+
+BURST = 1_000
+
+
+@pytest.fixture
+def processes() -> Iterator[list[NodeProcess]]:
+    made: list[NodeProcess] = []
+    yield made
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+async def own_broker() -> AsyncIterator[LocalBroker]:
+    broker = LocalBroker()
+    await asyncio.to_thread(broker.start)
+    try:
+        yield broker
+    finally:
+        await asyncio.to_thread(broker.close)
+
+
+async def run_burst_through_fault(tmp_path: Path, urls: list[str],
+                                  processes: list[NodeProcess], fault: object,
+                                  ) -> float:
+    """Two nodes, a burst of BURST loops issued over 10 s, ``fault()`` (blocking) once 200
+    have arrived. Returns the seconds from the fault's end until the importer recorded the
+    next certificate (0 when the exchange went on during the fault and had finished)."""
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], urls)
+    cfg = network.configs
+    exporter, importer = NodeProcess(cfg[ex].directory), NodeProcess(cfg[im].directory)
+    processes += [exporter, importer]
+    await start(importer, exporter)
+    shipments = burst(ex, im, BURST)
+    issuing = asyncio.create_task(asyncio.to_thread(issue, cfg[ex], shipments, BURST / 10))
+    await until(lambda: count(cfg[im], Side.IMPORT) >= 200, 60)
+    assert not issuing.done()  # the fault comes mid-burst
+    await asyncio.to_thread(fault)  # type: ignore[arg-type]
+    after = count(cfg[im], Side.IMPORT)
+    back = time.monotonic()
+    await until(lambda: count(cfg[im], Side.IMPORT) > after or after == BURST, 60)
+    recovered = time.monotonic() - back
+    await issuing
+    await until(lambda: count(cfg[ex], Side.EXPORT, State.DELIVERED) == BURST, 120)
+    await asyncio.to_thread(confirm, cfg[im], shipments)
+    await until(lambda: count(cfg[ex], Side.EXPORT, State.CONFIRMED) == BURST, 120)
+    # the same processes all along: they reconnected by themselves
+    assert [p.starts for p in (exporter, importer)] == [1, 1]
+    assert await asyncio.to_thread(stop_all, [exporter, importer]) == [0, 0]
+    report = check(cfg, shipments)
+    assert report.failures == []
+    assert (report.closed, report.open) == (BURST, 0)
+    for code in (ex, im):
+        received, distinct = logged_in(cfg[code])
+        assert received == distinct
+        result = verify_log(cfg[code].directory)
+        assert (result["exit"], result["ok"]) == (0, True), result
+    return recovered
+
+
+@pytest.mark.slow
+async def test_broker_restart_mid_burst_nodes_reconnect_and_finish(
+        own_broker: LocalBroker, tmp_path: Path, processes: list[NodeProcess],
+        record_property: Callable[[str, object], None]) -> None:
+    started = time.monotonic()
+    recovered = await run_burst_through_fault(tmp_path, [own_broker.url], processes,
+                                              own_broker.restart)
+    record_property("recovery_seconds_after_broker_restart", round(recovered, 2))
+    print(f"\nkpx: broker restart: deliveries resumed {recovered:.1f} s after the broker was "
+          f"back; whole test {time.monotonic() - started:.0f} s")
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[list[LocalBroker]]:
+    first = LocalBroker()
+    members = [first, first.sibling(), first.sibling()]
+    try:
+        await asyncio.gather(*(asyncio.to_thread(b.start) for b in members))
+        for other in members[1:]:
+            await asyncio.to_thread(other.join_cluster, first)
+        yield members
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(b.close) for b in members))
+
+
+def quorum_members(broker: LocalBroker, queue: str) -> int:
+    for line in broker.ctl("list_queues", "name", "members", "--quiet").splitlines():
+        name, _, members = line.partition("\t")
+        if name == queue:
+            return members.count("@")
+    return 0
+
+
+@pytest.mark.slow
+async def test_cluster_member_stopped_mid_burst_exchange_continues(
+        cluster: list[LocalBroker], tmp_path: Path, processes: list[NodeProcess],
+        record_property: Callable[[str, object], None]) -> None:
+    first = cluster[0]
+    urls = [b.url for b in cluster]
+
+    def stop_first() -> None:
+        # every inbox is a quorum queue replicated on all three members
+        queues = [line.split("\t")[0] for line in first.ctl(
+            "list_queues", "name", "--quiet").splitlines() if line.startswith("kpx.inbox.")]
+        assert queues and all(quorum_members(first, q) == 3 for q in queues)
+        first.stop()  # the member the nodes are connected to, leader of their queues
+
+    recovered = await run_burst_through_fault(tmp_path, urls, processes, stop_first)
+    record_property("recovery_seconds_after_cluster_member_lost", round(recovered, 2))
+    for node in processes:  # each moved on to another member of the cluster
+        moved = [e["url"] for e in logged_events(node.log_path, "broker connected")]
+        assert f":{first.amqp_port}/" in moved[0]
+        assert any(f":{b.amqp_port}/" in moved[-1] for b in cluster[1:]), moved
+    print(f"\nkpx: cluster member stopped: deliveries resumed {recovered:.1f} s later")
+
+
+async def test_consumer_cancelled_by_the_broker_is_restored(
+        amqp_url: str, tmp_path: Path) -> None:
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        # An operator deletes the inbox (or a cluster move cancels the consumer): the
+        # broker sends basic.cancel while the connection stays up.
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(inbox_queue(importer_code))
+            # the node notices, reconnects, declares its inbox again and consumes from it
+            deadline = time.monotonic() + 30
+            while await consumers(connection, inbox_queue(importer_code)) != 1:
+                assert time.monotonic() < deadline, "the consumer was never restored"
+                await asyncio.sleep(0.2)
+        number = f"{exporter_code}-C0001"
+        exporter.node.issue(certificate(number, exporter_code, importer_code))
+        await until(lambda: state(importer.node, Side.IMPORT, number)  # type: ignore[arg-type]
+                    is State.RECEIVED, 60)
+        await until(lambda: state(exporter.node, Side.EXPORT, number)  # type: ignore[arg-type]
+                    is State.DELIVERED, 60)
+
+
+async def consumers(connection: aio_pika.abc.AbstractConnection, queue: str) -> int:
+    """Consumers on ``queue`` now; 0 when it does not exist."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+    except aio_pika.exceptions.ChannelClosed:
+        return 0
+    count = int(declared.declaration_result.consumer_count or 0)
+    await channel.close()
+    return count

@@ -1,0 +1,61 @@
+"""docker-compose.yml is a valid Compose file, and it wires what the README says it does.
+
+There is no Docker engine here, but ``config`` needs none: ``docker compose config`` (the
+Compose plugin) or, where it is missing, Debian's ``docker-compose`` (installed by
+scripts/bootstrap.sh) parses and validates the file against the Compose schema.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+def compose_command() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
+                                 check=False).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    if legacy:
+        return [legacy]
+    pytest.fail("neither 'docker compose' nor 'docker-compose' is installed: run "
+                "scripts/bootstrap.sh (it installs Debian's docker-compose)")
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*compose_command(), "-f", str(file), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120, check=False)
+
+
+def test_compose_file_is_valid() -> None:
+    done = compose("config", "-q")
+    assert done.returncode == 0, done.stderr
+
+
+def test_compose_network_has_the_documented_services_and_ports() -> None:
+    done = compose("config")
+    assert done.returncode == 0, done.stderr
+    services = compose("config", "--services").stdout.split()
+    assert sorted(services) == ["bootstrap", "node-eu", "node-in", "node-za",
+                                "publish-registry", "rabbitmq"]
+    text = done.stdout
+    # Published on localhost only: the management UI and each node's HTTP port.
+    for port in ("15672", "9101", "9102", "9103"):
+        assert (f"127.0.0.1:{port}:" in text  # docker-compose 1.x
+                or re.search(rf"host_ip: 127\.0\.0\.1\n\s+published: \"?{port}\"?", text)), port
+    assert (ROOT / "deploy" / "Dockerfile").is_file()
+    assert (ROOT / "deploy" / "rabbitmq" / "20-kpx.conf").is_file()
+
+
+def test_an_invalid_compose_file_is_caught(tmp_path: Path) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("service_healthy", "service_happy", 1))
+    assert compose("config", "-q", file=broken).returncode != 0

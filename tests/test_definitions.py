@@ -1,0 +1,52 @@
+"""The definitions generator, without a broker: who gets a user, and that re-running it keeps
+every password (so regenerating after a registry change never locks a running node out)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from node.definitions import broker_definitions, broker_users, password_hash
+from node.deploy import password_file, write_definitions
+from node.network import create_network
+from node.registry import open_registry_frame
+from node.transport import inbox_arguments
+from protocol import ParticipantStatus
+
+
+def test_password_hash_is_rabbitmq_sha256_with_a_four_byte_salt() -> None:
+    raw = base64.b64decode(password_hash("s3cret", b"\x01\x02\x03\x04"))
+    assert raw == b"\x01\x02\x03\x04" + hashlib.sha256(b"\x01\x02\x03\x04s3cret").digest()
+
+
+def test_users_queues_and_passwords(tmp_path: Path) -> None:
+    net = create_network(tmp_path / "net", ["ZA", "IN"], (),
+                         others=[("SL", ParticipantStatus.SUSPENDED),
+                                 ("XW", ParticipantStatus.WITHDRAWN)])
+    assert broker_users(net.registry) == ["kpx-za", "kpx-in", "kpx-sl", "kpx-chair",
+                                          "kpx-admin"]
+    registry = open_registry_frame((tmp_path / "net/chair/registry.kpx").read_bytes(),
+                                   net.chair_public_key)
+    out, secrets = tmp_path / "broker/definitions.json", tmp_path / "passwords"
+    first = write_definitions(registry, out, secrets, delivery_limit=7)
+    assert json.loads(out.read_text()) == first
+    assert {q["name"]: q["arguments"] for q in first["queues"]}["kpx.inbox.ZA"] == \
+        inbox_arguments("ZA", 7)
+    assert "kpx.inbox.XW" not in {q["name"] for q in first["queues"]}
+    for user in broker_users(net.registry):
+        assert password_file(secrets, user).stat().st_mode & 0o777 == 0o600
+        assert password_file(secrets, user).read_text().strip() not in out.read_text()
+    before = {u: password_file(secrets, u).read_text() for u in broker_users(net.registry)}
+    write_definitions(registry, out, secrets)
+    assert before == {u: password_file(secrets, u).read_text()
+                      for u in broker_users(net.registry)}
+
+
+def test_a_user_without_a_hash_is_an_error(tmp_path: Path) -> None:
+    net = create_network(tmp_path, ["ZA"], ())
+    with pytest.raises(ValueError, match="kpx-chair"):
+        broker_definitions(net.registry, {"kpx-za": "x"})
