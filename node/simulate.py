@@ -31,10 +31,11 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -43,9 +44,9 @@ from typing import Any
 
 import structlog
 
-from node.machine import OPEN_STATES, Side, State
+from node.machine import OPEN_STATES, Record, Refusal, Side, State
 from node.network import LocalNetwork, create_network
-from node.service import CommandRefused, Node, now_ms
+from node.service import Arrival, Node, now_ms
 from node.stats import mirror_statistics
 from node.store import Store
 from protocol import (
@@ -288,7 +289,7 @@ def received_as(shipment_certificate: Certificate, discrepancy: str | None
 
 
 @dataclass(frozen=True, slots=True)
-class Arrival:
+class PlannedArrival:
     """How an importer will answer a certificate: after a delay, maybe with a discrepancy."""
 
     confirm_delay_ms: int
@@ -315,9 +316,11 @@ class Desk:
     """
 
     POLL_SECONDS = 0.02
+    #: commands committed together, as a back office submitting its queue would
+    BATCH = 200
 
     def __init__(self, node: Node, exports: Sequence[tuple[int, Certificate]],
-                 arrivals: Mapping[str, Arrival]) -> None:
+                 arrivals: Mapping[str, PlannedArrival]) -> None:
         self.node = node
         self.exports = sorted(exports, key=lambda e: e[0])
         self.arrivals = arrivals
@@ -337,16 +340,17 @@ class Desk:
                 await task
 
     async def _issue(self, start_at_ms: int) -> None:
-        for at_ms, certificate in self.exports:
-            wait = (start_at_ms + at_ms - now_ms()) / 1000
+        pending = deque(self.exports)
+        while pending:
+            wait = (start_at_ms + pending[0][0] - now_ms()) / 1000
             if wait > 0:
                 await asyncio.sleep(wait)
-            try:
-                self.node.issue(certificate)
-                self.stats.issued += 1
-            except CommandRefused as exc:
-                self.stats.refused.append(f"issue {certificate.number}: {exc.refusal}")
-                log.warning("issue refused", number=certificate.number, refusal=str(exc))
+            now = now_ms()
+            batch: list[Certificate] = []
+            while pending and start_at_ms + pending[0][0] <= now and len(batch) < self.BATCH:
+                batch.append(pending.popleft()[1])
+            self.stats.issued += self._tally("issue", [c.number for c in batch],
+                                             self.node.issue_many(batch))
             await asyncio.sleep(0)  # let the relay and the consumer run in between
 
     def _new_arrivals(self) -> list[str]:
@@ -364,35 +368,48 @@ class Desk:
         while True:
             now = now_ms()
             for number in self._new_arrivals():
-                arrival = self.arrivals.get(number, Arrival(0, None))
-                heapq.heappush(due, (now + arrival.confirm_delay_ms, number))
+                planned = self.arrivals.get(number, PlannedArrival(0, None))
+                heapq.heappush(due, (now + planned.confirm_delay_ms, number))
             while due and due[0][0] <= now:
-                _, number = heapq.heappop(due)
-                self._confirm_one(number)
+                batch: list[str] = []
+                while due and due[0][0] <= now and len(batch) < self.BATCH:
+                    batch.append(heapq.heappop(due)[1])
+                self._confirm_batch(batch)
                 await asyncio.sleep(0)
             wait = self.POLL_SECONDS
             if due:
                 wait = min(wait, max(0.0, (due[0][0] - now_ms()) / 1000))
             await asyncio.sleep(wait)
 
-    def _confirm_one(self, number: str) -> None:
-        record = self.node.store.get(Side.IMPORT, number)
-        if record is None or record.state is not State.RECEIVED:
-            return
-        arrival = self.arrivals.get(number, Arrival(0, None))
-        lines, parcels = received_as(record.certificate, arrival.discrepancy)
-        try:
-            self.node.confirm(number, lines=lines, parcels=parcels)
-            self.stats.confirmed += 1
-        except CommandRefused as exc:
-            self.stats.refused.append(f"confirm {number}: {exc.refusal}")
-            log.warning("confirm refused", number=number, refusal=str(exc))
+    def _confirm_batch(self, numbers: Sequence[str]) -> None:
+        arrivals = []
+        for number in numbers:
+            record = self.node.store.get(Side.IMPORT, number)
+            if record is None or record.state is not State.RECEIVED:
+                continue  # cancelled or replaced meanwhile: nothing to confirm
+            planned = self.arrivals.get(number, PlannedArrival(0, None))
+            lines, parcels = received_as(record.certificate, planned.discrepancy)
+            arrivals.append(Arrival(number, lines=lines, parcels=parcels))
+        self.stats.confirmed += self._tally("confirm", [a.number for a in arrivals],
+                                            self.node.confirm_many(arrivals))
+
+    def _tally(self, command: str, numbers: Sequence[str],
+               outcomes: Sequence[Record | Refusal]) -> int:
+        """Note the refused commands of a batch; returns how many went through."""
+        done = 0
+        for number, outcome in zip(numbers, outcomes, strict=True):
+            if isinstance(outcome, Refusal):
+                self.stats.refused.append(f"{command} {number}: {outcome}")
+                log.warning(f"{command} refused", number=number, refusal=str(outcome))
+            else:
+                done += 1
+        return done
 
 
 def desk_plan(code: str, shipments: Sequence[Shipment]
-              ) -> tuple[list[tuple[int, Certificate]], dict[str, Arrival]]:
+              ) -> tuple[list[tuple[int, Certificate]], dict[str, PlannedArrival]]:
     exports = [(s.at_ms, s.certificate) for s in shipments if s.exporter == code]
-    arrivals = {s.number: Arrival(s.confirm_delay_ms, s.discrepancy)
+    arrivals = {s.number: PlannedArrival(s.confirm_delay_ms, s.discrepancy)
                 for s in shipments if s.importer == code}
     return exports, arrivals
 
@@ -411,10 +428,11 @@ def write_desk_plan(directory: Path, code: str, shipments: Sequence[Shipment]) -
     return path
 
 
-def read_desk_plan(directory: Path) -> tuple[list[tuple[int, Certificate]], dict[str, Arrival]]:
+def read_desk_plan(directory: Path
+                   ) -> tuple[list[tuple[int, Certificate]], dict[str, PlannedArrival]]:
     data = json.loads((directory / PLAN_FILE).read_text())
     exports = [(int(at), validate_certificate(wire)) for at, wire in data["exports"]]
-    arrivals = {str(n): Arrival(int(d), None if k is None else str(k))
+    arrivals = {str(n): PlannedArrival(int(d), None if k is None else str(k))
                 for n, (d, k) in data["arrivals"].items()}
     return exports, arrivals
 
@@ -465,6 +483,8 @@ class Nodes:
         self.options = options
         self.stores: dict[str, Store] = {}
         self.peak_rss_kib: dict[str, int] = {}
+        #: CPU seconds (user + system) each node process used, from its own report
+        self.cpu_seconds: dict[str, float] = {}
         self.desk_stats: dict[str, dict[str, Any]] = {}
         self.process_peak_rss_kib: int | None = None
 
@@ -596,6 +616,8 @@ class ProcessNodes(Nodes):
                             self.desk_stats[code] = reply.get("desk", {})
                             self.peak_rss_kib.setdefault(code, int(reply.get("peak_rss_kib")
                                                                    or 0))
+                            if reply.get("cpu_seconds") is not None:
+                                self.cpu_seconds[code] = float(reply["cpu_seconds"])
                             break
                     await proc.wait()
             except (TimeoutError, SimulationError):
@@ -608,6 +630,12 @@ class ProcessNodes(Nodes):
         if failed:
             log.warning("node processes did not exit cleanly", returncodes=failed)
             self.unclean = failed
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used so far, user plus system, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_kib(pid: int) -> int | None:
@@ -770,12 +798,13 @@ def format_report(report: Report) -> str:
         f"{t['messages_per_second']:,.1f} messages/s over {t['seconds']:.1f} s "
         f"(first issue to last confirmation; {t['wall_seconds']:.1f} s wall in all)",
         "",
-        "  node   exports  imports  peak RSS",
+        "  node   exports  imports  peak RSS      CPU",
     ]
     for code, node in report.nodes.items():
-        rss = node.get("peak_rss_mib")
+        rss, cpu = node.get("peak_rss_mib"), node.get("cpu_seconds")
         lines.append(f"  {code:<5}{node.get('exports', 0):>9,}{node.get('imports', 0):>9,}"
-                     f"  {'-' if rss is None else f'{rss:,.1f} MiB':>9}")
+                     f"  {'-' if rss is None else f'{rss:,.1f} MiB':>9}"
+                     f"  {'-' if cpu is None else f'{cpu:,.1f} s':>7}")
     if report.process_peak_rss_mib is not None:
         lines.append(f"  (all nodes in one process: peak RSS {report.process_peak_rss_mib:,.1f} "
                      "MiB)")
@@ -976,6 +1005,8 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
             node = report.nodes.setdefault(code, {})
             peak = nodes.peak_rss_kib.get(code)
             node["peak_rss_mib"] = None if peak is None else round(peak / 1024, 1)
+            cpu = nodes.cpu_seconds.get(code)
+            node["cpu_seconds"] = None if cpu is None else round(cpu, 2)
             node["desk"] = nodes.desk_stats.get(code, {})
             for refused in node["desk"].get("refused", []):
                 report.fail(f"{code}: {refused}")

@@ -6,7 +6,7 @@ event loop, the desk that issues the node's planned certificates and confirms ar
 (:class:`~node.simulate.Desk`), as an authority's own systems would next to its node.
 
 It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, and ``{"event":
-"done", ...}`` with its desk's counts and peak RSS after a clean stop; on stdin
+"done", ...}`` with its desk's counts, peak RSS and CPU time after a clean stop; on stdin
 ``{"start_at_ms": T}`` (issue the plan from that instant on) and ``{"stop": true}`` (or end
 of input, SIGTERM, SIGINT): stop the desk, drain the node, exit 0. Logs go to stderr.
 """
@@ -26,7 +26,7 @@ from typing import Any
 from node.config import load_config
 from node.logs import configure_logging
 from node.runner import RunningNode
-from node.simulate import Desk, peak_rss_kib, read_desk_plan
+from node.simulate import Desk, cpu_seconds, peak_rss_kib, read_desk_plan
 
 
 def emit(message: dict[str, Any]) -> None:
@@ -70,7 +70,8 @@ async def run(directory: Path) -> int:
         await desk.stop()
         await running.stop()
     emit({"event": "done", "participant": config.participant,
-          "desk": desk.stats.to_json(), "peak_rss_kib": peak_rss_kib(os.getpid())})
+          "desk": desk.stats.to_json(), "peak_rss_kib": peak_rss_kib(os.getpid()),
+          "cpu_seconds": cpu_seconds()})
     return 0
 
 

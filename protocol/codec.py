@@ -22,7 +22,9 @@ from protocol.schema import parse_envelope
 def canonical(value: Any) -> Any:
     """``value`` with every map's keys in canonical (UTF-8 byte) order."""
     if isinstance(value, dict):
-        return {k: canonical(value[k]) for k in sorted(value, key=lambda k: k.encode())}
+        # Keys are text, and UTF-8 preserves code-point order: sorting the str keys is
+        # sorting their UTF-8 bytes, without encoding each one.
+        return {k: canonical(value[k]) for k in sorted(value)}
     if isinstance(value, list | tuple):
         return [canonical(v) for v in value]
     return value

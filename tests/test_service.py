@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from node.evidence import verify_chain
-from node.machine import Side, State
+from node.machine import Record, Refusal, Side, State
 from node.network import create_network
-from node.service import CommandRefused, Delivery, Node
+from node.service import Arrival, CommandRefused, Delivery, Node
 from protocol import Line, ParticipantStatus
 from tests.netutil import carry, certificate
 
@@ -173,3 +176,77 @@ def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path:
         restored.close()
     with pytest.raises(Exception, match="already holds a node"):
         restore(archive, tmp_path / "restored")
+
+
+def test_issue_many_commits_all_but_the_refused_in_one_transaction(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    batch = [certificate("ZA-2026-0101", "ZA", "IN"),
+             certificate("ZA-2026-0102", "ZA", "XS"),  # importer suspended
+             certificate("ZA-2026-0101", "ZA", "EU"),  # number taken a line earlier
+             certificate("ZA-2026-0103", "ZA", "EU")]
+    commits = count_commits(za)
+    outcomes = za.issue_many(batch)
+    assert commits() == 1
+    assert [getattr(o, "reason", None) for o in outcomes] == [
+        None, "participant.suspended", "certificate.duplicate_number", None]
+    assert [o.partner for o in outcomes if isinstance(o, Record)] == ["IN", "EU"]
+    assert za.store.get(Side.EXPORT, "ZA-2026-0102") is None
+    assert za.store.get(Side.EXPORT, "ZA-2026-0101").partner == "IN"
+    assert [(r.recipient, r.kind) for r in za.store.due(2**62, 10)] == [
+        ("IN", "certificate"), ("EU", "certificate")]
+    carry(za, nodes)
+    assert india.store.get(Side.IMPORT, "ZA-2026-0101").state is State.RECEIVED
+
+
+def test_confirm_many_confirms_each_arrival_as_received(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue_many([certificate(f"ZA-2026-02{i:02}", "ZA", "IN") for i in range(3)])
+    carry(za, nodes)
+    commits = count_commits(india)
+    outcomes = india.confirm_many([Arrival("ZA-2026-0200"),
+                                   Arrival("ZA-2026-0299"),  # never arrived
+                                   Arrival("ZA-2026-0202", parcels=2, remarks="one parcel short")])
+    assert commits() == 1
+    assert isinstance(outcomes[1], Refusal) and outcomes[1].reason == "certificate.unknown"
+    carry(india, nodes)  # receipts and confirmations
+    exported = {n: za.store.get(Side.EXPORT, f"ZA-2026-02{n:02}") for n in range(3)}
+    assert [exported[n].state for n in range(3)] == [State.CONFIRMED, State.DELIVERED,
+                                                     State.CONFIRMED]
+    assert exported[0].discrepancies == ()
+    assert {(d.field, d.declared, d.received) for d in exported[2].discrepancies} == {
+        ("parcels", 3, 2)}
+
+
+def test_a_store_failure_in_a_batch_commits_none_of_it(nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    za = nodes["ZA"]
+    real_save = za.store.save
+    saved = []
+
+    def failing_save(records: Any) -> None:
+        saved.append(records)
+        if len(saved) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_save(records)
+
+    monkeypatch.setattr(za.store, "save", failing_save)
+    with pytest.raises(sqlite3.OperationalError):
+        za.issue_many([certificate("ZA-2026-0301", "ZA", "IN"),
+                       certificate("ZA-2026-0302", "ZA", "IN")])
+    assert za.store.get(Side.EXPORT, "ZA-2026-0301") is None
+    assert za.store.due(2**62, 10) == []
+
+
+def count_commits(node: Node) -> Callable[[], int]:
+    """How many transactions the node's store has committed since this call."""
+    transactions = []
+    real = node.store.transaction
+
+    @contextmanager
+    def counting() -> Iterator[None]:
+        with real():
+            yield
+        transactions.append(1)
+
+    node.store.transaction = counting  # type: ignore[method-assign]
+    return lambda: len(transactions)
