@@ -18,15 +18,21 @@ from protocol.messages import Envelope
 from protocol.reasons import Reason
 from protocol.schema import parse_envelope
 
+_CONTAINERS = (dict, list, tuple)
+
 
 def canonical(value: Any) -> Any:
     """``value`` with every map's keys in canonical (UTF-8 byte) order."""
-    if isinstance(value, dict):
+    # Exact types, as msgpack's strict_types packs them; leaves are not recursed into,
+    # since this runs on every message a node signs or checks.
+    if type(value) is dict:
         # Keys are text, and UTF-8 preserves code-point order: sorting the str keys is
-        # sorting their UTF-8 bytes, without encoding each one.
-        return {k: canonical(value[k]) for k in sorted(value)}
-    if isinstance(value, list | tuple):
-        return [canonical(v) for v in value]
+        # sorting their UTF-8 bytes, without encoding each one. Keys are unique, so the
+        # pairs never compare their values.
+        return {k: canonical(v) if type(v) in _CONTAINERS else v
+                for k, v in sorted(value.items())}
+    if type(value) in (list, tuple):
+        return [canonical(v) if type(v) in _CONTAINERS else v for v in value]
     return value
 
 
