@@ -3,7 +3,8 @@
 A thin shell: it turns the state machine's records and signed frames into rows and back,
 and offers one transaction at a time. Durability choices (see deploy/ docs): WAL journal
 with ``synchronous=FULL`` — the node acknowledges a delivery to the broker only after the
-commit, so a commit must survive a power cut, not just a process crash. Several processes
+commit, so a commit must survive a power cut, not just a process crash (bookkeeping that is
+safe to redo may commit with ``durable=False``). Several processes
 may write (``kpnode issue`` while ``kpnode run`` is up): every write transaction starts
 with ``BEGIN IMMEDIATE`` and waits for the lock.
 """
@@ -147,23 +148,35 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One write transaction; rolled back if the block raises."""
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """One write transaction; rolled back if the block raises.
+
+        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``):
+        a process crash still keeps it, a power cut may undo it. Only for bookkeeping whose
+        loss is repaired by doing the work again, such as marking outbox rows sent (lost,
+        they are sent again with the same id and the receiver recognises them). The next
+        durable commit makes it durable too: the WAL is one file, synced up to its end."""
+        if not durable:
+            self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot start a transaction on {self.path}: {exc}") from exc
-        self._last_hash = None
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        try:
-            self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self.db.execute("ROLLBACK")
-            raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot start a transaction on {self.path}: {exc}") from exc
+            self._last_hash = None
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
+        finally:
+            if not durable:
+                self.db.execute("PRAGMA synchronous=FULL")
 
     # -- certificates ----------------------------------------------------------------
 
