@@ -37,6 +37,7 @@ from node.service import Delivery, Node, Verdict, now_ms
 from node.store import StoreError
 from node.transport import Delivery as BrokerDelivery
 from node.transport import Outgoing, Transport, TransportUnavailable
+from node.wait import wait_set
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -252,8 +253,7 @@ class RunningNode:
                 continue
             if sent == 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+                await wait_set(self._wake, IDLE_POLL_SECONDS)
 
     async def relay_once(self) -> int:
         """Publish what is due; returns how many rows were attempted."""

@@ -8,8 +8,9 @@ frames published. Nothing here touches the network: :mod:`node.runner` does.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass
 from datetime import date
 from pathlib import Path
@@ -135,6 +136,10 @@ class Node:
         self.me = config.participant
         #: called after a commit that queued frames, so the relay can publish at once
         self.on_outbox: Callable[[], None] = lambda: None
+        #: called after each commit with the records it changed (a back office listening
+        #: for arrivals, say), so nobody has to poll the store
+        self.on_records: Callable[[Sequence[Record]], None] = lambda records: None
+        self._changed: list[Record] = []
 
     def signing_key(self, at_ms: int | None = None) -> SigningKey:
         """The key to sign with now: of the node's keys, the newest one the registry holds
@@ -179,6 +184,7 @@ class Node:
             store.append_evidence("in", incoming.frame.raw, env.message_id,
                                   certificate_of(env), ctx.now_ms)
         store.save(decision.records)
+        self._changed.extend(decision.records)
         for sealed in decision.send:
             store.append_evidence("out", sealed.frame, sealed.envelope.message_id,
                                   certificate_of(sealed.envelope), ctx.now_ms)
@@ -208,7 +214,7 @@ class Node:
         the others still commit. One commit (one fsync) for all is what lets a busy
         authority's back office issue or confirm hundreds per second."""
         decisions = []
-        with self.store.transaction():
+        with self._transaction():
             ctx = self.context()
             for decide in decides:
                 try:
@@ -221,6 +227,16 @@ class Node:
         if any(d.send for d in decisions):
             self.on_outbox()
         return decisions
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A store transaction whose changed records go to ``on_records`` once committed."""
+        self._changed = []
+        with self.store.transaction():
+            yield
+        changed, self._changed = self._changed, []
+        if changed:
+            self.on_records(changed)
 
     # -- local commands --------------------------------------------------------------
 
@@ -315,7 +331,7 @@ class Node:
         """
         registry = self.registry
         try:
-            with self.store.transaction():
+            with self._transaction():
                 ctx = self.context()
                 verdicts = []
                 for delivery in deliveries:

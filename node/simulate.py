@@ -49,6 +49,7 @@ from node.network import LocalNetwork, create_network
 from node.service import Arrival, Node, now_ms
 from node.stats import mirror_statistics
 from node.store import Store
+from node.wait import wait_set
 from protocol import (
     Certificate,
     Kind,
@@ -311,11 +312,10 @@ class Desk:
     """One authority's staff at its node: issues its planned certificates on time and
     confirms each arriving certificate after its planned delay.
 
-    It learns of arrivals by polling the node's store for new import records (the node
-    itself is not instrumented), so a confirmation goes out at most ``POLL_SECONDS`` late.
+    It hears of arrivals from the node (:attr:`Node.on_records`) rather than polling the
+    store: with ten nodes, polling every 20 ms cost 7 % of a 2-core machine at rest.
     """
 
-    POLL_SECONDS = 0.02
     #: commands committed together, as a back office submitting its queue would
     BATCH = 200
 
@@ -326,7 +326,9 @@ class Desk:
         self.arrivals = arrivals
         self.stats = DeskStats()
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_rowid = 0
+        self._arrived: list[str] = []
+        self._wake = asyncio.Event()
+        node.on_records = self._noticed
 
     def start(self, start_at_ms: int) -> None:
         self._tasks = [asyncio.create_task(self._issue(start_at_ms), name="desk-issue"),
@@ -353,21 +355,20 @@ class Desk:
                                              self.node.issue_many(batch))
             await asyncio.sleep(0)  # let the relay and the consumer run in between
 
-    def _new_arrivals(self) -> list[str]:
-        """Import records committed since the last look. Read-only SQL on the node's own
-        connection, between its transactions (same thread): cheaper than loading records."""
-        rows = self.node.store.db.execute(
-            "SELECT rowid, number, state FROM certificates WHERE rowid > ? AND side = ?",
-            (self._last_rowid, str(Side.IMPORT))).fetchall()
-        if rows:
-            self._last_rowid = max(int(r[0]) for r in rows)
-        return [str(r[1]) for r in rows if r[2] == str(State.RECEIVED)]
+    def _noticed(self, records: Sequence[Record]) -> None:
+        """Called by the node after each commit: note the certificates that just arrived."""
+        for r in records:
+            if r.side is Side.IMPORT and r.state is State.RECEIVED:
+                self._arrived.append(r.number)
+                self._wake.set()
 
     async def _confirm(self) -> None:
         due: list[tuple[int, str]] = []
         while True:
             now = now_ms()
-            for number in self._new_arrivals():
+            arrived, self._arrived = self._arrived, []
+            self._wake.clear()
+            for number in arrived:
                 planned = self.arrivals.get(number, PlannedArrival(0, None))
                 heapq.heappush(due, (now + planned.confirm_delay_ms, number))
             while due and due[0][0] <= now:
@@ -376,10 +377,12 @@ class Desk:
                     batch.append(heapq.heappop(due)[1])
                 self._confirm_batch(batch)
                 await asyncio.sleep(0)
-            wait = self.POLL_SECONDS
+            if self._arrived:
+                continue  # more came in while confirming
             if due:
-                wait = min(wait, max(0.0, (due[0][0] - now_ms()) / 1000))
-            await asyncio.sleep(wait)
+                await wait_set(self._wake, max(0.0, (due[0][0] - now_ms()) / 1000))
+            else:
+                await self._wake.wait()
 
     def _confirm_batch(self, numbers: Sequence[str]) -> None:
         arrivals = []

@@ -400,22 +400,12 @@ class Transport:
 
     async def _batches(self) -> None:
         while True:
-            first = await self._pending.get()
-            batch = [first]
-            deadline = asyncio.get_running_loop().time() + self._max_wait
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._pending.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._pending.get(), remaining))
-                except TimeoutError:
-                    break
+            batch = [await self._pending.get()]
+            if self._pending.empty():
+                # A moment for the rest of a burst to arrive: one commit for all of them.
+                await asyncio.sleep(self._max_wait)
+            while len(batch) < self._max_batch and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
             stale = [d for d in batch if d._generation != self._generation]
             if stale:
                 log.info("dropping deliveries from a closed channel; the broker redelivers",

@@ -237,6 +237,33 @@ def test_a_store_failure_in_a_batch_commits_none_of_it(nodes: Nodes, monkeypatch
     assert za.store.due(2**62, 10) == []
 
 
+def test_on_records_hears_each_committed_change_once_and_nothing_rolled_back(
+        nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    heard: dict[str, list[tuple[str, Side, State]]] = {"ZA": [], "IN": []}
+    for code in heard:
+        nodes[code].on_records = lambda records, code=code: heard[code].extend(  # type: ignore[misc]
+            (r.number, r.side, r.state) for r in records)
+    za.issue_many([certificate("ZA-2026-0401", "ZA", "IN"),
+                   certificate("ZA-2026-0402", "ZA", "XS")])  # refused: suspended
+    assert heard["ZA"] == [("ZA-2026-0401", Side.EXPORT, State.ISSUED)]
+    carry(za, nodes)
+    assert heard["IN"] == [("ZA-2026-0401", Side.IMPORT, State.RECEIVED)]
+    carry(za, nodes)  # nothing due: no commit, nothing heard
+    carry(india, nodes)
+    assert heard["ZA"][-1] == ("ZA-2026-0401", Side.EXPORT, State.DELIVERED)
+
+    # A batch that fails to commit is not heard of, and does not leak into the next one.
+    heard["ZA"].clear()
+    monkeypatch.setattr(za.store, "enqueue", lambda *a: (_ for _ in ()).throw(
+        sqlite3.OperationalError("disk I/O error")))
+    with pytest.raises(sqlite3.OperationalError):
+        za.issue(certificate("ZA-2026-0403", "ZA", "IN"))
+    monkeypatch.undo()
+    za.cancel("ZA-2026-0401", "wrong parcel count")
+    assert heard["ZA"] == [("ZA-2026-0401", Side.EXPORT, State.CANCELLED)]
+
+
 def count_commits(node: Node) -> Callable[[], int]:
     """How many transactions the node's store has committed since this call."""
     transactions = []
