@@ -17,7 +17,8 @@ On one broker, one after the other:
    importer confirming as soon as the certificate arrived. Loops/s is closed loops over the
    time from the first issue to the last confirmation, as the nodes recorded them.
 3. **latency at half load** — the same networks issuing at half their maximum rate
-   (Poisson arrivals): p50/p95/p99 from issue to the exporter's receipt of the receipt.
+   (Poisson arrivals): p50/p95/p99 from issue to the exporter's receipt of the receipt;
+   then at a quarter of it, to show where the latency bends (``--loads``).
 
 It prints the ratio ``loops/s ÷ (raw messages/s ÷ 3)`` (a loop is three messages) and the
 peak RSS of every node process. Nothing here is a timed unit test: run it on a quiet
@@ -272,28 +273,38 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         top = await kpx_run(url, codes, count, 0.0, args.log_level, args.keep)
         loops = top.loops_per_second
         say(f"  {loops:,.1f} loops/s")
-        half = loops / 2
-        certificates = max(100, round(half * args.latency_seconds))
-        say(f"kpx, {n} nodes: {certificates:,} certificates at {half:,.0f}/s (half load) ...")
-        paced = await kpx_run(url, codes, certificates, half, args.log_level, args.keep)
-        receipt = paced.to_json()["latency_ms"]["issue_to_receipt"]
-        say(f"  p99 issue→receipt {receipt['p99']} ms")
+        paced: dict[float, Report] = {}
+        for share in args.loads:
+            rate = loops * share
+            certificates = max(100, round(rate * args.latency_seconds))
+            say(f"kpx, {n} nodes: {certificates:,} certificates at {rate:,.0f}/s "
+                f"({share:g} of the maximum) ...")
+            paced[share] = await kpx_run(url, codes, certificates, rate, args.log_level,
+                                         args.keep)
+            p99 = paced[share].to_json()["latency_ms"]["issue_to_receipt"]["p99"]
+            say(f"  p99 issue→receipt {p99} ms")
         rss = rss_summary(top)
-        rss_paced = rss_summary(paced)
+        rss_paced = rss_summary(paced[0.5]) if 0.5 in paced else None
         result["kpx"][f"{n}_nodes"] = {
             "codes": codes, "certificates": count,
             "loops_per_second": loops,
             "seconds": top.span_ms / 1000,
             "ratio": loops / result["raw"]["loops_per_second_ceiling"],
             "max_rate_latency_ms": top.to_json()["latency_ms"],
-            "half_load": {"rate": half, "certificates": certificates,
-                          "achieved_loops_per_second": paced.loops_per_second,
-                          "issue_to_receipt_ms": receipt,
-                          "issue_to_confirmation_ms":
-                              paced.to_json()["latency_ms"]["issue_to_confirmation"]},
+            # "half_load" is the target's figure; "loads" has every share that was run.
+            "loads": [load_summary(share, loops, report) for share, report in paced.items()],
+            "half_load": (load_summary(0.5, loops, paced[0.5]) if 0.5 in paced else None),
             "peak_rss": rss, "peak_rss_half_load": rss_paced,
         }
     return result
+
+
+def load_summary(share: float, max_rate: float, report: Report) -> dict[str, Any]:
+    latency = report.to_json()["latency_ms"]
+    return {"share": share, "rate": max_rate * share, "certificates": report.issued,
+            "achieved_loops_per_second": report.loops_per_second,
+            "issue_to_receipt_ms": latency["issue_to_receipt"],
+            "issue_to_confirmation_ms": latency["issue_to_confirmation"]}
 
 
 def say(text: str) -> None:
@@ -317,8 +328,6 @@ def format_result(r: dict[str, Any]) -> str:
         + ")",
     ]
     for key, k in r["kpx"].items():
-        h = k["half_load"]
-        rec = h["issue_to_receipt_ms"]
         rss = k["peak_rss"]
         lines += [
             "",
@@ -326,12 +335,28 @@ def format_result(r: dict[str, Any]) -> str:
             f"  closed loops     {k['loops_per_second']:>9,.1f} loops/s   "
             f"({k['certificates']:,} loops in {k['seconds']:.1f} s)",
             f"  ratio            {k['ratio']:>9.2f}   loops/s ÷ (raw messages/s ÷ 3)",
-            f"  half load        {h['rate']:>9,.0f} certificates/s: issue→receipt p50 "
-            f"{rec['p50']} ms, p95 {rec['p95']} ms, p99 {rec['p99']} ms",
+        ]
+        for h in k["loads"]:
+            rec = h["issue_to_receipt_ms"]
+            label = "half load" if h["share"] == 0.5 else f"{h['share']:g} load"
+            lines.append(
+                f"  {label:<16} {h['rate']:>9,.0f} certificates/s: issue→receipt p50 "
+                f"{rec['p50']} ms, p95 {rec['p95']} ms, p99 {rec['p99']} ms")
+        lines += [
             f"  peak RSS         max {rss['max_mib']} MiB, mean {rss['mean_mib']} MiB per node "
             f"process ({', '.join(f'{c} {v}' for c, v in rss['per_node_mib'].items())})",
         ]
     return "\n".join(lines)
+
+
+def shares(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"shares must lie in (0, 1]: {text!r}")
+    return values
 
 
 @contextlib.contextmanager
@@ -352,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--loops-2", type=int, default=4_000, help="certificates, 2-node run")
     p.add_argument("--loops-10", type=int, default=5_000, help="certificates, 10-node run")
     p.add_argument("--latency-seconds", type=float, default=20.0,
-                   help="length of each half-load run")
+                   help="length of each paced run")
+    p.add_argument("--loads", type=shares, default=[0.5, 0.25],
+                   help="shares of the maximum rate to measure latency at, comma-separated "
+                        "(default 0.5,0.25; 0.5 is the target's half load)")
     p.add_argument("--log-level", default="INFO",
                    help="node log level (default INFO, as kpnode run)")
     p.add_argument("--keep", type=Path, help="keep the networks' directories here")

@@ -1,0 +1,43 @@
+"""``bench/bench.py`` at a tiny size: it runs end to end on a real broker and reports every
+figure the issue asks for (its numbers are read by people, never asserted as timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--broker", amqp_url, "--raw-messages", "2000",
+         "--loops-2", "200", "--loops-10", "300", "--latency-seconds", "2",
+         "--loads", "0.5,0.25", "--json"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["raw"]["messages_per_second"] > 0
+    for n in (2, 10):
+        k = result["kpx"][f"{n}_nodes"]
+        assert len(k["codes"]) == n
+        assert k["ratio"] == pytest.approx(
+            k["loops_per_second"] / (result["raw"]["messages_per_second"] / 3))
+        assert [load["share"] for load in k["loads"]] == [0.5, 0.25]
+        assert k["half_load"] == k["loads"][0]
+        assert k["half_load"]["rate"] == pytest.approx(k["loops_per_second"] / 2)
+        assert k["half_load"]["issue_to_receipt_ms"]["p99"] > 0
+        assert len(k["peak_rss"]["per_node_mib"]) == n
+
+
+def test_bench_refuses_a_load_share_out_of_range() -> None:
+    done = subprocess.run([sys.executable, str(BENCH), "--loads", "0.5,2"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "shares must lie in (0, 1]" in done.stderr
