@@ -241,6 +241,7 @@ class RunningNode:
 
     async def _relay(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 sent = await self.relay_once()
             except TransportUnavailable as exc:
@@ -251,8 +252,9 @@ class RunningNode:
                 log.error("store failed; outbox waits", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            if sent == 0:
-                self._wake.clear()
+            # A short batch took every row due; unless a commit queued more meanwhile
+            # (on_outbox set the event), asking the store again would find nothing.
+            if sent < RELAY_BATCH and not self._wake.is_set():
                 await wait_set(self._wake, IDLE_POLL_SECONDS)
 
     async def relay_once(self) -> int:
