@@ -401,7 +401,7 @@ class Transport:
     async def _batches(self) -> None:
         while True:
             batch = [await self._pending.get()]
-            if self._pending.empty():
+            if self._pending.qsize() < self._max_batch - 1:
                 # A moment for the rest of a burst to arrive: one commit for all of them.
                 await asyncio.sleep(self._max_wait)
             while len(batch) < self._max_batch and not self._pending.empty():
