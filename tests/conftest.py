@@ -2,23 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import os
+import string
 from collections.abc import Iterator
 
+import aio_pika
 import pytest
 
-from node.localbroker import broker_url
+from node.localbroker import ENV_URL, broker_url
+from node.transport import dead_letter_queue, inbox_queue
 
 # --- Real-broker harness ------------------------------------------------------------------
 # One RabbitMQ for the whole session: the broker named by KPX_AMQP_URL, else a container
 # when a Docker engine answers, else a private local rabbitmq-server (node/localbroker.py).
 # Tests that need it take `amqp_url` and are marked `@pytest.mark.broker`. Tests that need a
 # broker of their own (restarts, clusters) start a `LocalBroker` themselves.
+#
+# A broker named by KPX_AMQP_URL may have served an earlier session, whose queues carry the
+# same Participant codes (tests.netutil.fresh_codes hands out the same ones every session)
+# and may still hold its messages. The session starts by deleting them, so such a broker
+# must serve tests only.
 
 
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
     with broker_url() as url:
+        if os.environ.get(ENV_URL, "").strip():
+            asyncio.run(delete_participant_queues(url))
         yield url
+
+
+async def delete_participant_queues(url: str) -> None:
+    """Delete every kpx inbox and dead-letter queue of a two-letter code, left or not."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for a, b in itertools.product(string.ascii_uppercase, repeat=2):
+            for name in (inbox_queue(a + b), dead_letter_queue(a + b)):
+                try:
+                    await channel.queue_delete(name)
+                except aio_pika.exceptions.AMQPError:
+                    channel = await connection.channel()  # the broker closed the old one
 
 
 # --- Other fixtures below ------------------------------------------------------------------
