@@ -144,9 +144,14 @@ class RunningNode:
         self._wake.set()
         try:
             await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
-        except TimeoutError:
+        except (TimeoutError, TransportUnavailable, StoreError) as exc:
+            # Whatever stops the drain, the node still closes: the rows stay in the
+            # outbox for the next start, and the directory lock is released.
+            backlog = None
+            with contextlib.suppress(Exception):  # a failing store cannot count them
+                backlog = len(self.node.store.backlog()) if self.node else None
             log.warning("outbox not empty at shutdown; it is sent on next start",
-                        backlog=len(self.node.store.backlog()) if self.node else None)
+                        reason=str(exc) or type(exc).__name__, backlog=backlog)
         await self._close()
         log.info("node stopped", participant=self.config.participant)
 

@@ -20,7 +20,14 @@ from node.machine import Side, State
 from node.network import create_network
 from node.runner import DRAIN_SECONDS, RunningNode
 from node.service import Delivery, Node, Verdict
-from node.transport import EXCHANGE, dead_letter_queue, inbox_queue
+from node.transport import (
+    EXCHANGE,
+    PublishResult,
+    Transport,
+    TransportUnavailable,
+    dead_letter_queue,
+    inbox_queue,
+)
 from tests.netutil import carry, certificate
 from tests.test_network import fresh_codes, state, until
 
@@ -193,3 +200,26 @@ async def test_sigterm_mid_burst_exits_zero_in_bound_and_loses_nothing(
                          capture_output=True, text=True, check=True).stdout
     assert sorted(r["number"] for r in json.loads(out)) == [
         f"{exporter_code}-T{i:04d}" for i in range(count)]
+
+
+async def test_stop_with_the_broker_gone_keeps_the_outbox_and_frees_the_directory(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    number = f"{exporter_code}-GONE1"
+    running = RunningNode(network.configs[exporter_code])
+    await running.start()
+    assert running.node is not None and running.transport is not None
+
+    async def gone(self: Transport, items: object) -> list[PublishResult]:
+        raise TransportUnavailable("not connected to a broker")
+    monkeypatch.setattr(Transport, "publish", gone)
+    running.node.issue(certificate(number, exporter_code, importer_code))
+    await running.stop()  # the drain meets no broker: it must still close everything
+    monkeypatch.undo()
+
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:  # the lock was freed
+        assert importer.node is not None and exporter.node is not None
+        await until(lambda: state(exporter.node, Side.EXPORT, number)  # type: ignore[arg-type]
+                    is State.DELIVERED, 30)
