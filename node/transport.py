@@ -180,7 +180,7 @@ class Transport:
         self._supervisor: asyncio.Task[None] | None = None
         self._on_batch: OnBatch | None = None
         self._max_batch = 256
-        self._max_wait = 0.005
+        self._max_wait = 0.010
         self._pending: asyncio.Queue[Delivery] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
         self._current_url: str | None = None
@@ -357,7 +357,7 @@ class Transport:
     # -- consuming -------------------------------------------------------------------
 
     async def consume(self, on_batch: OnBatch, *, max_batch: int = 256,
-                      max_wait: float = 0.005) -> None:
+                      max_wait: float = 0.010) -> None:
         """Hand inbox deliveries to ``on_batch`` in batches; the caller acks or rejects."""
         self._on_batch = on_batch
         self._max_batch = max_batch
@@ -399,10 +399,15 @@ class Transport:
         self._consumer_tag = await inbox.consume(on_message, no_ack=False)
 
     async def _batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_done = float("-inf")
         while True:
             batch = [await self._pending.get()]
-            if self._pending.qsize() < self._max_batch - 1:
-                # A moment for the rest of a burst to arrive: one commit for all of them.
+            queued = self._pending.qsize()
+            busy = queued > 0 or loop.time() - last_done < self._max_wait
+            if busy and queued < self._max_batch - 1:
+                # Deliveries are streaming in: a moment for more of them, so that one
+                # commit covers them all. A delivery after a quiet spell goes at once.
                 await asyncio.sleep(self._max_wait)
             while len(batch) < self._max_batch and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
@@ -416,6 +421,7 @@ class Transport:
                     await self._on_batch(batch)
                 except Exception:
                     log.exception("batch handler failed; deliveries left to the broker")
+            last_done = loop.time()
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge deliveries from the current channel; older ones are left to the
