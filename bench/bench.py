@@ -166,6 +166,23 @@ async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch:
 # -- kpx runs -----------------------------------------------------------------------------
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores from /proc/stat; None where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the machine's cores that were busy between two ``cpu_times`` readings."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
+
+
 async def delete_queues(url: str, codes: Sequence[str]) -> None:
     """Start each run from empty inboxes (the bench's broker is its own)."""
     connection = await aio_pika.connect(url)
@@ -178,7 +195,8 @@ async def delete_queues(url: str, codes: Sequence[str]) -> None:
 
 
 async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float,
-                  log_level: str, keep: Path | None) -> Report:
+                  log_level: str, keep: Path | None) -> tuple[Report, float | None]:
+    """One simulated network's report, and the share of the machine busy while it ran."""
     await delete_queues(url, codes)
     directory = None
     if keep is not None:
@@ -186,12 +204,22 @@ async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float
     options = Options(codes=tuple(codes), certificates=certificates, rate=rate,
                       confirm_delay=0.0, discrepancy_share=0.0, progress=False,
                       log_level=log_level, directory=directory, seed=11)
+    before = cpu_times()
     report = await run_simulation(options, [url])
+    busy = busy_share(before, cpu_times())
     await delete_queues(url, codes)
     if not report.ok:
         raise RuntimeError(f"kpx run with {len(codes)} nodes failed its invariants: "
                            f"{report.failures[:3]}")
-    return report
+    return report, busy
+
+
+def node_cpu_ms_per_loop(report: Report) -> float | None:
+    """CPU the node processes used, start to stop, per certificate issued."""
+    values = [n.get("cpu_seconds") for n in report.nodes.values()]
+    if not report.issued or any(v is None for v in values):
+        return None
+    return round(sum(float(v) for v in values if v is not None) * 1000 / report.issued, 2)
 
 
 def rss_summary(report: Report) -> dict[str, Any]:
@@ -270,10 +298,10 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     for n, count in ((2, args.loops_2), (10, args.loops_10)):
         codes = [p.code for p in PARTICIPANTS[:n]]
         say(f"kpx, {n} nodes: {count:,} certificates at once ...")
-        top = await kpx_run(url, codes, count, 0.0, args.log_level, args.keep)
+        top, top_busy = await kpx_run(url, codes, count, 0.0, args.log_level, args.keep)
         loops = top.loops_per_second
         say(f"  {loops:,.1f} loops/s")
-        paced: dict[float, Report] = {}
+        paced: dict[float, tuple[Report, float | None]] = {}
         for share in args.loads:
             rate = loops * share
             certificates = max(100, round(rate * args.latency_seconds))
@@ -281,30 +309,35 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 f"({share:g} of the maximum) ...")
             paced[share] = await kpx_run(url, codes, certificates, rate, args.log_level,
                                          args.keep)
-            p99 = paced[share].to_json()["latency_ms"]["issue_to_receipt"]["p99"]
+            p99 = paced[share][0].to_json()["latency_ms"]["issue_to_receipt"]["p99"]
             say(f"  p99 issue→receipt {p99} ms")
         rss = rss_summary(top)
-        rss_paced = rss_summary(paced[0.5]) if 0.5 in paced else None
+        rss_paced = rss_summary(paced[0.5][0]) if 0.5 in paced else None
         result["kpx"][f"{n}_nodes"] = {
             "codes": codes, "certificates": count,
             "loops_per_second": loops,
             "seconds": top.span_ms / 1000,
             "ratio": loops / result["raw"]["loops_per_second_ceiling"],
             "max_rate_latency_ms": top.to_json()["latency_ms"],
+            "node_cpu_ms_per_loop": node_cpu_ms_per_loop(top),
+            "machine_busy": top_busy,
             # "half_load" is the target's figure; "loads" has every share that was run.
-            "loads": [load_summary(share, loops, report) for share, report in paced.items()],
-            "half_load": (load_summary(0.5, loops, paced[0.5]) if 0.5 in paced else None),
+            "loads": [load_summary(share, loops, *run) for share, run in paced.items()],
+            "half_load": (load_summary(0.5, loops, *paced[0.5]) if 0.5 in paced else None),
             "peak_rss": rss, "peak_rss_half_load": rss_paced,
         }
     return result
 
 
-def load_summary(share: float, max_rate: float, report: Report) -> dict[str, Any]:
+def load_summary(share: float, max_rate: float, report: Report, busy: float | None
+                 ) -> dict[str, Any]:
     latency = report.to_json()["latency_ms"]
     return {"share": share, "rate": max_rate * share, "certificates": report.issued,
             "achieved_loops_per_second": report.loops_per_second,
             "issue_to_receipt_ms": latency["issue_to_receipt"],
-            "issue_to_confirmation_ms": latency["issue_to_confirmation"]}
+            "issue_to_confirmation_ms": latency["issue_to_confirmation"],
+            "node_cpu_ms_per_loop": node_cpu_ms_per_loop(report),
+            "machine_busy": busy}
 
 
 def say(text: str) -> None:
@@ -335,6 +368,7 @@ def format_result(r: dict[str, Any]) -> str:
             f"  closed loops     {k['loops_per_second']:>9,.1f} loops/s   "
             f"({k['certificates']:,} loops in {k['seconds']:.1f} s)",
             f"  ratio            {k['ratio']:>9.2f}   loops/s ÷ (raw messages/s ÷ 3)",
+            f"  {'':<16} {'':>9}   {cpu_text(k)}",
         ]
         for h in k["loads"]:
             rec = h["issue_to_receipt_ms"]
@@ -342,11 +376,18 @@ def format_result(r: dict[str, Any]) -> str:
             lines.append(
                 f"  {label:<16} {h['rate']:>9,.0f} certificates/s: issue→receipt p50 "
                 f"{rec['p50']} ms, p95 {rec['p95']} ms, p99 {rec['p99']} ms")
+            lines.append(f"  {'':<16} {'':>9}   {cpu_text(h)}")
         lines += [
             f"  peak RSS         max {rss['max_mib']} MiB, mean {rss['mean_mib']} MiB per node "
             f"process ({', '.join(f'{c} {v}' for c, v in rss['per_node_mib'].items())})",
         ]
     return "\n".join(lines)
+
+
+def cpu_text(figures: dict[str, Any]) -> str:
+    cpu, busy = figures["node_cpu_ms_per_loop"], figures["machine_busy"]
+    return (f"nodes' CPU {'?' if cpu is None else f'{cpu:.1f}'} ms per loop; machine "
+            f"{'?' if busy is None else f'{busy:.0%}'} busy (all cores, broker included)")
 
 
 def shares(text: str) -> list[float]:

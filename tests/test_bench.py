@@ -34,6 +34,9 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
         assert k["half_load"]["rate"] == pytest.approx(k["loops_per_second"] / 2)
         assert k["half_load"]["issue_to_receipt_ms"]["p99"] > 0
         assert len(k["peak_rss"]["per_node_mib"]) == n
+        for figures in (k, *k["loads"]):  # what the machine spent on it (Linux)
+            assert figures["node_cpu_ms_per_loop"] > 0
+            assert 0 < figures["machine_busy"] <= 1
 
 
 def test_bench_refuses_a_load_share_out_of_range() -> None:
