@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from node.machine import Side, State
 from node.openapi import openapi_document
@@ -47,7 +48,6 @@ PRINCIPAL = web.RequestKey("kpx_principal", Principal)
 CERTIFICATE = web.RequestKey("kpx_certificate", str)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_LIST = 5000
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):

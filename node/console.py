@@ -16,13 +16,14 @@ import datetime as dt
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from node.machine import OPEN_STATES, Record, Side, State
 from node.service import CommandRefused
@@ -38,7 +39,6 @@ CONSOLE_PREFIX = "/console"
 SESSION_COOKIE = "kpx_session"
 LOGIN_COOKIE = "kpx_login"
 SESSION_SECONDS = 8 * 3600
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(slots=True)

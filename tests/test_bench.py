@@ -19,7 +19,7 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH), "--broker", amqp_url, "--raw-messages", "2000",
          "--loops-2", "200", "--loops-10", "300", "--latency-seconds", "2",
-         "--loads", "0.5,0.25", "--json"],
+         "--loads", "0.5,0.25", "--repeats", "2", "--json"],
         capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -32,11 +32,24 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
         assert [load["share"] for load in k["loads"]] == [0.5, 0.25]
         assert k["half_load"] == k["loads"][0]
         assert k["half_load"]["rate"] == pytest.approx(k["loops_per_second"] / 2)
-        assert k["half_load"]["issue_to_receipt_ms"]["p99"] > 0
+        half = k["half_load"]
+        assert half["issue_to_receipt_ms"]["p99"] > 0
+        # two runs, each with its own seed; the reported figures are those of the median
+        # run (the upper one of two), whose p99 is the larger
+        assert half["runs"] == 2
+        assert half["issue_to_receipt_ms"]["p99"] == max(
+            half["issue_to_receipt_p99_each_run_ms"])
         assert len(k["peak_rss"]["per_node_mib"]) == n
         for figures in (k, *k["loads"]):  # what the machine spent on it (Linux)
             assert figures["node_cpu_ms_per_loop"] > 0
             assert 0 < figures["machine_busy"] <= 1
+
+
+def test_bench_refuses_no_repeats() -> None:
+    done = subprocess.run([sys.executable, str(BENCH), "--repeats", "0"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "--repeats must be at least 1" in done.stderr
 
 
 def test_bench_refuses_a_load_share_out_of_range() -> None:
