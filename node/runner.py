@@ -8,7 +8,8 @@ Three loops share one :class:`~node.service.Node`:
   de-duplication makes the redelivery harmless;
 * the **outbox relay** publishes committed frames, pipelined, with publisher confirms, and
   marks them sent only once the broker confirmed them; unroutable or failed messages stay
-  queued and are retried with backoff;
+  queued and are retried with backoff. A batch slow to be confirmed is overtaken by the
+  next (at most two wait at once);
 * the **sweep** turns open loops past their expiry date into ``expired``, and sends a
   certificate again (same message id, same bytes) when no receipt came back within
   ``resend_after_seconds``, doubling the wait after each attempt.
@@ -34,7 +35,7 @@ import structlog
 from node.config import ConfigError, NodeConfig
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
-from node.store import StoreError
+from node.store import OutboxRow, StoreError
 from node.transport import Delivery as BrokerDelivery
 from node.transport import Outgoing, Transport, TransportUnavailable
 from node.wait import wait_set
@@ -48,6 +49,10 @@ log = structlog.get_logger("kpx.runner")
 
 DRAIN_SECONDS = 10.0
 RELAY_BATCH = 500
+#: a batch still waiting for its confirms after this long lets the next one overtake it
+RELAY_OVERTAKE_SECONDS = 0.005
+#: batches awaiting their confirms at once, at most
+RELAY_IN_FLIGHT = 2
 IDLE_POLL_SECONDS = 0.25
 SWEEP_SECONDS = 5.0
 UNROUTABLE_RETRY_MS = 30_000
@@ -92,6 +97,8 @@ class RunningNode:
         self.transport: Transport | None = None
         self._lock = DirectoryLock(config.directory)
         self._wake = asyncio.Event()
+        #: outbox rows being published now (excluded from the next batch)
+        self._relaying: set[int] = set()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._batch_lock = asyncio.Lock()
@@ -245,30 +252,67 @@ class RunningNode:
     # -- the outbox --------------------------------------------------------------
 
     async def _relay(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                sent = await self.relay_once()
-            except TransportUnavailable as exc:
-                log.warning("broker unavailable; outbox waits", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            except StoreError as exc:
-                log.error("store failed; outbox waits", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            # A short batch took every row due; unless a commit queued more meanwhile
-            # (on_outbox set the event), asking the store again would find nothing.
-            if sent < RELAY_BATCH and not self._wake.is_set():
-                await wait_set(self._wake, IDLE_POLL_SECONDS)
+        """One batch at a time, normally: rows committed while a batch waits for its
+        confirms go out together in the next, which keeps the relay cheap. But a batch
+        whose confirms are slow (a burst, a busy broker) lets one more overtake it after
+        ``RELAY_OVERTAKE_SECONDS``, so that new rows do not queue behind it."""
+        slots = asyncio.Semaphore(RELAY_IN_FLIGHT)
+        batches: set[asyncio.Task[int]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                self._wake.clear()
+                batch = asyncio.create_task(self._relay_batch(slots))
+                batches.add(batch)
+                batch.add_done_callback(batches.discard)
+                done, _ = await asyncio.wait({batch}, timeout=RELAY_OVERTAKE_SECONDS)
+                if not done:
+                    woken = asyncio.create_task(self._wake.wait())
+                    await asyncio.wait({batch, woken}, return_when=asyncio.FIRST_COMPLETED)
+                    woken.cancel()
+                    if not batch.done():
+                        continue  # new rows while the batch waits: overtake it
+                # A short batch took every row due; unless a commit queued more meanwhile
+                # (on_outbox set the event), asking the store again would find nothing.
+                if batch.result() < RELAY_BATCH and not self._wake.is_set():
+                    await wait_set(self._wake, IDLE_POLL_SECONDS)
+        finally:
+            for batch in batches:
+                batch.cancel()
+
+    async def _relay_batch(self, slots: asyncio.Semaphore) -> int:
+        try:
+            return await self.relay_once()
+        except TransportUnavailable as exc:
+            log.warning("broker unavailable; outbox waits", error=str(exc))
+            await asyncio.sleep(1.0)
+            return 0
+        except StoreError as exc:
+            log.error("store failed; outbox waits", error=str(exc))
+            await asyncio.sleep(1.0)
+            return 0
+        finally:
+            slots.release()
 
     async def relay_once(self) -> int:
         """Publish what is due; returns how many rows were attempted."""
         assert self.node is not None and self.transport is not None
         store = self.node.store
-        rows = store.due(now_ms(), RELAY_BATCH)
+        relaying = self._relaying
+        rows = [r for r in store.due(now_ms(), RELAY_BATCH + len(relaying))
+                if r.seq not in relaying][:RELAY_BATCH]
         if not rows:
             return 0
+        seqs = {r.seq for r in rows}
+        relaying |= seqs
+        try:
+            return await self._publish_rows(rows)
+        finally:
+            relaying -= seqs
+
+    async def _publish_rows(self, rows: list[OutboxRow]) -> int:
+        assert self.node is not None and self.transport is not None
+        store = self.node.store
         started = time.perf_counter()
         results = await self.transport.publish(
             [Outgoing(message_id=r.message_id, recipient=r.recipient, body=r.frame,

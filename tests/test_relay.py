@@ -1,0 +1,110 @@
+"""How the outbox relay paces its batches, without a broker: a batch whose confirms are
+slow is overtaken by the next one, at most two wait at once, no row goes out twice, and a
+batch confirmed quickly keeps the rows behind it for one batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from node import runner
+from node.network import create_network
+from node.runner import RunningNode
+from node.service import Node, now_ms
+from node.transport import Outgoing, PublishResult
+from tests.netutil import certificate
+from tests.test_network import until
+
+
+class SlowConfirms:
+    """A broker that confirms a publish only when the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def publish(self, items: Sequence[Outgoing]) -> list[PublishResult]:
+        self.calls.append([i.message_id for i in items])
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return [PublishResult(confirmed=True) for _ in items]
+
+
+@dataclass
+class Relay:
+    running: RunningNode
+    broker: SlowConfirms
+    issue: Callable[[int], str]  # issues certificate n, returns its message id
+
+    @property
+    def node(self) -> Node:
+        assert self.running.node is not None
+        return self.running.node
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    running = RunningNode(network.configs["ZA"])
+    node = Node.open(network.configs["ZA"])
+    node.on_outbox = running._wake.set
+    broker = SlowConfirms()
+    running.node, running.transport = node, broker  # type: ignore[assignment]
+
+    def issue(n: int) -> str:
+        return node.issue(certificate(f"ZA-2026-{n:06d}", "ZA", "IN")).message_id or ""
+
+    task = asyncio.create_task(running._relay())
+    yield Relay(running, broker, issue)
+    task.cancel()
+    for gate in broker.gates:
+        gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    node.close()
+
+
+async def test_a_batch_slow_to_confirm_is_overtaken_and_nothing_goes_twice(
+        relay: Relay) -> None:
+    first = relay.issue(1)
+    await until(lambda: len(relay.broker.calls) == 1)
+    second = relay.issue(2)
+    await until(lambda: len(relay.broker.calls) == 2)  # while the first still waits
+    assert relay.broker.calls == [[first], [second]]
+    for gate in relay.broker.gates:
+        gate.set()
+    await until(lambda: not relay.node.store.due(now_ms(), 10))
+    await asyncio.sleep(0.3)  # the relay polls again meanwhile
+    assert relay.broker.calls == [[first], [second]]
+
+
+async def test_at_most_two_batches_wait_for_their_confirms(relay: Relay) -> None:
+    relay.issue(1)
+    await until(lambda: len(relay.broker.calls) == 1)
+    relay.issue(2)
+    await until(lambda: len(relay.broker.calls) == 2)
+    third = relay.issue(3)
+    await asyncio.sleep(0.3)
+    assert len(relay.broker.calls) == 2
+    relay.broker.gates[0].set()
+    await until(lambda: len(relay.broker.calls) == 3)
+    assert relay.broker.calls[2] == [third]
+
+
+async def test_rows_behind_a_batch_confirmed_in_time_wait_and_go_together(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "RELAY_OVERTAKE_SECONDS", 10.0)
+    relay.issue(1)
+    await until(lambda: len(relay.broker.calls) == 1)
+    behind = [relay.issue(2), relay.issue(3)]
+    await asyncio.sleep(0.3)
+    assert len(relay.broker.calls) == 1
+    relay.broker.gates[0].set()
+    await until(lambda: len(relay.broker.calls) == 2)
+    assert relay.broker.calls[1] == behind
+
