@@ -25,7 +25,7 @@ from typing import Any
 
 from node.config import load_config
 from node.logs import configure_logging
-from node.runner import RunningNode
+from node.runner import RunningNode, freeze_start_up_objects
 from node.simulate import Desk, cpu_seconds, peak_rss_kib, read_desk_plan
 
 
@@ -47,6 +47,7 @@ async def run(directory: Path) -> int:
     running = RunningNode(config)
     await running.start()
     assert running.node is not None
+    freeze_start_up_objects()
     desk = Desk(running.node, exports, arrivals)
     emit({"event": "ready", "participant": config.participant, "pid": os.getpid()})
 

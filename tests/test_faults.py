@@ -5,6 +5,8 @@ test needs a process (SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import signal
 import sqlite3
@@ -18,7 +20,7 @@ import pytest
 
 from node.machine import Side, State
 from node.network import create_network
-from node.runner import DRAIN_SECONDS, RunningNode
+from node.runner import DRAIN_SECONDS, RunningNode, run_until_signalled
 from node.service import Delivery, Node, Verdict
 from node.transport import (
     EXCHANGE,
@@ -223,3 +225,21 @@ async def test_stop_with_the_broker_gone_keeps_the_outbox_and_frees_the_director
         assert importer.node is not None and exporter.node is not None
         await until(lambda: state(exporter.node, Side.EXPORT, number)  # type: ignore[arg-type]
                     is State.DELIVERED, 30)
+
+
+async def test_a_running_node_keeps_its_start_up_objects_out_of_full_collections(
+        amqp_url: str, tmp_path: Path) -> None:
+    """``kpnode run`` freezes what is alive once the node runs, so a full garbage collection
+    (a pause of every message in hand) walks only what came later."""
+    (code,) = fresh_codes(1)
+    network = create_network(tmp_path, [code], [amqp_url])
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    task = asyncio.create_task(run_until_signalled(network.configs[code], signals=()))
+    try:
+        await until(lambda: gc.get_freeze_count() > 0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gc.unfreeze()
