@@ -8,8 +8,8 @@ Three loops share one :class:`~node.service.Node`:
   de-duplication makes the redelivery harmless;
 * the **outbox relay** publishes committed frames, pipelined, with publisher confirms, and
   marks them sent only once the broker confirmed them; unroutable or failed messages stay
-  queued and are retried with backoff. A batch slow to be confirmed is overtaken by the
-  next (at most two wait at once);
+  queued and are retried with backoff. When rows are due while a batch waits long for
+  its confirms, the next batch overtakes it (at most two under way);
 * the **sweep** turns open loops past their expiry date into ``expired``, and sends a
   certificate again (same message id, same bytes) when no receipt came back within
   ``resend_after_seconds``, doubling the wait after each attempt.
@@ -254,9 +254,10 @@ class RunningNode:
 
     async def _relay(self) -> None:
         """One batch at a time, normally: rows committed while a batch waits for its
-        confirms go out together in the next, which keeps the relay cheap. But a batch
-        whose confirms are slow (a burst, a busy broker) lets one more overtake it after
-        ``RELAY_OVERTAKE_SECONDS``, so that new rows do not queue behind it."""
+        confirms go out together in the next, which keeps the relay cheap. But when rows
+        are due while a batch has waited ``RELAY_OVERTAKE_SECONDS`` for its confirms (a
+        burst, a busy broker), the next batch overtakes it, so that they do not queue
+        behind it; at most ``RELAY_IN_FLIGHT`` batches are under way at once."""
         slots = asyncio.Semaphore(RELAY_IN_FLIGHT)
         batches: set[asyncio.Task[int]] = set()
         try:
@@ -269,8 +270,11 @@ class RunningNode:
                 done, _ = await asyncio.wait({batch}, timeout=RELAY_OVERTAKE_SECONDS)
                 if not done:
                     woken = asyncio.create_task(self._wake.wait())
-                    await asyncio.wait({batch, woken}, return_when=asyncio.FIRST_COMPLETED)
-                    woken.cancel()
+                    try:
+                        await asyncio.wait({batch, woken},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        woken.cancel()
                     if not batch.done():
                         continue  # new rows while the batch waits: overtake it
                 # A short batch took every row due; unless a commit queued more meanwhile
@@ -280,6 +284,7 @@ class RunningNode:
         finally:
             for batch in batches:
                 batch.cancel()
+            await asyncio.gather(*batches, return_exceptions=True)
 
     async def _relay_batch(self, slots: asyncio.Semaphore) -> int:
         try:
@@ -290,6 +295,12 @@ class RunningNode:
             return 0
         except StoreError as exc:
             log.error("store failed; outbox waits", error=str(exc))
+            await asyncio.sleep(1.0)
+            return 0
+        except Exception:
+            # A bug must not stop the relay for good (nor vanish with an overtaken batch):
+            # the rows stay due and are tried again.
+            log.exception("relaying failed; outbox waits")
             await asyncio.sleep(1.0)
             return 0
         finally:
@@ -347,10 +358,14 @@ class RunningNode:
         return len(rows)
 
     async def _drain(self) -> None:
+        """Publish what is due, and wait for the relay's batches under way to be confirmed
+        and marked (a row cancelled mid-confirm would go out again on the next start)."""
         assert self.node is not None
-        while self.node.store.due(now_ms(), 1):
+        while self.node.store.due(now_ms(), 1) or self._relaying:
             if await self.relay_once() == 0:
-                break
+                if not self._relaying:
+                    break  # nothing due, nothing under way
+                await asyncio.sleep(0.01)
 
     # -- expiry ------------------------------------------------------------------
 

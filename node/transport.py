@@ -188,6 +188,8 @@ class Transport:
         self._outstanding: set[int] = set()
         #: connection closes under way (strong references: the loop keeps only weak ones)
         self._closers: set[asyncio.Task[None]] = set()
+        #: one publishing-channel renewal at a time (see _renew_publishing)
+        self._renewing = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -279,20 +281,25 @@ class Transport:
                 self._reconnect(connection, "publishing channel closed")
         channel.close_callbacks.add(closed)
 
-    async def _renew_publishing(self) -> None:
+    async def _renew_publishing(self, nacking: AbstractChannel | None) -> None:
         """Publish on a fresh channel from now on. RabbitMQ 3.10 registers a channel as
         a quorum queue's publisher (overflow=reject-publish) on its first publish; one
         that registered while the queue was electing a new leader (a cluster member lost)
         can be left nacking every publish to that queue for good. Nacks are otherwise
-        rare, so after any nack the next attempt goes out on a new channel."""
-        connection, old = self._connection, self._publish_channel
-        if connection is None or connection.is_closed or not self.connected:
-            return
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
-        self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
-        self._publish_channel = channel
-        self._watch_publishing(connection, channel)
+        rare, so after any nack the next attempt goes out on a new channel. Batches
+        published at once (the relay's overtaking) may all meet nacks: the first renews
+        the channel they used (``nacking``), the others find it renewed already."""
+        async with self._renewing:
+            connection, old = self._connection, self._publish_channel
+            if (connection is None or connection.is_closed or not self.connected
+                    or old is not nacking):
+                return
+            channel = await connection.channel(publisher_confirms=True,
+                                               on_return_raises=True)
+            self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+            self._publish_channel = channel
+            self._watch_publishing(connection, channel)
         log.warning("publish nacked by the broker; publishing on a new channel")
         if old is not None:
             with contextlib.suppress(Exception):
@@ -314,13 +321,13 @@ class Transport:
     async def publish(self, items: Sequence[Outgoing]) -> list[PublishResult]:
         """Publish all items at once; one result each, in order. Never raises for a single
         message's failure; raises TransportUnavailable when not connected at all."""
-        exchange = self._exchange
+        exchange, channel = self._exchange, self._publish_channel
         if not self.connected or exchange is None:
             raise TransportUnavailable("not connected to a broker")
         results = list(await asyncio.gather(*(self._publish_one(exchange, i) for i in items)))
         if any(r.error and r.error.startswith(NACKED) for r in results):
             with contextlib.suppress(Exception):
-                await self._renew_publishing()
+                await self._renew_publishing(channel)
         return results
 
     async def _publish_one(self, exchange: AbstractExchange, item: Outgoing) -> PublishResult:

@@ -15,7 +15,7 @@ from node import runner
 from node.network import create_network
 from node.runner import RunningNode
 from node.service import Node, now_ms
-from node.transport import Outgoing, PublishResult
+from node.transport import Outgoing, PublishResult, Transport
 from tests.netutil import certificate
 from tests.test_network import until
 
@@ -108,3 +108,67 @@ async def test_rows_behind_a_batch_confirmed_in_time_wait_and_go_together(
     await until(lambda: len(relay.broker.calls) == 2)
     assert relay.broker.calls[1] == behind
 
+
+
+async def test_the_shutdown_drain_waits_for_rows_the_relay_has_under_way(
+        relay: Relay) -> None:
+    sent = relay.issue(1)
+    await until(lambda: len(relay.broker.calls) == 1)
+    drain = asyncio.create_task(relay.running._drain())
+    await asyncio.sleep(0.3)
+    assert not drain.done()  # the row is the relay's, waiting for its confirm
+    relay.broker.gates[0].set()
+    await asyncio.wait_for(drain, 5)
+    assert not relay.node.store.due(now_ms(), 10)  # marked sent: not sent again at start
+    assert relay.broker.calls == [[sent]]
+
+
+async def test_an_unexpected_failure_does_not_stop_the_relay(relay: Relay) -> None:
+    publish = relay.broker.publish
+    failures = []
+
+    async def fail_once(items: Sequence[Outgoing]) -> list[PublishResult]:
+        if not failures:
+            failures.append(items)
+            raise RuntimeError("a bug in the publishing path")
+        return await publish(items)
+    relay.broker.publish = fail_once  # type: ignore[method-assign]
+    sent = relay.issue(1)
+    await until(lambda: len(relay.broker.calls) == 1)  # tried again after the failure
+    relay.broker.gates[0].set()
+    await until(lambda: not relay.node.store.due(now_ms(), 10))
+    assert [m for call in relay.broker.calls for m in call] == [sent]
+
+
+async def test_batches_nacked_together_renew_the_publishing_channel_once() -> None:
+    class Channel:
+        def __init__(self) -> None:
+            self.close_callbacks: set[object] = set()
+            self.closed = 0
+
+        async def get_exchange(self, name: str, ensure: bool) -> str:
+            await asyncio.sleep(0.01)  # the renewals overlap here
+            return name
+
+        async def close(self) -> None:
+            self.closed += 1
+
+    class Connection:
+        is_closed = False
+
+        def __init__(self) -> None:
+            self.opened: list[Channel] = []
+
+        async def channel(self, **_: object) -> Channel:
+            self.opened.append(Channel())
+            return self.opened[-1]
+
+    transport = Transport(["amqp://unused/"], "ZA")
+    connection, nacking = Connection(), Channel()
+    transport._connection, transport._publish_channel = connection, nacking  # type: ignore[assignment]
+    transport._connected.set()
+    await asyncio.gather(transport._renew_publishing(nacking),  # type: ignore[arg-type]
+                         transport._renew_publishing(nacking))  # type: ignore[arg-type]
+    assert len(connection.opened) == 1
+    assert transport._publish_channel is connection.opened[0]
+    assert nacking.closed == 1
