@@ -7,7 +7,7 @@ answers questions about it. Loading it from a file or the database is the caller
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol import (
     CHAIR,
@@ -44,13 +44,27 @@ class Registry:
     update: RegistryUpdate
     frame: bytes
     message_id: str
+    # Looked up on every message checked and every transaction signed: indexed once, not
+    # scanned (and every key hashed) per lookup across some sixty Participants.
+    _participants: dict[str, ParticipantEntry] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
+    _owners: dict[bytes, KeyOwner] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for p in self.update.participants:
+            # First listing wins, as a scan in registry order would find it.
+            self._participants.setdefault(p.code, p)
+            for a in p.authorities:
+                for k in a.keys:
+                    self._owners.setdefault(key_id(k.public_key), KeyOwner(p.code, a, k))
 
     @property
     def version(self) -> int:
         return self.update.version
 
     def participant(self, code: str) -> ParticipantEntry | None:
-        return next((p for p in self.update.participants if p.code == code), None)
+        return self._participants.get(code)
 
     def standing(self, code: str) -> Reason | None:
         """``None`` when ``code`` is an active Participant, else why it may not trade."""
@@ -69,12 +83,7 @@ class Registry:
         return origin in self.update.embargoed_origins
 
     def key_owner(self, kid: bytes) -> KeyOwner | None:
-        for p in self.update.participants:
-            for a in p.authorities:
-                for k in a.keys:
-                    if key_id(k.public_key) == kid:
-                        return KeyOwner(p.code, a, k)
-        return None
+        return self._owners.get(kid)
 
     def public_key_for(self, kid: bytes, at_ms: int) -> bytes:
         """The public key with id ``kid`` if it may sign at ``at_ms``; else SignatureError."""

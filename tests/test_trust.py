@@ -287,3 +287,36 @@ def test_node_refuses_to_start_on_an_exposed_key(tmp_path: Path) -> None:
     result = kpnode("run", "--dir", str(config.directory), check=False)
     assert result.returncode == 3 and "readable by others" in result.stderr
     assert load_config(config.directory).participant == config.participant
+
+
+def test_every_key_of_a_sixty_participant_registry_resolves_to_its_own_authority() -> None:
+    """Keys are found by id across the whole registry, each to the authority that lists it
+    (the first listing, should two list the same key), and unknown or revoked ones fail."""
+    from node.registry import Registry
+    from protocol import Authority, ParticipantEntry, Reason, RegistryKey, SignatureError
+
+    keys = [bytes(SigningKey(bytes([i]) * 32).verify_key) for i in range(61)]
+    entries = tuple(
+        ParticipantEntry(code=chr(65 + i // 26) + chr(65 + i % 26), name=str(i),
+                         status=ParticipantStatus.ACTIVE,
+                         authorities=(Authority(id=f"A{i}", name=str(i), keys=(
+                             RegistryKey(public_key=keys[i], valid_from=0,
+                                         revoked_at=5_000 if i == 59 else None),
+                             # participant 58 lists participant 3's key again
+                             *((RegistryKey(public_key=keys[3], valid_from=0),)
+                               if i == 58 else ()))),))
+        for i in range(60))
+    registry = Registry(RegistryUpdate(version=1, participants=entries), b"", "r-1")
+    for i, entry in enumerate(entries):
+        owner = registry.key_owner(key_id(keys[i]))
+        assert owner is not None and owner.participant == entry.code
+        assert owner.authority.id == f"A{i}"
+        assert registry.participant(entry.code) is entry
+    assert registry.public_key_for(key_id(keys[59]), 4_999) == keys[59]
+    with pytest.raises(SignatureError) as revoked:
+        registry.public_key_for(key_id(keys[59]), 5_000)
+    assert revoked.value.reason is Reason.KEY_REVOKED
+    with pytest.raises(SignatureError) as unknown:
+        registry.public_key_for(key_id(keys[60]), 0)
+    assert unknown.value.reason is Reason.KEY_UNKNOWN
+    assert registry.participant("ZZ") is None
