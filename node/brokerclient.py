@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import aio_pika
@@ -20,6 +21,21 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from node.transport import TransportUnavailable, redact
 
 OPERATOR_TIMEOUT = 5.0
+
+
+@contextlib.contextmanager
+def amqp_library_logs_quiet() -> Iterator[None]:
+    """The AMQP libraries log a failed connect themselves; a command reports it once, in
+    its own words."""
+    loggers = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 async def connect_any(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT

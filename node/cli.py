@@ -165,9 +165,15 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from node.runner import run_until_signalled
+    from node.transport import TransportUnavailable
 
     config = load_config(node_dir(args))
-    asyncio.run(run_until_signalled(config))
+    try:
+        asyncio.run(run_until_signalled(config))
+    except TransportUnavailable as exc:
+        # Only at start: once running, the node rides out broker outages by itself.
+        print(f"kpnode: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ENVIRONMENT) from None
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

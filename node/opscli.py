@@ -13,13 +13,13 @@ import csv
 import functools
 import io
 import json
-import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from node.brokerclient import amqp_library_logs_quiet
 from node.cli import EXIT_ENVIRONMENT, UserError, emit, table, with_node
 from node.deadletters import DeadLetter, DeadLetterError, DeadLetterQueue, verdict_now
 from node.ping import NodeNotRunning, PingFailed, ping_partner
@@ -35,12 +35,9 @@ Handler = Callable[[argparse.Namespace], None]
 def _operator_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> None:
-        # The AMQP libraries log a failed connect themselves; these commands report it
-        # once, in their own words.
-        for name in ("aiormq", "aio_pika"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
-            handler(args)
+            with amqp_library_logs_quiet():
+                handler(args)
         except (DeadLetterError, PingFailed) as exc:
             raise UserError(str(exc)) from None
         except (TransportUnavailable, NodeNotRunning) as exc:

@@ -60,6 +60,7 @@ from protocol import (
     parse_frame,
     validate_certificate,
 )
+from protocol.schema import PARTICIPANT_CODE
 
 log = structlog.get_logger("kpx.simulate")
 
@@ -481,6 +482,16 @@ class Options:
 
     def chosen_codes(self) -> tuple[str, ...]:
         if self.codes is not None:
+            bad = [c for c in self.codes if not PARTICIPANT_CODE.fullmatch(c)]
+            if bad:
+                raise ValueError(f"--codes: {', '.join(map(repr, bad))} is not a two-letter "
+                                 "Participant code")
+            repeated = sorted({c for c in self.codes if self.codes.count(c) > 1})
+            if repeated:
+                raise ValueError(f"--codes: {', '.join(repeated)} given more than once")
+            if not 2 <= len(self.codes) <= MAX_PARTICIPANTS:
+                raise ValueError(f"--codes must name between 2 and {MAX_PARTICIPANTS} "
+                                 "Participants")
             return tuple(self.codes)
         if not 2 <= self.participants <= MAX_PARTICIPANTS:
             raise ValueError(f"--participants must be between 2 and {MAX_PARTICIPANTS}")
@@ -987,9 +998,23 @@ def count_progress(stores: Mapping[str, Store]) -> tuple[int, int, int, int]:
 # -- the simulation -----------------------------------------------------------------------
 
 
+async def _check_broker(broker_urls: Sequence[str]) -> None:
+    """Say at once that the broker cannot be reached, not after every node gave up on it."""
+    from node.brokerclient import amqp_library_logs_quiet, connect_any
+    from node.transport import TransportUnavailable
+
+    try:
+        with amqp_library_logs_quiet():
+            connection, _ = await connect_any(broker_urls)
+    except TransportUnavailable as exc:
+        raise SimulationError(str(exc)) from None
+    await connection.close()
+
+
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:
     """Run one simulation on the broker at ``broker_urls`` and return its report."""
     codes = options.chosen_codes()
+    await _check_broker(broker_urls)
     shipments = plan_trade(codes, options.certificates, rate=options.rate,
                            confirm_delay=options.confirm_delay,
                            discrepancy_share=options.discrepancy_share, seed=options.seed)

@@ -210,7 +210,9 @@ class Transport:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
-            raise TransportUnavailable(f"no broker answered at {', '.join(self.urls)}") from None
+            raise TransportUnavailable(
+                f"no broker answered at {', '.join(redact(u) for u in self.urls)} within "
+                f"{timeout:g} s") from None
 
     async def close(self) -> None:
         self._closing = True

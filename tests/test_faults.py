@@ -243,3 +243,30 @@ async def test_a_running_node_keeps_its_start_up_objects_out_of_full_collections
         with contextlib.suppress(asyncio.CancelledError):
             await task
         gc.unfreeze()
+
+
+def test_kpnode_run_without_a_broker_says_so_in_one_line_without_the_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A node started while no broker answers gives up after its wait (60 s; 0.5 s here),
+    with one line naming the brokers it tried, their passwords masked, and exit 3, for its
+    supervisor (compose: restart unless-stopped) to start it again."""
+    from node import cli
+
+    (code,) = fresh_codes(1)
+    network = create_network(tmp_path, [code], [f"amqp://kpx-{code.lower()}:s3cret@127.0.0.1:1/",
+                                                "amqp://kpx-b:0ther@127.0.0.1:2/"])
+    connect = Transport.connect
+
+    async def quick(self: Transport, timeout: float = 60.0) -> None:
+        await connect(self, timeout=0.5)
+    monkeypatch.setattr(Transport, "connect", quick)
+    expected = [f"kpnode: cannot start: no broker answered at amqp://kpx-{code.lower()}:***@"
+                "127.0.0.1:1/, amqp://kpx-b:***@127.0.0.1:2/ within 0.5 s"]
+    for _ in range(2):  # the second start finds the node directory free again
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["run", "--dir", str(network.configs[code].directory)])
+        assert exited.value.code == cli.EXIT_ENVIRONMENT
+        err = capsys.readouterr().err
+        assert [s for s in err.splitlines() if s.startswith("kpnode:")] == expected
+        assert "s3cret" not in err and "0ther" not in err and "Traceback" not in err

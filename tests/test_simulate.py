@@ -67,6 +67,35 @@ def test_too_few_participants_is_refused() -> None:
         Options(participants=61).chosen_codes()
 
 
+@pytest.mark.parametrize(("codes", "says"), [
+    ("ZA,ZA", "--codes: ZA given more than once"),
+    ("ZA,Q1", "--codes: 'Q1' is not a two-letter Participant code"),
+    ("ZA", "--codes must name between 2 and 60 Participants"),
+])
+def test_bad_participant_codes_are_refused_before_anything_starts(codes: str, says: str
+                                                                   ) -> None:
+    # An unreachable broker too: the codes are refused first, without trying it.
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "simulate", "--codes", codes, "--broker",
+         "amqp://guest:guest@127.0.0.1:1/", "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"kpnode simulate: {says}"
+
+
+def test_an_unreachable_broker_is_said_at_once_without_its_password() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "simulate", "--participants", "2",
+         "--certificates", "5", "--broker", "amqp://kpx-za:s3cret@127.0.0.1:1/",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr.startswith("kpnode simulate: no broker answered "
+                                    "(amqp://kpx-za:***@127.0.0.1:1/: ")
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.broker
 async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: Path) -> None:
     options = Options(codes=tuple(fresh_codes(5)), certificates=200, in_process=True,
