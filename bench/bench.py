@@ -53,10 +53,12 @@ import aio_pika  # noqa: E402
 from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 
+from node.brokerclient import check_reachable  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
 from node.simulate import PARTICIPANTS, Options, Report, plan_trade, run_simulation  # noqa: E402
 from node.transport import (  # noqa: E402
     CONTENT_TYPE,
+    TransportUnavailable,
     dead_letter_queue,
     inbox_arguments,
     inbox_queue,
@@ -463,6 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(level="WARNING")
     with _broker(args.broker) as url:
+        try:
+            asyncio.run(check_reachable([url]))
+        except TransportUnavailable as exc:
+            say(f"bench: {exc}")
+            return 3
         result = asyncio.run(bench(url, args))
     result["command"] = " ".join(["bench/bench.py", *(argv or sys.argv[1:])])
     print(json.dumps(result, indent=2) if args.json else format_result(result))

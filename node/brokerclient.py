@@ -53,6 +53,15 @@ async def connect_any(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT
     raise TransportUnavailable("no broker answered (" + "; ".join(errors) + ")")
 
 
+async def check_reachable(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT) -> None:
+    """Return once a broker at one of ``urls`` accepts a connection; else raise
+    :class:`TransportUnavailable` naming each URL (password masked) and its error, so a
+    command can say so at once instead of after its workers have given up."""
+    with amqp_library_logs_quiet():
+        connection, _ = await connect_any(urls, timeout)
+    await connection.close()
+
+
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
     messages: int

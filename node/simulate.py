@@ -1000,15 +1000,13 @@ def count_progress(stores: Mapping[str, Store]) -> tuple[int, int, int, int]:
 
 async def _check_broker(broker_urls: Sequence[str]) -> None:
     """Say at once that the broker cannot be reached, not after every node gave up on it."""
-    from node.brokerclient import amqp_library_logs_quiet, connect_any
+    from node.brokerclient import check_reachable
     from node.transport import TransportUnavailable
 
     try:
-        with amqp_library_logs_quiet():
-            connection, _ = await connect_any(broker_urls)
+        await check_reachable(broker_urls)
     except TransportUnavailable as exc:
         raise SimulationError(str(exc)) from None
-    await connection.close()
 
 
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:

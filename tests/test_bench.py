@@ -57,3 +57,13 @@ def test_bench_refuses_a_load_share_out_of_range() -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert "shares must lie in (0, 1]" in done.stderr
+
+
+def test_bench_says_at_once_that_the_broker_does_not_answer() -> None:
+    done = subprocess.run([sys.executable, str(BENCH), "--broker",
+                           "amqp://guest:s3cret@127.0.0.1:1/"],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 3
+    assert done.stderr.startswith("bench: no broker answered (amqp://guest:***@127.0.0.1:1/: ")
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
