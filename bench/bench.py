@@ -55,7 +55,14 @@ from nacl.signing import SigningKey  # noqa: E402
 
 from node.brokerclient import check_reachable  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
-from node.simulate import PARTICIPANTS, Options, Report, plan_trade, run_simulation  # noqa: E402
+from node.simulate import (  # noqa: E402
+    PARTICIPANTS,
+    Options,
+    Report,
+    check_new_directory,
+    plan_trade,
+    run_simulation,
+)
 from node.transport import (  # noqa: E402
     CONTENT_TYPE,
     TransportUnavailable,
@@ -461,6 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.keep is not None:
+        try:
+            check_new_directory(args.keep, "--keep")
+        except ValueError as exc:
+            p.error(str(exc))
     from node.logs import configure_logging
 
     configure_logging(level="WARNING")

@@ -1108,6 +1108,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
+def check_new_directory(path: Path, option: str) -> None:
+    """A network's keys, stores and logs go to a directory of their own: a file there, or
+    an earlier run's network, would be mixed with the new one (ValueError)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{option} {path} is not empty (an earlier run's network?); "
+                         "give a new or empty directory")
+
+
 def options_from(args: argparse.Namespace) -> Options:
     codes = tuple(c.strip().upper() for c in args.codes.split(",")) if args.codes else None
     if args.certificates < 1:
@@ -1116,6 +1126,8 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError("--discrepancies is a share between 0 and 1")
     if args.rate < 0 or args.confirm_delay < 0:
         raise ValueError("--rate and --confirm-delay cannot be negative")
+    if args.keep:
+        check_new_directory(Path(args.keep), "--keep")
     options = Options(participants=args.participants, certificates=args.certificates,
                       codes=codes, in_process=args.in_process, rate=args.rate,
                       confirm_delay=args.confirm_delay, discrepancy_share=args.discrepancies,

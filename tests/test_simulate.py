@@ -83,6 +83,31 @@ def test_bad_participant_codes_are_refused_before_anything_starts(codes: str, sa
     assert result.stderr.strip() == f"kpnode simulate: {says}"
 
 
+def test_keep_must_be_a_new_or_empty_directory(tmp_path: Path) -> None:
+    """An earlier run's network in --keep would mix with the new one (its Chair key, its
+    stores): refused, like a file there, before anything starts; an empty one is fine."""
+    used = tmp_path / "used"
+    (used / "chair").mkdir(parents=True)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for keep, says in ((used, f"--keep {used} is not empty (an earlier run's network?); "
+                               "give a new or empty directory"),
+                       (afile, f"--keep {afile} is a file, not a directory")):
+        result = subprocess.run(
+            [sys.executable, "-m", "node.cli", "simulate", "--participants", "2",
+             "--keep", str(keep), "--broker", "amqp://guest:guest@127.0.0.1:1/",
+             "--no-progress"], capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr.strip()) == (2, f"kpnode simulate: {says}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "simulate", "--participants", "2", "--keep",
+         str(empty), "--broker", "amqp://guest:guest@127.0.0.1:1/", "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3  # past the options, stopped by the missing broker
+    assert afile.read_text() == "x" and list(used.iterdir()) == [used / "chair"]
+
+
 def test_an_unreachable_broker_is_said_at_once_without_its_password() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "node.cli", "simulate", "--participants", "2",
