@@ -56,6 +56,7 @@ from nacl.signing import SigningKey  # noqa: E402
 from node.brokerclient import check_reachable  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
 from node.simulate import (  # noqa: E402
+    LOG_LEVELS,
     PARTICIPANTS,
     Options,
     Report,
@@ -461,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="paced runs per load, each with its own trade seed; the median "
                         "run's figures are reported (default 3)")
-    p.add_argument("--log-level", default="INFO",
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                    help="node log level (default INFO, as kpnode run)")
     p.add_argument("--keep", type=Path, help="keep the networks' directories here")
     p.add_argument("--json", action="store_true")

@@ -147,6 +147,7 @@ PARTICIPANTS: tuple[Participant, ...] = tuple(Participant(*p) for p in (
 ))
 BY_CODE = {p.code: p for p in PARTICIPANTS}
 MAX_PARTICIPANTS = len(PARTICIPANTS)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PRODUCERS = tuple(p.code for p in PARTICIPANTS if p.role == PRODUCER)
 
 #: KP world figures the generator is calibrated on (design brief §1)
@@ -1102,8 +1103,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="AMQP URL (default: $KPX_AMQP_URL, else a throwaway "
                    "local broker)")
     p.add_argument("--keep", help="keep the network's directories (and node logs) here")
-    p.add_argument("--timeout", type=float, help="seconds to wait for open loops")
-    p.add_argument("--log-level", default="WARNING", help="node log level (default WARNING)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for open loops (default: "
+                   "enough for the plan)")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                   help="node log level (default WARNING)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
@@ -1124,8 +1127,11 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError("--certificates must be at least 1")
     if not 0 <= args.discrepancies <= 1:
         raise ValueError("--discrepancies is a share between 0 and 1")
-    if args.rate < 0 or args.confirm_delay < 0:
-        raise ValueError("--rate and --confirm-delay cannot be negative")
+    for option, value in (("--rate", args.rate), ("--confirm-delay", args.confirm_delay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{option} must be a finite number, 0 or more")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError("--timeout must be a number of seconds above 0")
     if args.keep:
         check_new_directory(Path(args.keep), "--keep")
     options = Options(participants=args.participants, certificates=args.certificates,

@@ -67,16 +67,23 @@ def test_too_few_participants_is_refused() -> None:
         Options(participants=61).chosen_codes()
 
 
-@pytest.mark.parametrize(("codes", "says"), [
-    ("ZA,ZA", "--codes: ZA given more than once"),
-    ("ZA,Q1", "--codes: 'Q1' is not a two-letter Participant code"),
-    ("ZA", "--codes must name between 2 and 60 Participants"),
+@pytest.mark.parametrize(("options", "says"), [
+    ("--codes ZA,ZA", "--codes: ZA given more than once"),
+    ("--codes ZA,Q1", "--codes: 'Q1' is not a two-letter Participant code"),
+    ("--codes ZA", "--codes must name between 2 and 60 Participants"),
+    ("--participants 61", "--participants must be between 2 and 60"),
+    ("--certificates 0", "--certificates must be at least 1"),
+    ("--rate -1", "--rate must be a finite number, 0 or more"),
+    ("--rate inf", "--rate must be a finite number, 0 or more"),
+    ("--confirm-delay nan", "--confirm-delay must be a finite number, 0 or more"),
+    ("--discrepancies 1.5", "--discrepancies is a share between 0 and 1"),
+    ("--timeout 0", "--timeout must be a number of seconds above 0"),
 ])
-def test_bad_participant_codes_are_refused_before_anything_starts(codes: str, says: str
-                                                                   ) -> None:
-    # An unreachable broker too: the codes are refused first, without trying it.
+def test_bad_options_are_refused_in_one_line_before_anything_starts(options: str, says: str
+                                                                     ) -> None:
+    # An unreachable broker too: the options are refused first, without trying it.
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "simulate", "--codes", codes, "--broker",
+        [sys.executable, "-m", "node.cli", "simulate", *options.split(), "--broker",
          "amqp://guest:guest@127.0.0.1:1/", "--no-progress"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
