@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import sqlite3
@@ -41,7 +42,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -437,6 +438,28 @@ def shares(text: str) -> list[float]:
     return values
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
+        return value
+    return parse
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
+    return value
+
+
 @contextlib.contextmanager
 def _broker(url: str | None) -> Iterator[str]:
     if url:
@@ -451,15 +474,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", help="AMQP URL (default $KPX_AMQP_URL, else a throwaway "
                    "local broker)")
-    p.add_argument("--raw-messages", type=int, default=20_000)
-    p.add_argument("--loops-2", type=int, default=4_000, help="certificates, 2-node run")
-    p.add_argument("--loops-10", type=int, default=5_000, help="certificates, 10-node run")
-    p.add_argument("--latency-seconds", type=float, default=20.0,
+    p.add_argument("--raw-messages", type=at_least(100), default=20_000)
+    p.add_argument("--loops-2", type=at_least(10), default=4_000,
+                   help="certificates, 2-node run")
+    p.add_argument("--loops-10", type=at_least(10), default=5_000,
+                   help="certificates, 10-node run")
+    p.add_argument("--latency-seconds", type=seconds, default=20.0,
                    help="length of each paced run")
     p.add_argument("--loads", type=shares, default=[0.5, 0.25],
                    help="shares of the maximum rate to measure latency at, comma-separated "
                         "(default 0.5,0.25; 0.5 is the target's half load)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=at_least(1), default=3,
                    help="paced runs per load, each with its own trade seed; the median "
                         "run's figures are reported (default 3)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
@@ -467,8 +492,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, help="keep the networks' directories here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
     if args.keep is not None:
         try:
             check_new_directory(args.keep, "--keep")

@@ -45,18 +45,21 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
             assert 0 < figures["machine_busy"] <= 1
 
 
-def test_bench_refuses_no_repeats() -> None:
-    done = subprocess.run([sys.executable, str(BENCH), "--repeats", "0"],
-                          capture_output=True, text=True, check=False)
+@pytest.mark.parametrize(("options", "says"), [
+    ("--repeats 0", "argument --repeats: must be at least 1: '0'"),
+    ("--loads 0.5,2", "argument --loads: shares must lie in (0, 1]: '0.5,2'"),
+    ("--raw-messages 0", "argument --raw-messages: must be at least 100: '0'"),
+    ("--loops-10 many", "argument --loops-10: not a whole number: 'many'"),
+    ("--latency-seconds nan", "argument --latency-seconds: must be a number of seconds above "
+                              "0: 'nan'"),
+    ("--log-level loud", "argument --log-level: invalid choice: 'LOUD'"),
+])
+def test_bench_refuses_bad_options_before_anything_starts(options: str, says: str) -> None:
+    done = subprocess.run([sys.executable, str(BENCH), *options.split(), "--broker",
+                           "amqp://guest:guest@127.0.0.1:1/"],
+                          capture_output=True, text=True, check=False, timeout=60)
     assert done.returncode == 2
-    assert "--repeats must be at least 1" in done.stderr
-
-
-def test_bench_refuses_a_load_share_out_of_range() -> None:
-    done = subprocess.run([sys.executable, str(BENCH), "--loads", "0.5,2"],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 2
-    assert "shares must lie in (0, 1]" in done.stderr
+    assert f"bench/bench.py: error: {says}" in done.stderr
 
 
 def test_bench_says_at_once_that_the_broker_does_not_answer() -> None:
