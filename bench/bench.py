@@ -55,6 +55,7 @@ from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 
 from node.brokerclient import check_reachable  # noqa: E402
+from node.interrupt import sigterm_as_interrupt  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
 from node.simulate import (  # noqa: E402
     LOG_LEVELS,
@@ -500,13 +501,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from node.logs import configure_logging
 
     configure_logging(level="WARNING")
-    with _broker(args.broker) as url:
-        try:
-            asyncio.run(check_reachable([url]))
-        except TransportUnavailable as exc:
-            say(f"bench: {exc}")
-            return 3
-        result = asyncio.run(bench(url, args))
+    try:
+        with sigterm_as_interrupt(), _broker(args.broker) as url:
+            try:
+                asyncio.run(check_reachable([url]))
+            except TransportUnavailable as exc:
+                say(f"bench: {exc}")
+                return 3
+            result = asyncio.run(bench(url, args))
+    except KeyboardInterrupt:
+        say("bench: interrupted; its networks and any broker it started are gone")
+        return 130
     result["command"] = " ".join(["bench/bench.py", *(argv or sys.argv[1:])])
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0

@@ -510,8 +510,11 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from node.demo import run_demo
+    from node.interrupt import sigterm_as_interrupt
 
-    raise SystemExit(asyncio.run(run_demo(args.certificates, args.keep, as_json=args.json)))
+    with sigterm_as_interrupt():
+        code = asyncio.run(run_demo(args.certificates, args.keep, as_json=args.json))
+    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 
 import structlog
 
+from node.interrupt import sigterm_as_interrupt
 from node.machine import OPEN_STATES, Record, Refusal, Side, State
 from node.network import LocalNetwork, create_network
 from node.service import Arrival, Node, now_ms
@@ -1153,7 +1154,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print(f"kpnode simulate: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        with _broker(args.broker, broker_url) as url:
+        with sigterm_as_interrupt(), _broker(args.broker, broker_url) as url:
             report = asyncio.run(run_simulation(options, [url]))
     except (SimulationError, BrokerError) as exc:
         print(f"kpnode simulate: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.interrupt import sigterm_as_interrupt
 from node.localbroker import BrokerError, LocalBroker
 from node.logs import configure_logging
 from node.network import create_network
@@ -253,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     configure_logging(level="ERROR")  # the desks' Node objects log here; the nodes to files
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_as_interrupt())  # the broker and nodes stop on SIGTERM too
         if args.keep:
             base = Path(args.keep)
             base.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,14 @@ OS process, and the invariant checker is shown to catch a record that was tamper
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -186,3 +190,50 @@ def test_kpnode_simulate_with_a_process_per_node(amqp_url: str, tmp_path: Path) 
     assert all(n["peak_rss_mib"] and n["peak_rss_mib"] > 0 for n in nodes.values())
     assert sum(n["exports"] for n in nodes.values()) == 200
     assert sum(n["imports"] for n in nodes.values()) == 200
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if text in cmdline:
+                found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_nodes_and_the_broker_it_started_and_removes_the_network(
+        tmp_path: Path) -> None:
+    """SIGTERM (``timeout``, a cancelled CI job, ``kill``) is handled as Ctrl-C: the node
+    processes and the throwaway broker stop, and the temporary network — node keys and
+    node.toml files with broker passwords — is removed. It used to leave all of them."""
+    env = {k: v for k, v in os.environ.items() if k != "KPX_AMQP_URL"}
+    env["TMPDIR"] = str(tmp_path)  # the broker's and the network's temporary directories
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "simulate", "--participants", "2",
+         "--certificates", "100000", "--rate", "50", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        # Trading has begun once a node has written its log.
+        while not list(tmp_path.glob("kpx-sim-*/*/node.log")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the simulation did not start"
+            time.sleep(0.5)
+        assert _processes_mentioning(str(tmp_path))  # broker and nodes run from there
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 130, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]
+        assert _processes_mentioning(str(tmp_path)) == []
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        # Whatever this test started and left behind (the broker runs in a process group of
+        # its own, the nodes beside it), it stops: nothing else has tmp_path in its command.
+        if proc.poll() is None:
+            proc.kill()
+        for line in _processes_mentioning(str(tmp_path)):
+            with contextlib.suppress(OSError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)

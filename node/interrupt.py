@@ -1,0 +1,40 @@
+"""SIGTERM handled as Ctrl-C, for commands that own throwaway things.
+
+``kpnode simulate``, ``kpnode demo`` and the benchmark start brokers of their own and write
+networks (node keys, ``node.toml`` files with broker passwords) to temporary directories;
+Ctrl-C unwinds their ``with`` blocks and removes all of it. SIGTERM — sent by ``timeout``,
+a cancelled CI job, ``kill`` or a service manager — ended the process at once and left the
+broker running and the secrets on disk. Within :func:`sigterm_as_interrupt` SIGTERM is
+handled by the SIGINT handler, so the same cleanup runs: inside ``asyncio.run`` its Ctrl-C handling
+cancels the main task (whose ``finally`` blocks stop the nodes) and then raises
+:class:`KeyboardInterrupt`; outside, Python raises it at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM does what Ctrl-C does (in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; nothing to change here
+        return
+
+    def as_sigint(signum: int, frame: FrameType | None) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):  # Python's own, or asyncio.run's while it runs
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored, as for a shell script's background job
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, as_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
