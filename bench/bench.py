@@ -55,6 +55,7 @@ from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 
 from node.brokerclient import check_reachable  # noqa: E402
+from node.brokerurl import redact  # noqa: E402
 from node.interrupt import sigterm_as_interrupt  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
 from node.simulate import (  # noqa: E402
@@ -62,6 +63,7 @@ from node.simulate import (  # noqa: E402
     PARTICIPANTS,
     Options,
     Report,
+    check_broker_choice,
     check_new_directory,
     plan_trade,
     run_simulation,
@@ -463,7 +465,7 @@ def seconds(text: str) -> float:
 
 @contextlib.contextmanager
 def _broker(url: str | None) -> Iterator[str]:
-    if url:
+    if url is not None:
         yield url
     else:
         with broker_url() as found:
@@ -490,14 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "run's figures are reported (default 3)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                    help="node log level (default INFO, as kpnode run)")
-    p.add_argument("--keep", type=Path, help="keep the networks' directories here")
+    p.add_argument("--keep", help="keep the networks' directories here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.keep is not None:
-        try:
-            check_new_directory(args.keep, "--keep")
-        except ValueError as exc:
-            p.error(str(exc))
+    try:
+        if args.keep is not None:
+            args.keep = check_new_directory(args.keep, "--keep")
+        check_broker_choice(args.broker)
+    except ValueError as exc:
+        p.error(str(exc))
     from node.logs import configure_logging
 
     configure_logging(level="WARNING")
@@ -512,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("bench: interrupted; its networks and any broker it started are gone")
         return 130
-    result["command"] = " ".join(["bench/bench.py", *(argv or sys.argv[1:])])
+    # Figures get published: the command that made them, with no broker password in it.
+    result["command"] = " ".join(["bench/bench.py", *map(redact, argv or sys.argv[1:])])
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
 

@@ -18,7 +18,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from node.transport import TransportUnavailable, redact
+from node.brokerurl import redact
+from node.transport import TransportUnavailable
 
 OPERATOR_TIMEOUT = 5.0
 

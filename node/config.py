@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from node.brokerurl import broker_url_problem
 from protocol.schema import AUTHORITY_ID, PARTICIPANT_CODE
 
 CONFIG_NAME = "node.toml"
@@ -133,6 +134,9 @@ def load_config(directory: Path | str) -> NodeConfig:
     urls = data.get("broker_urls", [DEFAULT_BROKER])
     if isinstance(urls, str):
         urls = [urls]
+    for url in urls:
+        if (problem := broker_url_problem(str(url))) is not None:
+            raise ConfigError(f"{path}: broker_urls: {problem}")
     try:
         return NodeConfig(
             directory=directory, participant=participant, authority=authority,

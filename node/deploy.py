@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,13 @@ def read_password(path: Path) -> str:
 
 
 def broker_url(template: str, user: str, password: str) -> str:
-    """``amqp://{user}:{password}@host:5672/kpx`` with the placeholders filled in."""
+    """``amqp://{user}:{password}@host:5672/kpx`` with the placeholders filled in,
+    percent-encoded: a '/', '@' or ':' in a password chosen by hand would otherwise change
+    which host the URL names."""
     if "{password}" not in template and "{user}" not in template:
         raise ConfigError(f"broker URL template {template!r} has no {{user}} or {{password}}")
-    return template.replace("{user}", user).replace("{password}", password)
+    return (template.replace("{user}", urllib.parse.quote(user, safe=""))
+            .replace("{password}", urllib.parse.quote(password, safe="")))
 
 
 def read_registry(path: Path, chair_public_key: bytes) -> Registry:

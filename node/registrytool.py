@@ -245,7 +245,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 
 async def _send(urls: list[str], frame: bytes) -> str:
-    from node.transport import publish_registry, redact
+    from node.brokerurl import redact
+    from node.transport import publish_registry
 
     errors = []
     for url in urls:

@@ -1112,14 +1112,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
-def check_new_directory(path: Path, option: str) -> None:
-    """A network's keys, stores and logs go to a directory of their own: a file there, or
-    an earlier run's network, would be mixed with the new one (ValueError)."""
+def check_new_directory(text: str, option: str) -> Path:
+    """The directory for a network's keys, stores and logs, made if need be: it must be
+    new or empty, since a file there or an earlier run's network would be mixed with the
+    new one, and writable (ValueError saying which)."""
+    if not text.strip():
+        raise ValueError(f"{option} is empty")
+    path = Path(text)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file, not a directory")
     if path.is_dir() and any(path.iterdir()):
         raise ValueError(f"{option} {path} is not empty (an earlier run's network?); "
                          "give a new or empty directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot make it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: not writable")
+    return path
+
+
+def check_broker_choice(option: str | None) -> None:
+    """``--broker``, else ``KPX_AMQP_URL``, must be a usable AMQP URL when given
+    (ValueError saying which, password masked); neither given means a throwaway broker."""
+    from node.brokerurl import broker_url_problem
+    from node.localbroker import ENV_URL
+
+    if option is not None:
+        named, url = "--broker", option
+    else:
+        named, url = ENV_URL, os.environ.get(ENV_URL, "").strip()
+        if not url:
+            return
+    if (problem := broker_url_problem(url)) is not None:
+        raise ValueError(f"{named}: {problem}")
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -1133,14 +1160,14 @@ def options_from(args: argparse.Namespace) -> Options:
             raise ValueError(f"{option} must be a finite number, 0 or more")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError("--timeout must be a number of seconds above 0")
-    if args.keep:
-        check_new_directory(Path(args.keep), "--keep")
+    keep = None if args.keep is None else check_new_directory(args.keep, "--keep")
+    check_broker_choice(args.broker)
     options = Options(participants=args.participants, certificates=args.certificates,
                       codes=codes, in_process=args.in_process, rate=args.rate,
                       confirm_delay=args.confirm_delay, discrepancy_share=args.discrepancies,
                       seed=args.seed, timeout=args.timeout, progress=not args.no_progress,
                       log_level=args.log_level.upper(),
-                      directory=Path(args.keep) if args.keep else None)
+                      directory=keep)
     options.chosen_codes()  # validates the count
     return options
 
@@ -1166,7 +1193,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def _broker(url: str | None, harness: Callable[[], contextlib.AbstractContextManager[str]]
             ) -> Iterator[str]:
-    if url:
+    if url is not None:
         yield url
     else:
         with harness() as found:

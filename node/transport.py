@@ -43,6 +43,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import DeliveryError, PublishError
 
+from node.brokerurl import redact
+
 log = structlog.get_logger("kpx.transport")
 
 EXCHANGE = "kpx"
@@ -489,13 +491,3 @@ class Transport:
 
     async def dead_letter_depth(self) -> int:
         return (await self.queue_depth(dead_letter_queue(self.participant)))[0]
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from node.brokerurl import redact
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
 
@@ -24,6 +26,9 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["raw"]["messages_per_second"] > 0
+    # The command is recorded with the figures, never with the broker's password.
+    assert redact(amqp_url) in result["command"]
+    assert "@" not in amqp_url or amqp_url not in result["command"]
     for n in (2, 10):
         k = result["kpx"][f"{n}_nodes"]
         assert len(k["codes"]) == n

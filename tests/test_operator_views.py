@@ -314,3 +314,40 @@ def test_http_settings_round_trip_and_environment_overrides(
     monkeypatch.setenv("KPX_HTTP_PORT", "eighty")
     with pytest.raises(ConfigError, match="wrong type"):
         load_config(config.directory)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://kpx-za:s3cret@broker/kpx", "'http://kpx-za:***@broker/kpx' is not an amqp:// or "
+                                        "amqps:// URL with a host"),
+    ("kpx-za:s3cret@broker:5672", "'kpx-za:***@broker:5672' is not an amqp:// or amqps:// "
+                                  "URL with a host"),
+    ("amqp://kpx-za:s3/cret@broker/kpx", "'amqp://kpx-za:***@broker/kpx': a '/', '?' or '#' "
+                                         "in the user name or password must be "
+                                         "percent-encoded (%2F, %3F, %23)"),
+])
+def test_a_broker_url_that_cannot_work_is_refused_at_start_without_its_password(
+        tmp_path: Path, url: str, says: str) -> None:
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    write_config(dataclasses.replace(config, broker_urls=("amqps://kpx-za:ok@b1/kpx", url)))
+    with pytest.raises(ConfigError) as refused:
+        load_config(config.directory)
+    assert str(refused.value).endswith(f"broker_urls: {says}")
+    assert "s3" not in str(refused.value)
+
+
+def test_broker_urls_from_a_template_carry_any_password_to_the_right_host() -> None:
+    """A password chosen by hand may hold '/', '@' or ':'; filled into the URL template
+    unencoded, it would name another host. Encoded, the AMQP client reads it back whole."""
+    import yarl
+
+    from node.brokerurl import broker_url_problem, redact
+    from node.deploy import broker_url
+
+    password = "p/a@s:s?w#rd%"
+    url = broker_url("amqp://{user}:{password}@broker.example:5672/kpx", "kpx-za", password)
+    assert broker_url_problem(url) is None
+    parsed = yarl.URL(url)
+    assert (parsed.host, parsed.port, parsed.user, parsed.password, parsed.path) == (
+        "broker.example", 5672, "kpx-za", password, "/kpx")
+    assert redact(url) == "amqp://kpx-za:***@broker.example:5672/kpx"

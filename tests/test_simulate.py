@@ -82,14 +82,20 @@ def test_too_few_participants_is_refused() -> None:
     ("--confirm-delay nan", "--confirm-delay must be a finite number, 0 or more"),
     ("--discrepancies 1.5", "--discrepancies is a share between 0 and 1"),
     ("--timeout 0", "--timeout must be a number of seconds above 0"),
+    ("--broker guest:s3cret@127.0.0.1:1", "--broker: 'guest:***@127.0.0.1:1' is not an "
+                                          "amqp:// or amqps:// URL with a host"),
+    ("--broker http://guest:s3cret@127.0.0.1:1/", "--broker: 'http://guest:***@127.0.0.1:1/' "
+                                                  "is not an amqp:// or amqps:// URL with a "
+                                                  "host"),
+    ("--keep /dev/null/network", "--keep /dev/null/network: cannot make it (Not a directory)"),
 ])
 def test_bad_options_are_refused_in_one_line_before_anything_starts(options: str, says: str
                                                                      ) -> None:
     # An unreachable broker too: the options are refused first, without trying it.
+    broker = [] if "--broker" in options else ["--broker", "amqp://guest:guest@127.0.0.1:1/"]
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "simulate", *options.split(), "--broker",
-         "amqp://guest:guest@127.0.0.1:1/", "--no-progress"],
-        capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "node.cli", "simulate", *options.split(), *broker,
+         "--no-progress"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == f"kpnode simulate: {says}"
 

@@ -1,0 +1,33 @@
+"""Broker URLs: checked before use, and never shown with their passwords.
+
+Kept apart from :mod:`node.transport` so that reading a node's configuration (every
+``kpnode`` command does) checks its URLs without loading the AMQP client.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors (a URL without a scheme too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def broker_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a broker (with its password masked), or ``None``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        return f"{redact(url)!r} is not an amqp:// or amqps:// URL with a host"
+    if "@" in parts.path or "@" in parts.query:
+        # amqp://user:pa/ss@host/ would go to host "user"; the password must be encoded.
+        return (f"{redact(url)!r}: a '/', '?' or '#' in the user name or password must be "
+                "percent-encoded (%2F, %3F, %23)")
+    return None
