@@ -54,7 +54,6 @@ import aio_pika  # noqa: E402
 from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 
-from node.brokerclient import check_reachable  # noqa: E402
 from node.brokerurl import redact  # noqa: E402
 from node.interrupt import sigterm_as_interrupt  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
@@ -63,14 +62,15 @@ from node.simulate import (  # noqa: E402
     PARTICIPANTS,
     Options,
     Report,
+    SimulationError,
     check_broker_choice,
+    check_broker_free,
     check_new_directory,
     plan_trade,
     run_simulation,
 )
 from node.transport import (  # noqa: E402
     CONTENT_TYPE,
-    TransportUnavailable,
     dead_letter_queue,
     inbox_arguments,
     inbox_queue,
@@ -204,7 +204,8 @@ def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) ->
 
 
 async def delete_queues(url: str, codes: Sequence[str]) -> None:
-    """Start each run from empty inboxes (the bench's broker is its own)."""
+    """Start each run from empty inboxes (at its start, the bench made sure these queues
+    were not in use: no messages, no consumers)."""
     connection = await aio_pika.connect(url)
     async with connection:
         for code in codes:
@@ -506,9 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level="WARNING")
     try:
         with sigterm_as_interrupt(), _broker(args.broker) as url:
-            try:
-                asyncio.run(check_reachable([url]))
-            except TransportUnavailable as exc:
+            try:  # the bench deletes and re-creates these queues between its runs
+                asyncio.run(check_broker_free([url], [p.code for p in PARTICIPANTS[:10]]))
+            except SimulationError as exc:
                 say(f"bench: {exc}")
                 return 3
             result = asyncio.run(bench(url, args))

@@ -54,15 +54,6 @@ async def connect_any(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT
     raise TransportUnavailable("no broker answered (" + "; ".join(errors) + ")")
 
 
-async def check_reachable(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT) -> None:
-    """Return once a broker at one of ``urls`` accepts a connection; else raise
-    :class:`TransportUnavailable` naming each URL (password masked) and its error, so a
-    command can say so at once instead of after its workers have given up."""
-    with amqp_library_logs_quiet():
-        connection, _ = await connect_any(urls, timeout)
-    await connection.close()
-
-
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
     messages: int
@@ -83,3 +74,19 @@ async def queue_info(connection: AbstractConnection, name: str) -> QueueInfo | N
             await channel.close()
     result = queue.declaration_result
     return QueueInfo(int(result.message_count or 0), int(result.consumer_count or 0))
+
+
+async def occupied_queues(urls: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that exist on the broker with messages ready or consumers, each
+    described; raises :class:`TransportUnavailable` (passwords masked) when no broker
+    answers."""
+    with amqp_library_logs_quiet():
+        connection, _ = await connect_any(urls)
+    async with connection:
+        found = []
+        for name in names:
+            info = await queue_info(connection, name)
+            if info is not None and (info.messages or info.consumers):
+                found.append(f"{name} ({info.messages} messages ready, "
+                             f"{info.consumers} consumers)")
+    return found

@@ -1000,21 +1000,30 @@ def count_progress(stores: Mapping[str, Store]) -> tuple[int, int, int, int]:
 # -- the simulation -----------------------------------------------------------------------
 
 
-async def _check_broker(broker_urls: Sequence[str]) -> None:
-    """Say at once that the broker cannot be reached, not after every node gave up on it."""
-    from node.brokerclient import check_reachable
-    from node.transport import TransportUnavailable
+async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) -> None:
+    """Say at once (:class:`SimulationError`) that no broker answers, or that the
+    Participants' queues there are in use: a simulation would take a real network's
+    messages, or mix with an interrupted run's."""
+    from node.brokerclient import occupied_queues
+    from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
 
     try:
-        await check_reachable(broker_urls)
+        busy = await occupied_queues(broker_urls, [
+            name for code in codes for name in (inbox_queue(code), dead_letter_queue(code))])
     except TransportUnavailable as exc:
         raise SimulationError(str(exc)) from None
+    if busy:
+        raise SimulationError(
+            f"queues in use on this broker: {'; '.join(busy)}. A simulation would take their "
+            "messages: run it on a broker (or vhost) of its own or with other --codes, or, "
+            "if they are left from an interrupted run, delete them (rabbitmqctl "
+            "delete_queue NAME)")
 
 
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:
     """Run one simulation on the broker at ``broker_urls`` and return its report."""
     codes = options.chosen_codes()
-    await _check_broker(broker_urls)
+    await check_broker_free(broker_urls, codes)
     shipments = plan_trade(codes, options.certificates, rate=options.rate,
                            confirm_delay=options.confirm_delay,
                            discrepancy_share=options.discrepancy_share, seed=options.seed)

@@ -7,6 +7,7 @@ OS process, and the invariant checker is shown to catch a record that was tamper
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from node.simulate import (
     run_simulation,
 )
 from node.store import Store
-from tests.test_network import fresh_codes
+from tests.test_network import fresh_codes, publish_raw
 
 
 def test_trade_has_the_shape_of_the_scheme() -> None:
@@ -243,3 +244,30 @@ def test_sigterm_stops_the_nodes_and_the_broker_it_started_and_removes_the_netwo
         for line in _processes_mentioning(str(tmp_path)):
             with contextlib.suppress(OSError):
                 os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+@pytest.mark.broker
+async def test_a_simulation_leaves_queues_in_use_alone(amqp_url: str) -> None:
+    """Pointed at a broker where a Participant's inbox holds messages (a real network's, or
+    an interrupted run's), a simulation would consume them: it refuses, and they stay."""
+    import aio_pika
+
+    from node.transport import declare_topology, inbox_queue
+
+    busy, other = fresh_codes(2)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await declare_topology(channel, busy, 5)
+        await publish_raw(amqp_url, busy, b"a real certificate", f"{busy}-message-0001")
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "node.cli", "simulate", "--codes", f"{busy},{other}",
+             "--certificates", "10", "--broker", amqp_url, "--no-progress"],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 3, result.stderr[-2000:]
+        assert (f"queues in use on this broker: {inbox_queue(busy)} (1 messages ready, "
+                "0 consumers)") in result.stderr
+        queue = await channel.declare_queue(inbox_queue(busy), passive=True)
+        assert queue.declaration_result.message_count == 1
+        await channel.queue_delete(inbox_queue(busy))
