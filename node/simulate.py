@@ -149,6 +149,12 @@ PARTICIPANTS: tuple[Participant, ...] = tuple(Participant(*p) for p in (
 BY_CODE = {p.code: p for p in PARTICIPANTS}
 MAX_PARTICIPANTS = len(PARTICIPANTS)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Bounds on a simulation's size and pace: beyond them the plan alone would take hours to
+# build or days to run, which is a typo rather than a wish. A million certificates is
+# some sixteen years of the world's trade.
+MAX_CERTIFICATES = 1_000_000
+MAX_PLAN_SECONDS = 7 * 86_400
+MAX_CONFIRM_DELAY = 3_600
 PRODUCERS = tuple(p.code for p in PARTICIPANTS if p.role == PRODUCER)
 
 #: KP world figures the generator is calibrated on (design brief §1)
@@ -538,7 +544,11 @@ class InProcessNodes(Nodes):
         self.desks: dict[str, Desk] = {}
         for code, config in self.network.configs.items():
             running = RunningNode(config)
-            await running.start()
+            try:
+                await running.start()
+            except Exception as exc:  # as one line, like a node process that exits
+                raise SimulationError(f"node {code} did not start: "
+                                      f"{exc or type(exc).__name__}") from exc
             self.running[code] = running
             assert running.node is not None
             self.stores[code] = running.node.store
@@ -1160,13 +1170,18 @@ def check_broker_choice(option: str | None) -> None:
 
 def options_from(args: argparse.Namespace) -> Options:
     codes = tuple(c.strip().upper() for c in args.codes.split(",")) if args.codes else None
-    if args.certificates < 1:
-        raise ValueError("--certificates must be at least 1")
+    if not 1 <= args.certificates <= MAX_CERTIFICATES:
+        raise ValueError(f"--certificates must be between 1 and {MAX_CERTIFICATES:,}")
     if not 0 <= args.discrepancies <= 1:
         raise ValueError("--discrepancies is a share between 0 and 1")
     for option, value in (("--rate", args.rate), ("--confirm-delay", args.confirm_delay)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{option} must be a finite number, 0 or more")
+    if args.rate > 0 and args.certificates / args.rate > MAX_PLAN_SECONDS:
+        raise ValueError(f"{args.certificates:,} certificates at --rate {args.rate:g} would "
+                         f"take over {MAX_PLAN_SECONDS // 86400} days; raise --rate")
+    if args.confirm_delay > MAX_CONFIRM_DELAY:
+        raise ValueError(f"--confirm-delay is at most {MAX_CONFIRM_DELAY} seconds")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError("--timeout must be a number of seconds above 0")
     keep = None if args.keep is None else check_new_directory(args.keep, "--keep")

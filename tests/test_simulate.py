@@ -29,6 +29,7 @@ from node.simulate import (
     PARTICIPANTS,
     Options,
     Report,
+    SimulationError,
     analyse,
     plan_trade,
     received_as,
@@ -77,7 +78,11 @@ def test_too_few_participants_is_refused() -> None:
     ("--codes ZA,Q1", "--codes: 'Q1' is not a two-letter Participant code"),
     ("--codes ZA", "--codes must name between 2 and 60 Participants"),
     ("--participants 61", "--participants must be between 2 and 60"),
-    ("--certificates 0", "--certificates must be at least 1"),
+    ("--certificates 0", "--certificates must be between 1 and 1,000,000"),
+    ("--certificates 1000001", "--certificates must be between 1 and 1,000,000"),
+    ("--rate 1e-320", "1,000 certificates at --rate 9.99989e-321 would take over 7 days; "
+                      "raise --rate"),
+    ("--confirm-delay 1e308", "--confirm-delay is at most 3600 seconds"),
     ("--rate -1", "--rate must be a finite number, 0 or more"),
     ("--rate inf", "--rate must be a finite number, 0 or more"),
     ("--confirm-delay nan", "--confirm-delay must be a finite number, 0 or more"),
@@ -271,3 +276,29 @@ async def test_a_simulation_leaves_queues_in_use_alone(amqp_url: str) -> None:
         queue = await channel.declare_queue(inbox_queue(busy), passive=True)
         assert queue.declaration_result.message_count == 1
         await channel.queue_delete(inbox_queue(busy))
+
+
+@pytest.mark.broker
+async def test_an_in_process_node_that_cannot_start_is_one_line(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a node process that exits is reported as one line, so is an in-process node
+    whose start fails; the nodes already started are stopped."""
+    from node.runner import RunningNode
+    from node.store import StoreError
+
+    codes = fresh_codes(2)
+    started: list[RunningNode] = []
+    start = RunningNode.start
+
+    async def second_fails(self: RunningNode) -> None:
+        if started:
+            raise StoreError("disk full")
+        await start(self)
+        started.append(self)
+    monkeypatch.setattr(RunningNode, "start", second_fails)
+    with pytest.raises(SimulationError) as failed:
+        await run_simulation(Options(codes=tuple(codes), certificates=5, in_process=True,
+                                     progress=False), [amqp_url])
+    assert str(failed.value) == f"node {codes[1]} did not start: disk full"
+    (first,) = started
+    assert first.transport is not None and not first.transport.connected  # stopped
