@@ -429,7 +429,8 @@ def format_result(r: dict[str, Any]) -> str:
 def cpu_text(figures: dict[str, Any]) -> str:
     cpu, busy = figures["node_cpu_ms_per_loop"], figures["machine_busy"]
     return (f"nodes' CPU {'?' if cpu is None else f'{cpu:.1f}'} ms per loop; machine "
-            f"{'?' if busy is None else f'{busy:.0%}'} busy (all cores, broker included)")
+            f"{'?' if busy is None else f'{busy:.0%}'} busy (all its cores, a local broker "
+            "included)")
 
 
 def shares(text: str) -> list[float]:
@@ -439,6 +440,8 @@ def shares(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
     if not values or not all(0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"shares must lie in (0, 1]: {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a share is given twice: {text!r}")
     return values
 
 

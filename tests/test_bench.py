@@ -53,6 +53,7 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
 @pytest.mark.parametrize(("options", "says"), [
     ("--repeats 0", "argument --repeats: must be at least 1: '0'"),
     ("--loads 0.5,2", "argument --loads: shares must lie in (0, 1]: '0.5,2'"),
+    ("--loads 0.5,0.5", "argument --loads: a share is given twice: '0.5,0.5'"),
     ("--raw-messages 0", "argument --raw-messages: must be at least 100: '0'"),
     ("--loops-10 many", "argument --loops-10: not a whole number: 'many'"),
     ("--latency-seconds nan", "argument --latency-seconds: must be a number of seconds above "

@@ -31,6 +31,7 @@ from node.simulate import (
     Report,
     SimulationError,
     analyse,
+    format_report,
     plan_trade,
     received_as,
     run_simulation,
@@ -156,6 +157,12 @@ async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: 
     assert report.discrepancies > 0
     assert report.partner_pairs >= 5
     assert len(report.receipt_ms) == 200 and len(report.confirmation_ms) == 200
+    # Issued over the plan's issue window (about 0.5 s at 400/s), not the whole run's.
+    throughput = report.to_json()["throughput"]
+    assert 0 < report.issue_span_ms < report.span_ms
+    assert throughput["issued_per_second"] == pytest.approx(
+        200 / (report.issue_span_ms / 1000))
+    assert "issued" in format_report(report)
 
     # The checker is not a rubber stamp: one importer record altered behind the node's
     # back is reported as a disagreement between the partners.
