@@ -18,7 +18,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from node.brokerurl import redact
+from node.brokerurl import redact, why_connect_failed
 from node.transport import TransportUnavailable
 
 OPERATOR_TIMEOUT = 5.0
@@ -48,7 +48,7 @@ async def connect_any(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT
             connection = await asyncio.wait_for(aio_pika.connect(url, timeout=timeout),
                                                 timeout + 1)
         except Exception as exc:
-            errors.append(f"{redact(url)}: {exc or type(exc).__name__}")
+            errors.append(f"{redact(url)}: {why_connect_failed(url, exc)}")
             continue
         return connection, redact(url)
     raise TransportUnavailable("no broker answered (" + "; ".join(errors) + ")")

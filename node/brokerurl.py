@@ -31,3 +31,14 @@ def broker_url_problem(url: str) -> str | None:
         return (f"{redact(url)!r}: a '/', '?' or '#' in the user name or password must be "
                 "percent-encoded (%2F, %3F, %23)")
     return None
+
+
+def why_connect_failed(url: str, exc: BaseException) -> str:
+    """Why connecting to ``url`` failed, in words an operator can act on."""
+    text = str(exc) or type(exc).__name__
+    if "Connection.OpenOk" in text and "Connection.Close" in text:
+        # aiormq's words for a broker closing the connection at 'open vhost'.
+        vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"
+        text = (f"the broker refused to open virtual host {vhost!r}: it does not exist, or "
+                "this user may not use it")
+    return text

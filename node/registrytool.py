@@ -245,7 +245,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 
 async def _send(urls: list[str], frame: bytes) -> str:
-    from node.brokerurl import redact
+    from node.brokerurl import redact, why_connect_failed
     from node.transport import publish_registry
 
     errors = []
@@ -254,7 +254,7 @@ async def _send(urls: list[str], frame: bytes) -> str:
             await publish_registry(url, frame)
             return redact(url)
         except Exception as exc:  # any broker failure: try the next endpoint, then report
-            errors.append(f"{redact(url)}: {exc or type(exc).__name__}")
+            errors.append(f"{redact(url)}: {why_connect_failed(url, exc)}")
     raise ChairError("could not publish to the broker (the signed file is written; run "
                      "publish again or hand the file to the nodes): " + "; ".join(errors))
 

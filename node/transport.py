@@ -43,7 +43,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import DeliveryError, PublishError
 
-from node.brokerurl import redact
+from node.brokerurl import redact, why_connect_failed
 
 log = structlog.get_logger("kpx.transport")
 
@@ -239,7 +239,8 @@ class Transport:
             try:
                 connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
             except Exception as exc:
-                log.warning("broker connection failed", url=redact(url), error=str(exc))
+                log.warning("broker connection failed", url=redact(url),
+                            error=why_connect_failed(url, exc))
                 if index % len(self.urls) == 0:
                     await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt))
                     attempt += 1

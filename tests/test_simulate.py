@@ -309,3 +309,17 @@ async def test_an_in_process_node_that_cannot_start_is_one_line(
     assert str(failed.value) == f"node {codes[1]} did not start: disk full"
     (first,) = started
     assert first.transport is not None and not first.transport.connected  # stopped
+
+
+@pytest.mark.broker
+def test_a_missing_virtual_host_is_named(amqp_url: str) -> None:
+    import yarl
+
+    url = str(yarl.URL(amqp_url).with_path("/kpx-no-such-vhost"))
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "simulate", "--participants", "2", "--broker", url,
+         "--no-progress"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert ("the broker refused to open virtual host 'kpx-no-such-vhost': it does not exist, "
+            "or this user may not use it") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
