@@ -112,6 +112,10 @@ def loop_frame_sizes(samples: int = 200) -> dict[str, float]:
 # -- the raw ceiling --------------------------------------------------------------------
 
 
+class BenchFailed(Exception):
+    """A measurement went wrong (failed publishes, broken invariants): no figures."""
+
+
 async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch: int = 256,
                       ack_every: int = 50) -> dict[str, float]:
     """Publish ``count`` persistent messages with confirms (``window`` in flight) into a
@@ -168,10 +172,10 @@ async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch:
             tasks.append(asyncio.create_task(publish()))
         await asyncio.gather(*tasks)
         published = time.perf_counter() - started
+        if failures:  # fewer arrive than were sent: waiting for all of them would not end
+            raise BenchFailed(f"{failures} of {count} raw publishes failed")
         await asyncio.wait_for(done.wait(), 120)
         through = time.perf_counter() - started
-        if failures:
-            raise RuntimeError(f"{failures} raw publishes failed")
         return {"messages": count, "window": window, "seconds": through,
                 "messages_per_second": count / through,
                 "published_per_second": count / published}
@@ -180,6 +184,7 @@ async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch:
         with contextlib.suppress(Exception):
             channel = await publisher.channel()
             await channel.queue_delete(name)
+            await channel.exchange_delete("bench.raw")  # nothing of the bench stays behind
         await publisher.close()
 
 
@@ -232,7 +237,7 @@ async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float
     busy = busy_share(before, cpu_times())
     await delete_queues(url, codes)
     if not report.ok:
-        raise RuntimeError(f"kpx run with {len(codes)} nodes failed its invariants: "
+        raise BenchFailed(f"kpx run with {len(codes)} nodes failed its invariants: "
                            f"{report.failures[:3]}")
     return report, busy
 
@@ -516,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"bench: {exc}")
                 return 3
             result = asyncio.run(bench(url, args))
+    except (BenchFailed, SimulationError) as exc:  # a run that went wrong has no figures
+        say(f"bench: {exc}")
+        return 1
     except KeyboardInterrupt:
         say("bench: interrupted; its networks and any broker it started are gone")
         return 130
