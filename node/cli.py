@@ -239,9 +239,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         data = {"records": [record_json(r) for r in records], "history": history}
         parts = [table([record_row(r) for r in records], RECORD_HEADERS)]
         for r in records:
-            for d in r.discrepancies:
-                parts.append(f"  discrepancy {d.field}: declared {d.declared}, "
-                             f"received {d.received}")
+            parts += discrepancy_lines(r)
             if r.rejection_text:
                 parts.append(f"  {r.side} note: {r.rejection_text}")
         parts.append("")
@@ -405,10 +403,18 @@ def with_node(args: argparse.Namespace, action: Callable[[Node], None]) -> None:
         node.close()
 
 
+def discrepancy_lines(record: Record) -> list[str]:
+    return [f"  discrepancy {d.field}: declared {d.declared}, received {d.received}"
+            for d in record.discrepancies]
+
+
 def show_records(args: argparse.Namespace, records: Sequence[Record], verb: str | None) -> None:
     if verb and len(records) == 1:
         r = records[0]
-        text = f"{r.number}: {verb} ({r.side} {r.partner}, state {r.state})"
+        # A confirmation is signed and final: what differs from the certificate is said
+        # with it, not only by a later `show`.
+        text = "\n".join([f"{r.number}: {verb} ({r.side} {r.partner}, state {r.state})",
+                          *discrepancy_lines(r)])
     else:
         text = table([record_row(r) for r in records], RECORD_HEADERS) if records else \
             "no certificates"

@@ -8,6 +8,7 @@ system comes through.
 from __future__ import annotations
 
 import base64
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -24,10 +25,20 @@ def usd(cents: int) -> str:
     return f"{Decimal(cents) / 100:,.2f}"
 
 
+#: digits with an optional dot and decimals; commas only as thousands separators
+_AMOUNT = re.compile(r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?")
+
+
 def parse_amount(text: str, what: str) -> int:
-    """'2500.5' → 250050 hundredths; at most two decimals, > 0. ``ValueError`` says why."""
+    """'2500.5' or '2,500.50' → 250050 hundredths; at most two decimals, > 0. ``ValueError``
+    says why. A decimal comma ('2500,50') is refused, not read as 250050: a confirmation
+    is signed and final, so an amount must not be open to two readings."""
+    cleaned = text.strip()
+    if not _AMOUNT.fullmatch(cleaned):
+        raise ValueError(f"{what} must be a number like 2500.50 or 2,500.50 (a dot before "
+                         f"the decimals, commas only between thousands), not {text!r}")
     try:
-        value = Decimal(text.replace(",", "").strip())
+        value = Decimal(cleaned.replace(",", ""))
     except InvalidOperation:
         raise ValueError(f"{what} must be a number, not {text!r}") from None
     scaled = value * 100

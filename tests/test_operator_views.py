@@ -5,6 +5,7 @@ the evidence chain. No broker."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
@@ -351,3 +352,53 @@ def test_broker_urls_from_a_template_carry_any_password_to_the_right_host() -> N
     assert (parsed.host, parsed.port, parsed.user, parsed.password, parsed.path) == (
         "broker.example", 5672, "kpx-za", password, "/kpx")
     assert redact(url) == "amqp://kpx-za:***@broker.example:5672/kpx"
+
+
+@pytest.mark.parametrize(("text", "hundredths"), [
+    ("2500.5", 250050), ("2,500.50", 250050), (" 7 ", 700), ("1,234,567.01", 123456701)])
+def test_amounts_are_read_one_way_only(text: str, hundredths: int) -> None:
+    from node.views import parse_amount
+
+    assert parse_amount(text, "carats") == hundredths
+
+
+@pytest.mark.parametrize("text", ["2500,50", "1,23", "1e3", "+5", "-1", ".5", "1.", "\uff11\uff12",
+                                  "2 500.50", "NaN", ""])
+def test_an_amount_open_to_two_readings_is_refused(text: str) -> None:
+    """A decimal comma ('2500,50') was read as 250050 and signed into a confirmation."""
+    from node.views import parse_amount
+
+    with pytest.raises(ValueError,
+                       match=re.escape("must be a number like 2500.50 or 2,500.50")):
+        parse_amount(text, "carats")
+
+
+def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -> None:
+    """'2500,50' carats was read as 250,050.00 and signed into the confirmation; now it
+    is refused and nothing is confirmed. A confirmation that differs from the certificate
+    says how, on the spot."""
+    from node.network import create_network
+    from node.service import Node
+    from tests.netutil import carry, certificate
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    try:
+        nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN"))
+        carry(nodes["ZA"], nodes)
+    finally:
+        for node in nodes.values():
+            node.close()
+    kpnode = [sys.executable, "-m", "node.cli", "confirm", "ZA-2026-0001", "--dir",
+              str(network.configs["IN"].directory)]
+    refused = subprocess.run([*kpnode, "--line", "7102.31=2500,50:400000",
+                              "--line", "7102.21=300:100000"],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 1
+    assert "must be a number like 2500.50 or 2,500.50" in refused.stderr
+    confirmed = subprocess.run([*kpnode, "--line", "7102.31=2500.50:400000",
+                                "--line", "7102.21=300:100000"],
+                               capture_output=True, text=True, check=True)
+    assert confirmed.stdout.splitlines() == [
+        "ZA-2026-0001: confirmed (import ZA, state confirmed)",
+        "  discrepancy lines[7102.31].carats_hundredths: declared 250000, received 250050"]
