@@ -86,7 +86,8 @@ _LIST_SETTINGS = {"broker_urls"}
 
 def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     """``KPX_<SETTING>`` overrides ``<setting>`` of node.toml (e.g. ``KPX_BROKER_URLS``,
-    comma-separated; ``KPX_BROKER_USER``), so containers can be configured from outside."""
+    comma-separated; ``KPX_BROKER_USER``), so containers can be configured from outside.
+    Values stay text (lists split); :func:`load_config` reads each as its setting's type."""
     settings = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
     found: dict[str, object] = {}
     for name in settings:
@@ -95,14 +96,20 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
             continue
         if name in _LIST_SETTINGS:
             found[name] = [v.strip() for v in value.split(",") if v.strip()]
-        elif value.lower() in ("true", "false"):
-            found[name] = value.lower() == "true"
         else:
             found[name] = value
     return found
 
 
-def load_config(directory: Path | str) -> NodeConfig:
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = None
+                ) -> NodeConfig:
+    """The node's configuration: node.toml, with ``KPX_*`` overrides from ``environ``
+    (default: the process environment; ``{}`` for the file alone, as it is to be
+    rewritten). Every bad value is a :class:`ConfigError` naming the setting and where it
+    came from."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     try:
@@ -112,48 +119,82 @@ def load_config(directory: Path | str) -> NodeConfig:
                           "pass --dir)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    data.update(environment_overrides(os.environ))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    overrides = environment_overrides(os.environ if environ is None else environ)
+    data.update(overrides)
     known = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
     unknown = sorted(set(data) - known - {"chair_public_key", "signing_key"})
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+
+    def where(name: str) -> str:
+        return (f"{ENV_PREFIX}{name.upper()} (environment)" if name in overrides
+                else f"{path}: {name}")
+
+    def text(name: str, default: str | None = None) -> str:
+        value = data.get(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where(name)} must be text, not {value!r}")
+        return value
+
+    def number(name: str, default: int, minimum: int) -> int:
+        value = data.get(name, default)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{where(name)} must be a whole number of at least {minimum}, "
+                              f"not {value!r}")
+        return value
+
+    def flag(name: str, default: bool) -> bool:
+        value = data.get(name, default)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            value = value.strip().lower() in _TRUE
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where(name)} must be true or false, not {value!r}")
+        return value
+
+    if "participant" not in data or "chair_public_key" not in data:
+        missing = "participant" if "participant" not in data else "chair_public_key"
+        raise ConfigError(f"{path}: missing setting {missing}")
+    participant = text("participant")
+    authority = text("authority", participant)
     try:
-        participant = str(data["participant"])
-        authority = str(data.get("authority", participant))
-        chair = bytes.fromhex(str(data["chair_public_key"]))
-    except KeyError as exc:
-        raise ConfigError(f"{path}: missing setting {exc.args[0]}") from exc
+        chair = bytes.fromhex(text("chair_public_key"))
     except ValueError as exc:
-        raise ConfigError(f"{path}: chair_public_key must be hex: {exc}") from exc
+        raise ConfigError(f"{where('chair_public_key')} must be hex: {exc}") from exc
     if not PARTICIPANT_CODE.fullmatch(participant):
-        raise ConfigError(f"{path}: participant must be a two-letter code, not {participant!r}")
+        raise ConfigError(f"{where('participant')} must be a two-letter code, not "
+                          f"{participant!r}")
     if not AUTHORITY_ID.fullmatch(authority) or not authority.startswith(participant):
-        raise ConfigError(f"{path}: authority {authority!r} must start with {participant}")
+        raise ConfigError(f"{where('authority')} {authority!r} must start with {participant}")
     if len(chair) != 32:
-        raise ConfigError(f"{path}: chair_public_key must be 32 bytes (64 hex characters)")
+        raise ConfigError(f"{where('chair_public_key')} must be 32 bytes (64 hex characters)")
     urls = data.get("broker_urls", [DEFAULT_BROKER])
     if isinstance(urls, str):
         urls = [urls]
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ConfigError(f"{where('broker_urls')} must be a list of AMQP URLs")
     for url in urls:
-        if (problem := broker_url_problem(str(url))) is not None:
-            raise ConfigError(f"{path}: broker_urls: {problem}")
-    try:
-        return NodeConfig(
-            directory=directory, participant=participant, authority=authority,
-            broker_urls=tuple(str(u) for u in urls), broker_user=data.get("broker_user") or None,
-            chair_public_key=chair, registry_file=str(data.get("registry_file", "registry.kpx")),
-            database=str(data.get("database", "node.sqlite3")),
-            signing_key_file=str(data.get("signing_key_file", "node.key")),
-            prefetch=int(data.get("prefetch", 256)),
-            delivery_limit=int(data.get("delivery_limit", 5)),
-            declare_topology=bool(data.get("declare_topology", True)),
-            check_broker_user=bool(data.get("check_broker_user", False)),
-            resend_after_seconds=int(data.get("resend_after_seconds", 3600)),
-            http_host=str(data.get("http_host", "127.0.0.1")),
-            http_port=None if data.get("http_port") in (None, "") else int(data["http_port"]),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: a setting has the wrong type: {exc}") from exc
+        if (problem := broker_url_problem(url)) is not None:
+            raise ConfigError(f"{where('broker_urls')}: {problem}")
+    port = data.get("http_port")
+    return NodeConfig(
+        directory=directory, participant=participant, authority=authority,
+        broker_urls=tuple(urls), broker_user=text("broker_user", "") or None,
+        chair_public_key=chair, registry_file=text("registry_file", "registry.kpx"),
+        database=text("database", "node.sqlite3"),
+        signing_key_file=text("signing_key_file", "node.key"),
+        prefetch=number("prefetch", 256, 1),
+        delivery_limit=number("delivery_limit", 5, 1),
+        declare_topology=flag("declare_topology", True),
+        check_broker_user=flag("check_broker_user", False),
+        resend_after_seconds=number("resend_after_seconds", 3600, 1),
+        http_host=text("http_host", "127.0.0.1"),
+        http_port=None if port in (None, "") else number("http_port", 0, 0),
+    )
 
 
 def _toml_value(value: object) -> str:
@@ -188,5 +229,12 @@ def write_config(config: NodeConfig) -> Path:
     if config.broker_user:
         lines.append(f"broker_user = {_toml_value(config.broker_user)}")
     path = config.directory / CONFIG_NAME
-    path.write_text("\n".join(lines) + "\n")
+    # It may hold broker passwords (in broker_urls): readable by the node's user alone,
+    # written whole or not at all.
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
     return path

@@ -111,13 +111,12 @@ def write_definitions(registry: Registry, out: Path, passwords: Path, *,
 
 
 def configure_node(config: NodeConfig, urls: Sequence[str], password: str) -> NodeConfig:
-    """Lock-down settings for one node; node.toml then holds a password: mode 0600."""
+    """Lock-down settings for one node; node.toml then holds a password."""
     user = broker_user_for(config.participant)
     locked = dataclasses.replace(
         config, broker_urls=tuple(broker_url(u, user, password) for u in urls),
         broker_user=user, declare_topology=False, check_broker_user=True)
-    path = write_config(locked)
-    path.chmod(0o600)
+    write_config(locked)  # mode 0600, as every node.toml
     return locked
 
 
@@ -160,7 +159,8 @@ def cmd_definitions(args: argparse.Namespace) -> None:
 def cmd_configure(args: argparse.Namespace) -> None:
     from node.cli import node_dir
 
-    config = load_config(node_dir(args))
+    # node.toml as written, without KPX_* overrides: they belong to this shell, not the file.
+    config = load_config(node_dir(args), environ={})
     password = read_password(Path(args.password_file))
     locked = configure_node(config, args.broker, password)
     _emit(args, {"directory": str(locked.directory), "broker_user": locked.broker_user},

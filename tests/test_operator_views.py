@@ -5,6 +5,7 @@ the evidence chain. No broker."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -313,8 +314,10 @@ def test_http_settings_round_trip_and_environment_overrides(
     monkeypatch.setenv("KPX_HTTP_PORT", "0")
     assert load_config(config.directory).http_port == 0
     monkeypatch.setenv("KPX_HTTP_PORT", "eighty")
-    with pytest.raises(ConfigError, match="wrong type"):
+    with pytest.raises(ConfigError) as refused:
         load_config(config.directory)
+    assert str(refused.value) == ("KPX_HTTP_PORT (environment) must be a whole number of at "
+                                  "least 0, not 'eighty'")
 
 
 @pytest.mark.parametrize(("url", "says"), [
@@ -402,3 +405,46 @@ def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -
     assert confirmed.stdout.splitlines() == [
         "ZA-2026-0001: confirmed (import ZA, state confirmed)",
         "  discrepancy lines[7102.31].carats_hundredths: declared 250000, received 250050"]
+
+
+def test_settings_are_read_as_their_type_and_a_bad_one_names_its_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'declare_topology = \"false\"' and KPX_DECLARE_TOPOLOGY=no both loaded as True."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    toml = config.directory / "node.toml"
+    assert toml.stat().st_mode & 0o777 == 0o600  # broker passwords may be in it
+    text = toml.read_text()
+    toml.write_text(text.replace("declare_topology = true", 'declare_topology = "false"'))
+    assert load_config(config.directory).declare_topology is False
+    monkeypatch.setenv("KPX_DECLARE_TOPOLOGY", "on")
+    assert load_config(config.directory).declare_topology is True
+    monkeypatch.setenv("KPX_CHECK_BROKER_USER", "maybe")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config.directory)
+    assert str(refused.value) == ("KPX_CHECK_BROKER_USER (environment) must be true or "
+                                  "false, not 'maybe'")
+    monkeypatch.delenv("KPX_CHECK_BROKER_USER")
+    toml.write_text(text.replace('broker_urls = ["amqp://unused/"]', "broker_urls = 5"))
+    with pytest.raises(ConfigError) as refused:
+        load_config(config.directory)
+    assert str(refused.value) == f"{toml}: broker_urls must be a list of AMQP URLs"
+
+
+def test_deploy_configure_keeps_the_environment_out_of_node_toml(
+        tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    directory = network.configs["ZA"].directory
+    password = tmp_path / "kpx-za.password"
+    password.write_text("s3cret\n")
+    env = {**os.environ, "KPX_DATABASE": "/tmp/elsewhere.sqlite3",
+           "KPX_HTTP_PORT": "9999"}
+    subprocess.run([sys.executable, "-m", "node.cli", "deploy", "configure", "--dir",
+                    str(directory), "--broker", "amqp://{user}:{password}@broker/kpx",
+                    "--password-file", str(password)], env=env, check=True,
+                   capture_output=True, text=True)
+    written = (directory / "node.toml").read_text()
+    assert "elsewhere" not in written and "9999" not in written
+    loaded = load_config(directory, environ={})
+    assert loaded.broker_urls == ("amqp://kpx-za:s3cret@broker/kpx",)
+    assert (directory / "node.toml").stat().st_mode & 0o777 == 0o600
