@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date
@@ -82,13 +83,19 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def read_json(path: str) -> Any:
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON: {exc}") from exc
+    except ValueError as exc:  # Python's limit on the digits of an integer
+        raise UserError(f"{path}: a number with too many digits") from exc
+    except RecursionError as exc:
+        raise UserError(f"{path}: nested too deeply") from exc
 
 
 def read_certificate(path: str) -> Certificate:
@@ -541,6 +548,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(EXIT_REFUSED) from None
     except (ConfigError, RegistryFileError, StoreError, RegistryJsonError) as exc:
         print(f"kpnode: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ENVIRONMENT) from None
+    except OSError as exc:  # a path that is a file, a directory we may not write ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kpnode: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ENVIRONMENT) from None
+    except sqlite3.Error as exc:  # e.g. a read-only database, met mid-command
+        print(f"kpnode: the node's database: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_ENVIRONMENT) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

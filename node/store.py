@@ -123,12 +123,15 @@ class StoreError(Exception):
 class Store:
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:  # not a database, a directory, no permission ...
+            raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
         self._last_hash: tuple[int, bytes] | None = None
 
     def close(self) -> None:

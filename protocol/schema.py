@@ -75,6 +75,14 @@ def join(base: str, key: str) -> str:
     return f"{base}.{key}" if base else key
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Reader:
     """Reads one wire map, recording every problem instead of stopping at the first.
 
@@ -149,6 +157,11 @@ class Reader:
             return ""
         if not value and not allow_empty:
             self.problem(path, Reason.EMPTY, "must not be empty")
+        elif not value.isascii() and not _encodable(value):
+            # Only local input (JSON, a form) can hold a lone surrogate: the wire's UTF-8 is
+            # decoded strictly. It could never be signed, so it is refused here.
+            self.problem(path, Reason.BAD_FORMAT, "must be Unicode text (a lone surrogate "
+                         "is not)")
         elif len(value) > max_len:
             self.problem(path, Reason.TOO_LONG, f"must be at most {max_len} characters")
         elif pattern is not None and not pattern.fullmatch(value):

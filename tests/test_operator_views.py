@@ -5,6 +5,7 @@ the evidence chain. No broker."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -42,7 +43,7 @@ from protocol import (
     RegistryKey,
     RegistryUpdate,
 )
-from tests.netutil import carry, certificate
+from tests.netutil import carry, certificate, certificate_json
 
 DAY_MS = 86_400_000
 NOW = int(datetime(2026, 2, 15, 12, tzinfo=UTC).timestamp() * 1000)
@@ -448,3 +449,42 @@ def test_deploy_configure_keeps_the_environment_out_of_node_toml(
     loaded = load_config(directory, environ={})
     assert loaded.broker_urls == ("amqp://kpx-za:s3cret@broker/kpx",)
     assert (directory / "node.toml").stat().st_mode & 0o777 == 0o600
+
+
+def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
+    """Each used to end in a Python traceback (exit 1)."""
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    za = network.configs["ZA"].directory
+    broken = tmp_path / "broken"
+    (broken).mkdir()
+    for name in ("node.toml", "node.key", "registry.kpx"):
+        (broken / name).write_bytes((za / name).read_bytes())
+    (broken / "node.key").chmod(0o600)
+    (broken / "node.sqlite3").write_text("not a database")
+    files = {"latin1.json": "é".encode("latin-1"), "digits.json": b"[" + b"7" * 5000 + b"]",
+             "deep.json": b"[" * 100_000 + b"]" * 100_000,
+             "surrogate.json": json.dumps(certificate_json(
+                 "ZA-2026-0001", "ZA", "IN", exporter={"name": "\ud800", "address": "x"}
+             )).encode()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    cases = [
+        (["list", "--dir", str(broken)], 3,
+         f"kpnode: cannot open the database {broken / 'node.sqlite3'}: file is not a database"),
+        (["list", "--dir", str(za / "node.toml")], 3,
+         f"kpnode: cannot read {za / 'node.toml' / 'node.toml'}: Not a directory"),
+        (["validate", str(tmp_path / "latin1.json"), "--dir", str(za)], 1,
+         f"kpnode: {tmp_path / 'latin1.json'}: not UTF-8 text (unexpected end of data at "
+         "byte 0)"),
+        (["validate", str(tmp_path / "digits.json"), "--dir", str(za)], 1,
+         f"kpnode: {tmp_path / 'digits.json'}: a number with too many digits"),
+        (["validate", str(tmp_path / "deep.json"), "--dir", str(za)], 1,
+         f"kpnode: {tmp_path / 'deep.json'}: nested too deeply"),
+        (["validate", str(tmp_path / "surrogate.json"), "--dir", str(za)], 1,
+         "kpnode: certificate is not valid:"),
+    ]
+    for args, code, first_line in cases:
+        done = subprocess.run([sys.executable, "-m", "node.cli", *args],
+                              capture_output=True, text=True, check=False)
+        assert (done.returncode, done.stderr.splitlines()[0]) == (code, first_line), done.stderr
+        assert "Traceback" not in done.stderr
