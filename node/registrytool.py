@@ -49,11 +49,20 @@ class ChairError(Exception):
     """A one-line reason the Chair's command cannot be carried out."""
 
 
+#: ms since 1970 are taken from 2001-09-09 (13 digits) on: '20261231' is a date without
+#: its dashes, not 20,261 seconds after 1970, and a key ending then would be long expired.
+MIN_MS_INSTANT = 10**12
+
+
 def parse_instant(text: str) -> int:
-    """``now``, ms since the epoch, a date (midnight UTC) or an ISO 8601 instant → ms."""
+    """``now``, ms since the epoch (13 digits), a date (midnight UTC) or an ISO 8601
+    instant → ms."""
     if text == "now":
         return now_ms()
     if text.isdigit():
+        if not MIN_MS_INSTANT <= int(text) < 10**14:
+            raise ChairError(f"{text!r}: write a date as 2026-12-31, or ms since 1970 "
+                             "(13 digits)")
         return int(text)
     try:
         if len(text) == 10:
@@ -200,13 +209,15 @@ def cmd_add_key(args: argparse.Namespace) -> None:
 
 
 def cmd_end_key(args: argparse.Namespace) -> None:
-    _edit(args, lambda u: end_key(u, parse_public_key(args.key), parse_instant(args.at)),
-          f"key ends at {args.at}")
+    at = parse_instant(args.at)
+    _edit(args, lambda u: end_key(u, parse_public_key(args.key), at),
+          f"key ends at {_iso(at)}")
 
 
 def cmd_revoke_key(args: argparse.Namespace) -> None:
-    _edit(args, lambda u: revoke_key(u, parse_public_key(args.key), parse_instant(args.at)),
-          "key revoked")
+    at = parse_instant(args.at)
+    _edit(args, lambda u: revoke_key(u, parse_public_key(args.key), at),
+          f"key revoked from {_iso(at)}")
 
 
 def _status_command(status: ParticipantStatus) -> Callable[[argparse.Namespace], None]:

@@ -320,3 +320,29 @@ def test_every_key_of_a_sixty_participant_registry_resolves_to_its_own_authority
         registry.public_key_for(key_id(keys[60]), 0)
     assert unknown.value.reason is Reason.KEY_UNKNOWN
     assert registry.participant("ZZ") is None
+
+
+def test_a_key_end_written_as_a_compact_date_is_refused_not_read_as_ms() -> None:
+    """'--at 20261231' was taken as 20,261 seconds after 1970: a key ended then, published,
+    would be expired at once. Now it is refused; dates and 13-digit ms still work."""
+    from node.registrytool import ChairError, parse_instant
+
+    with pytest.raises(ChairError, match=r"write a date as 2026-12-31, or ms since 1970"):
+        parse_instant("20261231")
+    assert parse_instant("2026-12-31") == 1_798_675_200_000
+    assert parse_instant("1798675200000") == 1_798_675_200_000
+    assert parse_instant("2026-12-31T01:00:00+01:00") == 1_798_675_200_000
+
+
+def test_registry_end_key_echoes_the_instant_it_read(tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    key = bytes(network.configs["ZA"].signing_key().verify_key).hex()
+    chair = str(network.base / "chair")
+    ended = kpnode("registry", "end-key", "--key", key, "--at", "2026-12-31", "--dir", chair,
+                   check=False)
+    assert ended.returncode == 0, ended.stderr
+    assert "key ends at 2026-12-31 00:00:00Z" in ended.stdout
+    refused = kpnode("registry", "end-key", "--key", key, "--at", "20261231", "--dir", chair,
+                     check=False)
+    assert refused.returncode == 1
+    assert "write a date as 2026-12-31" in refused.stderr
