@@ -151,9 +151,15 @@ def open_node(args: argparse.Namespace) -> Node:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    chair = bytes.fromhex(args.chair_key) if args.chair_key else b""
-    config = init_node(Path(args.dir), args.participant, authority=args.authority,
-                       broker_urls=args.broker or (), chair_public_key=chair)
+    try:
+        chair = bytes.fromhex(args.chair_key) if args.chair_key else b""
+    except ValueError:
+        raise UserError(f"--chair-key must be hex, not {args.chair_key!r}") from None
+    try:
+        config = init_node(Path(args.dir), args.participant, authority=args.authority,
+                           broker_urls=args.broker or (), chair_public_key=chair)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     public = bytes(config.signing_key().verify_key)
     data = {"directory": str(config.directory), "participant": config.participant,
             "authority": config.authority, "public_key": public.hex(),
@@ -549,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, RegistryFileError, StoreError, RegistryJsonError) as exc:
         print(f"kpnode: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_ENVIRONMENT) from None
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(EXIT_REFUSED) from None
     except OSError as exc:  # a path that is a file, a directory we may not write ...
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"kpnode: {where}{exc.strerror or exc}", file=sys.stderr)

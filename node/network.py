@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from node.brokerurl import broker_url_problem
 from node.chair import sign_registry
 from node.config import CONFIG_NAME, ConfigError, NodeConfig, write_config
 from node.keyfile import write_signing_key
@@ -22,6 +23,7 @@ from protocol import (
     RegistryKey,
     RegistryUpdate,
 )
+from protocol.schema import AUTHORITY_ID, PARTICIPANT_CODE
 
 NAMES = {
     "ZA": "South Africa", "EU": "European Union", "IN": "India", "BW": "Botswana",
@@ -38,13 +40,26 @@ def default_authority(participant: str) -> str:
 
 def init_node(directory: Path, participant: str, *, authority: str | None = None,
               broker_urls: Sequence[str] = (), chair_public_key: bytes = b"") -> NodeConfig:
-    """Create a node directory: a fresh Ed25519 key (mode 0600) and ``node.toml``."""
+    """Create a node directory: a fresh Ed25519 key (mode 0600) and ``node.toml``.
+    Settings every later command would refuse are refused here, before anything is
+    written (ValueError), not after the public key went to the Chair."""
+    authority = authority or default_authority(participant)
+    if not PARTICIPANT_CODE.fullmatch(participant):
+        raise ValueError(f"participant must be a two-letter code in capitals, not "
+                          f"{participant!r}")
+    if not AUTHORITY_ID.fullmatch(authority) or not authority.startswith(participant):
+        raise ValueError(f"authority {authority!r} must start with {participant} (e.g. "
+                          f"{default_authority(participant)})")
+    if chair_public_key and len(chair_public_key) != 32:
+        raise ValueError("the Chair's public key must be 32 bytes (64 hex characters)")
+    for url in broker_urls:
+        if (problem := broker_url_problem(url)) is not None:
+            raise ValueError(f"broker URL {problem}")
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / CONFIG_NAME).exists():
         raise ConfigError(f"{directory / CONFIG_NAME} exists already; not overwriting it")
     config = NodeConfig(directory=directory, participant=participant,
-                        authority=authority or default_authority(participant),
-                        chair_public_key=chair_public_key)
+                        authority=authority, chair_public_key=chair_public_key)
     if broker_urls:
         config = dataclasses.replace(config, broker_urls=tuple(broker_urls))
     key = SigningKey.generate()

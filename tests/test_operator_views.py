@@ -488,3 +488,25 @@ def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
                               capture_output=True, text=True, check=False)
         assert (done.returncode, done.stderr.splitlines()[0]) == (code, first_line), done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--participant", "za"], "participant must be a two-letter code in capitals, not 'za'"),
+    (["--participant", "ZAF"], "participant must be a two-letter code in capitals, not 'ZAF'"),
+    (["--participant", "ZA", "--authority", "IN-KPA"],
+     "authority 'IN-KPA' must start with ZA (e.g. ZA-KPA)"),
+    (["--participant", "ZA", "--chair-key", "zz"], "--chair-key must be hex, not 'zz'"),
+    (["--participant", "ZA", "--chair-key", "abcd"],
+     "the Chair's public key must be 32 bytes (64 hex characters)"),
+    (["--participant", "ZA", "--broker", "http://kpx-za:s3cret@broker/"],
+     "broker URL 'http://kpx-za:***@broker/' is not an amqp:// or amqps:// URL with a host"),
+])
+def test_init_refuses_what_every_later_command_would_and_writes_nothing(
+        tmp_path: Path, args: list[str], says: str) -> None:
+    """init used to write the node (and print the key to send to the Chair) with settings
+    that every later command then refused."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", "init", *args, "--dir",
+                           str(tmp_path / "node")], capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, f"kpnode: {says}")
+    assert not (tmp_path / "node").exists()
