@@ -21,7 +21,7 @@ from typing import Any
 from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config
-from node.evidence import verify_chain
+from node.evidence import unsupported_records, verify_chain
 from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Side, State
@@ -271,9 +271,13 @@ def cmd_verify_log(args: argparse.Namespace) -> None:
             keys += [k.public_key for p in registry.update.participants
                      for a in p.authorities for k in a.keys]
         entries = list(node.store.evidence())
-        faults = verify_chain(entries, keys, node.config.chair_public_key)
-        data = {"entries": len(entries), "ok": not faults, "faults": [str(f) for f in faults]}
-        text = (f"evidence log OK: {len(entries)} entries, chain and every signature verified"
+        records = node.store.records()
+        faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key)]
+        faults += unsupported_records(records, entries)
+        data = {"entries": len(entries), "records": len(records), "ok": not faults,
+                "faults": faults}
+        text = (f"evidence log OK: {len(entries)} entries, chain and every signature "
+                f"verified, and it backs all {len(records)} records"
                 if not faults else "evidence log FAILED:\n" + "\n".join(f"  {f}" for f in faults))
         emit(args, data, text)
         if faults:

@@ -12,7 +12,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import ProtocolError, RegistryUpdate, decode_body, parse_frame, verify_frame
+from node.machine import Record, State
+from protocol import (
+    Kind,
+    ProtocolError,
+    RegistryUpdate,
+    decode_body,
+    parse_frame,
+    verify_frame,
+)
 from protocol.codec import pack, unpack
 from protocol.keys import key_id
 from protocol.reasons import Reason
@@ -80,6 +88,32 @@ def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
         if not problems:
             _learn_keys(e.frame, keys, key_id(chair_public_key))
     return faults
+
+
+def unsupported_records(records: Iterable[Record], entries: Iterable[Entry]) -> list[str]:
+    """Records the log does not back. The chain cannot show entries cut from its end (what
+    is left still links up), but the records those entries justified can: every record
+    needs the frame its message id names, and a confirmed one the import confirmation."""
+    message_ids: set[str] = set()
+    confirmed: set[str] = set()
+    for e in entries:
+        message_ids.add(e.message_id)
+        if e.certificate is not None and e.direction != OPERATOR:
+            try:
+                kind = decode_body(parse_frame(e.frame).body).kind
+            except ProtocolError:
+                continue  # verify_chain reports it
+            if kind is Kind.IMPORT_CONFIRMATION:
+                confirmed.add(e.certificate)
+    problems = []
+    for r in records:
+        if r.message_id not in message_ids:
+            problems.append(f"{r.side} {r.number} ({r.state}): its message {r.message_id} "
+                            "is not in the log")
+        elif r.state is State.CONFIRMED and r.number not in confirmed:
+            problems.append(f"{r.side} {r.number} is confirmed, but no import confirmation "
+                            "for it is in the log")
+    return problems
 
 
 def operator_record(action: str, operator: str, at_ms: int, **fields: Any) -> bytes:

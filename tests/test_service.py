@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from node.evidence import verify_chain
+from node.evidence import unsupported_records, verify_chain
 from node.machine import Record, Refusal, Side, State
 from node.network import create_network
 from node.service import Arrival, CommandRefused, Delivery, Node
@@ -137,6 +137,30 @@ def test_evidence_log_verifies_and_detects_a_changed_byte(nodes: Nodes) -> None:
     za.store.db.execute("UPDATE evidence SET frame=? WHERE seq=?", (bytes(changed), seq))
     faults = verify_chain(za.store.evidence(), keys, chair)
     assert faults and all(f.seq == seq for f in faults)
+
+
+def test_evidence_cut_short_at_its_end_is_caught_by_the_records_it_no_longer_backs(
+        nodes: Nodes) -> None:
+    """Deleting the newest entries leaves a chain that still links up; the records those
+    entries justified show the cut (verify-log reported 'OK' before)."""
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0011", "ZA", "IN"))
+    carry(za, nodes)
+    india.confirm("ZA-2026-0011")
+    carry(india, nodes)
+    keys = [bytes(n.signing_key().verify_key) for n in nodes.values()]
+    for node in (za, india):
+        assert verify_chain(node.store.evidence(), keys, za.config.chair_public_key) == []
+        assert unsupported_records(node.store.records(), node.store.evidence()) == []
+    newest = za.store.db.execute("SELECT max(seq) FROM evidence").fetchone()[0]
+    za.store.db.execute("DELETE FROM evidence WHERE seq = ?", (newest,))  # the confirmation
+    assert verify_chain(za.store.evidence(), keys, za.config.chair_public_key) == []
+    assert unsupported_records(za.store.records(), za.store.evidence()) == [
+        "export ZA-2026-0011 is confirmed, but no import confirmation for it is in the log"]
+    za.store.db.execute("DELETE FROM evidence")
+    (record,) = za.store.records()
+    assert unsupported_records(za.store.records(), za.store.evidence()) == [
+        f"export ZA-2026-0011 (confirmed): its message {record.message_id} is not in the log"]
 
 
 def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nodes) -> None:
