@@ -103,6 +103,8 @@ def test_refusals_reach_the_exporter_with_their_reason(nodes: Nodes, tmp_path: P
     record = za.store.get(Side.EXPORT, "ZA-2026-0005")
     assert record.state is State.REJECTED
     assert record.rejection_reason == "certificate.duplicate_number"
+    for node in (za, india):  # the evidence logs back every record, rejected ones too
+        assert unsupported_records(node.store.records(), node.store.evidence()) == []
 
 
 def test_cancel_and_replace_propagate(nodes: Nodes) -> None:
@@ -121,6 +123,9 @@ def test_cancel_and_replace_propagate(nodes: Nodes) -> None:
     assert za.store.get(Side.EXPORT, "ZA-2026-0007").replaced_by == "ZA-2026-0008"
     with pytest.raises(CommandRefused):
         india.confirm("ZA-2026-0006")
+    # the evidence logs back every record these left (what verify-log checks)
+    for node in (za, india):
+        assert unsupported_records(node.store.records(), node.store.evidence()) == []
 
 
 def test_evidence_log_verifies_and_detects_a_changed_byte(nodes: Nodes) -> None:
