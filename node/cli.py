@@ -239,8 +239,9 @@ def cmd_confirm(args: argparse.Namespace) -> None:
 def cmd_list(args: argparse.Namespace) -> None:
     states = [State(s) for s in args.state or []]
     side = Side(args.side) if args.side else None
+    partner = args.partner.upper() if args.partner else None  # as the registry commands
     with_node(args, lambda node: show_records(
-        args, node.records(side=side, states=states, partner=args.partner), None))
+        args, node.records(side=side, states=states, partner=partner), None))
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -574,4 +575,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m node.cli` runs this file as __main__; the commands' modules import
+    # node.cli, a second copy whose UserError this copy's main would not catch.
+    from node.cli import main as cli_main
+
+    cli_main()

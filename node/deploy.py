@@ -21,11 +21,13 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from node.brokerurl import broker_url_problem
 from node.chair import registry_to_json
 from node.config import CONFIG_NAME, ConfigError, NodeConfig, load_config, write_config
 from node.definitions import (
@@ -77,10 +79,15 @@ def broker_url(template: str, user: str, password: str) -> str:
     """``amqp://{user}:{password}@host:5672/kpx`` with the placeholders filled in,
     percent-encoded: a '/', '@' or ':' in a password chosen by hand would otherwise change
     which host the URL names."""
-    if "{password}" not in template and "{user}" not in template:
-        raise ConfigError(f"broker URL template {template!r} has no {{user}} or {{password}}")
-    return (template.replace("{user}", urllib.parse.quote(user, safe=""))
-            .replace("{password}", urllib.parse.quote(password, safe="")))
+    if not re.search(r"://\{user\}:\{password\}@[^/?#]", template):
+        # The password anywhere else (a host, a path) would be shown wherever the URL is.
+        raise ConfigError(f"broker URL template {template!r} must look like "
+                          "amqp://{user}:{password}@host:5672/vhost")
+    url = (template.replace("{user}", urllib.parse.quote(user, safe=""))
+           .replace("{password}", urllib.parse.quote(password, safe="")))
+    if (problem := broker_url_problem(url)) is not None:
+        raise ConfigError(f"broker URL template: {problem}")
+    return url
 
 
 def read_registry(path: Path, chair_public_key: bytes) -> Registry:
@@ -224,6 +231,11 @@ def cmd_network(args: argparse.Namespace) -> None:
     bad = [c for c in codes if not PARTICIPANT_CODE.fullmatch(c)]
     if bad:
         raise UserError(f"--participants: not a two-letter code: {', '.join(bad)}")
+    repeated = sorted({c for c in codes if codes.count(c) > 1})
+    if repeated:  # before anything is written: a half-made network is not made again
+        raise UserError(f"--participants: {', '.join(repeated)} given more than once")
+    if args.delivery_limit < 1:
+        raise UserError("--delivery-limit must be at least 1")
     done = provision(Path(args.dir), codes, args.broker, vhost=args.vhost,
                      delivery_limit=args.delivery_limit)
     nodes = sorted(done.node_dirs())

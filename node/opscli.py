@@ -238,8 +238,8 @@ def cmd_stats(args: argparse.Namespace) -> None:
         threshold = Decimal(args.valuation_threshold) / 100
     except InvalidOperation:
         raise UserError("--valuation-threshold is a percentage, e.g. 10") from None
-    if threshold <= 0:
-        raise UserError("--valuation-threshold must be more than 0")
+    if not threshold.is_finite() or threshold <= 0:
+        raise UserError("--valuation-threshold must be a percentage above 0, e.g. 10")
 
     def run(node: Node) -> None:
         report = quarterly_report(node.me, node.store.records(), quarter, threshold)

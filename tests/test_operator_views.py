@@ -510,3 +510,45 @@ def test_init_refuses_what_every_later_command_would_and_writes_nothing(
                           check=False)
     assert (done.returncode, done.stderr.strip()) == (1, f"kpnode: {says}")
     assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["deploy", "network", "--participants", "ZA,ZA", "--broker",
+      "amqp://{user}:{password}@broker/kpx"], "--participants: ZA given more than once"),
+    (["deploy", "network", "--participants", "ZA,IN", "--broker",
+      "amqp://{user}:{password}@broker/kpx", "--delivery-limit", "0"],
+     "--delivery-limit must be at least 1"),
+    (["deploy", "network", "--participants", "ZA,IN", "--broker", "amqp://{password}/kpx"],
+     "broker URL template 'amqp://{password}/kpx' must look like "
+     "amqp://{user}:{password}@host:5672/vhost"),
+])
+def test_deploy_network_refuses_bad_input_before_writing_anything(
+        tmp_path: Path, args: list[str], says: str) -> None:
+    """ZA,ZA left a half-made network (and a FileExistsError on the next try); a template
+    with the password where the host goes would print it in every connection error."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--dir",
+                           str(tmp_path / "net")], capture_output=True, text=True, check=False)
+    assert done.returncode in (1, 3)
+    assert done.stderr.strip() == f"kpnode: {says}"
+    assert not (tmp_path / "net").exists() or list((tmp_path / "net").iterdir()) == []
+
+
+def test_stats_and_list_take_what_an_operator_types(tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    try:
+        nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN"))
+    finally:
+        for node in nodes.values():
+            node.close()
+    za = str(network.configs["ZA"].directory)
+    kpnode = [sys.executable, "-m", "node.cli"]
+    listed = subprocess.run([*kpnode, "list", "--partner", "in", "--json", "--dir", za],
+                            capture_output=True, text=True, check=True)
+    assert [r["number"] for r in json.loads(listed.stdout)] == ["ZA-2026-0001"]
+    for args, says in ((["--quarter", "0000Q1"], "a quarter looks like 2026Q1, not '0000Q1'"),
+                       (["--quarter", "2026Q1", "--valuation-threshold", "NaN"],
+                        "--valuation-threshold must be a percentage above 0, e.g. 10")):
+        done = subprocess.run([*kpnode, "stats", *args, "--dir", za], capture_output=True,
+                              text=True, check=False)
+        assert (done.returncode, done.stderr.strip()) == (1, f"kpnode: {says}")
