@@ -224,6 +224,16 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
     return Provisioned(base, created, chair_public, registry, out, passwords)
 
 
+def _delivery_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 def cmd_network(args: argparse.Namespace) -> None:
     from node.cli import UserError
 
@@ -234,8 +244,6 @@ def cmd_network(args: argparse.Namespace) -> None:
     repeated = sorted({c for c in codes if codes.count(c) > 1})
     if repeated:  # before anything is written: a half-made network is not made again
         raise UserError(f"--participants: {', '.join(repeated)} given more than once")
-    if args.delivery_limit < 1:
-        raise UserError("--delivery-limit must be at least 1")
     done = provision(Path(args.dir), codes, args.broker, vhost=args.vhost,
                      delivery_limit=args.delivery_limit)
     nodes = sorted(done.node_dirs())
@@ -287,8 +295,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     def topology(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--vhost", default=DEFAULT_VHOST, help="virtual host (default kpx)")
-        sp.add_argument("--delivery-limit", type=int, default=5,
-                        help="deliveries before an inbox message is dead-lettered")
+        sp.add_argument("--delivery-limit", type=_delivery_limit, default=5,
+                        help="deliveries before an inbox message is dead-lettered (1 or more)")
 
     help_ = "RabbitMQ definitions (users, permissions, queues, policies) from the registry"
     sp = dsub.add_parser("definitions", help=help_, description=help_, parents=[json_only])
