@@ -234,6 +234,14 @@ def cmd_embargo(args: argparse.Namespace) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
+    from node.brokerurl import broker_url_problem
+
+    # Refused before anything is signed or written: a version once signed stays on record.
+    for url in args.broker or ():
+        if (problem := broker_url_problem(url)) is not None:
+            raise ChairError(f"--broker: {problem}")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ChairError(f"--out: no directory {Path(args.out).resolve().parent}")
     chair = ChairDirectory(Path(args.dir))
     update = chair.load()
     frame = sign_registry(update, chair.key(), now_ms())
@@ -256,13 +264,15 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 
 async def _send(urls: list[str], frame: bytes) -> str:
+    from node.brokerclient import amqp_library_logs_quiet
     from node.brokerurl import redact, why_connect_failed
     from node.transport import publish_registry
 
     errors = []
     for url in urls:
         try:
-            await publish_registry(url, frame)
+            with amqp_library_logs_quiet():
+                await publish_registry(url, frame)
             return redact(url)
         except Exception as exc:  # any broker failure: try the next endpoint, then report
             errors.append(f"{redact(url)}: {why_connect_failed(url, exc)}")

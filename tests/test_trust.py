@@ -346,3 +346,18 @@ def test_registry_end_key_echoes_the_instant_it_read(tmp_path: Path) -> None:
                      check=False)
     assert refused.returncode == 1
     assert "write a date as 2026-12-31" in refused.stderr
+
+
+def test_registry_publish_refuses_a_bad_broker_or_out_before_signing(tmp_path: Path) -> None:
+    """A version once signed stays on record: bad options are refused before it is."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    chair = network.base / "chair"
+    for args, says in (
+            (["--broker", "http://kpx-chair:s3cret@broker/"],
+             "kpnode: --broker: 'http://kpx-chair:***@broker/' is not an amqp:// or amqps:// "
+             "URL with a host"),
+            (["--out", str(tmp_path / "missing" / "registry.kpx")],
+             f"kpnode: --out: no directory {tmp_path / 'missing'}")):
+        done = kpnode("registry", "publish", *args, "--dir", str(chair), check=False)
+        assert (done.returncode, done.stderr.strip()) == (1, says)
+    assert not (chair / "published").exists()
