@@ -80,7 +80,10 @@ def decrypt_seed(text: str, passphrase: str, path: Path) -> bytes:
             raise ValueError("key derivation parameters out of range")
         if len(salt) != argon2id.SALTBYTES:
             raise ValueError("bad salt length")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if len(box) != SecretBox.NONCE_SIZE + SecretBox.MACBYTES + 32:
+            # A box of any other length cannot hold a seed: not a wrong passphrase.
+            raise ValueError("the encrypted seed has the wrong length")
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise KeyFileError(f"encrypted signing key {path} is malformed: {exc}") from None
     try:
         seed = SecretBox(_derive(passphrase, salt, opslimit, memlimit)).decrypt(box)
@@ -131,11 +134,13 @@ def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey
     :func:`passphrase_from_environment`; a file others can read is refused."""
     try:
         mode = path.stat().st_mode
-        text = path.read_text().strip()
+        text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         raise KeyFileError(f"signing key {path} not found") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"signing key {path} is neither hex nor an encrypted key") from None
     if mode & 0o077:
         raise KeyFileError(f"signing key {path} is readable by others (mode "
                            f"{mode & 0o777:o}); chmod 600 it, and consider the key exposed")

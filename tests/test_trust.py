@@ -275,6 +275,15 @@ def test_key_file_readable_by_others_or_damaged_is_refused(tmp_path: Path) -> No
     os.close(fd)
     with pytest.raises(KeyFileError, match="malformed"):
         read_signing_key(damaged, passphrase="a passphrase long enough")
+    good = json.loads(encrypt_seed(b"\1" * 32, "a passphrase long enough"))
+    for change, says in (({"opslimit": 1e400}, "malformed"),  # was an OverflowError
+                         ({"box": good["box"][:-2]}, "the encrypted seed has the wrong length")):
+        damaged.write_text(json.dumps({**good, **change}))
+        with pytest.raises(KeyFileError, match=says):  # not "wrong passphrase"
+            read_signing_key(damaged, passphrase="a passphrase long enough")
+    damaged.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(KeyFileError, match="neither hex nor an encrypted key"):
+        read_signing_key(damaged)
     with pytest.raises(KeyFileError, match="too short"):
         encrypt_seed(b"\0" * 32, "short")
     assert key_id(bytes(SigningKey.generate().verify_key))
