@@ -161,7 +161,7 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
     session.expires_at = time.monotonic() + SESSION_SECONDS
     request[SESSION] = session
     if request.method == "POST":
-        form = await request.post()
+        form = await read_form(request)
         if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
             return page(request, "Refused", "<p class=error>The form's security token does "
                         "not match this session; reload the page and try again.</p>",
@@ -186,9 +186,17 @@ def login_form(csrf: str, error: str) -> str:
             "</code> on the node.</p>")
 
 
+async def read_form(request: web.Request) -> Any:
+    """The posted form; one that is not UTF-8 (or not a form) is a 400, not a 500."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, ValueError, LookupError):
+        raise web.HTTPBadRequest(text="the form could not be read (it must be UTF-8)") from None
+
+
 async def post_login(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB_CONTEXT]
-    form = await request.post()
+    form = await read_form(request)
     expected = request.cookies.get(LOGIN_COOKIE, "")
     if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
         return page(request, "Log in", login_form(expected, "<p class=error>The login form "
@@ -348,7 +356,7 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
         return principal
     ctx = request.app[WEB_CONTEXT]
     number = request.match_info["number"]
-    form = await request.post()
+    form = await read_form(request)
     record = ctx.node.store.get(Side.IMPORT, number)
     problems: list[str] = []
     lines: list[Line] = []
@@ -425,7 +433,7 @@ async def cancel_export(request: web.Request) -> web.StreamResponse:
         return principal
     ctx = request.app[WEB_CONTEXT]
     number = request.match_info["number"]
-    form = await request.post()
+    form = await read_form(request)
     try:
         ctx.node.cancel(number, str(form.get("reason", "")))
     except CommandRefused as exc:
@@ -493,7 +501,7 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
     if isinstance(principal, web.Response):
         return principal
     ctx = request.app[WEB_CONTEXT]
-    form = await request.post()
+    form = await read_form(request)
     values = {k: str(form.get(k, "")).strip() for k in
               (*ISSUE_FIELDS, *(f"{x}{i}" for x in ("hs", "carats", "usd") for i in range(3)))}
     problems: list[str] = []

@@ -49,7 +49,11 @@ from protocol import (
 from protocol.codec import decode_body
 from protocol.frame import verify_frame
 from protocol.keys import key_id
-from protocol.schema import validate_import_confirmation
+from protocol.schema import (
+    validate_cancellation,
+    validate_import_confirmation,
+    validate_replacement,
+)
 
 
 class Side(StrEnum):
@@ -497,6 +501,11 @@ def issue(ctx: Context, certificate: Certificate, known: Known,
     if replacing is not None:
         payload = Replacement(replaces=replacing[0].number, reason=replacing[1],
                               certificate=certificate)
+        try:  # the rules the partner applies: a reason it refuses would split the records
+            validate_replacement(payload.to_wire())
+        except ProtocolError as exc:
+            return refuse(exc.reason, exc.text, problems=exc.problems,
+                          certificate=certificate.number)
     sealed = ctx.seal(certificate.destination, payload)
     record = Record(
         side=Side.EXPORT, number=certificate.number, partner=certificate.destination,
@@ -525,7 +534,12 @@ def cancel(ctx: Context, record: Record, reason: str) -> Decision:
                       f"{record.number} is {record.state}; it can no longer be cancelled")
     if not reason.strip():
         return refuse(Reason.REQUIRED, "a cancellation needs a reason")
-    sealed = ctx.seal(record.partner, Cancellation(certificate=record.number, reason=reason))
+    cancellation = Cancellation(certificate=record.number, reason=reason)
+    try:  # the rules the partner applies: a reason it refuses would split the records
+        validate_cancellation(cancellation.to_wire())
+    except ProtocolError as exc:
+        return refuse(exc.reason, exc.text, problems=exc.problems, certificate=record.number)
+    sealed = ctx.seal(record.partner, cancellation)
     return Decision(records=(record.moved(State.CANCELLED, ctx.now_ms,
                                           rejection_text=reason),), send=(sealed,))
 

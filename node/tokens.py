@@ -75,6 +75,8 @@ class Tokens:
         return self._entries
 
     def authenticate(self, token: str) -> Principal | None:
+        if not token.isascii():  # issued tokens are ASCII; header bytes may be anything
+            return None
         digest = token_hash(token)
         found: Principal | None = None
         for entry in self.entries():

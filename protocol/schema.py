@@ -580,3 +580,11 @@ def validate_certificate(value: object) -> Certificate:
 
 def validate_import_confirmation(value: object) -> ImportConfirmation:
     return validate(parse_import_confirmation, value, "import confirmation")
+
+
+def validate_cancellation(value: object) -> Cancellation:
+    return validate(_cancellation, value, "cancellation")
+
+
+def validate_replacement(value: object) -> Replacement:
+    return validate(_replacement, value, "replacement")

@@ -374,3 +374,47 @@ async def test_a_token_made_with_kpnode_works_at_once_and_is_kept_hashed(
     assert response.status == 200
     assert token not in (directory / "tokens.json").read_text()
     assert (directory / "tokens.json").stat().st_mode & 0o077 == 0
+
+
+async def test_requests_that_were_500s_are_refused_with_a_reason(
+        pair: tuple[Served, Served]) -> None:
+    """Found by a review: each of these was a 500 with a traceback, or worse, a 200."""
+    za, india = pair
+    officer = za.auth("officer")
+    await issue(za, "ZA-2026-0001")
+    carry(za.node, {"IN": india.node})
+    # A cancellation or replacement reason the partner's schema refuses (over 2,000
+    # characters, or a lone surrogate) was accepted here and refused there: the two sides'
+    # records split. It is refused here, and nothing changes.
+    for reason in ("x" * 2001, "\udfff"):
+        response = await za.client.post(
+            f"{API}/certificates/ZA-2026-0001/cancel", headers=officer,
+            data=json.dumps({"reason": reason}))
+        assert response.status == 400, await response.text()
+        assert (await response.json())["problems"][0]["path"] == "reason"
+        response = await za.client.post(
+            f"{API}/certificates/ZA-2026-0001/replace", headers=officer,
+            json={"reason": reason,
+                  "certificate": certificate_json("ZA-2026-0002", "ZA", "IN")})
+        assert response.status == 400, await response.text()
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.ISSUED
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0002") is None
+    assert za.node.store.due(2**62, 10) == []  # nothing went out
+    # A token that is not ASCII (raw header bytes) is no token.
+    response = await za.client.get(f"{API}/status",
+                                   headers={"Authorization": "Bearer \u00e9\u00e9"})
+    assert response.status == 401
+    # Too deep a body, or a charset nobody knows.
+    response = await za.client.post(f"{API}/certificates/validate", headers=officer,
+                                    data=b"[" * 100_000 + b"]" * 100_000)
+    assert response.status == 400
+    assert (await response.json())["error"] == "request.malformed"
+    response = await za.client.post(
+        f"{API}/certificates/validate", data=b"{}",
+        headers={**officer, "Content-Type": "application/json; charset=bogus"})
+    assert response.status == 200  # read as the UTF-8 JSON is
+    # A console form that is not UTF-8.
+    response = await za.client.post(
+        "/console/login", data=b"token=\xff&csrf=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 400
