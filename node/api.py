@@ -4,8 +4,9 @@ A thin shell over :class:`node.service.Node`: each handler parses the request, c
 same Node method ``kpnode`` calls, and answers with the same JSON (``node/views.py``).
 Bearer tokens (``node/tokens.py``) carry a role: *officer* may issue, replace, cancel and
 confirm; *monitor* may only read. Every call is chained into the evidence log with who
-made it. Calls that create something take an ``Idempotency-Key``: a retry with the same
-key gets the first answer again, byte for byte, and never acts twice.
+made it (calls without a working token only up to a budget, ``AnonymousBudget``). Calls
+that create something take an ``Idempotency-Key``: a retry with the same key gets the
+first answer again, byte for byte, and never acts twice.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from node.service import CommandRefused, Node
 from node.stats import Quarter
 from node.store import StoreError
 from node.tokens import Principal, TokenError, Tokens
-from node.views import history_json, record_json
+from node.views import history_json, parse_whole_number, record_json
 from node.webcontext import (
     WEB_CONTEXT,
     StatisticsProvider,
@@ -368,7 +369,7 @@ async def get_certificates(request: web.Request) -> web.Response:
 
 def _int_query(text: str, name: str, low: int, high: int, problems: list[Problem]) -> int:
     try:
-        value = int(text)
+        value = parse_whole_number(text)
     except ValueError:
         value = low - 1
     if not low <= value <= high:

@@ -29,7 +29,7 @@ from node.machine import OPEN_STATES, Record, Side, State
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
 from node.tokens import Principal, TokenError
-from node.views import carats, history_json, parse_amount, usd
+from node.views import carats, history_json, parse_amount, parse_whole_number, usd
 from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, quarter_of, refusal_problems
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
 
@@ -374,7 +374,8 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
             except ValueError as exc:
                 problems.append(f"{line.hs_code}: {exc}")
         try:
-            parcels = int(str(form.get("parcels") or record.certificate.parcels))
+            parcels = parse_whole_number(str(form.get("parcels") or
+                                             record.certificate.parcels).strip())
             received_on = (dt.date.fromisoformat(str(form["received_on"]))
                            if form.get("received_on") else None)
         except ValueError:
@@ -516,7 +517,7 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
         except ValueError as exc:
             problems.append(f"line {i + 1}: {exc}")
     try:
-        parcels: object = int(values["parcels"])
+        parcels: object = parse_whole_number(values["parcels"].strip())
     except ValueError:
         parcels = values["parcels"]
     data = {

@@ -47,6 +47,17 @@ def parse_amount(text: str, what: str) -> int:
     return int(scaled)
 
 
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def parse_whole_number(text: str) -> int:
+    """ASCII digits only: Python's ``int`` also takes '1_000', ' 7 ' and other scripts'
+    digits (full-width '10'), which a form or query string should not pass as a count."""
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise ValueError(f"a whole number in digits 0-9 is required, not {text[:40]!r}")
+    return int(text)
+
+
 def record_json(record: Record) -> dict[str, Any]:
     c = record.certificate
     return {

@@ -4,10 +4,13 @@ statistics come from, how a call is recorded as evidence, and how a refusal maps
 from __future__ import annotations
 
 import datetime as dt
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from node.evidence import OPERATOR, operator_record
@@ -22,6 +25,43 @@ StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 StatisticsProvider = Callable[[Quarter], Mapping[str, Any]]
 DeadLetterDepth = Callable[[], Awaitable[int | None]]
 
+log = structlog.get_logger("kpx.web")
+
+
+@dataclass(slots=True)
+class AnonymousBudget:
+    """How many calls without a working token are chained into the evidence log: at most
+    ``per_window`` in each ``window_seconds``. The others are counted, and the next call
+    recorded says how many were left out before it.
+
+    Authenticated calls are always recorded: a token names who is accountable. Anyone who
+    can reach the port can make anonymous calls, and without a bound could grow a permanent,
+    hash-chained log (and fill the disk) at will."""
+
+    per_window: int = 60
+    window_seconds: float = 3600.0
+    clock: Callable[[], float] = time.monotonic
+    _window_start: float = -math.inf
+    _recorded: int = 0
+    _left_out: int = 0
+
+    def admit(self) -> int | None:
+        """None when this call is to be left out (it is counted); otherwise record it,
+        with the number of calls left out since the last one recorded."""
+        now = self.clock()
+        if now - self._window_start >= self.window_seconds:
+            self._window_start, self._recorded = now, 0
+        if self._recorded >= self.per_window:
+            if self._left_out == 0:
+                log.warning("anonymous calls beyond the evidence log's budget are counted, "
+                            "not recorded, until the window ends",
+                            per_window=self.per_window, window_seconds=self.window_seconds)
+            self._left_out += 1
+            return None
+        self._recorded += 1
+        left_out, self._left_out = self._left_out, 0
+        return left_out
+
 
 @dataclass(slots=True)
 class WebContext:
@@ -33,6 +73,8 @@ class WebContext:
     statistics: StatisticsProvider | None = None
     #: messages waiting in the broker's dead-letter queue, or None when unknown
     dead_letter_depth: DeadLetterDepth | None = None
+    #: bounds the evidence entries of calls made without a working token
+    anonymous: AnonymousBudget = field(default_factory=AnonymousBudget)
     extra: dict[str, Any] = field(default_factory=dict)
 
     async def status_document(self) -> Mapping[str, Any]:
@@ -49,12 +91,22 @@ class WebContext:
                     *, certificate: str | None = None, idempotency_key: str | None = None,
                     via: str = "api") -> None:
         """Chain the call into the evidence log as an operator entry: who (the token's name,
-        or ``anonymous`` when it had none that worked), what, with which outcome."""
+        or ``anonymous`` when it had none that worked), what, with which outcome. Anonymous
+        calls only within :class:`AnonymousBudget`; an entry that follows calls left out
+        carries their number as ``left_out``."""
+        extra: dict[str, int] = {}
+        if principal is None:
+            left_out = self.anonymous.admit()
+            if left_out is None:
+                return
+            if left_out:
+                extra["left_out"] = left_out
         at = now_ms()
         entry = operator_record(f"{via}.call", principal.name if principal else ANONYMOUS, at,
                                 role=str(principal.role) if principal else None,
                                 method=method, path=path, status=status,
-                                certificate=certificate, idempotency_key=idempotency_key)
+                                certificate=certificate, idempotency_key=idempotency_key,
+                                **extra)
         store = self.node.store
         with store.transaction():
             store.append_evidence(OPERATOR, entry, new_message_id(), None, at)

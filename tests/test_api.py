@@ -24,7 +24,7 @@ from node.network import create_network
 from node.openapi import openapi_document
 from node.service import Node
 from node.tokens import Tokens
-from node.webcontext import quarter_of
+from node.webcontext import AnonymousBudget, quarter_of
 from protocol import ParticipantStatus, parse_frame
 from tests.netutil import carry, certificate_json
 from tests.webutil import Served, serve
@@ -215,6 +215,12 @@ async def test_list_filters_both_ways_and_show_gives_the_signed_history(
     response = await za.client.get(f"{API}/certificates?state=lost&side=up", headers=monitor)
     assert response.status == 400
     assert {p["path"] for p in (await response.json())["problems"]} == {"state", "side"}
+    # int() would read these as 10: only ASCII digits count
+    for limit in ("1_0", "\uff11\uff10", "+10", "%2010"):
+        response = await za.client.get(f"{API}/certificates?limit={limit}&offset=0",
+                                       headers=monitor)
+        assert response.status == 400, limit
+        assert [p["path"] for p in (await response.json())["problems"]] == ["limit"]
     response = await za.client.get(f"{API}/certificates/ZA-2026-0001", headers=monitor)
     shown = await response.json()
     assert [h["kind"] for h in shown["history"]] == ["certificate", "receipt"]
@@ -358,6 +364,32 @@ async def test_every_call_is_in_the_evidence_log_with_who_made_it(
         ("anonymous", "api.call", "GET", f"{API}/certificates", 401),
     ]
     assert calls[0]["certificate"] == "ZA-2026-0001"
+    verified = kpnode("verify-log", "--json", "--dir", str(za.node.config.directory))
+    assert json.loads(verified)["ok"] is True
+
+
+async def test_anonymous_calls_cannot_grow_the_evidence_log_without_bound(
+        pair: tuple[Served, Served]) -> None:
+    """Past the budget, calls without a working token are counted, not chained; the next
+    one recorded says how many were left out. Calls with a token are always recorded."""
+    za, _ = pair
+    now = [0.0]
+    za.context.anonymous = AnonymousBudget(per_window=2, window_seconds=60,
+                                           clock=lambda: now[0])
+    bad = {"Authorization": "Bearer wrong"}
+    for _ in range(5):
+        assert (await za.client.get(f"{API}/certificates", headers=bad)).status == 401
+    assert (await za.client.get(f"{API}/certificates")).status == 401  # no token at all
+    await za.client.get(f"{API}/status", headers=za.auth("monitor"))
+    now[0] = 60.0
+    assert (await za.client.get(f"{API}/certificates", headers=bad)).status == 401
+    calls = api_entries(za.node)
+    assert [(c["operator"], c["path"], c.get("left_out")) for c in calls] == [
+        ("anonymous", f"{API}/certificates", None),
+        ("anonymous", f"{API}/certificates", None),
+        ("za-monitor", f"{API}/status", None),
+        ("anonymous", f"{API}/certificates", 4),
+    ]
     verified = kpnode("verify-log", "--json", "--dir", str(za.node.config.directory))
     assert json.loads(verified)["ok"] is True
 
