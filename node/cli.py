@@ -554,6 +554,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CommandRefused as exc:
         print(f"kpnode: refused: {exc.refusal}", file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None
+    except registrytool.BrokerUnreachable as exc:
+        print(f"kpnode: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ENVIRONMENT) from None
     except (UserError, ProtocolError, registrytool.ChairError) as exc:
         print(f"kpnode: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None

@@ -49,6 +49,11 @@ class ChairError(Exception):
     """A one-line reason the Chair's command cannot be carried out."""
 
 
+class BrokerUnreachable(ChairError):
+    """The signed registry could not be handed to the broker (exit 3, like the node's
+    other commands that need a service they cannot reach)."""
+
+
 #: ms since 1970 are taken from 2001-09-09 (13 digits) on: '20261231' is a date without
 #: its dashes, not 20,261 seconds after 1970, and a key ending then would be long expired.
 MIN_MS_INSTANT = 10**12
@@ -235,6 +240,7 @@ def cmd_embargo(args: argparse.Namespace) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> None:
     from node.brokerurl import broker_url_problem
+    from node.registry import open_registry_frame
 
     # Refused before anything is signed or written: a version once signed stays on record.
     for url in args.broker or ():
@@ -243,27 +249,44 @@ def cmd_publish(args: argparse.Namespace) -> None:
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise ChairError(f"--out: no directory {Path(args.out).resolve().parent}")
     chair = ChairDirectory(Path(args.dir))
-    update = chair.load()
-    frame = sign_registry(update, chair.key(), now_ms())
-    published = chair.directory / PUBLISHED
-    published.mkdir(exist_ok=True)
-    (published / f"registry-v{update.version:06d}.kpx").write_bytes(frame)
-    (chair.directory / SIGNED).write_bytes(frame)
-    outputs = [str(chair.directory / SIGNED)]
+    signed = chair.directory / SIGNED
+    outputs = []
+    if args.resend:
+        # The same bytes again, never a second signature over a version: nodes handed the
+        # file and nodes reached through the broker must hold one and the same frame.
+        if not args.broker and not args.out:
+            raise ChairError("--resend needs --broker or --out: where to send it")
+        try:
+            frame = signed.read_bytes()
+        except FileNotFoundError:
+            raise ChairError(f"nothing signed yet: no {signed}") from None
+        version = open_registry_frame(frame, bytes(chair.key().verify_key)).version
+    else:
+        update = chair.load()
+        version = update.version
+        frame = sign_registry(update, chair.key(), now_ms())
+        published = chair.directory / PUBLISHED
+        published.mkdir(exist_ok=True)
+        (published / f"registry-v{version:06d}.kpx").write_bytes(frame)
+        signed.write_bytes(frame)
+        outputs.append(str(signed))
+        # The draft moves on as soon as the version is signed and on record, whether or not
+        # the broker takes it: a retry resends these bytes (--resend), it does not re-sign.
+        chair.save(update.__class__(version=version + 1, participants=update.participants,
+                                    embargoed_origins=update.embargoed_origins))
     if args.out:
         Path(args.out).write_bytes(frame)
         outputs.append(args.out)
     sent_to = None
     if args.broker:
-        sent_to = asyncio.run(_send(args.broker, frame))
-    chair.save(update.__class__(version=update.version + 1, participants=update.participants,
-                                embargoed_origins=update.embargoed_origins))
+        sent_to = asyncio.run(_send(args.broker, frame, version, outputs))
     where = ", ".join(outputs) + (f" and to every node through {sent_to}" if sent_to else "")
-    _emit(args, {"version": update.version, "files": outputs, "broker": sent_to},
-          f"registry version {update.version} signed and published to {where}")
+    _emit(args, {"version": version, "files": outputs, "broker": sent_to},
+          f"registry version {version} {'sent again' if args.resend else 'signed and published'}"
+          f" to {where}")
 
 
-async def _send(urls: list[str], frame: bytes) -> str:
+async def _send(urls: list[str], frame: bytes, version: int, outputs: list[str]) -> str:
     from node.brokerclient import amqp_library_logs_quiet
     from node.brokerurl import redact, why_connect_failed
     from node.transport import publish_registry
@@ -276,8 +299,11 @@ async def _send(urls: list[str], frame: bytes) -> str:
             return redact(url)
         except Exception as exc:  # any broker failure: try the next endpoint, then report
             errors.append(f"{redact(url)}: {why_connect_failed(url, exc)}")
-    raise ChairError("could not publish to the broker (the signed file is written; run "
-                     "publish again or hand the file to the nodes): " + "; ".join(errors))
+    written = f" (written to {', '.join(outputs)})" if outputs else ""
+    raise BrokerUnreachable(
+        f"registry version {version} is signed{written} but could not be sent to the "
+        f"broker: {'; '.join(errors)}. Send it again with 'kpnode registry publish --resend "
+        "--broker URL', or hand the file to the nodes")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -329,3 +355,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp.add_argument("--broker", action="append", help="AMQP URL (repeat for a cluster); "
                     "without it only files are written")
     sp.add_argument("--out", help="also write the signed registry here")
+    sp.add_argument("--resend", action="store_true", help="send the last signed version "
+                    "again (to --broker, --out) without signing anything")
