@@ -426,5 +426,8 @@ def api_app(node: Node, tokens: Tokens, *, status: StatusProvider | None = None,
     app[WEB_CONTEXT] = context or WebContext(node, tokens, status=status,
                                              statistics=statistics)
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        if method == "GET":  # HEAD too (RFC 9110 9.3.2): monitoring probes use it
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)
     return app

@@ -347,6 +347,11 @@ async def test_unknown_routes_and_methods_answer_json(pair: tuple[Served, Served
     response = await za.client.delete(f"{API}/certificates", headers=za.auth("officer"))
     assert response.status == 405
     assert (await response.json())["error"] == "request.method_not_allowed"
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "POST"}
+    response = await za.client.head(f"{API}/status", headers=za.auth("monitor"))
+    assert response.status == 200 and await response.read() == b""
+    response = await za.client.head(f"{API}/status")
+    assert response.status == 401
 
 
 async def test_every_call_is_in_the_evidence_log_with_who_made_it(
