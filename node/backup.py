@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from node.config import CONFIG_NAME, ConfigError, NodeConfig, load_config
+from node.store import require_database
 
 #: Files of a node directory the archive carries besides the database.
 CARRIED = (CONFIG_NAME,)
@@ -30,6 +31,7 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
     """Write ``out`` (tar.gz, mode 0600); returns the member names."""
     if out.exists():
         raise ConfigError(f"{out} exists already; not overwriting a backup")
+    require_database(config.database_path)  # sqlite3.connect would make an empty one
     members: list[str] = []
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:

@@ -16,6 +16,7 @@ from node.config import CONFIG_NAME, ConfigError, NodeConfig, write_config
 from node.keyfile import write_signing_key
 from node.registrytool import ChairDirectory
 from node.service import now_ms
+from node.store import Store
 from protocol import (
     Authority,
     ParticipantEntry,
@@ -56,14 +57,16 @@ def init_node(directory: Path, participant: str, *, authority: str | None = None
         if (problem := broker_url_problem(url)) is not None:
             raise ValueError(f"broker URL {problem}")
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / CONFIG_NAME).exists():
-        raise ConfigError(f"{directory / CONFIG_NAME} exists already; not overwriting it")
     config = NodeConfig(directory=directory, participant=participant,
                         authority=authority, chair_public_key=chair_public_key)
+    for existing in (directory / CONFIG_NAME, config.database_path):
+        if existing.exists():
+            raise ConfigError(f"{existing} exists already; not overwriting it")
     if broker_urls:
         config = dataclasses.replace(config, broker_urls=tuple(broker_urls))
     key = SigningKey.generate()
     write_signing_key(config.path(config.signing_key_file), key)
+    Store(config.database_path).close()
     write_config(config)
     return config
 

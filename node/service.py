@@ -154,7 +154,7 @@ class Node:
         """Open the node's store and the newest verified registry (file or database)."""
         signing_key = config.signing_key()
         other_keys = config.rotated_keys()
-        store = Store(config.database_path)
+        store = Store(config.database_path, create=False)
         try:
             registry = load_registry(config, store)
         except BaseException:

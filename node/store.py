@@ -120,9 +120,21 @@ class StoreError(Exception):
     """The database cannot be used (locked for too long, disk full, corrupt ...)."""
 
 
+def require_database(path: Path) -> None:
+    """StoreError unless a node's database is there: see ``Store(create=False)``."""
+    if not path.exists():
+        raise StoreError(f"no database at {path} ('kpnode init' creates it; 'kpnode "
+                         "restore' brings one back from a backup)")
+
+
 class Store:
-    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True) -> None:
+        """Open (``create``: or make) the database at ``path``. A node opens its own with
+        ``create=False``: a database gone missing (a volume not mounted, a typo in
+        ``node.toml``) must be an error, not a fresh empty store that forgets every loop."""
         self.path = Path(path)
+        if not create:
+            require_database(self.path)
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                       check_same_thread=False)

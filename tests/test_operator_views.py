@@ -490,6 +490,34 @@ def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
 
 
+def test_a_missing_database_is_an_error_not_a_fresh_empty_one(tmp_path: Path) -> None:
+    """A data volume not mounted, or a database moved away: every command says so (exit 3)
+    instead of creating an empty database that knows no certificate and no sent message."""
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    za = network.configs["ZA"].directory
+    database = za / "node.sqlite3"
+    assert database.exists()  # kpnode init made it
+    database.unlink()
+    for args in (["list"], ["show", "ZA-2026-0001"], ["verify-log"], ["run"],
+                 ["backup", "--out", str(tmp_path / "b.tar.gz")]):
+        done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--dir", str(za)],
+                              capture_output=True, text=True, check=False, timeout=60)
+        assert done.returncode == 3, (args, done.stderr)
+        assert done.stderr.startswith(f"kpnode: no database at {database} ('kpnode init' "
+                                      "creates it;"), (args, done.stderr)
+        assert not database.exists()
+    assert not (tmp_path / "b.tar.gz").exists()
+    # ... and init does not adopt a database left in a directory without node.toml
+    leftover = tmp_path / "leftover"
+    leftover.mkdir()
+    (leftover / "node.sqlite3").write_bytes(b"someone's records")
+    done = subprocess.run([sys.executable, "-m", "node.cli", "init", "--participant", "ZA",
+                           "--dir", str(leftover)], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stderr) == (
+        3, f"kpnode: {leftover / 'node.sqlite3'} exists already; not overwriting it\n")
+    assert sorted(p.name for p in leftover.iterdir()) == ["node.sqlite3"]
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--participant", "za"], "participant must be a two-letter code in capitals, not 'za'"),
     (["--participant", "ZAF"], "participant must be a two-letter code in capitals, not 'ZAF'"),
