@@ -380,6 +380,10 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
         problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
                             f"certificate {number} was already received"))
     old = known.get((Side.IMPORT, replacement.replaces)) if replacement else None
+    if old is not None and old.partner != env.sender:
+        # Another Participant's certificate: left alone, and answered as if unknown, so a
+        # sender can neither replace nor probe what this node received from others.
+        old = None
     if old is not None and old.state not in OPEN_STATES | {State.EXPIRED}:
         problems.append((Reason.CERTIFICATE_WRONG_STATE,
                          f"{old.number} is {old.state} and can no longer be replaced"))
@@ -409,12 +413,11 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
 
 def _own_record(env: Envelope, number: str, side: Side, known: Known) -> Record | Decision:
     record = known.get((side, number))
-    if record is None:
-        return refuse(Reason.CERTIFICATE_UNKNOWN, f"no {side} certificate {number} here",
-                      certificate=number)
-    if record.partner != env.sender:
-        return refuse(Reason.SENDER_MISMATCH, f"certificate {number} is with "
-                      f"{record.partner}, not {env.sender}", certificate=number)
+    if record is None or record.partner != env.sender:
+        # One answer for both: a signed rejection saying "it is with BW" would let any
+        # Participant learn, number by number, who trades with whom.
+        return refuse(Reason.CERTIFICATE_UNKNOWN, f"no {side} certificate {number} here "
+                      f"with {env.sender}", certificate=number)
     return record
 
 

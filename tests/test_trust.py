@@ -34,7 +34,19 @@ from node.keyfile import KeyFileError, encrypt_seed, read_signing_key, write_sig
 from node.machine import Side, State
 from node.network import create_network
 from node.service import CommandRefused, Delivery, Node, now_ms
-from protocol import Envelope, ParticipantStatus, RegistryUpdate, key_id, seal
+from protocol import (
+    Cancellation,
+    Envelope,
+    ParticipantStatus,
+    Receipt,
+    RegistryUpdate,
+    Rejection,
+    Replacement,
+    key_id,
+    parse_frame,
+    seal,
+)
+from protocol.codec import decode_body
 from tests.netutil import carry, certificate
 from tests.test_network import Net, fresh_codes, net, state, until  # noqa: F401
 
@@ -381,3 +393,67 @@ def test_registry_publish_refuses_a_bad_broker_or_out_before_signing(tmp_path: P
         done = kpnode("registry", "publish", *args, "--dir", str(chair), check=False)
         assert (done.returncode, done.stderr.strip()) == (1, says)
     assert not (chair / "published").exists()
+
+
+# -- what one Participant's signed messages may do to another's certificates ------------
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    network = create_network(tmp_path, ["BW", "BE", "ZA"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    yield nodes
+    for node in nodes.values():
+        node.close()
+
+
+def _from_za(nodes: dict[str, Node], payload: object) -> list[tuple[str, str]]:
+    """ZA, a registered Participant with its own valid key, sends ``payload`` to BE; the
+    (reason, text) of each signed rejection BE queues for ZA."""
+    za, be = nodes["ZA"], nodes["BE"]
+    frame = seal(Envelope(sender="ZA", recipient="BE", created_at=za.clock(),
+                          payload=payload), za.signing_key())  # type: ignore[arg-type]
+    be.handle_batch([Delivery(frame)])
+    answers = []
+    for row in be.store.due(now_ms=2**62, limit=100):
+        envelope = decode_body(parse_frame(row.frame).body)
+        if envelope.recipient == "ZA" and isinstance(envelope.payload, Rejection):
+            answers.append((str(envelope.payload.reason), envelope.payload.text))
+    with be.store.transaction():
+        be.store.mark_published([r.seq for r in be.store.due(2**62, 100)], now_ms())
+    return answers
+
+
+def test_a_participant_cannot_replace_another_participants_certificate(
+        three: dict[str, Node]) -> None:
+    bw, be = three["BW"], three["BE"]
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    carry(bw, three)
+    carry(be, three)
+    _from_za(three, Replacement(replaces="BW-2026-0001", reason="issued in error",
+                                certificate=certificate("ZA-2026-0777", "ZA", "BE")))
+    held = be.store.get(Side.IMPORT, "BW-2026-0001")
+    assert held is not None and held.state is State.RECEIVED and held.replaced_by is None
+    be.confirm("BW-2026-0001")  # BE can still close BW's loop
+    carry(be, three)
+    assert bw.store.get(Side.EXPORT, "BW-2026-0001").state is State.CONFIRMED  # type: ignore[union-attr]
+
+
+def test_answers_do_not_tell_a_participant_who_else_a_certificate_is_with(
+        three: dict[str, Node]) -> None:
+    bw, be = three["BW"], three["BE"]
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    carry(bw, three)
+    be.issue(certificate("BE-2026-0555", "BE", "BW"))
+    carry(be, three)
+    carry(bw, three)
+    held = _from_za(three, Cancellation(certificate="BW-2026-0001", reason="x"))
+    absent = _from_za(three, Cancellation(certificate="BW-2026-0002", reason="x"))
+    assert [r for r, _ in held] == [r for r, _ in absent] == ["certificate.unknown"]
+    assert "BW" not in held[0][1].replace("BW-2026-0001", "")
+    sent = _from_za(three, Receipt(certificate="BE-2026-0555", certificate_digest=bytes(32)))
+    unsent = _from_za(three, Receipt(certificate="BE-2026-0556", certificate_digest=bytes(32)))
+    assert [r for r, _ in sent] == [r for r, _ in unsent] == ["certificate.unknown"]
+    assert "BW" not in sent[0][1]
+    assert be.store.get(Side.IMPORT, "BW-2026-0001").state is State.RECEIVED  # type: ignore[union-attr]
+    assert be.store.get(Side.EXPORT, "BE-2026-0555").state is State.DELIVERED  # type: ignore[union-attr]
