@@ -28,7 +28,7 @@ from aiohttp.typedefs import Handler
 from node.machine import OPEN_STATES, Record, Side, State
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
-from node.tokens import Principal, TokenError
+from node.tokens import Principal, TokenError, token_hash
 from node.views import carats, history_json, parse_amount, parse_whole_number, usd
 from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, quarter_of, refusal_problems
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
@@ -39,6 +39,8 @@ CONSOLE_PREFIX = "/console"
 SESSION_COOKIE = "kpx_session"
 LOGIN_COOKIE = "kpx_login"
 SESSION_SECONDS = 8 * 3600
+#: however busy, a session ends this long after its login
+SESSION_MAX_SECONDS = 12 * 3600
 
 
 @dataclass(slots=True)
@@ -46,6 +48,9 @@ class Session:
     principal: Principal
     csrf: str
     expires_at: float
+    #: the hash of the token logged in with: the session lives only while the token does
+    token_hash: str
+    ends_at: float
 
 
 SESSIONS = web.AppKey("kpx_console_sessions", dict[str, Session])
@@ -152,13 +157,28 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
     if path in ("/login", "/login/"):
         return await handler(request)
     sessions: dict[str, Session] = request.app[SESSIONS]
-    session = sessions.get(request.cookies.get(SESSION_COOKIE, ""))
-    if session is None or session.expires_at < time.monotonic():
+    sid = request.cookies.get(SESSION_COOKIE, "")
+    session = sessions.get(sid)
+    now = time.monotonic()
+    if session is not None and min(session.expires_at, session.ends_at) >= now:
+        try:
+            principal = request.app[WEB_CONTEXT].tokens.holder_of(session.token_hash)
+        except TokenError as exc:
+            log.error("tokens file unreadable", error=str(exc))
+            return page(request, "Unavailable", "<p class=error>The node cannot read its "
+                        "tokens file; see its log.</p>", status=503)
+        if principal is None:  # revoked since login
+            del sessions[sid]
+            session = None
+        else:
+            session.principal = principal
+    if session is None or min(session.expires_at, session.ends_at) < now:
+        sessions.pop(sid, None)
         if request.method == "GET":
             raise see(f"{CONSOLE_PREFIX}/login")
         return page(request, "Session expired", "<p>Please <a href='"
                     f"{CONSOLE_PREFIX}/login'>log in</a> again.</p>", status=401)
-    session.expires_at = time.monotonic() + SESSION_SECONDS
+    session.expires_at = now + SESSION_SECONDS
     request[SESSION] = session
     if request.method == "POST":
         form = await read_form(request)
@@ -211,8 +231,10 @@ async def post_login(request: web.Request) -> web.StreamResponse:
         return page(request, "Log in", login_form(expected, "<p class=error>Unknown or "
                     "revoked token.</p>"), status=401)
     sid = secrets.token_urlsafe(32)
-    request.app[SESSIONS][sid] = Session(principal, secrets.token_urlsafe(32),
-                                         time.monotonic() + SESSION_SECONDS)
+    now = time.monotonic()
+    request.app[SESSIONS][sid] = Session(
+        principal, secrets.token_urlsafe(32), now + SESSION_SECONDS,
+        token_hash(str(form.get("token", "")).strip()), now + SESSION_MAX_SECONDS)
     response = see(f"{CONSOLE_PREFIX}/")
     response.set_cookie(SESSION_COOKIE, sid, path=CONSOLE_PREFIX, httponly=True,
                         samesite="Strict", secure=request.secure)

@@ -77,7 +77,11 @@ class Tokens:
     def authenticate(self, token: str) -> Principal | None:
         if not token.isascii():  # issued tokens are ASCII; header bytes may be anything
             return None
-        digest = token_hash(token)
+        return self.holder_of(token_hash(token))
+
+    def holder_of(self, digest: str) -> Principal | None:
+        """Who holds the token with this hash now, with the role it has now: None once it
+        is revoked. A console session asks on every request, so it ends with its token."""
         found: Principal | None = None
         for entry in self.entries():
             # no early exit: the time taken does not say how many entries were compared

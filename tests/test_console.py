@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from node import console
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
 from node.network import create_network
 from node.service import Node
+from node.tokens import Tokens
 from tests.netutil import carry
 from tests.webutil import Served, serve
 
@@ -67,6 +69,29 @@ async def test_pages_need_a_login_and_a_bad_token_is_refused(pair: tuple[Served,
     response = await za.client.post(f"{C}/issue", data={"number": "ZA-1"})
     assert response.status == 401
     assert za.node.records() == []
+
+
+async def test_a_revoked_token_ends_its_sessions_and_no_session_outlives_a_day(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    za, _ = pair
+    csrf = await login(za, "officer")
+    assert (await za.client.get(f"{C}/outgoing", allow_redirects=False)).status == 200
+    Tokens(za.node.config.directory).revoke("za-officer")
+    response = await za.client.get(f"{C}/outgoing", allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == f"{C}/login"
+    response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0009"))
+    assert response.status == 401
+    assert za.node.records() == []
+    # However busy, a session ends SESSION_MAX_SECONDS after its login.
+    monkeypatch.setattr(console, "SESSION_MAX_SECONDS", 0.0)
+    page = await (await za.client.get(f"{C}/login")).text()
+    login_csrf = re.search(r"name=csrf value='([^']+)'", page)
+    assert login_csrf is not None
+    response = await za.client.post(f"{C}/login", allow_redirects=False, data={
+        "csrf": login_csrf[1], "token": za.tokens["monitor"]})
+    assert response.status == 303 and response.headers["Location"] == f"{C}/"
+    response = await za.client.get(f"{C}/incoming", allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == f"{C}/login"
 
 
 async def test_an_officer_issues_and_a_form_without_the_csrf_token_is_refused(
