@@ -341,9 +341,20 @@ def rejection_for(ctx: Context, refusal: Refusal) -> Sealed | None:
     """The signed rejection that answers ``refusal``, when its sender is authentic."""
     if refusal.answer_to is None or refusal.answer_to == CHAIR:
         return None
-    payload = Rejection(reason=refusal.reason, text=refusal.text[:2000],
-                        certificate=refusal.certificate, problems=refusal.problems[:100])
+    payload = Rejection(reason=refusal.reason, text=_clip(refusal.text, 2000),
+                        certificate=refusal.certificate,
+                        problems=tuple(Problem(_clip(p.path, 200), p.reason,
+                                               _clip(p.message, 300))
+                                       for p in refusal.problems[:100]))
     return ctx.seal(refusal.answer_to, payload, refusal.in_reply_to)
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters. Problems quote what was sent (a field name, a value),
+    so a sender could otherwise make the answer exceed SPEC §9.4's limits (the receiver
+    would refuse it) or even the frame size (the node could not answer at all). 100
+    problems of 200 + 300 characters stay under 256 KiB in any UTF-8."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _trade_problems(ctx: Context, certificate: Certificate) -> list[tuple[Reason, str]]:

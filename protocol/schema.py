@@ -289,7 +289,7 @@ def _lines(r: Reader) -> tuple[Line, ...]:
         if hs_code and hs_code not in HS_CODES:
             lr.problem(
                 hs_path, Reason.UNKNOWN_HS_CODE,
-                f"unknown HS code {hs_code!r}; expected one of {', '.join(HS_CODES)}",
+                f"unknown HS code {hs_code[:12]!r}; expected one of {', '.join(HS_CODES)}",
             )
         elif hs_code and hs_code in seen:  # a missing code is no duplicate of another
             lr.problem(hs_path, Reason.DUPLICATE_HS_CODE, f"HS code {hs_code} appears twice")

@@ -46,8 +46,9 @@ from protocol import (
     parse_frame,
     seal,
 )
-from protocol.codec import decode_body
-from tests.netutil import carry, certificate
+from protocol.codec import decode_body, pack
+from protocol.frame import seal_body
+from tests.netutil import carry, certificate, certificate_json
 from tests.test_network import Net, fresh_codes, net, state, until  # noqa: F401
 
 KPNODE = [sys.executable, "-m", "node.cli"]
@@ -457,3 +458,27 @@ def test_answers_do_not_tell_a_participant_who_else_a_certificate_is_with(
     assert "BW" not in sent[0][1]
     assert be.store.get(Side.IMPORT, "BW-2026-0001").state is State.RECEIVED  # type: ignore[union-attr]
     assert be.store.get(Side.EXPORT, "BE-2026-0555").state is State.DELIVERED  # type: ignore[union-attr]
+
+
+def test_a_message_built_to_bloat_its_rejection_still_gets_a_valid_one(
+        three: dict[str, Node]) -> None:
+    """Problems quote what was sent; 80,000 NULs as an HS code (each 4 characters quoted)
+    and a field name of 50,000 characters once made a rejection too large to frame, so the
+    node failed on the message instead of answering it."""
+    za, be = three["ZA"], three["BE"]
+    bloated = certificate_json("ZA-2026-0001", "ZA", "BE")
+    bloated["lines"][0]["hs_code"] = "\x00" * 80_000
+    bloated["é" * 50_000] = 1
+    body = pack({"message_id": "a" * 32, "kind": "certificate", "sender": "ZA",
+                 "recipient": "BE", "created_at": za.clock(), "in_reply_to": None,
+                 "payload": bloated})
+    (verdict,) = be.handle_batch([Delivery(seal_body(body, za.signing_key()))])
+    assert verdict.dead_letter is not None and verdict.dead_letter.reason == "body.schema"
+    (answered,) = carry(be, three)
+    assert answered[0] == "rejection" and answered[1].dead_letter is None  # ZA took it
+    received = [decode_body(parse_frame(e.frame).body).payload
+                for e in za.store.evidence() if e.direction == "in"]
+    (payload,) = [p for p in received if isinstance(p, Rejection)]
+    assert payload.reason == "body.schema"
+    assert {p.reason for p in payload.problems} >= {"field.unknown_hs_code", "field.unknown"}
+    assert all(len(p.path) <= 200 and len(p.message) <= 300 for p in payload.problems)
