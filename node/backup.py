@@ -2,8 +2,10 @@
 
 The database is copied with SQLite's online backup API, so a backup can be taken while
 ``kpnode run`` is working: it is a consistent snapshot of one instant, never a torn file.
-The archive also holds ``node.toml``, the registry file and the node's **private key** —
-it is written readable by its owner only, and must be kept like the key itself.
+The archive also holds ``node.toml``, the registry file, the node's **private key** and
+the keys made for a rotation (``keys/*.key``), and the API's hashed tokens
+(``tokens.json``) — it is written readable by its owner only, and must be kept like the
+key itself.
 
 After a restore, messages the node acknowledged after the snapshot are not redelivered by
 the broker. Exporters re-send unanswered certificates (``resend_after_seconds``) and the
@@ -20,11 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.config import CONFIG_NAME, ConfigError, NodeConfig, load_config
+from node.config import CONFIG_NAME, KEYS_DIR, ConfigError, NodeConfig, load_config
 from node.store import require_database
+from node.tokens import TOKENS_NAME
 
 #: Files of a node directory the archive carries besides the database.
-CARRIED = (CONFIG_NAME,)
+CARRIED = (CONFIG_NAME, TOKENS_NAME)
+
+
+def _secrets(config: NodeConfig) -> list[str]:
+    """The node directory's files only its owner may read: keys, tokens, the database."""
+    folder = config.path(KEYS_DIR)
+    rotated = sorted(f"{KEYS_DIR}/{p.name}" for p in folder.glob("*.key")) \
+        if folder.is_dir() else []
+    return [config.signing_key_file, *rotated, TOKENS_NAME, config.database]
 
 
 def backup(config: NodeConfig, out: Path) -> list[str]:
@@ -46,7 +57,9 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
                 source.close()
             tar.add(snapshot, arcname=config.database)
             members.append(config.database)
-        for name in (*CARRIED, config.registry_file, config.signing_key_file):
+        for name in dict.fromkeys((*CARRIED, config.registry_file, *_secrets(config))):
+            if name == config.database:
+                continue
             path = config.path(name)
             if path.exists():
                 tar.add(path, arcname=name)
@@ -73,9 +86,15 @@ def restore(archive: Path, directory: Path) -> NodeConfig:
     except (tarfile.TarError, OSError) as exc:
         raise ConfigError(f"cannot read backup {archive}: {exc}") from exc
     config = load_config(directory)
-    key = config.path(config.signing_key_file)
-    if key.exists():
-        key.chmod(0o600)
+    inside = directory.resolve()
+    for name in (config.database, config.registry_file, config.signing_key_file):
+        if not config.path(name).resolve().is_relative_to(inside):
+            raise ConfigError(f"the backup's {CONFIG_NAME} names {name!r}, outside the node "
+                              "directory; restore it by hand")
+    for name in _secrets(config):
+        if config.path(name).exists():
+            config.path(name).chmod(0o600)
+    require_database(config.database_path)
     db = sqlite3.connect(config.database_path)
     try:
         verdict = db.execute("PRAGMA integrity_check").fetchone()[0]

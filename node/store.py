@@ -11,6 +11,7 @@ with ``BEGIN IMMEDIATE`` and waits for the lock.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -135,6 +136,15 @@ class Store:
         self.path = Path(path)
         if not create:
             require_database(self.path)
+        try:
+            # Made readable by its owner only, as the key is: it holds every certificate,
+            # party and value. SQLite gives the -wal and -shm files the database's mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot create the database {self.path}: "
+                             f"{exc.strerror or exc}") from exc
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                       check_same_thread=False)

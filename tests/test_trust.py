@@ -313,6 +313,20 @@ def test_key_file_readable_by_others_or_damaged_is_refused(tmp_path: Path) -> No
     assert key_id(bytes(SigningKey.generate().verify_key))
 
 
+def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Like the key: it holds every certificate, party and value, and the evidence log."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    config = network.configs["ZA"]
+    node = Node.open(config)
+    try:
+        node.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(f"{config.database_path}{suffix}")
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    finally:
+        node.close()
+
+
 def test_node_refuses_to_start_on_an_exposed_key(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     config = next(iter(network.configs.values()))
