@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 
+from node.config import KEYS_DIR, ConfigError
 from node.evidence import unsupported_records, verify_chain
+from node.keyfile import write_signing_key
 from node.machine import Record, Refusal, Side, State
 from node.network import create_network
-from node.service import Arrival, CommandRefused, Delivery, Node
+from node.service import Arrival, CommandRefused, Delivery, Node, now_ms
+from node.tokens import Principal, Role, Tokens
 from protocol import Line, ParticipantStatus
 from tests.netutil import carry, certificate
 
@@ -192,19 +196,54 @@ def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path:
     za.issue(certificate("ZA-2026-0100", "ZA", "IN"))
     carry(za, nodes)
     carry(india, nodes)
+    # A key made for a rotation and an API token: without them, a node restored after the
+    # old key lapsed could not sign, and every back office would be locked out.
+    rotated = SigningKey.generate()
+    za.config.path(KEYS_DIR).mkdir()
+    write_signing_key(za.config.path(KEYS_DIR) / "next.key", rotated)
+    token = Tokens(za.config.directory).add("customs", Role.OFFICER, now_ms())
     archive = tmp_path / "za.tar.gz"
     backup(za.config, archive)  # while ZA's store is open
     assert archive.stat().st_mode & 0o777 == 0o600
-    restored = Node.open(restore(archive, tmp_path / "restored"))
+    config = restore(archive, tmp_path / "restored")
+    restored = Node.open(config)
     try:
         assert restored.store.get(Side.EXPORT, "ZA-2026-0100").state is State.DELIVERED
         keys = [bytes(n.signing_key().verify_key) for n in nodes.values()]
         assert verify_chain(restored.store.evidence(), keys, za.config.chair_public_key) == []
         assert bytes(restored.signing_key()) == bytes(za.signing_key())
+        assert [bytes(k) for k in restored.signing_keys] == [bytes(za.signing_key()),
+                                                             bytes(rotated)]
+        assert Tokens(config.directory).authenticate(token) == Principal("customs",
+                                                                         Role.OFFICER)
+        for name in ("node.key", "keys/next.key", "tokens.json", "node.sqlite3"):
+            assert config.path(name).stat().st_mode & 0o777 == 0o600, name
     finally:
         restored.close()
     with pytest.raises(Exception, match="already holds a node"):
         restore(archive, tmp_path / "restored")
+
+
+def test_restore_refuses_a_backup_whose_config_points_outside_its_directory(
+        nodes: Nodes, tmp_path: Path) -> None:
+    """Restore makes the database and keys mode 0600 and opens the database: a doctored
+    node.toml must not turn that onto files elsewhere."""
+    import io
+    import tarfile
+
+    from node.backup import restore
+
+    toml = nodes["ZA"].config.path("node.toml").read_text().replace(
+        'database = "node.sqlite3"', 'database = "../elsewhere.sqlite3"')
+    archive = tmp_path / "doctored.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("node.toml")
+        info.size = len(toml.encode())
+        tar.addfile(info, io.BytesIO(toml.encode()))
+    outside = tmp_path / "elsewhere.sqlite3"
+    with pytest.raises(ConfigError, match="outside the node directory"):
+        restore(archive, tmp_path / "restored")
+    assert not outside.exists()
 
 
 def test_issue_many_commits_all_but_the_refused_in_one_transaction(nodes: Nodes) -> None:
