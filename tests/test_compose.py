@@ -55,6 +55,15 @@ def test_compose_network_has_the_documented_services_and_ports() -> None:
     assert (ROOT / "deploy" / "rabbitmq" / "20-kpx.conf").is_file()
 
 
+def test_the_chair_can_edit_and_publish_through_publish_registry() -> None:
+    """The runbook has the Chair run `docker compose run --rm publish-registry registry ...
+    --dir /kpx/chair`: editing the draft and publishing write into the Chair's volume."""
+    service = COMPOSE_FILE.read_text().split("\n  publish-registry:\n", 1)[1].split(
+        "\n\n", 1)[0]
+    assert re.search(r"- chair:/kpx/chair\n", service), service
+    assert "entrypoint" not in service  # the image's: kpnode
+
+
 def test_an_invalid_compose_file_is_caught(tmp_path: Path) -> None:
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE_FILE.read_text().replace("service_healthy", "service_happy", 1))
