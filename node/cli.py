@@ -20,7 +20,7 @@ from typing import Any
 
 from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryJsonError, sign_registry_file
-from node.config import ConfigError, load_config
+from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
@@ -140,7 +140,7 @@ def received_lines(args: argparse.Namespace, record: Record) -> tuple[Line, ...]
 
 
 def node_dir(args: argparse.Namespace) -> Path:
-    return Path(args.dir or os.environ.get("KPX_NODE_DIR") or ".")
+    return node_directory(args.dir)
 
 
 def open_node(args: argparse.Namespace) -> Node:
@@ -156,7 +156,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     except ValueError:
         raise UserError(f"--chair-key must be hex, not {args.chair_key!r}") from None
     try:
-        config = init_node(Path(args.dir), args.participant, authority=args.authority,
+        config = init_node(node_dir(args), args.participant, authority=args.authority,
                            broker_urls=args.broker or (), chair_public_key=chair)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -373,7 +373,7 @@ def cmd_key_show(args: argparse.Namespace) -> None:
 def cmd_chair_init(args: argparse.Namespace) -> None:
     from nacl.signing import SigningKey
 
-    directory = Path(args.dir)
+    directory = node_dir(args)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "chair.key"
     if path.exists():
@@ -460,7 +460,8 @@ def parser() -> argparse.ArgumentParser:
 
     sp = add("init", cmd_init, "create a node directory with a new key and node.toml", [])
     sp.add_argument("--participant", required=True, help="two-letter code, e.g. ZA or EU")
-    sp.add_argument("--dir", required=True)
+    sp.add_argument("--dir", help="the node directory to create (default: $KPX_NODE_DIR "
+                    "or .)")
     sp.add_argument("--authority", help="issuing authority id (default CODE-KPA)")
     sp.add_argument("--broker", action="append", help="AMQP URL (repeat for a cluster)")
     sp.add_argument("--chair-key", help="the KP Chair's public key, hex")

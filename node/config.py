@@ -77,6 +77,12 @@ class NodeConfig:
         return tuple(read_signing_key(p) for p in sorted(folder.glob("*.key")))
 
 
+def node_directory(given: str | None) -> Path:
+    """Where a command works: ``--dir``, else ``$KPX_NODE_DIR``, else the current
+    directory (for ``kpnode registry`` and ``kpnode chair``, the Chair's directory)."""
+    return Path(given or os.environ.get("KPX_NODE_DIR") or ".")
+
+
 ENV_PREFIX = "KPX_"
 #: where ``kpnode key new`` puts keys for a rotation
 KEYS_DIR = "keys"

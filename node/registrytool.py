@@ -35,6 +35,7 @@ from node.chair import (
     set_status,
     sign_registry,
 )
+from node.config import node_directory
 from node.keyfile import read_signing_key, write_signing_key
 from node.service import now_ms
 from protocol import ParticipantStatus, RegistryUpdate, key_id
@@ -164,7 +165,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryUpdate],
           done: str) -> None:
-    chair = ChairDirectory(Path(args.dir))
+    chair = ChairDirectory(node_directory(args.dir))
     try:
         update = change(chair.load())
     except RegistryEditError as exc:
@@ -175,7 +176,7 @@ def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryU
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    directory = Path(args.dir)
+    directory = node_directory(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     chair = ChairDirectory(directory)
     if chair.draft_path.exists():
@@ -191,7 +192,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    update = ChairDirectory(Path(args.dir)).load()
+    update = ChairDirectory(node_directory(args.dir)).load()
     _emit(args, summary(update), render(update))
 
 
@@ -248,7 +249,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
             raise ChairError(f"--broker: {problem}")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise ChairError(f"--out: no directory {Path(args.out).resolve().parent}")
-    chair = ChairDirectory(Path(args.dir))
+    chair = ChairDirectory(node_directory(args.dir))
     signed = chair.directory / SIGNED
     outputs = []
     if args.resend:

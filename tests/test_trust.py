@@ -237,6 +237,23 @@ async def test_chair_publishes_and_nodes_apply_at_once(net: Net, amqp_url: str) 
     await until(lambda: state(again, Side.IMPORT, f"{za}-3") is State.RECEIVED)
 
 
+def test_every_command_finds_its_directory_in_kpx_node_dir(tmp_path: Path) -> None:
+    """--dir, else $KPX_NODE_DIR, else the current directory: registry, chair and init
+    commands once ended in a TypeError traceback (or a usage error) without --dir."""
+    env = {**os.environ, "KPX_NODE_DIR": str(tmp_path / "chair")}
+    kpnode("registry", "init", env=env)
+    assert "version 1" in kpnode("registry", "show", env=env).stdout
+    env["KPX_NODE_DIR"] = str(tmp_path / "za")
+    kpnode("init", "--participant", "ZA", env=env)
+    assert (tmp_path / "za" / "node.toml").exists()
+    here = tmp_path / "here"
+    here.mkdir()
+    del env["KPX_NODE_DIR"]
+    done = subprocess.run([*KPNODE, "chair", "init"], capture_output=True, text=True,
+                          cwd=here, env=env, timeout=60, check=True)
+    assert (here / "chair.key").exists(), done.stdout
+
+
 def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     chair_dir = str(network.base / "chair")
