@@ -26,10 +26,16 @@ def broker_url_problem(url: str) -> str | None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         return f"{redact(url)!r} is not an amqp:// or amqps:// URL with a host"
-    if "@" in parts.path or "@" in parts.query:
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
         # amqp://user:pa/ss@host/ would go to host "user"; the password must be encoded.
         return (f"{redact(url)!r}: a '/', '?' or '#' in the user name or password must be "
                 "percent-encoded (%2F, %3F, %23)")
+    if parts.fragment or url.endswith("#"):
+        return f"{redact(url)!r}: an AMQP URL has no '#fragment'"
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        return f"{redact(url)!r}: the port must be a number from 0 to 65535"
     return None
 
 

@@ -131,7 +131,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
     overrides = environment_overrides(os.environ if environ is None else environ)
     data.update(overrides)
     known = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
-    unknown = sorted(set(data) - known - {"chair_public_key", "signing_key"})
+    unknown = sorted(set(data) - known - {"chair_public_key"})
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
 

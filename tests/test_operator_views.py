@@ -356,6 +356,14 @@ def test_broker_urls_from_a_template_carry_any_password_to_the_right_host() -> N
     assert (parsed.host, parsed.port, parsed.user, parsed.password, parsed.path) == (
         "broker.example", 5672, "kpx-za", password, "/kpx")
     assert redact(url) == "amqp://kpx-za:***@broker.example:5672/kpx"
+    # Written by hand unencoded, each would reach another host (or none): refused, masked.
+    for bad, says in (("amqp://kpx-za:pa#ss@broker.example/kpx", "must be percent-encoded"),
+                      ("amqp://kpx-za:pa/ss@broker.example/kpx", "must be percent-encoded"),
+                      ("amqp://kpx-za:pass@broker.example:99999/kpx", "the port must be"),
+                      ("amqp://broker.example/kpx#x", "no '#fragment'")):
+        problem = broker_url_problem(bad)
+        assert problem is not None and says in problem, bad
+        assert "pa#ss" not in problem and "pa/ss" not in problem
 
 
 @pytest.mark.parametrize(("text", "hundredths"), [
@@ -430,6 +438,11 @@ def test_settings_are_read_as_their_type_and_a_bad_one_names_its_source(
     with pytest.raises(ConfigError) as refused:
         load_config(config.directory)
     assert str(refused.value) == f"{toml}: broker_urls must be a list of AMQP URLs"
+    # 'signing_key' (not the setting signing_key_file) was silently ignored
+    toml.write_text(text + 'signing_key = "other.key"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(config.directory)
+    assert str(refused.value) == f"{toml}: unknown setting(s) signing_key"
 
 
 def test_deploy_configure_keeps_the_environment_out_of_node_toml(
