@@ -100,14 +100,26 @@ class DeadLetter:
 
 
 def describe(body: bytes, headers: Mapping[str, Any], message_id: str | None = None,
-             timestamp: datetime | None = None) -> DeadLetter:
+             timestamp: datetime | None = None, *, published_by: str | None = None,
+             own_user: str | None = None) -> DeadLetter:
     """A dead letter from its bytes and AMQP headers. Pure.
 
     The node's own dead letters carry ``x-kpx-reason``/``x-kpx-text`` (and the
     ``x-kpx-sender``/``x-kpx-message-id`` it established); those the broker moved here
-    after the delivery limit carry ``x-death``: the node failed on them every time."""
+    after the delivery limit carry ``x-death``: the node failed on them every time.
+
+    Every Participant's broker user may publish to the dead-letter exchange, so those
+    headers are only the node's own when ``published_by`` (the AMQP user-id, which the
+    broker checks) is the node's ``own_user``. Where the node has a broker user of its own
+    and another one published the message, the headers are shown as unverified and no
+    sender is taken from them."""
     reason = _text(headers.get("x-kpx-reason"))
     text = _text(headers.get("x-kpx-text")) or ""
+    sender = _text(headers.get("x-kpx-sender")) or None
+    if reason is not None and own_user is not None and published_by != own_user:
+        text = (f"[unverified: these headers were set by {published_by or 'an unnamed user'}, "
+                f"not by this node] {text}")
+        sender = None
     at = _text(headers.get("x-kpx-dead-at"))
     at_ms = int(at) if at is not None and at.isdigit() else None
     if reason is None:
@@ -126,7 +138,7 @@ def describe(body: bytes, headers: Mapping[str, Any], message_id: str | None = N
         at_ms = int(timestamp.replace(tzinfo=timestamp.tzinfo or UTC).timestamp() * 1000)
     return DeadLetter(
         id=dead_letter_id(body), reason=reason, text=text,
-        sender=_text(headers.get("x-kpx-sender")) or None,
+        sender=sender,
         message_id=_text(headers.get("x-kpx-message-id")) or message_id,
         dead_lettered_at=at_ms, size=len(body), claimed=claimed(body))
 
@@ -206,7 +218,8 @@ class DeadLetterQueue:
             self._drained = True
             return None
         held = Held(describe(message.body, dict(message.headers or {}), message.message_id,
-                             message.timestamp), message)
+                             message.timestamp, published_by=message.user_id,
+                             own_user=self.config.broker_user), message)
         self._held.append(held)
         return held
 

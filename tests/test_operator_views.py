@@ -250,6 +250,21 @@ def test_dead_letter_description_from_the_nodes_headers_and_from_the_broker() ->
     assert (poison.message_id, poison.dead_lettered_at) == ("m-1", NOW)
 
 
+def test_dead_letter_headers_another_participant_set_are_shown_as_unverified() -> None:
+    """Every broker user may publish to kpx.dlx: ZA could file a message on BE's dead-letter
+    queue saying it came from BW and was refused for a suspension."""
+    forged = {"x-kpx-reason": "participant.suspended", "x-kpx-text": "BW is suspended",
+              "x-kpx-sender": "BW"}
+    shown = describe(b"garbage", forged, published_by="kpx-za", own_user="kpx-be")
+    assert shown.sender is None
+    assert shown.text == ("[unverified: these headers were set by kpx-za, not by this node] "
+                          "BW is suspended")
+    own = describe(b"garbage", forged, published_by="kpx-be", own_user="kpx-be")
+    assert (own.sender, own.text) == ("BW", "BW is suspended")
+    # A node without a broker user of its own (a test broker, guest) cannot tell: as before.
+    assert describe(b"garbage", forged, published_by="guest").sender == "BW"
+
+
 def test_operator_records_chain_and_verify_and_tampering_is_found() -> None:
     record_bytes = operator_record("dead_letter.discard", "alice", NOW, reason="spam",
                                    frame=b"\x00\x01")
