@@ -10,7 +10,8 @@ Who may do what (RabbitMQ checks configure / write / read against these regexes)
 
 * ``kpx-<code>``, one per Participant: **configure nothing** (cannot declare, bind or delete
   anything), **write** only to the exchanges ``kpx`` (to any Participant) and ``kpx.dlx``
-  (its own refusals), **read** only its own inbox and dead-letter queue. Messages carry its
+  (its own refusals: a topic permission holds it to its own code as routing key), **read**
+  only its own inbox and dead-letter queue. Messages carry its
   name as the validated ``user_id``, so it cannot publish as another.
 * ``kpx-chair``: writes only to ``kpx.registry`` (the fanout that reaches every inbox),
   reads and configures nothing.
@@ -117,6 +118,14 @@ def broker_definitions(registry: RegistryUpdate, hashes: Mapping[str, str], *,
         ] + [
             permission(CHAIR_USER, NOTHING, _exactly(REGISTRY_EXCHANGE), NOTHING),
             permission(ADMIN_USER, ".*", ".*", ".*"),
+        ],
+        # Each node's user may publish to the dead-letter exchange under its own code
+        # only: without this, ZA could fill BE's dead-letter queue (to its size cap, after
+        # which BE could no longer dead-letter and its inbox would stall).
+        "topic_permissions": [
+            {"user": broker_user_for(c), "vhost": vhost, "exchange": DEAD_LETTER_EXCHANGE,
+             "write": _exactly(c), "read": ".*"}
+            for c in codes
         ],
         "exchanges": [
             {"name": name, "vhost": vhost, "type": kind.value, "durable": True,

@@ -6,7 +6,7 @@ operator loads it from definitions instead and nodes only check it exists)::
     exchange kpx (direct, durable) ──CODE──▶ quorum queue kpx.inbox.CODE
     exchange kpx.registry (fanout, durable) ──▶ every kpx.inbox.CODE
         x-delivery-limit N, dead-lettered at least once to
-    exchange kpx.dlx (direct, durable) ──CODE──▶ quorum queue kpx.dead.CODE
+    exchange kpx.dlx (topic, durable) ───CODE──▶ quorum queue kpx.dead.CODE
 
 Why these settings (RabbitMQ 3.10): quorum queues replicate and fsync before confirming;
 they have no delivery limit by default, so a poison message would loop for ever;
@@ -68,7 +68,9 @@ def dead_letter_queue(code: str) -> str:
 #: every exchange of the topology and its type (the deploy definitions reuse this list)
 EXCHANGES: tuple[tuple[str, aio_pika.ExchangeType], ...] = (
     (EXCHANGE, aio_pika.ExchangeType.DIRECT),
-    (DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    # topic, not direct: only a topic exchange lets the broker check routing keys per user
+    # (topic permissions), so a node's user files dead letters under its own code only
+    (DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC),
     (REGISTRY_EXCHANGE, aio_pika.ExchangeType.FANOUT),
 )
 

@@ -26,6 +26,7 @@ from node.machine import Side, State
 from node.runner import RunningNode
 from node.service import Node, broker_user_for
 from node.transport import (
+    DEAD_LETTER_EXCHANGE,
     EXCHANGE,
     REGISTRY_EXCHANGE,
     dead_letter_queue,
@@ -129,6 +130,11 @@ async def test_credentials_cannot_publish_as_another_user(as_za) -> None:  # typ
     assert refusal is not None and "ACCESS_REFUSED" in refusal
     refusal = await as_za(publish("", inbox_queue("IN"), "kpx-za"))  # the default exchange
     assert refusal is not None and "ACCESS_REFUSED" in refusal
+    # Dead letters: under its own code only, so it cannot fill another's dead-letter queue.
+    assert await as_za(publish(DEAD_LETTER_EXCHANGE, "ZA", "kpx-za")) is None
+    for other in ("IN", "#", "*"):
+        refusal = await as_za(publish(DEAD_LETTER_EXCHANGE, other, "kpx-za"))
+        assert refusal is not None and "ACCESS_REFUSED" in refusal, other
 
 
 async def test_credentials_cannot_declare_bind_or_delete(as_za) -> None:  # type: ignore[no-untyped-def]
