@@ -143,6 +143,29 @@ def describe(body: bytes, headers: Mapping[str, Any], message_id: str | None = N
         dead_lettered_at=at_ms, size=len(body), claimed=claimed(body))
 
 
+#: the AMQP user-id a message reached the inbox with, kept when it is dead-lettered and
+#: replayed (the node publishes both under its own user-id)
+USER_ID_HEADER = "x-kpx-user-id"
+REPLAYED_HEADER = "x-kpx-replayed"
+
+
+def publisher_of(user_id: str | None, headers: Mapping[str, Any],
+                 own_user: str | None) -> str | None:
+    """The broker user that published a message the node finds in its inbox or
+    dead-letter queue. Pure.
+
+    Dead-lettering and replay are published under the node's own user-id, which only the
+    node's credentials can do (the broker checks it); their ``x-kpx-user-id`` header then
+    names the original publisher. So a replayed message meets ``check_broker_user``
+    exactly as it first did: an authentic partner's is admitted, a borrowed login's is
+    refused again. A message the broker itself dead-lettered keeps its publisher's id."""
+    if own_user is None or user_id != own_user:
+        return user_id
+    if REPLAYED_HEADER not in headers and USER_ID_HEADER not in headers:
+        return user_id
+    return _text(headers.get(USER_ID_HEADER)) or None
+
+
 def claimed(body: bytes) -> dict[str, Any] | None:
     """The envelope's routing fields as the frame states them, not verified."""
     try:
@@ -251,7 +274,10 @@ class DeadLetterQueue:
         message = aio_pika.Message(
             held.message.body, content_type=CONTENT_TYPE, message_id=held.letter.message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.config.broker_user,
-            headers={"x-kpx-replayed": held.letter.id})
+            headers={REPLAYED_HEADER: held.letter.id,
+                     USER_ID_HEADER: publisher_of(held.message.user_id,
+                                                  dict(held.message.headers or {}),
+                                                  self.config.broker_user) or ""})
         try:
             await exchange.publish(message, routing_key=self.config.participant,
                                    mandatory=True, timeout=PUBLISH_TIMEOUT)

@@ -34,6 +34,7 @@ from typing import IO, TYPE_CHECKING
 import structlog
 
 from node.config import ConfigError, NodeConfig
+from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
 from node.store import OutboxRow, StoreError
@@ -208,7 +209,10 @@ class RunningNode:
                         delivery.body, reason=refusal.reason, text=refusal.text[:1000],
                         headers={"x-kpx-sender": refusal.answer_to or "",
                                  "x-kpx-message-id": refusal.in_reply_to or "",
-                                 "x-kpx-dead-at": str(now_ms())})
+                                 "x-kpx-dead-at": str(now_ms()),
+                                 USER_ID_HEADER: publisher_of(
+                                     delivery.user_id, delivery.headers,
+                                     self.config.broker_user) or ""})
                     self.metrics.dead_letters.labels(reason=refusal.reason).inc()
             await self.transport.ack([d for d, _ in decided])
 
@@ -221,8 +225,10 @@ class RunningNode:
         delay = 0.5
         while True:
             try:
+                own = self.config.broker_user
                 verdicts = self.node.handle_batch(
-                    [Delivery(d.body, d.user_id) for d in deliveries])
+                    [Delivery(d.body, publisher_of(d.user_id, d.headers, own))
+                     for d in deliveries])
                 if not self.store_ok:
                     log.warning("store recovered")
                 self.store_ok = True

@@ -20,11 +20,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
 from node.config import load_config
+from node.deadletters import DeadLetterQueue
 from node.deploy import Provisioned, password_file, provision, read_password
 from node.localbroker import LocalBroker, ensure_rabbitmq_installed
 from node.machine import Side, State
 from node.runner import RunningNode
-from node.service import Node, broker_user_for
+from node.service import Delivery, Node, Verdict, broker_user_for
 from node.transport import (
     DEAD_LETTER_EXCHANGE,
     EXCHANGE,
@@ -208,6 +209,61 @@ async def test_loops_close_and_a_borrowed_key_is_refused(
             "message.broker_user_mismatch"}
         for number, _ in forged:
             assert nodes["EU"].store.get(Side.IMPORT, number) is None
+
+
+async def test_a_replayed_dead_letter_meets_the_broker_user_check_as_it_first_did(
+        deployed: Provisioned, broker: LocalBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay publishes under the node's own user-id; the user-id the message first came
+    with travels in a header only the node's own login can set. Before, every replay on a
+    node with check_broker_user failed as message.broker_user_mismatch."""
+    configs = {code: load_config(path) for code, path in deployed.node_dirs().items()}
+    stuck = "IN-2026-0777"
+    original = Node._handle
+
+    def handle(self: Node, ctx: object, delivery: Delivery) -> Verdict:
+        if bug and stuck.encode() in delivery.body:
+            raise RuntimeError("a bug this certificate triggers every time")
+        return original(self, ctx, delivery)  # type: ignore[arg-type]
+    bug = True
+    monkeypatch.setattr(Node, "_handle", handle)
+    async with AsyncExitStack() as stack:
+        nodes: dict[str, Node] = {}
+        for code in ("EU", "IN"):
+            running = RunningNode(configs[code])
+            await running.start()
+            stack.push_async_callback(running.stop)
+            assert running.node is not None
+            nodes[code] = running.node
+        eu = nodes["EU"]
+        nodes["IN"].issue(certificate(stuck, "IN", "EU"))  # dead-lettered by the broker
+        # IN's signature on ZA's login: dead-lettered by EU itself
+        envelope = {"message_id": "7" * 32, "kind": "certificate", "sender": "IN",
+                    "recipient": "EU", "created_at": 1, "in_reply_to": None,
+                    "payload": certificate_json("IN-2026-0778", "IN", "EU")}
+        borrowed = seal_body(pack(envelope), nodes["IN"].signing_key())
+        connection = await aio_pika.connect(url_of(deployed, "kpx-za", broker.amqp_port))
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            await exchange.publish(message(borrowed, "kpx-za"), routing_key="EU")
+
+        async def letters() -> list[str]:
+            async with DeadLetterQueue(configs["EU"]) as queue:
+                return sorted(d.reason for d in await queue.letters())
+        deadline = time.monotonic() + 60
+        while await letters() != ["broker.delivery_limit", "message.broker_user_mismatch"]:
+            assert time.monotonic() < deadline, await letters()
+            await asyncio.sleep(0.2)
+        bug = False
+        async with DeadLetterQueue(configs["EU"]) as queue:
+            for letter in await queue.letters():
+                await queue.replay(eu, await queue.find(letter.id), "test")
+        await until(lambda: _state(eu, Side.IMPORT, stuck) is State.RECEIVED)
+        (again,) = await _dead_letters(url_of(deployed, "kpx-eu", broker.amqp_port), "EU", 1)
+        assert again.body == borrowed
+        assert (again.headers or {}).get("x-kpx-reason") == "message.broker_user_mismatch"
+        assert (again.headers or {}).get("x-kpx-user-id") == "kpx-za"
+        assert _state(eu, Side.IMPORT, "IN-2026-0778") is None
 
 
 def _state(node: Node, side: Side, number: str) -> State | None:
