@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 
 from node.localbroker import ENV_URL, broker_url
-from node.transport import dead_letter_queue, inbox_queue
+from node.transport import EXCHANGES, dead_letter_queue, inbox_queue
 
 # --- Real-broker harness ------------------------------------------------------------------
 # One RabbitMQ for the whole session: the broker named by KPX_AMQP_URL, else a container
@@ -23,7 +23,7 @@ from node.transport import dead_letter_queue, inbox_queue
 # A broker named by KPX_AMQP_URL may have served an earlier session, whose queues carry the
 # same Participant codes (tests.netutil.fresh_codes hands out the same ones every session)
 # and may still hold its messages. The session starts by deleting them, so such a broker
-# must serve tests only.
+# must serve tests only. The kpx exchanges are deleted too: nodes declare them again.
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +35,13 @@ def amqp_url() -> Iterator[str]:
 
 
 async def delete_participant_queues(url: str) -> None:
-    """Delete every kpx inbox and dead-letter queue of a two-letter code, left or not."""
+    """Delete every kpx inbox and dead-letter queue of a two-letter code, left or not, and
+    the kpx exchanges (an older kpx may have declared one with another type)."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
+        for exchange, _ in EXCHANGES:
+            await channel.exchange_delete(exchange)
         for a, b in itertools.product(string.ascii_uppercase, repeat=2):
             for name in (inbox_queue(a + b), dead_letter_queue(a + b)):
                 try:
