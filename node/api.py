@@ -22,9 +22,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from node.machine import Side, State
+from node.machine import Record, Side, State
 from node.openapi import openapi_document
-from node.service import CommandRefused, Node
+from node.service import CommandRefused, Node, OnCommit
 from node.stats import Quarter
 from node.store import StoreError
 from node.tokens import Principal, TokenError, Tokens
@@ -109,9 +109,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response = ApiError(500, "node.processing_failed", "internal error; the node's log "
                             "has the details").response()
     if request.path != f"{API_PREFIX}/openapi.json":
-        ctx.record_call(request.get(PRINCIPAL), request.method, request.path_qs,
-                        response.status, certificate=request.get(CERTIFICATE),
-                        idempotency_key=request.headers.get("Idempotency-Key"))
+        try:
+            ctx.record_call(request.get(PRINCIPAL), request.method, request.path_qs,
+                            response.status, certificate=request.get(CERTIFICATE),
+                            idempotency_key=request.headers.get("Idempotency-Key"))
+        except StoreError as exc:
+            # The answer stands: the action, if any, has happened, and a 500 would tell the
+            # client otherwise. The node's log keeps what the evidence log could not.
+            log.error("API call not recorded in the evidence log", error=str(exc),
+                      principal=getattr(request.get(PRINCIPAL), "name", None),
+                      method=request.method, path=request.path_qs, status=response.status)
     return response
 
 
@@ -225,12 +232,32 @@ def confirm_arguments(data: dict[str, Any]) -> dict[str, Any]:
 # -- idempotency ------------------------------------------------------------------------
 
 
-async def idempotent(request: web.Request, act: Callable[[bytes], web.Response]) -> web.Response:
+#: what a command's handler gets to keep its answer: called inside the command's own
+#: transaction, so the answer is stored if and only if the action happened
+Remember = Callable[[web.Response], None]
+
+
+def answered(status: int, command: Callable[[OnCommit], Record],
+             remember: Remember | None) -> web.Response:
+    """Run a Node command; its record as JSON with ``status``, remembered (when there is an
+    Idempotency-Key) in the same transaction as the action."""
+    made: list[web.Response] = []
+
+    def on_commit(record: Record) -> None:
+        made.append(ok(record_json(record), status))
+        if remember is not None:
+            remember(made[0])
+    record = command(on_commit)
+    return made[0] if made else ok(record_json(record), status)
+
+
+async def idempotent(request: web.Request,
+                     act: Callable[[bytes, Remember | None], web.Response]) -> web.Response:
     """Run ``act`` (given the raw body) once per Idempotency-Key; replay its success."""
     key = request.headers.get("Idempotency-Key")
     body = await request.read()
     if key is None:
-        return act(body)
+        return act(body, None)
     if not IDEMPOTENCY_KEY.match(key):
         raise ApiError(400, "idempotency.bad_key", "Idempotency-Key: 1 to 255 visible "
                        "ASCII characters")
@@ -246,12 +273,13 @@ async def idempotent(request: web.Request, act: Callable[[bytes], web.Response])
                            "used for a different request")
         return web.Response(body=answer, status=status, content_type="application/json",
                             headers={"Idempotent-Replayed": "true"})
-    response = act(body)
-    if 200 <= response.status < 300 and isinstance(response.body, bytes):
-        with store.transaction():
-            store.remember_idempotent(principal.name, key, fingerprint, response.status,
-                                      response.body, request.app[WEB_CONTEXT].node.clock())
-    return response
+    clock = request.app[WEB_CONTEXT].node.clock
+
+    def remember(response: web.Response) -> None:
+        assert isinstance(response.body, bytes)
+        store.remember_idempotent(principal.name, key, fingerprint, response.status,
+                                  response.body, clock())
+    return act(body, remember)
 
 
 def parse_json_bytes(body: bytes) -> Any:
@@ -287,10 +315,10 @@ async def post_issue(request: web.Request) -> web.Response:
     officer(request)
     node = request.app[WEB_CONTEXT].node
 
-    def act(body: bytes) -> web.Response:
+    def act(body: bytes, remember: Remember | None) -> web.Response:
         certificate = validate_certificate(parse_json_bytes(body))
         request[CERTIFICATE] = certificate.number
-        return ok(record_json(node.issue(certificate)), 201)
+        return answered(201, lambda then: node.issue(certificate, on_commit=then), remember)
     return await idempotent(request, act)
 
 
@@ -299,14 +327,15 @@ async def post_replace(request: web.Request) -> web.Response:
     node = request.app[WEB_CONTEXT].node
     number = request[CERTIFICATE] = request.match_info["number"]
 
-    def act(body: bytes) -> web.Response:
+    def act(body: bytes, remember: Remember | None) -> web.Response:
         data = json_object(parse_json_bytes(body), {"certificate", "reason"})
         reason = text_field(data, "reason", required=True)
         if "certificate" not in data:
             raise ValidationError((Problem("certificate", Reason.REQUIRED,
                                            "the new certificate"),), "request is not valid")
         certificate: Certificate = validate_certificate(data["certificate"])
-        return ok(record_json(node.replace(number, certificate, reason)), 201)
+        return answered(201, lambda then: node.replace(number, certificate, reason,
+                                                       on_commit=then), remember)
     return await idempotent(request, act)
 
 
@@ -315,9 +344,11 @@ async def post_cancel(request: web.Request) -> web.Response:
     node = request.app[WEB_CONTEXT].node
     number = request[CERTIFICATE] = request.match_info["number"]
 
-    def act(body: bytes) -> web.Response:
+    def act(body: bytes, remember: Remember | None) -> web.Response:
         data = json_object(parse_json_bytes(body), {"reason"})
-        return ok(record_json(node.cancel(number, text_field(data, "reason", required=True))))
+        reason = text_field(data, "reason", required=True)
+        return answered(200, lambda then: node.cancel(number, reason, on_commit=then),
+                        remember)
     return await idempotent(request, act)
 
 
@@ -326,10 +357,12 @@ async def post_confirm(request: web.Request) -> web.Response:
     node = request.app[WEB_CONTEXT].node
     number = request[CERTIFICATE] = request.match_info["number"]
 
-    def act(body: bytes) -> web.Response:
+    def act(body: bytes, remember: Remember | None) -> web.Response:
         data = json_object(parse_json_bytes(body) if body.strip() else {},
                            {"lines", "parcels", "received_on", "remarks"})
-        return ok(record_json(node.confirm(number, **confirm_arguments(data))))
+        arguments = confirm_arguments(data)
+        return answered(200, lambda then: node.confirm(number, **arguments, on_commit=then),
+                        remember)
     return await idempotent(request, act)
 
 

@@ -118,6 +118,11 @@ def certificate_of(envelope: Envelope) -> str | None:
     return None
 
 
+#: Called with a command's record inside the command's transaction: what it writes to the
+#: store commits with the command or not at all (the API stores its idempotent answer so).
+OnCommit = Callable[[Record], None]
+
+
 class Node:
     """One Participant's node over its store. Synchronous and single-threaded by design:
     the runner calls it from the event loop, the CLI calls it directly."""
@@ -202,17 +207,20 @@ class Node:
                      cause_kind=str(cause.kind) if cause else "command",
                      discrepancies=len(r.discrepancies) or None)
 
-    def _command(self, decide: Callable[[Context], Decision]) -> Decision:
-        (decision,) = self._commands([decide])
+    def _command(self, decide: Callable[[Context], Decision],
+                 on_commit: OnCommit | None = None) -> Decision:
+        (decision,) = self._commands([decide], on_commit=on_commit)
         if decision.refusal is not None:
             raise CommandRefused(decision.refusal)
         return decision
 
-    def _commands(self, decides: Sequence[Callable[[Context], Decision]]) -> list[Decision]:
+    def _commands(self, decides: Sequence[Callable[[Context], Decision]], *,
+                  on_commit: OnCommit | None = None) -> list[Decision]:
         """Decide and commit several commands in one transaction, in order, each seeing the
         ones before it. A refused command changes nothing and comes back with its refusal;
         the others still commit. One commit (one fsync) for all is what lets a busy
-        authority's back office issue or confirm hundreds per second."""
+        authority's back office issue or confirm hundreds per second. ``on_commit`` gets
+        the first command's record inside the transaction, when it was not refused."""
         decisions = []
         with self._transaction():
             ctx = self.context()
@@ -224,6 +232,9 @@ class Node:
                 if decision.refusal is None:
                     self._commit(ctx, decision)
                 decisions.append(decision)
+            if on_commit is not None and decisions[0].refusal is None \
+                    and decisions[0].records:
+                on_commit(decisions[0].records[0])
         if any(d.send for d in decisions):
             self.on_outbox()
         return decisions
@@ -240,8 +251,8 @@ class Node:
 
     # -- local commands --------------------------------------------------------------
 
-    def issue(self, certificate: Certificate) -> Record:
-        return self._command(self._issuing(certificate)).records[0]
+    def issue(self, certificate: Certificate, *, on_commit: OnCommit | None = None) -> Record:
+        return self._command(self._issuing(certificate), on_commit).records[0]
 
     def issue_many(self, certificates: Sequence[Certificate]) -> list[Record | Refusal]:
         """Issue several certificates in one transaction: each one's record, or its refusal
@@ -259,24 +270,25 @@ class Node:
         known = self.store.load([(Side.EXPORT, certificate.number)])
         return issue(ctx, certificate, known).refusal
 
-    def replace(self, number: str, certificate: Certificate, reason: str) -> Record:
+    def replace(self, number: str, certificate: Certificate, reason: str, *,
+                on_commit: OnCommit | None = None) -> Record:
         def decide(ctx: Context) -> Decision:
             old = self._require(Side.EXPORT, number)
             return issue(ctx, certificate,
                          self.store.load([(Side.EXPORT, certificate.number)]), (old, reason))
-        return self._command(decide).records[0]
+        return self._command(decide, on_commit).records[0]
 
-    def cancel(self, number: str, reason: str) -> Record:
+    def cancel(self, number: str, reason: str, *, on_commit: OnCommit | None = None) -> Record:
         def decide(ctx: Context) -> Decision:
             return cancel(ctx, self._require(Side.EXPORT, number), reason)
-        return self._command(decide).records[0]
+        return self._command(decide, on_commit).records[0]
 
     def confirm(self, number: str, *, lines: tuple[Line, ...] | None = None,
                 parcels: int | None = None, received_on: date | None = None,
-                remarks: str = "") -> Record:
+                remarks: str = "", on_commit: OnCommit | None = None) -> Record:
         arrival = Arrival(number, lines=lines, parcels=parcels, received_on=received_on,
                           remarks=remarks)
-        return self._command(self._confirming(arrival)).records[0]
+        return self._command(self._confirming(arrival), on_commit).records[0]
 
     def confirm_many(self, arrivals: Sequence[Arrival]) -> list[Record | Refusal]:
         """Confirm several arrivals in one transaction: each one's record, or its refusal."""

@@ -23,8 +23,9 @@ from node.machine import Side, State
 from node.network import create_network
 from node.openapi import openapi_document
 from node.service import Node
+from node.store import Store, StoreError
 from node.tokens import Tokens
-from node.webcontext import AnonymousBudget, quarter_of
+from node.webcontext import AnonymousBudget, WebContext, quarter_of
 from protocol import ParticipantStatus, parse_frame
 from tests.netutil import carry, certificate_json
 from tests.webutil import Served, serve
@@ -186,6 +187,43 @@ async def test_a_retried_issue_with_its_idempotency_key_returns_the_first_answer
     response = await za.client.post(f"{API}/certificates",
                                     headers={**headers, "Idempotency-Key": "bad key"}, json=other)
     assert response.status == 400
+
+
+async def test_an_answer_that_cannot_be_stored_undoes_the_action_and_retrying_is_safe(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The action and its remembered answer commit together: a 503 that says 'retry with
+    the same Idempotency-Key' was once given after the certificate had been issued, and the
+    retry then answered 409 duplicate_number for the client's own certificate."""
+    za, _ = pair
+    headers = {**za.auth("officer"), "Idempotency-Key": "customs-4712"}
+    body = certificate_json("ZA-2026-0005", "ZA", "IN")
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise StoreError("database or disk is full")
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "remember_idempotent", disk_full)
+        response = await za.client.post(f"{API}/certificates", headers=headers, json=body)
+    assert response.status == 503
+    assert (await response.json())["error"] == "node.store_unavailable"
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0005") is None
+    assert za.node.store.backlog() == []
+    retried = await za.client.post(f"{API}/certificates", headers=headers, json=body)
+    assert retried.status == 201
+    assert len(za.node.store.backlog()) == 1
+
+
+async def test_a_call_the_evidence_log_cannot_take_still_gets_its_real_answer(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a plain-text 500 for a certificate that had been issued."""
+    za, _ = pair
+
+    def locked(self: WebContext, *_: object, **__: object) -> None:
+        raise StoreError("database is locked")
+    monkeypatch.setattr(WebContext, "record_call", locked)
+    response = await za.client.post(f"{API}/certificates", headers=za.auth("officer"),
+                                    json=certificate_json("ZA-2026-0006", "ZA", "IN"))
+    assert response.status == 201
+    assert (await response.json())["number"] == "ZA-2026-0006"
 
 
 async def test_list_filters_both_ways_and_show_gives_the_signed_history(
