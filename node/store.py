@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -191,17 +191,29 @@ class Store:
             self._last_hash = None
             try:
                 yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
+            except BaseException as exc:
+                self._roll_back()
+                if isinstance(exc, sqlite3.OperationalError):
+                    # A full disk, an I/O error, a lock held too long: a fault of the store,
+                    # not of what was being written, so the caller holds its work and
+                    # retries instead of taking it for a poison message.
+                    raise StoreError(f"cannot write to {self.path}: {exc}") from exc
                 raise
             try:
                 self.db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self.db.execute("ROLLBACK")
+                self._roll_back()
                 raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
         finally:
             if not durable:
                 self.db.execute("PRAGMA synchronous=FULL")
+
+    def _roll_back(self) -> None:
+        # SQLite rolls back by itself on some errors (a full disk): a second ROLLBACK would
+        # fail and hide the first error.
+        if self.db.in_transaction:
+            with suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
     # -- certificates ----------------------------------------------------------------
 

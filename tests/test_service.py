@@ -17,6 +17,7 @@ from node.keyfile import write_signing_key
 from node.machine import Record, Refusal, Side, State
 from node.network import create_network
 from node.service import Arrival, CommandRefused, Delivery, Node, now_ms
+from node.store import StoreError
 from node.tokens import Principal, Role, Tokens
 from protocol import Line, ParticipantStatus
 from tests.netutil import carry, certificate
@@ -345,3 +346,23 @@ def count_commits(node: Node) -> Callable[[], int]:
 
     node.store.transaction = counting  # type: ignore[method-assign]
     return lambda: len(transactions)
+
+
+def test_a_full_disk_is_a_store_fault_not_a_poison_message(nodes: Nodes) -> None:
+    """An INSERT failing on a full disk came out as sqlite3.OperationalError (hidden behind
+    a failed second ROLLBACK), so the runner took each delivery for a poison message and
+    burnt its delivery limit: receipts and confirmations went to the dead-letter queue."""
+    za, india = nodes["ZA"], nodes["IN"]
+    for i in range(40):
+        za.issue(certificate(f"ZA-2026-{i:04d}", "ZA", "IN"))
+    rows = za.store.due(now_ms=2**62, limit=100)
+    db = india.store.db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full from here on
+    with pytest.raises(StoreError, match="full"):
+        india.handle_batch([Delivery(r.frame) for r in rows])
+    assert india.store.records() == []  # nothing half-written
+    db.execute("PRAGMA max_page_count=1073741823")  # space again: the same batch goes in
+    verdicts = india.handle_batch([Delivery(r.frame) for r in rows])
+    assert [v.dead_letter for v in verdicts] == [None] * 40
+    assert len(india.store.records()) == 40
