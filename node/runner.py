@@ -390,6 +390,8 @@ class RunningNode:
                     self._wake.set()
             except StoreError as exc:
                 log.error("sweep failed", error=str(exc))
+            except Exception:  # a bug must not end expiry and resends until a restart
+                log.exception("sweep failed; trying again next period")
             await asyncio.sleep(SWEEP_SECONDS)
 
 
