@@ -123,6 +123,10 @@ def test_unanswered_certificate_is_resent_with_the_same_bytes_and_backoff(
     za.issue(certificate("ZA-R1", "ZA", "IN"))
     (sent,) = za.store.due(now[0], 10)
     with za.store.transaction():
+        # a broker outage first: failed attempts must not stretch the resend wait (eight
+        # of them once made it 256 hours)
+        for _ in range(8):
+            za.store.mark_failed(sent.seq, "TransportUnavailable", now[0])
         za.store.mark_published([sent.seq], now[0])  # "published", but the receipt is lost
     hour = 3_600_000
     assert za.resend_unanswered(hour) == []
