@@ -238,9 +238,16 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
         return Refusal(str(exc.reason), exc.text)
     chair = frame.key_id == key_id(ctx.chair_public_key)
     owner = None if chair else ctx.registry.key_owner(frame.key_id)
+    lapsed = None
     try:
-        public_key = (ctx.chair_public_key if chair
-                      else ctx.registry.public_key_for(frame.key_id, ctx.now_ms))
+        try:
+            public_key = (ctx.chair_public_key if chair
+                          else ctx.registry.public_key_for(frame.key_id, ctx.now_ms))
+        except SignatureError as exc:
+            lapsed = ctx.registry.lapsed_key(frame.key_id, ctx.now_ms)
+            if lapsed is None or exc.reason != Reason.KEY_NOT_VALID_NOW:
+                raise
+            public_key = lapsed.public_key
         verify_frame(frame, public_key)
     except SignatureError as exc:
         return Refusal(str(exc.reason), exc.text)
@@ -255,6 +262,10 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
     def refused(reason: Reason, text: str) -> Refusal:
         return Refusal(str(reason), text, answer_to=answer_to, in_reply_to=envelope.message_id)
 
+    if lapsed is not None and not lapsed.valid_from <= envelope.created_at < (
+            lapsed.valid_until or 0):
+        return refused(Reason.KEY_NOT_VALID_NOW, f"key {frame.key_id.hex()} has lapsed and "
+                       "the message was not signed while it was valid")
     if envelope.sender != signer_code:
         return refused(Reason.KEY_WRONG_SENDER,
                        f"signed by a key of {signer_code} but sent as {envelope.sender}")

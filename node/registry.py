@@ -30,6 +30,13 @@ _STANDING_REASON = {
 }
 
 
+#: How long after a key lapses what it signed while valid is still accepted: longer than
+#: a certificate's resends back off (at most 1,024 hours) and than any outage a queue is
+#: meant to ride out. A key that was compromised is revoked instead, which takes effect at
+#: once.
+LAPSED_GRACE_MS = 90 * 24 * 3_600_000
+
+
 @dataclass(frozen=True, slots=True)
 class KeyOwner:
     participant: str
@@ -84,6 +91,22 @@ class Registry:
 
     def key_owner(self, kid: bytes) -> KeyOwner | None:
         return self._owners.get(kid)
+
+    def lapsed_key(self, kid: bytes, at_ms: int) -> RegistryKey | None:
+        """The key with id ``kid`` if at ``at_ms`` it has lapsed (its ``valid_until`` has
+        passed, less than :data:`LAPSED_GRACE_MS` ago) without being revoked: what it
+        signed while valid may still arrive (a resend, a duplicate's answer, a queue
+        drained after an outage) and is judged by its signed ``created_at``."""
+        owner = self.key_owner(kid)
+        if owner is None:
+            return None
+        key = owner.key
+        if key.revoked_at is not None and at_ms >= key.revoked_at:
+            return None
+        if key.valid_until is None or not key.valid_until <= at_ms < (
+                key.valid_until + LAPSED_GRACE_MS):
+            return None
+        return key
 
     def public_key_for(self, kid: bytes, at_ms: int) -> bytes:
         """The public key with id ``kid`` if it may sign at ``at_ms``; else SignatureError."""

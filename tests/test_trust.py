@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nacl.signing import SigningKey
@@ -33,12 +34,14 @@ from node.config import KEYS_DIR, load_config
 from node.keyfile import KeyFileError, encrypt_seed, read_signing_key, write_signing_key
 from node.machine import Side, State
 from node.network import create_network
+from node.registry import LAPSED_GRACE_MS
 from node.service import CommandRefused, Delivery, Node, now_ms
 from protocol import (
     Cancellation,
     Envelope,
     ParticipantStatus,
     Receipt,
+    RegistryKey,
     RegistryUpdate,
     Rejection,
     Replacement,
@@ -513,3 +516,55 @@ def test_a_message_built_to_bloat_its_rejection_still_gets_a_valid_one(
     assert payload.reason == "body.schema"
     assert {p.reason for p in payload.problems} >= {"field.unknown_hs_code", "field.unknown"}
     assert all(len(p.path) <= 200 and len(p.message) <= 300 for p in payload.problems)
+
+
+def test_what_a_key_signed_while_valid_is_accepted_after_it_lapses(tmp_path: Path) -> None:
+    """A rotation's old key lapsed while ZA was down: IN's receipt waiting in ZA's queue,
+    and every later answer to ZA's resends (the same bytes), were refused for ever, so the
+    loop never closed. Now judged by when they were signed, for LAPSED_GRACE_MS."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    za, india = nodes["ZA"], nodes["IN"]
+    try:
+        t0 = now_ms()
+        za.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+        carry(za, nodes)
+        (receipt,) = india.store.due(2**62, 10)  # signed with IN's first key; ZA is down
+        ends = t0 + 7 * 86_400_000
+        old_key, new_key = india.signing_key(), SigningKey.generate()
+
+        def rotated(p: Any) -> Any:
+            if p.code != "IN":
+                return p
+            authority = p.authorities[0]
+            keys = (dataclasses.replace(authority.keys[0], valid_until=ends),
+                    RegistryKey(public_key=bytes(new_key.verify_key), valid_from=0))
+            return dataclasses.replace(p, authorities=(
+                dataclasses.replace(authority, keys=keys),))
+        update = RegistryUpdate(version=2, participants=tuple(
+            rotated(p) for p in network.registry.participants))
+        frame = sign_registry(update, network.chair_key, t0)
+        for node in nodes.values():
+            node.handle_batch([Delivery(frame)])
+
+        za.clock = lambda: ends + 86_400_000  # back a day after the old key lapsed
+        (verdict,) = za.handle_batch([Delivery(receipt.frame)])
+        assert verdict.dead_letter is None
+        assert za.store.get(Side.EXPORT, "ZA-2026-0001").state is State.DELIVERED  # type: ignore[union-attr]
+
+        # Signed after the key lapsed (or claiming so): refused, and answered.
+        late = Envelope(sender="IN", recipient="ZA", created_at=ends + 1,
+                        payload=Receipt(certificate="ZA-2026-0001",
+                                        certificate_digest=bytes(32)))
+        (verdict,) = za.handle_batch([Delivery(seal(late, old_key))])
+        assert verdict.dead_letter is not None
+        assert verdict.dead_letter.reason == "key.not_valid_now"
+        # Past the grace period nothing the old key signed is taken.
+        za.clock = lambda: ends + LAPSED_GRACE_MS
+        early = dataclasses.replace(late, created_at=t0, message_id="e" * 32)
+        (verdict,) = za.handle_batch([Delivery(seal(early, old_key))])
+        assert verdict.dead_letter is not None
+        assert verdict.dead_letter.reason == "key.not_valid_now"
+    finally:
+        for node in nodes.values():
+            node.close()
