@@ -57,6 +57,8 @@ RELAY_OVERTAKE_SECONDS = 0.005
 RELAY_IN_FLIGHT = 2
 IDLE_POLL_SECONDS = 0.25
 SWEEP_SECONDS = 5.0
+#: tries at putting a refused message on the dead-letter queue (0.2 s, then 0.4 s apart)
+DEAD_LETTER_ATTEMPTS = 3
 UNROUTABLE_RETRY_MS = 30_000
 
 
@@ -200,21 +202,48 @@ class RunningNode:
                 return  # shutting down with the store failing: left to the broker
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(deliveries))
+            done = []
             for delivery, verdict in decided:
                 refusal = verdict.dead_letter
                 self.metrics.received(verdict.kind, verdict.duplicate,
                                       refusal.reason if refusal else None)
-                if refusal is not None:
-                    await self.transport.dead_letter(
-                        delivery.body, reason=refusal.reason, text=refusal.text[:1000],
-                        headers={"x-kpx-sender": refusal.answer_to or "",
-                                 "x-kpx-message-id": refusal.in_reply_to or "",
-                                 "x-kpx-dead-at": str(now_ms()),
-                                 USER_ID_HEADER: publisher_of(
-                                     delivery.user_id, delivery.headers,
-                                     self.config.broker_user) or ""})
-                    self.metrics.dead_letters.labels(reason=refusal.reason).inc()
-            await self.transport.ack([d for d, _ in decided])
+                if refusal is not None and not await self._dead_letter(delivery, verdict):
+                    # No copy anywhere else: the broker keeps it and delivers it again.
+                    await self.transport.reject(delivery, requeue=True)
+                    continue
+                done.append(delivery)
+            await self.transport.ack(done)
+
+    async def _dead_letter(self, delivery: BrokerDelivery, verdict: Verdict) -> bool:
+        """Put a refused delivery's copy on the dead-letter queue, trying a few times.
+        False when that failed and the frame is kept nowhere else: then it must not be
+        acknowledged. A failure never stops the batch (its deliveries would hold their
+        prefetch slots until a reconnect, and a full dead-letter queue would stall the
+        inbox)."""
+        assert self.transport is not None and verdict.dead_letter is not None
+        refusal = verdict.dead_letter
+        headers = {"x-kpx-sender": refusal.answer_to or "",
+                   "x-kpx-message-id": refusal.in_reply_to or "",
+                   "x-kpx-dead-at": str(now_ms()),
+                   USER_ID_HEADER: publisher_of(delivery.user_id, delivery.headers,
+                                                self.config.broker_user) or ""}
+        for attempt in range(DEAD_LETTER_ATTEMPTS):
+            try:
+                await self.transport.dead_letter(delivery.body, reason=refusal.reason,
+                                                 text=refusal.text[:1000], headers=headers)
+            except Exception as exc:
+                if attempt + 1 < DEAD_LETTER_ATTEMPTS:
+                    await asyncio.sleep(0.2 * 2 ** attempt)
+                    continue
+                log.error("could not dead-letter a refused message"
+                          + ("; its frame and refusal are in the evidence log" if verdict.kept
+                             else "; left in the inbox to be delivered again"),
+                          reason=refusal.reason, message_id=refusal.in_reply_to,
+                          error=f"{type(exc).__name__}: {exc}")
+                return verdict.kept
+            self.metrics.dead_letters.labels(reason=refusal.reason).inc()
+            return True
+        return verdict.kept
 
     async def _decide(self, deliveries: list[BrokerDelivery]
                       ) -> list[tuple[BrokerDelivery, Verdict]] | None:

@@ -104,6 +104,9 @@ class Verdict:
     duplicate: bool = False
     #: the message's kind once it could be read (for metrics); None for unreadable bytes
     kind: str | None = None
+    #: the frame is in the evidence log (and a refusal recorded with it): nothing is lost
+    #: if its dead-letter copy cannot be made
+    kept: bool = False
 
 
 def certificate_of(envelope: Envelope) -> str | None:
@@ -384,7 +387,7 @@ class Node:
             log.warning("refused", message_id=env.message_id, sender=env.sender,
                         kind=str(env.kind), reason=refusal.reason, text=refusal.text,
                         certificate=refusal.certificate)
-        return Verdict(dead_letter=refusal, kind=str(env.kind))
+        return Verdict(dead_letter=refusal, kind=str(env.kind), kept=True)
 
     def _refused_at_admission(self, ctx: Context, refusal: Refusal,
                               delivery: Delivery) -> Verdict:
@@ -398,7 +401,7 @@ class Node:
             frame_id = refusal.in_reply_to or ""
             self.store.append_evidence("in", delivery.body, frame_id, None, ctx.now_ms)
             self._commit(ctx, Decision(send=(answer,)))
-        return Verdict(dead_letter=refusal)
+        return Verdict(dead_letter=refusal, kept=answer is not None)
 
     # -- queries -----------------------------------------------------------------
 

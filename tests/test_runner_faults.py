@@ -1,0 +1,130 @@
+"""The running node without a broker: its sweep and its dead-lettering survive faults."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from node import runner
+from node.machine import Side, State
+from node.network import create_network
+from node.runner import RunningNode
+from node.service import Node, now_ms
+from node.transport import Delivery as BrokerDelivery
+from protocol import Envelope, Receipt, parse_frame, seal
+from tests.netutil import certificate
+
+
+async def test_the_sweep_survives_a_fault_of_any_kind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One unexpected exception used to end the sweep task for good: no expiry and no
+    resend until the node was restarted."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    node = Node.open(network.configs["ZA"])
+    try:
+        node.issue(certificate("ZA-2026-0001", "ZA", "IN", issued_on="2020-01-01",
+                               expires_on="2099-01-01"))
+        later = now_ms() + 100 * 365 * 86_400_000
+        node.clock = lambda: later  # past the certificate's expiry: the sweep has work
+        original = Node.expire_overdue
+        faults = [RuntimeError("a bug, once")]
+
+        def expire_overdue(self: Node) -> list[object]:
+            if faults:
+                raise faults.pop()
+            return original(self)  # type: ignore[return-value]
+        monkeypatch.setattr(Node, "expire_overdue", expire_overdue)
+        monkeypatch.setattr(runner, "SWEEP_SECONDS", 0.02)
+        running = RunningNode(network.configs["ZA"])
+        running.node = node
+        task = asyncio.create_task(running._sweep())
+        for _ in range(200):
+            record = node.store.get(Side.EXPORT, "ZA-2026-0001")
+            if record is not None and record.state is State.EXPIRED:
+                break
+            await asyncio.sleep(0.02)
+        assert not task.done()
+        assert not faults
+        assert node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.EXPIRED  # type: ignore[union-attr]
+        task.cancel()
+    finally:
+        node.close()
+
+
+class DeadLetterQueueDown:
+    """A transport whose dead-letter publishes fail ``failures`` times (a full queue that
+    nacks, a timeout), recording what is acknowledged, rejected and dead-lettered."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.acked: list[bytes] = []
+        self.requeued: list[bytes] = []
+        self.dead: list[bytes] = []
+
+    async def ack(self, deliveries: list[BrokerDelivery]) -> None:
+        self.acked += [d.body for d in deliveries]
+
+    async def reject(self, delivery: BrokerDelivery, *, requeue: bool = True) -> None:
+        assert requeue
+        self.requeued.append(delivery.body)
+
+    async def dead_letter(self, body: bytes, **_: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise TimeoutError("the dead-letter queue did not confirm")
+        self.dead.append(body)
+
+
+def delivery(body: bytes, tag: int) -> BrokerDelivery:
+    message: Any = SimpleNamespace(body=body, message_id=None, user_id=None, headers={},
+                                   redelivered=False, delivery_tag=tag)
+    return BrokerDelivery(message, generation=0)
+
+
+@pytest.mark.parametrize("failures", [1, 100])
+async def test_a_dead_letter_queue_that_fails_neither_stalls_the_inbox_nor_loses_a_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    """A failed dead-letter publish once left the whole batch unacknowledged (holding its
+    prefetch slots until a reconnect) and, delivered again as a duplicate, the refused
+    message never reached the dead-letter queue. Now it is tried again; if that fails, a
+    message kept in the evidence log is acknowledged and one kept nowhere is left to the
+    broker."""
+    monkeypatch.setattr(asyncio, "sleep", _no_wait)
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
+    try:
+        unknown = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                                payload=Receipt(certificate="IN-2026-0404",
+                                                certificate_digest=bytes(32))),
+                       za.signing_key())
+        garbage = b"not a kpx frame"
+        india.issue(certificate("IN-2026-0001", "IN", "ZA"))
+        (good,) = [r.frame for r in india.store.due(2**62, 10)]
+        accepted = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                                 payload=Receipt(certificate="IN-2026-0001",
+                                                 certificate_digest=parse_frame(good).digest)),
+                        za.signing_key())
+        transport = DeadLetterQueueDown(failures)
+        running = RunningNode(network.configs["IN"])
+        running.node, running.transport = india, transport  # type: ignore[assignment]
+        await running._on_batch([delivery(unknown, 1), delivery(garbage, 2),
+                                 delivery(accepted, 3)])
+        if failures < runner.DEAD_LETTER_ATTEMPTS:  # tried again: both copies made
+            assert transport.dead == [unknown, garbage]
+            assert transport.acked == [unknown, garbage, accepted]
+            assert transport.requeued == []
+        else:
+            assert transport.acked == [unknown, accepted]  # its frame is in the evidence log
+            assert transport.requeued == [garbage]  # kept nowhere else: the broker keeps it
+            assert any(e.frame == unknown for e in india.store.evidence())
+    finally:
+        za.close()
+        india.close()
+
+
+async def _no_wait(_: float) -> None:
+    return None
