@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from node.machine import Record, Side, State
+from node.machine import Record, Side, State, day_of
 from node.openapi import openapi_document
 from node.service import CommandRefused, Node, OnCommit
 from node.stats import Quarter
@@ -40,6 +40,7 @@ from node.webcontext import (
     refusal_status,
 )
 from protocol import Certificate, Line, Problem, Reason, ValidationError, validate_certificate
+from protocol.schema import DATE
 
 log = structlog.get_logger("kpx.api")
 
@@ -216,12 +217,19 @@ def confirm_arguments(data: dict[str, Any]) -> dict[str, Any]:
         problems.append(Problem("parcels", Reason.WRONG_TYPE, "an integer"))
     received_on: date | None = None
     if data.get("received_on") is not None:
+        value = data["received_on"]
         try:
-            received_on = date.fromisoformat(str(data["received_on"]))
+            # only YYYY-MM-DD, as in certificates: fromisoformat alone also reads
+            # 20261115 and 2026-W46-7, and the date goes into a signed confirmation
+            if not isinstance(value, str) or not DATE.fullmatch(value):
+                raise ValueError(value)
+            received_on = date.fromisoformat(value)
         except ValueError:
             problems.append(Problem("received_on", Reason.BAD_DATE, "a date YYYY-MM-DD"))
-    remarks = data.get("remarks") or ""
-    if not isinstance(remarks, str):
+    remarks = data.get("remarks")
+    if remarks is None:
+        remarks = ""
+    elif not isinstance(remarks, str):  # false, 0, [] are not 'no remarks'
         problems.append(Problem("remarks", Reason.WRONG_TYPE, "a string"))
     if problems:
         raise ValidationError(tuple(problems), "request is not valid")
@@ -263,7 +271,7 @@ async def idempotent(request: web.Request,
                        "ASCII characters")
     principal: Principal = request[PRINCIPAL]
     fingerprint = hashlib.sha256(b"\n".join([request.method.encode(),
-                                             request.path.encode(), body])).digest()
+                                             request.path.encode(), same_json(body)])).digest()
     store = request.app[WEB_CONTEXT].node.store
     first = store.idempotent_answer(principal.name, key)
     if first is not None:
@@ -272,7 +280,7 @@ async def idempotent(request: web.Request,
             raise ApiError(422, "idempotency.key_reused", f"Idempotency-Key {key!r} was "
                            "used for a different request")
         return web.Response(body=answer, status=status, content_type="application/json",
-                            headers={"Idempotent-Replayed": "true"})
+                            charset="utf-8", headers={"Idempotent-Replayed": "true"})
     clock = request.app[WEB_CONTEXT].node.clock
 
     def remember(response: web.Response) -> None:
@@ -280,6 +288,19 @@ async def idempotent(request: web.Request,
         store.remember_idempotent(principal.name, key, fingerprint, response.status,
                                   response.body, clock())
     return act(body, remember)
+
+
+def same_json(body: bytes) -> bytes:
+    """A body as the idempotency check compares it: the same JSON however spaced or its keys
+    ordered (a client may rebuild it for a retry); an empty body as ``{}``; anything that is
+    not JSON as its bytes."""
+    if not body.strip():
+        return b"{}"
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def parse_json_bytes(body: bytes) -> Any:
@@ -393,7 +414,7 @@ async def get_certificates(request: web.Request) -> web.Response:
         raise ValidationError(tuple(problems), "query is not valid")
     records = node.records(side=side, states=states, partner=query.get("partner"))
     if overdue == "true":
-        today = date.fromtimestamp(node.clock() / 1000)
+        today = day_of(node.clock())
         records = [r for r in records if is_overdue(r, today)]
     page = records[offset:offset + limit]
     return ok({"total": len(records), "offset": offset,
@@ -426,7 +447,7 @@ async def get_statistics(request: web.Request) -> web.Response:
     text = request.query.get("quarter")
     try:
         quarter = (Quarter.parse(text) if text is not None
-                   else quarter_of(date.fromtimestamp(ctx.node.clock() / 1000)))
+                   else quarter_of(day_of(ctx.node.clock())))
     except ValueError as exc:
         raise ValidationError((Problem("quarter", Reason.BAD_FORMAT, str(exc)),),
                               "query is not valid") from None

@@ -24,7 +24,7 @@ from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
-from node.machine import Record, Side, State
+from node.machine import Record, Side, State, day_of
 from node.network import init_node
 from node.registry import open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
@@ -362,7 +362,7 @@ def cmd_key_show(args: argparse.Namespace) -> None:
                 except ProtocolError as exc:
                     state = str(exc.reason)
                 if owner.key.valid_until is not None:
-                    state += f", ends {date.fromtimestamp(owner.key.valid_until / 1000)}"
+                    state += f", ends {day_of(owner.key.valid_until)}"
             rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),
                          "registry": state, "signing": public == current})
         emit(args, rows, table([[r["key_id"], r["registry"], "yes" if r["signing"] else ""]

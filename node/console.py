@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from node.machine import OPEN_STATES, Record, Side, State
+from node.machine import OPEN_STATES, Record, Side, State, day_of
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
 from node.tokens import Principal, TokenError, token_hash
@@ -316,7 +316,7 @@ async def dead_letter_count(ctx: WebContext) -> int | None:
 
 
 def today_of(ctx: WebContext) -> dt.date:
-    return dt.date.fromtimestamp(ctx.node.clock() / 1000)
+    return day_of(ctx.node.clock())
 
 
 # -- pages -------------------------------------------------------------------------------

@@ -189,12 +189,18 @@ class Context:
 
     @property
     def today(self) -> date:
-        return datetime.fromtimestamp(self.now_ms / 1000, UTC).date()
+        return day_of(self.now_ms)
 
     def seal(self, recipient: str, payload: Payload, in_reply_to: str | None = None) -> Sealed:
         envelope = Envelope(sender=self.me, recipient=recipient, created_at=self.now_ms,
                             payload=payload, in_reply_to=in_reply_to)
         return Sealed(envelope, self.sign(envelope))
+
+
+def day_of(at_ms: int) -> date:
+    """The UTC date of an instant: expiry, 'overdue' and the current quarter are judged in
+    UTC everywhere, whatever the server's time zone."""
+    return datetime.fromtimestamp(at_ms / 1000, UTC).date()
 
 
 def side_of(number: str, me: str) -> Side:

@@ -32,9 +32,15 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "refused by the certificate's state (e.g. already confirmed, already issued)",
         422: "valid, but not allowed under the Scheme's rules (suspended partner, embargoed "
              "origin, expired) or an Idempotency-Key reused for a different request",
-        503: "the node's database cannot be used now; retry with the same Idempotency-Key",
+        413: "the body is over 1 MiB (request.refused)",
+        500: "the node failed (node.processing_failed); its log has the details. For an "
+             "action, retry with the same Idempotency-Key: it acts only if it had not",
+        503: "the node's database or tokens file cannot be used now (node.store_unavailable, "
+             "node.tokens_unavailable); nothing was done: retry, with the same "
+             "Idempotency-Key",
     }
-    return {str(s): _json(_ref("Error"), what[s]) for s in statuses}
+    # Any call can meet a node that fails or whose database is unavailable.
+    return {str(s): _json(_ref("Error"), what[s]) for s in sorted({*statuses, 500, 503})}
 
 
 _INT = {"type": "integer"}
@@ -46,7 +52,10 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 "description": "retrying with the same key returns the first successful "
                                "answer (header Idempotent-Replayed: true) and never acts "
-                               "twice; keys are per token"}
+                               "twice; the same JSON counts as the same request, however "
+                               "spaced or ordered. Keys belong to the token's name (a "
+                               "token replaced under the same name keeps them); a refused "
+                               "call does not use its key up"}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -158,8 +167,7 @@ _SCHEMAS: dict[str, Any] = {
                               "problems": {"type": "array", "items": {"type": "object"}}}},
 }
 
-_READ = _errors(401)
-_WRITE = _errors(400, 401, 403, 404, 409, 422, 503)
+_WRITE = _errors(400, 401, 403, 404, 409, 413, 422)
 
 _PATHS: dict[str, Any] = {
     "/openapi.json": {"get": {
@@ -171,7 +179,7 @@ _PATHS: dict[str, Any] = {
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": _ref("Certificate")}}},
         "responses": {"200": _json(_ref("Validation"), "the verdict, with every problem"),
-                      **_errors(400, 401)}}},
+                      **_errors(400, 401, 413)}}},
     "/certificates": {
         "post": {
             "operationId": "issueCertificate", "summary": "validate, sign and send (officer)",
@@ -250,7 +258,9 @@ _DOCUMENT: dict[str, Any] = {
              "description": "A kpx node's API for a national authority's own systems. Every "
                             "call is recorded in the node's evidence log with the token's "
                             "name. Roles: officer (issue, replace, cancel, confirm) and "
-                            "monitor (read only); tokens: 'kpnode token add'."},
+                            "monitor (read only); tokens: 'kpnode token add'. Every GET "
+                            "also answers HEAD; a method a path does not serve gets 405 "
+                            "(request.method_not_allowed) with an Allow header."},
     "servers": [{"url": "/api/v1"}],
     "security": [{"bearer": []}],
     "paths": _PATHS,

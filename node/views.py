@@ -47,7 +47,7 @@ def parse_amount(text: str, what: str) -> int:
     return int(scaled)
 
 
-_WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
 
 
 def parse_whole_number(text: str) -> int:

@@ -9,8 +9,9 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from node.machine import Side, State
 from node.network import create_network
 from node.openapi import openapi_document
 from node.service import Node
+from node.stats import Quarter
 from node.store import Store, StoreError
 from node.tokens import Tokens
 from node.webcontext import AnonymousBudget, WebContext, quarter_of
@@ -226,6 +228,28 @@ async def test_a_call_the_evidence_log_cannot_take_still_gets_its_real_answer(
     assert (await response.json())["number"] == "ZA-2026-0006"
 
 
+async def test_overdue_and_the_current_quarter_are_judged_in_utc(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the server's time zone: at 12:00 UTC on 31 March, Kiritimati (UTC+14) is
+    already in April, and the default quarter left out a certificate of 31 March."""
+    za, _ = pair
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    time.tzset()
+    try:
+        noon = int(datetime(2026, 3, 31, 12, tzinfo=UTC).timestamp() * 1000)
+        za.node.clock = lambda: noon
+        await issue(za, "ZA-2026-0001", issued_on="2026-03-01", expires_on="2026-03-31")
+        figures = await (await za.client.get(f"{API}/statistics",
+                                              headers=za.auth("monitor"))).json()
+        assert figures["quarter"] == str(Quarter(2026, 1))
+        listed = await (await za.client.get(f"{API}/certificates?overdue=true",
+                                             headers=za.auth("monitor"))).json()
+        assert listed["certificates"] == []  # expires today (UTC): not overdue yet
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 async def test_list_filters_both_ways_and_show_gives_the_signed_history(
         pair: tuple[Served, Served]) -> None:
     za, india = pair
@@ -326,6 +350,13 @@ async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
     response = await india.client.post(url, headers=officer, json={"received_on": "2000-01-01"})
     assert response.status == 400
     assert (await response.json())["error"] == "field.bad_date"
+    # Read as dates once and signed into the confirmation: only YYYY-MM-DD is a date here.
+    for odd in (20261115, "2026-W46-7", "20261115"):
+        response = await india.client.post(url, headers=officer, json={"received_on": odd})
+        assert response.status == 400, odd
+    response = await india.client.post(url, headers=officer, json={"remarks": False})
+    assert response.status == 400
+    assert (await response.json())["problems"][0]["path"] == "remarks"
     arrived = {"lines": [{"hs_code": "7102.31", "carats_hundredths": 240_000,
                           "usd_cents": 40_000_000},
                          {"hs_code": "7102.21", "carats_hundredths": 30_000,
@@ -336,8 +367,13 @@ async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
     record = await first.json()
     assert record["state"] == "confirmed"
     assert record["discrepancies"][0]["field"].startswith("lines")
-    again = await india.client.post(url, headers=headers, json=arrived)
+    # The same JSON rebuilt for the retry, other key order and spacing: still the same call.
+    rebuilt = json.dumps(dict(reversed(list(arrived.items()))), indent=2)
+    again = await india.client.post(url, headers={**headers, "Content-Type":
+                                                  "application/json"}, data=rebuilt)
     assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert await again.read() == await first.read()
+    assert again.headers["Content-Type"] == first.headers["Content-Type"]
     response = await india.client.post(url, headers=officer)
     assert response.status == 409
     response = await india.client.post(f"{API}/certificates/ZA-2026-0002/confirm",
