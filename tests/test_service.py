@@ -299,7 +299,7 @@ def test_a_store_failure_in_a_batch_commits_none_of_it(nodes: Nodes, monkeypatch
         real_save(records)
 
     monkeypatch.setattr(za.store, "save", failing_save)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreError, match="disk I/O error"):
         za.issue_many([certificate("ZA-2026-0301", "ZA", "IN"),
                        certificate("ZA-2026-0302", "ZA", "IN")])
     assert za.store.get(Side.EXPORT, "ZA-2026-0301") is None
@@ -326,7 +326,7 @@ def test_on_records_hears_each_committed_change_once_and_nothing_rolled_back(
     heard["ZA"].clear()
     monkeypatch.setattr(za.store, "enqueue", lambda *a: (_ for _ in ()).throw(
         sqlite3.OperationalError("disk I/O error")))
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreError, match="disk I/O error"):
         za.issue(certificate("ZA-2026-0403", "ZA", "IN"))
     monkeypatch.undo()
     za.cancel("ZA-2026-0401", "wrong parcel count")
