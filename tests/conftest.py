@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 
 from node.localbroker import ENV_URL, broker_url
+from node.nodeprocess import NodeProcess
 from node.transport import EXCHANGES, dead_letter_queue, inbox_queue
 
 # --- Real-broker harness ------------------------------------------------------------------
@@ -51,3 +52,12 @@ async def delete_participant_queues(url: str) -> None:
 
 
 # --- Other fixtures below ------------------------------------------------------------------
+
+
+@pytest.fixture
+def processes() -> Iterator[list[NodeProcess]]:
+    """Node processes a test starts; each is closed (killed if need be) at its end."""
+    made: list[NodeProcess] = []
+    yield made
+    for p in made:
+        p.close()

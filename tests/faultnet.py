@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +33,22 @@ def burst(exporter: str, importer: str, count: int, tag: str = "B") -> list[Ship
 
 def issue(config: NodeConfig, shipments: Sequence[Shipment], per_second: float = 0.0) -> None:
     """Issue at the exporter's node (blocking; run it in a thread to overlap a fault)."""
-    node = Node.open(config)
-    try:
-        started = time.monotonic()
-        for i, s in enumerate(shipments):
-            node.issue(s.certificate)
-            if per_second > 0:
-                ahead = (i + 1) / per_second - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-    finally:
-        node.close()
+    _paced(config, shipments, per_second, lambda node, s: node.issue(s.certificate))
 
 
 def confirm(config: NodeConfig, shipments: Sequence[Shipment], per_second: float = 0.0) -> None:
     """The importing authority confirms every shipment as declared (blocking)."""
+    _paced(config, shipments, per_second, lambda node, s: node.confirm(s.number))
+
+
+def _paced(config: NodeConfig, shipments: Sequence[Shipment], per_second: float,
+           act: Callable[[Node, Shipment], object]) -> None:
+    """One desk action per shipment at the node, at most ``per_second`` (0: at once)."""
     node = Node.open(config)
     try:
         started = time.monotonic()
         for i, s in enumerate(shipments):
-            node.confirm(s.number)
+            act(node, s)
             if per_second > 0:
                 ahead = (i + 1) / per_second - (time.monotonic() - started)
                 if ahead > 0:

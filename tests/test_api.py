@@ -21,7 +21,6 @@ from openapi_spec_validator import validate
 from node.api import ROUTES, api_app
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
-from node.network import create_network
 from node.openapi import openapi_document
 from node.service import Node
 from node.stats import Quarter
@@ -30,21 +29,15 @@ from node.tokens import Tokens
 from node.webcontext import AnonymousBudget, WebContext, quarter_of
 from protocol import ParticipantStatus, parse_frame
 from tests.netutil import carry, certificate_json
-from tests.webutil import Served, serve
+from tests.webutil import Served, served_pair
 
 API = "/api/v1"
 
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Served, Served]]:
-    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"],
-                             others=[("XX", ParticipantStatus.SUSPENDED)])
-    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
-    served = (await serve(za), await serve(india))
-    yield served
-    for s in served:
-        await s.client.close()
-        s.node.close()
+    async with served_pair(tmp_path, others=[("XX", ParticipantStatus.SUSPENDED)]) as served:
+        yield served
 
 
 def kpnode(*args: str) -> str:

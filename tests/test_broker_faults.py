@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aio_pika
@@ -39,14 +39,6 @@ from tests.test_network import fresh_codes, state, until
 pytestmark = pytest.mark.broker
 
 BURST = 1_000
-
-
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    made: list[NodeProcess] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 @pytest.fixture

@@ -12,24 +12,17 @@ import pytest
 from node import console
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
-from node.network import create_network
-from node.service import Node
 from node.tokens import Tokens
 from tests.netutil import carry
-from tests.webutil import Served, serve
+from tests.webutil import Served, served_pair
 
 C = "/console"
 
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Served, Served]]:
-    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
-    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
-    served = (await serve(za), await serve(india))
-    yield served
-    for s in served:
-        await s.client.close()
-        s.node.close()
+    async with served_pair(tmp_path) as served:
+        yield served
 
 
 async def login(s: Served, who: str) -> str:

@@ -10,7 +10,6 @@ evidence, and ``kpnode verify-log`` the hash chains.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,14 +38,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 BURST = 1_000
 #: desks issue and confirm at this pace, so a crash lands in the middle of the burst
 PACE = 250.0
-
-
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    made: list[NodeProcess] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 async def start(*nodes: NodeProcess) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,14 +23,6 @@ from tests.test_network import fresh_codes, until
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 BACKLOG = 10_000
-
-
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    made: list[NodeProcess] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 async def test_importer_down_while_10000_queue_then_drains_them_all(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from node.network import create_network
 from node.service import Node, now_ms
 from node.tokens import Role, Tokens
 from node.web import mount_web
 from node.webcontext import WebContext
+from protocol import ParticipantStatus
 
 
 @dataclass
@@ -35,3 +40,19 @@ async def serve(node: Node) -> Served:
     client = TestClient(TestServer(app))
     await client.start_server()
     return Served(node, client, context, issued)
+
+
+@contextlib.asynccontextmanager
+async def served_pair(directory: Path, others: Sequence[tuple[str, ParticipantStatus]] = ()
+                      ) -> AsyncIterator[tuple[Served, Served]]:
+    """ZA and IN, each served with its tokens; no broker (messages are carried by hand)."""
+    network = create_network(directory, ["ZA", "IN"], ["amqp://127.0.0.1:1/"],
+                             others=others)
+    served = (await serve(Node.open(network.configs["ZA"])),
+              await serve(Node.open(network.configs["IN"])))
+    try:
+        yield served
+    finally:
+        for s in served:
+            await s.client.close()
+            s.node.close()
