@@ -228,6 +228,9 @@ class Transport:
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
+        for closer in list(self._closers):
+            with contextlib.suppress(Exception):
+                await closer
         self._connected.clear()
 
     # -- connection supervision ----------------------------------------------------
@@ -251,6 +254,12 @@ class Transport:
             connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
             try:
                 await self._set_up(connection)
+            except asyncio.CancelledError:
+                # Closed during set-up: self._connection may not name this one yet, so
+                # close() would leave it open (and aio-pika's __del__ closes it too late).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(connection.close())
+                raise
             except Exception as exc:
                 log.error("broker set-up failed", url=redact(url), error=str(exc))
                 with contextlib.suppress(Exception):

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractConnection
 
 from node.localbroker import LocalBroker
 from node.machine import Side, State
 from node.network import create_network
 from node.nodeprocess import NodeProcess
 from node.runner import RunningNode
-from node.transport import inbox_queue
+from node.transport import Transport, TransportUnavailable, inbox_queue
 from tests.faultnet import (
     burst,
     check,
@@ -182,3 +183,22 @@ async def consumers(connection: aio_pika.abc.AbstractConnection, queue: str) -> 
     count = int(declared.declaration_result.consumer_count or 0)
     await channel.close()
     return count
+
+
+async def test_a_node_closed_while_setting_up_leaves_no_connection_open(amqp_url: str) -> None:
+    """The broker answered but set-up hung (a declare blocked), the node gave up waiting and
+    closed: the connection it was setting up used to stay open, unknown to close()."""
+    opened: list[AbstractConnection] = []
+
+    class Hanging(Transport):
+        async def _set_up(self, connection: AbstractConnection) -> None:
+            opened.append(connection)
+            await connection.channel()
+            await asyncio.Event().wait()
+
+    transport = Hanging([amqp_url], fresh_codes(1)[0])
+    with pytest.raises(TransportUnavailable):
+        await transport.connect(timeout=2.0)
+    assert len(opened) == 1 and not opened[0].is_closed
+    await transport.close()
+    assert opened[0].is_closed
