@@ -29,6 +29,7 @@ from node.network import init_node
 from node.registry import open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.store import StoreError
+from node.terminal import emit, printable, table
 from node.views import carats, history_json, parse_amount, record_json, usd
 from protocol import (
     Certificate,
@@ -47,15 +48,6 @@ class UserError(Exception):
 EXIT_REFUSED, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
 
 
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 RECORD_HEADERS = ("side", "number", "partner", "state", "carats", "US$", "expires", "note")
 
 
@@ -72,10 +64,6 @@ def record_row(record: Record) -> list[object]:
     c = record.certificate
     return [record.side, record.number, record.partner, record.state,
             carats(c.carats_hundredths), usd(c.usd_cents), c.expires_on.isoformat(), note]
-
-
-def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
 
 
 # -- input parsing ----------------------------------------------------------------------
@@ -185,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         asyncio.run(run_until_signalled(config))
     except TransportUnavailable as exc:
         # Only at start: once running, the node rides out broker outages by itself.
-        print(f"kpnode: cannot start: {exc}", file=sys.stderr)
+        complain(f"cannot start: {exc}")
         raise SystemExit(EXIT_ENVIRONMENT) from None
 
 
@@ -255,7 +243,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         for r in records:
             parts += discrepancy_lines(r)
             if r.rejection_text:
-                parts.append(f"  {r.side} note: {r.rejection_text}")
+                parts.append(f"  {r.side} note: {printable(r.rejection_text, one_line=True)}")
         parts.append("")
         parts.append(table([[h["seq"], h["direction"], h["kind"], h["from"], h["to"],
                              h["message_id"], str(h["frame_sha256"])[:16]] for h in history],
@@ -542,37 +530,42 @@ def cmd_demo(args: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
+def complain(text: str) -> None:
+    """Why a command failed, on stderr (the text may quote a partner or a broker)."""
+    print(f"kpnode: {printable(text)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     configure_logging(level=None if args.command == "run" else "WARNING")
     try:
         args.handler(args)
     except ValidationError as exc:
-        print(f"kpnode: {exc.text}:", file=sys.stderr)
+        complain(f"{exc.text}:")
         for problem in exc.problems:
-            print(f"  {problem}  [{problem.reason}]", file=sys.stderr)
+            print(printable(f"  {problem}  [{problem.reason}]"), file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None
     except CommandRefused as exc:
-        print(f"kpnode: refused: {exc.refusal}", file=sys.stderr)
+        complain(f"refused: {exc.refusal}")
         raise SystemExit(EXIT_REFUSED) from None
     except registrytool.BrokerUnreachable as exc:
-        print(f"kpnode: {exc}", file=sys.stderr)
+        complain(str(exc))
         raise SystemExit(EXIT_ENVIRONMENT) from None
     except (UserError, ProtocolError, registrytool.ChairError) as exc:
-        print(f"kpnode: {exc}", file=sys.stderr)
+        complain(str(exc))
         raise SystemExit(EXIT_REFUSED) from None
     except (ConfigError, RegistryFileError, StoreError, RegistryJsonError) as exc:
-        print(f"kpnode: {exc}", file=sys.stderr)
+        complain(str(exc))
         raise SystemExit(EXIT_ENVIRONMENT) from None
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(EXIT_REFUSED) from None
     except OSError as exc:  # a path that is a file, a directory we may not write ...
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"kpnode: {where}{exc.strerror or exc}", file=sys.stderr)
+        complain(f"{where}{exc.strerror or exc}")
         raise SystemExit(EXIT_ENVIRONMENT) from None
     except sqlite3.Error as exc:  # e.g. a read-only database, met mid-command
-        print(f"kpnode: the node's database: {exc}", file=sys.stderr)
+        complain(f"the node's database: {exc}")
         raise SystemExit(EXIT_ENVIRONMENT) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -117,7 +117,7 @@ async def _exchange(nodes: dict[str, Node], per_pair: int, as_json: bool,
     if as_json:
         print(json.dumps({"loops": rows, "all_closed": closed, "seconds": elapsed}, indent=2))
     else:
-        from node.cli import table
+        from node.terminal import table
 
         print(table([[r["number"], f'{r["exporter"]} → {r["importer"]}', r["exporter_state"],
                       r["importer_state"], "yes" if r["same_signed_evidence"] else "NO",

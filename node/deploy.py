@@ -39,6 +39,7 @@ from node.definitions import (
 from node.network import create_network
 from node.registry import Registry, open_registry_frame
 from node.service import broker_user_for
+from node.terminal import emit, table
 from protocol import ProtocolError
 from protocol.schema import PARTICIPANT_CODE
 
@@ -130,12 +131,6 @@ def configure_node(config: NodeConfig, urls: Sequence[str], password: str) -> No
 # -- the commands -----------------------------------------------------------------------
 
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    from node.cli import emit
-
-    emit(args, data, text)
-
-
 def _hex_key(text: str) -> bytes:
     try:
         key = bytes.fromhex(text)
@@ -147,7 +142,6 @@ def _hex_key(text: str) -> bytes:
 
 
 def cmd_definitions(args: argparse.Namespace) -> None:
-    from node.cli import table
 
     registry = read_registry(Path(args.registry), _hex_key(args.chair_key))
     out = Path(args.out)
@@ -156,7 +150,7 @@ def cmd_definitions(args: argparse.Namespace) -> None:
                                  delivery_limit=args.delivery_limit)
     rows = [[p["user"], p["configure"], p["write"], p["read"],
              password_file(passwords, p["user"])] for p in document["permissions"]]
-    _emit(args, {"definitions": str(out), "registry_version": registry.version,
+    emit(args, {"definitions": str(out), "registry_version": registry.version,
                  "vhost": args.vhost, "passwords": str(passwords),
                  "permissions": document["permissions"]},
           f"definitions for registry version {registry.version} written to {out}\n"
@@ -170,7 +164,7 @@ def cmd_configure(args: argparse.Namespace) -> None:
     config = load_config(node_dir(args), environ={})
     password = read_password(Path(args.password_file))
     locked = configure_node(config, args.broker, password)
-    _emit(args, {"directory": str(locked.directory), "broker_user": locked.broker_user},
+    emit(args, {"directory": str(locked.directory), "broker_user": locked.broker_user},
           f"{locked.participant}: logs in as {locked.broker_user}, declares nothing, checks "
           f"the user_id of every message ({locked.directory / CONFIG_NAME})")
 
@@ -247,7 +241,7 @@ def cmd_network(args: argparse.Namespace) -> None:
     done = provision(Path(args.dir), codes, args.broker, vhost=args.vhost,
                      delivery_limit=args.delivery_limit)
     nodes = sorted(done.node_dirs())
-    _emit(args, {"directory": str(done.base), "created": done.created, "nodes": nodes,
+    emit(args, {"directory": str(done.base), "created": done.created, "nodes": nodes,
                  "registry_version": done.registry.version,
                  "definitions": str(done.definitions),
                  "chair_public_key": done.chair_public_key.hex(),
@@ -280,7 +274,7 @@ def cmd_publish_registry(args: argparse.Namespace) -> None:
         asyncio.run(publish_registry(url, frame, user_id=URL(url).user or None))
     except Exception as exc:
         raise ConfigError(f"registry not published: {type(exc).__name__}: {exc}") from exc
-    _emit(args, {"published": str(path), "version": version},
+    emit(args, {"published": str(path), "version": version},
           f"registry {path}{'' if version is None else f' (version {version})'} published "
           "to every inbox")
 

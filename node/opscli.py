@@ -13,19 +13,19 @@ import csv
 import functools
 import io
 import json
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from node.brokerclient import amqp_library_logs_quiet
-from node.cli import EXIT_ENVIRONMENT, UserError, emit, table, with_node
+from node.cli import EXIT_ENVIRONMENT, UserError, complain, with_node
 from node.deadletters import DeadLetter, DeadLetterError, DeadLetterQueue, verdict_now
 from node.ping import NodeNotRunning, PingFailed, ping_partner
 from node.service import Node
 from node.stats import DEFAULT_VALUATION_THRESHOLD, Quarter, quarterly_report
 from node.status import gather_status, render_status
+from node.terminal import emit, printable, table
 from node.transport import TransportUnavailable
 from node.views import carats, usd
 
@@ -41,7 +41,7 @@ def _operator_errors(handler: Handler) -> Handler:
         except (DeadLetterError, PingFailed) as exc:
             raise UserError(str(exc)) from None
         except (TransportUnavailable, NodeNotRunning) as exc:
-            print(f"kpnode: {exc}", file=sys.stderr)
+            complain(str(exc))
             raise SystemExit(EXIT_ENVIRONMENT) from None
     return run
 
@@ -54,7 +54,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         if args.watch is not None and args.json:
             print(json.dumps(status, sort_keys=True), flush=True)  # one document a line
         elif args.watch is not None:
-            print("\x1b[H\x1b[2J" + render_status(status), flush=True)
+            print("\x1b[H\x1b[2J" + printable(render_status(status)), flush=True)
         else:
             emit(args, status, render_status(status))
 
@@ -108,15 +108,17 @@ def cmd_dead_show(args: argparse.Namespace) -> None:
         d = held.letter
         verdict = verdict_now(node, held.message.body)
         data = {**d.json(), "verdict_now": verdict, "frame_hex": held.message.body.hex()}
+        def shown(value: object) -> str:  # headers and claims come from whoever sent it
+            return printable(str(value), one_line=True)
         lines = [f"dead letter {d.id} ({d.size} bytes)",
                  f"  dead-lettered  {_when(d.dead_lettered_at)}",
-                 f"  reason         {d.reason}",
-                 f"  text           {d.text}",
-                 f"  sender         {d.sender or '(not authenticated)'}",
-                 f"  message id     {d.message_id or '-'}"]
+                 f"  reason         {shown(d.reason)}",
+                 f"  text           {shown(d.text)}",
+                 f"  sender         {shown(d.sender or '(not authenticated)')}",
+                 f"  message id     {shown(d.message_id or '-')}"]
         if d.claimed:
             lines.append("  the frame claims (unverified):")
-            lines += [f"    {k:<12} {v}" for k, v in d.claimed.items()]
+            lines += [f"    {k:<12} {shown(v)}" for k, v in d.claimed.items()]
         else:
             lines.append("  the frame does not parse")
         lines.append(f"  checked now    {verdict}")

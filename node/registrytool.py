@@ -38,6 +38,7 @@ from node.chair import (
 from node.config import node_directory
 from node.keyfile import read_signing_key, write_signing_key
 from node.service import now_ms
+from node.terminal import emit
 from protocol import ParticipantStatus, RegistryUpdate, key_id
 
 DRAFT = "registry.json"
@@ -159,10 +160,6 @@ def render(update: RegistryUpdate) -> str:
 # -- commands ------------------------------------------------------------------------
 
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
-
-
 def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryUpdate],
           done: str) -> None:
     chair = ChairDirectory(node_directory(args.dir))
@@ -171,7 +168,7 @@ def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryU
     except RegistryEditError as exc:
         raise ChairError(str(exc)) from None
     chair.save(update)
-    _emit(args, summary(update), f"{done} (draft of version {update.version}; "
+    emit(args, summary(update), f"{done} (draft of version {update.version}; "
           "'kpnode registry publish' to send it)")
 
 
@@ -186,14 +183,14 @@ def cmd_init(args: argparse.Namespace) -> None:
         write_signing_key(key_path, SigningKey.generate())
     public = bytes(chair.key().verify_key).hex()
     chair.save(RegistryUpdate(version=1, participants=()))
-    _emit(args, {"directory": str(directory), "chair_public_key": public},
+    emit(args, {"directory": str(directory), "chair_public_key": public},
           f"Chair directory ready in {directory}\n  Chair public key {public}\n"
           "Give it to every node (chair_public_key in node.toml).")
 
 
 def cmd_show(args: argparse.Namespace) -> None:
     update = ChairDirectory(node_directory(args.dir)).load()
-    _emit(args, summary(update), render(update))
+    emit(args, summary(update), render(update))
 
 
 def cmd_add_participant(args: argparse.Namespace) -> None:
@@ -282,7 +279,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     if args.broker:
         sent_to = asyncio.run(_send(args.broker, frame, version, outputs))
     where = ", ".join(outputs) + (f" and to every node through {sent_to}" if sent_to else "")
-    _emit(args, {"version": version, "files": outputs, "broker": sent_to},
+    emit(args, {"version": version, "files": outputs, "broker": sent_to},
           f"registry version {version} {'sent again' if args.resend else 'signed and published'}"
           f" to {where}")
 

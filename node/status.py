@@ -26,6 +26,7 @@ from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import OPEN_STATES, Record, Side, State
 from node.registry import Registry
 from node.service import Node, now_ms
+from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
 from protocol.keys import key_id
 
@@ -291,8 +292,6 @@ async def gather_status(node: Node) -> dict[str, Any]:
 
 
 def render_status(s: dict[str, Any]) -> str:
-    from node.cli import table
-
     lines = [f"kpx node {s['participant']} ({s['authority']}) at {s['generated_at']}: "
              f"{s['health'].upper()}"]
     for p in s["problems"]:
@@ -320,10 +319,12 @@ def render_status(s: dict[str, Any]) -> str:
     d = s["dead_letters"]
     count = "?" if d["count"] is None else d["count"]
     lines.append(f"dead      {count} in {d['queue']}"
-                 + (" — " + ", ".join(f"{r} x{n}" for r, n in d["by_reason"].items())
+                 + (" — " + ", ".join(printable(f"{r} x{n}", one_line=True)
+                                      for r, n in d["by_reason"].items())
                     if d["by_reason"] else ""))
     for letter in d["latest"]:
-        lines.append(f"            {letter['id']}  {letter['reason']}: {letter['text'][:70]}")
+        lines.append(f"            {letter['id']}  "
+                     + printable(f"{letter['reason']}: {letter['text'][:70]}", one_line=True))
     ol = s["open_loops"]
     lines.append(f"open      {ol['total']} loop(s) by age since issue: "
                  + ", ".join(f"{k} {v}" for k, v in ol["by_age"].items()))

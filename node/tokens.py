@@ -20,6 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from node.terminal import emit, table
+
 TOKENS_NAME = "tokens.json"
 TOKEN_PREFIX = "kpx_"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -148,7 +150,7 @@ def _tokens(args: argparse.Namespace) -> Tokens:
 
 
 def _cmd_add(args: argparse.Namespace) -> None:
-    from node.cli import UserError, emit
+    from node.cli import UserError
     from node.service import now_ms
 
     try:
@@ -160,7 +162,7 @@ def _cmd_add(args: argparse.Namespace) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from node.cli import UserError, emit, table
+    from node.cli import UserError
 
     try:
         entries = _tokens(args).entries()
@@ -173,7 +175,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> None:
-    from node.cli import UserError, emit
+    from node.cli import UserError
 
     try:
         _tokens(args).revoke(args.name)

@@ -34,6 +34,7 @@ from node.stats import (
     valuation_check,
 )
 from node.status import BrokerView, Pending, age_bucket, build_status, gather_status
+from node.terminal import table
 from protocol import (
     Authority,
     ImportConfirmation,
@@ -611,3 +612,35 @@ def test_stats_and_list_take_what_an_operator_types(tmp_path: Path) -> None:
         done = subprocess.run([*kpnode, "stats", *args, "--dir", za], capture_output=True,
                               text=True, check=False)
         assert (done.returncode, done.stderr.strip()) == (1, f"kpnode: {says}")
+
+
+HOSTILE = "\x1b[2J\x1b[Hkpx: all loops closed\x1b[8m\rOK\nIN  delivered\x1b]0;pwned\x07\u202e"
+
+
+def test_a_partners_text_is_shown_on_the_terminal_never_obeyed(tmp_path: Path) -> None:
+    """A cancellation reason is the partner's free text: written raw, it could clear the
+    operator's screen, hide what follows, set the window title or fake a line of output."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    try:
+        nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN"))
+        carry(nodes["ZA"], nodes)
+        nodes["ZA"].cancel("ZA-2026-0001", HOSTILE)
+        carry(nodes["ZA"], nodes)
+        assert nodes["IN"].find("ZA-2026-0001")[0].rejection_text == HOSTILE
+    finally:
+        for node in nodes.values():
+            node.close()
+    india = str(network.configs["IN"].directory)
+    shown = subprocess.run([sys.executable, "-m", "node.cli", "show", "ZA-2026-0001", "--dir",
+                            india], capture_output=True, text=True, check=True).stdout
+    assert not set(shown) & {"\x1b", "\x07", "\r", "\u202e"}
+    note = [line for line in shown.splitlines() if "note:" in line]
+    assert note == ["  import note: \\x1b[2J\\x1b[Hkpx: all loops closed\\x1b[8m\\x0dOK\\x0aIN  "
+                    "delivered\\x1b]0;pwned\\x07\\u202e"]
+    as_json = subprocess.run([sys.executable, "-m", "node.cli", "show", "ZA-2026-0001",
+                              "--dir", india, "--json"], capture_output=True, text=True,
+                             check=True).stdout
+    assert json.loads(as_json)["records"][0]["rejection_text"] == HOSTILE  # data unchanged
+    assert table([["DLQ1", HOSTILE]], ("id", "text")).splitlines()[2].startswith(
+        "DLQ1  \\x1b[2J")

@@ -1,0 +1,51 @@
+"""What ``kpnode`` prints: JSON for machines, text for an operator's terminal.
+
+Much of what the text shows was written by someone else: a partner's rejection text or
+cancellation reason, a dead letter's headers, a broker's error. A terminal obeys control
+characters, so such text could clear the screen, rewrite a line with a carriage return,
+hide what follows, or set the window title. :func:`printable` shows every control and
+bidirectional-override character as an escape instead; :func:`emit` and :func:`table` apply
+it to all text output, so no command has to remember to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+#: C0 controls but tab and newline, DEL and the C1 controls, and the Unicode marks and
+#: overrides that reorder text on screen (a "Trojan Source" line)
+_CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[{_CONTROLS}]")
+_UNSAFE_OR_LINE_BREAK = re.compile(f"[{_CONTROLS}\t\n\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """``text`` safe to write to a terminal: control characters shown as ``\\x1b`` and the
+    like. ``one_line`` escapes tabs and line breaks too, for a value inside a line or a
+    table cell (a partner's text must not start a line that looks like the node's)."""
+    return (_UNSAFE_OR_LINE_BREAK if one_line else _UNSAFE).sub(_escape, text)
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """Columns padded to their widest cell; every cell :func:`printable` on one line."""
+    cells = ([[printable(str(h), one_line=True) for h in headers]]
+             + [[printable(str(c), one_line=True) for c in row] for row in rows])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """A command's result: ``data`` as JSON with ``--json``, else ``text`` for people."""
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))
