@@ -28,7 +28,7 @@ from node.service import CommandRefused, Node, OnCommit
 from node.stats import Quarter
 from node.store import StoreError
 from node.tokens import Principal, TokenError, Tokens
-from node.views import history_json, parse_whole_number, record_json
+from node.views import history_json, parse_date, parse_whole_number, record_json
 from node.webcontext import (
     WEB_CONTEXT,
     StatisticsProvider,
@@ -40,7 +40,6 @@ from node.webcontext import (
     refusal_status,
 )
 from protocol import Certificate, Line, Problem, Reason, ValidationError, validate_certificate
-from protocol.schema import DATE
 
 log = structlog.get_logger("kpx.api")
 
@@ -219,11 +218,9 @@ def confirm_arguments(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("received_on") is not None:
         value = data["received_on"]
         try:
-            # only YYYY-MM-DD, as in certificates: fromisoformat alone also reads
-            # 20261115 and 2026-W46-7, and the date goes into a signed confirmation
-            if not isinstance(value, str) or not DATE.fullmatch(value):
+            if not isinstance(value, str):
                 raise ValueError(value)
-            received_on = date.fromisoformat(value)
+            received_on = parse_date(value)
         except ValueError:
             problems.append(Problem("received_on", Reason.BAD_DATE, "a date YYYY-MM-DD"))
     remarks = data.get("remarks")
@@ -439,7 +436,7 @@ async def get_certificate(request: web.Request) -> web.Response:
     if not records:
         raise ApiError(404, "certificate.unknown", f"no certificate {number} at this node")
     return ok({"records": [record_json(r) for r in records],
-               "history": history_json(node.store, number, frames=True)})
+               "history": history_json(node.store, number, records, frames=True)})
 
 
 async def get_statistics(request: web.Request) -> web.Response:

@@ -237,7 +237,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         records = node.find(args.number)
         if not records:
             raise UserError(f"no certificate {args.number} at this node")
-        history = history_json(node.store, args.number)
+        history = history_json(node.store, args.number, records)
         data = {"records": [record_json(r) for r in records], "history": history}
         parts = [table([record_row(r) for r in records], RECORD_HEADERS)]
         for r in records:

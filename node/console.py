@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -29,7 +30,14 @@ from node.machine import OPEN_STATES, Record, Side, State, day_of
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
 from node.tokens import Principal, TokenError, token_hash
-from node.views import carats, history_json, parse_amount, parse_whole_number, usd
+from node.views import (
+    carats,
+    history_json,
+    parse_amount,
+    parse_date,
+    parse_whole_number,
+    usd,
+)
 from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, quarter_of, refusal_problems
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
 
@@ -41,6 +49,8 @@ LOGIN_COOKIE = "kpx_login"
 SESSION_SECONDS = 8 * 3600
 #: however busy, a session ends this long after its login
 SESSION_MAX_SECONDS = 12 * 3600
+#: a login form: a CSRF token and a token of some 50 characters, URL-encoded
+LOGIN_FORM_BYTES = 4096
 
 
 @dataclass(slots=True)
@@ -193,8 +203,17 @@ async def get_login(request: web.Request) -> web.Response:
     token = secrets.token_urlsafe(24)
     response = page(request, "Log in", login_form(token, ""))
     response.set_cookie(LOGIN_COOKIE, token, path=CONSOLE_PREFIX, httponly=True,
-                        samesite="Strict", secure=request.secure)
+                        samesite="Strict", secure=over_https(request))
     return response
+
+
+def over_https(request: web.Request) -> bool:
+    """Whether the browser reached us over HTTPS, so cookies get the Secure flag. Behind
+    a proxy that ends TLS, aiohttp sees plain HTTP; the proxy's X-Forwarded-Proto says
+    https. Believing it unchecked is safe: it can only add the flag, to the sender's
+    own cookie."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0]
+    return request.secure or forwarded.strip().lower() == "https"
 
 
 def login_form(csrf: str, error: str) -> str:
@@ -216,6 +235,11 @@ async def read_form(request: web.Request) -> Any:
 
 async def post_login(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB_CONTEXT]
+    # Anyone may post here: read no more than a login form needs, or each connection
+    # could make the node hold a megabyte before any token is checked.
+    if request.content_length is None or request.content_length > LOGIN_FORM_BYTES:
+        return page(request, "Log in", "<p class=error>A login form is at most "
+                    f"{LOGIN_FORM_BYTES} bytes with a Content-Length.</p>", status=413)
     form = await read_form(request)
     expected = request.cookies.get(LOGIN_COOKIE, "")
     if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
@@ -232,12 +256,16 @@ async def post_login(request: web.Request) -> web.StreamResponse:
                     "revoked token.</p>"), status=401)
     sid = secrets.token_urlsafe(32)
     now = time.monotonic()
-    request.app[SESSIONS][sid] = Session(
+    sessions: dict[str, Session] = request.app[SESSIONS]
+    for old, s in list(sessions.items()):  # ended ones are otherwise dropped only when used
+        if min(s.expires_at, s.ends_at) < now:
+            del sessions[old]
+    sessions[sid] = Session(
         principal, secrets.token_urlsafe(32), now + SESSION_SECONDS,
         token_hash(str(form.get("token", "")).strip()), now + SESSION_MAX_SECONDS)
     response = see(f"{CONSOLE_PREFIX}/")
     response.set_cookie(SESSION_COOKIE, sid, path=CONSOLE_PREFIX, httponly=True,
-                        samesite="Strict", secure=request.secure)
+                        samesite="Strict", secure=over_https(request))
     response.del_cookie(LOGIN_COOKIE, path=CONSOLE_PREFIX)
     raise response
 
@@ -266,8 +294,14 @@ def badge(state: State | str) -> str:
     return f"<span class='badge s-{h(state)}'>{h(state)}</span>"
 
 
+def in_path(number: str) -> str:
+    """A certificate number as one path segment: numbers may hold '/' (SPEC: the pattern
+    [A-Z]{2}[A-Z0-9/-]{1,38}), which a route's {number} matches only encoded."""
+    return h(quote(number, safe=""))
+
+
 def number_link(number: str) -> str:
-    return f"<a href='{CONSOLE_PREFIX}/certificate/{h(number)}'>{h(number)}</a>"
+    return f"<a href='{CONSOLE_PREFIX}/certificate/{in_path(number)}'>{h(number)}</a>"
 
 
 def records_table(records: Sequence[Record], today: dt.date, *, table_id: str,
@@ -358,7 +392,7 @@ async def incoming(request: web.Request) -> web.Response:
             f"<label>US$ <input name=usd{i} size=12 "
             f"value='{h(usd(line.usd_cents).replace(',', ''))}'></label></div>"
             for i, line in enumerate(r.certificate.lines))
-        return (f"<form method=post action='{CONSOLE_PREFIX}/incoming/{h(r.number)}/confirm' "
+        return (f"<form method=post action='{CONSOLE_PREFIX}/incoming/{in_path(r.number)}/confirm' "
                 f"class=confirm>{csrf_field(session)}<button>Confirm arrival</button>"
                 f"<details><summary>arrived differently…</summary>{lines}"
                 f"<label>parcels <input name=parcels size=4 value='{r.certificate.parcels}'>"
@@ -398,7 +432,7 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
         try:
             parcels = parse_whole_number(str(form.get("parcels") or
                                              record.certificate.parcels).strip())
-            received_on = (dt.date.fromisoformat(str(form["received_on"]))
+            received_on = (parse_date(str(form["received_on"]).strip())
                            if form.get("received_on") else None)
         except ValueError:
             problems.append("parcels must be a whole number and the date YYYY-MM-DD")
@@ -415,15 +449,17 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
     ctx.record_call(principal, "POST", request.path, status, certificate=number,
                     via="console")
     if status == 303:
-        raise see(f"{CONSOLE_PREFIX}/incoming?flash=confirmed&n={number}")
-    return refused_page(request, f"Confirming {number} was refused", problems, status)
+        raise see(f"{CONSOLE_PREFIX}/incoming?flash=confirmed&n={quote(number, safe='')}")
+    return refused_page(request, f"Confirming {number} was refused", problems, status,
+                        back="incoming")
 
 
 def refused_page(request: web.Request, title: str, problems: Iterable[str],
-                 status: int) -> web.Response:
+                 status: int, *, back: str) -> web.Response:
+    # a plain link: the console's Content-Security-Policy blocks javascript: URLs
     items = "".join(f"<li>{h(p)}</li>" for p in problems)
     return page(request, title, f"<div class=error><ul>{items}</ul></div>"
-                "<p><a href='javascript:history.back()'>back</a></p>", status=status)
+                f"<p><a href='{CONSOLE_PREFIX}/{back}'>back</a></p>", status=status)
 
 
 async def outgoing(request: web.Request) -> web.Response:
@@ -435,7 +471,7 @@ async def outgoing(request: web.Request) -> web.Response:
     def cancel_form(r: Record) -> str:
         if not session.principal.may_act or r.state not in OPEN_STATES | {State.EXPIRED}:
             return ""
-        return (f"<form method=post action='{CONSOLE_PREFIX}/outgoing/{h(r.number)}/cancel' "
+        return (f"<form method=post action='{CONSOLE_PREFIX}/outgoing/{in_path(r.number)}/cancel' "
                 f"data-confirm='Cancel {h(r.number)}? The importer is told.'>"
                 f"{csrf_field(session)}<input name=reason placeholder='reason' required "
                 "size=14> <button class=danger>Cancel</button></form>")
@@ -463,9 +499,9 @@ async def cancel_export(request: web.Request) -> web.StreamResponse:
         ctx.record_call(principal, "POST", request.path, 409, certificate=number,
                         via="console")
         return refused_page(request, f"Cancelling {number} was refused",
-                            [str(exc.refusal)], 409)
+                            [str(exc.refusal)], 409, back="outgoing")
     ctx.record_call(principal, "POST", request.path, 303, certificate=number, via="console")
-    raise see(f"{CONSOLE_PREFIX}/outgoing?flash=cancelled&n={number}")
+    raise see(f"{CONSOLE_PREFIX}/outgoing?flash=cancelled&n={quote(number, safe='')}")
 
 
 ISSUE_FIELDS = ("number", "destination", "origins", "exporter_name", "exporter_address",
@@ -565,7 +601,7 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
     ctx.record_call(principal, "POST", request.path, status, certificate=values["number"],
                     via="console")
     if status == 303:
-        raise see(f"{CONSOLE_PREFIX}/outgoing?flash=issued&n={values['number']}")
+        raise see(f"{CONSOLE_PREFIX}/outgoing?flash=issued&n={quote(values['number'], safe='')}")
     return page(request, "Issue a certificate", issue_form(request, values, problems),
                 active="issue", status=status)
 
@@ -594,7 +630,7 @@ async def certificate(request: web.Request) -> web.Response:
                       for d in r.discrepancies)
             + (f"<tr><th>note</th><td>{h(r.rejection_text)}</td></tr>"
                if r.rejection_text else "") + "</table>")
-    history = history_json(ctx.node.store, number)
+    history = history_json(ctx.node.store, number, records)
     rows = "".join(f"<tr><td>{x['seq']}</td><td>{h(x['direction'])}</td><td>{h(x['kind'])}"
                    f"</td><td>{h(x['from'])} → {h(x['to'])}</td><td><code>"
                    f"{h(x['message_id'])}</code></td><td><code>{h(x['frame_sha256'][:16])}"

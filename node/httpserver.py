@@ -38,6 +38,10 @@ log = structlog.get_logger("kpx.http")
 NODE: web.AppKey[RunningNode] = web.AppKey("kpx_node")
 #: a scrape asks the broker for queue depths; never let a slow broker stall it
 BROKER_QUERY_SECONDS = 2.0
+#: a connection that sends no request (or not all of its headers) for this long is closed
+IDLE_SECONDS = 15.0
+#: connections served at once; those beyond are closed as they are accepted
+MAX_CONNECTIONS = 256
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -115,22 +119,47 @@ def build_app(running: RunningNode) -> web.Application:
     return app
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over :data:`MAX_CONNECTIONS`: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class HttpServer:
-    """Serves one application on host:port until stopped."""
+    """Serves one application on host:port until stopped.
+
+    Anyone who reaches the port can open connections before any token is checked, so
+    their number and their idle time are bounded: aiohttp by itself keeps a connection
+    that sends nothing, or half a request, for an hour, and enough of them use up the
+    process's file descriptors, the broker connection's and the database's included."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
         self.app = app
         self.host = host
         self.requested_port = port
         self.port: int | None = None
-        self._runner = web.AppRunner(app, access_log=None)
+        self.refused = 0
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
+        self._listening: asyncio.Server | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port)
-        await site.start()
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else self.requested_port
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if len(server.connections) < MAX_CONNECTIONS:
+                return server()
+            self.refused += 1
+            if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                log.warning("http connections over the limit are being closed",
+                            limit=MAX_CONNECTIONS, refused=self.refused)
+            return _Refused()
+
+        self._listening = await asyncio.get_running_loop().create_server(
+            connection, self.host, self.requested_port, reuse_address=True)
+        self.port = int(self._listening.sockets[0].getsockname()[1])
         log.info("http endpoints serving", url=self.url)
 
     @property
@@ -139,4 +168,6 @@ class HttpServer:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self._listening is not None:
+            self._listening.close()
         await self._runner.cleanup()

@@ -11,6 +11,20 @@ import os
 import sys
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+
+#: marks the stdlib handler configure_logging installed, to replace it (not pytest's)
+_OURS = "_kpx_handler"
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp logs a traceback for every malformed request and every client gone in the
+    middle of one: the client's doing, already answered (400) or moot, and anyone who
+    reaches the port could fill the log with them. Its own bugs still get logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        return not isinstance(fault, HttpProcessingError | ConnectionError)
 
 
 def configure_logging(*, json_logs: bool | None = None, level: str | None = None) -> None:
@@ -24,11 +38,14 @@ def configure_logging(*, json_logs: bool | None = None, level: str | None = None
         structlog.processors.JSONRenderer() if json_logs
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    stamp: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -37,3 +54,17 @@ def configure_logging(*, json_logs: bool | None = None, level: str | None = None
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # The libraries (aiohttp, aio-pika, asyncio) log through the standard library: give
+    # their warnings the same format, one line each, so a log collector reads them too.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=stamp,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    setattr(handler, _OURS, True)
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, _OURS, False)] + [handler]
+    root.setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaults) for f in server.filters):
+        server.addFilter(_ClientFaults())

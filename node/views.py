@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Sequence
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from node.machine import Record
 from node.store import Store
 from protocol import ProtocolError, decode_body, parse_frame
+from protocol.schema import DATE
 
 
 def carats(hundredths: int) -> str:
@@ -58,6 +61,14 @@ def parse_whole_number(text: str) -> int:
     return int(text)
 
 
+def parse_date(text: str) -> date:
+    """Only YYYY-MM-DD, as in certificates: ``date.fromisoformat`` alone also reads
+    20261115 and 2026-W46-7, and the date goes into a signed confirmation."""
+    if not DATE.fullmatch(text):
+        raise ValueError(f"a date YYYY-MM-DD is required, not {text[:40]!r}")
+    return date.fromisoformat(text)
+
+
 def record_json(record: Record) -> dict[str, Any]:
     c = record.certificate
     return {
@@ -83,9 +94,15 @@ def record_json(record: Record) -> dict[str, Any]:
     }
 
 
-def history_json(store: Store, number: str, *, frames: bool = False) -> list[dict[str, Any]]:
+def history_json(store: Store, number: str, records: Sequence[Record], *,
+                 frames: bool = False) -> list[dict[str, Any]]:
     """The signed messages about one certificate, in the order the evidence log kept them;
-    with ``frames``, each message's signed bytes too (base64), to keep or re-verify."""
+    with ``frames``, each message's signed bytes too (base64), to keep or re-verify.
+
+    Only messages between this node and the partner of one of ``records`` (the node's
+    records of that number): any Participant can send a frame that names the number, and
+    the log keeps it, but a third party's word is not part of this loop's history."""
+    loops = {frozenset((r.certificate.issuer, r.certificate.destination)) for r in records}
     history: list[dict[str, Any]] = []
     for entry in store.evidence(number):
         try:
@@ -93,6 +110,8 @@ def history_json(store: Store, number: str, *, frames: bool = False) -> list[dic
             env = decode_body(frame.body)
         except ProtocolError:
             continue  # kept verbatim as evidence, but not a message about this certificate
+        if frozenset((env.sender, env.recipient)) not in loops:
+            continue
         item: dict[str, Any] = {
             "seq": entry.seq, "direction": entry.direction, "kind": str(env.kind),
             "from": env.sender, "to": env.recipient, "message_id": env.message_id,

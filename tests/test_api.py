@@ -5,6 +5,7 @@ test runs them on a real broker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from openapi_spec_validator import validate
 
+from node import httpserver
 from node.api import ROUTES, api_app
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
@@ -522,3 +525,37 @@ async def test_requests_that_were_500s_are_refused_with_a_reason(
         "/console/login", data=b"token=\xff&csrf=x",
         headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert response.status == 400
+
+
+async def test_connections_without_a_request_are_closed_and_capped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone reaching the port could hold connections open for an hour (aiohttp's default)
+    sending nothing, or half a request: a few hundred used up the node's file descriptors,
+    and the broker connection could not be made again."""
+    monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 5)
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(), within) == b""
+            except TimeoutError:
+                return False
+
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+        held[0][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        extra, _ = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await closed_by_server(extra, 0.5)  # over the cap: closed at once
+        assert server.refused == 1
+        for reader, _ in held:  # idle ones, and the half-sent request, closed in time
+            assert await closed_by_server(reader, 3.0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    finally:
+        await server.stop()

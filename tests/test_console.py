@@ -13,7 +13,7 @@ from node import console
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
 from node.tokens import Tokens
-from tests.netutil import carry
+from tests.netutil import carry, certificate
 from tests.webutil import Served, served_pair
 
 C = "/console"
@@ -157,3 +157,48 @@ async def test_confirming_what_arrived_differently_records_the_discrepancy(
     carry(india.node, {"ZA": za.node})
     page = await (await za.client.get(f"{C}/certificate/ZA-2026-0102")).text()
     assert "import_confirmation" in page and "discrepancy" in page
+
+
+async def test_a_number_with_slashes_can_be_opened_and_confirmed(
+        pair: tuple[Served, Served]) -> None:
+    """SPEC allows '/' in certificate numbers; the console's links and form actions put
+    the number in the path raw, so every such certificate was a 404 in the console."""
+    za, india = pair
+    za.node.issue(certificate("ZA/2026/0103", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    page = await (await india.client.get(f"{C}/incoming")).text()
+    action = re.search(r"action='([^']*/confirm)'", page)
+    link = re.search(r"href='([^']*/certificate/[^']*)'", page)
+    assert action is not None and link is not None
+    assert (await india.client.get(link[1])).status == 200
+    # A date fromisoformat reads but a certificate never carries: refused, with a way back
+    # that works under the console's Content-Security-Policy (no javascript: links).
+    response = await india.client.post(action[1], data={"csrf": csrf,
+                                                         "received_on": "20261115"})
+    assert response.status == 400
+    assert "javascript:" not in (text := await response.text())
+    assert f"href='{C}/incoming'>back" in text
+    response = await india.client.post(action[1], data={"csrf": csrf,
+                                                         "received_on": date.today().isoformat()})
+    assert response.status == 200 and "flash=confirmed" in str(response.url)
+    assert india.node.store.get(Side.IMPORT, "ZA/2026/0103").state is State.CONFIRMED  # type: ignore[union-attr]
+
+
+async def test_the_login_form_reads_no_more_than_a_login_needs(
+        pair: tuple[Served, Served]) -> None:
+    """Anyone may post to /login: each such request made the node buffer up to a
+    megabyte of form before any token was checked."""
+    za, _ = pair
+    response = await za.client.post(f"{C}/login", data={"csrf": "x", "token": "y" * 10_000})
+    assert response.status == 413
+    assert await login(za, "officer")  # a real login still fits
+
+
+async def test_cookies_are_secure_behind_a_proxy_that_ends_tls(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    plain = await za.client.get(f"{C}/login")
+    assert "Secure" not in plain.headers["Set-Cookie"]
+    proxied = await za.client.get(f"{C}/login", headers={"X-Forwarded-Proto": "https"})
+    assert "Secure" in proxied.headers["Set-Cookie"]

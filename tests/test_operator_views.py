@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
+from aiohttp.http_exceptions import BadHttpMessage
 from nacl.signing import SigningKey
 
 from node.config import ConfigError, load_config, write_config
 from node.deadletters import dead_letter_id, describe
 from node.evidence import GENESIS, OPERATOR, Entry, entry_hash, operator_record, verify_chain
+from node.logs import configure_logging
 from node.machine import Record, Side, State
 from node.network import create_network
 from node.registry import Registry
@@ -644,3 +647,33 @@ def test_a_partners_text_is_shown_on_the_terminal_never_obeyed(tmp_path: Path) -
     assert json.loads(as_json)["records"][0]["rejection_text"] == HOSTILE  # data unchanged
     assert table([["DLQ1", HOSTILE]], ("id", "text")).splitlines()[2].startswith(
         "DLQ1  \\x1b[2J")
+
+
+def test_library_logs_are_json_lines_and_client_faults_are_not_logged(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """aiohttp wrote a multi-line traceback to stderr for each malformed request (1 MB for
+    2,000 of them in a second, from anyone who reaches the port), and library warnings
+    were plain text in a log that is otherwise one JSON object a line."""
+    configure_logging(json_logs=True)
+    root = logging.getLogger()
+    try:
+        server = logging.getLogger("aiohttp.server")
+        for fault in (BadHttpMessage("Invalid header value char"), ConnectionResetError()):
+            try:
+                raise fault
+            except Exception:
+                server.exception("Error handling request from %s", "203.0.113.9")
+        logging.getLogger("aio_pika").warning("Unexpected connection close from %s", "broker")
+        try:
+            raise RuntimeError("a bug in a handler")
+        except RuntimeError:
+            server.exception("Error handling request")
+        lines = capsys.readouterr().err.splitlines()
+        logged = [json.loads(line) for line in lines]
+        assert [(e["level"], e["event"]) for e in logged] == [
+            ("warning", "Unexpected connection close from broker"),
+            ("error", "Error handling request")]
+        assert "RuntimeError: a bug in a handler" in logged[1]["exception"]
+    finally:
+        root.handlers = [h for h in root.handlers if not getattr(h, "_kpx_handler", False)]
+        structlog.reset_defaults()

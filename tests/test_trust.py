@@ -36,6 +36,7 @@ from node.machine import Side, State
 from node.network import create_network
 from node.registry import LAPSED_GRACE_MS
 from node.service import CommandRefused, Delivery, Node, now_ms
+from node.views import history_json
 from protocol import (
     Cancellation,
     Envelope,
@@ -568,3 +569,20 @@ def test_what_a_key_signed_while_valid_is_accepted_after_it_lapses(tmp_path: Pat
     finally:
         for node in nodes.values():
             node.close()
+
+
+def test_a_third_participant_cannot_write_into_a_loops_signed_history(
+        three: dict[str, Node]) -> None:
+    """ZA signed a 'rejection' and a receipt naming BW's certificate to BE. The log keeps
+    them as evidence, but the certificate's history (console, API, `kpnode show`) showed
+    them beside BW's and BE's own messages, as if part of the loop."""
+    bw, be = three["BW"], three["BE"]
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    carry(bw, three)
+    _from_za(three, Rejection(reason="certificate.invalid", text="seized; do not confirm",
+                              certificate="BW-2026-0001"))
+    _from_za(three, Receipt(certificate="BW-2026-0001", certificate_digest=bytes(32)))
+    assert sum(1 for e in be.store.evidence("BW-2026-0001") if e.direction == "in") == 3
+    history = history_json(be.store, "BW-2026-0001", be.find("BW-2026-0001"))
+    assert [(x["kind"], x["from"], x["to"]) for x in history] == [
+        ("certificate", "BW", "BE"), ("receipt", "BE", "BW")]
