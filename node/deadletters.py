@@ -320,5 +320,4 @@ def record_action(node: Node, action: str, held: Held, reason: str) -> int:
         dead_letter_reason=letter.reason, dead_letter_text=letter.text,
         message_id=letter.message_id, sender=letter.sender, frame=held.message.body)
     with node.store.transaction():
-        node.store.append_evidence(OPERATOR, record, new_message_id(), None, now)
-    return node.store.last_evidence_seq()
+        return node.store.append_evidence(OPERATOR, record, new_message_id(), None, now)

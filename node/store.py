@@ -413,8 +413,9 @@ class Store:
     # -- evidence log ----------------------------------------------------------------
 
     def append_evidence(self, direction: str, frame: bytes, message_id: str,
-                        certificate: str | None, now_ms: int) -> None:
-        """Chain one verbatim frame onto the log. Call inside a transaction."""
+                        certificate: str | None, now_ms: int) -> int:
+        """Chain one verbatim frame onto the log; returns its sequence number (asking the
+        log afterwards could name another writer's entry). Call inside a transaction."""
         if self._last_hash is None:
             row = self.db.execute("SELECT seq, hash FROM evidence ORDER BY seq DESC LIMIT 1")
             last = row.fetchone()
@@ -428,6 +429,7 @@ class Store:
             (seq, now_ms, direction, message_id, certificate, frame, digest),
         )
         self._last_hash = (seq, digest)
+        return seq
 
     def evidence(self, certificate: str | None = None) -> Iterator[Entry]:
         query = ("SELECT seq, recorded_at, direction, message_id, certificate, frame, hash "

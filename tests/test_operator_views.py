@@ -4,6 +4,7 @@ the evidence chain. No broker."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,9 +12,12 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -21,8 +25,16 @@ from aiohttp.http_exceptions import BadHttpMessage
 from nacl.signing import SigningKey
 
 from node.config import ConfigError, load_config, write_config
-from node.deadletters import dead_letter_id, describe
-from node.evidence import GENESIS, OPERATOR, Entry, entry_hash, operator_record, verify_chain
+from node.deadletters import dead_letter_id, describe, record_action
+from node.evidence import (
+    GENESIS,
+    OPERATOR,
+    Entry,
+    entry_hash,
+    operator_record,
+    read_operator_record,
+    verify_chain,
+)
 from node.logs import configure_logging
 from node.machine import Record, Side, State
 from node.network import create_network
@@ -37,6 +49,7 @@ from node.stats import (
     valuation_check,
 )
 from node.status import BrokerView, Pending, age_bucket, build_status, gather_status
+from node.store import Store
 from node.terminal import table
 from protocol import (
     Authority,
@@ -677,3 +690,34 @@ def test_library_logs_are_json_lines_and_client_faults_are_not_logged(
     finally:
         root.handlers = [h for h in root.handlers if not getattr(h, "_kpx_handler", False)]
         structlog.reset_defaults()
+
+
+def test_an_operator_action_reports_its_own_evidence_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dead-letters replay/discard` reported max(seq) read after the commit: when the
+    running node committed in between (it is processing the replayed frame), the operator
+    was handed the node's entry as the record of their act."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    cli = Node.open(network.configs["IN"])
+    running = Store(network.configs["IN"].database_path, create=False)
+    original = cli.store.transaction
+
+    @contextlib.contextmanager
+    def transaction(**kw: Any) -> Iterator[None]:
+        with original(**kw):
+            yield
+        with running.transaction():  # the node commits right after the operator
+            running.append_evidence("in", b"other", "other-id", None, 1)
+    monkeypatch.setattr(cli.store, "transaction", transaction)
+    letter = SimpleNamespace(id="0123456789abcdef", reason="certificate.unknown", text="t",
+                             sender="ZA", message_id="m1")
+    try:
+        seq = record_action(cli, "dead_letter.discard",
+                            SimpleNamespace(letter=letter, message=SimpleNamespace(body=b"f")),
+                            "duplicate")  # type: ignore[arg-type]
+        (entry,) = [e for e in cli.store.evidence() if e.seq == seq]
+        assert entry.direction == OPERATOR
+        assert read_operator_record(entry.frame)["reason"] == "duplicate"
+    finally:
+        cli.close()
+        running.close()
