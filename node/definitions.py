@@ -51,6 +51,12 @@ HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 #: limit; past it the refusing node's publish is nacked and the original stays unacknowledged
 DEAD_LETTER_MAX_BYTES = 1 << 30
 NOTHING = "^$"
+#: rabbitmq.conf lines every kpx broker needs (deploy/rabbitmq/20-kpx.conf, the local
+#: brokers of the demo and tests). consumer_timeout: a node holds its deliveries
+#: unacknowledged while its database cannot commit (a full disk); RabbitMQ 3.10's default
+#: of 30 minutes then takes them back, each return counting towards the delivery limit,
+#: so five such returns (2.5 h) would dead-letter messages never processed. A week.
+BROKER_CONFIG = ("consumer_timeout = 604800000",)
 
 
 def password_hash(password: str, salt: bytes | None = None) -> str:

@@ -56,6 +56,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from node.definitions import BROKER_CONFIG
+
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_SERVER = RABBITMQ_BIN / "rabbitmq-server"
 RABBITMQCTL = RABBITMQ_BIN / "rabbitmqctl"
@@ -424,6 +426,7 @@ class LocalBroker:
             "loopback_users.guest = true",
             "log.console = false",
             "log.file.level = info",
+            *BROKER_CONFIG,
         ]
         for plugin, port in self.plugin_ports.items():
             lines.extend(line.format(port=port) for line in PLUGIN_LISTENERS[plugin])

@@ -37,7 +37,7 @@ from node.config import ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
-from node.store import OutboxRow, StoreError
+from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError
 from node.transport import Delivery as BrokerDelivery
 from node.transport import Outgoing, Transport, TransportUnavailable
 from node.wait import wait_set
@@ -59,12 +59,12 @@ IDLE_POLL_SECONDS = 0.25
 SWEEP_SECONDS = 5.0
 #: tries at putting a refused message on the dead-letter queue (0.2 s, then 0.4 s apart)
 DEAD_LETTER_ATTEMPTS = 3
-UNROUTABLE_RETRY_MS = 30_000
+UNROUTABLE_RETRY_MS = 30_000  # within MAX_RETRY_DELAY_MS, like every planned retry
 
 
 def retry_delay_ms(attempts: int) -> int:
     """Exponential backoff for a failed publish: 0.5 s doubling to at most a minute."""
-    return int(min(60_000, 500 * 2 ** min(attempts, 7)))
+    return int(min(MAX_RETRY_DELAY_MS, 500 * 2 ** min(attempts, 7)))
 
 
 class DirectoryLock:

@@ -320,6 +320,9 @@ class Node:
         time ``after_ms`` after they were sent, then after twice as long each time."""
         now = self.clock()
         with self.store.transaction():
+            if moved := self.store.undo_clock_step(now):
+                log.warning("the clock stepped back: outbox times ahead of now taken as now",
+                            rows=moved)
             due = self.store.unanswered(now, after_ms)
             for message_id in due:
                 self.store.requeue(message_id, now)

@@ -112,6 +112,9 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+#: the furthest ahead a failed publish is ever retried (the relay's backoff stops there)
+MAX_RETRY_DELAY_MS = 60_000
+
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
@@ -335,6 +338,19 @@ class Store:
             (now_ms - after_ms,))
         return [mid for mid, sent, sends in rows
                 if sent + after_ms * 2 ** min(max(sends - 1, 0), 10) <= now_ms]
+
+    def undo_clock_step(self, now_ms: int) -> int:
+        """Times in the outbox that only a clock running ahead could have written (NTP
+        stepping it back, a VM restored from a snapshot): sends after now, retries planned
+        further ahead than any backoff plans. Left, they would hold resends and retries
+        back by the size of the step; taken as now, they wait as planned. Returns how many
+        rows moved."""
+        moved = self.db.execute("UPDATE outbox SET published_at=? WHERE published_at > ?",
+                                (now_ms, now_ms)).rowcount
+        moved += self.db.execute(
+            "UPDATE outbox SET next_attempt_at=? WHERE published_at IS NULL "
+            "AND next_attempt_at > ?", (now_ms, now_ms + MAX_RETRY_DELAY_MS)).rowcount
+        return moved
 
     def due(self, now_ms: int, limit: int) -> list[OutboxRow]:
         rows = self.db.execute(

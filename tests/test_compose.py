@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from node.definitions import BROKER_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
@@ -52,7 +54,8 @@ def test_compose_network_has_the_documented_services_and_ports() -> None:
         assert (f"127.0.0.1:{port}:" in text  # docker-compose 1.x
                 or re.search(rf"host_ip: 127\.0\.0\.1\n\s+published: \"?{port}\"?", text)), port
     assert (ROOT / "deploy" / "Dockerfile").is_file()
-    assert (ROOT / "deploy" / "rabbitmq" / "20-kpx.conf").is_file()
+    conf = (ROOT / "deploy" / "rabbitmq" / "20-kpx.conf").read_text().splitlines()
+    assert set(BROKER_CONFIG) <= set(conf)  # what every kpx broker needs
 
 
 def test_the_chair_can_edit_and_publish_through_publish_registry() -> None:

@@ -149,6 +149,31 @@ def test_unanswered_certificate_is_resent_with_the_same_bytes_and_backoff(
         n.close()
 
 
+def test_a_clock_stepped_back_delays_no_resend_or_retry_by_the_step(tmp_path: Path) -> None:
+    """A clock that ran a day ahead is corrected (NTP, a VM restored from a snapshot): the
+    outbox held times from the future, and a certificate sent then waited 25 hours for its
+    resend, a failed publish a day for its retry."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    hour, day = 3_600_000, 86_400_000
+    now = [1_800_000_000_000 + day]  # a day ahead
+    za = Node.open(network.configs["ZA"])
+    za.clock = lambda: now[0]
+    try:
+        za.issue(certificate("ZA-C1", "ZA", "IN"))
+        za.issue(certificate("ZA-C2", "ZA", "IN"))
+        sent, failed = za.store.due(now[0], 10)
+        with za.store.transaction():
+            za.store.mark_published([sent.seq], now[0])
+            za.store.mark_failed(failed.seq, "TransportUnavailable", now[0] + 60_000)
+        now[0] -= day  # corrected
+        assert za.resend_unanswered(hour) == []  # noticed: the send is taken as now
+        assert [r.message_id for r in za.store.due(now[0], 10)] == [failed.message_id]
+        now[0] += hour
+        assert za.resend_unanswered(hour) == [sent.message_id]  # an hour, not 25
+    finally:
+        za.close()
+
+
 def test_overdue_loops_expire_on_both_sides(tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
     nodes = {c: Node.open(cfg) for c, cfg in network.configs.items()}

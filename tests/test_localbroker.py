@@ -103,6 +103,9 @@ def test_local_broker_restart_keeps_durable_messages() -> None:
         broker.restart()
 
         assert broker.running
+        # A store outage must not let the broker take deliveries back every 30 minutes.
+        assert broker.ctl("eval", "application:get_env(rabbit, consumer_timeout).").strip() \
+            == "{ok,604800000}"
         assert broker.url == url_before  # same ports after a restart
         listed = broker.ctl("list_queues", "--quiet", "--no-table-headers", "name", "type")
         assert listed.split() == [queue_name, "quorum"]
