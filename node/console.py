@@ -29,6 +29,7 @@ from aiohttp.typedefs import Handler
 from node.machine import OPEN_STATES, Record, Side, State, day_of
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
+from node.store import StoreError
 from node.tokens import Principal, TokenError, token_hash
 from node.views import (
     carats,
@@ -163,6 +164,17 @@ def see(location: str) -> web.HTTPSeeOther:
 
 @web.middleware
 async def console_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await _in_session(request, handler)
+    except StoreError as exc:
+        # Another process holding the database's lock, a full disk: the API's 503 too.
+        log.error("store failed", error=str(exc), path=request.path)
+        return page(request, "Unavailable", "<p class=error>The node's database cannot be "
+                    "used now; see the node's log. Look at the certificate's state before "
+                    "you try again.</p>", status=503)
+
+
+async def _in_session(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path.removeprefix(CONSOLE_PREFIX)
     if path in ("/login", "/login/"):
         return await handler(request)

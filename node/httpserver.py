@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.machine import OPEN_STATES, State
+from node.runner import LOCK_WAIT_SECONDS
 from node.service import now_ms
 from node.status import age_bucket, store_writable
 
@@ -56,7 +57,7 @@ def readiness(running: RunningNode) -> dict[str, bool]:
         "broker_connected": transport is not None and transport.connected,
         "consuming": transport is not None and transport.consuming,
         "store_writable": node is not None and running.store_ok
-        and store_writable(node, timeout_ms=500),
+        and store_writable(node, timeout_ms=int(LOCK_WAIT_SECONDS * 1000)),
     }
 
 

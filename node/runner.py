@@ -59,6 +59,11 @@ IDLE_POLL_SECONDS = 0.25
 SWEEP_SECONDS = 5.0
 #: tries at putting a refused message on the dead-letter queue (0.2 s, then 0.4 s apart)
 DEAD_LETTER_ATTEMPTS = 3
+#: how long a transaction of the running node waits for another process's write lock (a
+#: `sqlite3` shell left in a transaction, a VACUUM). SQLite waits on the event loop's
+#: thread: with the default 30 s the whole node froze, HTTP and broker included, in 30 s
+#: spells for as long as the lock was held. Past this the work is held and tried again.
+LOCK_WAIT_SECONDS = 0.2
 UNROUTABLE_RETRY_MS = 30_000  # within MAX_RETRY_DELAY_MS, like every planned retry
 
 
@@ -124,6 +129,7 @@ class RunningNode:
         self._lock.__enter__()
         try:
             self.node = Node.open(self.config, check_broker_user=self.check_broker_user)
+            self.node.store.wait_for_locks(LOCK_WAIT_SECONDS)
             self.node.on_outbox = self._wake.set
             self.transport = Transport(
                 self.config.broker_urls, self.config.participant,

@@ -166,6 +166,11 @@ class Store:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
         self._last_hash: tuple[int, bytes] | None = None
 
+    def wait_for_locks(self, seconds: float) -> None:
+        """How long a transaction waits for another process's write lock before it fails
+        with StoreError (30 s unless set)."""
+        self.db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+
     def close(self) -> None:
         self.db.close()
 

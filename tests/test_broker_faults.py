@@ -8,11 +8,14 @@ only those; the nodes are real ``kpnode run`` processes that are never restarted
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import pytest
 from aio_pika.abc import AbstractConnection
 
@@ -202,3 +205,38 @@ async def test_a_node_closed_while_setting_up_leaves_no_connection_open(amqp_url
     assert len(opened) == 1 and not opened[0].is_closed
     await transport.close()
     assert opened[0].is_closed
+
+
+async def test_another_process_holding_the_database_does_not_freeze_the_node(
+        amqp_url: str, tmp_path: Path) -> None:
+    """A `sqlite3` shell left inside a transaction on the node's database: SQLite waited
+    for the lock on the event loop's thread, 30 s at a time, so health checks, the API
+    and the broker connection all froze for as long as the lock was held."""
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    config = dataclasses.replace(network.configs[importer_code], http_port=0)
+    async with RunningNode(config) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        assert importer.http is not None
+        number = f"{exporter_code}-L0001"
+        locker = sqlite3.connect(config.database_path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            exporter.node.issue(certificate(number, exporter_code, importer_code))
+            longest, last, started = 0.0, time.monotonic(), time.monotonic()
+            async with aiohttp.ClientSession() as http:
+                while time.monotonic() - started < 4.0:
+                    async with http.get(f"{importer.http.url}/healthz") as answer:
+                        assert answer.status == 200
+                    await asyncio.sleep(0.05)
+                    longest, last = max(longest, time.monotonic() - last), time.monotonic()
+            assert longest < 1.0, f"the event loop stalled {longest:.1f} s"
+            assert state(importer.node, Side.IMPORT, number) is None  # held, not lost
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await until(lambda: state(importer.node, Side.IMPORT, number)  # type: ignore[arg-type]
+                    is State.RECEIVED, 30)
+        await until(lambda: state(exporter.node, Side.EXPORT, number)  # type: ignore[arg-type]
+                    is State.DELIVERED, 30)
