@@ -14,8 +14,10 @@ de-duplicating inbox answers them again; for the rest, restore the newest backup
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import shutil
 import sqlite3
 import tarfile
 import tempfile
@@ -73,10 +75,33 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
 
 
 def restore(archive: Path, directory: Path) -> NodeConfig:
-    """Unpack a backup into an empty node directory and check what was restored."""
-    if (directory / CONFIG_NAME).exists():
-        raise ConfigError(f"{directory} already holds a node; restore into an empty directory")
+    """Unpack a backup into a new or empty node directory and check what was restored.
+
+    The archive is unpacked and checked in a hidden folder inside ``directory`` and its
+    files are moved up only when every check passed: a refused or broken archive leaves
+    ``directory`` as it was, so a retry with a good one is not refused. The folder is
+    inside, not beside: the directory may be a volume's mount point, or sit in a parent
+    the node's user may not write, and a rename across either would fail."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(f"{directory} exists and is not an empty directory; restore into "
+                          "a new or empty one")
+    # what to remove on failure: the first folder this restore creates, if any
+    created = next((p for p in (*reversed(directory.parents), directory) if not p.exists()),
+                   None)
     directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kpx-restore-", dir=directory))
+    try:
+        config = _unpack_and_check(archive, staging)
+        for entry in list(staging.iterdir()):
+            entry.rename(directory / entry.name)
+        staging.rmdir()
+    except BaseException:
+        shutil.rmtree(created or staging, ignore_errors=True)
+        raise
+    return dataclasses.replace(config, directory=directory)
+
+
+def _unpack_and_check(archive: Path, directory: Path) -> NodeConfig:
     try:
         with tarfile.open(archive, "r:gz") as tar:
             names = tar.getnames()

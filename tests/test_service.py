@@ -221,7 +221,7 @@ def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path:
             assert config.path(name).stat().st_mode & 0o777 == 0o600, name
     finally:
         restored.close()
-    with pytest.raises(Exception, match="already holds a node"):
+    with pytest.raises(ConfigError, match="is not an empty directory"):
         restore(archive, tmp_path / "restored")
 
 
@@ -245,6 +245,68 @@ def test_restore_refuses_a_backup_whose_config_points_outside_its_directory(
     with pytest.raises(ConfigError, match="outside the node directory"):
         restore(archive, tmp_path / "restored")
     assert not outside.exists()
+
+
+def test_a_refused_restore_leaves_the_directory_as_it_was(nodes: Nodes, tmp_path: Path) -> None:
+    """The refused archive's files (node.key among them) must not stay behind, nor make a
+    retry with a good archive fail as a directory that already holds a node."""
+    import io
+    import tarfile
+
+    from node.backup import backup, restore
+
+    za = nodes["ZA"].config
+    good = tmp_path / "good.tar.gz"
+    backup(za, good)
+
+    def doctored(name: str, change: Callable[[bytes], bytes]) -> Path:
+        out = tmp_path / name
+        with tarfile.open(good) as source, tarfile.open(out, "w:gz") as tar:
+            for member in source.getmembers():
+                data = source.extractfile(member).read()  # type: ignore[union-attr]
+                if member.name in ("node.toml", "node.sqlite3"):
+                    data = change(data) if member.name in name else data
+                    member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+        return out
+
+    outside = doctored("node.toml.tar.gz", lambda d: d.replace(
+        b'database = "node.sqlite3"', b'database = "../evil.sqlite3"'))
+    broken = doctored("node.sqlite3.tar.gz", lambda d: b"not a database" * 100)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (tmp_path / "new" / "node", empty):
+        before = sorted(tmp_path.rglob("*"))
+        with pytest.raises(ConfigError, match="outside the node directory"):
+            restore(outside, target)
+        with pytest.raises(sqlite3.DatabaseError):
+            restore(broken, target)
+        assert sorted(tmp_path.rglob("*")) == before
+        assert restore(good, target).directory == target
+        assert (target / "node.key").read_bytes() == za.path("node.key").read_bytes()
+        assert (target / "node.key").stat().st_mode & 0o777 == 0o600
+        assert not any(p.name.startswith(".kpx-restore") for p in target.iterdir())
+
+
+def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: Path) -> None:
+    """`cd /tmp && kpnode restore backup.tar.gz` must not scatter a node's key and database
+    among someone else's files: one line, exit 3 (an environment error), nothing written."""
+    import subprocess
+    import sys
+
+    from node.backup import backup
+
+    archive = tmp_path / "za.tar.gz"
+    backup(nodes["ZA"].config, archive)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("someone's notes")
+    done = subprocess.run([sys.executable, "-m", "node.cli", "restore", str(archive)],
+                          cwd=busy, capture_output=True, text=True, check=False, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        3, "kpnode: . exists and is not an empty directory; restore into a new or empty "
+        "one\n")
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
 
 
 def test_issue_many_commits_all_but_the_refused_in_one_transaction(nodes: Nodes) -> None:
