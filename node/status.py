@@ -120,6 +120,12 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
     elif broker.inbox_consumers == 0:
         problem("error", f"nobody consumes {inbox_queue(participant)}: messages to this node "
                 "wait in the broker")
+    elif broker.inbox_consumers is not None and broker.inbox_consumers > 1:
+        # A node holds one consumer: another one takes some of its messages into a database
+        # that is not this one, and answers partners from what that database knows.
+        problem("error", f"{broker.inbox_consumers} consumers on {inbox_queue(participant)}: "
+                f"another process (a second {participant} node, a restored copy) consumes "
+                "this node's inbox; stop it")
 
     open_loops = [r for r in records if r.state in OPEN_STATES]
     overdue = sorted((r for r in open_loops

@@ -201,6 +201,9 @@ def test_healthy_node_says_ok_with_no_problems() -> None:
     ({"running_pid": None}, "error", "not running"),
     ({"broker": dataclasses.replace(HEALTHY_BROKER, inbox_consumers=0)}, "error",
      "nobody consumes kpx.inbox.ZA"),
+    ({"broker": dataclasses.replace(HEALTHY_BROKER, inbox_consumers=2)}, "error",
+     "2 consumers on kpx.inbox.ZA: another process (a second ZA node, a restored copy) "
+     "consumes this node's inbox; stop it"),
     ({"store_ok": False}, "error", "cannot be written"),
     ({"registry": registry(own_key=bytes(32))}, "error", "not in the registry"),
     ({"registry": registry(NOW + 10 * DAY_MS)}, "warning", "stops being valid"),
