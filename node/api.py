@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from node.machine import Record, Side, State, day_of
+from node.machine import Record, Side, State, day_of, is_overdue
 from node.openapi import openapi_document
 from node.service import CommandRefused, Node, OnCommit
 from node.stats import Quarter
@@ -34,7 +34,6 @@ from node.webcontext import (
     StatisticsProvider,
     StatusProvider,
     WebContext,
-    is_overdue,
     quarter_of,
     refusal_problems,
     refusal_status,

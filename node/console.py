@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from node.machine import OPEN_STATES, Record, Side, State, day_of
+from node.machine import OPEN_STATES, Record, Side, State, day_of, is_overdue
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
 from node.store import StoreError
@@ -39,7 +39,7 @@ from node.views import (
     parse_whole_number,
     usd,
 )
-from node.webcontext import WEB_CONTEXT, WebContext, is_overdue, quarter_of, refusal_problems
+from node.webcontext import WEB_CONTEXT, WebContext, quarter_of, refusal_problems
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
 
 log = structlog.get_logger("kpx.console")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 
 from node.registry import KeyOwner, Registry, newer
@@ -201,6 +201,20 @@ def day_of(at_ms: int) -> date:
     """The UTC date of an instant: expiry, 'overdue' and the current quarter are judged in
     UTC everywhere, whatever the server's time zone."""
     return datetime.fromtimestamp(at_ms / 1000, UTC).date()
+
+
+#: an open loop whose certificate expires within this many days is overdue for follow-up
+OVERDUE_WITHIN_DAYS = 7
+
+
+def is_overdue(record: Record, today: date) -> bool:
+    """A loop an officer must chase: still open with its certificate expiring within
+    OVERDUE_WITHIN_DAYS (or past), or expired unconfirmed. One rule for `kpnode status`,
+    the API's ``overdue=true`` and the console's highlighting."""
+    if record.state is State.EXPIRED:
+        return True
+    return (record.state in OPEN_STATES
+            and (record.certificate.expires_on - today).days <= OVERDUE_WITHIN_DAYS)
 
 
 def side_of(number: str, me: str) -> Side:
@@ -518,6 +532,12 @@ def issue(ctx: Context, certificate: Certificate, known: Known,
     if certificate.issuing_authority != ctx.own_authority:
         problems.append((Reason.AUTHORITY_UNKNOWN, f"this node signs for "
                          f"{ctx.own_authority}, not {certificate.issuing_authority}"))
+    if certificate.issued_on > ctx.today + timedelta(days=1):
+        # A day's grace for authorities east of UTC, whose today may be UTC's tomorrow.
+        # Later, the importer could not confirm it (a shipment cannot arrive before its
+        # certificate was issued) until that day.
+        problems.append((Reason.BAD_DATE, f"issued_on {certificate.issued_on.isoformat()} "
+                         f"is in the future (today is {ctx.today.isoformat()} UTC)"))
     if (Side.EXPORT, certificate.number) in known:
         problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
                             f"certificate {certificate.number} was already issued"))

@@ -23,7 +23,7 @@ from typing import Any
 from node.brokerclient import connect_any, queue_info
 from node.config import NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
-from node.machine import OPEN_STATES, Record, Side, State
+from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
 from node.registry import Registry
 from node.service import Node, now_ms
 from node.terminal import printable, table
@@ -33,8 +33,6 @@ from protocol.keys import key_id
 #: open loops are counted by days since the certificate's date of issue
 AGE_BUCKETS: tuple[tuple[str, int | None], ...] = (
     ("0-1d", 1), ("2-7d", 7), ("8-30d", 30), ("31d+", None))
-#: an open loop whose certificate expires within this many days is overdue for follow-up
-OVERDUE_WITHIN_DAYS = 7
 #: warn this long before the node's own key stops being valid in the registry
 KEY_WARNING_DAYS = 30
 LATEST_DEAD_LETTERS = 5
@@ -128,8 +126,7 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                 "this node's inbox; stop it")
 
     open_loops = [r for r in records if r.state in OPEN_STATES]
-    overdue = sorted((r for r in open_loops
-                      if (r.certificate.expires_on - today).days <= OVERDUE_WITHIN_DAYS),
+    overdue = sorted((r for r in open_loops if is_overdue(r, today)),
                      key=lambda r: (r.certificate.expires_on, r.number))
     expired = sorted((r for r in records if r.state is State.EXPIRED),
                      key=lambda r: (r.certificate.expires_on, r.number))

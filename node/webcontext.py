@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from node.evidence import OPERATOR, operator_record
-from node.machine import OPEN_STATES, Record, Refusal, State
+from node.machine import Refusal
 from node.service import Node, now_ms
 from node.stats import Quarter, quarterly_report
 from node.status import gather_status
@@ -136,12 +136,6 @@ def refusal_problems(refusal: Refusal) -> list[dict[str, str]]:
     if refusal.problems:
         return [p.to_wire() for p in refusal.problems]
     return [{"path": "", "reason": refusal.reason, "message": refusal.text}]
-
-
-def is_overdue(record: Record, today: dt.date) -> bool:
-    """A loop an officer must chase: expired unconfirmed, or still open past its expiry."""
-    return record.state is State.EXPIRED or (
-        record.state in OPEN_STATES and record.certificate.expires_on < today)
 
 
 def quarter_of(day: dt.date) -> Quarter:

@@ -23,7 +23,7 @@ from openapi_spec_validator import validate
 from node import httpserver
 from node.api import ROUTES, api_app
 from node.evidence import OPERATOR, read_operator_record
-from node.machine import Side, State
+from node.machine import Side, State, day_of
 from node.openapi import openapi_document
 from node.service import Node
 from node.stats import Quarter
@@ -234,13 +234,14 @@ async def test_overdue_and_the_current_quarter_are_judged_in_utc(
     try:
         noon = int(datetime(2026, 3, 31, 12, tzinfo=UTC).timestamp() * 1000)
         za.node.clock = lambda: noon
-        await issue(za, "ZA-2026-0001", issued_on="2026-03-01", expires_on="2026-03-31")
+        await issue(za, "ZA-2026-0001", issued_on="2026-03-01", expires_on="2026-04-08")
         figures = await (await za.client.get(f"{API}/statistics",
                                               headers=za.auth("monitor"))).json()
         assert figures["quarter"] == str(Quarter(2026, 1))
         listed = await (await za.client.get(f"{API}/certificates?overdue=true",
                                              headers=za.auth("monitor"))).json()
-        assert listed["certificates"] == []  # expires today (UTC): not overdue yet
+        # 8 days left in UTC, 7 in Kiritimati: not overdue yet (status's rule, 7 days)
+        assert listed["certificates"] == []
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
@@ -294,6 +295,19 @@ async def test_overdue_filter_shows_open_loops_past_expiry(pair: tuple[Served, S
     za, _ = pair
     await issue(za, "ZA-2026-0001")
     za.node.clock = lambda: 4_102_444_800_000  # 2100-01-01: every loop is long overdue
+    response = await za.client.get(f"{API}/certificates?overdue=true",
+                                   headers=za.auth("monitor"))
+    assert [c["number"] for c in (await response.json())["certificates"]] == ["ZA-2026-0001"]
+
+
+async def test_overdue_means_the_same_in_the_api_as_in_kpnode_status(
+        pair: tuple[Served, Served]) -> None:
+    """status listed a loop expiring in 3 days as overdue; the API and console did not
+    (one rule now: node.machine.is_overdue)."""
+    za, _ = pair
+    today = day_of(za.node.clock())
+    await issue(za, "ZA-2026-0001", expires_on=(today + timedelta(days=3)).isoformat())
+    await issue(za, "ZA-2026-0002", expires_on=(today + timedelta(days=30)).isoformat())
     response = await za.client.get(f"{API}/certificates?overdue=true",
                                    headers=za.auth("monitor"))
     assert [c["number"] for c in (await response.json())["certificates"]] == ["ZA-2026-0001"]

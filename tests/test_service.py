@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from nacl.signing import SigningKey
 from node.config import KEYS_DIR, ConfigError
 from node.evidence import unsupported_records, verify_chain
 from node.keyfile import write_signing_key
-from node.machine import Record, Refusal, Side, State
+from node.machine import Record, Refusal, Side, State, day_of
 from node.network import create_network
 from node.service import Arrival, CommandRefused, Delivery, Node, now_ms
 from node.store import StoreError
@@ -428,3 +429,22 @@ def test_a_full_disk_is_a_store_fault_not_a_poison_message(nodes: Nodes) -> None
     verdicts = india.handle_batch([Delivery(r.frame) for r in rows])
     assert [v.dead_letter for v in verdicts] == [None] * 40
     assert len(india.store.records()) == 40
+
+
+def test_a_certificate_dated_after_tomorrow_is_refused_at_issue(nodes: Nodes) -> None:
+    """A certificate issued 'next month' went out, and its importer could not confirm it
+    (a shipment cannot arrive before its certificate's date) until then."""
+    za = nodes["ZA"]
+    today = day_of(za.clock())
+    later = certificate("ZA-2026-0061", "ZA", "IN",
+                        issued_on=(today + timedelta(days=2)).isoformat(),
+                        expires_on=(today + timedelta(days=60)).isoformat())
+    with pytest.raises(CommandRefused) as refused:
+        za.issue(later)
+    assert refused.value.refusal.reason == "field.bad_date"
+    assert "in the future" in refused.value.refusal.text
+    assert za.store.get(Side.EXPORT, "ZA-2026-0061") is None
+    # a day ahead is an authority east of UTC, whose today is already UTC's tomorrow
+    za.issue(certificate("ZA-2026-0062", "ZA", "IN",
+                         issued_on=(today + timedelta(days=1)).isoformat(),
+                         expires_on=(today + timedelta(days=60)).isoformat()))
