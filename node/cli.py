@@ -524,9 +524,15 @@ def parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace) -> None:
     from node.demo import run_demo
     from node.interrupt import sigterm_as_interrupt
+    from node.localbroker import BrokerError
+    from node.transport import TransportUnavailable
 
-    with sigterm_as_interrupt():
-        code = asyncio.run(run_demo(args.certificates, args.keep, as_json=args.json))
+    try:
+        with sigterm_as_interrupt():
+            code = asyncio.run(run_demo(args.certificates, args.keep, as_json=args.json))
+    except (TransportUnavailable, BrokerError) as exc:  # no broker to be had, or none answers
+        complain(f"the demo needs a broker: {exc}")
+        raise SystemExit(EXIT_ENVIRONMENT) from None
     raise SystemExit(code)
 
 

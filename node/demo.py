@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from datetime import date, timedelta
 from pathlib import Path
 
+from node.brokerclient import amqp_library_logs_quiet, connect_any
 from node.localbroker import broker_url
 from node.machine import Side, State
 from node.network import create_network
@@ -56,6 +57,11 @@ async def run_demo(per_pair: int = 1, keep: str | None = None, *, as_json: bool 
     with tempfile.TemporaryDirectory(prefix="kpx-demo-") as tmp:
         base = Path(keep) if keep else Path(tmp)
         with broker_url() as url:
+            # a broker named in KPX_AMQP_URL that does not answer: say so now, not after
+            # three nodes have each waited a minute for it
+            with amqp_library_logs_quiet():
+                connection, _ = await connect_any([url])
+            await connection.close()
             network = create_network(base, CODES, [url])
             async with AsyncExitStack() as stack:
                 running = {code: await stack.enter_async_context(RunningNode(cfg))

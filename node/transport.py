@@ -188,6 +188,9 @@ class Transport:
         self._pending: asyncio.Queue[Delivery] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
         self._current_url: str | None = None
+        #: why the last attempt to connect failed: a refused login looks like an outage
+        #: otherwise, and sends supervisors into a restart loop
+        self._last_failure: str | None = None
         #: delivery tags of the current consumer channel not yet acked or rejected
         self._outstanding: set[int] = set()
         #: connection closes under way (strong references: the loop keeps only weak ones)
@@ -214,9 +217,10 @@ class Transport:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
+            last = f" (last attempt: {self._last_failure})" if self._last_failure else ""
             raise TransportUnavailable(
                 f"no broker answered at {', '.join(redact(u) for u in self.urls)} within "
-                f"{timeout:g} s") from None
+                f"{timeout:g} s{last}") from None
 
     async def close(self) -> None:
         self._closing = True
@@ -244,6 +248,7 @@ class Transport:
             try:
                 connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
             except Exception as exc:
+                self._last_failure = f"{redact(url)}: {why_connect_failed(url, exc)}"
                 log.warning("broker connection failed", url=redact(url),
                             error=why_connect_failed(url, exc))
                 if index % len(self.urls) == 0:

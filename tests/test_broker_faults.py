@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -240,3 +241,16 @@ async def test_another_process_holding_the_database_does_not_freeze_the_node(
                     is State.RECEIVED, 30)
         await until(lambda: state(exporter.node, Side.EXPORT, number)  # type: ignore[arg-type]
                     is State.DELIVERED, 30)
+
+
+async def test_a_refused_login_is_named_when_the_node_gives_up(amqp_url: str) -> None:
+    """A wrong password was reported as 'no broker answered', like an outage."""
+    parts = urlsplit(amqp_url)
+    wrong = urlunsplit(parts._replace(netloc=f"guest:wrong@{parts.hostname}:{parts.port}"))
+    transport = Transport([wrong], fresh_codes(1)[0])
+    try:
+        with pytest.raises(TransportUnavailable) as failed:
+            await transport.connect(timeout=3.0)
+    finally:
+        await transport.close()
+    assert "ACCESS_REFUSED" in str(failed.value) and "wrong" not in str(failed.value)

@@ -724,3 +724,12 @@ def test_an_operator_action_reports_its_own_evidence_entry(
     finally:
         cli.close()
         running.close()
+
+
+def test_the_demo_without_a_broker_says_so_in_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "node.cli", "demo"], capture_output=True,
+                          text=True, check=False, timeout=60,
+                          env={**os.environ, "KPX_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.startswith("kpnode: the demo needs a broker: no broker answered")
+    assert "Traceback" not in done.stderr
