@@ -145,13 +145,14 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
             raise ConfigError(f"{where(name)} must be text, not {value!r}")
         return value
 
-    def number(name: str, default: int, minimum: int) -> int:
+    def number(name: str, default: int, minimum: int, maximum: int | None = None) -> int:
         value = data.get(name, default)
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{where(name)} must be a whole number of at least {minimum}, "
-                              f"not {value!r}")
+        if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+                or (maximum is not None and value > maximum)):
+            bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+            raise ConfigError(f"{where(name)} must be a whole number {bounds}, not {value!r}")
         return value
 
     def flag(name: str, default: bool) -> bool:
@@ -199,7 +200,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         check_broker_user=flag("check_broker_user", False),
         resend_after_seconds=number("resend_after_seconds", 3600, 1),
         http_host=text("http_host", "127.0.0.1"),
-        http_port=None if port in (None, "") else number("http_port", 0, 0),
+        http_port=None if port in (None, "") else number("http_port", 0, 0, 65535),
     )
 
 

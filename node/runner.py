@@ -178,8 +178,13 @@ class RunningNode:
         app = build_app(self)
         for extend in self.http_extensions:
             extend(app)
-        self.http = HttpServer(app, self.config.http_host, self.config.http_port or 0)
-        await self.http.start()
+        host, port = self.config.http_host, self.config.http_port or 0
+        self.http = HttpServer(app, host, port)
+        try:
+            await self.http.start()
+        except OSError as exc:  # a name that does not resolve, a port in use or not ours
+            raise ConfigError(f"cannot serve HTTP on http_host {host!r}, http_port {port}: "
+                              f"{exc.strerror or exc}") from exc
 
     async def _close(self) -> None:
         if self.http is not None:

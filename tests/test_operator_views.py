@@ -39,6 +39,7 @@ from node.logs import configure_logging
 from node.machine import Record, Side, State
 from node.network import create_network
 from node.registry import Registry
+from node.runner import RunningNode
 from node.service import Node
 from node.stats import (
     Quarter,
@@ -352,8 +353,20 @@ def test_http_settings_round_trip_and_environment_overrides(
     monkeypatch.setenv("KPX_HTTP_PORT", "eighty")
     with pytest.raises(ConfigError) as refused:
         load_config(config.directory)
-    assert str(refused.value) == ("KPX_HTTP_PORT (environment) must be a whole number of at "
-                                  "least 0, not 'eighty'")
+    assert str(refused.value) == ("KPX_HTTP_PORT (environment) must be a whole number 0 to "
+                                  "65535, not 'eighty'")
+    monkeypatch.setenv("KPX_HTTP_PORT", "70000")  # was a traceback from bind() at start
+    with pytest.raises(ConfigError, match="must be a whole number 0 to 65535, not 70000"):
+        load_config(config.directory)
+
+
+async def test_an_http_host_the_node_cannot_serve_on_is_named_at_start(
+        tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    running = RunningNode(dataclasses.replace(network.configs["ZA"], http_port=0,
+                                              http_host="not-a-host.invalid"))
+    with pytest.raises(ConfigError, match=r"cannot serve HTTP on http_host 'not-a-host\.invalid'"):
+        await running._start_http()
 
 
 @pytest.mark.parametrize(("url", "says"), [
