@@ -353,8 +353,15 @@ def cmd_key_show(args: argparse.Namespace) -> None:
                     state += f", ends {day_of(owner.key.valid_until)}"
             rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),
                          "registry": state, "signing": public == current})
-        emit(args, rows, table([[r["key_id"], r["registry"], "yes" if r["signing"] else ""]
-                                for r in rows], ("key id", "registry", "signs now")))
+        text = table([[r["key_id"], r["registry"], "yes" if r["signing"] else ""]
+                      for r in rows], ("key id", "registry", "signs now"))
+        fault = node.context(now).key_fault
+        if fault is not None:
+            text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
+                     "issue, replace, cancel or confirm, and partners refuse the answers it "
+                     "still signs; make a new key with 'kpnode key new' (deploy/RUNBOOK.md, "
+                     "\"After your key is revoked\")")
+        emit(args, rows, text)
     with_node(args, run)
 
 

@@ -186,6 +186,9 @@ class Context:
     own_authority: str
     now_ms: int
     sign: Signer
+    #: why the key ``sign`` uses may not sign now in ``registry`` (None: it may). Partners
+    #: would refuse what it signs, so local commands that send are refused instead.
+    key_fault: ProtocolError | None = None
 
     @property
     def today(self) -> date:
@@ -522,6 +525,20 @@ def _on_rejection(ctx: Context, env: Envelope, rejection: Rejection, known: Know
 # -- local commands -------------------------------------------------------------------
 
 
+def with_valid_key(ctx: Context, decision: Decision) -> Decision:
+    """A local command's decision, or a refusal when it would send a message signed with a
+    key the registry does not hold valid now: every partner would dead-letter it while this
+    node recorded it as sent, a loop that could never close."""
+    fault = ctx.key_fault
+    if fault is None or not decision.send or decision.refusal is not None:
+        return decision
+    return refuse(fault.reason, f"this node cannot sign: {fault.text}. Nothing was signed or "
+                  "stored. Make a new key with 'kpnode key new', have the Chair add it to "
+                  "the registry ('kpnode registry add-key', then publish) and restart the "
+                  "node; see 'kpnode key show'",
+                  certificate=decision.records[0].number if decision.records else None)
+
+
 def issue(ctx: Context, certificate: Certificate, known: Known,
           replacing: tuple[Record, str] | None = None) -> Decision:
     """Issue a certificate (or, with ``replacing=(old, reason)``, its replacement)."""
@@ -641,6 +658,6 @@ def ping(ctx: Context, partner: str, nonce: bytes) -> Decision:
 __all__ = [
     "OPEN_STATES", "Admitted", "Context", "Decision", "Discrepancy", "Record", "Refusal",
     "Sealed", "Side", "State", "admit", "cancel", "confirm", "discrepancies", "expire",
-    "issue", "ping", "receive", "rejection_for", "side_of", "touches",
+    "issue", "ping", "receive", "rejection_for", "side_of", "touches", "with_valid_key",
 ]
 

@@ -123,6 +123,23 @@ class Registry:
         return key.public_key
 
 
+def own_key_fault(registry: Registry, participant: str, authority: str, public_key: bytes,
+                  at_ms: int) -> SignatureError | None:
+    """Why a node of ``participant``'s ``authority`` may not sign with ``public_key`` at
+    ``at_ms`` (every partner would refuse what it signs), or ``None`` when it may."""
+    kid = key_id(public_key)
+    owner = registry.key_owner(kid)
+    if owner is not None and (owner.participant, owner.authority.id) != (participant, authority):
+        return SignatureError(Reason.KEY_WRONG_SENDER, f"key {kid.hex()} belongs to "
+                              f"{owner.participant}/{owner.authority.id} in the registry, not "
+                              f"to {participant}/{authority}")
+    try:
+        registry.public_key_for(kid, at_ms)
+    except SignatureError as exc:
+        return exc
+    return None
+
+
 def signing_key_choice(registry: Registry, participant: str, authority: str,
                        public_keys: Sequence[bytes], at_ms: int) -> int | None:
     """Which of a node's own keys to sign with at ``at_ms``: the one the registry lists for
@@ -131,11 +148,8 @@ def signing_key_choice(registry: Registry, participant: str, authority: str,
     best: tuple[int, int] | None = None
     for index, public in enumerate(public_keys):
         owner = registry.key_owner(key_id(public))
-        if owner is None or owner.participant != participant or owner.authority.id != authority:
-            continue
-        try:
-            registry.public_key_for(key_id(public), at_ms)
-        except SignatureError:
+        if owner is None or own_key_fault(registry, participant, authority, public,
+                                          at_ms) is not None:
             continue
         if best is None or owner.key.valid_from > best[0]:
             best = (owner.key.valid_from, index)

@@ -38,8 +38,15 @@ from node.machine import (
     rejection_for,
     side_of,
     touches,
+    with_valid_key,
 )
-from node.registry import Registry, newer, open_registry_frame, signing_key_choice
+from node.registry import (
+    Registry,
+    newer,
+    open_registry_frame,
+    own_key_fault,
+    signing_key_choice,
+)
 from node.store import Store
 from protocol import (
     Cancellation,
@@ -151,8 +158,9 @@ class Node:
 
     def signing_key(self, at_ms: int | None = None) -> SigningKey:
         """The key to sign with now: of the node's keys, the newest one the registry holds
-        valid for this authority; the configured key when none is (peers will then refuse
-        what it signs, and ``kpnode status`` says why)."""
+        valid for this authority; the configured key when none is (local commands that
+        send are then refused, see :func:`with_valid_key`, and ``kpnode status`` says
+        why)."""
         at = self.clock() if at_ms is None else at_ms
         choice = signing_key_choice(self.registry, self.me, self.config.authority,
                                     [bytes(k.verify_key) for k in self.signing_keys], at)
@@ -177,10 +185,12 @@ class Node:
     def context(self, now: int | None = None) -> Context:
         at = self.clock() if now is None else now
         key = self.signing_key(at)
+        fault = own_key_fault(self.registry, self.me, self.config.authority,
+                              bytes(key.verify_key), at)
         return Context(me=self.me, registry=self.registry,
                        chair_public_key=self.config.chair_public_key,
                        own_authority=self.config.authority, now_ms=at,
-                       sign=lambda envelope: seal(envelope, key))
+                       sign=lambda envelope: seal(envelope, key), key_fault=fault)
 
     # -- committing a decision -------------------------------------------------------
 
@@ -229,7 +239,7 @@ class Node:
             ctx = self.context()
             for decide in decides:
                 try:
-                    decision = decide(ctx)
+                    decision = with_valid_key(ctx, decide(ctx))
                 except CommandRefused as exc:
                     decision = Decision(refusal=exc.refusal)
                 if decision.refusal is None:
@@ -271,7 +281,7 @@ class Node:
         """What ``issue`` would say, without signing or storing anything (``validate``)."""
         ctx = self.context()
         known = self.store.load([(Side.EXPORT, certificate.number)])
-        return issue(ctx, certificate, known).refusal
+        return with_valid_key(ctx, issue(ctx, certificate, known)).refusal
 
     def replace(self, number: str, certificate: Certificate, reason: str, *,
                 on_commit: OnCommit | None = None) -> Record:

@@ -24,7 +24,7 @@ from node.brokerclient import connect_any, queue_info
 from node.config import NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
-from node.registry import Registry
+from node.registry import Registry, own_key_fault
 from node.service import Node, now_ms
 from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
@@ -150,23 +150,24 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
 
     own_id = key_id(own_public_key)
     owner = registry.key_owner(own_id)
-    key: dict[str, Any] = {"key_id": own_id.hex(), "in_registry": owner is not None}
-    if owner is None:
-        problem("error", "this node's key is not in the registry: partners refuse what it "
-                "signs")
-    else:
+    fault = own_key_fault(registry, participant, authority, own_public_key, now)
+    key: dict[str, Any] = {"key_id": own_id.hex(), "in_registry": owner is not None,
+                           "fault": None if fault is None else str(fault.reason)}
+    if owner is not None:
         until = owner.key.valid_until
-        revoked = owner.key.revoked_at
         key.update(authority=owner.authority.id, valid_from=_iso(owner.key.valid_from),
-                   valid_until=_iso(until), revoked_at=_iso(revoked),
+                   valid_until=_iso(until), revoked_at=_iso(owner.key.revoked_at),
                    days_left=None if until is None else (until - now) // DAY_MS)
-        if revoked is not None and revoked <= now:
-            problem("error", "this node's key is revoked in the registry")
-        elif until is not None and until <= now:
-            problem("error", "this node's key is no longer valid in the registry")
-        elif until is not None and until - now <= KEY_WARNING_DAYS * DAY_MS:
-            problem("warning", f"this node's key stops being valid on {_iso(until)}: ask "
-                    "the Chair for a registry with its successor")
+    if fault is not None:
+        # The key a node signs with is its newest valid one: none of its keys is valid.
+        problem("error", f"this node's key cannot sign: {fault.text} ({fault.reason}); "
+                "partners refuse what it signs and it refuses to issue, confirm, cancel or "
+                "replace: make a new key with 'kpnode key new' for the Chair to add")
+    elif owner is not None and owner.key.valid_until is not None \
+            and owner.key.valid_until - now <= KEY_WARNING_DAYS * DAY_MS:
+        problem("warning", f"this node's key stops being valid on "
+                f"{_iso(owner.key.valid_until)}: ask the Chair for a registry with its "
+                "successor")
 
     partners: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"exports": {}, "imports": {}, "open": 0})
@@ -334,6 +335,7 @@ def render_status(s: dict[str, Any]) -> str:
     r = s["registry"]
     k = s["key"]
     key_text = ("NOT IN THE REGISTRY" if not k["in_registry"] else
+                f"CANNOT SIGN ({k['fault']})" if k["fault"] else
                 f"valid until {k['valid_until'] or 'further notice'}"
                 + (f" ({k['days_left']} days)" if k.get("days_left") is not None else ""))
     lines.append(f"registry  version {r['version']}, {r['participants']} Participants")

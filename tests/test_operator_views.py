@@ -49,7 +49,14 @@ from node.stats import (
     trade_table,
     valuation_check,
 )
-from node.status import BrokerView, Pending, age_bucket, build_status, gather_status
+from node.status import (
+    BrokerView,
+    Pending,
+    age_bucket,
+    build_status,
+    gather_status,
+    render_status,
+)
 from node.store import Store
 from node.terminal import table
 from protocol import (
@@ -165,11 +172,13 @@ OWN_KEY = bytes(SigningKey(bytes(range(32))).verify_key)
 
 
 def registry(valid_until: int | None = None, *, own_key: bytes = OWN_KEY,
-             partner_status: ParticipantStatus = ParticipantStatus.ACTIVE) -> Registry:
+             partner_status: ParticipantStatus = ParticipantStatus.ACTIVE,
+             valid_from: int = 0, revoked_at: int | None = None) -> Registry:
     def entry(code: str, key: bytes, status: ParticipantStatus) -> ParticipantEntry:
         return ParticipantEntry(code=code, name=code, status=status, authorities=(
             Authority(id=f"{code}-KPA", name=code, keys=(
-                RegistryKey(public_key=key, valid_from=0, valid_until=valid_until),)),))
+                RegistryKey(public_key=key, valid_from=valid_from, valid_until=valid_until,
+                            revoked_at=revoked_at),)),))
     update = RegistryUpdate(version=7, participants=(
         entry("ZA", own_key, ParticipantStatus.ACTIVE),
         entry("IN", bytes(SigningKey(bytes(32)).verify_key), partner_status)))
@@ -208,7 +217,11 @@ def test_healthy_node_says_ok_with_no_problems() -> None:
     ({"store_ok": False}, "error", "cannot be written"),
     ({"registry": registry(own_key=bytes(32))}, "error", "not in the registry"),
     ({"registry": registry(NOW + 10 * DAY_MS)}, "warning", "stops being valid"),
-    ({"registry": registry(NOW - 1)}, "error", "no longer valid"),
+    ({"registry": registry(NOW - 1)}, "error", "cannot sign"),
+    ({"registry": registry(revoked_at=NOW - 1)}, "error", "is revoked (key.revoked)"),
+    # Not yet valid, or listed for another authority: partners refuse it all the same.
+    ({"registry": registry(valid_from=NOW + DAY_MS)}, "error", "key.not_valid_now"),
+    ({"authority": "ZA-MINES"}, "error", "key.wrong_sender"),
     ({"outbox": [Pending("IN", 3, NOW - 90_000, 4, "unroutable: no inbox for IN")]},
      "warning", "3 message(s) to IN not sent: unroutable"),
     ({"broker": dataclasses.replace(HEALTHY_BROKER, dead_letters=2)}, "warning",
@@ -220,6 +233,12 @@ def test_each_problem_is_named_with_its_level(changes: dict[str, object], level:
     assert s["health"] == level
     assert any(words in p["text"] and p["level"] == level
                for p in s["problems"])  # type: ignore[attr-defined]
+
+
+def test_the_screen_does_not_call_a_revoked_key_valid() -> None:
+    text = render_status(status(registry=registry(revoked_at=NOW - 1)))
+    (line,) = [x for x in text.splitlines() if x.startswith("key ")]
+    assert "CANNOT SIGN (key.revoked)" in line and "valid" not in line
 
 
 def test_loops_overdue_expired_backlog_and_partners_are_reported() -> None:

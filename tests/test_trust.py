@@ -32,7 +32,7 @@ from node.chair import (
 )
 from node.config import KEYS_DIR, load_config
 from node.keyfile import KeyFileError, encrypt_seed, read_signing_key, write_signing_key
-from node.machine import Side, State
+from node.machine import Refusal, Side, State
 from node.network import create_network
 from node.registry import LAPSED_GRACE_MS
 from node.service import CommandRefused, Delivery, Node, now_ms
@@ -198,6 +198,108 @@ def test_a_stale_registry_version_changes_nothing(pair: tuple[Node, Node, object
     assert exporter.registry.version == 3
     with pytest.raises(CommandRefused, match=r"participant\.suspended"):
         exporter.issue(certificate(f"{exporter.me}-1", exporter.me, importer.me))
+
+
+def _make_unusable(how: str, node: Node, update: RegistryUpdate, at: int) -> tuple[
+        RegistryUpdate, SigningKey]:
+    """The registry (and the node's key file) after the node's key became unusable at
+    ``at`` in one of the ways a key can; the key the node then holds."""
+    key = node.signing_keys[0]
+    if how == "revoked":
+        return revoke_key(update, bytes(key.verify_key), at), key
+    if how == "lapsed":
+        return end_key(update, bytes(key.verify_key), at), key
+    # The operator swapped node.key for a key the registry does not hold (yet).
+    swapped = SigningKey.generate()
+    path = node.config.path(node.config.signing_key_file)
+    path.unlink()
+    write_signing_key(path, swapped)
+    if how == "not yet valid":
+        update = add_key(update, node.me, node.config.authority, bytes(swapped.verify_key),
+                         at + DAY)
+    return update, swapped
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("revoked", "key.revoked"), ("lapsed", "key.not_valid_now"),
+    ("not yet valid", "key.not_valid_now"), ("absent", "key.unknown")])
+def test_a_node_whose_key_cannot_sign_refuses_to_send_and_writes_nothing(
+        pair: tuple[Node, Node, object], how: str, reason: str) -> None:
+    """BW's key was revoked (v2, applied at BW), yet 'kpnode issue' printed 'issued': every
+    partner dead-lettered the frame and BW's record stayed issued for ever."""
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    me, you = exporter.me, importer.me
+    nodes = {me: exporter, you: importer}
+    exporter.issue(certificate(f"{me}-1", me, you))  # to cancel or replace
+    importer.issue(certificate(f"{you}-1", you, me))  # to confirm
+    carry(exporter, nodes)
+    carry(importer, nodes)
+    carry(exporter, nodes)
+
+    t0 = now_ms()
+    update, held = _make_unusable(how, exporter, network.registry, t0)  # type: ignore[attr-defined]
+    update = dataclasses.replace(update, version=2)
+    exporter.close()
+    exporter = nodes[me] = Node.open(exporter.config)
+    try:
+        _deliver_registry(update, chair, exporter, importer)
+        exporter.clock = lambda: t0 + 1  # type: ignore[method-assign]
+        before = (exporter.store.counts(), len(list(exporter.store.evidence())),
+                  exporter.store.backlog())
+        kid = key_id(bytes(held.verify_key)).hex()
+        attempts = {
+            "issue": lambda: exporter.issue(certificate(f"{me}-2", me, you)),
+            "replace": lambda: exporter.replace(f"{me}-1", certificate(f"{me}-3", me, you),
+                                                "issued in error"),
+            "cancel": lambda: exporter.cancel(f"{me}-1", "withdrawn"),
+            "confirm": lambda: exporter.confirm(f"{you}-1"),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(CommandRefused) as refused:
+                attempt()
+            assert refused.value.refusal.reason == reason, name
+            assert kid in refused.value.refusal.text, name
+            assert "kpnode key new" in refused.value.refusal.text, name
+        (many,) = exporter.issue_many([certificate(f"{me}-4", me, you)])
+        assert isinstance(many, Refusal) and many.reason == reason
+        check = exporter.check_issue(certificate(f"{me}-5", me, you))  # kpnode validate
+        assert check is not None and check.reason == reason
+        assert (exporter.store.counts(), len(list(exporter.store.evidence())),
+                exporter.store.backlog()) == before
+
+        # The way out: a new key, which the Chair adds; the node signs with it by itself.
+        new = SigningKey.generate()
+        folder = exporter.config.path(KEYS_DIR)
+        folder.mkdir()
+        write_signing_key(folder / "next.key", new)
+        added = add_key(update, me, exporter.config.authority, bytes(new.verify_key), t0)
+        _deliver_registry(dataclasses.replace(added, version=3), chair, exporter, importer)
+        exporter.close()
+        exporter = nodes[me] = Node.open(exporter.config)
+        exporter.issue(certificate(f"{me}-2", me, you))
+        assert [v.dead_letter for _, v in carry(exporter, nodes)] == [None]
+        assert state(importer, Side.IMPORT, f"{me}-2") is State.RECEIVED
+    finally:
+        exporter.close()
+
+
+def test_kpnode_issue_with_a_revoked_key_says_so_and_exits_1(
+        pair: tuple[Node, Node, object], tmp_path: Path) -> None:
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    key = bytes(exporter.signing_key().verify_key)
+    revoked = revoke_key(network.registry, key, now_ms())  # type: ignore[attr-defined]
+    _deliver_registry(dataclasses.replace(revoked, version=2), chair, exporter)
+    exporter.close()
+    cert = tmp_path / "cert.json"
+    cert.write_text(json.dumps(certificate_json(f"{exporter.me}-3", exporter.me, importer.me)))
+    result = kpnode("issue", str(cert), "--dir", str(exporter.config.directory), check=False)
+    assert result.returncode == 1, result.stdout
+    assert "key.revoked" in result.stderr and key_id(key).hex() in result.stderr
+    assert "issued" not in result.stdout
+    shown = kpnode("key", "show", "--dir", str(exporter.config.directory)).stdout
+    assert "no key of this node is valid now (key.revoked)" in shown
 
 
 # -- the live registry over the broker ------------------------------------------------
