@@ -296,14 +296,28 @@ def cmd_key_new(args: argparse.Namespace) -> None:
     from nacl.signing import SigningKey
 
     from node.config import KEYS_DIR
+    from node.keyfile import is_encrypted, passphrase_from_environment, require_passphrase_of
 
     config = load_config(node_dir(args))
+    encrypted = [p for p in config.key_files() if is_encrypted(p)]
+    passphrase = None
+    if encrypted:
+        # A plain key beside encrypted ones would lie on disk in the clear; one under
+        # another passphrase would keep the node from starting.
+        passphrase = passphrase_from_environment()
+        if passphrase is None:
+            raise UserError(f"this node's keys are encrypted ({encrypted[0]}): set "
+                            "KPX_KEY_PASSPHRASE or KPX_KEY_PASSPHRASE_FILE to their "
+                            "passphrase, or run from a terminal; nothing was written")
+        require_passphrase_of(encrypted, passphrase)
+    elif args.encrypt:
+        passphrase = _new_passphrase()
     folder = config.path(KEYS_DIR)
     folder.mkdir(mode=0o700, exist_ok=True)
     key = SigningKey.generate()
     public = bytes(key.verify_key)
     path = folder / f"{key_id(public).hex()}.key"
-    write_signing_key(path, key, passphrase=_new_passphrase() if args.encrypt else None)
+    write_signing_key(path, key, passphrase=passphrase)
     emit(args, {"key_file": str(path), "public_key": public.hex(),
                 "key_id": key_id(public).hex()}, "\n".join([
         f"New key written to {path}",
@@ -316,16 +330,17 @@ def cmd_key_new(args: argparse.Namespace) -> None:
 
 
 def cmd_key_encrypt(args: argparse.Namespace) -> None:
-    from node.config import KEYS_DIR
-    from node.keyfile import encrypt_key_file, is_encrypted
+    from node.keyfile import encrypt_key_file, is_encrypted, require_passphrase_of
 
     config = load_config(node_dir(args))
-    paths = [config.path(config.signing_key_file),
-             *sorted(config.path(KEYS_DIR).glob("*.key"))]
-    todo = [p for p in paths if p.exists() and not is_encrypted(p)]
+    paths = [p for p in config.key_files() if p.exists()]
+    todo = [p for p in paths if not is_encrypted(p)]
     if not todo:
         raise UserError("every key file of this node is encrypted already")
     passphrase = _new_passphrase()
+    # Refused rather than re-encrypting the others: that would need their passphrase too,
+    # and a node whose keys open with different ones cannot start.
+    require_passphrase_of(paths, passphrase)
     for path in todo:
         encrypt_key_file(path, passphrase)
     emit(args, {"encrypted": [str(p) for p in todo]},
@@ -511,7 +526,8 @@ def parser() -> argparse.ArgumentParser:
     key_sub = key.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
     sp = key_sub.add_parser("new", help="make a key for a rotation (keys/KEYID.key)",
                             parents=[common])
-    sp.add_argument("--encrypt", action="store_true", help="encrypt it with a passphrase")
+    sp.add_argument("--encrypt", action="store_true", help="encrypt it with a passphrase "
+                    "(on a node whose keys are encrypted it always is, with theirs)")
     sp.set_defaults(handler=cmd_key_new)
     sp = key_sub.add_parser("encrypt", help="encrypt the node's key files with a passphrase",
                             parents=[common])

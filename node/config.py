@@ -71,10 +71,13 @@ class NodeConfig:
         with one of them once the registry says it is valid (see Node.signing_key)."""
         from node.keyfile import read_signing_key
 
+        return tuple(read_signing_key(p) for p in self.key_files()[1:])
+
+    def key_files(self) -> list[Path]:
+        """Every key file of the node: the configured one, then ``keys/*.key``."""
         folder = self.path(KEYS_DIR)
-        if not folder.is_dir():
-            return ()
-        return tuple(read_signing_key(p) for p in sorted(folder.glob("*.key")))
+        rotated = sorted(folder.glob("*.key")) if folder.is_dir() else []
+        return [self.path(self.signing_key_file), *rotated]
 
 
 def node_directory(given: str | None) -> Path:

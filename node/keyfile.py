@@ -23,7 +23,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import nacl.exceptions
@@ -158,6 +158,20 @@ def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey
     if len(seed) != 32:
         raise KeyFileError(f"signing key {path} must hold a 32-byte seed")
     return SigningKey(seed)
+
+
+def require_passphrase_of(paths: Iterable[Path], passphrase: str) -> None:
+    """Raise KeyFileError unless ``passphrase`` opens every encrypted key file among
+    ``paths``: a node starts with one passphrase, so a key under another locks it out."""
+    for path in paths:
+        if not is_encrypted(path):
+            continue
+        try:
+            read_signing_key(path, passphrase=passphrase)
+        except KeyFileError as exc:
+            raise KeyFileError(f"{exc}: a node's keys all open with the one passphrase it "
+                               "starts with; give that of its encrypted keys. Nothing was "
+                               "written") from None
 
 
 def encrypt_key_file(path: Path, passphrase: str, strength: str = "moderate") -> None:

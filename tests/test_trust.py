@@ -407,6 +407,40 @@ def test_encrypted_key_needs_the_passphrase(tmp_path: Path) -> None:
     assert code
 
 
+def test_one_passphrase_opens_every_key_of_a_node(tmp_path: Path) -> None:
+    """'key new' on an encrypted node wrote its key in plaintext, and a second 'key
+    encrypt' under another passphrase was accepted: no passphrase then opened both key
+    files, and the node could not start."""
+    network = create_network(tmp_path, fresh_codes(2), [])
+    config = next(iter(network.configs.values()))
+    folder, where = config.path(KEYS_DIR), str(config.directory)
+    plain_env = {k: v for k, v in os.environ.items() if not k.startswith("KPX_KEY")}
+    first = {**plain_env, "KPX_KEY_PASSPHRASE": "the first passphrase"}
+    other = {**plain_env, "KPX_KEY_PASSPHRASE": "another passphrase"}
+    kpnode("key", "encrypt", "--dir", where, env=first)
+
+    # Without the node's passphrase, or with another one: refused, nothing written.
+    for env, says in ((plain_env, "KPX_KEY_PASSPHRASE"), (other, "wrong passphrase")):
+        refused = kpnode("key", "new", "--dir", where, env=env, check=False)
+        assert refused.returncode != 0 and says in refused.stderr
+        assert not folder.exists() or not list(folder.glob("*.key"))
+    made = json.loads(kpnode("key", "new", "--json", "--dir", where, env=first).stdout)
+    path = Path(made["key_file"])
+    assert json.loads(path.read_text())["format"] == "kpx-encrypted-key-v1"
+    opened = read_signing_key(path, passphrase="the first passphrase")
+    assert bytes(opened.verify_key).hex() == made["public_key"]
+
+    # A plain key beside encrypted ones is encrypted under their passphrase only.
+    stray = folder / "stray.key"
+    write_signing_key(stray, SigningKey.generate())
+    refused = kpnode("key", "encrypt", "--dir", where, env=other, check=False)
+    assert refused.returncode != 0 and "wrong passphrase" in refused.stderr
+    assert not stray.read_text().startswith("{")
+    kpnode("key", "encrypt", "--dir", where, env=first)
+    shown = json.loads(kpnode("key", "show", "--json", "--dir", where, env=first).stdout)
+    assert len(shown) == 3  # the node opens with the one passphrase
+
+
 def test_key_file_readable_by_others_or_damaged_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     write_signing_key(path, SigningKey.generate())
