@@ -46,6 +46,17 @@ def _operator_errors(handler: Handler) -> Handler:
     return run
 
 
+def _seconds(text: str) -> float:
+    """A period: --watch 0 asked the broker for a report in a tight loop."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 86_400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be seconds from 0.1 to 86400, not {text!r}")
+    return value
+
+
 # -- status -----------------------------------------------------------------------------
 
 
@@ -265,7 +276,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         return sp
 
     sp = add("status", cmd_status, "the node's health and the state of its exchange")
-    sp.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+    sp.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
                     help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one "
                     "JSON document per line")
     dead = sub.add_parser("dead-letters", help="browse, replay or discard the node's "
@@ -287,7 +298,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp = add("ping", cmd_ping, "send a signed ping to a partner through the running node "
              "and wait for its signed pong")
     sp.add_argument("partner", help="the partner's two-letter code")
-    sp.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    sp.add_argument("--timeout", type=_seconds, default=10.0, help="seconds (default 10)")
     sp = add("stats", cmd_stats, "quarterly certificate statistics per partner and HS code, "
              "with the mirror and valuation checks")
     sp.add_argument("--quarter", required=True, help="e.g. 2026Q1")

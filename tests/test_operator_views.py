@@ -765,3 +765,11 @@ def test_the_demo_without_a_broker_says_so_in_one_line() -> None:
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("kpnode: the demo needs a broker: no broker answered")
     assert "Traceback" not in done.stderr
+
+
+def test_a_watch_or_timeout_of_zero_is_refused() -> None:
+    """`status --watch 0` asked the broker for a report in a tight loop (191 in 4 s)."""
+    for args in (["status", "--watch", "0"], ["ping", "ZA", "--timeout", "-1"]):
+        done = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
+                              text=True, check=False, timeout=60)
+        assert done.returncode == 2 and "must be seconds from 0.1 to 86400" in done.stderr
