@@ -148,6 +148,11 @@ def add_key(update: RegistryUpdate, code: str, authority: str, public_key: bytes
                                     "--authority-name to add it")
         authorities = (*entry.authorities, Authority(id=authority, name=authority_name,
                                                      keys=(key,)))
+    elif authority_name is not None and authority_name != found.name:
+        # The name was dropped without a word and the key went to the existing authority.
+        raise RegistryEditError(f"{code} has an authority {authority} already (named "
+                                f"{found.name!r}); to add another, give its id with "
+                                "--authority as well as --authority-name")
     else:
         authorities = tuple(dataclasses.replace(a, keys=(*a.keys, key)) if a is found else a
                             for a in entry.authorities)

@@ -38,6 +38,7 @@ from node.definitions import (
 )
 from node.network import create_network
 from node.registry import Registry, open_registry_frame
+from node.registrytool import CHAIR_PUBLIC
 from node.service import broker_user_for
 from node.terminal import emit, table
 from protocol import ProtocolError
@@ -204,14 +205,13 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
         draft = dataclasses.replace(network.registry, version=network.registry.version + 1)
         (chair_dir / "registry.json").write_text(
             json.dumps(registry_to_json(draft), indent=2) + "\n")
-        (chair_dir / "chair.pub").write_text(network.chair_public_key.hex() + "\n")
         for code, config in network.configs.items():
             configure_node(config, broker_templates,
                            ensure_password(passwords, broker_user_for(code)))
     try:
-        chair_public = bytes.fromhex((chair_dir / "chair.pub").read_text().strip())
+        chair_public = bytes.fromhex((chair_dir / CHAIR_PUBLIC).read_text().strip())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{chair_dir / 'chair.pub'}: {exc}") from exc
+        raise ConfigError(f"{chair_dir / CHAIR_PUBLIC}: {exc}") from exc
     registry = read_registry(chair_dir / "registry.kpx", chair_public)
     out = base / "broker" / "definitions.json"
     write_definitions(registry, out, passwords, vhost=vhost, delivery_limit=delivery_limit)

@@ -103,8 +103,7 @@ def create_network(base: Path, codes: Sequence[str], broker_urls: Sequence[str],
     base.mkdir(parents=True, exist_ok=True)
     chair_dir = base / "chair"
     chair_dir.mkdir(exist_ok=True)
-    chair_key = SigningKey.generate()
-    write_signing_key(chair_dir / "chair.key", chair_key)
+    chair_key = ChairDirectory(chair_dir).make_key()
     chair_public = bytes(chair_key.verify_key)
     configs = {
         code: init_node(base / code, code, broker_urls=broker_urls, chair_public_key=chair_public)

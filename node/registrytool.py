@@ -45,6 +45,8 @@ DRAFT = "registry.json"
 SIGNED = "registry.kpx"
 PUBLISHED = "published"
 CHAIR_KEY = "chair.key"
+#: the Chair's public key in hex: what every node.toml and `deploy definitions` need
+CHAIR_PUBLIC = "chair.pub"
 
 
 class ChairError(Exception):
@@ -109,6 +111,13 @@ class ChairDirectory:
 
     def key(self) -> SigningKey:
         return read_signing_key(self.directory / CHAIR_KEY)
+
+    def make_key(self) -> SigningKey:
+        """A new Chair key, with its public half in chair.pub beside it."""
+        key = SigningKey.generate()
+        write_signing_key(self.directory / CHAIR_KEY, key)
+        (self.directory / CHAIR_PUBLIC).write_text(bytes(key.verify_key).hex() + "\n")
+        return key
 
     def load(self) -> RegistryUpdate:
         try:
@@ -178,10 +187,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     chair = ChairDirectory(directory)
     if chair.draft_path.exists():
         raise ChairError(f"{chair.draft_path} exists already")
-    key_path = directory / CHAIR_KEY
-    if not key_path.exists():
-        write_signing_key(key_path, SigningKey.generate())
+    if not (directory / CHAIR_KEY).exists():
+        chair.make_key()
     public = bytes(chair.key().verify_key).hex()
+    if not (directory / CHAIR_PUBLIC).exists():  # a Chair key from before chair.pub
+        (directory / CHAIR_PUBLIC).write_text(public + "\n")
     chair.save(RegistryUpdate(version=1, participants=()))
     emit(args, {"directory": str(directory), "chair_public_key": public},
           f"Chair directory ready in {directory}\n  Chair public key {public}\n"

@@ -80,6 +80,9 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
         add_key(base, "BW", "BW-MINES", _pub(), 0)
     two = add_key(base, "BW", "BW-MINES", _pub(), 0, authority_name="Mines")
     assert [a.id for a in two.participants[0].authorities] == ["BW-KPA", "BW-MINES"]
+    # a name for a new authority without its id: not dropped silently onto BW-KPA
+    with pytest.raises(RegistryEditError, match="has an authority BW-KPA already"):
+        add_key(base, "BW", "BW-KPA", _pub(), 0, authority_name="BW Second")
     with pytest.raises(RegistryEditError, match="after its start"):
         end_key(end_key(base, first, 10), first, 0)
     withdrawn = set_status(base, "BW", ParticipantStatus.WITHDRAWN)
@@ -722,3 +725,12 @@ def test_a_third_participant_cannot_write_into_a_loops_signed_history(
     history = history_json(be.store, "BW-2026-0001", be.find("BW-2026-0001"))
     assert [(x["kind"], x["from"], x["to"]) for x in history] == [
         ("certificate", "BW", "BE"), ("receipt", "BE", "BW")]
+
+
+def test_registry_init_writes_the_chair_public_key_the_runbook_reads(tmp_path: Path) -> None:
+    """RUNBOOK passes `$(cat chair/chair.pub)` on; only `deploy network` wrote that file."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", "registry", "init", "--json",
+                           "--dir", str(tmp_path / "chair")], capture_output=True, text=True,
+                          check=True)
+    public = json.loads(done.stdout)["chair_public_key"]
+    assert (tmp_path / "chair" / "chair.pub").read_text() == public + "\n"
