@@ -288,7 +288,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     sent_to = None
     if args.broker:
         sent_to = asyncio.run(_send(args.broker, frame, version, outputs))
-    where = ", ".join(outputs) + (f" and to every node through {sent_to}" if sent_to else "")
+    where = " and ".join([*outputs, *([f"every node through {sent_to}"] if sent_to else [])])
     emit(args, {"version": version, "files": outputs, "broker": sent_to},
           f"registry version {version} {'sent again' if args.resend else 'signed and published'}"
           f" to {where}")
@@ -306,7 +306,12 @@ async def _send(urls: list[str], frame: bytes, version: int, outputs: list[str])
                 await publish_registry(url, frame)
             return redact(url)
         except Exception as exc:  # any broker failure: try the next endpoint, then report
-            errors.append(f"{redact(url)}: {why_connect_failed(url, exc)}")
+            why = why_connect_failed(url, exc)
+            if "NOT_FOUND" in why and "kpx.registry" in why:
+                why = ("no node has run against this broker yet, so it has no kpx.registry "
+                       "exchange to publish to: start the nodes (or import the broker "
+                       "definitions) first")
+            errors.append(f"{redact(url)}: {why}")
     written = f" (written to {', '.join(outputs)})" if outputs else ""
     raise BrokerUnreachable(
         f"registry version {version} is signed{written} but could not be sent to the "

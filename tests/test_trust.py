@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiormq.exceptions import ChannelNotFoundEntity
 from nacl.signing import SigningKey
 
+from node import registrytool, transport
 from node.chair import (
     RegistryEditError,
     add_key,
@@ -375,7 +377,8 @@ def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) ->
     assert (network.base / "chair" / "registry.kpx").read_bytes() == signed
     # Sent again, the very bytes go: a version is never signed twice.
     out = tmp_path / "again.kpx"
-    kpnode("registry", "publish", "--resend", "--out", str(out), "--dir", chair_dir)
+    said = kpnode("registry", "publish", "--resend", "--out", str(out), "--dir", chair_dir)
+    assert said.stdout.strip() == f"registry version 2 sent again to {out}"
     assert out.read_bytes() == signed
     refused = kpnode("registry", "publish", "--resend", "--dir", chair_dir, check=False)
     assert refused.returncode == 1 and "--broker or --out" in refused.stderr
@@ -734,3 +737,14 @@ def test_registry_init_writes_the_chair_public_key_the_runbook_reads(tmp_path: P
                           check=True)
     public = json.loads(done.stdout)["chair_public_key"]
     assert (tmp_path / "chair" / "chair.pub").read_text() == public + "\n"
+
+
+async def test_publishing_before_any_node_ran_says_what_to_do_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_exchange(url: str, frame: bytes, **_: object) -> None:
+        raise ChannelNotFoundEntity("NOT_FOUND - no exchange 'kpx.registry' in vhost '/'")
+    monkeypatch.setattr(transport, "publish_registry", no_exchange)
+    with pytest.raises(registrytool.BrokerUnreachable) as failed:
+        await registrytool._send(["amqp://guest:guest@127.0.0.1/"], b"frame", 2, [])
+    assert "no node has run against this broker yet" in str(failed.value)
+    assert "start the nodes (or import the broker definitions) first" in str(failed.value)
