@@ -82,7 +82,9 @@ def restore(archive: Path, directory: Path) -> NodeConfig:
     ``directory`` as it was, so a retry with a good one is not refused. The folder is
     inside, not beside: the directory may be a volume's mount point, or sit in a parent
     the node's user may not write, and a rename across either would fail."""
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+    # lost+found: a freshly made ext4 volume mounted as the node directory has one
+    if directory.exists() and (not directory.is_dir() or any(
+            p.name != "lost+found" for p in directory.iterdir())):
         raise ConfigError(f"{directory} exists and is not an empty directory; restore into "
                           "a new or empty one")
     # what to remove on failure: the first folder this restore creates, if any

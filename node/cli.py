@@ -14,7 +14,6 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from node.registry import open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.store import StoreError
 from node.terminal import emit, printable, table
-from node.views import carats, history_json, parse_amount, record_json, usd
+from node.views import carats, history_json, parse_amount, parse_date, record_json, usd
 from protocol import (
     Certificate,
     Line,
@@ -215,7 +214,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
         received_on = None
         if args.received_on:
             try:
-                received_on = date.fromisoformat(args.received_on)
+                received_on = parse_date(args.received_on)
             except ValueError:
                 raise UserError("--received-on must be a date YYYY-MM-DD") from None
         confirmed = node.confirm(args.number, lines=lines, parcels=args.parcels,
@@ -561,7 +560,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def complain(text: str) -> None:
     """Why a command failed, on stderr (the text may quote a partner or a broker)."""
-    print(f"kpnode: {printable(text)}", file=sys.stderr)
+    # continuation lines indented: quoted text cannot start a line that looks like ours
+    print(f"kpnode: {printable(text)}".replace("\n", "\n  "), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,7 @@ the CLI, and each is chained into the evidence log with who did it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import secrets
@@ -26,6 +27,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from node.httpserver import IDLE_SECONDS
 from node.machine import OPEN_STATES, Record, Side, State, day_of, is_overdue
 from node.service import CommandRefused
 from node.stats import ALL, Quarter
@@ -238,9 +240,14 @@ def login_form(csrf: str, error: str) -> str:
 
 
 async def read_form(request: web.Request) -> Any:
-    """The posted form; one that is not UTF-8 (or not a form) is a 400, not a 500."""
+    """The posted form; one that is not UTF-8 (or not a form) is a 400, not a 500. A body
+    still coming after IDLE_SECONDS is a 408: the server's idle limit covers headers only,
+    and a connection trickling its body would hold one of its few slots for ever."""
     try:
-        return await request.post()
+        async with asyncio.timeout(IDLE_SECONDS):
+            return await request.post()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="the form took too long to arrive") from None
     except (UnicodeDecodeError, ValueError, LookupError):
         raise web.HTTPBadRequest(text="the form could not be read (it must be UTF-8)") from None
 
@@ -252,8 +259,11 @@ async def post_login(request: web.Request) -> web.StreamResponse:
     if request.content_length is None or request.content_length > LOGIN_FORM_BYTES:
         return page(request, "Log in", "<p class=error>A login form is at most "
                     f"{LOGIN_FORM_BYTES} bytes with a Content-Length.</p>", status=413)
-    form = await read_form(request)
     expected = request.cookies.get(LOGIN_COOKIE, "")
+    if not expected:  # no login form was fetched: nothing to read the body for
+        return page(request, "Log in", login_form("", "<p class=error>The login form "
+                    "expired; try again.</p>"), status=403)
+    form = await read_form(request)
     if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
         return page(request, "Log in", login_form(expected, "<p class=error>The login form "
                     "expired; try again.</p>"), status=403)

@@ -108,8 +108,16 @@ def passphrase_from_environment(environ: Mapping[str, str] = os.environ,
     if prompt is not None:
         return prompt("passphrase for the node's signing key: ")
     if sys.stdin.isatty():
-        return getpass.getpass("passphrase for the node's signing key: ")
+        # Asked once a process: every key of a node is under the one passphrase, and a
+        # node with rotated keys would otherwise ask for it once per key file.
+        if not _typed:
+            _typed.append(getpass.getpass("passphrase for the node's signing key: "))
+        return _typed[0]
     return None
+
+
+#: the passphrase typed at this process's terminal, once asked
+_typed: list[str] = []
 
 
 def write_signing_key(path: Path, key: SigningKey, *, passphrase: str | None = None,

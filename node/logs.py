@@ -64,7 +64,8 @@ def configure_logging(*, json_logs: bool | None = None, level: str | None = None
     setattr(handler, _OURS, True)
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not getattr(h, _OURS, False)] + [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(min(logging.WARNING,
+                      logging.getLevelNamesMapping().get(level_name, logging.INFO)))
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientFaults) for f in server.filters):
         server.addFilter(_ClientFaults())

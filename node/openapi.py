@@ -199,7 +199,9 @@ _PATHS: dict[str, Any] = {
                  "style": "form", "explode": True},
                 {"name": "partner", "in": "query", "schema": _STR},
                 {"name": "overdue", "in": "query", "schema": {"type": "boolean"},
-                 "description": "only loops past their expiry without confirmation"},
+                 "description": "only overdue loops, as `kpnode status` says: open with "
+                                "the certificate expiring within 7 days (or past), or "
+                                "expired unconfirmed"},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                             "maximum": 5000, "default": 1000}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer",

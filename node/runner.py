@@ -63,7 +63,7 @@ DEAD_LETTER_ATTEMPTS = 3
 #: `sqlite3` shell left in a transaction, a VACUUM). SQLite waits on the event loop's
 #: thread: with the default 30 s the whole node froze, HTTP and broker included, in 30 s
 #: spells for as long as the lock was held. Past this the work is held and tried again.
-LOCK_WAIT_SECONDS = 0.2
+LOCK_WAIT_SECONDS = 0.5
 UNROUTABLE_RETRY_MS = 30_000  # within MAX_RETRY_DELAY_MS, like every planned retry
 
 

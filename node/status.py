@@ -123,7 +123,8 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         # that is not this one, and answers partners from what that database knows.
         problem("error", f"{broker.inbox_consumers} consumers on {inbox_queue(participant)}: "
                 f"another process (a second {participant} node, a restored copy) consumes "
-                "this node's inbox; stop it")
+                "this node's inbox; stop it (just after a broken connection, the old "
+                "consumer may linger until the broker notices, a minute or two)")
 
     open_loops = [r for r in records if r.state in OPEN_STATES]
     overdue = sorted((r for r in open_loops if is_overdue(r, today)),

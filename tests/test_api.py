@@ -534,7 +534,8 @@ async def test_requests_that_were_500s_are_refused_with_a_reason(
         f"{API}/certificates/validate", data=b"{}",
         headers={**officer, "Content-Type": "application/json; charset=bogus"})
     assert response.status == 200  # read as the UTF-8 JSON is
-    # A console form that is not UTF-8.
+    # A console form that is not UTF-8 (after fetching the login form, as a browser does).
+    await za.client.get("/console/login")
     response = await za.client.post(
         "/console/login", data=b"token=\xff&csrf=x",
         headers={"Content-Type": "application/x-www-form-urlencoded"})

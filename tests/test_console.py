@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
@@ -202,3 +203,22 @@ async def test_cookies_are_secure_behind_a_proxy_that_ends_tls(
     assert "Secure" not in plain.headers["Set-Cookie"]
     proxied = await za.client.get(f"{C}/login", headers={"X-Forwarded-Proto": "https"})
     assert "Secure" in proxied.headers["Set-Cookie"]
+
+
+async def test_a_login_body_that_never_finishes_is_cut_off(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers in time, body trickling: aiohttp's idle limit covers headers only, so 256
+    such logins held every connection slot of the node's HTTP port for ever."""
+    za, _ = pair
+    monkeypatch.setattr(console, "IDLE_SECONDS", 1.0)
+    reader, writer = await asyncio.open_connection(za.client.server.host,
+                                                   za.client.server.port)
+    writer.write(b"POST /console/login HTTP/1.1\r\nHost: x\r\nCookie: kpx_login=abc\r\n"
+                 b"Content-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: 4000\r\n\r\ncsrf=")
+    answer = await asyncio.wait_for(reader.readline(), 5.0)
+    assert answer.startswith(b"HTTP/1.1 408")
+    writer.close()
+    # and without the login form's cookie, the body is not waited for at all
+    response = await za.client.post(f"{C}/login", data={"csrf": "x", "token": "y"})
+    assert response.status == 403

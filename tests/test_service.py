@@ -308,6 +308,11 @@ def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: P
         3, "kpnode: . exists and is not an empty directory; restore into a new or empty "
         "one\n")
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    # a fresh ext4 volume mounted as the node directory holds lost+found: that is empty
+    volume = tmp_path / "volume"
+    (volume / "lost+found").mkdir(parents=True)
+    from node.backup import restore
+    assert restore(archive, volume).participant == "ZA"
 
 
 def test_issue_many_commits_all_but_the_refused_in_one_transaction(nodes: Nodes) -> None:
