@@ -21,7 +21,7 @@ import pytest
 from aiormq.exceptions import ChannelNotFoundEntity
 from nacl.signing import SigningKey
 
-from node import registrytool, transport
+from node import keyfile, registrytool, transport
 from node.chair import (
     RegistryEditError,
     add_key,
@@ -748,3 +748,23 @@ async def test_publishing_before_any_node_ran_says_what_to_do_first(
         await registrytool._send(["amqp://guest:guest@127.0.0.1/"], b"frame", 2, [])
     assert "no node has run against this broker yet" in str(failed.value)
     assert "start the nodes (or import the broker definitions) first" in str(failed.value)
+
+
+def test_a_terminal_is_asked_for_the_passphrase_once_for_all_keys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key of a node is under one passphrase; after two rotations a node asked for
+    it three times at every start."""
+    paths = [tmp_path / f"{i}.key" for i in range(3)]
+    for path in paths:
+        write_signing_key(path, SigningKey.generate(), passphrase="one passphrase for all",
+                          strength="interactive")
+    asked: list[str] = []
+    monkeypatch.delenv("KPX_KEY_PASSPHRASE", raising=False)
+    monkeypatch.delenv("KPX_KEY_PASSPHRASE_FILE", raising=False)
+    monkeypatch.setattr(keyfile, "_typed", [])
+    monkeypatch.setattr(keyfile.sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(keyfile.getpass, "getpass", lambda prompt: asked.append(prompt)
+                        or "one passphrase for all")
+    for path in paths:
+        read_signing_key(path)
+    assert len(asked) == 1
