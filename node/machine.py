@@ -289,6 +289,12 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
             lapsed.valid_until or 0):
         return refused(Reason.KEY_NOT_VALID_NOW, f"key {frame.key_id.hex()} has lapsed and "
                        "the message was not signed while it was valid")
+    if lapsed is not None and (later := _dated_after(envelope.payload,
+                                                    day_of(lapsed.valid_until or 0))):
+        # created_at is the signer's own word: a date in the message itself after the
+        # key's end shows it was written since, not an old message arriving late.
+        return refused(Reason.KEY_NOT_VALID_NOW, f"key {frame.key_id.hex()} has lapsed and "
+                       f"the message is dated after its end ({later})")
     if envelope.sender != signer_code:
         return refused(Reason.KEY_WRONG_SENDER,
                        f"signed by a key of {signer_code} but sent as {envelope.sender}")
@@ -310,6 +316,16 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
 # -- incoming messages ------------------------------------------------------------------
 
 
+def _dated_after(payload: Payload, day: date) -> str | None:
+    """The first date the message itself states that is after ``day``, named."""
+    certificate = payload.certificate if isinstance(payload, Replacement) else payload
+    if isinstance(certificate, Certificate) and certificate.issued_on > day:
+        return f"issued_on {certificate.issued_on.isoformat()}"
+    if isinstance(payload, ImportConfirmation) and payload.received_on > day:
+        return f"received_on {payload.received_on.isoformat()}"
+    return None
+
+
 def touches(envelope: Envelope, me: str) -> list[RecordKey]:
     """The records a message may read or change: the shell loads exactly these."""
     payload = envelope.payload
@@ -322,6 +338,12 @@ def touches(envelope: Envelope, me: str) -> list[RecordKey]:
     if isinstance(payload, Rejection) and payload.certificate:
         return [(side_of(payload.certificate, me), payload.certificate)]
     return []
+
+
+def linked(known: Known) -> list[RecordKey]:
+    """Records the loaded ones point to (the certificate a replacement replaced): a
+    rejection of the replacement must give the old certificate back its loop."""
+    return [(r.side, r.replaces) for r in known.values() if r.replaces]
 
 
 def receive(ctx: Context, admitted: Admitted, known: Known) -> Decision:
@@ -488,6 +510,14 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
                       "certificate bytes than the ones sent", certificate=record.number)
     if record.state is State.CONFIRMED and record.confirmation == confirmation:
         return Decision()
+    if record.state in (State.CANCELLED, State.REPLACED):
+        # The importer confirmed before our cancellation or replacement reached it (the
+        # two crossed): the goods arrived under this certificate, and the importer refuses
+        # what came after its confirmation. The confirmation wins, so both ends agree.
+        return Decision(records=(record.moved(
+            State.CONFIRMED, ctx.now_ms, confirmation=confirmation,
+            rejection_text=f"confirmed by {env.sender} before our {record.state.value} "
+                           "reached it"),))
     if record.state not in (State.ISSUED, State.DELIVERED, State.EXPIRED):
         return refuse(Reason.CERTIFICATE_WRONG_STATE, f"certificate {record.number} is "
                       f"{record.state}; it cannot be confirmed", certificate=record.number)
@@ -516,8 +546,21 @@ def _on_rejection(ctx: Context, env: Envelope, rejection: Rejection, known: Know
     if record is None or record.partner != env.sender:
         return Decision()
     fields = {"rejection_reason": rejection.reason, "rejection_text": rejection.text}
-    if record.side is Side.EXPORT and record.state in (State.ISSUED, State.DELIVERED):
-        return Decision(records=(record.moved(State.REJECTED, ctx.now_ms, **fields),))
+    if (record.side is Side.EXPORT and record.state in (State.ISSUED, State.DELIVERED)
+            and env.in_reply_to == record.message_id):
+        # Only the answer to the certificate's own message rejects it: a rejection of
+        # another frame naming the number (a duplicate, a stray copy) must not.
+        records = [record.moved(State.REJECTED, ctx.now_ms, **fields)]
+        old = known.get((Side.EXPORT, record.replaces)) if record.replaces else None
+        if old is not None and old.state is State.REPLACED and old.replaced_by == record.number:
+            # The importer refused the replacement and still holds the old certificate,
+            # open: so is ours again. As issued, it is resent (same message id) until
+            # the importer's receipt says delivered once more.
+            records.append(old.moved(
+                State.ISSUED, ctx.now_ms, replaced_by=None,
+                rejection_text=f"its replacement {record.number} was refused: "
+                               f"{rejection.reason}"))
+        return Decision(records=tuple(records))
     # A refused confirmation or cancellation: keep the state, record the refusal.
     return Decision(records=(record.moved(record.state, ctx.now_ms, **fields),))
 

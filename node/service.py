@@ -33,6 +33,7 @@ from node.machine import (
     confirm,
     expire,
     issue,
+    linked,
     ping,
     receive,
     rejection_for,
@@ -53,6 +54,7 @@ from protocol import (
     Certificate,
     Envelope,
     ImportConfirmation,
+    Kind,
     Line,
     ProtocolError,
     Receipt,
@@ -384,10 +386,19 @@ class Node:
             _, answer_id = seen
             if answer_id is not None:  # the same answer again, byte for byte
                 self.store.requeue(answer_id, ctx.now_ms)
+            if env.kind is Kind.RECEIPT:
+                # Applied again: it can only move an issued certificate to delivered, and
+                # one is issued again when the importer refused its replacement (it is
+                # resent, and the importer answers with the receipt it sent before).
+                again = receive(ctx, admitted, self.store.load(touches(env, self.me)))
+                if again.records:
+                    self._commit(ctx, again, admitted)
             log.info("duplicate", message_id=env.message_id, sender=env.sender,
                      kind=str(env.kind), answered_again=answer_id is not None)
             return Verdict(duplicate=True, kind=str(env.kind))
         known = self.store.load(touches(env, self.me))
+        if more := [k for k in linked(known) if k not in known]:
+            known = {**known, **self.store.load(more)}
         decision = receive(ctx, admitted, known)
         self._commit(ctx, decision, admitted)
         refusal = decision.refusal

@@ -1,0 +1,186 @@
+"""Messages that cross in flight, or are refused: both ends of a loop end in the same state.
+
+Nodes are carried by hand (no broker), so a test can hold one side's messages back and
+deliver them after the other side's, as two officers acting at once would have them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+from node.chair import embargo, sign_registry
+from node.machine import Side, State, day_of
+from node.network import create_network
+from node.service import Delivery, Node, now_ms
+from node.store import OutboxRow
+from protocol import Envelope, RegistryKey, RegistryUpdate, seal
+from tests.netutil import carry, certificate
+
+Nodes = dict[str, Node]
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Nodes]:
+    network = create_network(tmp_path, ["BW", "BE"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    nodes["BW"].chair_key = network.chair_key  # type: ignore[attr-defined]
+    nodes["BW"].network = network  # type: ignore[attr-defined]
+    yield nodes
+    for node in nodes.values():
+        node.close()
+
+
+def held(sender: Node) -> list[OutboxRow]:
+    """Take what ``sender`` has to send without delivering it yet."""
+    rows = sender.store.due(now_ms=2**62, limit=10_000)
+    with sender.store.transaction():
+        sender.store.mark_published([r.seq for r in rows], 0)
+    return rows
+
+
+def deliver(node: Node, rows: list[OutboxRow]) -> None:
+    for row in rows:
+        node.handle_batch([Delivery(row.frame)])
+
+
+def states(nodes: Nodes, number: str) -> tuple[State | None, State | None]:
+    exported = nodes["BW"].store.get(Side.EXPORT, number)
+    imported = nodes["BE"].store.get(Side.IMPORT, number)
+    return (exported.state if exported else None, imported.state if imported else None)
+
+
+def settle(nodes: Nodes) -> None:
+    for _ in range(3):
+        carry(nodes["BW"], nodes)
+        carry(nodes["BE"], nodes)
+
+
+def delivered(nodes: Nodes, number: str) -> None:
+    nodes["BW"].issue(certificate(number, "BW", "BE"))
+    settle(nodes)
+    assert states(nodes, number) == (State.DELIVERED, State.RECEIVED)
+
+
+def test_a_replacement_the_importer_refuses_gives_the_old_certificate_its_loop_back(
+        pair: Nodes) -> None:
+    """BE refused the replacement (BW had not yet heard of an embargo): BW had marked the
+    old certificate replaced, BE still held it open. BE could confirm it, BW never saw
+    that, and BW could neither cancel nor replace it again: the loop was split for good."""
+    bw, be = pair["BW"], pair["BE"]
+    network = bw.network  # type: ignore[attr-defined]
+    delivered(pair, "BW-2026-0001")
+    newer = dataclasses.replace(embargo(network.registry, "CD", True), version=2)
+    be.handle_batch([Delivery(sign_registry(newer, network.chair_key, now_ms()))])
+    bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE", origins=["BW", "CD"]),
+               "wrong origins")
+    settle(pair)
+    assert states(pair, "BW-2026-0002") == (State.REJECTED, State.REJECTED)
+    old = bw.store.get(Side.EXPORT, "BW-2026-0001")
+    assert old is not None and old.state is State.ISSUED and old.replaced_by is None
+    assert "BW-2026-0002 was refused" in (old.rejection_text or "")
+    # Unanswered again, it is resent under its message id; BE answers with its receipt.
+    later = now_ms() + 2 * HOUR_MS
+    bw.clock = lambda: later
+    assert bw.resend_unanswered(HOUR_MS) == [old.message_id]
+    settle(pair)
+    assert states(pair, "BW-2026-0001") == (State.DELIVERED, State.RECEIVED)
+    be.confirm("BW-2026-0001")
+    settle(pair)
+    assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+
+
+def test_a_confirmation_crossing_a_cancellation_wins_on_both_sides(pair: Nodes) -> None:
+    """BW cancelled while BE confirmed: each refused the other's message, and BW's record
+    said cancelled, BE's confirmed, for ever."""
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-2026-0001")
+    bw.cancel("BW-2026-0001", "issued in error")
+    be.confirm("BW-2026-0001")
+    from_bw, from_be = held(bw), held(be)
+    deliver(be, from_bw)
+    deliver(bw, from_be)
+    settle(pair)
+    assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+    exported = bw.store.get(Side.EXPORT, "BW-2026-0001")
+    imported = be.store.get(Side.IMPORT, "BW-2026-0001")
+    assert exported is not None and imported is not None
+    assert exported.confirmation == imported.confirmation
+
+
+def test_a_confirmation_crossing_a_replacement_wins_and_the_replacement_is_refused(
+        pair: Nodes) -> None:
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-2026-0001")
+    bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE"), "typo")
+    be.confirm("BW-2026-0001")
+    from_bw, from_be = held(bw), held(be)
+    deliver(be, from_bw)
+    deliver(bw, from_be)
+    settle(pair)
+    assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+    assert states(pair, "BW-2026-0002") == (State.REJECTED, State.REJECTED)
+
+
+def test_only_the_answer_to_a_certificates_own_message_rejects_it(pair: Nodes) -> None:
+    """BW's certificate sent again in a new frame (same content, a restored node): BE
+    refused the duplicate number, and that rejection turned BW's delivered loop into
+    'rejected' while BE held it open and could confirm it."""
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-2026-0001")
+    again = Envelope(sender="BW", recipient="BE", created_at=now_ms(),
+                     payload=certificate("BW-2026-0001", "BW", "BE"))
+    (verdict,) = be.handle_batch([Delivery(seal(again, bw.signing_key()))])
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "certificate.duplicate_number"
+    settle(pair)
+    assert states(pair, "BW-2026-0001") == (State.DELIVERED, State.RECEIVED)
+    be.confirm("BW-2026-0001")
+    settle(pair)
+    assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+
+
+def test_a_lapsed_key_cannot_sign_a_certificate_dated_after_its_end(tmp_path: Path) -> None:
+    """The 90 days' grace for a rotated-out key rests on the signer's own created_at; a
+    holder of the old key could back-date it and issue new certificates for 90 days."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
+    try:
+        start = now_ms()
+        ends = start - 5 * 86_400_000  # ZA's old key lapsed five days ago
+        old_key = za.signing_key()
+
+        def rotated(entry: object) -> object:
+            if entry.code != "ZA":  # type: ignore[attr-defined]
+                return entry
+            authority = entry.authorities[0]  # type: ignore[attr-defined]
+            keys = (dataclasses.replace(authority.keys[0], valid_until=ends),
+                    RegistryKey(public_key=bytes(SigningKey.generate().verify_key),
+                                valid_from=0))
+            return dataclasses.replace(entry, authorities=(  # type: ignore[type-var]
+                dataclasses.replace(authority, keys=keys),))
+        update = RegistryUpdate(version=2, participants=tuple(
+            rotated(p) for p in network.registry.participants))  # type: ignore[misc]
+        india.handle_batch([Delivery(sign_registry(update, network.chair_key, start))])
+        today, end_day = day_of(start), day_of(ends)
+
+        def sent(number: str, issued_on: object) -> str | None:
+            cert = certificate(number, "ZA", "IN", issued_on=str(issued_on),
+                               expires_on=(today + timedelta(days=30)).isoformat())
+            envelope = Envelope(sender="ZA", recipient="IN", created_at=ends - 1, payload=cert)
+            (verdict,) = india.handle_batch([Delivery(seal(envelope, old_key))])
+            return verdict.dead_letter.reason if verdict.dead_letter else None
+        assert sent("ZA-2026-9999", today) == "key.not_valid_now"
+        assert india.store.get(Side.IMPORT, "ZA-2026-9999") is None
+        # what the key signed while valid, dated then, still arrives late
+        assert sent("ZA-2026-9998", end_day - timedelta(days=1)) is None
+        assert india.store.get(Side.IMPORT, "ZA-2026-9998") is not None
+    finally:
+        za.close()
+        india.close()
