@@ -56,6 +56,14 @@ def states(nodes: Nodes, number: str) -> tuple[State | None, State | None]:
     return (exported.state if exported else None, imported.state if imported else None)
 
 
+def cross(nodes: Nodes) -> None:
+    """What each side sent reaches the other only after both have acted; then the rest."""
+    from_bw, from_be = held(nodes["BW"]), held(nodes["BE"])
+    deliver(nodes["BE"], from_bw)
+    deliver(nodes["BW"], from_be)
+    settle(nodes)
+
+
 def settle(nodes: Nodes) -> None:
     for _ in range(3):
         carry(nodes["BW"], nodes)
@@ -103,10 +111,7 @@ def test_a_confirmation_crossing_a_cancellation_wins_on_both_sides(pair: Nodes) 
     delivered(pair, "BW-2026-0001")
     bw.cancel("BW-2026-0001", "issued in error")
     be.confirm("BW-2026-0001")
-    from_bw, from_be = held(bw), held(be)
-    deliver(be, from_bw)
-    deliver(bw, from_be)
-    settle(pair)
+    cross(pair)
     assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
     exported = bw.store.get(Side.EXPORT, "BW-2026-0001")
     imported = be.store.get(Side.IMPORT, "BW-2026-0001")
@@ -120,10 +125,7 @@ def test_a_confirmation_crossing_a_replacement_wins_and_the_replacement_is_refus
     delivered(pair, "BW-2026-0001")
     bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE"), "typo")
     be.confirm("BW-2026-0001")
-    from_bw, from_be = held(bw), held(be)
-    deliver(be, from_bw)
-    deliver(bw, from_be)
-    settle(pair)
+    cross(pair)
     assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
     assert states(pair, "BW-2026-0002") == (State.REJECTED, State.REJECTED)
 
