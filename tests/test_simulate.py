@@ -12,23 +12,26 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from node.config import load_config
-from node.machine import Side
+from node.machine import Side, State
 from node.simulate import (
     MEAN_CARATS,
     MEAN_USD,
     PARTICIPANTS,
     Options,
     Report,
+    Shipment,
     SimulationError,
     analyse,
     format_report,
@@ -189,6 +192,82 @@ async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: 
             s.close()
     assert not again.ok
     assert any(victim.number in failure for failure in again.failures)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A small in-process simulation that ran to the end, every invariant holding: tests
+    tamper with a copy of its stores, as a reviewer would, and analyse them again."""
+
+    directory: Path
+    codes: tuple[str, ...]
+    shipments: list[Shipment]
+    report: Report
+
+    def reanalyse(self, into: Path, tamper: Callable[[dict[str, Store]], None],
+                  shipments: Sequence[Shipment] | None = None) -> Report:
+        """Analyse a copy of the run's stores (in ``into``) after ``tamper`` changed them."""
+        copy = into / "network"
+        shutil.copytree(self.directory, copy)
+        stores = {code: Store(load_config(copy / code).database_path) for code in self.codes}
+        try:
+            tamper(stores)
+            report = Report(codes=self.codes, mode="in-process", options={})
+            analyse(report, stores, self.shipments if shipments is None else shipments)
+        finally:
+            for store in stores.values():
+                store.close()
+        return report
+
+
+@pytest.fixture(scope="module")
+def finished_run(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    directory = tmp_path_factory.mktemp("finished-run")
+    options = Options(codes=tuple(fresh_codes(3)), certificates=60, in_process=True,
+                      rate=0.0, confirm_delay=0.0, discrepancy_share=0.3, seed=7,
+                      progress=False, directory=directory, timeout=120.0)
+    report = asyncio.run(run_simulation(options, [amqp_url]))
+    assert report.ok, report.failures
+    assert report.closed == 60
+    shipments = plan_trade(options.chosen_codes(), 60, rate=0.0, confirm_delay=0.0,
+                           discrepancy_share=0.3, seed=7)
+    return FinishedRun(directory, options.chosen_codes(), shipments, report)
+
+
+def set_states(stores: Mapping[str, Store], shipment: Shipment, exporter: State,
+               importer: State) -> None:
+    """Move a loop's records to these states, behind the nodes' backs."""
+    for code, side, state in ((shipment.exporter, Side.EXPORT, exporter),
+                              (shipment.importer, Side.IMPORT, importer)):
+        record = stores[code].get(side, shipment.number)
+        assert record is not None
+        stores[code].save([dataclasses.replace(record, state=state)])
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(("state", "importer_state"), [
+    (State.REJECTED, State.REJECTED), (State.CANCELLED, State.CANCELLED),
+    (State.DELIVERED, State.RECEIVED)])
+def test_a_loop_not_closed_as_planned_fails_the_run(
+        finished_run: FinishedRun, tmp_path: Path, state: State, importer_state: State
+        ) -> None:
+    """The plan confirms every loop. Ten loops rejected on both sides, with neither a reason
+    nor a frame, used to be counted as rejected and pass: any end the plan did not ask
+    for is a failure that names the loop."""
+    victims = finished_run.shipments[:10]
+
+    def tamper(stores: dict[str, Store]) -> None:
+        for shipment in victims:
+            set_states(stores, shipment, state, importer_state)
+    report = finished_run.reanalyse(tmp_path, tamper)
+    assert not report.ok
+    assert report.closed == 50
+    for shipment in victims:
+        assert any(f.startswith(f"{shipment.number}: planned to close confirmed, but ")
+                   and f"holds it {state}" in f for f in report.failures), report.failures
+    assert (report.rejected, report.open) == ((10, 0) if state is State.REJECTED
+                                              else (0, 10) if state is State.DELIVERED
+                                              else (0, 0))
 
 
 @pytest.mark.broker
