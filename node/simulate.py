@@ -46,7 +46,7 @@ from typing import Any
 import structlog
 
 from node.interrupt import sigterm_as_interrupt
-from node.machine import OPEN_STATES, Record, Refusal, Side, State
+from node.machine import OPEN_STATES, Discrepancy, Record, Refusal, Side, State, discrepancies
 from node.network import LocalNetwork, create_network
 from node.service import Arrival, Node, now_ms
 from node.stats import mirror_statistics
@@ -54,6 +54,7 @@ from node.store import Store
 from node.wait import wait_set
 from protocol import (
     Certificate,
+    ImportConfirmation,
     Kind,
     Line,
     Party,
@@ -878,6 +879,11 @@ class Evidence:
     issued_at: int | None = None
     receipt_at: int | None = None
     confirmation_at: int | None = None
+    #: what the signed frames say, to hold the node's records against: the certificate,
+    #: the digest of the frame that carried it, and the import confirmation
+    certificate: Certificate | None = None
+    certificate_digest: bytes | None = None
+    confirmation: ImportConfirmation | None = None
 
 
 def evidence_by_certificate(store: Store) -> dict[str, Evidence]:
@@ -888,10 +894,15 @@ def evidence_by_certificate(store: Store) -> dict[str, Evidence]:
         evidence = found[entry.certificate]
         evidence.frames.add(entry.frame)
         try:
-            envelope = decode_body(parse_frame(entry.frame).body)
+            frame = parse_frame(entry.frame)
+            envelope = decode_body(frame.body)
         except ProtocolError:
             continue
-        kind = envelope.kind
+        kind, payload = envelope.kind, envelope.payload
+        if isinstance(payload, Certificate):
+            evidence.certificate, evidence.certificate_digest = payload, frame.digest
+        elif isinstance(payload, ImportConfirmation):
+            evidence.confirmation = payload
         if entry.direction == "out" and kind in (Kind.CERTIFICATE, Kind.REPLACEMENT):
             evidence.issued_at = envelope.created_at
         elif entry.direction == "in" and kind is Kind.RECEIPT and evidence.receipt_at is None:
@@ -899,6 +910,45 @@ def evidence_by_certificate(store: Store) -> dict[str, Evidence]:
         elif entry.direction == "in" and kind is Kind.IMPORT_CONFIRMATION:
             evidence.confirmation_at = entry.recorded_at
     return found
+
+
+def planned_discrepancies(shipment: Shipment, confirmation: ImportConfirmation
+                          ) -> tuple[Discrepancy, ...]:
+    """The discrepancies the plan implies: node.machine's, between the planned certificate
+    and ``confirmation`` saying what the plan says arrives (:func:`received_as`, as the desk
+    confirms it). Only a confirmation's lines and parcels make discrepancies, so the rest
+    of ``confirmation`` does not matter."""
+    declared = shipment.certificate
+    lines, parcels = received_as(declared, shipment.discrepancy)
+    arrived = dataclasses.replace(confirmation, lines=declared.lines if lines is None else lines,
+                                  parcels=declared.parcels if parcels is None else parcels)
+    return discrepancies(declared, arrived)
+
+
+def _described(found: Sequence[Discrepancy]) -> str:
+    return ", ".join(f"{d.field} {d.declared}→{d.received}" for d in found) or "none"
+
+
+def _check_side(report: Report, code: str, record: Record, signed: Evidence,
+                shipment: Shipment) -> None:
+    """One side's record of a closed loop against its own signed evidence and the plan:
+    records and frames are also compared across the sides, but equal records could both
+    have been rewritten, and equal frames say nothing about the records."""
+    number = shipment.number
+    if (record.certificate, record.certificate_digest) != (signed.certificate,
+                                                           signed.certificate_digest):
+        report.fail(f"{number}: {code}'s record of the certificate is not the signed one in "
+                    "its evidence log")
+    if record.confirmation != signed.confirmation:
+        report.fail(f"{number}: {code}'s record of the import confirmation is not the signed "
+                    "one in its evidence log")
+    if record.confirmation is None:
+        return  # said just above: the signed confirmation is missing from the record
+    planned = planned_discrepancies(shipment, record.confirmation)
+    if record.discrepancies != planned:
+        report.fail(f"{number}: {code} records discrepancies {_described(record.discrepancies)};"
+                    f" the plan ({shipment.discrepancy or 'as declared'}) implies "
+                    f"{_described(planned)}")
 
 
 def _end_state(record: Record | None) -> str:
@@ -970,11 +1020,10 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
         if frames_here != frames_there or len(frames_here) != 3:
             report.fail(f"{number}: signed evidence differs ({len(frames_here)} frames at "
                         f"{exporter}, {len(frames_there)} at {importer})")
+        for code, record in ((exporter, ours), (importer, theirs)):
+            _check_side(report, code, record, evidence[code].get(number, Evidence()), shipment)
         if ours.discrepancies:
             report.discrepancies += 1
-        if bool(ours.discrepancies) != (shipment.discrepancy is not None):
-            report.fail(f"{number}: discrepancy planned {shipment.discrepancy!r}, recorded "
-                        f"{[d.field for d in ours.discrepancies]}")
     if first_issue is not None and last_close is not None:
         report.span_ms = last_close - first_issue
     if first_issue is not None and last_issue is not None:

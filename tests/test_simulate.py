@@ -270,6 +270,51 @@ def test_a_loop_not_closed_as_planned_fails_the_run(
                                               else (0, 0))
 
 
+def confirm_as(stores: Mapping[str, Store], shipment: Shipment, kind: str | None) -> None:
+    """Rewrite a loop's import confirmation on both sides, behind the nodes' backs, to say
+    it arrived with discrepancy ``kind``; the signed frames stay as they were."""
+    for code, side in ((shipment.exporter, Side.EXPORT), (shipment.importer, Side.IMPORT)):
+        record = stores[code].get(side, shipment.number)
+        assert record is not None and record.confirmation is not None
+        lines, parcels = received_as(record.certificate, kind)
+        changed = dataclasses.replace(
+            record.confirmation, lines=record.certificate.lines if lines is None else lines,
+            parcels=record.certificate.parcels if parcels is None else parcels)
+        stores[code].save([dataclasses.replace(record, confirmation=changed)])
+
+
+@pytest.mark.broker
+def test_discrepancies_are_the_planned_ones_on_both_sides(finished_run: FinishedRun,
+                                                          tmp_path: Path) -> None:
+    """A loop planned to arrive a parcel short, its confirmation rewritten on both sides to
+    a value discrepancy, used to pass: some discrepancy was planned, some recorded, and
+    the two records agreed. Each side's discrepancies are held against the plan's."""
+    victim = next(s for s in finished_run.shipments if s.discrepancy == "parcels")
+    report = finished_run.reanalyse(tmp_path, lambda stores: confirm_as(stores, victim,
+                                                                         "value"))
+    assert not report.ok
+    for code in (victim.exporter, victim.importer):
+        assert any(f.startswith(f"{victim.number}: {code} records discrepancies lines[")
+                   and "; the plan (parcels) implies parcels " in f
+                   for f in report.failures), report.failures
+
+
+@pytest.mark.broker
+def test_records_are_held_against_their_signed_frames(finished_run: FinishedRun,
+                                                      tmp_path: Path) -> None:
+    """Records were compared with each other and frames with each other, never a record
+    with its frame: a confirmation rewritten on both sides, with a plan that says the
+    same, is caught only by the signed confirmation in each side's evidence log."""
+    victim = next(s for s in finished_run.shipments if s.discrepancy is None)
+    replanned = [dataclasses.replace(s, discrepancy="value") if s is victim else s
+                 for s in finished_run.shipments]
+    report = finished_run.reanalyse(tmp_path, lambda stores: confirm_as(stores, victim,
+                                                                         "value"), replanned)
+    assert sorted(report.failures) == sorted(
+        f"{victim.number}: {code}'s record of the import confirmation is not the signed one "
+        "in its evidence log" for code in (victim.exporter, victim.importer))
+
+
 @pytest.mark.broker
 def test_kpnode_simulate_with_a_process_per_node(amqp_url: str, tmp_path: Path) -> None:
     codes = ",".join(fresh_codes(5))
