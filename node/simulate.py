@@ -19,6 +19,15 @@ rejected, cancelled or still open when the wait ends is a failure), both sides h
 records and the same signed frames, the discrepancies are the planned ones on both sides,
 and the mirror statistics of every pair of partners agree. It prints a report (``--json``
 for machines) and exits 1 when an invariant fails.
+
+Latency (issue → receipt, issue → confirmation) is timed from each certificate's planned
+instant — the run's start instant plus the certificate's planned offset — to when the
+exporter's node recorded the answer, so the time a certificate waited for its desk to wake
+and for the node's other work (most in bursts) counts. The start instant is chosen here,
+sent to every desk (``{"start_at_ms": T}`` to a node process) and given to the analysis;
+nodes stamp their evidence with the same wall clock (:func:`node.service.now_ms`) on the
+same machine. A certificate its desk issued before its planned instant is timed from its
+issue, so no latency is negative. ``planned → issue`` is the desk's lag alone.
 """
 
 from __future__ import annotations
@@ -754,8 +763,14 @@ class Report:
     discrepancies: int = 0
     carats_hundredths: int = 0
     usd_cents: int = 0
+    #: the instant the desks started the plan from (wall clock, ms); None: not known
+    start_at_ms: int | None = None
+    #: per loop, from the certificate's planned instant (its issue if the desk issued
+    #: early, or without ``start_at_ms``) to the exporter's recording of the receipt, of
+    #: the import confirmation, and to the issue itself (the desk's lag)
     receipt_ms: list[int] = field(default_factory=list)
     confirmation_ms: list[int] = field(default_factory=list)
+    issue_lag_ms: list[int] = field(default_factory=list)
     #: first issue to last confirmation, from the nodes' own timestamps
     span_ms: int = 0
     #: first issue to last issue
@@ -778,6 +793,13 @@ class Report:
             self.failures.append(text)
 
     @property
+    def latency_origin(self) -> str:
+        """What the latencies are timed from, for the report."""
+        if self.start_at_ms is None:
+            return "issue"
+        return "planned issue instant"
+
+    @property
     def loops_per_second(self) -> float:
         return self.closed / (self.span_ms / 1000) if self.span_ms > 0 else 0.0
 
@@ -793,8 +815,10 @@ class Report:
                        "mean_carats": (self.carats_hundredths / 100 / self.issued
                                        if self.issued else None),
                        "mean_usd": self.usd_cents / 100 / self.issued if self.issued else None},
-            "latency_ms": {"issue_to_receipt": latency_summary(self.receipt_ms),
-                           "issue_to_confirmation": latency_summary(self.confirmation_ms)},
+            "latency_ms": {"measured_from": self.latency_origin,
+                           "issue_to_receipt": latency_summary(self.receipt_ms),
+                           "issue_to_confirmation": latency_summary(self.confirmation_ms),
+                           "planned_to_issue": latency_summary(self.issue_lag_ms)},
             "throughput": {"seconds": span, "wall_seconds": self.wall_seconds,
                            "loops_per_second": self.loops_per_second,
                            # the pace the desks issued at, first to last issue (the plan
@@ -831,11 +855,17 @@ def format_report(report: Report) -> str:
         "",
         "  latency                    p50        p95        p99        max",
     ]
-    for name, key in (("issue → receipt", "issue_to_receipt"),
-                      ("issue → confirmation", "issue_to_confirmation")):
+    rows = [("issue → receipt", "issue_to_receipt"),
+            ("issue → confirmation", "issue_to_confirmation")]
+    if report.issue_lag_ms:
+        rows.append(("planned → issue", "planned_to_issue"))
+    for name, key in rows:
         s = data["latency_ms"][key]
         lines.append(f"  {name:<22}" + "".join(f"{_ms(s[p]):>11}"
                                                for p in ("p50", "p95", "p99", "max")))
+    lines.append(f"  (timed from each certificate's {report.latency_origin}"
+                 + (", or its issue if that came first)" if report.start_at_ms is not None
+                    else ")"))
     lines += [
         "",
         f"  throughput            {t['loops_per_second']:,.1f} loops/s, "
@@ -962,8 +992,23 @@ def _end_state(record: Record | None) -> str:
 Totals = tuple[int, int, int, int, int]  # certificates, carats, cents, carats and cents received
 
 
-def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shipment]) -> None:
-    """Fill ``report`` from the nodes' stores and check the invariants."""
+def _timed_from(issued_at: int | None, planned_at: int | None) -> int | None:
+    """The instant a loop's latency counts from: when its certificate was due, so that the
+    wait for the desk and behind the node's other work counts; its issue if the desk issued
+    it early (no latency is negative) or the plan has no start instant."""
+    known = [t for t in (issued_at, planned_at) if t is not None]
+    return min(known) if known else None
+
+
+def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shipment],
+            start_at_ms: int | None = None) -> None:
+    """Fill ``report`` from the nodes' stores and check the invariants.
+
+    ``start_at_ms`` is the instant the desks were told to start the plan from (on the wall
+    clock, :func:`node.service.now_ms`, that the nodes stamp their evidence with): latency
+    is then timed from each certificate's planned instant, ``start_at_ms`` plus its
+    ``at_ms``. Without it (issues not timed by a plan) it is timed from the issue."""
+    report.start_at_ms = start_at_ms
     exports = {code: {r.number: r for r in s.records(side=Side.EXPORT)}
                for code, s in stores.items()}
     imports = {code: {r.number: r for r in s.records(side=Side.IMPORT)}
@@ -987,11 +1032,17 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
         if history.issued_at is not None:
             first_issue = min(first_issue or history.issued_at, history.issued_at)
             last_issue = max(last_issue or history.issued_at, history.issued_at)
-            if history.receipt_at is not None:
-                report.receipt_ms.append(history.receipt_at - history.issued_at)
             if history.confirmation_at is not None:
-                report.confirmation_ms.append(history.confirmation_at - history.issued_at)
                 last_close = max(last_close or 0, history.confirmation_at)
+        planned_at = None if start_at_ms is None else start_at_ms + shipment.at_ms
+        due = _timed_from(history.issued_at, planned_at)
+        if due is not None:
+            if planned_at is not None and history.issued_at is not None:
+                report.issue_lag_ms.append(history.issued_at - due)
+            if history.receipt_at is not None:
+                report.receipt_ms.append(history.receipt_at - due)
+            if history.confirmation_at is not None:
+                report.confirmation_ms.append(history.confirmation_at - due)
         if ours.state is not State.CONFIRMED:
             # The plan closes every loop with a confirmation: it plans no rejection,
             # cancellation or replacement, so any other end (or none) is one nobody asked
@@ -1121,13 +1172,13 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
         started = time.monotonic()
         try:
             await nodes.start()
-            await _run(nodes, shipments, options)
+            start_at = await _run(nodes, shipments, options)
         finally:
             await nodes.stop()
         report.wall_seconds = time.monotonic() - started
         stores = {code: stack.enter_context(contextlib.closing(Store(c.database_path)))
                   for code, c in network.configs.items()}
-        analyse(report, stores, shipments)
+        analyse(report, stores, shipments, start_at)
         for code in codes:
             node = report.nodes.setdefault(code, {})
             peak = nodes.peak_rss_kib.get(code)
@@ -1144,11 +1195,15 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
     return report
 
 
-async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) -> None:
+async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) -> int:
+    """Start the desks, wait until every loop is finished (or the timeout); returns the
+    instant the desks started the plan from."""
     total = len(shipments)
     last_at = max((s.at_ms for s in shipments), default=0) / 1000
     longest_delay = max((s.confirm_delay_ms for s in shipments), default=0) / 1000
     timeout = options.timeout or (60.0 + 2 * last_at + longest_delay + total / 100)
+    # The plan's start instant, on the wall clock every node process of this machine
+    # shares: the desks issue from it, and the analysis times latency from it.
     start_at = now_ms() + 200
     nodes.begin(start_at)
     progress = Progress(total, options.progress)
@@ -1165,6 +1220,7 @@ async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) ->
                         timeout=timeout)
             break
     progress.update(issued, receipted, closed, final=True)
+    return start_at
 
 
 # -- the command line -----------------------------------------------------------------

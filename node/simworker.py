@@ -7,8 +7,10 @@ event loop, the desk that issues the node's planned certificates and confirms ar
 
 It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, and ``{"event":
 "done", ...}`` with its desk's counts, peak RSS and CPU time after a clean stop; on stdin
-``{"start_at_ms": T}`` (issue the plan from that instant on) and ``{"stop": true}`` (or end
-of input, SIGTERM, SIGINT): stop the desk, drain the node, exit 0. Logs go to stderr.
+``{"start_at_ms": T}`` (issue the plan from that instant on: the simulation times latency
+from T plus each certificate's planned offset, on the wall clock this process shares with
+it) and ``{"stop": true}`` (or end of input, SIGTERM, SIGINT): stop the desk, drain the
+node, exit 0. Logs go to stderr.
 """
 
 from __future__ import annotations

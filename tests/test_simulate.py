@@ -29,6 +29,7 @@ from node.simulate import (
     MEAN_CARATS,
     MEAN_USD,
     PARTICIPANTS,
+    Desk,
     Options,
     Report,
     Shipment,
@@ -313,6 +314,37 @@ def test_records_are_held_against_their_signed_frames(finished_run: FinishedRun,
     assert sorted(report.failures) == sorted(
         f"{victim.number}: {code}'s record of the import confirmation is not the signed one "
         "in its evidence log" for code in (victim.exporter, victim.importer))
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("desk_lag_ms", [400, -2000])
+async def test_latency_is_timed_from_the_planned_instant(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, desk_lag_ms: int
+        ) -> None:
+    """Latency used to start at the envelope's created_at, stamped when the desk's batch
+    began, leaving out how long a due certificate waited for its desk. Desks here start
+    the plan ``desk_lag_ms`` late: that wait is in issue→receipt and issue→confirmation,
+    and shows as planned→issue. A desk early (negative) is timed from its issue instead:
+    never a negative latency."""
+    start = Desk.start
+    monkeypatch.setattr(Desk, "start", lambda desk, start_at_ms: start(
+        desk, start_at_ms + desk_lag_ms))
+    options = Options(codes=tuple(fresh_codes(2)), certificates=20, in_process=True,
+                      rate=0.0, confirm_delay=0.0, discrepancy_share=0.0, seed=3,
+                      progress=False, directory=tmp_path, timeout=120.0)
+    report = await run_simulation(options, [amqp_url])
+    assert report.ok, report.failures
+    assert len(report.receipt_ms) == len(report.confirmation_ms) == 20
+    floor = max(desk_lag_ms, 0)
+    assert min(report.receipt_ms) >= floor
+    assert min(report.confirmation_ms) >= floor
+    if desk_lag_ms < 0:  # from the issue: neither negative nor clamped to 0
+        assert min(report.receipt_ms) > 0
+    latency = report.to_json()["latency_ms"]
+    assert latency["measured_from"] == "planned issue instant"
+    assert latency["planned_to_issue"]["count"] == 20
+    assert min(report.issue_lag_ms) >= floor
+    assert "timed from each certificate's planned issue instant" in format_report(report)
 
 
 @pytest.mark.broker
