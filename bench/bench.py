@@ -17,7 +17,9 @@ On one broker, one after the other:
    importer confirming as soon as the certificate arrived. Loops/s is closed loops over the
    time from the first issue to the last confirmation, as the nodes recorded them.
 3. **latency at half load** — the same networks issuing at half their maximum rate
-   (Poisson arrivals): p50/p95/p99 from issue to the exporter's receipt of the receipt;
+   (Poisson arrivals): p50/p95/p99 from the certificate's planned issue instant (the
+   officer's click; the node's own wait before signing counts) to the exporter's receipt
+   of the receipt;
    then at a quarter of it, to show where the latency bends (``--loads``). Each load runs
    ``--repeats`` times (default 3), each with its own trade seed, so its own bursts: the
    slowest 1 % fall where the Poisson plan issues well above its mean rate, so one run's p99
