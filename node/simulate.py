@@ -989,9 +989,6 @@ def _end_state(record: Record | None) -> str:
     return f"holds it {record.state}" + (f" ({why})" if why else "")
 
 
-Totals = tuple[int, int, int, int, int]  # certificates, carats, cents, carats and cents received
-
-
 def _timed_from(issued_at: int | None, planned_at: int | None) -> int | None:
     """The instant a loop's latency counts from: when its certificate was due, so that the
     wait for the desk and behind the node's other work counts; its issue if the desk issued
