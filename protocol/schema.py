@@ -476,8 +476,12 @@ def parse_registry(problems: list[Problem], value: object, path: str) -> Registr
         for p, v in r.items("embargoed_origins", max_items=MAX_PARTICIPANTS, min_items=0)
     ]
     codes = [p.code for p in participants if p.code]  # a missing code repeats nothing
-    if len(set(codes)) != len(codes):
-        r.problem(join(path, "participants"), Reason.BAD_FORMAT, "participant codes repeat")
+    # One key under two entries: which Participant would a signature by it speak for?
+    keys = [k.public_key for p in participants for a in p.authorities for k in a.keys
+            if len(k.public_key) == PUBLIC_KEY_SIZE]
+    if len(set(codes)) != len(codes) or len(set(keys)) != len(keys):
+        r.problem(join(path, "participants"), Reason.BAD_FORMAT,
+                  "participant codes or public keys repeat")
     return RegistryUpdate(version=version, participants=participants,
                           embargoed_origins=tuple(embargoed))
 

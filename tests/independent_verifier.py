@@ -456,6 +456,7 @@ class Walk:
             f = self.fields(v, path, ("version", "participants", "embargoed_origins"))
             self.integer(f, path, "version", 1, 2**63 - 1)
             codes: list[str] = []
+            keys: list[bytes] = []
             for p, item in self.array(f, path, "participants", 0, 500):
                 pf = self.fields(item, p, ("code", "name", "status", "authorities"))
                 code = self.text(pf, p, "code", 1, 2, is_code)
@@ -473,12 +474,15 @@ class Walk:
                         kf = self.fields(key, kp, ("public_key", "valid_from", "valid_until",
                                                    "revoked_at"))
                         self.binary(kf, kp, "public_key", 32)
+                        pk = kf.get("public_key") if kf is not None else None
+                        if isinstance(pk, bytes) and len(pk) == 32:
+                            keys.append(pk)
                         self.integer(kf, kp, "valid_from", 0, 2**53)
                         self.integer(kf, kp, "valid_until", 0, 2**53, nullable=True)
                         self.integer(kf, kp, "revoked_at", 0, 2**53, nullable=True)
             for p, item in self.array(f, path, "embargoed_origins", 0, 500):
                 self.text_value(item, p, 1, 2, is_code)
-            if len(set(codes)) != len(codes):
+            if len(set(codes)) != len(codes) or len(set(keys)) != len(keys):
                 self.add(self.at(path, "participants"), "bad_format")
             return {}
         # ping, pong

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import string
 from datetime import date, timedelta
 from typing import Any
@@ -151,6 +152,12 @@ def registry_updates(draw: st.DrawFn) -> RegistryUpdate:
                          authorities=tuple(draw(st.lists(authorities, max_size=2))))
         for c in participant_codes
     )
+    # A key listed twice is refused (SPEC §9.7): give each listing its own key.
+    numbered = iter(range(1, 1000))
+    participants = tuple(dataclasses.replace(p, authorities=tuple(
+        dataclasses.replace(a, keys=tuple(
+            dataclasses.replace(k, public_key=next(numbered).to_bytes(2, "big") + k.public_key[2:])
+            for k in a.keys)) for a in p.authorities)) for p in participants)
     return RegistryUpdate(version=draw(st.integers(1, 2**63 - 1)), participants=participants,
                           embargoed_origins=tuple(draw(st.lists(codes, max_size=3))))
 

@@ -397,7 +397,9 @@ def test_participants_without_a_code_do_not_repeat_one() -> None:
     reg = registry()
     first = reg["participants"][0]
     del first["code"]
-    reg["participants"].append(copy.deepcopy(first))
+    second = copy.deepcopy(first)
+    second["authorities"][0]["keys"][0]["public_key"] = bytes(range(32))  # keys must not repeat
+    reg["participants"].append(second)
     value = envelope(reg, kind="registry_update", sender="KPCS", recipient="*")
     assert problems(value) == [("payload.participants[0].code", "field.required"),
                                ("payload.participants[1].code", "field.required")]

@@ -54,6 +54,7 @@ from protocol import (
 )
 from protocol.codec import decode_body, pack
 from protocol.frame import seal_body
+from tests import independent_verifier
 from tests.netutil import carry, certificate, certificate_json
 from tests.test_network import Net, fresh_codes, net, state, until  # noqa: F401
 
@@ -768,3 +769,27 @@ def test_a_terminal_is_asked_for_the_passphrase_once_for_all_keys(
     for path in paths:
         read_signing_key(path)
     assert len(asked) == 1
+
+
+def test_a_registry_listing_one_key_twice_is_refused_by_both_verifiers(tmp_path: Path) -> None:
+    """A key under two Participants: the node took the first listing as its owner, so a
+    signature by it spoke for whichever the registry named first."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za_entry, in_entry = network.registry.participants
+    borrowed = dataclasses.replace(in_entry, authorities=(dataclasses.replace(
+        in_entry.authorities[0], keys=za_entry.authorities[0].keys),))
+    update = dataclasses.replace(network.registry, version=2,
+                                 participants=(za_entry, borrowed))
+    frame = sign_registry(update, network.chair_key, now_ms())
+    node = Node.open(network.configs["IN"])
+    try:
+        (verdict,) = node.handle_batch([Delivery(frame)])
+        assert verdict.dead_letter is not None
+        assert verdict.dead_letter.reason == "body.schema"
+        assert node.registry.version == 1
+    finally:
+        node.close()
+    chair = bytes(network.chair_key.verify_key)
+    checked = independent_verifier.verify(frame, {independent_verifier.key_id(chair): chair})
+    assert (checked.stage, checked.reason, checked.problems) == (
+        "schema", "body.schema", [("payload.participants", "field.bad_format")])
