@@ -351,6 +351,7 @@ def cmd_key_show(args: argparse.Namespace) -> None:
     def run(node: Node) -> None:
         now = node.clock()
         current = bytes(node.signing_key(now).verify_key)
+        fault = node.context(now).key_fault  # then no key signs: the fallback cannot either
         rows = []
         for k in node.signing_keys:
             public = bytes(k.verify_key)
@@ -366,10 +367,9 @@ def cmd_key_show(args: argparse.Namespace) -> None:
                 if owner.key.valid_until is not None:
                     state += f", ends {day_of(owner.key.valid_until)}"
             rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),
-                         "registry": state, "signing": public == current})
+                         "registry": state, "signing": public == current and fault is None})
         text = table([[r["key_id"], r["registry"], "yes" if r["signing"] else ""]
                       for r in rows], ("key id", "registry", "signs now"))
-        fault = node.context(now).key_fault
         if fault is not None:
             text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
                      "issue, replace, cancel or confirm, and partners refuse the answers it "

@@ -306,6 +306,8 @@ def test_kpnode_issue_with_a_revoked_key_says_so_and_exits_1(
     assert "issued" not in result.stdout
     shown = kpnode("key", "show", "--dir", str(exporter.config.directory)).stdout
     assert "no key of this node is valid now (key.revoked)" in shown
+    listed = kpnode("key", "show", "--json", "--dir", str(exporter.config.directory)).stdout
+    assert [row["signing"] for row in json.loads(listed)] == [False]  # it cannot sign
 
 
 # -- the live registry over the broker ------------------------------------------------
