@@ -8,8 +8,8 @@ On one broker, one after the other:
 1. **raw ceiling** — aio-pika alone: one process publishes persistent messages of a kpx
    message's mean size, pipelined with publisher confirms and ``mandatory``, through a
    direct exchange into a quorum queue declared with the very arguments of a kpx inbox,
-   while it consumes them with manual acknowledgements (prefetch 256, one ``multiple``
-   ack per 50). The best of two publish windows is taken as the ceiling.
+   while another consumes them with manual acknowledgements (prefetch 256, one
+   ``multiple`` ack per 50). The best of two publish windows is taken as the ceiling.
 2. **kpx loops/s** — ``kpnode simulate`` with 2 and with 10 nodes, each node its own OS
    process at the production durability settings (SQLite WAL with ``synchronous=FULL``,
    one transaction per decision or batch, acknowledge after commit; quorum inboxes,
