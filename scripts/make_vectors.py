@@ -848,6 +848,15 @@ def schema_faults() -> None:
             (p + "embargoed_origins[1]", Reason.EMPTY),
             (p + "participants", Reason.BAD_FORMAT)])
 
+    reg = wire(REGISTRY_ENV)
+    participants = reg["payload"]["participants"]
+    participants[0]["authorities"][0]["keys"].append(
+        dict(participants[3]["authorities"][0]["keys"][0]))
+    schema("registry-key-listed-twice",
+           "ZA's public key listed under BW's authority as well (SPEC §9.7): a signature by "
+           "it would speak for two Participants.", reg, CHAIR_KEY,
+           [(p + "participants", Reason.BAD_FORMAT)])
+
     rej = wire(REJECTION_ENV)
     rej["payload"]["reason"] = "Not A Code"
     rej["payload"]["problems"][1]["reason"] = "field"

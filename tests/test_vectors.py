@@ -134,6 +134,8 @@ def test_coverage() -> None:
         str(Reason.BAD_PARTICIPANT_CODE)  # reserved, see SPEC.md §10.2
     }
     assert problems == produced_by_v1
+    # §9.7's cross-field rule: one public key under two Participants
+    assert "schema/registry-key-listed-twice" in {v["name"] for v in VECTORS}
     assert all(len(v.get("problems", [])) <= MAX_PROBLEMS for v in VECTORS)
     assert any(v["frame_length"] == MAX_FRAME_SIZE for v in VECTORS)
     assert any(v["frame_length"] == MAX_FRAME_SIZE + 1 for v in VECTORS)
