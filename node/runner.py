@@ -39,7 +39,7 @@ from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
 from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError
 from node.transport import Delivery as BrokerDelivery
-from node.transport import Outgoing, Transport, TransportUnavailable
+from node.transport import Outgoing, PublishResult, Transport, TransportUnavailable
 from node.wait import wait_set
 
 if TYPE_CHECKING:
@@ -108,6 +108,9 @@ class RunningNode:
         self._wake = asyncio.Event()
         #: outbox rows being published now (excluded from the next batch)
         self._relaying: set[int] = set()
+        #: outbox rows the broker confirmed but the store could not yet mark sent (its write
+        #: lock held by another process): never published again, marked when it can be
+        self._unmarked: set[int] = set()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._batch_lock = asyncio.Lock()
@@ -139,9 +142,13 @@ class RunningNode:
             await self.transport.connect()
             self._tasks = [asyncio.create_task(self._relay(), name="relay"),
                            asyncio.create_task(self._sweep(), name="sweep")]
-            await self.transport.consume(self._on_batch)
+            # Whatever can still fail comes before consuming: a start that fails with
+            # deliveries in hand returns them to the queue, and in RabbitMQ 3.10 every such
+            # return counts towards the delivery limit (a supervisor restarting a node whose
+            # port is taken dead-lettered its whole prefetch, unread, after five tries).
             if self.config.http_port is not None:
                 await self._start_http()
+            await self.transport.consume(self._on_batch)
         except BaseException:
             await self._close()
             raise
@@ -153,23 +160,33 @@ class RunningNode:
         if self._stopping:
             return
         self._stopping = True
-        if self.transport is not None:
-            with contextlib.suppress(Exception):
-                await self.transport.stop_consuming()
-        async with self._batch_lock:
-            pass  # the batch in hand, if any, has been committed and acknowledged
-        self._wake.set()
         try:
-            await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
-        except (TimeoutError, TransportUnavailable, StoreError) as exc:
-            # Whatever stops the drain, the node still closes: the rows stay in the
-            # outbox for the next start, and the directory lock is released.
-            backlog = None
-            with contextlib.suppress(Exception):  # a failing store cannot count them
-                backlog = len(self.node.store.backlog()) if self.node else None
-            log.warning("outbox not empty at shutdown; it is sent on next start",
-                        reason=str(exc) or type(exc).__name__, backlog=backlog)
-        await self._close()
+            if self.transport is not None:
+                with contextlib.suppress(Exception):
+                    await self.transport.stop_consuming()
+                try:
+                    # Deliveries received before the cancel are decided and acknowledged,
+                    # not dropped (see Transport.stop_consuming).
+                    await asyncio.wait_for(self.transport.settled(), DRAIN_SECONDS)
+                except TimeoutError:
+                    log.warning("deliveries in hand left to the broker at shutdown")
+            async with self._batch_lock:
+                pass  # the batch in hand, if any, has been committed and acknowledged
+            self._wake.set()
+            try:
+                await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
+            except (TimeoutError, TransportUnavailable, StoreError) as exc:
+                # Whatever stops the drain, the node still closes: the rows stay in the
+                # outbox for the next start, and the directory lock is released.
+                backlog = None
+                with contextlib.suppress(Exception):  # a failing store cannot count them
+                    backlog = len(self.node.store.backlog()) if self.node else None
+                log.warning("outbox not empty at shutdown; it is sent on next start",
+                            reason=str(exc) or type(exc).__name__, backlog=backlog)
+        finally:
+            # Even when something unforeseen escapes: the connection, the tasks and the
+            # directory lock go, or a second stop() (a no-op now) could never free them.
+            await self._close()
         log.info("node stopped", participant=self.config.participant)
 
     async def _start_http(self) -> None:
@@ -356,6 +373,10 @@ class RunningNode:
         """Publish what is due; returns how many rows were attempted."""
         assert self.node is not None and self.transport is not None
         store = self.node.store
+        if self._unmarked:
+            with store.transaction(durable=False):
+                store.mark_published(self._unmarked, now_ms())
+            self._unmarked.clear()
         relaying = self._relaying
         rows = [r for r in store.due(now_ms(), RELAY_BATCH + len(relaying))
                 if r.seq not in relaying][:RELAY_BATCH]
@@ -370,7 +391,6 @@ class RunningNode:
 
     async def _publish_rows(self, rows: list[OutboxRow]) -> int:
         assert self.node is not None and self.transport is not None
-        store = self.node.store
         started = time.perf_counter()
         results = await self.transport.publish(
             [Outgoing(message_id=r.message_id, recipient=r.recipient, body=r.frame,
@@ -385,11 +405,24 @@ class RunningNode:
                 self.metrics.publish_failures.labels(
                     kind=row.kind, error="unroutable" if result.returned else "failed").inc()
         now = now_ms()
+        confirmed = [r.seq for r, res in zip(rows, results, strict=True) if res.confirmed]
+        try:
+            self._mark(rows, results, confirmed, now)
+        except StoreError:
+            # Sent again, each would be a duplicate for the receiver to answer again, and
+            # for as long as the lock lasts, once a second: remembered instead.
+            self._unmarked.update(confirmed)
+            raise
+        return len(rows)
+
+    def _mark(self, rows: list[OutboxRow], results: Sequence[PublishResult],
+              confirmed: list[int], now: int) -> None:
+        assert self.node is not None
+        store = self.node.store
         # Not waiting for the disk: should a power cut undo these marks, the rows are sent
         # again with the same message ids, and the receivers recognise them.
         with store.transaction(durable=False):
-            store.mark_published([r.seq for r, res in zip(rows, results, strict=True)
-                                  if res.confirmed], now)
+            store.mark_published(confirmed, now)
             for row, result in zip(rows, results, strict=True):
                 if result.confirmed:
                     continue
@@ -401,7 +434,6 @@ class RunningNode:
                 else:
                     store.mark_failed(row.seq, result.error or "not confirmed",
                                       now + retry_delay_ms(row.attempts))
-        return len(rows)
 
     async def _drain(self) -> None:
         """Publish what is due, and wait for the relay's batches under way to be confirmed

@@ -110,6 +110,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN sends INTEGER NOT NULL DEFAULT 0;
     UPDATE outbox SET sends = 1 WHERE published_at IS NOT NULL;
     """,
+    # 4: the relay keeps each recipient's messages in order (Store.due): it asks, per row
+    # due, whether an older row to the same recipient waits for a retry.
+    """
+    CREATE INDEX outbox_waiting ON outbox (recipient, published_at, next_attempt_at);
+    """,
 )
 
 #: the furthest ahead a failed publish is ever retried (the relay's backoff stops there)
@@ -358,10 +363,20 @@ class Store:
         return moved
 
     def due(self, now_ms: int, limit: int) -> list[OutboxRow]:
+        """The rows to publish now, oldest first — but none behind an older row to the same
+        recipient that waits for its retry: messages to one Participant leave in the order
+        they were written. A certificate whose publish failed must not be overtaken by its
+        own cancellation or replacement, which the importer would refuse as naming a
+        certificate it does not know, and then take the certificate as open."""
         rows = self.db.execute(
-            """SELECT seq, message_id, recipient, kind, frame, attempts, last_error FROM outbox
-               WHERE published_at IS NULL AND next_attempt_at <= ? ORDER BY seq LIMIT ?""",
-            (now_ms, limit),
+            """SELECT seq, message_id, recipient, kind, frame, attempts, last_error
+               FROM outbox o
+               WHERE published_at IS NULL AND next_attempt_at <= :now
+                 AND NOT EXISTS (SELECT 1 FROM outbox w
+                                 WHERE w.published_at IS NULL AND w.next_attempt_at > :now
+                                   AND w.recipient = o.recipient AND w.seq < o.seq)
+               ORDER BY seq LIMIT :limit""",
+            {"now": now_ms, "limit": limit},
         )
         return [OutboxRow(*row) for row in rows]
 

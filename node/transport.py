@@ -54,6 +54,10 @@ REGISTRY_EXCHANGE = "kpx.registry"
 CONTENT_TYPE = "application/x-kpx-frame"
 PUBLISH_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
+#: how long shutdown waits for the broker to answer a basic.cancel or a connection.close:
+#: a broker that stopped answering (a partition, a half-open TCP connection) would
+#: otherwise hold the node until the heartbeat gives up, some three minutes
+SHUTDOWN_STEP_TIMEOUT = 2.0
 NACKED = "nacked by the broker"
 
 
@@ -231,7 +235,7 @@ class Transport:
                     await task
         if self._connection is not None:
             with contextlib.suppress(Exception):
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), SHUTDOWN_STEP_TIMEOUT)
         for closer in list(self._closers):
             with contextlib.suppress(Exception):
                 await closer
@@ -431,25 +435,33 @@ class Transport:
         last_done = float("-inf")
         while True:
             batch = [await self._pending.get()]
-            queued = self._pending.qsize()
-            busy = queued > 0 or loop.time() - last_done < self._max_wait
-            if busy and queued < self._max_batch - 1:
-                # Deliveries are streaming in: a moment for more of them, so that one
-                # commit covers them all. A delivery after a quiet spell goes at once.
-                await asyncio.sleep(self._max_wait)
-            while len(batch) < self._max_batch and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
-            stale = [d for d in batch if d._generation != self._generation]
-            if stale:
-                log.info("dropping deliveries from a closed channel; the broker redelivers",
-                         count=len(stale))
-                batch = [d for d in batch if d._generation == self._generation]
-            if batch and self._on_batch is not None:
-                try:
-                    await self._on_batch(batch)
-                except Exception:
-                    log.exception("batch handler failed; deliveries left to the broker")
+            try:
+                await self._one_batch(loop, batch, last_done)
+            finally:
+                for _ in batch:
+                    self._pending.task_done()
             last_done = loop.time()
+
+    async def _one_batch(self, loop: asyncio.AbstractEventLoop, batch: list[Delivery],
+                         last_done: float) -> None:
+        """Fill ``batch`` (in place: the caller counts what it took) and hand it over."""
+        queued = self._pending.qsize()
+        busy = queued > 0 or loop.time() - last_done < self._max_wait
+        if busy and queued < self._max_batch - 1:
+            # Deliveries are streaming in: a moment for more of them, so that one
+            # commit covers them all. A delivery after a quiet spell goes at once.
+            await asyncio.sleep(self._max_wait)
+        while len(batch) < self._max_batch and not self._pending.empty():
+            batch.append(self._pending.get_nowait())
+        current = [d for d in batch if d._generation == self._generation]
+        if len(current) < len(batch):
+            log.info("dropping deliveries from a closed channel; the broker redelivers",
+                     count=len(batch) - len(current))
+        if current and self._on_batch is not None:
+            try:
+                await self._on_batch(current)
+            except Exception:
+                log.exception("batch handler failed; deliveries left to the broker")
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge deliveries from the current channel; older ones are left to the
@@ -481,12 +493,20 @@ class Transport:
             self._outstanding.discard(delivery._message.delivery_tag)
 
     async def stop_consuming(self) -> None:
-        """Stop taking new deliveries (graceful shutdown); ones in hand may still be acked."""
+        """Stop taking new deliveries (graceful shutdown). Those already received are still
+        handed over in batches: await :meth:`settled`. Dropped unacknowledged, they would
+        go back to the queue when the channel closes, and in RabbitMQ 3.10 each such return
+        counts towards the delivery limit — a node restarted a few times would dead-letter
+        messages it never looked at."""
         if self._inbox is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
-                await self._inbox.cancel(self._consumer_tag)
-        self._on_batch = None
+                await self._inbox.cancel(self._consumer_tag, timeout=SHUTDOWN_STEP_TIMEOUT)
         self._consumer_tag = None
+
+    async def settled(self) -> None:
+        """Return once every delivery received so far has been handed over and its batch
+        handler has returned."""
+        await self._pending.join()
 
     # -- observation -----------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Test helpers shared by the node tests: certificates and hand-carried message passing."""
+"""Test helpers shared by the node tests: certificates, hand-carried message passing, queue
+depths."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import itertools
 import string
 from datetime import date, timedelta
 from typing import Any
+
+import aio_pika
 
 from node.service import Delivery, Node, Verdict
 from protocol import Certificate, Line, Party, validate_certificate
@@ -64,3 +67,12 @@ def carry(sender: Node, nodes: dict[str, Node]) -> list[tuple[str, Verdict]]:
 
 
 __all__ = ["Line", "Party", "carry", "certificate", "certificate_json", "fresh_codes"]
+
+
+async def queue_depth(amqp_url: str, queue: str) -> int:
+    """Messages ready in a queue, by passive declare."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)

@@ -30,18 +30,10 @@ from node.transport import (
     dead_letter_queue,
     inbox_queue,
 )
-from tests.netutil import carry, certificate
+from tests.netutil import carry, certificate, queue_depth
 from tests.test_network import fresh_codes, state, until
 
 pytestmark = pytest.mark.broker
-
-
-async def queue_counts(amqp_url: str, queue: str) -> int:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
 
 
 async def test_poison_message_is_dead_lettered_after_the_delivery_limit_and_rest_flows(
@@ -73,10 +65,10 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit_and_rest
         await until(lambda: len(importer.node.store.records()) == 20)  # type: ignore[union-attr]
         dead = dead_letter_queue(importer_code)
         deadline = time.monotonic() + 30
-        while await queue_counts(amqp_url, dead) < 1:
+        while await queue_depth(amqp_url, dead) < 1:
             assert time.monotonic() < deadline, "poison message never dead-lettered"
             await asyncio.sleep(0.2)
-        assert await queue_counts(amqp_url, inbox_queue(importer_code)) == 0
+        assert await queue_depth(amqp_url, inbox_queue(importer_code)) == 0
         await until(lambda: all(
             state(exporter.node, Side.EXPORT, f"{exporter_code}-P{i}")  # type: ignore[arg-type]
             is State.DELIVERED for i in range(20)))
@@ -101,7 +93,7 @@ async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
             await until(lambda: not importer.store_ok, 20)
             await asyncio.sleep(1.0)
             # held, not acknowledged, not requeued, not dead-lettered
-            assert await queue_counts(amqp_url, dead_letter_queue(importer_code)) == 0
+            assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
@@ -110,7 +102,7 @@ async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
         await until(lambda: all(
             state(exporter.node, Side.EXPORT, f"{exporter_code}-S{i}")  # type: ignore[arg-type]
             is State.DELIVERED for i in range(10)))
-        assert await queue_counts(amqp_url, dead_letter_queue(importer_code)) == 0
+        assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
 
 
 def test_unanswered_certificate_is_resent_with_the_same_bytes_and_backoff(

@@ -1,0 +1,117 @@
+"""Starting and stopping a node costs the inbox nothing, and stopping is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+
+from node import runner
+from node.config import ConfigError
+from node.network import LocalNetwork, create_network
+from node.runner import RunningNode
+from node.transport import dead_letter_queue, declare_topology, inbox_queue
+from tests.netutil import certificate, queue_depth
+from tests.tcpproxy import HoldingProxy
+from tests.test_crash import via_proxy
+from tests.test_network import fresh_codes, until
+
+pytestmark = pytest.mark.broker
+
+
+async def waiting_in_an_inbox(amqp_url: str, tmp_path: Path,
+                              count: int) -> tuple[LocalNetwork, str]:
+    """A network of two whose importer has ``count`` certificates waiting in its inbox,
+    not yet started; returns the network and the importer's code."""
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], [amqp_url])
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await declare_topology(await connection.channel(), im, 5)
+    async with RunningNode(network.configs[ex]) as exporter:
+        assert exporter.node is not None
+        exporter.node.issue_many([certificate(f"{ex}-W{i:05d}", ex, im)
+                                  for i in range(count)])
+        await until(lambda: not exporter.node.store.backlog(), 60)  # type: ignore[union-attr]
+    return network, im
+
+
+async def test_stop_is_bounded_when_the_broker_stops_answering(
+        amqp_url: str, tmp_path: Path) -> None:
+    """SIGTERM while the broker no longer answers (a partition, a half-open connection):
+    stop() waited for the broker's answer to basic.cancel until the heartbeat gave up,
+    some three minutes, by when a supervisor has killed the node."""
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], [amqp_url])
+    broker = urlsplit(amqp_url)
+    proxy = HoldingProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    await proxy.start()
+    config = dataclasses.replace(network.configs[ex],
+                                 broker_urls=(via_proxy(amqp_url, proxy.port),))
+    running = RunningNode(config)
+    await running.start()
+    try:
+        proxy.hold()
+        started = time.monotonic()
+        await asyncio.wait_for(running.stop(), 40)
+        took = time.monotonic() - started
+    finally:
+        proxy.release()
+        await proxy.close()
+    assert took < 2 * runner.DRAIN_SECONDS
+    assert running._lock.file is not None and running._lock.file.closed
+
+
+async def test_a_start_that_fails_leaves_the_inbox_untouched(
+        amqp_url: str, tmp_path: Path) -> None:
+    """start() consumed the inbox before it bound the HTTP port: a port in use made it fail
+    with up to `prefetch` deliveries in hand, and RabbitMQ 3.10 counts each return towards
+    the delivery limit. A supervisor restarting the node six times dead-lettered 256
+    valid certificates, never read."""
+    network, im = await waiting_in_an_inbox(amqp_url, tmp_path, 300)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    config = dataclasses.replace(network.configs[im], http_host="127.0.0.1",
+                                 http_port=taken.getsockname()[1])
+    try:
+        for _ in range(4):
+            with pytest.raises(ConfigError):
+                await RunningNode(config).start()
+    finally:
+        taken.close()
+    assert await queue_depth(amqp_url, dead_letter_queue(im)) == 0
+    assert await queue_depth(amqp_url, inbox_queue(im)) == 300
+    # and the node, started right, takes every one of them
+    async with RunningNode(network.configs[im]) as importer:
+        assert importer.node is not None
+        await until(lambda: len(importer.node.store.records()) == 300, 60)  # type: ignore[union-attr]
+
+
+async def test_stopping_while_deliveries_stream_in_returns_none_of_them_unread(
+        amqp_url: str, tmp_path: Path) -> None:
+    """stop() dropped the deliveries received but not yet handed over: back in the queue
+    when the channel closed, each with its delivery count raised, so a node stopped and
+    started a few times in a busy hour pushed messages it never read towards the
+    dead-letter queue."""
+    network, im = await waiting_in_an_inbox(amqp_url, tmp_path, 4000)
+    for _ in range(4):
+        running = RunningNode(network.configs[im])
+        await running.start()
+        await asyncio.sleep(0.1)
+        await running.stop()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(inbox_queue(im), passive=True)
+        returned = 0
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            returned += int(bool(message.headers.get("x-delivery-count")))
+            # left unacknowledged: closing the channel returns them
+    assert returned == 0
