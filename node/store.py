@@ -143,6 +143,15 @@ def require_database(path: Path) -> None:
                          "restore' brings one back from a backup)")
 
 
+def is_store_fault(exc: BaseException) -> bool:
+    """Whether an exception says the database cannot be used (as opposed to a constraint,
+    a wrong value or a bug in a statement): SQLite's operational and internal errors, and
+    the bare DatabaseError it raises for a damaged file ("database disk image is
+    malformed", "file is not a database")."""
+    return (isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError)
+            or type(exc) is sqlite3.DatabaseError)
+
+
 class Store:
     def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True) -> None:
         """Open (``create``: or make) the database at ``path``. A node opens its own with
@@ -213,10 +222,12 @@ class Store:
                 yield
             except BaseException as exc:
                 self._roll_back()
-                if isinstance(exc, sqlite3.OperationalError):
-                    # A full disk, an I/O error, a lock held too long: a fault of the store,
-                    # not of what was being written, so the caller holds its work and
-                    # retries instead of taking it for a poison message.
+                if is_store_fault(exc):
+                    # A full disk, an I/O error, a lock held too long, a damaged file: a
+                    # fault of the store, not of what was being written, so the caller
+                    # holds its work and retries instead of taking it for a poison message
+                    # (which a damaged database made of every delivery: each dead-lettered
+                    # after the delivery limit).
                     raise StoreError(f"cannot write to {self.path}: {exc}") from exc
                 raise
             try:

@@ -22,6 +22,7 @@ from node.machine import Side, State
 from node.network import create_network
 from node.runner import DRAIN_SECONDS, RunningNode, run_until_signalled
 from node.service import Delivery, Node, Verdict
+from node.store import StoreError
 from node.transport import (
     EXCHANGE,
     PublishResult,
@@ -103,6 +104,33 @@ async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
             state(exporter.node, Side.EXPORT, f"{exporter_code}-S{i}")  # type: ignore[arg-type]
             is State.DELIVERED for i in range(10)))
         assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
+
+
+def test_a_damaged_database_is_a_store_fault_not_a_poison_message(tmp_path: Path) -> None:
+    """A damaged file ("database disk image is malformed") raised SQLite's bare
+    DatabaseError, which the running node took for a fault of the message: every delivery
+    was requeued up to the delivery limit and dead-lettered. As a StoreError, deliveries
+    are held unacknowledged until the store is repaired."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    za, india = Node.open(network.configs["ZA"]), Node.open(network.configs["IN"])
+    za.issue_many([certificate(f"ZA-D{i}", "ZA", "IN") for i in range(300)])
+    za.close()
+    path = network.configs["ZA"].database_path
+    size = path.stat().st_size
+    with path.open("r+b") as f:  # a disk's damage: every page but the first two overwritten
+        for offset in range(8192, size, 4096):
+            f.seek(offset + 100)
+            f.write(b"\xff" * 200)
+    za = Node.open(network.configs["ZA"])
+    try:
+        with pytest.raises(StoreError, match="malformed"):
+            za.issue(certificate("ZA-D300", "ZA", "IN"))
+        india.issue(certificate("IN-D1", "IN", "ZA"))
+        with pytest.raises(StoreError, match="malformed"):
+            carry(india, {"ZA": za})  # what the runner holds instead of rejecting
+    finally:
+        za.close()
+        india.close()
 
 
 def test_unanswered_certificate_is_resent_with_the_same_bytes_and_backoff(
