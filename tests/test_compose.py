@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from node.definitions import BROKER_CONFIG
+from node.runner import DRAIN_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -54,6 +55,10 @@ def test_compose_network_has_the_documented_services_and_ports() -> None:
         assert (f"127.0.0.1:{port}:" in text  # docker-compose 1.x
                 or re.search(rf"host_ip: 127\.0\.0\.1\n\s+published: \"?{port}\"?", text)), port
     assert (ROOT / "deploy" / "Dockerfile").is_file()
+    # Docker kills a container 10 s after SIGTERM unless told otherwise: too soon for a
+    # node's graceful stop (DRAIN_SECONDS to settle its deliveries, as much to flush).
+    grace = re.findall(r"stop_grace_period: (\d+)s", text)
+    assert len(grace) == 3 and all(int(g) >= 2 * DRAIN_SECONDS + 5 for g in grace), grace
     conf = (ROOT / "deploy" / "rabbitmq" / "20-kpx.conf").read_text().splitlines()
     assert set(BROKER_CONFIG) <= set(conf)  # what every kpx broker needs
 
