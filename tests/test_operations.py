@@ -29,8 +29,7 @@ from node.service import Delivery, Node, Verdict
 from node.stats import Quarter
 from node.status import gather_status
 from protocol import Certificate, Line, ProtocolError, decode_body, key_id, parse_frame
-from tests.netutil import certificate
-from tests.test_faults import queue_counts
+from tests.netutil import certificate, queue_depth
 from tests.test_network import fresh_codes, publish_raw, state, until
 
 pytestmark = pytest.mark.broker
@@ -206,7 +205,7 @@ async def test_dead_letters_are_listed_replayed_and_discarded_without_loss(
     importer_dir = str(network.configs[india].directory)
     dead_queue = f"kpx.dead.{india}"
     for _ in range(600):
-        if await queue_counts(amqp_url, dead_queue) == 2:
+        if await queue_depth(amqp_url, dead_queue) == 2:
             break
         await asyncio.sleep(0.05)
     listed = kpnode_json("dead-letters", "list", "--dir", importer_dir)
@@ -214,7 +213,7 @@ async def test_dead_letters_are_listed_replayed_and_discarded_without_loss(
     by_reason = {d["reason"]: d for d in listed["dead_letters"]}
     assert set(by_reason) == {"frame.truncated", "broker.delivery_limit"}
     assert by_reason["broker.delivery_limit"]["claimed"]["certificate"] == poison
-    assert await queue_counts(amqp_url, dead_queue) == 2  # listing took nothing away
+    assert await queue_depth(amqp_url, dead_queue) == 2  # listing took nothing away
 
     status = await gather_status(importer.node)
     assert status["dead_letters"]["count"] == 2
@@ -239,13 +238,13 @@ async def test_dead_letters_are_listed_replayed_and_discarded_without_loss(
            "fixed in 1.0.1", "--dir", importer_dir)
     await until(lambda: state(exporter.node, Side.EXPORT, poison)  # type: ignore[arg-type]
                 is State.DELIVERED)
-    assert await queue_counts(amqp_url, dead_queue) == 1
+    assert await queue_depth(amqp_url, dead_queue) == 1
 
     refused = kpnode("dead-letters", "discard", junk_id, "--dir", importer_dir, check=False)
     assert refused.returncode == 2  # --reason is required
     kpnode("dead-letters", "discard", junk_id[:10], "--reason", "test garbage", "--dir",
            importer_dir)
-    assert await queue_counts(amqp_url, dead_queue) == 0
+    assert await queue_depth(amqp_url, dead_queue) == 0
     records = [read_operator_record(e.frame) for e in importer.node.store.evidence()
                if e.direction == OPERATOR]
     assert [(r["action"], r["reason"]) for r in records] == [

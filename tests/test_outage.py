@@ -16,8 +16,8 @@ from node.network import create_network
 from node.nodeprocess import NodeProcess
 from node.transport import inbox_queue
 from tests.faultnet import burst, count, issue, logged_in, stop_all, verify_log
+from tests.netutil import queue_depth
 from tests.test_crash import start
-from tests.test_faults import queue_counts
 from tests.test_network import fresh_codes, until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -42,7 +42,7 @@ async def test_importer_down_while_10000_queue_then_drains_them_all(
     inbox = inbox_queue(im)
     await until(lambda: count(cfg[ex], Side.EXPORT) == BACKLOG, 60)
     deadline = time.monotonic() + 120
-    while await queue_counts(amqp_url, inbox) < BACKLOG:
+    while await queue_depth(amqp_url, inbox) < BACKLOG:
         assert time.monotonic() < deadline, "the backlog never built up in the inbox"
         await asyncio.sleep(0.5)
 
@@ -52,7 +52,7 @@ async def test_importer_down_while_10000_queue_then_drains_them_all(
     await until(lambda: count(cfg[im], Side.IMPORT) == BACKLOG, 300)
     drained = time.monotonic() - began
     await until(lambda: count(cfg[ex], Side.EXPORT, State.DELIVERED) == BACKLOG, 300)
-    assert await queue_counts(amqp_url, inbox) == 0
+    assert await queue_depth(amqp_url, inbox) == 0
     assert await asyncio.to_thread(stop_all, [exporter, importer]) == [0, 0]
 
     assert logged_in(cfg[im]) == (BACKLOG, BACKLOG)  # each recorded once
