@@ -319,8 +319,15 @@ class Transport:
             if (connection is None or connection.is_closed or not self.connected
                     or old is not nacking):
                 return
-            channel = await connection.channel(publisher_confirms=True,
-                                               on_return_raises=True)
+            try:
+                # A broker that stopped answering would hold the relay until the heartbeat
+                # gives up, some three minutes.
+                channel = await asyncio.wait_for(
+                    connection.channel(publisher_confirms=True, on_return_raises=True),
+                    CONNECT_TIMEOUT)
+            except TimeoutError:
+                raise TransportUnavailable("the broker did not open a publishing channel "
+                                           f"within {CONNECT_TIMEOUT:g} s") from None
             self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
             self._dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
             self._publish_channel = channel

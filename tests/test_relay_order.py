@@ -4,8 +4,11 @@ its own store was busy."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -16,8 +19,10 @@ from node.network import create_network
 from node.runner import RunningNode
 from node.service import Node
 from node.store import Store
-from node.transport import declare_topology, inbox_queue
+from node.transport import TransportUnavailable, declare_topology, inbox_queue
 from tests.netutil import certificate, queue_depth
+from tests.tcpproxy import HoldingProxy
+from tests.test_crash import via_proxy
 from tests.test_network import fresh_codes, state, until
 
 
@@ -110,3 +115,34 @@ async def test_a_store_locked_after_the_confirm_does_not_make_the_relay_publish_
         await until(lambda: not exporter.node.store.backlog(), 10)  # type: ignore[union-attr]
         after = await queue_depth(amqp_url, inbox_queue(im))
     assert (copies, after) == (1, 1)
+
+
+@pytest.mark.broker
+async def test_renewing_the_publishing_channel_gives_up_on_a_broker_that_stopped_answering(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a nack the relay opens a new publishing channel; on a broker that no longer
+    answered (a partition, a half-open connection) it waited for it until the heartbeat
+    gave up, some three minutes, with the relay's batch in hand."""
+    from node import transport as transport_module
+    monkeypatch.setattr(transport_module, "CONNECT_TIMEOUT", 1.0)
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], [amqp_url])
+    broker = urlsplit(amqp_url)
+    proxy = HoldingProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    await proxy.start()
+    config = dataclasses.replace(network.configs[ex],
+                                 broker_urls=(via_proxy(amqp_url, proxy.port),))
+    try:
+        async with RunningNode(config) as running:
+            transport = running.transport
+            assert transport is not None
+            proxy.hold()
+            started = time.monotonic()
+            with pytest.raises(TransportUnavailable):
+                await asyncio.wait_for(
+                    transport._renew_publishing(transport._publish_channel), 20)
+            assert time.monotonic() - started < 5
+            proxy.release()
+    finally:
+        proxy.release()
+        await proxy.close()
