@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 
 class HoldingProxy:
@@ -83,3 +85,24 @@ class HoldingProxy:
                 await self._flowing.wait()
             writer.write(data)
             await writer.drain()
+
+
+def via_proxy(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by the proxy's (user and vhost kept)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
+
+
+@contextlib.asynccontextmanager
+async def proxied(amqp_url: str) -> AsyncIterator[tuple[HoldingProxy, str]]:
+    """A started proxy in front of the broker at ``amqp_url``, and the URL through it;
+    released and closed on the way out."""
+    broker = urlsplit(amqp_url)
+    proxy = HoldingProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    await proxy.start()
+    try:
+        yield proxy, via_proxy(amqp_url, proxy.port)
+    finally:
+        proxy.release()
+        await proxy.close()

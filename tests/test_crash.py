@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -30,7 +29,7 @@ from tests.faultnet import (
     unpublished,
     verify_log,
 )
-from tests.tcpproxy import HoldingProxy
+from tests.tcpproxy import proxied
 from tests.test_network import fresh_codes, until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -92,23 +91,13 @@ def logged_duplicate(log: Path, message_id: str) -> bool:
     return any(e.get("message_id") == message_id for e in logged_events(log, "duplicate"))
 
 
-def via_proxy(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
-
-
 async def test_exporter_killed_between_commit_and_confirm_sends_it_after_restart_once(
         amqp_url: str, tmp_path: Path, processes: list[NodeProcess]) -> None:
     ex, im = fresh_codes(2)
     network = create_network(tmp_path, [ex, im], [amqp_url])
     cfg = network.configs
-    broker = urlsplit(amqp_url)
-    proxy = HoldingProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    await proxy.start()
-    try:
-        exporter = NodeProcess(cfg[ex].directory,
-                               env={"KPX_BROKER_URLS": via_proxy(amqp_url, proxy.port)})
+    async with proxied(amqp_url) as (proxy, through):
+        exporter = NodeProcess(cfg[ex].directory, env={"KPX_BROKER_URLS": through})
         importer = NodeProcess(cfg[im].directory)
         processes += [exporter, importer]
         await start(importer, exporter)
@@ -138,8 +127,6 @@ async def test_exporter_killed_between_commit_and_confirm_sends_it_after_restart
         await until(lambda: count(cfg[ex], Side.EXPORT, State.CONFIRMED) == 1, 60)
         # in a thread: this event loop runs the proxy the exporter shuts down through
         assert await asyncio.to_thread(stop_all, [exporter, importer]) == [0, 0]
-    finally:
-        await proxy.close()
     report = check(cfg, shipments)
     assert report.failures == []
     assert report.closed == 1

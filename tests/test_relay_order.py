@@ -8,7 +8,6 @@ import dataclasses
 import sqlite3
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -21,8 +20,7 @@ from node.service import Node
 from node.store import Store
 from node.transport import TransportUnavailable, declare_topology, inbox_queue
 from tests.netutil import certificate, queue_depth
-from tests.tcpproxy import HoldingProxy
-from tests.test_crash import via_proxy
+from tests.tcpproxy import proxied
 from tests.test_network import fresh_codes, state, until
 
 
@@ -127,12 +125,8 @@ async def test_renewing_the_publishing_channel_gives_up_on_a_broker_that_stopped
     monkeypatch.setattr(transport_module, "CONNECT_TIMEOUT", 1.0)
     ex, im = fresh_codes(2)
     network = create_network(tmp_path, [ex, im], [amqp_url])
-    broker = urlsplit(amqp_url)
-    proxy = HoldingProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    await proxy.start()
-    config = dataclasses.replace(network.configs[ex],
-                                 broker_urls=(via_proxy(amqp_url, proxy.port),))
-    try:
+    async with proxied(amqp_url) as (proxy, through):
+        config = dataclasses.replace(network.configs[ex], broker_urls=(through,))
         async with RunningNode(config) as running:
             transport = running.transport
             assert transport is not None
@@ -143,6 +137,3 @@ async def test_renewing_the_publishing_channel_gives_up_on_a_broker_that_stopped
                     transport._renew_publishing(transport._publish_channel), 20)
             assert time.monotonic() - started < 5
             proxy.release()
-    finally:
-        proxy.release()
-        await proxy.close()

@@ -7,7 +7,6 @@ import dataclasses
 import socket
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -18,8 +17,7 @@ from node.network import LocalNetwork, create_network
 from node.runner import RunningNode
 from node.transport import dead_letter_queue, declare_topology, inbox_queue
 from tests.netutil import certificate, queue_depth
-from tests.tcpproxy import HoldingProxy
-from tests.test_crash import via_proxy
+from tests.tcpproxy import proxied
 from tests.test_network import fresh_codes, until
 
 pytestmark = pytest.mark.broker
@@ -49,21 +47,14 @@ async def test_stop_is_bounded_when_the_broker_stops_answering(
     some three minutes, by when a supervisor has killed the node."""
     ex, im = fresh_codes(2)
     network = create_network(tmp_path, [ex, im], [amqp_url])
-    broker = urlsplit(amqp_url)
-    proxy = HoldingProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    await proxy.start()
-    config = dataclasses.replace(network.configs[ex],
-                                 broker_urls=(via_proxy(amqp_url, proxy.port),))
-    running = RunningNode(config)
-    await running.start()
-    try:
+    async with proxied(amqp_url) as (proxy, through):
+        config = dataclasses.replace(network.configs[ex], broker_urls=(through,))
+        running = RunningNode(config)
+        await running.start()
         proxy.hold()
         started = time.monotonic()
         await asyncio.wait_for(running.stop(), 40)
         took = time.monotonic() - started
-    finally:
-        proxy.release()
-        await proxy.close()
     assert took < 2 * runner.DRAIN_SECONDS
     assert running._lock.file is not None and running._lock.file.closed
 
