@@ -539,6 +539,11 @@ def _on_cancellation(ctx: Context, env: Envelope, cancellation: Cancellation,
                                           rejection_text=cancellation.reason),))
 
 
+#: an export's states in which the importer's refusal of its own message rejects it
+REJECTABLE_EXPORTS = frozenset({State.ISSUED, State.DELIVERED, State.CANCELLED, State.REPLACED,
+                                State.EXPIRED})
+
+
 def _on_rejection(ctx: Context, env: Envelope, rejection: Rejection, known: Known) -> Decision:
     if rejection.certificate is None:
         return Decision()  # a refused ping or similar: the evidence log keeps it
@@ -546,10 +551,14 @@ def _on_rejection(ctx: Context, env: Envelope, rejection: Rejection, known: Know
     if record is None or record.partner != env.sender:
         return Decision()
     fields = {"rejection_reason": rejection.reason, "rejection_text": rejection.text}
-    if (record.side is Side.EXPORT and record.state in (State.ISSUED, State.DELIVERED)
+    if (record.side is Side.EXPORT and record.state in REJECTABLE_EXPORTS
             and env.in_reply_to == record.message_id):
         # Only the answer to the certificate's own message rejects it: a rejection of
-        # another frame naming the number (a duplicate, a stray copy) must not.
+        # another frame naming the number (a duplicate, a stray copy) must not. It does so
+        # also when this node has cancelled, replaced or expired the certificate since:
+        # the importer refused the certificate itself and holds it rejected, so must we.
+        # Left "replaced", a later refusal of the replacement's own replacement put it back
+        # to "issued" and it was resent for ever, each time answered with this rejection.
         records = [record.moved(State.REJECTED, ctx.now_ms, **fields)]
         old = known.get((Side.EXPORT, record.replaces)) if record.replaces else None
         if old is not None and old.state is State.REPLACED and old.replaced_by == record.number:

@@ -70,6 +70,20 @@ def settle(nodes: Nodes) -> None:
         carry(nodes["BE"], nodes)
 
 
+def swept(nodes: Nodes) -> None:
+    """Everything delivered, with the sweep resending every unanswered certificate."""
+    for _ in range(4):
+        nodes["BW"].resend_unanswered(0)
+        settle(nodes)
+
+
+def embargo_cd_at_importer(nodes: Nodes) -> None:
+    """The Chair embargoes origin CD; BE hears of it before BW does."""
+    network = nodes["BW"].network  # type: ignore[attr-defined]
+    newer = dataclasses.replace(embargo(network.registry, "CD", True), version=2)
+    nodes["BE"].handle_batch([Delivery(sign_registry(newer, network.chair_key, now_ms()))])
+
+
 def delivered(nodes: Nodes, number: str) -> None:
     nodes["BW"].issue(certificate(number, "BW", "BE"))
     settle(nodes)
@@ -82,10 +96,8 @@ def test_a_replacement_the_importer_refuses_gives_the_old_certificate_its_loop_b
     old certificate replaced, BE still held it open. BE could confirm it, BW never saw
     that, and BW could neither cancel nor replace it again: the loop was split for good."""
     bw, be = pair["BW"], pair["BE"]
-    network = bw.network  # type: ignore[attr-defined]
     delivered(pair, "BW-2026-0001")
-    newer = dataclasses.replace(embargo(network.registry, "CD", True), version=2)
-    be.handle_batch([Delivery(sign_registry(newer, network.chair_key, now_ms()))])
+    embargo_cd_at_importer(pair)
     bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE", origins=["BW", "CD"]),
                "wrong origins")
     settle(pair)
@@ -102,6 +114,85 @@ def test_a_replacement_the_importer_refuses_gives_the_old_certificate_its_loop_b
     be.confirm("BW-2026-0001")
     settle(pair)
     assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+
+
+def test_the_refusal_of_a_certificate_replaced_since_rejects_it_at_both_ends(
+        pair: Nodes) -> None:
+    """BW replaced a certificate whose refusal (an embargo BW had not heard of) was on its
+    way: the refusal was only noted, since the record said "replaced", and when BE then
+    refused the replacement too (it no longer held the old one open), BW put the old one
+    back to "issued" and resent it for ever, each time answered with the same refusal."""
+    embargo_cd_at_importer(pair)
+    pair["BW"].issue(certificate("BW-1", "BW", "BE", origins=["BW", "CD"]))
+    pair["BW"].replace("BW-1", certificate("BW-2", "BW", "BE"), "origin")
+    swept(pair)
+    assert states(pair, "BW-1") == (State.REJECTED, State.REJECTED)
+    assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)
+    assert pair["BW"].resend_unanswered(0) == []
+
+
+def test_a_replacement_of_a_replacement_crossing_a_confirmation_ends_resolved(
+        pair: Nodes) -> None:
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-1")
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE"), "typo")
+    bw.replace("BW-2", certificate("BW-3", "BW", "BE"), "another typo")
+    be.confirm("BW-1")
+    cross(pair)
+    swept(pair)
+    assert states(pair, "BW-1") == (State.CONFIRMED, State.CONFIRMED)
+    assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)  # was issued: resent
+    assert states(pair, "BW-3") == (State.REJECTED, State.REJECTED)
+    assert bw.resend_unanswered(0) == []
+
+
+def test_a_refused_replacement_replaced_again_gives_the_old_certificate_its_loop_back(
+        pair: Nodes) -> None:
+    """The importer refused the replacement and held the old certificate open; the
+    exporter, which had replaced the replacement before hearing so, kept the old one
+    "replaced": open at one end, closed at the other."""
+    bw = pair["BW"]
+    delivered(pair, "BW-1")
+    embargo_cd_at_importer(pair)
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE", origins=["BW", "CD"]), "origins")
+    bw.replace("BW-2", certificate("BW-3", "BW", "BE"), "origins again")
+    swept(pair)
+    assert states(pair, "BW-1") == (State.DELIVERED, State.RECEIVED)
+    assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)
+    assert states(pair, "BW-3") == (State.REJECTED, State.REJECTED)
+
+
+def test_a_refused_replacement_cancelled_since_gives_the_old_certificate_its_loop_back(
+        pair: Nodes) -> None:
+    bw = pair["BW"]
+    delivered(pair, "BW-1")
+    embargo_cd_at_importer(pair)
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE", origins=["BW", "CD"]), "origins")
+    bw.cancel("BW-2", "never mind")
+    swept(pair)
+    assert states(pair, "BW-1") == (State.DELIVERED, State.RECEIVED)
+    assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)
+
+
+def test_a_cancellation_crossing_the_refusal_of_its_certificate_ends_rejected(
+        pair: Nodes) -> None:
+    embargo_cd_at_importer(pair)
+    pair["BW"].issue(certificate("BW-1", "BW", "BE", origins=["BW", "CD"]))
+    pair["BW"].cancel("BW-1", "issued in error")
+    swept(pair)
+    assert states(pair, "BW-1") == (State.REJECTED, State.REJECTED)
+
+
+def test_a_cancelled_replacement_crossing_a_confirmation_ends_resolved(pair: Nodes) -> None:
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-1")
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE"), "typo")
+    bw.cancel("BW-2", "never mind")
+    be.confirm("BW-1")
+    cross(pair)
+    swept(pair)
+    assert states(pair, "BW-1") == (State.CONFIRMED, State.CONFIRMED)
+    assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)
 
 
 def test_a_confirmation_crossing_a_cancellation_wins_on_both_sides(pair: Nodes) -> None:
