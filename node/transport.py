@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,12 +234,20 @@ class Transport:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), SHUTDOWN_STEP_TIMEOUT)
-        for closer in list(self._closers):
-            with contextlib.suppress(Exception):
-                await closer
+            self._track_closer(self._connection.close())
+        if self._closers:
+            # Not cancelled when the broker does not answer in time: a close cut short
+            # leaves the connection half open. It finishes, or fails, on its own.
+            await asyncio.wait(set(self._closers), timeout=SHUTDOWN_STEP_TIMEOUT)
         self._connected.clear()
+
+    def _track_closer(self, closing: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(closing)
+        self._closers.add(task)
+        # its outcome is of no interest (a broker already gone, a second close), but
+        # retrieved, so that asyncio does not log it as never retrieved
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.add_done_callback(self._closers.discard)
 
     # -- connection supervision ----------------------------------------------------
 
@@ -344,9 +352,7 @@ class Transport:
         if self._closing or connection is not self._connection or connection.is_closed:
             return
         log.warning("broker channel lost; reconnecting", reason=why)
-        task = asyncio.get_running_loop().create_task(connection.close())
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
+        self._track_closer(connection.close())
 
     # -- publishing ------------------------------------------------------------------
 
