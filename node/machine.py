@@ -142,6 +142,30 @@ Known = Mapping[RecordKey, Record]
 
 
 @dataclass(frozen=True, slots=True)
+class Before:
+    """What reached the importer about a certificate before the certificate itself (SPEC
+    §13, "Order"): its issuer's cancellation, or a certificate received as its
+    replacement. Messages to one recipient normally keep their order, but not always (a
+    relay batch nacked after the next one was confirmed, a dead letter an operator moved
+    back), and a certificate taken as open after its own cancellation would leave the loop
+    cancelled at one end and open at the other for good."""
+
+    cancellation: Cancellation | None = None
+    successor: Record | None = None
+
+
+def arriving(envelope: Envelope) -> str | None:
+    """The number of the certificate a message brings, for which the shell loads
+    :class:`Before`."""
+    payload = envelope.payload
+    if isinstance(payload, Certificate):
+        return payload.number
+    if isinstance(payload, Replacement):
+        return payload.certificate.number
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class Sealed:
     """A message and the exact signed bytes that will travel."""
 
@@ -346,15 +370,18 @@ def linked(known: Known) -> list[RecordKey]:
     return [(r.side, r.replaces) for r in known.values() if r.replaces]
 
 
-def receive(ctx: Context, admitted: Admitted, known: Known) -> Decision:
+def receive(ctx: Context, admitted: Admitted, known: Known,
+            before: Before = Before()) -> Decision:
     """Decide what an admitted message does. The answer (receipt, pong or rejection) of a
-    refusal is built here too, so the shell only has to send and remember it."""
+    refusal is built here too, so the shell only has to send and remember it. ``before``
+    matters only for a certificate or replacement (see :func:`arriving`)."""
     env = admitted.envelope
     payload = env.payload
     if isinstance(payload, Certificate):
-        decision = _on_certificate(ctx, admitted, payload, known)
+        decision = _on_certificate(ctx, admitted, payload, known, before)
     elif isinstance(payload, Replacement):
-        decision = _on_certificate(ctx, admitted, payload.certificate, known, payload)
+        decision = _on_certificate(ctx, admitted, payload.certificate, known, before,
+                                   payload)
     elif isinstance(payload, Receipt):
         decision = _on_receipt(ctx, env, payload, known)
     elif isinstance(payload, ImportConfirmation):
@@ -433,7 +460,7 @@ def _trade_problems(ctx: Context, certificate: Certificate) -> list[tuple[Reason
 
 
 def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, known: Known,
-                    replacement: Replacement | None = None) -> Decision:
+                    before: Before, replacement: Replacement | None = None) -> Decision:
     env = admitted.envelope
     number = certificate.number
     problems = _trade_problems(ctx, certificate)
@@ -469,6 +496,12 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
                                                     rejection_text=text),)
         return Decision(records=refused,
                         refusal=Refusal(str(reason), text, certificate=number))
+    if before.successor is not None:
+        # Replaced before it got here: it ends as it would have, had it come first.
+        record = record.moved(State.REPLACED, ctx.now_ms, replaced_by=before.successor.number)
+    elif before.cancellation is not None:
+        record = record.moved(State.CANCELLED, ctx.now_ms,
+                              rejection_text=before.cancellation.reason)
     records = [record]
     if old is not None:
         records.append(old.moved(State.REPLACED, ctx.now_ms, replaced_by=number))
@@ -527,7 +560,14 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
 
 def _on_cancellation(ctx: Context, env: Envelope, cancellation: Cancellation,
                      known: Known) -> Decision:
-    record = _own_record(env, cancellation.certificate, Side.IMPORT, known)
+    number = cancellation.certificate
+    if (Side.IMPORT, number) not in known and number.startswith(env.sender):
+        # The sender's own certificate, which has not arrived: the cancellation overtook
+        # it. Accepted; the inbox and the evidence log keep it, and the certificate is
+        # cancelled when it comes (Before). Numbers start with their issuer's code, so
+        # this answer tells the sender nothing about anyone else's trade.
+        return Decision()
+    record = _own_record(env, number, Side.IMPORT, known)
     if isinstance(record, Decision):
         return record
     if record.state in (State.CANCELLED, State.REJECTED):
@@ -708,8 +748,9 @@ def ping(ctx: Context, partner: str, nonce: bytes) -> Decision:
 
 
 __all__ = [
-    "OPEN_STATES", "Admitted", "Context", "Decision", "Discrepancy", "Record", "Refusal",
-    "Sealed", "Side", "State", "admit", "cancel", "confirm", "discrepancies", "expire",
-    "issue", "ping", "receive", "rejection_for", "side_of", "touches", "with_valid_key",
+    "OPEN_STATES", "Admitted", "Before", "Context", "Decision", "Discrepancy", "Record",
+    "Refusal", "Sealed", "Side", "State", "admit", "arriving", "cancel", "confirm",
+    "discrepancies", "expire", "issue", "ping", "receive", "rejection_for", "side_of",
+    "touches", "with_valid_key",
 ]
 

@@ -21,14 +21,17 @@ from nacl.signing import SigningKey
 from node.config import NodeConfig
 from node.machine import (
     Admitted,
+    Before,
     Context,
     Decision,
+    Known,
     Record,
     Refusal,
     Sealed,
     Side,
     State,
     admit,
+    arriving,
     cancel,
     confirm,
     expire,
@@ -60,8 +63,10 @@ from protocol import (
     Receipt,
     Rejection,
     Replacement,
+    parse_frame,
     seal,
 )
+from protocol.codec import decode_body
 
 log = structlog.get_logger("kpx.node")
 
@@ -121,10 +126,8 @@ class Verdict:
 def certificate_of(envelope: Envelope) -> str | None:
     """The certificate number a message is about, for indexing the evidence log."""
     payload = envelope.payload
-    if isinstance(payload, Certificate):
-        return payload.number
-    if isinstance(payload, Replacement):
-        return payload.certificate.number
+    if isinstance(payload, Certificate | Replacement):
+        return arriving(envelope)
     if isinstance(payload, Receipt | ImportConfirmation | Cancellation | Rejection):
         return payload.certificate
     return None
@@ -399,7 +402,7 @@ class Node:
         known = self.store.load(touches(env, self.me))
         if more := [k for k in linked(known) if k not in known]:
             known = {**known, **self.store.load(more)}
-        decision = receive(ctx, admitted, known)
+        decision = receive(ctx, admitted, known, self._before(env, known))
         self._commit(ctx, decision, admitted)
         refusal = decision.refusal
         self.store.remember(env.message_id, env.sender, str(env.kind),
@@ -412,6 +415,17 @@ class Node:
                         kind=str(env.kind), reason=refusal.reason, text=refusal.text,
                         certificate=refusal.certificate)
         return Verdict(dead_letter=refusal, kind=str(env.kind), kept=True)
+
+    def _before(self, env: Envelope, known: Known) -> Before:
+        """What came for an arriving certificate before it did (machine.Before)."""
+        number = arriving(env)
+        if number is None or (Side.IMPORT, number) in known:
+            return Before()
+        cancellation = None
+        if (frame := self.store.early_cancellation(env.sender, number)) is not None:
+            payload = decode_body(parse_frame(frame).body).payload
+            cancellation = payload if isinstance(payload, Cancellation) else None
+        return Before(cancellation, self.store.successor(number, env.sender))
 
     def _refused_at_admission(self, ctx: Context, refusal: Refusal,
                               delivery: Delivery) -> Verdict:

@@ -115,6 +115,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX outbox_waiting ON outbox (recipient, published_at, next_attempt_at);
     """,
+    # 5: a certificate that arrives after its replacement is recorded replaced at once
+    # (Store.successor); only replacements have the column set.
+    """
+    CREATE INDEX certificates_by_replaces ON certificates (replaces)
+        WHERE replaces IS NOT NULL;
+    """,
 )
 
 #: the furthest ahead a failed publish is ever retried (the relay's backoff stops there)
@@ -296,6 +302,27 @@ class Store:
             f"SELECT {self._COLUMNS} FROM certificates WHERE number=? ORDER BY side", (number,)
         )
         return [_record(row) for row in rows]
+
+    def successor(self, number: str, partner: str) -> Record | None:
+        """The certificate received from ``partner`` as the replacement of ``number`` and
+        not refused, if one came before ``number`` itself (machine.Before)."""
+        row = self.db.execute(
+            f"SELECT {self._COLUMNS} FROM certificates WHERE replaces=? AND side=? "
+            "AND partner=? AND state<>? ORDER BY created_at LIMIT 1",
+            (number, str(Side.IMPORT), partner, str(State.REJECTED)),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def early_cancellation(self, sender: str, number: str) -> bytes | None:
+        """The frame of a cancellation of ``number`` that ``sender`` sent and this node
+        accepted before it held the certificate (machine.Before): the inbox says it was
+        accepted, the evidence log keeps its frame."""
+        row = self.db.execute(
+            "SELECT e.frame FROM evidence e JOIN inbox i ON i.sender=? AND "
+            "i.message_id=e.message_id WHERE e.certificate=? AND e.direction='in' AND "
+            "i.kind='cancellation' AND i.outcome='accepted' ORDER BY e.seq LIMIT 1",
+            (sender, number)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def records(self, *, side: Side | None = None, states: Iterable[State] = (),
                 partner: str | None = None, expiring_before: str | None = None) -> list[Record]:

@@ -1,10 +1,11 @@
 """A model of two nodes and the network between them, driven step by step.
 
 Used by the property test (tests/test_loop_model.py). The network keeps, per direction,
-the frames published and not yet delivered (FIFO, as the relay and the broker guarantee)
-and every frame ever published (any of which may be delivered again, at any time:
-redelivery). Registry updates from the Chair reach each node
-on their own schedule.
+the frames published and not yet delivered (FIFO, as the relay and the broker guarantee,
+except that a frame may now and then overtake those in front of it: a relay batch nacked
+after the next one was confirmed, a dead letter an operator moved back) and every frame
+ever published (any of which may be delivered again, at any time: redelivery). Registry
+updates from the Chair reach each node on their own schedule.
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ class Model:
         else:
             for frame in frames:
                 target.handle_batch([Delivery(frame)])
+
+    def overtake(self, sender: str, i: int) -> None:
+        """A frame still in flight jumps ahead of the ones published before it."""
+        flight = self.flight[(sender, OTHER[sender])]
+        if len(flight) < 2:
+            return
+        k = 1 + i % (len(flight) - 1)
+        flight.insert(0, flight.pop(k))
+        self.log.append(f"overtake {sender}->{OTHER[sender]} #{k}")
 
     def duplicate(self, sender: str, i: int) -> None:
         """Any frame delivered before is delivered once more, at any later time (a

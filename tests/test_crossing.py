@@ -19,7 +19,7 @@ from node.machine import Side, State, day_of
 from node.network import create_network
 from node.service import Delivery, Node, now_ms
 from node.store import OutboxRow
-from protocol import Envelope, RegistryKey, RegistryUpdate, seal
+from protocol import Cancellation, Envelope, RegistryKey, RegistryUpdate, seal
 from tests.netutil import carry, certificate
 
 Nodes = dict[str, Node]
@@ -90,12 +90,19 @@ def delivered(nodes: Nodes, number: str) -> None:
     assert states(nodes, number) == (State.DELIVERED, State.RECEIVED)
 
 
+def closes(nodes: Nodes, number: str) -> None:
+    """The importer confirms an open loop, and both ends end confirmed."""
+    nodes["BE"].confirm(number)
+    settle(nodes)
+    assert states(nodes, number) == (State.CONFIRMED, State.CONFIRMED)
+
+
 def test_a_replacement_the_importer_refuses_gives_the_old_certificate_its_loop_back(
         pair: Nodes) -> None:
     """BE refused the replacement (BW had not yet heard of an embargo): BW had marked the
     old certificate replaced, BE still held it open. BE could confirm it, BW never saw
     that, and BW could neither cancel nor replace it again: the loop was split for good."""
-    bw, be = pair["BW"], pair["BE"]
+    bw = pair["BW"]
     delivered(pair, "BW-2026-0001")
     embargo_cd_at_importer(pair)
     bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE", origins=["BW", "CD"]),
@@ -111,9 +118,7 @@ def test_a_replacement_the_importer_refuses_gives_the_old_certificate_its_loop_b
     assert bw.resend_unanswered(HOUR_MS) == [old.message_id]
     settle(pair)
     assert states(pair, "BW-2026-0001") == (State.DELIVERED, State.RECEIVED)
-    be.confirm("BW-2026-0001")
-    settle(pair)
-    assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+    closes(pair, "BW-2026-0001")
 
 
 def test_the_refusal_of_a_certificate_replaced_since_rejects_it_at_both_ends(
@@ -234,9 +239,77 @@ def test_only_the_answer_to_a_certificates_own_message_rejects_it(pair: Nodes) -
     assert verdict.dead_letter.reason == "certificate.duplicate_number"
     settle(pair)
     assert states(pair, "BW-2026-0001") == (State.DELIVERED, State.RECEIVED)
-    be.confirm("BW-2026-0001")
-    settle(pair)
-    assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
+    closes(pair, "BW-2026-0001")
+
+
+def overtaken(nodes: Nodes) -> list[str]:
+    """BW's messages reach BE last first (a relay batch nacked after the next one was
+    confirmed, or a dead letter an operator moved back); returns what BE refused."""
+    refused = []
+    for row in reversed(held(nodes["BW"])):
+        (verdict,) = nodes["BE"].handle_batch([Delivery(row.frame)])
+        if verdict.dead_letter is not None:
+            refused.append(f"{row.kind}: {verdict.dead_letter.reason}")
+    settle(nodes)
+    return refused
+
+
+def test_a_cancellation_that_overtakes_its_certificate_cancels_it_at_both_ends(
+        pair: Nodes) -> None:
+    """BE refused the cancellation of a certificate it did not hold yet, then took the
+    certificate as open: cancelled at BW, received at BE, for good."""
+    bw, be = pair["BW"], pair["BE"]
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    bw.cancel("BW-2026-0001", "shipment called off")
+    assert overtaken(pair) == []
+    assert states(pair, "BW-2026-0001") == (State.CANCELLED, State.CANCELLED)
+    imported = be.store.get(Side.IMPORT, "BW-2026-0001")
+    assert imported is not None and imported.rejection_text == "shipment called off"
+    exported = bw.store.get(Side.EXPORT, "BW-2026-0001")
+    assert exported is not None and exported.rejection_reason is None
+
+
+def test_a_replacement_that_overtakes_the_certificate_it_replaces_ends_replaced(
+        pair: Nodes) -> None:
+    """BE took the replacement as a new certificate, then the old one as open: replaced at
+    BW, received at BE, for good."""
+    bw = pair["BW"]
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE"), "wrong mass")
+    assert overtaken(pair) == []
+    assert states(pair, "BW-2026-0001") == (State.REPLACED, State.REPLACED)
+    assert states(pair, "BW-2026-0002") == (State.DELIVERED, State.RECEIVED)
+    imported = pair["BE"].store.get(Side.IMPORT, "BW-2026-0001")
+    assert imported is not None and imported.replaced_by == "BW-2026-0002"
+
+
+def test_a_refused_replacement_that_overtook_leaves_the_old_certificate_open(
+        pair: Nodes) -> None:
+    """A replacement BE refused replaces nothing: the old certificate, arriving after it,
+    is open at both ends, as when the refusal comes in order."""
+    bw = pair["BW"]
+    embargo_cd_at_importer(pair)
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "BE", origins=["BW", "CD"]),
+               "wrong origins")
+    assert overtaken(pair) == ["replacement: origin.embargoed"]
+    swept(pair)
+    assert states(pair, "BW-2026-0002") == (State.REJECTED, State.REJECTED)
+    assert states(pair, "BW-2026-0001") == (State.DELIVERED, State.RECEIVED)
+    closes(pair, "BW-2026-0001")
+
+
+def test_a_cancellation_of_another_issuers_certificate_is_still_unknown(
+        pair: Nodes) -> None:
+    """Only the sender's own numbers are kept for their certificate: naming another
+    issuer's is answered as unknown, whether this node holds that certificate or not."""
+    bw, be = pair["BW"], pair["BE"]
+    for number in ("EU-2026-0001", "BE-2026-0001"):
+        probe = Envelope(sender="BW", recipient="BE", created_at=now_ms(),
+                         payload=Cancellation(certificate=number, reason="probe"))
+        (verdict,) = be.handle_batch([Delivery(seal(probe, bw.signing_key()))])
+        assert verdict.dead_letter is not None, number
+        assert verdict.dead_letter.reason == "certificate.unknown"
 
 
 def test_a_lapsed_key_cannot_sign_a_certificate_dated_after_its_end(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Model-based search: two nodes, hand-carried messages, any interleaving the network allows.
 
-The network keeps each sender's messages to a recipient in order (SPEC §13, "Order"), may
-deliver any message already delivered once more at any later time, and holds messages
+The network keeps each sender's messages to a recipient in order (SPEC §13, "Order"), but
+now and then lets one overtake those in front of it, may deliver any message already
+delivered once more at any later time, and holds messages
 back for as long as it likes relative to the other direction (crossings). Operators
 issue, cancel, replace and confirm at any moment; the Chair embargoes an origin or
 suspends a Participant, and each node hears of it when it does. At the end every message
@@ -50,6 +51,7 @@ def actions(exporters: list[str], registry: bool) -> st.SearchStrategy[tuple[obj
         st.tuples(st.just("deliver"), node, st.integers(1, 3), st.booleans()),
         st.tuples(st.just("duplicate"), node, st.integers(0, 29)),
         st.tuples(st.just("resend"), node),
+        st.tuples(st.just("overtake"), node, st.integers(0, 9)),
     ]
     if registry:
         choices += [st.tuples(st.just("chair"), st.sampled_from(["embargo", "BW", "BE"])),
