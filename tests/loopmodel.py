@@ -5,7 +5,8 @@ the frames published and not yet delivered (FIFO, as the relay and the broker gu
 except that a frame may now and then overtake those in front of it: a relay batch nacked
 after the next one was confirmed, a dead letter an operator moved back) and every frame
 ever published (any of which may be delivered again, at any time: redelivery). Registry
-updates from the Chair reach each node on their own schedule.
+updates from the Chair reach each node on their own schedule. Time passes for both nodes at
+once (their clocks agree), and each node's sweep expires its open loops when it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import shutil
 import tempfile
 from collections.abc import Sequence
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,9 @@ COMPATIBLE = {
     (State.CANCELLED, State.CANCELLED),
     (State.REPLACED, State.REPLACED),
     (State.REJECTED, State.REJECTED),
+    (State.EXPIRED, State.EXPIRED),      # open until both sweeps found it past its expiry
 }
+DAY_MS = 86_400_000
 
 Action = tuple[Any, ...]
 
@@ -56,6 +60,12 @@ class Model:
         self.numbers: dict[str, list[str]] = {c: [] for c in CODES}
         self.counter = 0
         self.log: list[str] = []
+        self.start_ms, self.days = now_ms(), 0
+        for n in self.nodes.values():
+            n.clock = self._now
+
+    def _now(self) -> int:
+        return self.start_ms + self.days * DAY_MS
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -71,7 +81,10 @@ class Model:
 
     def _cert(self, issuer: str, number: str, cd: bool) -> Any:
         origins = [issuer, "CD"] if cd else [issuer]
-        return certificate(number, issuer, OTHER[issuer], origins=origins)
+        today = date.today() + timedelta(days=self.days)
+        return certificate(number, issuer, OTHER[issuer], origins=origins,
+                           issued_on=today.isoformat(),
+                           expires_on=(today + timedelta(days=60)).isoformat())
 
     def _pick(self, issuer: str, i: int) -> str | None:
         nums = self.numbers[issuer]
@@ -172,6 +185,16 @@ class Model:
         if due:
             self.log.append(f"{node}.resend_unanswered -> {len(due)}")
 
+    def time(self, days: int) -> None:
+        """Days pass on both nodes' clocks: what is in flight arrives that much later."""
+        self.days += days
+        self.log.append(f"{days} days pass")
+
+    def sweep(self, node: str) -> None:
+        """``node``'s sweep expires its open loops past their certificate's expiry."""
+        if expired := self.nodes[node].expire_overdue():
+            self.log.append(f"{node}.sweep expired {[r.number for r in expired]}")
+
     def chair(self, change: str) -> None:
         """The Chair publishes a new registry version; it reaches each node later."""
         if change == "embargo":
@@ -197,16 +220,21 @@ class Model:
     # -- the end ------------------------------------------------------------------------
 
     def drain(self, rounds: int = 8) -> None:
-        """Everything is finally delivered: registries, messages, resends."""
+        """Everything is finally delivered: registries, messages, resends; then both sweeps
+        run, and what they cause is delivered too."""
         for c in CODES:
             while self.registry_pending[c]:
                 self.registry_arrives(c)
-        for _ in range(rounds):
+        for sweep in (False, True):
             for c in CODES:
-                self.resend(c)
-                self.publish(c)
-            for c in CODES:
-                self.deliver(c, 10_000)
+                if sweep:
+                    self.sweep(c)
+            for _ in range(rounds):
+                for c in CODES:
+                    self.resend(c)
+                    self.publish(c)
+                for c in CODES:
+                    self.deliver(c, 10_000)
 
     def quiet(self) -> bool:
         return (all(not f for f in self.flight.values())

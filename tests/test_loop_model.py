@@ -5,7 +5,9 @@ now and then lets one overtake those in front of it, may deliver any message alr
 delivered once more at any later time, and holds messages
 back for as long as it likes relative to the other direction (crossings). Operators
 issue, cancel, replace and confirm at any moment; the Chair embargoes an origin or
-suspends a Participant, and each node hears of it when it does. At the end every message
+suspends a Participant, and each node hears of it when it does; days pass (by 61 days
+every certificate so far has expired) and each node's sweep expires open loops when it
+runs. At the end every message
 is delivered (unanswered certificates resent by the sweep), and both ends of every loop
 must hold compatible states (tests/loopmodel.py COMPATIBLE), with nothing left to send,
 and no node may raise.
@@ -52,6 +54,8 @@ def actions(exporters: list[str], registry: bool) -> st.SearchStrategy[tuple[obj
         st.tuples(st.just("duplicate"), node, st.integers(0, 29)),
         st.tuples(st.just("resend"), node),
         st.tuples(st.just("overtake"), node, st.integers(0, 9)),
+        st.tuples(st.just("time"), st.sampled_from([1, 30, 61])),
+        st.tuples(st.just("sweep"), node),
     ]
     if registry:
         choices += [st.tuples(st.just("chair"), st.sampled_from(["embargo", "BW", "BE"])),
