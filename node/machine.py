@@ -420,6 +420,28 @@ def _answer_refusal(ctx: Context, env: Envelope, decision: Decision) -> Decision
     return dataclasses.replace(decision, refusal=refusal, answer=answer, send=send)
 
 
+#: why a recipient refuses a frame for its signer's key, not for what the frame says
+KEY_REASONS = frozenset({Reason.KEY_UNKNOWN, Reason.KEY_REVOKED, Reason.KEY_NOT_VALID_NOW,
+                         Reason.KEY_WRONG_SENDER})
+
+
+def signed_afresh(ctx: Context, frame: bytes) -> Sealed | None:
+    """This node's stored answer to a message (receipt, rejection, pong) signed again now,
+    when its recipient would refuse the stored bytes for their key: this node's key had
+    been revoked or had lapsed when it answered (RUNBOOK, "After your key is revoked"). The
+    same message, under the same id, dated now. ``None`` while the stored bytes still
+    verify, or while no key of this node can sign either. A duplicate is otherwise answered
+    byte for byte (SPEC §13), and a partner's resends met the refused bytes for ever."""
+    if ctx.key_fault is not None:
+        return None
+    envelope = decode_body(parse_frame(frame).body)
+    judged = admit(dataclasses.replace(ctx, me=envelope.recipient), frame)
+    if not isinstance(judged, Refusal) or judged.reason not in KEY_REASONS:
+        return None
+    again = dataclasses.replace(envelope, created_at=ctx.now_ms)
+    return Sealed(again, ctx.sign(again))
+
+
 def rejection_for(ctx: Context, refusal: Refusal) -> Sealed | None:
     """The signed rejection that answers ``refusal``, when its sender is authentic."""
     if refusal.answer_to is None or refusal.answer_to == CHAIR:
@@ -751,6 +773,6 @@ __all__ = [
     "OPEN_STATES", "Admitted", "Before", "Context", "Decision", "Discrepancy", "Record",
     "Refusal", "Sealed", "Side", "State", "admit", "arriving", "cancel", "confirm",
     "discrepancies", "expire", "issue", "ping", "receive", "rejection_for", "side_of",
-    "touches", "with_valid_key",
+    "signed_afresh", "touches", "with_valid_key",
 ]
 

@@ -41,6 +41,7 @@ from node.machine import (
     receive,
     rejection_for,
     side_of,
+    signed_afresh,
     touches,
     with_valid_key,
 )
@@ -387,8 +388,8 @@ class Node:
         seen = self.store.seen(env.sender, env.message_id)
         if seen is not None:
             _, answer_id = seen
-            if answer_id is not None:  # the same answer again, byte for byte
-                self.store.requeue(answer_id, ctx.now_ms)
+            if answer_id is not None:
+                self._answer_again(ctx, answer_id)
             if env.kind is Kind.RECEIPT:
                 # Applied again: it can only move an issued certificate to delivered, and
                 # one is issued again when the importer refused its replacement (it is
@@ -415,6 +416,19 @@ class Node:
                         kind=str(env.kind), reason=refusal.reason, text=refusal.text,
                         certificate=refusal.certificate)
         return Verdict(dead_letter=refusal, kind=str(env.kind), kept=True)
+
+    def _answer_again(self, ctx: Context, answer_id: str) -> None:
+        """The same answer again, byte for byte, or signed afresh where its recipient
+        refuses the stored bytes' key (machine.signed_afresh)."""
+        frame = self.store.outbox_frame(answer_id)
+        afresh = signed_afresh(ctx, frame) if frame is not None else None
+        if afresh is None:
+            self.store.requeue(answer_id, ctx.now_ms)
+            return
+        log.warning("answer signed afresh: its recipient refuses the key it was signed with",
+                    message_id=answer_id, recipient=afresh.envelope.recipient,
+                    kind=str(afresh.envelope.kind))
+        self._commit(ctx, Decision(send=(afresh,)))
 
     def _before(self, env: Envelope, known: Known) -> Before:
         """What came for an arriving certificate before it did (machine.Before)."""

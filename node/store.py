@@ -359,16 +359,22 @@ class Store:
     # -- outbox ----------------------------------------------------------------------
 
     def enqueue(self, messages: Iterable[Sealed], now_ms: int) -> None:
-        """Queue signed frames for the relay. Re-queuing a frame already sent (the answer
-        to a duplicate) sends the very same bytes again."""
+        """Queue signed frames for the relay. A message already in the outbox is queued
+        again with the frame given (machine.signed_afresh); :meth:`requeue` sends the
+        same bytes again."""
         self.db.executemany(
             """INSERT INTO outbox (message_id, recipient, kind, frame, created_at,
                    next_attempt_at) VALUES (?,?,?,?,?,?)
-               ON CONFLICT (message_id) DO UPDATE SET published_at=NULL,
-                   next_attempt_at=excluded.next_attempt_at""",
+               ON CONFLICT (message_id) DO UPDATE SET frame=excluded.frame,
+                   published_at=NULL, next_attempt_at=excluded.next_attempt_at""",
             [(m.envelope.message_id, m.envelope.recipient, str(m.envelope.kind), m.frame,
               now_ms, now_ms) for m in messages],
         )
+
+    def outbox_frame(self, message_id: str) -> bytes | None:
+        row = self.db.execute("SELECT frame FROM outbox WHERE message_id=?",
+                              (message_id,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def requeue(self, message_id: str, now_ms: int) -> None:
         self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=? "

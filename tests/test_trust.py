@@ -226,6 +226,20 @@ def _make_unusable(how: str, node: Node, update: RegistryUpdate, at: int) -> tup
     return update, swapped
 
 
+def _new_key_added(node: Node, update: RegistryUpdate, valid_from: int, chair: SigningKey,
+                   *others: Node) -> tuple[Node, SigningKey]:
+    """The way out of an unusable key: a new one in ``keys/``, which the Chair adds (as
+    version 3, heard by every node); the node, started again, signs with it by itself."""
+    new = SigningKey.generate()
+    folder = node.config.path(KEYS_DIR)
+    folder.mkdir()
+    write_signing_key(folder / "next.key", new)
+    added = add_key(update, node.me, node.config.authority, bytes(new.verify_key), valid_from)
+    _deliver_registry(dataclasses.replace(added, version=3), chair, node, *others)
+    node.close()
+    return Node.open(node.config), new
+
+
 @pytest.mark.parametrize(("how", "reason"), [
     ("revoked", "key.revoked"), ("lapsed", "key.not_valid_now"),
     ("not yet valid", "key.not_valid_now"), ("absent", "key.unknown")])
@@ -275,19 +289,59 @@ def test_a_node_whose_key_cannot_sign_refuses_to_send_and_writes_nothing(
                 exporter.store.backlog()) == before
 
         # The way out: a new key, which the Chair adds; the node signs with it by itself.
-        new = SigningKey.generate()
-        folder = exporter.config.path(KEYS_DIR)
-        folder.mkdir()
-        write_signing_key(folder / "next.key", new)
-        added = add_key(update, me, exporter.config.authority, bytes(new.verify_key), t0)
-        _deliver_registry(dataclasses.replace(added, version=3), chair, exporter, importer)
-        exporter.close()
-        exporter = nodes[me] = Node.open(exporter.config)
+        exporter, _ = _new_key_added(exporter, update, t0, chair, importer)
+        nodes[me] = exporter
         exporter.issue(certificate(f"{me}-2", me, you))
         assert [v.dead_letter for _, v in carry(exporter, nodes)] == [None]
         assert state(importer, Side.IMPORT, f"{me}-2") is State.RECEIVED
     finally:
         exporter.close()
+
+
+def test_a_receipt_signed_under_a_revoked_key_is_signed_afresh_once_a_key_can_sign(
+        pair: tuple[Node, Node, object]) -> None:
+    """The importer's key was revoked; it still answered a certificate with a receipt
+    under that key, which the exporter refused. Once the importer had a new key, the
+    exporter's resend was answered with the same refused bytes, so the exporter never saw
+    the receipt."""
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    me, you = exporter.me, importer.me
+    t0 = now_ms()
+    update, _ = _make_unusable("revoked", importer, network.registry, t0)  # type: ignore[attr-defined]
+    update = dataclasses.replace(update, version=2)
+    _deliver_registry(update, chair, exporter, importer)
+    exporter.issue(certificate(f"{me}-1", me, you))
+    nodes = {me: exporter, you: importer}
+    carry(exporter, nodes)
+    assert [v.dead_letter.reason for _, v in carry(importer, nodes)  # type: ignore[union-attr]
+            ] == ["key.revoked"]
+
+    importer, new = _new_key_added(importer, update, t0, chair, exporter)
+    nodes[you] = importer
+    try:
+        sent = exporter.store.get(Side.EXPORT, f"{me}-1").message_id  # type: ignore[union-attr]
+        _, receipt = importer.store.seen(me, sent)  # type: ignore[misc]
+        assert exporter.resend_unanswered(0) == [sent]
+        carry(exporter, nodes)
+        assert [v.dead_letter for _, v in carry(importer, nodes)] == [None]
+        assert state(exporter, Side.EXPORT, f"{me}-1") is State.DELIVERED
+        # The same receipt (same id), now under the new key; both frames are evidence.
+        frames = [parse_frame(e.frame) for e in importer.store.evidence(f"{me}-1")
+                  if e.message_id == receipt]
+        assert [f.key_id for f in frames] == [key_id(bytes(k.verify_key)) for k in
+                                              (importer.signing_keys[0], new)]
+        # Another duplicate gets those new bytes again, unchanged.
+        afresh = importer.store.outbox_frame(receipt)  # type: ignore[arg-type]
+        importer.handle_batch([Delivery(exporter.store.outbox_frame(sent))])  # type: ignore[arg-type]
+        assert importer.store.outbox_frame(receipt) == afresh  # type: ignore[arg-type]
+        assert len([e for e in importer.store.evidence(f"{me}-1")
+                    if e.message_id == receipt]) == 2
+        importer.confirm(f"{me}-1")
+        carry(importer, nodes)
+        assert state(exporter, Side.EXPORT, f"{me}-1") is State.CONFIRMED
+    finally:
+        importer.close()
 
 
 def test_kpnode_issue_with_a_revoked_key_says_so_and_exits_1(
