@@ -428,6 +428,7 @@ class Node:
         log.warning("answer signed afresh: its recipient refuses the key it was signed with",
                     message_id=answer_id, recipient=afresh.envelope.recipient,
                     kind=str(afresh.envelope.kind))
+        self.store.withdraw(answer_id, sent_too=True)
         self._commit(ctx, Decision(send=(afresh,)))
 
     def _before(self, env: Envelope, known: Known) -> Before:
@@ -436,9 +437,14 @@ class Node:
         if number is None or (Side.IMPORT, number) in known:
             return Before()
         cancellation = None
-        if (frame := self.store.early_cancellation(env.sender, number)) is not None:
-            payload = decode_body(parse_frame(frame).body).payload
-            cancellation = payload if isinstance(payload, Cancellation) else None
+        for frame in self.store.early_cancellations(env.sender, number):
+            # Logged with a certificate number, a frame passed admission: its signed
+            # sender is the one whose key signed it.
+            earlier = decode_body(parse_frame(frame).body)
+            if (earlier.sender == env.sender and isinstance(earlier.payload, Cancellation)
+                    and earlier.payload.certificate == number):
+                cancellation = earlier.payload
+                break
         return Before(cancellation, self.store.successor(number, env.sender))
 
     def _refused_at_admission(self, ctx: Context, refusal: Refusal,

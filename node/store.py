@@ -313,16 +313,18 @@ class Store:
         ).fetchone()
         return None if row is None else _record(row)
 
-    def early_cancellation(self, sender: str, number: str) -> bytes | None:
-        """The frame of a cancellation of ``number`` that ``sender`` sent and this node
-        accepted before it held the certificate (machine.Before): the inbox says it was
-        accepted, the evidence log keeps its frame."""
-        row = self.db.execute(
+    def early_cancellations(self, sender: str, number: str) -> list[bytes]:
+        """Frames that may be a cancellation of ``number`` which ``sender`` sent and this
+        node accepted before it held the certificate (machine.Before): the inbox says it
+        was accepted, the evidence log keeps its frame. The log has no sender column and
+        senders choose their message ids, so another sender's frame may share the id: the
+        caller keeps only a frame whose signed sender and number are the ones asked for."""
+        rows = self.db.execute(
             "SELECT e.frame FROM evidence e JOIN inbox i ON i.sender=? AND "
             "i.message_id=e.message_id WHERE e.certificate=? AND e.direction='in' AND "
-            "i.kind='cancellation' AND i.outcome='accepted' ORDER BY e.seq LIMIT 1",
-            (sender, number)).fetchone()
-        return None if row is None else bytes(row[0])
+            "i.kind='cancellation' AND i.outcome='accepted' ORDER BY e.seq",
+            (sender, number))
+        return [bytes(row[0]) for row in rows]
 
     def records(self, *, side: Side | None = None, states: Iterable[State] = (),
                 partner: str | None = None, expiring_before: str | None = None) -> list[Record]:
@@ -359,14 +361,13 @@ class Store:
     # -- outbox ----------------------------------------------------------------------
 
     def enqueue(self, messages: Iterable[Sealed], now_ms: int) -> None:
-        """Queue signed frames for the relay. A message already in the outbox is queued
-        again with the frame given (machine.signed_afresh); :meth:`requeue` sends the
-        same bytes again."""
+        """Queue signed frames for the relay. Re-queuing a frame already sent (the answer
+        to a duplicate) sends the very same bytes again."""
         self.db.executemany(
             """INSERT INTO outbox (message_id, recipient, kind, frame, created_at,
                    next_attempt_at) VALUES (?,?,?,?,?,?)
-               ON CONFLICT (message_id) DO UPDATE SET frame=excluded.frame,
-                   published_at=NULL, next_attempt_at=excluded.next_attempt_at""",
+               ON CONFLICT (message_id) DO UPDATE SET published_at=NULL,
+                   next_attempt_at=excluded.next_attempt_at""",
             [(m.envelope.message_id, m.envelope.recipient, str(m.envelope.kind), m.frame,
               now_ms, now_ms) for m in messages],
         )
@@ -458,10 +459,14 @@ class Store:
                               (message_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def withdraw(self, message_id: str) -> bool:
-        """Take a message not yet sent out of the outbox (a ping nobody can receive)."""
-        cursor = self.db.execute("DELETE FROM outbox WHERE message_id=? AND published_at IS "
-                                 "NULL", (message_id,))
+    def withdraw(self, message_id: str, *, sent_too: bool = False) -> bool:
+        """Take a message not yet sent out of the outbox (a ping nobody can receive), or
+        with ``sent_too`` one sent as well (an answer about to be signed afresh: queued
+        under a new seq, a confirm of the old bytes the relay has in flight cannot mark
+        the new ones sent)."""
+        cursor = self.db.execute("DELETE FROM outbox WHERE message_id=?"
+                                 + ("" if sent_too else " AND published_at IS NULL"),
+                                 (message_id,))
         return cursor.rowcount > 0
 
     # -- inbox -----------------------------------------------------------------------

@@ -344,6 +344,35 @@ def test_a_receipt_signed_under_a_revoked_key_is_signed_afresh_once_a_key_can_si
         importer.close()
 
 
+def test_an_answer_signed_afresh_is_sent_even_while_its_old_bytes_are_in_flight(
+        pair: tuple[Node, Node, object]) -> None:
+    """The relay had the old receipt's bytes in flight when a duplicate got the receipt
+    signed afresh in the same outbox row; the old publish's confirm marked the row sent,
+    so the new bytes never left and the exporter waited for its next resend."""
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    me, you = exporter.me, importer.me
+    nodes = {me: exporter, you: importer}
+    t0 = now_ms()
+    update, _ = _make_unusable("revoked", importer, network.registry, t0)  # type: ignore[attr-defined]
+    update = dataclasses.replace(update, version=2)
+    _deliver_registry(update, chair, exporter, importer)
+    exporter.issue(certificate(f"{me}-1", me, you))
+    (row,) = exporter.store.due(now_ms=2**62, limit=10)
+    importer.handle_batch([Delivery(row.frame)])
+    (in_flight,) = importer.store.due(now_ms=2**62, limit=10)  # the relay took it
+    importer, _ = _new_key_added(importer, update, t0, chair, exporter)
+    nodes[you] = importer
+    try:
+        importer.handle_batch([Delivery(row.frame)])  # the exporter's resend
+        with importer.store.transaction():  # the broker confirms the old bytes
+            importer.store.mark_published([in_flight.seq], now_ms())
+        assert [v.dead_letter for _, v in carry(importer, nodes)] == [None]
+        assert state(exporter, Side.EXPORT, f"{me}-1") is State.DELIVERED
+    finally:
+        importer.close()
+
+
 def test_kpnode_issue_with_a_revoked_key_says_so_and_exits_1(
         pair: tuple[Node, Node, object], tmp_path: Path) -> None:
     exporter, importer, network = pair
@@ -642,12 +671,13 @@ def three(tmp_path: Path) -> Iterator[dict[str, Node]]:
         node.close()
 
 
-def _from_za(nodes: dict[str, Node], payload: object) -> list[tuple[str, str]]:
+def _from_za(nodes: dict[str, Node], payload: object, **envelope: Any
+             ) -> list[tuple[str, str]]:
     """ZA, a registered Participant with its own valid key, sends ``payload`` to BE; the
     (reason, text) of each signed rejection BE queues for ZA."""
     za, be = nodes["ZA"], nodes["BE"]
     frame = seal(Envelope(sender="ZA", recipient="BE", created_at=za.clock(),
-                          payload=payload), za.signing_key())  # type: ignore[arg-type]
+                          payload=payload, **envelope), za.signing_key())  # type: ignore[arg-type]
     be.handle_batch([Delivery(frame)])
     answers = []
     for row in be.store.due(now_ms=2**62, limit=100):
@@ -672,6 +702,30 @@ def test_a_participant_cannot_replace_another_participants_certificate(
     be.confirm("BW-2026-0001")  # BE can still close BW's loop
     carry(be, three)
     assert bw.store.get(Side.EXPORT, "BW-2026-0001").state is State.CONFIRMED  # type: ignore[union-attr]
+
+
+def test_a_participant_cannot_cancel_a_certificate_on_its_way_under_anothers_message_id(
+        three: dict[str, Node]) -> None:
+    """BE keeps a cancellation that overtook its certificate. ZA, reusing the message id of
+    a cancellation BW had sent (seen on the broker), named BW's certificate still on its
+    way: BE refused it, but on the certificate's arrival took ZA's frame for BW's and
+    recorded the certificate cancelled, with ZA's reason, while BW held it delivered."""
+    bw, be = three["BW"], three["BE"]
+    bw.issue(certificate("BW-2026-0007", "BW", "BE"))
+    bw.cancel("BW-2026-0007", "called off")
+    carry(bw, three)
+    (bws,) = [e.message_id for e in be.store.evidence("BW-2026-0007")
+              if decode_body(parse_frame(e.frame).body).kind == "cancellation"]
+    bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+    on_its_way = bw.store.due(now_ms=2**62, limit=10)
+    assert [r for r, _ in _from_za(three, Cancellation(certificate="BW-2026-0001",
+                                                       reason="forged"), message_id=bws)
+            ] == ["certificate.unknown"]
+    for row in on_its_way:
+        be.handle_batch([Delivery(row.frame)])
+    carry(be, three)
+    assert state(be, Side.IMPORT, "BW-2026-0001") is State.RECEIVED
+    assert state(bw, Side.EXPORT, "BW-2026-0001") is State.DELIVERED
 
 
 def test_answers_do_not_tell_a_participant_who_else_a_certificate_is_with(
