@@ -676,6 +676,14 @@ def issue(ctx: Context, certificate: Certificate, known: Known,
         old = replacing[0]
         problems.append((Reason.CERTIFICATE_WRONG_STATE,
                          f"{old.number} is {old.state} and can no longer be replaced"))
+    if replacing is not None and certificate.destination != replacing[0].partner:
+        # Sent elsewhere, the replacement would leave the old certificate replaced here
+        # and open at its importer, who never hears of it.
+        old = replacing[0]
+        problems.append((Reason.RECIPIENT_MISMATCH,
+                         f"a replacement goes to {old.number}'s importer {old.partner}, not "
+                         f"{certificate.destination}: cancel {old.number} and issue a new "
+                         "certificate instead"))
     if problems:
         return refuse(problems[0][0], "; ".join(t for _, t in problems),
                       certificate=certificate.number)

@@ -17,7 +17,7 @@ from nacl.signing import SigningKey
 from node.chair import embargo, sign_registry
 from node.machine import Side, State, day_of
 from node.network import create_network
-from node.service import Delivery, Node, now_ms
+from node.service import CommandRefused, Delivery, Node, now_ms
 from node.store import OutboxRow
 from protocol import Cancellation, Envelope, RegistryKey, RegistryUpdate, seal
 from tests.netutil import carry, certificate
@@ -310,6 +310,26 @@ def test_a_cancellation_of_another_issuers_certificate_is_still_unknown(
         (verdict,) = be.handle_batch([Delivery(seal(probe, bw.signing_key()))])
         assert verdict.dead_letter is not None, number
         assert verdict.dead_letter.reason == "certificate.unknown"
+
+
+def test_a_replacement_to_another_importer_is_refused(tmp_path: Path) -> None:
+    """BW replaced BE's certificate with one addressed to IN: BW held the old one replaced,
+    BE held it open until it expired, never told."""
+    network = create_network(tmp_path, ["BW", "BE", "IN"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    try:
+        bw = nodes["BW"]
+        bw.issue(certificate("BW-2026-0001", "BW", "BE"))
+        with pytest.raises(CommandRefused) as refused:
+            bw.replace("BW-2026-0001", certificate("BW-2026-0002", "BW", "IN"), "wrong buyer")
+        assert refused.value.refusal.reason == "field.recipient_mismatch"
+        assert "cancel BW-2026-0001" in refused.value.refusal.text
+        exported = bw.store.get(Side.EXPORT, "BW-2026-0001")
+        assert exported is not None and exported.state is State.ISSUED
+        assert bw.store.get(Side.EXPORT, "BW-2026-0002") is None
+    finally:
+        for node in nodes.values():
+            node.close()
 
 
 def test_a_lapsed_key_cannot_sign_a_certificate_dated_after_its_end(tmp_path: Path) -> None:
