@@ -210,6 +210,15 @@ def test_overdue_loops_expire_on_both_sides(tmp_path: Path) -> None:
         n.close()
 
 
+def imported(database: Path) -> int:
+    """Certificates a running node's database holds so far (0 while it is being made)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 async def test_sigterm_mid_burst_exits_zero_in_bound_and_loses_nothing(
         amqp_url: str, tmp_path: Path) -> None:
     exporter_code, importer_code = fresh_codes(2)
@@ -227,7 +236,9 @@ async def test_sigterm_mid_burst_exits_zero_in_bound_and_loses_nothing(
         for i in range(count):
             issuer.issue(certificate(f"{exporter_code}-T{i:04d}", exporter_code, importer_code))
         issuer.close()
-        await asyncio.sleep(0.5)  # mid-burst
+        # Mid-burst: the importer has taken some. A fixed wait sent SIGTERM, on a busy
+        # machine, while the processes were still importing Python (exit -15).
+        await until(lambda: imported(network.configs[importer_code].database_path) > 0, 60)
         started = time.monotonic()
         importer.send_signal(signal.SIGTERM)
         exporter.send_signal(signal.SIGTERM)
