@@ -14,12 +14,11 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from node.brokerurl import redact, why_connect_failed
-from node.transport import TransportUnavailable
+from node.transport import TransportUnavailable, connect
 
 OPERATOR_TIMEOUT = 5.0
 
@@ -45,7 +44,7 @@ async def connect_any(urls: Sequence[str], timeout: float = OPERATOR_TIMEOUT
     errors = []
     for url in urls:
         try:
-            connection = await asyncio.wait_for(aio_pika.connect(url, timeout=timeout),
+            connection = await asyncio.wait_for(connect(url, timeout=timeout),
                                                 timeout + 1)
         except Exception as exc:
             errors.append(f"{redact(url)}: {why_connect_failed(url, exc)}")

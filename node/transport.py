@@ -41,6 +41,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from node.brokerurl import redact, why_connect_failed
@@ -107,9 +108,23 @@ async def declare_topology(channel: AbstractChannel, code: str, delivery_limit: 
     await inbox.bind(exchanges[REGISTRY_EXCHANGE])
 
 
+async def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> AbstractConnection:
+    """``aio_pika.connect``, except that a connection that fails to open is closed.
+    aio-pika leaves it unclosed for its ``__del__``, which collected outside a running
+    loop cannot schedule the close: a coroutine never awaited (a RuntimeWarning)."""
+    connection = aio_pika.Connection(make_url(url))
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    return connection
+
+
 async def publish_registry(url: str, frame: bytes, *, user_id: str | None = None) -> None:
     """The Chair's side: one registry-update frame to every node's inbox, confirmed."""
-    connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
+    connection = await connect(url, timeout=CONNECT_TIMEOUT)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(
@@ -258,7 +273,7 @@ class Transport:
             url = self.urls[index % len(self.urls)]
             index += 1
             try:
-                connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
+                connection = await connect(url, timeout=CONNECT_TIMEOUT)
             except Exception as exc:
                 self._last_failure = f"{redact(url)}: {why_connect_failed(url, exc)}"
                 log.warning("broker connection failed", url=redact(url),
