@@ -23,7 +23,10 @@ def redact(url: str) -> str:
 
 def broker_url_problem(url: str) -> str | None:
     """Why ``url`` cannot name a broker (with its password masked), or ``None``."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # 'Invalid IPv6 URL', a character NFKC turns into '/' ...
+        return f"{redact(url)!r} is not a URL: {exc}"
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         return f"{redact(url)!r} is not an amqp:// or amqps:// URL with a host"
     if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:

@@ -143,10 +143,17 @@ class StoreError(Exception):
 
 
 def require_database(path: Path) -> None:
-    """StoreError unless a node's database is there: see ``Store(create=False)``."""
+    """StoreError unless a node's database is there: see ``Store(create=False)``. An
+    empty file (truncated, or restored from a backup that was) would be taken by SQLite
+    as a new database, with every loop forgotten and numbers issued again."""
     if not path.exists():
         raise StoreError(f"no database at {path} ('kpnode init' creates it; 'kpnode "
                          "restore' brings one back from a backup)")
+    wal = path.with_name(path.name + "-wal")
+    if path.is_file() and path.stat().st_size == 0 and not (
+            wal.exists() and wal.stat().st_size > 0):
+        raise StoreError(f"the database {path} is empty (0 bytes): it was truncated or "
+                         "replaced. Restore it from a backup ('kpnode restore')")
 
 
 def is_store_fault(exc: BaseException) -> bool:
@@ -184,6 +191,9 @@ class Store:
             self._migrate()
         except sqlite3.Error as exc:  # not a database, a directory, no permission ...
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
+        except StoreError:
+            self.db.close()
+            raise
         self._last_hash: tuple[int, bytes] | None = None
 
     def wait_for_locks(self, seconds: float) -> None:
@@ -197,6 +207,11 @@ class Store:
     def _migrate(self) -> None:
         with self.transaction():
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                # Written by a newer kpx: this one would misread or damage it.
+                raise StoreError(f"the database {self.path} has schema version {version}; "
+                                 f"this kpx knows up to {len(MIGRATIONS)}. Run the kpx "
+                                 "version that wrote it (or newer)")
             for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():

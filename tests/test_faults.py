@@ -106,6 +106,32 @@ async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
         assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
 
 
+def test_an_empty_or_newer_database_is_refused_not_taken_as_a_fresh_one(
+        tmp_path: Path) -> None:
+    """A database truncated to 0 bytes (or restored from an archive that held one) was
+    opened as a new, empty store: 'kpnode list' said 'no certificates', and 'issue' gave a
+    number out a second time. One written by a newer kpx was opened and written too."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    za = Node.open(config)
+    za.issue(certificate("ZA-E1", "ZA", "IN"))
+    za.close()
+    path = config.database_path
+    kept = path.read_bytes()
+    path.write_bytes(b"")
+    with pytest.raises(StoreError, match=r"is empty \(0 bytes\).*kpnode restore"):
+        Node.open(config)
+    listed = subprocess.run([sys.executable, "-m", "node.cli", "list", "--dir",
+                             str(config.directory)], capture_output=True, text=True)
+    assert listed.returncode == 3 and "is empty (0 bytes)" in listed.stderr
+    assert path.read_bytes() == b""  # nothing written into it
+    path.write_bytes(kept)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(StoreError, match="schema version 99; this kpx knows up to"):
+        Node.open(config)
+
+
 def test_a_damaged_database_is_a_store_fault_not_a_poison_message(tmp_path: Path) -> None:
     """A damaged file ("database disk image is malformed") raised SQLite's bare
     DatabaseError, which the running node took for a fault of the message: every delivery

@@ -396,6 +396,8 @@ async def test_an_http_host_the_node_cannot_serve_on_is_named_at_start(
     ("amqp://kpx-za:s3/cret@broker/kpx", "'amqp://kpx-za:***@broker/kpx': a '/', '?' or '#' "
                                          "in the user name or password must be "
                                          "percent-encoded (%2F, %3F, %23)"),
+    ("amqp://kpx-za:s3cret@[::1/kpx", "'amqp://kpx-za:***@[::1/kpx' is not a URL: Invalid "
+                                      "IPv6 URL"),
 ])
 def test_a_broker_url_that_cannot_work_is_refused_at_start_without_its_password(
         tmp_path: Path, url: str, says: str) -> None:
