@@ -474,9 +474,25 @@ async def run_until_signalled(config: NodeConfig,
     loop = asyncio.get_running_loop()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    async with RunningNode(config):
+    running = RunningNode(config)
+    # A signal during the start (up to a minute waiting for a broker) stops it there: it
+    # was ignored until the node ran, and a supervisor's stop ended in SIGKILL.
+    starting = asyncio.create_task(running.start(), name="start")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not starting.done():
+        starting.cancel()  # start() closes what it opened before it lets this through
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped before the node had started", participant=config.participant)
+        return
+    starting.result()  # a start that failed raises here
+    try:
         freeze_start_up_objects()
         await stop.wait()
+    finally:
+        await running.stop()
 
 
 def freeze_start_up_objects() -> None:

@@ -331,6 +331,30 @@ async def test_a_running_node_keeps_its_start_up_objects_out_of_full_collections
         gc.unfreeze()
 
 
+def test_kpnode_run_stops_at_once_when_told_to_while_it_waits_for_a_broker(
+        tmp_path: Path) -> None:
+    """SIGTERM (a supervisor's stop) while the node still waited for a broker at start was
+    ignored for up to a minute: compose's 30 s grace then ended in SIGKILL."""
+    (code,) = fresh_codes(1)
+    network = create_network(tmp_path, [code], ["amqp://guest:guest@127.0.0.1:1/"])
+    directory = network.configs[code].directory
+    node = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--dir",
+                             str(directory)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "broker connection failed" not in (line := node.stdout.readline()):  # type: ignore[union-attr]
+            assert line and time.monotonic() < deadline, "the node never tried the broker"
+        started = time.monotonic()
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if node.poll() is None:
+            node.kill()
+        node.communicate()
+
+
 def test_kpnode_run_without_a_broker_says_so_in_one_line_without_the_password(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
