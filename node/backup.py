@@ -45,8 +45,20 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
     if out.exists():
         raise ConfigError(f"{out} exists already; not overwriting a backup")
     require_database(config.database_path)  # sqlite3.connect would make an empty one
-    members: list[str] = []
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        return _write(config, fd)
+    except BaseException as exc:
+        # A part-written archive (a full disk) would restore as a truncated one, and its
+        # name would refuse the retry.
+        out.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(out)
+        raise
+
+
+def _write(config: NodeConfig, fd: int) -> list[str]:
+    members: list[str] = []
     with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
         with tempfile.TemporaryDirectory() as tmp:
             snapshot = Path(tmp) / config.database
@@ -110,7 +122,7 @@ def _unpack_and_check(archive: Path, directory: Path) -> NodeConfig:
             if CONFIG_NAME not in names:
                 raise ConfigError(f"{archive} is not a kpx backup (no {CONFIG_NAME})")
             tar.extractall(directory, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError) as exc:  # EOFError: a truncated archive
         raise ConfigError(f"cannot read backup {archive}: {exc}") from exc
     config = load_config(directory)
     inside = directory.resolve()

@@ -271,6 +271,8 @@ def test_a_refused_restore_leaves_the_directory_as_it_was(nodes: Nodes, tmp_path
                 tar.addfile(member, io.BytesIO(data))
         return out
 
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
     outside = doctored("node.toml.tar.gz", lambda d: d.replace(
         b'database = "node.sqlite3"', b'database = "../evil.sqlite3"'))
     broken = doctored("node.sqlite3.tar.gz", lambda d: b"not a database" * 100)
@@ -282,11 +284,39 @@ def test_a_refused_restore_leaves_the_directory_as_it_was(nodes: Nodes, tmp_path
             restore(outside, target)
         with pytest.raises(sqlite3.DatabaseError):
             restore(broken, target)
+        with pytest.raises(ConfigError, match=r"cannot read backup .*(ended|truncated)"):
+            restore(truncated, target)  # was an EOFError traceback
         assert sorted(tmp_path.rglob("*")) == before
         assert restore(good, target).directory == target
         assert (target / "node.key").read_bytes() == za.path("node.key").read_bytes()
         assert (target / "node.key").stat().st_mode & 0o777 == 0o600
         assert not any(p.name.startswith(".kpx-restore") for p in target.iterdir())
+
+
+def test_a_backup_that_fails_part_way_leaves_no_archive(nodes: Nodes, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """A full disk mid-backup left a part-written archive: it restored as a truncated one,
+    and its name refused the retry ('exists already')."""
+    import errno
+    import tarfile
+
+    from node.backup import backup
+
+    out = tmp_path / "b.tar.gz"
+    real = tarfile.TarFile.addfile
+
+    def full(self: tarfile.TarFile, info: tarfile.TarInfo, fileobj: Any = None) -> None:
+        if info.name != "node.sqlite3":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, info, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full)
+    with pytest.raises(OSError) as failed:
+        backup(nodes["ZA"].config, out)
+    assert failed.value.filename == str(out) and not out.exists()
+    monkeypatch.undo()
+    assert "node.sqlite3" in backup(nodes["ZA"].config, out)
 
 
 def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: Path) -> None:
