@@ -596,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except sqlite3.Error as exc:  # e.g. a read-only database, met mid-command
         complain(f"the node's database: {exc}")
         raise SystemExit(EXIT_ENVIRONMENT) from None
+    except UnicodeError as exc:  # an argument, a KPX_* variable or a file read as text
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        complain(f"text that is not valid UTF-8 ({reason}): check this command's "
+                 "arguments, its KPX_* variables and the files it reads")
+        raise SystemExit(EXIT_REFUSED) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

@@ -343,6 +343,21 @@ def test_every_state_change_is_logged_with_certificate_partner_state_and_message
         node.close()
 
 
+def test_text_that_is_not_utf8_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    """A number typed in another encoding, a passphrase variable in Latin-1: 'show' and
+    'list' printed a UnicodeEncodeError traceback from SQLite, every command on an
+    encrypted node one from the key file."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    directory = str(network.configs["ZA"].directory)
+    kpnode = [sys.executable.encode(), b"-m", b"node.cli"]
+    for argv in ([b"show", b"ZA\xff", b"--dir", directory.encode()],
+                 [b"list", b"--partner", b"\xff", b"--dir", directory.encode()]):
+        done = subprocess.run([*kpnode, *argv], capture_output=True, text=True)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("kpnode: text that is not valid UTF-8")
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
 async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
     node = Node.open(network.configs["ZA"])
