@@ -140,6 +140,8 @@ def add_key(update: RegistryUpdate, code: str, authority: str, public_key: bytes
     held = _key_holder(update, public_key)
     if held:
         raise RegistryEditError(f"that key belongs to {held} already")
+    if valid_until is not None and valid_until <= valid_from:
+        raise RegistryEditError("a key's end must come after its start")  # as end_key says
     key = RegistryKey(public_key=public_key, valid_from=valid_from, valid_until=valid_until)
     found = next((a for a in entry.authorities if a.id == authority), None)
     if found is None:

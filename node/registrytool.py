@@ -256,6 +256,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
             raise ChairError(f"--broker: {problem}")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise ChairError(f"--out: no directory {Path(args.out).resolve().parent}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_file():
+        raise ChairError(f"--out: {args.out} is not a file")
     chair = ChairDirectory(node_directory(args.dir))
     signed = chair.directory / SIGNED
     outputs = []
@@ -272,10 +274,16 @@ def cmd_publish(args: argparse.Namespace) -> None:
     else:
         update = chair.load()
         version = update.version
-        frame = sign_registry(update, chair.key(), now_ms())
         published = chair.directory / PUBLISHED
+        on_record = published / f"registry-v{version:06d}.kpx"
+        if on_record.exists():
+            # A draft set back (restored from a backup, edited by hand): a second, other
+            # frame for a version nodes may hold already would split the network.
+            raise ChairError(f"version {version} was signed already ({on_record}); set the "
+                             "draft's version above the newest in published/")
+        frame = sign_registry(update, chair.key(), now_ms())
         published.mkdir(exist_ok=True)
-        (published / f"registry-v{version:06d}.kpx").write_bytes(frame)
+        on_record.write_bytes(frame)
         signed.write_bytes(frame)
         outputs.append(str(signed))
         # The draft moves on as soon as the version is signed and on record, whether or not

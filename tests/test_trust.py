@@ -88,6 +88,8 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
         add_key(base, "BW", "BW-KPA", _pub(), 0, authority_name="BW Second")
     with pytest.raises(RegistryEditError, match="after its start"):
         end_key(end_key(base, first, 10), first, 0)
+    with pytest.raises(RegistryEditError, match="after its start"):  # 'valid 12-01 .. 11-01'
+        add_key(base, "BW", "BW-KPA", _pub(), 2_000, valid_until=1_000)
     withdrawn = set_status(base, "BW", ParticipantStatus.WITHDRAWN)
     with pytest.raises(RegistryEditError, match="withdrawn"):
         set_status(withdrawn, "BW", ParticipantStatus.ACTIVE)
@@ -470,7 +472,19 @@ def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) ->
     assert refused.returncode == 1 and "--broker or --out" in refused.stderr
     # The draft moved on: the next publish signs version 3.
     kpnode("registry", "publish", "--dir", chair_dir)
-    assert (network.base / "chair" / "published" / "registry-v000003.kpx").exists()
+    v3 = network.base / "chair" / "published" / "registry-v000003.kpx"
+    assert v3.exists()
+    # --out a directory is refused before anything is signed (it used up version 4).
+    refused = kpnode("registry", "publish", "--out", str(tmp_path), "--dir", chair_dir,
+                     check=False)
+    assert refused.returncode == 1 and "is not a file" in refused.stderr
+    assert not (network.base / "chair" / "published" / "registry-v000004.kpx").exists()
+    # A draft set back to a version signed already: refused, not signed a second time.
+    draft = network.base / "chair" / "registry.json"
+    draft.write_text(draft.read_text().replace('"version": 4', '"version": 3'))
+    refused = kpnode("registry", "publish", "--dir", chair_dir, check=False)
+    assert refused.returncode == 1 and "version 3 was signed already" in refused.stderr
+    assert (network.base / "chair" / "registry.kpx").read_bytes() == v3.read_bytes()
 
 
 # -- the private key at rest ------------------------------------------------------------
