@@ -482,13 +482,21 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
     silently ignored, because the operator put it there."""
     best: Registry | None = None
     for frame in store.registry_frames()[-1:]:
-        best = open_registry_frame(frame, config.chair_public_key)
+        try:
+            best = open_registry_frame(frame, config.chair_public_key)
+        except ProtocolError as exc:
+            # Every command fails here; the likelier cause is the key it was checked with.
+            raise RegistryFileError(
+                f"the registry in the database does not verify against chair_public_key "
+                f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}") from exc
     path: Path = config.registry_path
     if path.exists():
         try:
             from_file = open_registry_frame(path.read_bytes(), config.chair_public_key)
         except ProtocolError as exc:
-            raise RegistryFileError(f"{path}: {exc}") from exc
+            raise RegistryFileError(f"{path} does not verify against chair_public_key "
+                                    f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}"
+                                    ) from exc
         if newer(best, from_file):
             best = from_file
             with store.transaction():

@@ -453,6 +453,23 @@ def test_every_command_finds_its_directory_in_kpx_node_dir(tmp_path: Path) -> No
     assert (here / "chair.key").exists(), done.stdout
 
 
+def test_a_wrong_chair_key_names_the_setting_and_is_an_environment_error(
+        tmp_path: Path) -> None:
+    """Every command failed with exit 1 and 'key.unknown: registry is not signed by the
+    Chair's key', naming neither the registry it checked nor the setting to suspect."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    directory = network.configs["ZA"].directory
+    Node.open(network.configs["ZA"]).close()  # the registry is in the database too
+    other = bytes(SigningKey.generate().verify_key).hex()
+    for remove_file in (False, True):
+        if remove_file:
+            (directory / "registry.kpx").unlink()
+        done = subprocess.run([*KPNODE, "list", "--dir", str(directory)], capture_output=True,
+                              text=True, env={**os.environ, "KPX_CHAIR_PUBLIC_KEY": other})
+        assert done.returncode == 3, done.stderr
+        assert "does not verify against chair_public_key" in done.stderr
+
+
 def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     chair_dir = str(network.base / "chair")
