@@ -340,6 +340,8 @@ def cmd_key_encrypt(args: argparse.Namespace) -> None:
     # Refused rather than re-encrypting the others: that would need their passphrase too,
     # and a node whose keys open with different ones cannot start.
     require_passphrase_of(paths, passphrase)
+    for path in todo:  # all of them readable first: a refusal half-way left some encrypted
+        read_signing_key(path)
     for path in todo:
         encrypt_key_file(path, passphrase)
     emit(args, {"encrypted": [str(p) for p in todo]},

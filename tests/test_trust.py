@@ -593,6 +593,23 @@ def test_key_file_readable_by_others_or_damaged_is_refused(tmp_path: Path) -> No
     assert key_id(bytes(SigningKey.generate().verify_key))
 
 
+def test_key_encrypt_refused_by_one_key_file_encrypts_none(tmp_path: Path) -> None:
+    """A rotated key in keys/ left readable by others: 'key encrypt' refused it, exit 3,
+    after it had encrypted node.key already."""
+    network = create_network(tmp_path, ["ZA"], [])
+    config = network.configs["ZA"]
+    folder = config.path(KEYS_DIR)
+    folder.mkdir()
+    write_signing_key(folder / "next.key", SigningKey.generate())
+    (folder / "next.key").chmod(0o644)
+    before = config.path(config.signing_key_file).read_bytes()
+    done = subprocess.run([*KPNODE, "key", "encrypt", "--dir", str(config.directory)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "KPX_KEY_PASSPHRASE": "correct horse battery"})
+    assert done.returncode == 3 and "readable by others" in done.stderr
+    assert config.path(config.signing_key_file).read_bytes() == before
+
+
 def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     """Like the key: it holds every certificate, party and value, and the evidence log."""
     network = create_network(tmp_path, ["ZA", "IN"], [])
