@@ -23,7 +23,7 @@ from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
-from node.machine import Record, Side, State, day_of
+from node.machine import Record, Refusal, Side, State, day_of
 from node.network import init_node
 from node.registry import open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
@@ -34,6 +34,7 @@ from protocol import (
     Certificate,
     Line,
     ProtocolError,
+    Reason,
     ValidationError,
     key_id,
     validate_certificate,
@@ -179,16 +180,26 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     certificate = read_certificate(args.certificate)
     refusal = None
+    checked = "against this node's registry"
     if args.dir or os.environ.get("KPX_NODE_DIR") or Path("node.toml").exists():
         node = open_node(args)
         try:
             refusal = node.check_issue(certificate)
         finally:
             node.close()
+    else:
+        # No registry here, but the calendar needs none: 'valid' for an expired
+        # certificate, which issue then refused, misled.
+        checked = "in form and dates only; give --dir to check it against a registry"
+        today = day_of(now_ms())
+        if certificate.expires_on < today:
+            refusal = Refusal(str(Reason.CERTIFICATE_EXPIRED), f"certificate expired on "
+                              f"{certificate.expires_on.isoformat()}",
+                              certificate=certificate.number)
     if refusal is not None:
         raise CommandRefused(refusal)
-    emit(args, {"valid": True, "number": certificate.number},
-         f"{certificate.number}: valid")
+    emit(args, {"valid": True, "number": certificate.number, "checked": checked},
+         f"{certificate.number}: valid ({checked})")
 
 
 def cmd_issue(args: argparse.Namespace) -> None:

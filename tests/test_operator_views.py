@@ -343,6 +343,24 @@ def test_every_state_change_is_logged_with_certificate_partner_state_and_message
         node.close()
 
 
+def test_validate_without_a_node_still_refuses_an_expired_certificate(
+        tmp_path: Path) -> None:
+    """Outside a node directory 'validate' checked the form only and called an expired
+    certificate valid; 'issue' then refused it as expired."""
+    expired = certificate_json("ZA-2026-0001", "ZA", "IN", issued_on="2025-01-02",
+                               expires_on="2025-03-01")
+    (tmp_path / "old.json").write_text(json.dumps(expired))
+    (tmp_path / "new.json").write_text(json.dumps(certificate_json("ZA-2026-0002", "ZA",
+                                                                   "IN")))
+    env = {k: v for k, v in os.environ.items() if k != "KPX_NODE_DIR"}
+    old = subprocess.run([sys.executable, "-m", "node.cli", "validate", "old.json"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert old.returncode == 1 and "certificate.expired" in old.stderr
+    new = subprocess.run([sys.executable, "-m", "node.cli", "validate", "new.json"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert new.returncode == 0 and "valid (in form and dates only" in new.stdout
+
+
 def test_text_that_is_not_utf8_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
     """A number typed in another encoding, a passphrase variable in Latin-1: 'show' and
     'list' printed a UnicodeEncodeError traceback from SQLite, every command on an
