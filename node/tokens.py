@@ -70,9 +70,18 @@ class Tokens:
         if stamp != self._stamp:
             try:
                 data = json.loads(self.path.read_text())
-                entries = list(data["tokens"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                entries = data["tokens"]
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise TokenError(f"{self.path}: unreadable tokens file: {exc}") from exc
+            if not isinstance(entries, list):
+                raise TokenError(f"{self.path}: 'tokens' must be a list")
+            for i, entry in enumerate(entries):
+                # A hand-edited file: every use of an entry below trusts these three.
+                if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                        and isinstance(entry.get("sha256"), str)
+                        and entry.get("role") in {r.value for r in Role}):
+                    raise TokenError(f"{self.path}: entry {i} needs a name, a sha256 and a "
+                                     f"role ({', '.join(r.value for r in Role)})")
             self._stamp, self._entries = stamp, entries
         return self._entries
 

@@ -343,6 +343,22 @@ def test_every_state_change_is_logged_with_certificate_partner_state_and_message
         node.close()
 
 
+@pytest.mark.parametrize("text", ['{"tokens": [{}]}', '{"tokens": [1]}', '{"tokens": "ab"}',
+                                  '{"tokens": [{"name": "a", "sha256": "00", "role": "admin"}]}',
+                                  '[' * 100_000 + ']' * 100_000])
+def test_a_hand_edited_tokens_file_is_one_clear_error(tmp_path: Path, text: str) -> None:
+    """'kpnode token list/add/revoke' printed KeyError, TypeError or RecursionError
+    tracebacks for a tokens.json edited by hand, and listed a role that does not exist."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    directory = network.configs["ZA"].directory
+    (directory / "tokens.json").write_text(text)
+    done = subprocess.run([sys.executable, "-m", "node.cli", "token", "list", "--dir",
+                           str(directory)], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("kpnode: ") and "tokens.json" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_validate_without_a_node_still_refuses_an_expired_certificate(
         tmp_path: Path) -> None:
     """Outside a node directory 'validate' checked the form only and called an expired
