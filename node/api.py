@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from node.jsontext import JsonTextError, parse_json
 from node.machine import Record, Side, State, day_of, is_overdue
 from node.openapi import openapi_document
 from node.service import CommandRefused, Node, OnCommit
@@ -293,19 +294,17 @@ def same_json(body: bytes) -> bytes:
     if not body.strip():
         return b"{}"
     try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
+        value = parse_json(body)
+    except JsonTextError:
         return body
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def parse_json_bytes(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except ValueError as exc:  # not JSON, not UTF-8, a number with too many digits
-        raise ApiError(400, "request.malformed", f"the body is not JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "request.malformed", "the body is nested too deeply") from None
+        return parse_json(body)
+    except JsonTextError as exc:
+        raise ApiError(400, "request.malformed", f"the body is {exc}") from None
 
 
 # -- handlers ---------------------------------------------------------------------------

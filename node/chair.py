@@ -16,6 +16,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from node.jsontext import JsonTextError, parse_json
 from protocol import (
     BROADCAST,
     CHAIR,
@@ -78,11 +79,11 @@ def sign_registry(update: RegistryUpdate, chair_key: SigningKey, now_ms: int) ->
 def sign_registry_file(source: Path, chair_key: SigningKey, out: Path, now_ms: int) -> int:
     """Sign a registry JSON file into a registry frame file; returns its version."""
     try:
-        data = json.loads(source.read_text())
+        data = parse_json(source.read_bytes())
     except OSError as exc:
         raise RegistryJsonError(f"cannot read {source}: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise RegistryJsonError(f"{source}: not JSON: {exc}") from exc
+    except JsonTextError as exc:
+        raise RegistryJsonError(f"{source}: {exc}") from None
     update = registry_from_json(data)
     out.write_bytes(sign_registry(update, chair_key, now_ms))
     return update.version

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sqlite3
 import sys
@@ -21,6 +20,7 @@ from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
+from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Refusal, Side, State, day_of
@@ -77,13 +77,9 @@ def read_json(path: str) -> Any:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from exc
-    except ValueError as exc:  # Python's limit on the digits of an integer
-        raise UserError(f"{path}: a number with too many digits") from exc
-    except RecursionError as exc:
-        raise UserError(f"{path}: nested too deeply") from exc
+        return parse_json(text)
+    except JsonTextError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def read_certificate(path: str) -> Certificate:

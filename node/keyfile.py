@@ -33,6 +33,7 @@ from nacl.secret import SecretBox
 from nacl.signing import SigningKey
 
 from node.config import ConfigError
+from node.jsontext import parse_json
 
 ENCRYPTED_FORMAT = "kpx-encrypted-key-v1"
 ENV_PASSPHRASE = "KPX_KEY_PASSPHRASE"
@@ -71,7 +72,7 @@ def encrypt_seed(seed: bytes, passphrase: str, strength: str = "moderate") -> st
 
 def decrypt_seed(text: str, passphrase: str, path: Path) -> bytes:
     try:
-        data = json.loads(text)
+        data = parse_json(text)
         if data.get("format") != ENCRYPTED_FORMAT or data.get("kdf") != "argon2id":
             raise ValueError(f"unknown format {data.get('format')!r}")
         opslimit, memlimit = int(data["opslimit"]), int(data["memlimit"])

@@ -36,6 +36,7 @@ from node.chair import (
     sign_registry,
 )
 from node.config import node_directory
+from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
 from node.service import now_ms
 from node.terminal import emit
@@ -121,12 +122,12 @@ class ChairDirectory:
 
     def load(self) -> RegistryUpdate:
         try:
-            data = json.loads(self.draft_path.read_text())
+            data = parse_json(self.draft_path.read_bytes())
         except FileNotFoundError:
             raise ChairError(f"no {DRAFT} in {self.directory}: run 'kpnode registry init' "
                              "first") from None
-        except json.JSONDecodeError as exc:
-            raise ChairError(f"{self.draft_path}: not JSON: {exc}") from None
+        except JsonTextError as exc:
+            raise ChairError(f"{self.draft_path}: {exc}") from None
         return registry_from_json(data)
 
     def save(self, update: RegistryUpdate) -> None:

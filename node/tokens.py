@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from node.jsontext import parse_json
 from node.terminal import emit, table
 
 TOKENS_NAME = "tokens.json"
@@ -69,9 +70,9 @@ class Tokens:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             try:
-                data = json.loads(self.path.read_text())
+                data = parse_json(self.path.read_bytes())
                 entries = data["tokens"]
-            except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise TokenError(f"{self.path}: unreadable tokens file: {exc}") from exc
             if not isinstance(entries, list):
                 raise TokenError(f"{self.path}: 'tokens' must be a list")

@@ -951,3 +951,39 @@ def test_a_registry_listing_one_key_twice_is_refused_by_both_verifiers(tmp_path:
     checked = independent_verifier.verify(frame, {independent_verifier.key_id(chair): chair})
     assert (checked.stage, checked.reason, checked.problems) == (
         "schema", "body.schema", [("payload.participants", "field.bad_format")])
+
+
+def test_a_damaged_registry_json_is_one_clear_error(tmp_path: Path) -> None:
+    """The Chair's draft and a registry JSON to sign are edited by hand: a number with more
+    digits than Python converts, or nesting 100,000 deep, once ended in a traceback."""
+    chair = tmp_path / "chair"
+    kpnode("registry", "init", "--dir", str(chair))
+    draft = chair / "registry.json"
+    kpnode("chair", "init", "--dir", str(tmp_path / "signer"))
+    for name, content, says in (
+            ("digits", b'{"version": ' + b"7" * 5000 + b"}", "a number with too many digits"),
+            ("deep", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+            ("latin1", "{\"é\": 1}".encode("latin-1"), "not UTF-8 text"),
+            ("broken", b"{\"version\": ", "not valid JSON")):
+        draft.write_bytes(content)
+        shown = kpnode("registry", "show", "--dir", str(chair), check=False)
+        assert shown.returncode == 1, (name, shown.stderr)
+        assert shown.stderr.startswith(f"kpnode: {draft}: {says}"), (name, shown.stderr)
+        assert "Traceback" not in shown.stderr
+        signed = kpnode("chair", "sign-registry", str(draft), "--key",
+                        str(tmp_path / "signer" / "chair.key"), "--out",
+                        str(tmp_path / "out.kpx"), check=False)
+        assert signed.returncode == 3, (name, signed.stderr)
+        assert signed.stderr.startswith(f"kpnode: {draft}: {says}"), (name, signed.stderr)
+        assert "Traceback" not in signed.stderr
+    assert not (tmp_path / "out.kpx").exists()
+
+
+def test_a_damaged_encrypted_key_file_is_a_key_error(tmp_path: Path) -> None:
+    """Nested 100,000 deep, an encrypted key file once raised RecursionError (a traceback)."""
+    path = tmp_path / "node.key"
+    for text in ('{"a":' * 100_000 + "1" + "}" * 100_000, '{"opslimit": ' + "9" * 5000 + "}"):
+        path.write_text(text)
+        path.chmod(0o600)
+        with pytest.raises(KeyFileError, match="is malformed"):
+            read_signing_key(path, passphrase="correct horse battery")
