@@ -239,14 +239,20 @@ def running_pid(directory: Path) -> int | None:
 
 
 def store_writable(node: Node, timeout_ms: int = 1000) -> bool:
-    """Can the node's database take a write transaction now? Waits at most ``timeout_ms``
-    for another writer, then says no rather than hang."""
+    """Can the node's database take a write now? Waits at most ``timeout_ms`` for another
+    writer, then says no rather than hang. It writes (the schema version it already has) and
+    rolls back: on a file that is immutable or on a read-only mount, ``BEGIN IMMEDIATE``
+    alone succeeds and only a write is refused."""
     db = node.store.db
     previous = int(db.execute("PRAGMA busy_timeout").fetchone()[0])
     db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
     try:
         db.execute("BEGIN IMMEDIATE")
-        db.execute("ROLLBACK")
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version={version}")
+        finally:
+            db.execute("ROLLBACK")
         return True
     except sqlite3.Error:
         return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from node.ping import NodeNotRunning, PingFailed, ping_partner
 from node.runner import RunningNode
 from node.service import Delivery, Node, Verdict
 from node.stats import Quarter
-from node.status import gather_status
+from node.status import gather_status, store_writable
 from protocol import Certificate, Line, ProtocolError, decode_body, key_id, parse_frame
 from tests.netutil import certificate, queue_depth
 from tests.test_network import fresh_codes, publish_raw, state, until
@@ -65,6 +66,26 @@ def sample(text: str, name: str, **labels: str) -> float | None:
         if metric == name and got == wanted:
             return float(value)
     return None
+
+
+def test_a_database_that_refuses_writes_is_not_called_writable(tmp_path: Path) -> None:
+    """On an immutable file or a read-only mount, BEGIN IMMEDIATE succeeds and only the
+    first write fails: status and /health called such a database writable."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    node = Node.open(network.configs["ZA"])
+    try:
+        assert store_writable(node)
+        path = network.configs["ZA"].directory / "node.sqlite3"
+        read_only = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        with read_only:
+            node.store.db, writable = read_only, node.store.db
+            try:
+                assert not store_writable(node)
+            finally:
+                node.store.db = writable
+        assert store_writable(node) and node.store.schema_version > 0
+    finally:
+        node.close()
 
 
 @pytest.fixture
