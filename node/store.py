@@ -588,14 +588,21 @@ class Store:
 def _record(row: tuple[Any, ...]) -> Record:
     (side, number, partner, state, certificate, digest, message_id, confirmation,
      rejection_reason, rejection_text, replaces, replaced_by, updated_at) = row
-    return Record(
-        side=Side(str(side)), number=str(number), partner=str(partner), state=State(str(state)),
-        certificate=_certificate(certificate), certificate_digest=bytes(digest),
-        message_id=str(message_id), updated_at=int(updated_at),
-        confirmation=_confirmation(confirmation) if confirmation is not None else None,
-        rejection_reason=_opt(rejection_reason), rejection_text=_opt(rejection_text),
-        replaces=_opt(replaces), replaced_by=_opt(replaced_by),
-    )
+    try:
+        return Record(
+            side=Side(str(side)), number=str(number), partner=str(partner),
+            state=State(str(state)), certificate=_certificate(certificate),
+            certificate_digest=bytes(digest), message_id=str(message_id),
+            updated_at=int(updated_at),
+            confirmation=_confirmation(confirmation) if confirmation is not None else None,
+            rejection_reason=_opt(rejection_reason), rejection_text=_opt(rejection_text),
+            replaces=_opt(replaces), replaced_by=_opt(replaced_by),
+        )
+    except (ValueError, TypeError) as exc:
+        # Only an edit outside kpx writes such a row; acting on a guess would be worse.
+        raise StoreError(f"the database holds a record kpx cannot read ({side} {number}: "
+                         f"{exc}); it was changed outside kpx: restore it from a backup"
+                         ) from None
 
 
 def _opt(value: object) -> str | None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -824,3 +825,25 @@ def test_a_watch_or_timeout_of_zero_is_refused() -> None:
         done = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
                               text=True, check=False, timeout=60)
         assert done.returncode == 2 and "must be seconds from 0.1 to 86400" in done.stderr
+
+
+def test_a_record_changed_outside_kpx_is_one_clear_error(tmp_path: Path) -> None:
+    """A certificate row edited by hand (a state kpx does not have) ended 'list' and 'show'
+    in a ValueError traceback; now each names the record and exits 3."""
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    node = Node.open(config)
+    try:
+        node.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+    finally:
+        node.close()
+    with contextlib.closing(sqlite3.connect(config.directory / "node.sqlite3")) as db, db:
+        db.execute("UPDATE certificates SET state = 'LOST' WHERE number = 'ZA-2026-0001'")
+    for args in (["list"], ["show", "ZA-2026-0001"]):
+        done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--dir",
+                               str(config.directory)],
+                              capture_output=True, text=True, check=False, timeout=60)
+        assert done.returncode == 3, (args, done.stderr)
+        assert done.stderr.startswith(
+            "kpnode: the database holds a record kpx cannot read (export ZA-2026-0001: "
+            "'LOST' is not a valid State); it was changed outside kpx"), done.stderr
