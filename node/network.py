@@ -3,6 +3,7 @@ them with a Chair and a signed registry (the demo, the tests, the simulation).""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def init_node(directory: Path, participant: str, *, authority: str | None = None
         config = dataclasses.replace(config, broker_urls=tuple(broker_urls))
     key = SigningKey.generate()
     write_signing_key(config.path(config.signing_key_file), key)
-    Store(config.database_path).close()
+    with contextlib.closing(Store(config.database_path)) as store:
+        store.claim(participant)
     write_config(config)
     return config
 

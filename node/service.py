@@ -178,6 +178,7 @@ class Node:
         other_keys = config.rotated_keys()
         store = Store(config.database_path, create=False)
         try:
+            store.claim(config.participant)
             registry = load_registry(config, store)
         except BaseException:
             store.close()

@@ -121,6 +121,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX certificates_by_replaces ON certificates (replaces)
         WHERE replaces IS NOT NULL;
     """,
+    # 6: whose records these are (Store.claim), so that a database copied in from another
+    # Participant's node is refused instead of being taken for this node's own.
+    """
+    CREATE TABLE owner (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        participant TEXT NOT NULL
+    );
+    """,
 )
 
 #: the furthest ahead a failed publish is ever retried (the relay's backoff stops there)
@@ -217,6 +225,35 @@ class Store:
                     if statement.strip():
                         self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version={i}")
+
+    def claim(self, participant: str) -> None:
+        """Make sure these are ``participant``'s records: StoreError if the database is
+        another Participant's. One made before kpx recorded its owner is claimed now,
+        unless its own certificates are numbered for someone else."""
+        owner = self._owner()
+        if owner is None:
+            with self.transaction():
+                foreign = self.db.execute(
+                    "SELECT number FROM certificates WHERE side = ? AND substr(number, 1, ?)"
+                    " != ? LIMIT 1", (Side.EXPORT.value, len(participant), participant)
+                ).fetchone()
+                if foreign is not None:
+                    raise self._not_ours(participant, f"a node that exported {foreign[0]}")
+                if (owner := self._owner()) is None:
+                    self.db.execute("INSERT INTO owner (only, participant) VALUES (1, ?)",
+                                    (participant,))
+                    owner = participant
+        if owner != participant:
+            raise self._not_ours(participant, f"Participant {owner}")
+
+    def _not_ours(self, participant: str, owner: str) -> StoreError:
+        return StoreError(f"the database {self.path} holds the records of {owner}, not of "
+                          f"{participant}: a database copied from another node? Put this "
+                          "node's own back, or restore its backup ('kpnode restore')")
+
+    def _owner(self) -> str | None:
+        row = self.db.execute("SELECT participant FROM owner").fetchone()
+        return None if row is None else str(row[0])
 
     @property
     def schema_version(self) -> int:

@@ -58,7 +58,7 @@ from node.status import (
     gather_status,
     render_status,
 )
-from node.store import Store
+from node.store import Store, StoreError
 from node.terminal import table
 from protocol import (
     Authority,
@@ -847,3 +847,39 @@ def test_a_record_changed_outside_kpx_is_one_clear_error(tmp_path: Path) -> None
         assert done.stderr.startswith(
             "kpnode: the database holds a record kpx cannot read (export ZA-2026-0001: "
             "'LOST' is not a valid State); it was changed outside kpx"), done.stderr
+
+
+def test_a_database_copied_from_another_node_is_refused(tmp_path: Path) -> None:
+    """ZA's database copied into IN's directory (a wrong volume, a restore by hand) was
+    taken for IN's own: IN would have listed ZA's exports as its own and answered for
+    them. Every command now refuses it (exit 3) and leaves it as it is."""
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    za, india = network.configs["ZA"], network.configs["IN"]
+    node = Node.open(za)
+    try:
+        node.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+    finally:
+        node.close()
+    copied = (za.directory / "node.sqlite3").read_bytes()
+    (india.directory / "node.sqlite3").write_bytes(copied)
+    says = (f"kpnode: the database {india.directory / 'node.sqlite3'} holds the records of "
+            "Participant ZA, not of IN: a database copied from another node?")
+    for args in (["list"], ["show", "ZA-2026-0001"], ["run"]):
+        done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--dir",
+                               str(india.directory)],
+                              capture_output=True, text=True, check=False, timeout=60)
+        assert (done.returncode, done.stderr.splitlines()[0][:len(says)]) == (3, says), args
+    assert (india.directory / "node.sqlite3").read_bytes() == copied
+    # A database from before kpx recorded its owner: its exports' numbers give it away.
+    with contextlib.closing(sqlite3.connect(india.directory / "node.sqlite3")) as db, db:
+        db.execute("DELETE FROM owner")
+    with pytest.raises(StoreError, match="holds the records of a node that exported "
+                                         "ZA-2026-0001, not of IN"):
+        Node.open(india)
+    # ... and one whose exports are its own is claimed, and opens as before.
+    with contextlib.closing(sqlite3.connect(za.directory / "node.sqlite3")) as db, db:
+        db.execute("DELETE FROM owner")
+    Node.open(za).close()
+    with (contextlib.closing(Store(za.directory / "node.sqlite3")) as store,
+          pytest.raises(StoreError, match="of Participant ZA, not of IN")):
+        store.claim("IN")
