@@ -37,7 +37,7 @@ from node.definitions import (
     password_hash,
 )
 from node.network import create_network
-from node.registry import Registry, open_registry_frame
+from node.registry import Registry, open_registry_frame, unverified_registry_version
 from node.registrytool import CHAIR_PUBLIC
 from node.service import broker_user_for
 from node.terminal import emit, table
@@ -263,20 +263,27 @@ def cmd_publish_registry(args: argparse.Namespace) -> None:
         frame = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read registry {path}: {exc.strerror}") from exc
-    version = (read_registry(path, _hex_key(args.chair_key)).version if args.chair_key
-               else None)
+    # Every node dead-letters what is not a registry: check before it reaches their inboxes.
+    try:
+        version = (read_registry(path, _hex_key(args.chair_key)).version if args.chair_key
+                   else unverified_registry_version(frame))
+    except ProtocolError as exc:
+        raise ConfigError(f"{path} is not a signed registry: {exc}") from exc
     url = args.broker
     if args.password_file:
         url = broker_url(url, args.user, read_password(Path(args.password_file)))
+    elif (problem := broker_url_problem(url)) is not None:
+        raise ConfigError(f"--broker: {problem}")
     try:
         # The broker vouches for the login as user_id; nodes skip the check for the Chair,
         # whose signature is the proof, so any login that may write kpx.registry will do.
         asyncio.run(publish_registry(url, frame, user_id=URL(url).user or None))
     except Exception as exc:
         raise ConfigError(f"registry not published: {type(exc).__name__}: {exc}") from exc
-    emit(args, {"published": str(path), "version": version},
-          f"registry {path}{'' if version is None else f' (version {version})'} published "
-          "to every inbox")
+    emit(args, {"published": str(path), "version": version,
+                 "signature_checked": bool(args.chair_key)},
+          f"registry {path} (version {version}) published to every inbox"
+          + ("" if args.chair_key else "; its signature is checked by each node"))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],

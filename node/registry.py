@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from protocol import (
     CHAIR,
     Authority,
+    Envelope,
     Opened,
     ParticipantEntry,
     ParticipantStatus,
@@ -19,8 +20,10 @@ from protocol import (
     RegistryKey,
     RegistryUpdate,
     SignatureError,
+    decode_body,
     key_id,
     open_frame,
+    parse_frame,
 )
 from protocol.errors import ProtocolError
 
@@ -166,10 +169,19 @@ def open_registry_frame(frame: bytes, chair_public_key: bytes) -> Registry:
         return chair_public_key
 
     opened: Opened = open_frame(frame, chair_only)
-    payload = opened.envelope.payload
-    if opened.envelope.sender != CHAIR or not isinstance(payload, RegistryUpdate):
+    return Registry(_registry_update(opened.envelope), frame, opened.envelope.message_id)
+
+
+def unverified_registry_version(frame: bytes) -> int:
+    """The version a registry-update frame names, its shape checked but not its signature
+    (that needs the Chair's key): ProtocolError if it is no registry update at all."""
+    return _registry_update(decode_body(parse_frame(frame).body)).version
+
+
+def _registry_update(envelope: Envelope) -> RegistryUpdate:
+    if envelope.sender != CHAIR or not isinstance(envelope.payload, RegistryUpdate):
         raise ProtocolError(Reason.BODY_SCHEMA, "frame is not a registry update")
-    return Registry(payload, frame, opened.envelope.message_id)
+    return envelope.payload
 
 
 def newer(current: Registry | None, candidate: Registry) -> bool:

@@ -707,6 +707,26 @@ def test_registry_publish_refuses_a_bad_broker_or_out_before_signing(tmp_path: P
     assert not (chair / "published").exists()
 
 
+def test_deploy_publish_registry_checks_the_file_and_url_before_connecting(
+        tmp_path: Path) -> None:
+    """Without --chair-key, any file went to every inbox (each node dead-lettered it), and a
+    malformed URL was found only by the connection attempt."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    signed = network.base / "chair" / "registry.kpx"
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("registry: version 2, please\n")
+    for path, broker, says in (
+            (garbage, "amqp://guest:guest@127.0.0.1:1/",
+             f"kpnode: {garbage} is not a signed registry: frame.malformed: not a kpx frame "
+             "(bad magic)"),
+            (signed, "http://guest:s3cret@127.0.0.1:1/",
+             "kpnode: --broker: 'http://guest:***@127.0.0.1:1/' is not an amqp://")):
+        done = kpnode("deploy", "publish-registry", str(path), "--broker", broker,
+                      check=False)
+        assert done.returncode == 3, done.stderr
+        assert done.stderr.startswith(says), done.stderr
+
+
 # -- what one Participant's signed messages may do to another's certificates ------------
 
 
