@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from node.definitions import (
     broker_users,
     password_hash,
 )
+from node.jsontext import parse_json
 from node.network import create_network
 from node.registry import Registry, open_registry_frame, unverified_registry_version
 from node.registrytool import CHAIR_PUBLIC
@@ -187,6 +190,64 @@ class Provisioned:
         return {p.parent.name: p.parent for p in sorted(self.base.glob(f"*/{CONFIG_NAME}"))}
 
 
+#: Written before ``deploy network`` makes anything and removed once all is made: what it
+#: names is taken away again by the next run (no key of it has left the machine yet).
+UNFINISHED = ".kpx-provisioning"
+
+
+@contextlib.contextmanager
+def _undone_unless_finished(base: Path, entries: Sequence[Path]) -> Iterator[None]:
+    """Make ``entries`` (each new, or an empty directory) in the block, or none of them:
+    a failure removes what the block made; a kill, before the next run starts over."""
+    unfinished = base / UNFINISHED
+    if unfinished.exists():  # an earlier run was stopped part-way: start it over
+        try:
+            earlier = parse_json(unfinished.read_bytes())
+            made, emptied = ([base / _entry_name(n) for n in earlier[k]]
+                             for k in ("made", "emptied"))
+            _take_away(made, emptied)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{unfinished}: an earlier 'deploy network' stopped part-way "
+                              f"and its record is unreadable ({exc}); empty {base} and run "
+                              "it again") from exc
+    in_use = [p for p in entries if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+    if in_use:
+        raise ConfigError(f"{', '.join(map(str, in_use))}: exists already; 'deploy network' "
+                          "provisions a new network into an empty directory")
+    made = [p for p in entries if not p.exists()]
+    emptied = [p for p in entries if p.exists()]
+    base.mkdir(parents=True, exist_ok=True)
+    unfinished.write_text(json.dumps({"made": [p.name for p in made],
+                                      "emptied": [p.name for p in emptied]}) + "\n")
+    try:
+        yield
+    except BaseException:
+        _take_away(made, emptied)
+        unfinished.unlink(missing_ok=True)
+        raise
+    unfinished.unlink()
+
+
+def _entry_name(name: object) -> str:
+    """A name ``deploy network`` makes in its directory, and nothing else, so that a record
+    edited by hand cannot send the clean-up elsewhere."""
+    if not (isinstance(name, str) and (name in ("chair", "broker")
+                                       or PARTICIPANT_CODE.fullmatch(name))):
+        raise ValueError(f"{name!r} is not an entry deploy network makes")
+    return name
+
+
+def _take_away(made: Sequence[Path], emptied: Sequence[Path]) -> None:
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in emptied:
+        for child in path.iterdir() if path.is_dir() else ():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
 def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str], *,
               vhost: str = DEFAULT_VHOST, delivery_limit: int = 5) -> Provisioned:
     """The Chair (key, registry.json, signed registry.kpx, chair.pub), one locked-down node
@@ -194,20 +255,23 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
     provisioned already it only regenerates the definitions from the Chair's registry."""
     chair_dir = base / "chair"
     passwords = chair_dir / "broker-passwords"
-    created = not (chair_dir / "registry.kpx").exists()
+    unfinished = base / UNFINISHED
+    created = unfinished.exists() or not (chair_dir / "registry.kpx").exists()
     if created:
         for template in broker_templates:  # before anything is written
             broker_url(template, "", "")
         if not codes:
             raise ConfigError("name at least one Participant to provision")
-        network = create_network(base, codes, ())
-        # The draft `kpnode registry` edits carries the version it will be published under.
-        draft = dataclasses.replace(network.registry, version=network.registry.version + 1)
-        (chair_dir / "registry.json").write_text(
-            json.dumps(registry_to_json(draft), indent=2) + "\n")
-        for code, config in network.configs.items():
-            configure_node(config, broker_templates,
-                           ensure_password(passwords, broker_user_for(code)))
+        entries = [chair_dir, *(base / code for code in codes), base / "broker"]
+        with _undone_unless_finished(base, entries):
+            network = create_network(base, codes, ())
+            # The draft `kpnode registry` edits carries the version it is published under.
+            draft = dataclasses.replace(network.registry, version=network.registry.version + 1)
+            (chair_dir / "registry.json").write_text(
+                json.dumps(registry_to_json(draft), indent=2) + "\n")
+            for code, config in network.configs.items():
+                configure_node(config, broker_templates,
+                               ensure_password(passwords, broker_user_for(code)))
     try:
         chair_public = bytes.fromhex((chair_dir / CHAIR_PUBLIC).read_text().strip())
     except (OSError, ValueError) as exc:

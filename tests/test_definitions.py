@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from node.config import ConfigError
 from node.definitions import broker_definitions, broker_users, password_hash
-from node.deploy import password_file, write_definitions
+from node.deploy import UNFINISHED, password_file, provision, write_definitions
 from node.network import create_network
 from node.registry import open_registry_frame
 from node.transport import inbox_arguments
@@ -50,3 +51,34 @@ def test_a_user_without_a_hash_is_an_error(tmp_path: Path) -> None:
     net = create_network(tmp_path, ["ZA"], ())
     with pytest.raises(ValueError, match="kpx-chair"):
         broker_definitions(net.registry, {"kpx-za": "x"})
+
+
+TEMPLATE = "amqp://{user}:{password}@127.0.0.1:5672/kpx"
+
+
+def test_a_deploy_network_that_stopped_part_way_can_be_run_again(tmp_path: Path) -> None:
+    """A first run that failed (IN's directory was in use) left the Chair's key and ZA's
+    node behind, and every later run failed on them ('chair.key: File exists')."""
+    base = tmp_path / "kpx"
+    (base / "IN").mkdir(parents=True)
+    (base / "IN" / "notes.txt").write_text("someone's\n")
+    with pytest.raises(ConfigError, match=r"IN: exists already"):
+        provision(base, ["ZA", "IN"], [TEMPLATE])
+    assert sorted(p.name for p in base.iterdir()) == ["IN"]  # nothing made, nothing taken
+    (base / "IN" / "notes.txt").unlink()
+    # A run killed part-way (no clean-up ran) leaves its record: the next starts over.
+    (base / "chair").mkdir()
+    (base / "chair" / "chair.key").write_text("half a key")
+    (base / UNFINISHED).write_text(json.dumps({"made": ["chair", "ZA"], "emptied": ["IN"]}))
+    done = provision(base, ["ZA", "IN"], [TEMPLATE])
+    assert done.created and sorted(done.node_dirs()) == ["IN", "ZA"]
+    assert not (base / UNFINISHED).exists()
+    assert done.registry.version == 1 and (base / "broker" / "definitions.json").exists()
+    again = provision(base, [], [TEMPLATE])
+    assert not again.created and again.chair_public_key == done.chair_public_key
+    # A record edited to name anything else removes nothing.
+    (base / UNFINISHED).write_text(json.dumps({"made": ["../elsewhere"], "emptied": []}))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ConfigError, match="its record is unreadable"):
+        provision(base, ["ZA", "IN"], [TEMPLATE])
+    assert (tmp_path / "elsewhere").exists() and (base / "ZA" / "node.toml").exists()
