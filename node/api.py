@@ -27,7 +27,7 @@ from node.machine import Record, Side, State, day_of, is_overdue
 from node.openapi import openapi_document
 from node.service import CommandRefused, Node, OnCommit
 from node.stats import Quarter
-from node.store import StoreError
+from node.store import StoreError, UnreadableRecord
 from node.tokens import Principal, TokenError, Tokens
 from node.views import history_json, parse_date, parse_whole_number, record_json
 from node.webcontext import (
@@ -100,6 +100,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response = ApiError(exc.status, reason, exc.reason,
                             headers={k: v for k, v in exc.headers.items()
                                      if k == "Allow"}).response()
+    except UnreadableRecord as exc:  # retrying will not help: the operator must restore
+        log.error("record unreadable", error=str(exc), path=request.path)
+        response = ApiError(500, "node.record_unreadable", str(exc)).response()
     except StoreError as exc:
         log.error("store failed", error=str(exc), path=request.path)
         return ApiError(503, "node.store_unavailable", "the node's database cannot be used "

@@ -27,7 +27,7 @@ from node.machine import Record, Refusal, Side, State, day_of
 from node.network import init_node
 from node.registry import open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
-from node.store import StoreError
+from node.store import StoreError, UnreadableRecord
 from node.terminal import emit, printable, table
 from node.views import carats, history_json, parse_amount, parse_date, record_json, usd
 from protocol import (
@@ -592,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UserError, ProtocolError, registrytool.ChairError) as exc:
         complain(str(exc))
         raise SystemExit(EXIT_REFUSED) from None
-    except (ConfigError, RegistryFileError, StoreError, RegistryJsonError) as exc:
+    except (ConfigError, RegistryFileError, StoreError, UnreadableRecord,
+            RegistryJsonError) as exc:
         complain(str(exc))
         raise SystemExit(EXIT_ENVIRONMENT) from None
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly

@@ -34,7 +34,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
              "origin, expired) or an Idempotency-Key reused for a different request",
         413: "the body is over 1 MiB (request.refused)",
         500: "the node failed (node.processing_failed); its log has the details. For an "
-             "action, retry with the same Idempotency-Key: it acts only if it had not",
+             "action, retry with the same Idempotency-Key: it acts only if it had not. "
+             "node.record_unreadable: a record the call needs was changed outside kpx; "
+             "retrying will not help until the operator restores it",
         503: "the node's database or tokens file cannot be used now (node.store_unavailable, "
              "node.tokens_unavailable); nothing was done: retry, with the same "
              "Idempotency-Key",

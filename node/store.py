@@ -150,6 +150,12 @@ class StoreError(Exception):
     """The database cannot be used (locked for too long, disk full, corrupt ...)."""
 
 
+class UnreadableRecord(Exception):
+    """One row that kpx did not write as it stands (edited outside kpx). Not a StoreError:
+    the store works, so the node goes on with everything else, and a message that needs
+    this row is set aside like any message that cannot be processed."""
+
+
 def require_database(path: Path) -> None:
     """StoreError unless a node's database is there: see ``Store(create=False)``. An
     empty file (truncated, or restored from a backup that was) would be taken by SQLite
@@ -635,11 +641,11 @@ def _record(row: tuple[Any, ...]) -> Record:
             rejection_reason=_opt(rejection_reason), rejection_text=_opt(rejection_text),
             replaces=_opt(replaces), replaced_by=_opt(replaced_by),
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnreadableRecord) as exc:
         # Only an edit outside kpx writes such a row; acting on a guess would be worse.
-        raise StoreError(f"the database holds a record kpx cannot read ({side} {number}: "
-                         f"{exc}); it was changed outside kpx: restore it from a backup"
-                         ) from None
+        raise UnreadableRecord(f"the database holds a record kpx cannot read ({side} "
+                               f"{number}: {exc}); it was changed outside kpx: restore it "
+                               "from a backup") from None
 
 
 def _opt(value: object) -> str | None:
@@ -659,11 +665,11 @@ def _parsed_certificate(blob: bytes) -> Certificate:
     try:
         return validate_certificate(unpack(blob))
     except ProtocolError as exc:
-        raise StoreError(f"stored certificate does not parse: {exc}") from exc
+        raise UnreadableRecord(f"stored certificate does not parse: {exc}") from exc
 
 
 def _confirmation(blob: bytes) -> ImportConfirmation:
     try:
         return validate_import_confirmation(unpack(bytes(blob)))
     except ProtocolError as exc:
-        raise StoreError(f"stored confirmation does not parse: {exc}") from exc
+        raise UnreadableRecord(f"stored confirmation does not parse: {exc}") from exc

@@ -106,6 +106,42 @@ async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
         assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
 
 
+async def test_a_record_edited_outside_kpx_sets_aside_only_the_messages_that_need_it(
+        amqp_url: str, tmp_path: Path) -> None:
+    """An unreadable row was taken for a store fault: the node held every delivery of the
+    batch unacknowledged for good and called its store unwritable. Now only the message
+    that needs the row is dead-lettered; everything else flows."""
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        damaged = f"{exporter_code}-D1"
+        exporter.node.issue(certificate(damaged, exporter_code, importer_code))
+        await until(lambda: state(exporter.node, Side.EXPORT,  # type: ignore[arg-type]
+                                  damaged) is State.DELIVERED)
+        with contextlib.closing(sqlite3.connect(
+                network.configs[exporter_code].database_path)) as db, db:
+            db.execute("UPDATE certificates SET state = 'LOST' WHERE number = ?", (damaged,))
+        importer.node.confirm(damaged)
+        for i in range(5):
+            exporter.node.issue(certificate(f"{exporter_code}-F{i}", exporter_code,
+                                            importer_code))
+        await until(lambda: all(state(importer.node, Side.IMPORT,  # type: ignore[arg-type]
+                                      f"{exporter_code}-F{i}") is State.RECEIVED
+                                for i in range(5)))
+        for i in range(5):
+            importer.node.confirm(f"{exporter_code}-F{i}")
+        await until(lambda: all(
+            state(exporter.node, Side.EXPORT, f"{exporter_code}-F{i}")  # type: ignore[arg-type]
+            is State.CONFIRMED for i in range(5)))
+        deadline = time.monotonic() + 30
+        while await queue_depth(amqp_url, dead_letter_queue(exporter_code)) < 1:
+            assert time.monotonic() < deadline, "the confirmation was never set aside"
+            await asyncio.sleep(0.2)
+        assert exporter.store_ok
+
+
 def test_an_empty_or_newer_database_is_refused_not_taken_as_a_fresh_one(
         tmp_path: Path) -> None:
     """A database truncated to 0 bytes (or restored from an archive that held one) was
