@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -206,6 +207,8 @@ def _undone_unless_finished(base: Path, entries: Sequence[Path]) -> Iterator[Non
             made, emptied = ([base / _entry_name(n) for n in earlier[k]]
                              for k in ("made", "emptied"))
             _take_away(made, emptied)
+        except ConfigError:
+            raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{unfinished}: an earlier 'deploy network' stopped part-way "
                               f"and its record is unreadable ({exc}); empty {base} and run "
@@ -216,7 +219,6 @@ def _undone_unless_finished(base: Path, entries: Sequence[Path]) -> Iterator[Non
                           "provisions a new network into an empty directory")
     made = [p for p in entries if not p.exists()]
     emptied = [p for p in entries if p.exists()]
-    base.mkdir(parents=True, exist_ok=True)
     unfinished.write_text(json.dumps({"made": [p.name for p in made],
                                       "emptied": [p.name for p in emptied]}) + "\n")
     try:
@@ -225,7 +227,7 @@ def _undone_unless_finished(base: Path, entries: Sequence[Path]) -> Iterator[Non
         _take_away(made, emptied)
         unfinished.unlink(missing_ok=True)
         raise
-    unfinished.unlink()
+    unfinished.unlink(missing_ok=True)
 
 
 def _entry_name(name: object) -> str:
@@ -239,8 +241,11 @@ def _entry_name(name: object) -> str:
 
 def _take_away(made: Sequence[Path], emptied: Sequence[Path]) -> None:
     for path in made:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # refuses a symbolic link: kept, then in use
     for path in emptied:
+        if path.is_symlink():  # swapped in since: emptying it would empty its target
+            raise ConfigError(f"{path} is a symbolic link now; not emptying it. Empty "
+                              f"{path.parent} by hand and run 'deploy network' again")
         for child in path.iterdir() if path.is_dir() else ():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
@@ -253,6 +258,30 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
     """The Chair (key, registry.json, signed registry.kpx, chair.pub), one locked-down node
     directory per code, the broker definitions and password files. On a directory that is
     provisioned already it only regenerates the definitions from the Chair's registry."""
+    base.mkdir(parents=True, exist_ok=True)
+    with _only_run(base):
+        return _provision(base, codes, broker_templates, vhost=vhost,
+                          delivery_limit=delivery_limit)
+
+
+@contextlib.contextmanager
+def _only_run(base: Path) -> Iterator[None]:
+    """One ``deploy network`` at a time in ``base``: a second one would take the first's
+    unfinished record for a killed run's and remove what the first is still making."""
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another 'deploy network' is running in {base}; wait for it "
+                              "to end") from None
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def _provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str], *,
+               vhost: str, delivery_limit: int) -> Provisioned:
     chair_dir = base / "chair"
     passwords = chair_dir / "broker-passwords"
     unfinished = base / UNFINISHED
@@ -261,7 +290,9 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
         for template in broker_templates:  # before anything is written
             broker_url(template, "", "")
         if not codes:
-            raise ConfigError("name at least one Participant to provision")
+            again = (f" (a run in {base} stopped part-way: this one starts it over)"
+                     if unfinished.exists() else "")
+            raise ConfigError(f"name at least one Participant to provision{again}")
         entries = [chair_dir, *(base / code for code in codes), base / "broker"]
         with _undone_unless_finished(base, entries):
             network = create_network(base, codes, ())

@@ -4,8 +4,10 @@ every password (so regenerating after a registry change never locks a running no
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,31 @@ def test_a_deploy_network_that_stopped_part_way_can_be_run_again(tmp_path: Path)
     with pytest.raises(ConfigError, match="its record is unreadable"):
         provision(base, ["ZA", "IN"], [TEMPLATE])
     assert (tmp_path / "elsewhere").exists() and (base / "ZA" / "node.toml").exists()
+
+
+def test_deploy_network_cleans_up_only_its_own_and_runs_one_at_a_time(
+        tmp_path: Path) -> None:
+    """The review found a second run removing what a first, still running, was making, and
+    a clean-up following a symbolic link swapped in for a directory it had found empty."""
+    base, victim = tmp_path / "kpx", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("not kpx's\n")
+    base.mkdir()
+    (base / "IN").symlink_to(victim)
+    (base / UNFINISHED).write_text(json.dumps({"made": ["chair"], "emptied": ["IN"]}))
+    with pytest.raises(ConfigError, match="IN is a symbolic link now; not emptying it"):
+        provision(base, ["ZA", "IN"], [TEMPLATE])
+    assert (victim / "data.txt").exists()
+    (base / "IN").unlink()
+    with pytest.raises(ConfigError, match="stopped part-way: this one starts it over"):
+        provision(base, [], [TEMPLATE])
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        with pytest.raises(ConfigError, match="another 'deploy network' is running"):
+            provision(base, ["ZA", "IN"], [TEMPLATE])
+        assert (base / UNFINISHED).exists()
+    finally:
+        os.close(fd)
+    assert provision(base, ["ZA", "IN"], [TEMPLATE]).created
+    assert not (base / UNFINISHED).exists()
