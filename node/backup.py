@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from node.config import CONFIG_NAME, KEYS_DIR, ConfigError, NodeConfig, load_config
-from node.store import require_database
+from node.store import Store, require_database
 from node.tokens import TOKENS_NAME
 
 #: Files of a node directory the archive carries besides the database.
@@ -44,7 +44,8 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
     """Write ``out`` (tar.gz, mode 0600); returns the member names."""
     if out.exists():
         raise ConfigError(f"{out} exists already; not overwriting a backup")
-    require_database(config.database_path)  # sqlite3.connect would make an empty one
+    # Not an empty one (sqlite3.connect would make it), nor another Participant's.
+    Store(config.database_path, create=False, owner=config.participant).close()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         return _write(config, fd)

@@ -3,7 +3,6 @@ them with a Chair and a signed registry (the demo, the tests, the simulation).""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,8 +66,7 @@ def init_node(directory: Path, participant: str, *, authority: str | None = None
         config = dataclasses.replace(config, broker_urls=tuple(broker_urls))
     key = SigningKey.generate()
     write_signing_key(config.path(config.signing_key_file), key)
-    with contextlib.closing(Store(config.database_path)) as store:
-        store.claim(participant)
+    Store(config.database_path, owner=participant).close()
     write_config(config)
     return config
 

@@ -176,9 +176,8 @@ class Node:
         """Open the node's store and the newest verified registry (file or database)."""
         signing_key = config.signing_key()
         other_keys = config.rotated_keys()
-        store = Store(config.database_path, create=False)
+        store = Store(config.database_path, create=False, owner=config.participant)
         try:
-            store.claim(config.participant)
             registry = load_registry(config, store)
         except BaseException:
             store.close()

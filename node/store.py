@@ -180,10 +180,13 @@ def is_store_fault(exc: BaseException) -> bool:
 
 
 class Store:
-    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True,
+                 owner: str | None = None) -> None:
         """Open (``create``: or make) the database at ``path``. A node opens its own with
         ``create=False``: a database gone missing (a volume not mounted, a typo in
-        ``node.toml``) must be an error, not a fresh empty store that forgets every loop."""
+        ``node.toml``) must be an error, not a fresh empty store that forgets every loop.
+        With ``owner``, another Participant's database is refused before anything in it
+        changes, and one without an owner is claimed (:meth:`claim`)."""
         self.path = Path(path)
         if not create:
             require_database(self.path)
@@ -202,7 +205,11 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            if owner is not None and (problem := self._not_owned_by(owner)) is not None:
+                raise problem
             self._migrate()
+            if owner is not None:
+                self.claim(owner)
         except sqlite3.Error as exc:  # not a database, a directory, no permission ...
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
         except StoreError:
@@ -236,30 +243,38 @@ class Store:
         """Make sure these are ``participant``'s records: StoreError if the database is
         another Participant's. One made before kpx recorded its owner is claimed now,
         unless its own certificates are numbered for someone else."""
-        owner = self._owner()
-        if owner is None:
+        if (problem := self._not_owned_by(participant)) is not None:
+            raise problem
+        if self._table_exists("owner"):
             with self.transaction():
-                foreign = self.db.execute(
-                    "SELECT number FROM certificates WHERE side = ? AND substr(number, 1, ?)"
-                    " != ? LIMIT 1", (Side.EXPORT.value, len(participant), participant)
-                ).fetchone()
-                if foreign is not None:
-                    raise self._not_ours(participant, f"a node that exported {foreign[0]}")
-                if (owner := self._owner()) is None:
-                    self.db.execute("INSERT INTO owner (only, participant) VALUES (1, ?)",
-                                    (participant,))
-                    owner = participant
-        if owner != participant:
-            raise self._not_ours(participant, f"Participant {owner}")
+                self.db.execute("INSERT OR IGNORE INTO owner (only, participant) "
+                                "VALUES (1, ?)", (participant,))
+
+    def _not_owned_by(self, participant: str) -> StoreError | None:
+        """Why these are not ``participant``'s records, or None; reads only, so that it can
+        run before a migration changes a database that is not this node's."""
+        if self._table_exists("owner"):
+            row = self.db.execute("SELECT participant FROM owner").fetchone()
+            if row is not None:
+                return None if row[0] == participant else self._not_ours(
+                    participant, f"Participant {row[0]}")
+        if self._table_exists("certificates"):
+            foreign = self.db.execute(
+                "SELECT number FROM certificates WHERE side = ? AND substr(number, 1, ?)"
+                " != ? LIMIT 1", (Side.EXPORT.value, len(participant), participant)
+            ).fetchone()
+            if foreign is not None:
+                return self._not_ours(participant, f"a node that exported {foreign[0]}")
+        return None
 
     def _not_ours(self, participant: str, owner: str) -> StoreError:
         return StoreError(f"the database {self.path} holds the records of {owner}, not of "
                           f"{participant}: a database copied from another node? Put this "
                           "node's own back, or restore its backup ('kpnode restore')")
 
-    def _owner(self) -> str | None:
-        row = self.db.execute("SELECT participant FROM owner").fetchone()
-        return None if row is None else str(row[0])
+    def _table_exists(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                               "name = ?", (name,)).fetchone() is not None
 
     @property
     def schema_version(self) -> int:

@@ -864,21 +864,29 @@ def test_a_database_copied_from_another_node_is_refused(tmp_path: Path) -> None:
     (india.directory / "node.sqlite3").write_bytes(copied)
     says = (f"kpnode: the database {india.directory / 'node.sqlite3'} holds the records of "
             "Participant ZA, not of IN: a database copied from another node?")
-    for args in (["list"], ["show", "ZA-2026-0001"], ["run"]):
+    for args in (["list"], ["show", "ZA-2026-0001"], ["run"],
+                 ["backup", "--out", str(tmp_path / "b.tar.gz")]):
         done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--dir",
                                str(india.directory)],
                               capture_output=True, text=True, check=False, timeout=60)
         assert (done.returncode, done.stderr.splitlines()[0][:len(says)]) == (3, says), args
     assert (india.directory / "node.sqlite3").read_bytes() == copied
-    # A database from before kpx recorded its owner: its exports' numbers give it away.
+    assert not (tmp_path / "b.tar.gz").exists()
+    # A database from before kpx recorded its owner (schema 5): its exports' numbers give
+    # it away, and it is refused as it is, not first upgraded (an older kpx could no longer
+    # open it).
     with contextlib.closing(sqlite3.connect(india.directory / "node.sqlite3")) as db, db:
-        db.execute("DELETE FROM owner")
+        db.execute("DROP TABLE owner")
+        db.execute("PRAGMA user_version = 5")
+    old = (india.directory / "node.sqlite3").read_bytes()
     with pytest.raises(StoreError, match="holds the records of a node that exported "
                                          "ZA-2026-0001, not of IN"):
         Node.open(india)
-    # ... and one whose exports are its own is claimed, and opens as before.
+    assert (india.directory / "node.sqlite3").read_bytes() == old
+    # ... and one whose exports are its own is upgraded and claimed, and opens as before.
     with contextlib.closing(sqlite3.connect(za.directory / "node.sqlite3")) as db, db:
-        db.execute("DELETE FROM owner")
+        db.execute("DROP TABLE owner")
+        db.execute("PRAGMA user_version = 5")
     Node.open(za).close()
     with (contextlib.closing(Store(za.directory / "node.sqlite3")) as store,
           pytest.raises(StoreError, match="of Participant ZA, not of IN")):
