@@ -288,10 +288,14 @@ def read_store(node: Node) -> dict[str, Any]:
     }
 
 
-async def gather_status(node: Node) -> dict[str, Any]:
+async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
+    """The status document. ``letters=False`` counts the dead letters without reading them:
+    reading takes each off the queue until the read ends, so an operator's replay or
+    discard meanwhile would not find it (the HTTP API and console, which anyone with a
+    monitor token may poll, count only)."""
     config = node.config
     store_ok = store_writable(node)
-    broker = await look_at_broker(config)
+    broker = await look_at_broker(config, letters=letters)
     return build_status(participant=config.participant, authority=config.authority,
                         now=now_ms(), running_pid=running_pid(config.directory),
                         registry=node.registry,

@@ -80,7 +80,7 @@ class WebContext:
     async def status_document(self) -> Mapping[str, Any]:
         if self.status is not None:
             return await self.status()
-        return await gather_status(self.node)
+        return await gather_status(self.node, letters=False)
 
     def figures(self, quarter: Quarter) -> Mapping[str, Any]:
         if self.statistics is not None:
