@@ -112,11 +112,14 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response = ApiError(500, "node.processing_failed", "internal error; the node's log "
                             "has the details").response()
     if request.path != f"{API_PREFIX}/openapi.json":
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            key = ascii(key)[:100]  # as sent, but only ASCII: it may not even be UTF-8
         try:
             ctx.record_call(request.get(PRINCIPAL), request.method, request.path_qs,
                             response.status, certificate=request.get(CERTIFICATE),
-                            idempotency_key=request.headers.get("Idempotency-Key"))
-        except StoreError as exc:
+                            idempotency_key=key)
+        except Exception as exc:
             # The answer stands: the action, if any, has happened, and a 500 would tell the
             # client otherwise. The node's log keeps what the evidence log could not.
             log.error("API call not recorded in the evidence log", error=str(exc),

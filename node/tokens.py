@@ -78,11 +78,14 @@ class Tokens:
                 raise TokenError(f"{self.path}: 'tokens' must be a list")
             for i, entry in enumerate(entries):
                 # A hand-edited file: every use of an entry below trusts these three.
+                # The name goes into the evidence log with every call the token makes.
                 if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                        and NAME.fullmatch(entry["name"])
                         and isinstance(entry.get("sha256"), str)
                         and entry.get("role") in {r.value for r in Role}):
-                    raise TokenError(f"{self.path}: entry {i} needs a name, a sha256 and a "
-                                     f"role ({', '.join(r.value for r in Role)})")
+                    raise TokenError(f"{self.path}: entry {i} needs a name (letters, digits "
+                                     "and ._@-, at most 64), a sha256 and a role "
+                                     f"({', '.join(r.value for r in Role)})")
             self._stamp, self._entries = stamp, entries
         return self._entries
 
@@ -103,7 +106,7 @@ class Tokens:
 
     def add(self, name: str, role: Role, now_ms: int) -> str:
         """A new token for ``name``; returned once, only its hash is kept."""
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise TokenError(f"token name {name!r}: use letters, digits and ._@- "
                              "(at most 64)")
         entries = self.entries()

@@ -574,3 +574,44 @@ async def test_connections_without_a_request_are_closed_and_capped(
         assert (await reader.read()).startswith(b"HTTP/1.1 200")
     finally:
         await server.stop()
+
+
+async def _raw_http(s: Served, request: bytes) -> bytes:
+    """Bytes a client library would not send (header values that are not UTF-8)."""
+    assert s.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.client.server.port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_idempotency_key_header_gets_its_json_answer_and_is_recorded(
+        pair: tuple[Served, Served]) -> None:
+    """An Idempotency-Key header of bytes that are not UTF-8 made recording the call in
+    the evidence log fail: aiohttp's plain-text 500 went out instead of the answer, even
+    after the action had happened, and the call was not recorded."""
+    za, _ = pair
+    token = za.tokens["monitor"].encode()
+    answer = await _raw_http(za, b"GET /api/v1/certificates HTTP/1.1\r\nHost: x\r\n"
+                             b"Connection: close\r\nAuthorization: Bearer " + token +
+                             b"\r\nIdempotency-Key: \xff\xfe\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"application/json" in head, answer[:300]
+    assert json.loads(body)["certificates"] == []
+    (entry,) = api_entries(za.node)
+    assert (entry["path"], entry["status"], entry["idempotency_key"]) == (
+        "/api/v1/certificates", 200, "'\\udcff\\udcfe'")
+    # A hand-edited tokens.json naming a token in text that is not UTF-8 is refused whole,
+    # as any malformed entry is, rather than acting and then failing to record who acted.
+    path = za.node.config.directory / "tokens.json"
+    data = json.loads(path.read_text())
+    data["tokens"].append({"name": "customs\ud800", "role": "officer",
+                           "sha256": "0" * 64})
+    path.write_text(json.dumps(data))
+    response = await za.client.post(f"{API}/certificates", headers=za.auth("officer"),
+                                     json=certificate_json("ZA-2026-0077", "ZA", "IN"))
+    assert response.status == 503, await response.text()
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0077") is None
