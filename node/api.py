@@ -11,6 +11,7 @@ first answer again, byte for byte, and never acts twice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -22,6 +23,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from node.httpserver import IDLE_SECONDS
 from node.jsontext import JsonTextError, parse_json
 from node.machine import Record, Side, State, day_of, is_overdue
 from node.openapi import openapi_document
@@ -103,6 +105,10 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except UnreadableRecord as exc:  # retrying will not help: the operator must restore
         log.error("record unreadable", error=str(exc), path=request.path)
         response = ApiError(500, "node.record_unreadable", str(exc)).response()
+    except ConnectionResetError:  # the client went away mid-request: not the node's fault
+        log.info("client closed the connection", method=request.method, path=request.path)
+        response = ApiError(499, "request.aborted", "the client closed the connection"
+                            ).response()
     except StoreError as exc:
         log.error("store failed", error=str(exc), path=request.path)
         return ApiError(503, "node.store_unavailable", "the node's database cannot be used "
@@ -163,10 +169,22 @@ def officer(request: web.Request) -> Principal:
 # -- request bodies ---------------------------------------------------------------------
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, or a 408 once it has taken IDLE_SECONDS: the server's idle limit
+    covers headers only, and a body that never ends (a crashed client, a dropped NAT entry,
+    or on purpose) would hold one of the node's few connection slots for good."""
+    try:
+        async with asyncio.timeout(IDLE_SECONDS):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, "request.timeout", f"the body did not arrive within "
+                       f"{IDLE_SECONDS:g} s") from None
+
+
 async def json_body(request: web.Request) -> Any:
     # JSON is UTF-8 (RFC 8259): the bytes are decoded as such, whatever charset the
     # Content-Type names (an unknown one used to be a 500).
-    return parse_json_bytes(await request.read())
+    return parse_json_bytes(await read_body(request))
 
 
 def json_object(data: Any, allowed: set[str]) -> dict[str, Any]:
@@ -266,7 +284,7 @@ async def idempotent(request: web.Request,
                      act: Callable[[bytes, Remember | None], web.Response]) -> web.Response:
     """Run ``act`` (given the raw body) once per Idempotency-Key; replay its success."""
     key = request.headers.get("Idempotency-Key")
-    body = await request.read()
+    body = await read_body(request)
     if key is None:
         return act(body, None)
     if not IDEMPOTENCY_KEY.match(key):

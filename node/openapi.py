@@ -32,6 +32,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "refused by the certificate's state (e.g. already confirmed, already issued)",
         422: "valid, but not allowed under the Scheme's rules (suspended partner, embargoed "
              "origin, expired) or an Idempotency-Key reused for a different request",
+        408: "the body did not arrive within 15 s (request.timeout)",
         413: "the body is over 1 MiB (request.refused)",
         500: "the node failed (node.processing_failed); its log has the details. For an "
              "action, retry with the same Idempotency-Key: it acts only if it had not. "

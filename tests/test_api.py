@@ -24,11 +24,13 @@ from node import httpserver
 from node.api import ROUTES, api_app
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State, day_of
+from node.network import create_network
 from node.openapi import openapi_document
-from node.service import Node
+from node.service import Node, now_ms
 from node.stats import Quarter
 from node.store import Store, StoreError
-from node.tokens import Tokens
+from node.tokens import Role, Tokens
+from node.web import mount_web
 from node.webcontext import AnonymousBudget, WebContext, quarter_of
 from protocol import ParticipantStatus, parse_frame
 from tests.netutil import carry, certificate_json
@@ -615,3 +617,43 @@ async def test_a_malformed_idempotency_key_header_gets_its_json_answer_and_is_re
                                      json=certificate_json("ZA-2026-0077", "ZA", "IN"))
     assert response.status == 503, await response.text()
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0077") is None
+
+
+async def test_a_body_that_never_ends_is_a_408_and_an_aborted_one_is_not_a_node_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request body that never finished held its connection slot for good (a monitor's
+    token was enough, and 256 of them take the node's API, console and /healthz down); a
+    client that gave up mid-body was logged and recorded as a failure of the node (500)."""
+    monkeypatch.setattr("node.api.IDLE_SECONDS", 0.5)
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    token = Tokens(node.config.directory).add("dashboard", Role.MONITOR, now_ms()).encode()
+    app = web.Application()
+    mount_web(app, node, node.config.directory)
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    request = (b"POST /api/v1/certificates/validate HTTP/1.1\r\nHost: x\r\n"
+               b"Authorization: Bearer " + token + b"\r\nContent-Type: application/json"
+               b"\r\nContent-Length: 10\r\n\r\n{")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        # aiohttp then lingers a while for the rest before it closes: read the answer only.
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert json.loads(body)["error"] == "request.timeout"
+        # The same, but the client gives up before the limit.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        await writer.drain()
+        writer.close()
+        for _ in range(50):
+            if len(api_entries(node)) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert [e["status"] for e in api_entries(node)] == [408, 499]
+    finally:
+        await server.stop()
+        node.close()
