@@ -381,15 +381,17 @@ def today_of(ctx: WebContext) -> dt.date:
 async def overview(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     node, today = ctx.node, today_of(ctx)
-    records = node.records()
-    waiting = [r for r in records if r.side is Side.IMPORT and r.state is State.RECEIVED]
-    open_out = [r for r in records if r.side is Side.EXPORT and r.state in OPEN_STATES]
-    overdue = [r for r in records if is_overdue(r, today)]
-    closed = [r for r in records if r.state is State.CONFIRMED]
+    # Counted in SQL, and only open and expired loops read: not every record of years.
+    count = node.store.count_records
+    waiting = count(side=Side.IMPORT, states=[State.RECEIVED])
+    open_out = count(side=Side.EXPORT, states=OPEN_STATES)
+    overdue = [r for r in node.records(states=[*OPEN_STATES, State.EXPIRED])
+               if is_overdue(r, today)]
+    closed = count(states=[State.CONFIRMED])
     depth = await dead_letter_count(ctx)
     cards = "".join(f"<div class=card><b>{n}</b>{h(what)}</div>" for n, what in (
-        (len(waiting), "incoming awaiting arrival"), (len(open_out), "outgoing open"),
-        (len(overdue), "overdue loops"), (len(closed), "loops closed"),
+        (waiting, "incoming awaiting arrival"), (open_out, "outgoing open"),
+        (len(overdue), "overdue loops"), (closed, "loops closed"),
         ("?" if depth is None else depth, "dead letters"),
         (node.registry.version, "registry version")))
     body = (f"<div class=cards>{cards}</div><h2>Overdue loops</h2>"
@@ -685,9 +687,9 @@ async def partners(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     registry = ctx.node.registry
     counts: dict[str, dict[str, int]] = {}
-    for r in ctx.node.records():
-        entry = counts.setdefault(r.partner, {"open": 0, "closed": 0})
-        entry["open" if r.state in OPEN_STATES else "closed"] += 1
+    for (partner, _, state), n in ctx.node.store.partner_counts().items():
+        entry = counts.setdefault(partner, {"open": 0, "closed": 0})
+        entry["open" if state in {str(s) for s in OPEN_STATES} else "closed"] += n
     rows = []
     for p in registry.update.participants:
         authorities = "<br>".join(

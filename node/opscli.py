@@ -255,7 +255,8 @@ def cmd_stats(args: argparse.Namespace) -> None:
         raise UserError("--valuation-threshold must be a percentage above 0, e.g. 10")
 
     def run(node: Node) -> None:
-        report = quarterly_report(node.me, node.store.records(), quarter, threshold)
+        report = quarterly_report(node.me, node.store.records(
+            issued_between=(quarter.first_day, quarter.last_day)), quarter, threshold)
         if args.csv:
             print(stats_csv(report))
         else:

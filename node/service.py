@@ -464,8 +464,10 @@ class Node:
     # -- queries -----------------------------------------------------------------
 
     def records(self, *, side: Side | None = None, states: Sequence[State] = (),
-                partner: str | None = None) -> list[Record]:
-        return self.store.records(side=side, states=states, partner=partner)
+                partner: str | None = None, issued_between: tuple[date, date] | None = None,
+                limit: int | None = None, offset: int = 0) -> list[Record]:
+        return self.store.records(side=side, states=states, partner=partner,
+                                  issued_between=issued_between, limit=limit, offset=offset)
 
     def find(self, number: str) -> list[Record]:
         return self.store.find(number)

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -400,7 +401,32 @@ class Store:
         return [bytes(row[0]) for row in rows]
 
     def records(self, *, side: Side | None = None, states: Iterable[State] = (),
-                partner: str | None = None, expiring_before: str | None = None) -> list[Record]:
+                partner: str | None = None, expiring_before: str | None = None,
+                issued_between: tuple[date, date] | None = None, limit: int | None = None,
+                offset: int = 0) -> list[Record]:
+        """Records in the order they were made; ``limit`` and ``offset`` page in SQL, so a
+        page costs what it holds, not what the node has recorded in all its years."""
+        where, args = self._where(side=side, states=states, partner=partner,
+                                  expiring_before=expiring_before,
+                                  issued_between=issued_between)
+        page = "" if limit is None else f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        rows = self.db.execute(
+            f"SELECT {self._COLUMNS} FROM certificates WHERE {where} "
+            f"ORDER BY created_at, number{page}", args,
+        )
+        return [_record(row) for row in rows]
+
+    def count_records(self, *, side: Side | None = None, states: Iterable[State] = (),
+                      partner: str | None = None) -> int:
+        """How many :meth:`records` would return, without reading them."""
+        where, args = self._where(side=side, states=states, partner=partner)
+        return int(self.db.execute(f"SELECT count(*) FROM certificates WHERE {where}",
+                                   args).fetchone()[0])
+
+    @staticmethod
+    def _where(*, side: Side | None, states: Iterable[State], partner: str | None,
+               expiring_before: str | None = None,
+               issued_between: tuple[date, date] | None = None) -> tuple[str, list[str]]:
         where, args = ["1=1"], []
         if side is not None:
             where.append("side=?")
@@ -415,11 +441,10 @@ class Store:
         if expiring_before is not None:
             where.append("expires_on < ?")
             args.append(expiring_before)
-        rows = self.db.execute(
-            f"SELECT {self._COLUMNS} FROM certificates WHERE {' AND '.join(where)} "
-            "ORDER BY created_at, number", args,
-        )
-        return [_record(row) for row in rows]
+        if issued_between is not None:
+            where.append("issued_on BETWEEN ? AND ?")
+            args.extend(d.isoformat() for d in issued_between)
+        return " AND ".join(where), args
 
     def partner_counts(self) -> dict[tuple[str, str, str], int]:
         """Certificates per (partner, side, state)."""

@@ -85,7 +85,8 @@ class WebContext:
     def figures(self, quarter: Quarter) -> Mapping[str, Any]:
         if self.statistics is not None:
             return self.statistics(quarter)
-        return quarterly_report(self.node.me, self.node.records(), quarter)
+        return quarterly_report(self.node.me, self.node.records(
+            issued_between=(quarter.first_day, quarter.last_day)), quarter)
 
     def record_call(self, principal: Principal | None, method: str, path: str, status: int,
                     *, certificate: str | None = None, idempotency_key: str | None = None,

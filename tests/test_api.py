@@ -21,9 +21,10 @@ from aiohttp import web
 from openapi_spec_validator import validate
 
 from node import httpserver
+from node import store as store_module
 from node.api import ROUTES, api_app
 from node.evidence import OPERATOR, read_operator_record
-from node.machine import Side, State, day_of
+from node.machine import Record, Side, State, day_of
 from node.network import create_network
 from node.openapi import openapi_document
 from node.service import Node, now_ms
@@ -33,7 +34,7 @@ from node.tokens import Role, Tokens
 from node.web import mount_web
 from node.webcontext import AnonymousBudget, WebContext, quarter_of
 from protocol import ParticipantStatus, parse_frame
-from tests.netutil import carry, certificate_json
+from tests.netutil import carry, certificate, certificate_json
 from tests.webutil import Served, served_pair
 
 API = "/api/v1"
@@ -657,3 +658,32 @@ async def test_a_body_that_never_ends_is_a_408_and_an_aborted_one_is_not_a_node_
     finally:
         await server.stop()
         node.close()
+
+
+async def test_a_page_or_a_quarter_reads_only_its_own_records(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing read (and decoded) every record the node had ever made before it cut out the
+    page, and statistics every record of every quarter: with a few years of records one
+    monitor's '?limit=1' stalled the node's event loop for seconds."""
+    za, _ = pair
+    issued = za.node.issue_many([certificate(f"ZA-2026-{i:04d}", "ZA", "IN")
+                                 for i in range(300)])
+    assert all(isinstance(r, Record) for r in issued)
+    decoded = [0]
+    decode = store_module._record
+
+    def counting(row: tuple[Any, ...]) -> Record:
+        decoded[0] += 1
+        return decode(row)
+    monkeypatch.setattr(store_module, "_record", counting)
+    response = await za.client.get(f"{API}/certificates?limit=2&offset=10",
+                                   headers=za.auth("monitor"))
+    listed = await response.json()
+    assert (listed["total"], [c["number"] for c in listed["certificates"]]) == (
+        300, ["ZA-2026-0010", "ZA-2026-0011"])
+    assert decoded[0] == 2
+    decoded[0] = 0
+    response = await za.client.get(f"{API}/statistics?quarter=2025Q1",
+                                   headers=za.auth("monitor"))
+    assert response.status == 200 and (await response.json())["trade"] == []
+    assert decoded[0] == 0  # none of them was issued in that quarter
