@@ -29,7 +29,7 @@ from aiohttp.typedefs import Handler
 
 from node.httpserver import IDLE_SECONDS
 from node.machine import OPEN_STATES, Record, Side, State, day_of, is_overdue
-from node.service import CommandRefused
+from node.service import CommandRefused, Node
 from node.stats import ALL, Quarter
 from node.store import StoreError
 from node.tokens import Principal, TokenError, token_hash
@@ -399,13 +399,29 @@ async def overview(request: web.Request) -> web.Response:
     return page(request, f"{node.me} · {node.config.authority}", body, active="")
 
 
+#: Closed loops a page lists, the newest: after some years a node holds tens of thousands,
+#: and a page of them all would take seconds to make and be of no use to read.
+CLOSED_SHOWN = 200
+
+
+def latest(node: Node, side: Side, states: list[State]) -> tuple[list[Record], str]:
+    """The newest CLOSED_SHOWN records of ``side`` in ``states``, and a note when there
+    are more (where to find them)."""
+    total = node.store.count_records(side=side, states=states)
+    shown = node.records(side=side, states=states, limit=CLOSED_SHOWN,
+                         offset=max(0, total - CLOSED_SHOWN))
+    more = ("" if total <= CLOSED_SHOWN else
+            f"<p class=muted>The newest {CLOSED_SHOWN} of {total}; for the others, "
+            "<code>kpnode list</code> or <code>GET /api/v1/certificates</code>.</p>")
+    return shown, more
+
+
 async def incoming(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     session: Session = request[SESSION]
     today = today_of(ctx)
-    records = ctx.node.records(side=Side.IMPORT)
-    waiting = [r for r in records if r.state is State.RECEIVED]
-    others = [r for r in records if r.state is not State.RECEIVED]
+    waiting = ctx.node.records(side=Side.IMPORT, states=[State.RECEIVED])
+    others, more = latest(ctx.node, Side.IMPORT, [s for s in State if s is not State.RECEIVED])
 
     def confirm_form(r: Record) -> str:
         if not session.principal.may_act:
@@ -426,7 +442,7 @@ async def incoming(request: web.Request) -> web.Response:
     body = (f"<h2>Awaiting arrival</h2>{filter_box('waiting')}"
             + records_table(waiting, today, table_id="waiting", actions=confirm_form)
             + "<h2>Other imports</h2>" + filter_box("imports")
-            + records_table(others, today, table_id="imports"))
+            + records_table(others, today, table_id="imports") + more)
     return page(request, "Incoming certificates", body, active="incoming")
 
 
@@ -490,7 +506,10 @@ async def outgoing(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     session: Session = request[SESSION]
     today = today_of(ctx)
-    records = ctx.node.records(side=Side.EXPORT)
+    open_states = [*OPEN_STATES, State.EXPIRED]
+    records = ctx.node.records(side=Side.EXPORT, states=open_states)
+    closed, more = latest(ctx.node, Side.EXPORT, [s for s in State if s not in open_states])
+    records += closed
 
     def cancel_form(r: Record) -> str:
         if not session.principal.may_act or r.state not in OPEN_STATES | {State.EXPIRED}:
@@ -502,11 +521,13 @@ async def outgoing(request: web.Request) -> web.Response:
     parts = [filter_box("outgoing-all")]
     order = (State.ISSUED, State.DELIVERED, State.EXPIRED, State.CONFIRMED, State.REJECTED,
              State.CANCELLED, State.REPLACED)
-    counts = " · ".join(f"{badge(s)} {sum(1 for r in records if r.state is s)}"
-                        for s in order)
+    counts = " · ".join(
+        f"{badge(s)} {ctx.node.store.count_records(side=Side.EXPORT, states=[s])}"
+        for s in order)
     parts.append(f"<p>{counts}</p>")
     ordered = sorted(records, key=lambda r: (order.index(r.state), r.number))
     parts.append(records_table(ordered, today, table_id="outgoing-all", actions=cancel_form))
+    parts.append(more)
     return page(request, "Outgoing certificates", "".join(parts), active="outgoing")
 
 

@@ -222,3 +222,21 @@ async def test_a_login_body_that_never_finishes_is_cut_off(
     # and without the login form's cookie, the body is not waited for at all
     response = await za.client.post(f"{C}/login", data={"csrf": "x", "token": "y"})
     assert response.status == 403
+
+
+async def test_the_outgoing_page_lists_every_open_loop_and_only_the_newest_closed(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After years a node holds tens of thousands of closed loops, and each page listed
+    them all. Open ones (an officer's work) are all listed; closed ones, the newest."""
+    monkeypatch.setattr(console, "CLOSED_SHOWN", 3)
+    za, _ = pair
+    za.node.issue_many([certificate(f"ZA-2026-{i:04d}", "ZA", "IN") for i in range(10)])
+    with za.node.store.transaction():  # the first eight closed, the last two still open
+        za.node.store.db.execute("UPDATE certificates SET state = ? WHERE number < ?",
+                                 (str(State.CANCELLED), "ZA-2026-0008"))
+    await login(za, "monitor")
+    page = await (await za.client.get(f"{C}/outgoing")).text()
+    listed = set(re.findall(r"ZA-2026-\d{4}", page))
+    assert listed == {"ZA-2026-0005", "ZA-2026-0006", "ZA-2026-0007",  # the newest closed
+                      "ZA-2026-0008", "ZA-2026-0009"}  # every open one
+    assert "The newest 3 of 8" in page
