@@ -6,6 +6,7 @@ so operators can filter the JSON with ``jq`` and collectors index them as-is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,6 +26,24 @@ class _ClientFaults(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         fault = record.exc_info[1] if record.exc_info else None
         return not isinstance(fault, HttpProcessingError | ConnectionError)
+
+
+class _LogThatCannotStopTheNode(structlog.PrintLogger):
+    """A line that cannot be written (a full log disk, a log pipe whose reader has exited)
+    is dropped. Written from inside transactions and error handlers, a raising write made
+    the node roll back its work, take it for a poison message, and at last stop taking
+    deliveries until it was restarted, while its status said OK."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: the stream was closed
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def _never_raising_logger(*_args: object) -> _LogThatCannotStopTheNode:
+    return _LogThatCannotStopTheNode(file=sys.stderr)
 
 
 def configure_logging(*, json_logs: bool | None = None, level: str | None = None) -> None:
@@ -51,7 +70,7 @@ def configure_logging(*, json_logs: bool | None = None, level: str | None = None
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_never_raising_logger,
         cache_logger_on_first_use=False,
     )
     # The libraries (aiohttp, aio-pika, asyncio) log through the standard library: give

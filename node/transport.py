@@ -489,7 +489,12 @@ class Transport:
             try:
                 await self._on_batch(current)
             except Exception:
-                log.exception("batch handler failed; deliveries left to the broker")
+                # Left unsettled on a live channel they would never come back (the broker
+                # redelivers only when the channel closes): hand the unsettled ones back.
+                log.exception("batch handler failed; its deliveries go back to the broker")
+                for delivery in current:
+                    if delivery._message.delivery_tag in self._outstanding:
+                        await self.reject(delivery, requeue=True)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge deliveries from the current channel; older ones are left to the

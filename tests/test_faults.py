@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
+import io
 import json
+import logging
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+import structlog
 
+from node.logs import configure_logging
 from node.machine import Side, State
 from node.network import create_network
 from node.runner import DRAIN_SECONDS, RunningNode, run_until_signalled
@@ -140,6 +145,62 @@ async def test_a_record_edited_outside_kpx_sets_aside_only_the_messages_that_nee
             assert time.monotonic() < deadline, "the confirmation was never set aside"
             await asyncio.sleep(0.2)
         assert exporter.store_ok
+
+
+class _FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_a_log_that_cannot_be_written_does_not_stop_the_node(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full log disk or a log pipe whose reader exited made every log call raise: the
+    node rolled back each batch (it logs inside the transaction), took it for a poison
+    message, and then stopped taking deliveries for good while its status said OK."""
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    monkeypatch.setattr(sys, "stderr", _FullDisk())
+    configure_logging(json_logs=True, level="INFO")
+    root = logging.getLogger()
+    try:
+        async with RunningNode(network.configs[importer_code]) as importer, \
+                RunningNode(network.configs[exporter_code]) as exporter:
+            assert importer.node is not None and exporter.node is not None
+            for i in range(20):
+                exporter.node.issue(certificate(f"{exporter_code}-L{i}", exporter_code,
+                                                importer_code))
+            await until(lambda: all(
+                state(exporter.node, Side.EXPORT, f"{exporter_code}-L{i}")  # type: ignore[arg-type]
+                is State.DELIVERED for i in range(20)))
+            assert importer.store_ok
+        assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
+    finally:
+        root.handlers = [h for h in root.handlers if not getattr(h, "_kpx_handler", False)]
+        structlog.reset_defaults()
+
+
+async def test_a_batch_whose_handling_fails_goes_back_to_the_broker(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliveries of a batch whose handler raised were left unsettled on a live channel,
+    where the broker never redelivers them: those loops waited for a restart."""
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    original = RunningNode._on_batch
+    failures = [1]
+
+    async def on_batch(self: RunningNode, deliveries: list[object]) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("a fault outside the per-message handling")
+        await original(self, deliveries)  # type: ignore[arg-type]
+    monkeypatch.setattr(RunningNode, "_on_batch", on_batch)
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        exporter.node.issue(certificate(f"{exporter_code}-B1", exporter_code, importer_code))
+        await until(lambda: state(exporter.node, Side.EXPORT,  # type: ignore[arg-type]
+                                  f"{exporter_code}-B1") is State.DELIVERED)
+        assert failures == [0]
 
 
 def test_an_empty_or_newer_database_is_refused_not_taken_as_a_fresh_one(
