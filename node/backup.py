@@ -14,6 +14,7 @@ de-duplicating inbox answers them again; for the rest, restore the newest backup
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 from node.config import CONFIG_NAME, KEYS_DIR, ConfigError, NodeConfig, load_config
+from node.machine import Side, State
+from node.service import now_ms
 from node.store import Store, require_database
 from node.tokens import TOKENS_NAME
 
@@ -142,4 +145,17 @@ def _unpack_and_check(archive: Path, directory: Path) -> NodeConfig:
         db.close()
     if verdict != "ok":
         raise ConfigError(f"restored database fails its integrity check: {verdict}")
+    _send_delivered_again(config)
     return config
+
+
+def _send_delivered_again(config: NodeConfig) -> None:
+    """Queue every certificate the backup holds as delivered, not confirmed, to be sent
+    once more. Its importer may have confirmed it since the snapshot, to the node this one
+    replaces: it answers a certificate sent again with its receipt and, once confirmed,
+    its confirmation (SPEC §13, "Duplicates"), so the loop closes here too instead of
+    staying open until it expires."""
+    with contextlib.closing(Store(config.database_path, create=False,
+                                  owner=config.participant)) as store, store.transaction():
+        for record in store.records(side=Side.EXPORT, states=[State.DELIVERED]):
+            store.requeue(record.message_id, now_ms())

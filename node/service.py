@@ -390,6 +390,13 @@ class Node:
             _, answer_id = seen
             if answer_id is not None:
                 self._answer_again(ctx, answer_id)
+            number = arriving(env)
+            if number is not None and (confirmed := self.store.sent_confirmation(
+                    number, env.sender)) is not None:
+                # An exporter sends a certificate again when it has no receipt, as after a
+                # restore from a backup; one restored to before our confirmation would
+                # never learn of it otherwise, and the loop would stay open on its side.
+                self._answer_again(ctx, confirmed)
             if env.kind is Kind.RECEIPT:
                 # Applied again: it can only move an issued certificate to delivered, and
                 # one is issued again when the importer refused its replacement (it is

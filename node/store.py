@@ -475,6 +475,16 @@ class Store:
                               (message_id,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def sent_confirmation(self, number: str, recipient: str) -> str | None:
+        """The message id of the import confirmation this node sent ``recipient`` for
+        certificate ``number``, if it did."""
+        row = self.db.execute(
+            "SELECT o.message_id FROM evidence e JOIN outbox o ON o.message_id = e.message_id"
+            " WHERE e.certificate = ? AND e.direction = 'out' AND o.kind = ?"
+            " AND o.recipient = ? ORDER BY e.seq DESC LIMIT 1",
+            (number, "import_confirmation", recipient)).fetchone()
+        return None if row is None else str(row[0])
+
     def requeue(self, message_id: str, now_ms: int) -> None:
         self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=? "
                         "WHERE message_id=?", (now_ms, message_id))

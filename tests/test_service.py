@@ -226,6 +226,39 @@ def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path:
         restore(archive, tmp_path / "restored")
 
 
+def test_an_exporter_restored_to_before_a_confirmation_still_closes_the_loop(
+        nodes: Nodes, tmp_path: Path) -> None:
+    """A crash hunt restored an exporter from a snapshot taken before its importer
+    confirmed: the confirmation had gone to the retired node, the restored one never sent
+    the certificate again (it had its receipt), and the loop stayed open on its side until
+    it expired, confirmed on the other. Now restore sends delivered certificates once more,
+    and the importer answers a certificate sent again with its confirmation too."""
+    from node.backup import backup, restore
+
+    za, india = nodes["ZA"], nodes["IN"]
+    for number in ("ZA-2026-0200", "ZA-2026-0201"):
+        za.issue(certificate(number, "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    archive = tmp_path / "za.tar.gz"
+    backup(za.config, archive)
+    india.confirm("ZA-2026-0200")
+    carry(india, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0200").state is State.CONFIRMED
+    restored = Node.open(restore(archive, tmp_path / "restored"))  # ZA retired for good
+    try:
+        assert restored.store.get(Side.EXPORT, "ZA-2026-0200").state is State.DELIVERED
+        carry(restored, {**nodes, "ZA": restored})
+        carry(india, {**nodes, "ZA": restored})
+        closed = restored.store.get(Side.EXPORT, "ZA-2026-0200")
+        assert closed.state is State.CONFIRMED
+        assert closed.confirmation == india.store.get(Side.IMPORT, "ZA-2026-0200").confirmation
+        assert restored.store.get(Side.EXPORT, "ZA-2026-0201").state is State.DELIVERED
+        assert [row.kind for row in india.store.due(2**62, 10)] == []  # nothing more to say
+    finally:
+        restored.close()
+
+
 def test_restore_refuses_a_backup_whose_config_points_outside_its_directory(
         nodes: Nodes, tmp_path: Path) -> None:
     """Restore makes the database and keys mode 0600 and opens the database: a doctored
