@@ -50,7 +50,8 @@ _INT = {"type": "integer"}
 _STR = {"type": "string"}
 _NULL_STR = {"type": ["string", "null"]}
 _NUMBER = {"name": "number", "in": "path", "required": True, "schema": _STR,
-           "description": "certificate number, e.g. ZA-2026-0001"}
+           "description": "certificate number, e.g. ZA-2026-0001; percent-encoded, so a "
+                          "'/' in a number is sent as %2F"}
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 "description": "retrying with the same key returns the first successful "
