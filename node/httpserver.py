@@ -58,6 +58,7 @@ def readiness(running: RunningNode) -> dict[str, bool]:
         "consuming": transport is not None and transport.consuming,
         "store_writable": node is not None and running.store_ok
         and store_writable(node, timeout_ms=int(LOCK_WAIT_SECONDS * 1000)),
+        "clock_agrees": running.clock_ok,
     }
 
 

@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING
 
 import structlog
 
+from node.clockwatch import ClockWatch, elapsed_ms
 from node.config import ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
@@ -116,6 +117,9 @@ class RunningNode:
         self._batch_lock = asyncio.Lock()
         #: False while the store refuses to commit (reported by status and /readyz)
         self.store_ok = True
+        #: False while the wall clock is ahead of the time measured (reported by /readyz)
+        self.clock_ok = True
+        self._clock: ClockWatch | None = None
         self.metrics = NodeMetrics()
         #: called with the HTTP application before it starts (routes, sub-applications)
         self.http_extensions: list[Callable[[web.Application], None]] = []
@@ -132,6 +136,7 @@ class RunningNode:
         self._lock.__enter__()
         try:
             self.node = Node.open(self.config, check_broker_user=self.check_broker_user)
+            self._clock = ClockWatch(self.node.clock(), elapsed_ms())
             self.node.store.wait_for_locks(LOCK_WAIT_SECONDS)
             self.node.on_outbox = self._wake.set
             self.transport = Transport(
@@ -281,6 +286,13 @@ class RunningNode:
         assert self.node is not None and self.transport is not None
         delay = 0.5
         while True:
+            if not self._clock_agrees():
+                # Decided now, a valid certificate could be refused as expired, for good.
+                if self._stopping:
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
             try:
                 own = self.config.broker_user
                 verdicts = self.node.handle_batch(
@@ -447,11 +459,29 @@ class RunningNode:
 
     # -- expiry ------------------------------------------------------------------
 
+    def _clock_agrees(self) -> bool:
+        """Whether the wall clock has kept to the time measured since the start (see
+        node.clockwatch); logs when that changes."""
+        if self.node is None or self._clock is None:
+            return True
+        wall, elapsed = self.node.clock(), elapsed_ms()
+        agrees = not self._clock.jumped(wall, elapsed)
+        if agrees != self.clock_ok:
+            if agrees:
+                log.warning("the clock agrees again; deciding and expiring again")
+            else:
+                log.error("the clock is ahead of the time measured since the start: holding "
+                          "deliveries and expiring nothing until it is set right (or, if "
+                          "it is right now, until the node is restarted)",
+                          ahead_seconds=self._clock.ahead_ms(wall, elapsed) // 1000)
+        self.clock_ok = agrees
+        return agrees
+
     async def _sweep(self) -> None:
         assert self.node is not None
         while True:
             try:
-                expired = self.node.expire_overdue()
+                expired = self.node.expire_overdue() if self._clock_agrees() else []
                 if expired:
                     log.warning("certificates expired unconfirmed",
                                 numbers=[r.number for r in expired])

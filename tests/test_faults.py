@@ -203,6 +203,38 @@ async def test_a_batch_whose_handling_fails_goes_back_to_the_broker(
         assert failures == [0]
 
 
+async def test_a_clock_set_a_year_ahead_expires_and_refuses_nothing(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash hunt set an importer's clock a year ahead for six seconds: its sweep expired
+    every received import for good, and certificates arriving meanwhile were refused as
+    expired on both sides. While the wall clock is ahead of the time measured, the node now
+    holds deliveries and expires nothing; set right, it goes on."""
+    monkeypatch.setattr("node.runner.SWEEP_SECONDS", 0.1)
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        held = f"{exporter_code}-C1"
+        exporter.node.issue(certificate(held, exporter_code, importer_code))
+        await until(lambda: state(importer.node, Side.IMPORT,  # type: ignore[arg-type]
+                                  held) is State.RECEIVED)
+        right = importer.node.clock
+        importer.node.clock = lambda: right() + 365 * 86_400_000
+        late = f"{exporter_code}-C2"
+        exporter.node.issue(certificate(late, exporter_code, importer_code))
+        await asyncio.sleep(2.0)  # sweeps run, the new certificate waits in the inbox
+        assert not importer.clock_ok
+        assert state(importer.node, Side.IMPORT, held) is State.RECEIVED
+        assert importer.node.store.get(Side.IMPORT, late) is None
+        importer.node.clock = right
+        await until(lambda: state(importer.node, Side.IMPORT,  # type: ignore[arg-type]
+                                  late) is State.RECEIVED)
+        assert importer.clock_ok
+        assert state(importer.node, Side.IMPORT, held) is State.RECEIVED
+        assert state(exporter.node, Side.EXPORT, late) is State.DELIVERED
+
+
 def test_an_empty_or_newer_database_is_refused_not_taken_as_a_fresh_one(
         tmp_path: Path) -> None:
     """A database truncated to 0 bytes (or restored from an archive that held one) was
