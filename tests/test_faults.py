@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -111,22 +112,31 @@ async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
         assert await queue_depth(amqp_url, dead_letter_queue(importer_code)) == 0
 
 
+@contextlib.asynccontextmanager
+async def running_pair(amqp_url: str, tmp_path: Path
+                       ) -> AsyncIterator[tuple[str, str, RunningNode, RunningNode]]:
+    """A fresh exporter and importer, both running in this process: (exporter code,
+    importer code, exporter, importer)."""
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        yield exporter_code, importer_code, exporter, importer
+
+
 async def test_a_record_edited_outside_kpx_sets_aside_only_the_messages_that_need_it(
         amqp_url: str, tmp_path: Path) -> None:
     """An unreadable row was taken for a store fault: the node held every delivery of the
     batch unacknowledged for good and called its store unwritable. Now only the message
     that needs the row is dead-lettered; everything else flows."""
-    exporter_code, importer_code = fresh_codes(2)
-    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
-    async with RunningNode(network.configs[importer_code]) as importer, \
-            RunningNode(network.configs[exporter_code]) as exporter:
+    async with running_pair(amqp_url, tmp_path) as (exporter_code, importer_code,
+                                                    exporter, importer):
         assert importer.node is not None and exporter.node is not None
         damaged = f"{exporter_code}-D1"
         exporter.node.issue(certificate(damaged, exporter_code, importer_code))
         await until(lambda: state(exporter.node, Side.EXPORT,  # type: ignore[arg-type]
                                   damaged) is State.DELIVERED)
-        with contextlib.closing(sqlite3.connect(
-                network.configs[exporter_code].database_path)) as db, db:
+        with contextlib.closing(sqlite3.connect(exporter.config.database_path)) as db, db:
             db.execute("UPDATE certificates SET state = 'LOST' WHERE number = ?", (damaged,))
         importer.node.confirm(damaged)
         for i in range(5):
@@ -183,8 +193,6 @@ async def test_a_batch_whose_handling_fails_goes_back_to_the_broker(
         amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deliveries of a batch whose handler raised were left unsettled on a live channel,
     where the broker never redelivers them: those loops waited for a restart."""
-    exporter_code, importer_code = fresh_codes(2)
-    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
     original = RunningNode._on_batch
     failures = [1]
 
@@ -194,8 +202,8 @@ async def test_a_batch_whose_handling_fails_goes_back_to_the_broker(
             raise RuntimeError("a fault outside the per-message handling")
         await original(self, deliveries)  # type: ignore[arg-type]
     monkeypatch.setattr(RunningNode, "_on_batch", on_batch)
-    async with RunningNode(network.configs[importer_code]) as importer, \
-            RunningNode(network.configs[exporter_code]) as exporter:
+    async with running_pair(amqp_url, tmp_path) as (exporter_code, importer_code,
+                                                    exporter, importer):
         assert importer.node is not None and exporter.node is not None
         exporter.node.issue(certificate(f"{exporter_code}-B1", exporter_code, importer_code))
         await until(lambda: state(exporter.node, Side.EXPORT,  # type: ignore[arg-type]
@@ -210,10 +218,8 @@ async def test_a_clock_set_a_year_ahead_expires_and_refuses_nothing(
     expired on both sides. While the wall clock is ahead of the time measured, the node now
     holds deliveries and expires nothing; set right, it goes on."""
     monkeypatch.setattr("node.runner.SWEEP_SECONDS", 0.1)
-    exporter_code, importer_code = fresh_codes(2)
-    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
-    async with RunningNode(network.configs[importer_code]) as importer, \
-            RunningNode(network.configs[exporter_code]) as exporter:
+    async with running_pair(amqp_url, tmp_path) as (exporter_code, importer_code,
+                                                    exporter, importer):
         assert importer.node is not None and exporter.node is not None
         held = f"{exporter_code}-C1"
         exporter.node.issue(certificate(held, exporter_code, importer_code))
