@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING
 
 import structlog
 
-from node.clockwatch import ClockWatch, elapsed_ms
+from node.clockwatch import HOLD_AT_MOST_MS, TOLERANCE_MS, ClockWatch, elapsed_ms
 from node.config import ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
@@ -465,15 +465,17 @@ class RunningNode:
         if self.node is None or self._clock is None:
             return True
         wall, elapsed = self.node.clock(), elapsed_ms()
-        agrees = not self._clock.jumped(wall, elapsed)
+        ahead = self._clock.ahead_ms(wall, elapsed)
+        agrees = self._clock.check(wall, elapsed)
         if agrees != self.clock_ok:
             if agrees:
-                log.warning("the clock agrees again; deciding and expiring again")
+                log.warning("deciding and expiring by the clock again", ahead_seconds=(
+                    ahead // 1000), taken_for_a_correction=ahead > TOLERANCE_MS)
             else:
-                log.error("the clock is ahead of the time measured since the start: holding "
-                          "deliveries and expiring nothing until it is set right (or, if "
-                          "it is right now, until the node is restarted)",
-                          ahead_seconds=self._clock.ahead_ms(wall, elapsed) // 1000)
+                log.error("the clock jumped ahead of the time measured: holding deliveries "
+                          "and expiring nothing until it is set right, or for at most "
+                          f"{HOLD_AT_MOST_MS // 60_000} minutes (then it is taken for a "
+                          "correction)", ahead_seconds=ahead // 1000)
         self.clock_ok = agrees
         return agrees
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from node import runner
+from node.clockwatch import HOLD_AT_MOST_MS, ClockWatch
 from node.machine import Side, State
 from node.network import create_network
 from node.runner import RunningNode
@@ -128,3 +129,21 @@ async def test_a_dead_letter_queue_that_fails_neither_stalls_the_inbox_nor_loses
 
 async def _no_wait(_: float) -> None:
     return None
+
+
+def test_a_clock_jump_is_held_briefly_and_a_lasting_one_is_taken_for_a_correction() -> None:
+    """A review found the first watch holding deliveries for good after a virtual machine's
+    pause (its boot clock does not count it; NTP then steps the wall clock): a jump is
+    held while it lasts, but never longer than HOLD_AT_MOST_MS of measured time."""
+    minute = 60_000
+    watch = ClockWatch(wall_at_start_ms=1_000_000, elapsed_at_start_ms=0)
+    assert watch.check(1_000_000 + 5 * minute, 5 * minute)  # both moved alike
+    year = 365 * 24 * 60 * minute
+    assert not watch.check(1_000_000 + 5 * minute + year, 5 * minute + 1000)  # set ahead
+    assert watch.check(1_000_000 + 6 * minute, 6 * minute)  # set right again
+    paused = 30 * minute  # a pause the measured clock did not see, then an NTP step
+    for at in range(7, 7 + HOLD_AT_MOST_MS // minute):
+        assert not watch.check(1_000_000 + at * minute + paused, at * minute), at
+    at = 7 + HOLD_AT_MOST_MS // minute
+    assert watch.check(1_000_000 + at * minute + paused, at * minute)  # a correction
+    assert watch.check(1_000_000 + (at + 60) * minute + paused, (at + 60) * minute)
