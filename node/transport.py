@@ -212,6 +212,8 @@ class Transport:
         self._last_failure: str | None = None
         #: delivery tags of the current consumer channel not yet acked or rejected
         self._outstanding: set[int] = set()
+        #: batches in a row whose handler raised (their hand-back waits longer each time)
+        self._failed_batches = 0
         #: connection closes under way (strong references: the loop keeps only weak ones)
         self._closers: set[asyncio.Task[None]] = set()
         #: one publishing-channel renewal at a time (see _renew_publishing)
@@ -488,10 +490,17 @@ class Transport:
         if current and self._on_batch is not None:
             try:
                 await self._on_batch(current)
+                self._failed_batches = 0
             except Exception:
                 # Left unsettled on a live channel they would never come back (the broker
-                # redelivers only when the channel closes): hand the unsettled ones back.
-                log.exception("batch handler failed; its deliveries go back to the broker")
+                # redelivers only when the channel closes): hand the unsettled ones back,
+                # but not at once: each return counts towards the delivery limit, and a
+                # fault of a moment would otherwise dead-letter the batch in milliseconds.
+                self._failed_batches += 1
+                delay = min(0.5 * 2 ** (self._failed_batches - 1), 30.0)
+                log.exception("batch handler failed; its deliveries go back to the broker",
+                              after_seconds=delay)
+                await asyncio.sleep(delay)
                 for delivery in current:
                     if delivery._message.delivery_tag in self._outstanding:
                         await self.reject(delivery, requeue=True)
