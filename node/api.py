@@ -105,18 +105,20 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except UnreadableRecord as exc:  # retrying will not help: the operator must restore
         log.error("record unreadable", error=str(exc), path=request.path)
         response = ApiError(500, "node.record_unreadable", str(exc)).response()
-    except ConnectionResetError:  # the client went away mid-request: not the node's fault
-        log.info("client closed the connection", method=request.method, path=request.path)
-        response = ApiError(499, "request.aborted", "the client closed the connection"
-                            ).response()
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            response = _failed(request)  # another connection's (the broker's): the node's
+        else:  # the client went away mid-request: not the node's fault
+            log.info("client closed the connection", method=request.method,
+                     path=request.path)
+            response = ApiError(499, "request.aborted", "the client closed the connection"
+                                ).response()
     except StoreError as exc:
         log.error("store failed", error=str(exc), path=request.path)
         return ApiError(503, "node.store_unavailable", "the node's database cannot be used "
                         "now; retry later (with the same Idempotency-Key)").response()
     except Exception:
-        log.exception("API call failed", method=request.method, path=request.path)
-        response = ApiError(500, "node.processing_failed", "internal error; the node's log "
-                            "has the details").response()
+        response = _failed(request)
     if request.path != f"{API_PREFIX}/openapi.json":
         key = request.headers.get("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY.match(key):
@@ -132,6 +134,13 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                       principal=getattr(request.get(PRINCIPAL), "name", None),
                       method=request.method, path=request.path_qs, status=response.status)
     return response
+
+
+def _failed(request: web.Request) -> web.Response:
+    """The answer to a call that failed in the node; call it while handling the error."""
+    log.exception("API call failed", method=request.method, path=request.path)
+    return ApiError(500, "node.processing_failed", "internal error; the node's log has the "
+                    "details").response()
 
 
 async def _authenticated(request: web.Request, handler: Handler,

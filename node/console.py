@@ -421,7 +421,11 @@ async def incoming(request: web.Request) -> web.Response:
     session: Session = request[SESSION]
     today = today_of(ctx)
     waiting = ctx.node.records(side=Side.IMPORT, states=[State.RECEIVED])
-    others, more = latest(ctx.node, Side.IMPORT, [s for s in State if s is not State.RECEIVED])
+    # Expired imports are loops to chase: all listed, ahead of the newest closed ones.
+    expired = ctx.node.records(side=Side.IMPORT, states=[State.EXPIRED])
+    closed, more = latest(ctx.node, Side.IMPORT,
+                          [s for s in State if s not in (State.RECEIVED, State.EXPIRED)])
+    others = expired + closed
 
     def confirm_form(r: Record) -> str:
         if not session.principal.may_act:

@@ -55,6 +55,14 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _writable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Tokens:
     def __init__(self, directory: Path) -> None:
         self.path = directory / TOKENS_NAME
@@ -78,14 +86,15 @@ class Tokens:
                 raise TokenError(f"{self.path}: 'tokens' must be a list")
             for i, entry in enumerate(entries):
                 # A hand-edited file: every use of an entry below trusts these three.
-                # The name goes into the evidence log with every call the token makes.
+                # The name goes into the evidence log with every call the token makes, so
+                # it must be text that can be written (a lone surrogate cannot); names
+                # written by hand before 'token add' had its rule stay valid.
                 if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                        and NAME.fullmatch(entry["name"])
+                        and entry["name"] and _writable(entry["name"])
                         and isinstance(entry.get("sha256"), str)
                         and entry.get("role") in {r.value for r in Role}):
-                    raise TokenError(f"{self.path}: entry {i} needs a name (letters, digits "
-                                     "and ._@-, at most 64), a sha256 and a role "
-                                     f"({', '.join(r.value for r in Role)})")
+                    raise TokenError(f"{self.path}: entry {i} needs a name (UTF-8 text), a "
+                                     f"sha256 and a role ({', '.join(r.value for r in Role)})")
             self._stamp, self._entries = stamp, entries
         return self._entries
 

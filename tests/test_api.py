@@ -30,7 +30,7 @@ from node.openapi import openapi_document
 from node.service import Node, now_ms
 from node.stats import Quarter
 from node.store import Store, StoreError
-from node.tokens import Role, Tokens
+from node.tokens import Principal, Role, Tokens, token_hash
 from node.web import mount_web
 from node.webcontext import AnonymousBudget, WebContext, quarter_of
 from protocol import ParticipantStatus, parse_frame
@@ -687,3 +687,17 @@ async def test_a_page_or_a_quarter_reads_only_its_own_records(
                                    headers=za.auth("monitor"))
     assert response.status == 200 and (await response.json())["trade"] == []
     assert decoded[0] == 0  # none of them was issued in that quarter
+
+
+def test_a_token_name_written_by_hand_before_the_naming_rule_still_works(
+        tmp_path: Path) -> None:
+    """A review found that checking hand-edited names against 'token add's rule refused a
+    whole tokens.json that had worked, locking every token out after an upgrade."""
+    tokens = Tokens(tmp_path)
+    token = tokens.add("dashboard", Role.MONITOR, now_ms())
+    data = json.loads((tmp_path / "tokens.json").read_text())
+    data["tokens"].append({"name": "Customs Desk", "role": "officer",
+                           "sha256": token_hash("kpx_handmade")})
+    (tmp_path / "tokens.json").write_text(json.dumps(data))
+    assert tokens.authenticate(token) == Principal("dashboard", Role.MONITOR)
+    assert tokens.authenticate("kpx_handmade") == Principal("Customs Desk", Role.OFFICER)

@@ -240,3 +240,22 @@ async def test_the_outgoing_page_lists_every_open_loop_and_only_the_newest_close
     assert listed == {"ZA-2026-0005", "ZA-2026-0006", "ZA-2026-0007",  # the newest closed
                       "ZA-2026-0008", "ZA-2026-0009"}  # every open one
     assert "The newest 3 of 8" in page
+
+
+async def test_the_incoming_page_lists_every_expired_import(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review found expired imports (loops to chase) counted among the closed ones,
+    and so hidden once newer closed imports filled the page."""
+    monkeypatch.setattr(console, "CLOSED_SHOWN", 3)
+    za, india = pair
+    za.node.issue_many([certificate(f"ZA-2026-{i:04d}", "ZA", "IN") for i in range(10)])
+    carry(za.node, {"IN": india.node})
+    with india.node.store.transaction():
+        india.node.store.db.execute("UPDATE certificates SET state = ? WHERE number = ?",
+                                    (str(State.EXPIRED), "ZA-2026-0000"))
+        india.node.store.db.execute("UPDATE certificates SET state = ? WHERE number > ?",
+                                    (str(State.CONFIRMED), "ZA-2026-0000"))
+    await login(india, "monitor")
+    page = await (await india.client.get(f"{C}/incoming")).text()
+    assert set(re.findall(r"ZA-2026-\d{4}", page)) == {
+        "ZA-2026-0000", "ZA-2026-0007", "ZA-2026-0008", "ZA-2026-0009"}
