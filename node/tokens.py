@@ -22,6 +22,7 @@ from typing import Any
 
 from node.jsontext import parse_json
 from node.terminal import emit, table
+from protocol.schema import encodable
 
 TOKENS_NAME = "tokens.json"
 TOKEN_PREFIX = "kpx_"
@@ -55,14 +56,6 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _writable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class Tokens:
     def __init__(self, directory: Path) -> None:
         self.path = directory / TOKENS_NAME
@@ -90,7 +83,7 @@ class Tokens:
                 # it must be text that can be written (a lone surrogate cannot); names
                 # written by hand before 'token add' had its rule stay valid.
                 if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                        and entry["name"] and _writable(entry["name"])
+                        and entry["name"] and encodable(entry["name"])
                         and isinstance(entry.get("sha256"), str)
                         and entry.get("role") in {r.value for r in Role}):
                     raise TokenError(f"{self.path}: entry {i} needs a name (UTF-8 text), a "

@@ -75,7 +75,8 @@ def join(base: str, key: str) -> str:
     return f"{base}.{key}" if base else key
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a lone surrogate cannot)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -157,7 +158,7 @@ class Reader:
             return ""
         if not value and not allow_empty:
             self.problem(path, Reason.EMPTY, "must not be empty")
-        elif not value.isascii() and not _encodable(value):
+        elif not value.isascii() and not encodable(value):
             # Only local input (JSON, a form) can hold a lone surrogate: the wire's UTF-8 is
             # decoded strictly. It could never be signed, so it is refused here.
             self.problem(path, Reason.BAD_FORMAT, "must be Unicode text (a lone surrogate "
