@@ -33,6 +33,7 @@ from node.store import StoreError, UnreadableRecord
 from node.tokens import Principal, TokenError, Tokens
 from node.views import history_json, parse_date, parse_whole_number, record_json
 from node.webcontext import (
+    CLOCK_DISAGREES,
     WEB_CONTEXT,
     StatisticsProvider,
     StatusProvider,
@@ -295,6 +296,7 @@ async def idempotent(request: web.Request,
     key = request.headers.get("Idempotency-Key")
     body = await read_body(request)
     if key is None:
+        clock_trusted(request)
         return act(body, None)
     if not IDEMPOTENCY_KEY.match(key):
         raise ApiError(400, "idempotency.bad_key", "Idempotency-Key: 1 to 255 visible "
@@ -311,6 +313,7 @@ async def idempotent(request: web.Request,
                            "used for a different request")
         return web.Response(body=answer, status=status, content_type="application/json",
                             charset="utf-8", headers={"Idempotent-Replayed": "true"})
+    clock_trusted(request)
     clock = request.app[WEB_CONTEXT].node.clock
 
     def remember(response: web.Response) -> None:
@@ -318,6 +321,14 @@ async def idempotent(request: web.Request,
         store.remember_idempotent(principal.name, key, fingerprint, response.status,
                                   response.body, clock())
     return act(body, remember)
+
+
+def clock_trusted(request: web.Request) -> None:
+    """Refuse a command (503) while the running node distrusts its wall clock; an answer
+    already given under an Idempotency-Key is still replayed."""
+    if not request.app[WEB_CONTEXT].clock_agrees():
+        raise ApiError(503, "node.clock_disagrees", CLOCK_DISAGREES,
+                       headers={"Retry-After": "60"})
 
 
 def same_json(body: bytes) -> bytes:

@@ -41,7 +41,13 @@ from node.views import (
     parse_whole_number,
     usd,
 )
-from node.webcontext import WEB_CONTEXT, WebContext, quarter_of, refusal_problems
+from node.webcontext import (
+    CLOCK_DISAGREES,
+    WEB_CONTEXT,
+    WebContext,
+    quarter_of,
+    refusal_problems,
+)
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
 
 log = structlog.get_logger("kpx.console")
@@ -306,6 +312,9 @@ def acting(request: web.Request) -> Principal | web.Response:
         return page(request, "Refused", f"<p class=error>{h(principal.name)} is a "
                     f"{h(principal.role)}: only an officer may issue, confirm or cancel."
                     "</p>", status=403)
+    if not request.app[WEB_CONTEXT].clock_agrees():
+        return page(request, "Not now", f"<p class=error>{h(CLOCK_DISAGREES)}.</p>",
+                    status=503)
     return principal
 
 

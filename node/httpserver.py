@@ -117,7 +117,8 @@ def build_app(running: RunningNode) -> web.Application:
 
         transport = running.transport
         mount_web(app, running.node, running.config.directory,
-                  dead_letter_depth=transport.dead_letter_depth if transport else None)
+                  dead_letter_depth=transport.dead_letter_depth if transport else None,
+                  clock_agrees=lambda: running.clock_ok)
     return app
 
 

@@ -39,8 +39,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
              "node.record_unreadable: a record the call needs was changed outside kpx; "
              "retrying will not help until the operator restores it",
         503: "the node's database or tokens file cannot be used now (node.store_unavailable, "
-             "node.tokens_unavailable); nothing was done: retry, with the same "
-             "Idempotency-Key",
+             "node.tokens_unavailable), or, for an action, the running node distrusts its "
+             "wall clock (node.clock_disagrees: see /readyz); nothing was done: retry, with "
+             "the same Idempotency-Key",
     }
     # Any call can meet a node that fails or whose database is unavailable.
     return {str(s): _json(_ref("Error"), what[s]) for s in sorted({*statuses, 500, 503})}

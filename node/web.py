@@ -11,16 +11,25 @@ from node.api import API_PREFIX, api_app
 from node.console import CONSOLE_PREFIX, console_app
 from node.service import Node
 from node.tokens import Tokens
-from node.webcontext import DeadLetterDepth, StatisticsProvider, StatusProvider, WebContext
+from node.webcontext import (
+    ClockAgrees,
+    DeadLetterDepth,
+    StatisticsProvider,
+    StatusProvider,
+    WebContext,
+)
 
 
 def mount_web(app: web.Application, node: Node, directory: Path, *,
               status: StatusProvider | None = None,
               statistics: StatisticsProvider | None = None,
-              dead_letter_depth: DeadLetterDepth | None = None) -> WebContext:
+              dead_letter_depth: DeadLetterDepth | None = None,
+              clock_agrees: ClockAgrees | None = None) -> WebContext:
     """Serve the API and the console from ``app``; tokens come from ``directory``."""
     context = WebContext(node, Tokens(directory), status=status, statistics=statistics,
                          dead_letter_depth=dead_letter_depth)
+    if clock_agrees is not None:
+        context.clock_agrees = clock_agrees
     app.add_subapp(API_PREFIX, api_app(node, context.tokens, context=context))
     app.add_subapp(CONSOLE_PREFIX, console_app(context))
 

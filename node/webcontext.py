@@ -24,6 +24,17 @@ from protocol import Reason, new_message_id
 StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 StatisticsProvider = Callable[[Quarter], Mapping[str, Any]]
 DeadLetterDepth = Callable[[], Awaitable[int | None]]
+ClockAgrees = Callable[[], bool]
+
+#: why the API and the console sign nothing while the running node distrusts its clock
+CLOCK_DISAGREES = ("the node's wall clock has jumped ahead of the time it measured since it "
+                   "started (see /readyz, clock_agrees); nothing is issued, confirmed or "
+                   "cancelled until the clock is set right or the node takes the jump for a "
+                   "correction")
+
+
+def _clock_trusted() -> bool:
+    return True
 
 log = structlog.get_logger("kpx.web")
 
@@ -73,6 +84,9 @@ class WebContext:
     statistics: StatisticsProvider | None = None
     #: messages waiting in the broker's dead-letter queue, or None when unknown
     dead_letter_depth: DeadLetterDepth | None = None
+    #: False while the running node holds deliveries because its wall clock jumped
+    #: ahead (node.clockwatch): a certificate signed then would carry that time
+    clock_agrees: ClockAgrees = _clock_trusted
     #: bounds the evidence entries of calls made without a working token
     anonymous: AnonymousBudget = field(default_factory=AnonymousBudget)
     extra: dict[str, Any] = field(default_factory=dict)

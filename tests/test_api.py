@@ -701,3 +701,48 @@ def test_a_token_name_written_by_hand_before_the_naming_rule_still_works(
     (tmp_path / "tokens.json").write_text(json.dumps(data))
     assert tokens.authenticate(token) == Principal("dashboard", Role.MONITOR)
     assert tokens.authenticate("kpx_handmade") == Principal("Customs Desk", Role.OFFICER)
+
+
+async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
+        tmp_path: Path) -> None:
+    """The running node holds deliveries while its wall clock is ahead of the time it
+    measured, but the API went on signing with that clock: a certificate a year ahead,
+    which its importer refuses. Commands now get a 503 until the clock agrees again; an
+    answer already given under an Idempotency-Key is still replayed."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.httpserver import build_app
+    from node.runner import RunningNode
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    running = RunningNode(network.configs["ZA"])
+    running.node = Node.open(network.configs["ZA"])
+    officer = {"Authorization": "Bearer " + Tokens(running.config.directory).add(
+        "za-officer", Role.OFFICER, now_ms())}
+    client = TestClient(TestServer(build_app(running)))
+    await client.start_server()
+    try:
+        keyed = {**officer, "Idempotency-Key": "first"}
+        first = await client.post(f"{API}/certificates", headers=keyed,
+                                  json=certificate_json("ZA-2026-0001", "ZA", "IN"))
+        assert first.status == 201
+        running.clock_ok = False
+        response = await client.post(f"{API}/certificates", headers=officer,
+                                     json=certificate_json("ZA-2026-0002", "ZA", "IN"))
+        assert response.status == 503 and response.headers["Retry-After"] == "60"
+        assert (await response.json())["error"] == "node.clock_disagrees"
+        response = await client.post(f"{API}/certificates/ZA-2026-0001/cancel",
+                                     headers=officer, json={"reason": "wrong weight"})
+        assert response.status == 503
+        replayed = await client.post(f"{API}/certificates", headers=keyed,
+                                     json=certificate_json("ZA-2026-0001", "ZA", "IN"))
+        assert replayed.status == 201 and replayed.headers["Idempotent-Replayed"] == "true"
+        assert [r.number for r in running.node.records()] == ["ZA-2026-0001"]
+        assert running.node.records()[0].state is State.ISSUED
+        running.clock_ok = True
+        response = await client.post(f"{API}/certificates", headers=officer,
+                                     json=certificate_json("ZA-2026-0002", "ZA", "IN"))
+        assert response.status == 201
+    finally:
+        await client.close()
+        running.node.close()

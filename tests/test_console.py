@@ -259,3 +259,18 @@ async def test_the_incoming_page_lists_every_expired_import(
     page = await (await india.client.get(f"{C}/incoming")).text()
     assert set(re.findall(r"ZA-2026-\d{4}", page)) == {
         "ZA-2026-0000", "ZA-2026-0007", "ZA-2026-0008", "ZA-2026-0009"}
+
+
+async def test_an_officer_cannot_issue_while_the_node_distrusts_its_clock(
+        pair: tuple[Served, Served]) -> None:
+    za, _ = pair
+    csrf = await login(za, "officer")
+    za.context.clock_agrees = lambda: False
+    response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0200"))
+    assert response.status == 503
+    assert "wall clock has jumped ahead" in await response.text()
+    assert za.node.records() == []
+    za.context.clock_agrees = lambda: True
+    response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0200"))
+    assert response.status == 200
+    assert [r.number for r in za.node.records()] == ["ZA-2026-0200"]
