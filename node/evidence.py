@@ -14,7 +14,7 @@ from typing import Any
 
 from node.machine import Record, State
 from protocol import (
-    Kind,
+    ImportConfirmation,
     ProtocolError,
     RegistryUpdate,
     decode_body,
@@ -93,24 +93,28 @@ def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
 def unsupported_records(records: Iterable[Record], entries: Iterable[Entry]) -> list[str]:
     """Records the log does not back. The chain cannot show entries cut from its end (what
     is left still links up), but the records those entries justified can: every record
-    needs the frame its message id names, and a confirmed one the import confirmation."""
+    needs the frame its message id names, and a confirmed one the very import confirmation
+    it holds, sent by its importer (a refused confirmation, or one a third Participant sent
+    about the number, is logged too, and backs nothing)."""
     message_ids: set[str] = set()
-    confirmed: set[str] = set()
+    confirmations: dict[tuple[str, str], list[ImportConfirmation]] = {}
     for e in entries:
         message_ids.add(e.message_id)
         if e.certificate is not None and e.direction != OPERATOR:
             try:
-                kind = decode_body(parse_frame(e.frame).body).kind
+                envelope = decode_body(parse_frame(e.frame).body)
             except ProtocolError:
                 continue  # verify_chain reports it
-            if kind is Kind.IMPORT_CONFIRMATION:
-                confirmed.add(e.certificate)
+            if isinstance(envelope.payload, ImportConfirmation):
+                confirmations.setdefault((e.certificate, envelope.sender), []).append(
+                    envelope.payload)
     problems = []
     for r in records:
         if r.message_id not in message_ids:
             problems.append(f"{r.side} {r.number} ({r.state}): its message {r.message_id} "
                             "is not in the log")
-        elif r.state is State.CONFIRMED and r.number not in confirmed:
+        elif r.state is State.CONFIRMED and r.confirmation not in confirmations.get(
+                (r.number, r.certificate.destination), ()):
             problems.append(f"{r.side} {r.number} is confirmed, but no import confirmation "
                             "for it is in the log")
     return problems

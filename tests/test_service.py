@@ -174,6 +174,39 @@ def test_evidence_cut_short_at_its_end_is_caught_by_the_records_it_no_longer_bac
         f"export ZA-2026-0011 (confirmed): its message {record.message_id} is not in the log"]
 
 
+def test_a_refused_confirmation_from_a_third_participant_does_not_hide_a_cut(
+        nodes: Nodes) -> None:
+    """verify-log took any logged import confirmation naming the number as the backing of a
+    confirmed record, even one refused from a third Participant: with the real one cut from
+    the log's end, it still said OK."""
+    from datetime import date
+
+    from protocol import Envelope, ImportConfirmation, seal
+
+    za, india, eu = nodes["ZA"], nodes["IN"], nodes["EU"]
+    za.issue(certificate("ZA-2026-0200", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    record = india.store.get(Side.IMPORT, "ZA-2026-0200")
+    assert record is not None
+    bogus = ImportConfirmation(certificate=record.number, certificate_digest=bytes(32),
+                               destination="EU", importer=record.certificate.importer,
+                               lines=record.certificate.lines, parcels=1,
+                               received_on=date.today(), remarks="")
+    frame = seal(Envelope(sender="EU", recipient="ZA", created_at=now_ms(), payload=bogus),
+                 eu.signing_key())
+    (verdict,) = za.handle_batch([Delivery(frame)])
+    assert verdict.dead_letter is not None
+    cut = za.store.db.execute("SELECT max(seq) FROM evidence").fetchone()[0]
+    india.confirm("ZA-2026-0200")
+    carry(india, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0200").state is State.CONFIRMED  # type: ignore[union-attr]
+    assert unsupported_records(za.store.records(), za.store.evidence()) == []
+    za.store.db.execute("DELETE FROM evidence WHERE seq > ?", (cut,))
+    assert unsupported_records(za.store.records(), za.store.evidence()) == [
+        "export ZA-2026-0200 is confirmed, but no import confirmation for it is in the log"]
+
+
 def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nodes) -> None:
     za, india, eu = nodes["ZA"], nodes["IN"], nodes["EU"]
     za.issue(certificate("ZA-2026-0010", "ZA", "IN"))
