@@ -462,7 +462,16 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _trade_problems(ctx: Context, certificate: Certificate) -> list[tuple[Reason, str]]:
+#: how far ahead of today (UTC) a certificate's issued_on may be: a day's grace at issue for
+#: authorities east of UTC, whose today may be UTC's tomorrow, and one more on receipt for
+#: clocks either side of midnight. Later than that, the importer could not confirm it (a
+#: shipment cannot arrive before its certificate was issued) until that day.
+ISSUED_AHEAD_AT_ISSUE = 1
+ISSUED_AHEAD_ON_RECEIPT = 2
+
+
+def _trade_problems(ctx: Context, certificate: Certificate,
+                    days_ahead: int) -> list[tuple[Reason, str]]:
     """Registry and calendar rules that hold at issue time and again on receipt."""
     found: list[tuple[Reason, str]] = []
     for code in (certificate.issuer, certificate.destination):
@@ -478,6 +487,9 @@ def _trade_problems(ctx: Context, certificate: Certificate) -> list[tuple[Reason
     if certificate.expires_on < ctx.today:
         found.append((Reason.CERTIFICATE_EXPIRED,
                       f"certificate expired on {certificate.expires_on.isoformat()}"))
+    if certificate.issued_on > ctx.today + timedelta(days=days_ahead):
+        found.append((Reason.BAD_DATE, f"issued_on {certificate.issued_on.isoformat()} "
+                      f"is in the future (today is {ctx.today.isoformat()} UTC)"))
     return found
 
 
@@ -485,7 +497,7 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
                     before: Before, replacement: Replacement | None = None) -> Decision:
     env = admitted.envelope
     number = certificate.number
-    problems = _trade_problems(ctx, certificate)
+    problems = _trade_problems(ctx, certificate, days_ahead=ISSUED_AHEAD_ON_RECEIPT)
     if admitted.signer is not None and admitted.signer.authority.id != (
         certificate.issuing_authority
     ):
@@ -656,19 +668,13 @@ def with_valid_key(ctx: Context, decision: Decision) -> Decision:
 def issue(ctx: Context, certificate: Certificate, known: Known,
           replacing: tuple[Record, str] | None = None) -> Decision:
     """Issue a certificate (or, with ``replacing=(old, reason)``, its replacement)."""
-    problems = _trade_problems(ctx, certificate)
+    problems = _trade_problems(ctx, certificate, days_ahead=ISSUED_AHEAD_AT_ISSUE)
     if certificate.issuer != ctx.me:
         problems.insert(0, (Reason.SENDER_MISMATCH,
                             f"this node issues for {ctx.me}, not {certificate.issuer}"))
     if certificate.issuing_authority != ctx.own_authority:
         problems.append((Reason.AUTHORITY_UNKNOWN, f"this node signs for "
                          f"{ctx.own_authority}, not {certificate.issuing_authority}"))
-    if certificate.issued_on > ctx.today + timedelta(days=1):
-        # A day's grace for authorities east of UTC, whose today may be UTC's tomorrow.
-        # Later, the importer could not confirm it (a shipment cannot arrive before its
-        # certificate was issued) until that day.
-        problems.append((Reason.BAD_DATE, f"issued_on {certificate.issued_on.isoformat()} "
-                         f"is in the future (today is {ctx.today.isoformat()} UTC)"))
     if (Side.EXPORT, certificate.number) in known:
         problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
                             f"certificate {certificate.number} was already issued"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +179,6 @@ def test_a_refused_confirmation_from_a_third_participant_does_not_hide_a_cut(
     """verify-log took any logged import confirmation naming the number as the backing of a
     confirmed record, even one refused from a third Participant: with the real one cut from
     the log's end, it still said OK."""
-    from datetime import date
-
     from protocol import Envelope, ImportConfirmation, seal
 
     za, india, eu = nodes["ZA"], nodes["IN"], nodes["EU"]
@@ -205,6 +203,32 @@ def test_a_refused_confirmation_from_a_third_participant_does_not_hide_a_cut(
     za.store.db.execute("DELETE FROM evidence WHERE seq > ?", (cut,))
     assert unsupported_records(za.store.records(), za.store.evidence()) == [
         "export ZA-2026-0200 is confirmed, but no import confirmation for it is in the log"]
+
+
+def test_a_certificate_dated_ahead_is_refused_on_receipt_as_at_issue(nodes: Nodes) -> None:
+    """Only issuing refused a certificate dated after tomorrow: one from a misbehaving
+    exporter was received, and its importer could then neither confirm it (no shipment
+    arrives before its certificate is issued) nor see it expire for years."""
+    from protocol import Envelope, seal
+
+    za, india = nodes["ZA"], nodes["IN"]
+    today = date.today()
+    for days, number in ((2, "ZA-2026-0301"), (3, "ZA-2026-0302")):
+        ahead = certificate(number, "ZA", "IN",
+                            issued_on=(today + timedelta(days=days)).isoformat(),
+                            expires_on=(today + timedelta(days=90)).isoformat())
+        frame = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                              payload=ahead), za.signing_key())
+        (verdict,) = india.handle_batch([Delivery(frame)])
+        if days == 2:  # a day's grace at issue, one more for clocks either side of midnight
+            assert verdict.dead_letter is None
+            assert india.store.get(Side.IMPORT, number).state is State.RECEIVED  # type: ignore[union-attr]
+        else:
+            assert verdict.dead_letter is not None
+            assert verdict.dead_letter.reason == "field.bad_date"
+            assert india.store.get(Side.IMPORT, number).state is State.REJECTED  # type: ignore[union-attr]
+    (answer,) = [r for r in india.store.due(2**62, 10) if r.kind == "rejection"]
+    assert answer.recipient == "ZA"
 
 
 def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nodes) -> None:
