@@ -313,8 +313,10 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
             lapsed.valid_until or 0):
         return refused(Reason.KEY_NOT_VALID_NOW, f"key {frame.key_id.hex()} has lapsed and "
                        "the message was not signed while it was valid")
+    # valid_until is the first instant the key may not sign: its last day is the day of
+    # the instant before (a key ending at midnight has no part of the day that begins).
     if lapsed is not None and (later := _dated_after(envelope.payload,
-                                                    day_of(lapsed.valid_until or 0))):
+                                                    day_of((lapsed.valid_until or 0) - 1))):
         # created_at is the signer's own word: a date in the message itself after the
         # key's end shows it was written since, not an old message arriving late.
         return refused(Reason.KEY_NOT_VALID_NOW, f"key {frame.key_id.hex()} has lapsed and "

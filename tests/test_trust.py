@@ -892,6 +892,39 @@ def test_what_a_key_signed_while_valid_is_accepted_after_it_lapses(tmp_path: Pat
             node.close()
 
 
+def test_a_key_that_ends_at_midnight_signs_nothing_dated_the_day_it_begins(
+        tmp_path: Path) -> None:
+    """valid_until is the first instant a key may not sign, so a key ended at midnight
+    (`kpnode registry end-key --at 2026-12-31`) had its last day on the 30th; a certificate
+    dated the 31st, claiming to be signed before, was still taken."""
+    from datetime import UTC, datetime, timedelta
+
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    za, india = nodes["ZA"], nodes["IN"]
+    try:
+        first_day = datetime.now(UTC).date() + timedelta(days=2)
+        ends = int(datetime(first_day.year, first_day.month, first_day.day,
+                            tzinfo=UTC).timestamp() * 1000)
+        old_key = za.signing_key()
+        update = end_key(dataclasses.replace(network.registry, version=2),
+                         bytes(old_key.verify_key), ends)
+        for node in nodes.values():
+            node.handle_batch([Delivery(sign_registry(update, network.chair_key, now_ms()))])
+        india.clock = lambda: ends + 86_400_000
+        for day, expected in ((first_day - timedelta(days=1), None),
+                              (first_day, "key.not_valid_now")):
+            dated = certificate(f"ZA-M-{day}", "ZA", "IN", issued_on=day.isoformat(),
+                                expires_on=(day + timedelta(days=60)).isoformat())
+            frame = seal(Envelope(sender="ZA", recipient="IN", created_at=ends - 1,
+                                  payload=dated), old_key)
+            (verdict,) = india.handle_batch([Delivery(frame)])
+            assert (verdict.dead_letter.reason if verdict.dead_letter else None) == expected
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
 def test_a_third_participant_cannot_write_into_a_loops_signed_history(
         three: dict[str, Node]) -> None:
     """ZA signed a 'rejection' and a receipt naming BW's certificate to BE. The log keeps
