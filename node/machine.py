@@ -464,12 +464,13 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-#: how far ahead of today (UTC) a certificate's issued_on may be: a day's grace at issue for
-#: authorities east of UTC, whose today may be UTC's tomorrow, and one more on receipt for
-#: clocks either side of midnight. Later than that, the importer could not confirm it (a
-#: shipment cannot arrive before its certificate was issued) until that day.
-ISSUED_AHEAD_AT_ISSUE = 1
-ISSUED_AHEAD_ON_RECEIPT = 2
+#: how far ahead of today (UTC) a certificate's issued_on (or a confirmation's received_on)
+#: may be: a day's grace at issue for authorities east of UTC, whose today may be UTC's
+#: tomorrow, and one more on receipt for clocks either side of midnight. A certificate
+#: dated later could not be confirmed (a shipment cannot arrive before its certificate was
+#: issued) until that day.
+DAYS_AHEAD_AT_ISSUE = 1
+DAYS_AHEAD_ON_RECEIPT = 2
 
 
 def _trade_problems(ctx: Context, certificate: Certificate,
@@ -499,7 +500,7 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
                     before: Before, replacement: Replacement | None = None) -> Decision:
     env = admitted.envelope
     number = certificate.number
-    problems = _trade_problems(ctx, certificate, days_ahead=ISSUED_AHEAD_ON_RECEIPT)
+    problems = _trade_problems(ctx, certificate, days_ahead=DAYS_AHEAD_ON_RECEIPT)
     if admitted.signer is not None and admitted.signer.authority.id != (
         certificate.issuing_authority
     ):
@@ -577,6 +578,12 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
     if confirmation.certificate_digest != record.certificate_digest:
         return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, "confirmation names other "
                       "certificate bytes than the ones sent", certificate=record.number)
+    if contradiction := _contradicts(ctx, record.certificate, confirmation):
+        # An importer's node copies the importer and dates receipt between the date of
+        # issue and its today: anything else was not written by one that follows SPEC.
+        return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, f"the confirmation contradicts "
+                      f"the certificate its digest names: {contradiction}",
+                      certificate=record.number)
     if record.state is State.CONFIRMED and record.confirmation == confirmation:
         return Decision()
     if record.state in (State.CANCELLED, State.REPLACED):
@@ -592,6 +599,19 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
                       f"{record.state}; it cannot be confirmed", certificate=record.number)
     return Decision(records=(record.moved(State.CONFIRMED, ctx.now_ms,
                                           confirmation=confirmation),))
+
+
+def _contradicts(ctx: Context, certificate: Certificate,
+                 confirmation: ImportConfirmation) -> str | None:
+    if confirmation.importer != certificate.importer:
+        return "its importer is not the certificate's"
+    if confirmation.received_on < certificate.issued_on:
+        return (f"received_on {confirmation.received_on.isoformat()} is before issued_on "
+                f"{certificate.issued_on.isoformat()}")
+    if confirmation.received_on > ctx.today + timedelta(days=DAYS_AHEAD_ON_RECEIPT):
+        return (f"received_on {confirmation.received_on.isoformat()} is in the future "
+                f"(today is {ctx.today.isoformat()} UTC)")
+    return None
 
 
 def _on_cancellation(ctx: Context, env: Envelope, cancellation: Cancellation,
@@ -670,7 +690,7 @@ def with_valid_key(ctx: Context, decision: Decision) -> Decision:
 def issue(ctx: Context, certificate: Certificate, known: Known,
           replacing: tuple[Record, str] | None = None) -> Decision:
     """Issue a certificate (or, with ``replacing=(old, reason)``, its replacement)."""
-    problems = _trade_problems(ctx, certificate, days_ahead=ISSUED_AHEAD_AT_ISSUE)
+    problems = _trade_problems(ctx, certificate, days_ahead=DAYS_AHEAD_AT_ISSUE)
     if certificate.issuer != ctx.me:
         problems.insert(0, (Reason.SENDER_MISMATCH,
                             f"this node issues for {ctx.me}, not {certificate.issuer}"))

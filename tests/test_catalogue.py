@@ -61,6 +61,7 @@ CASES = [
     Case("to a non-Participant", "body.schema", True),
     Case("embargoed origin", "origin.embargoed", True),
     Case("expired certificate", "certificate.expired", True),
+    Case("certificate dated ahead", "field.bad_date", True),
     Case("float amount", "body.schema", True),
     Case("negative amount", "body.schema", True),
     Case("zero amount", "body.schema", True),
@@ -139,6 +140,9 @@ async def test_every_bad_input_is_dead_lettered_and_answered_only_when_authentic
             "expired certificate": lambda: signed(keys[peer], envelope(peer, imp, cert(
                 "X", issued_on=(past - timedelta(days=10)).isoformat(),
                 expires_on=past.isoformat()))),
+            "certificate dated ahead": lambda: signed(keys[peer], envelope(peer, imp, cert(
+                "A", issued_on=(date.today() + timedelta(days=3)).isoformat(),
+                expires_on=(date.today() + timedelta(days=90)).isoformat()))),
             "float amount": lambda: signed(keys[peer], envelope(
                 peer, imp, with_line(carats_hundredths=2500.5))),
             "negative amount": lambda: signed(keys[peer], envelope(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -229,6 +230,37 @@ def test_a_certificate_dated_ahead_is_refused_on_receipt_as_at_issue(nodes: Node
             assert india.store.get(Side.IMPORT, number).state is State.REJECTED  # type: ignore[union-attr]
     (answer,) = [r for r in india.store.due(2**62, 10) if r.kind == "rejection"]
     assert answer.recipient == "ZA"
+
+
+def test_a_confirmation_that_contradicts_its_certificate_is_refused(nodes: Nodes) -> None:
+    """The exporter took any confirmation naming the right digest: another importer, or
+    goods received before the certificate was issued, closed the loop as if nothing
+    differed. An importer's node never writes either."""
+    from protocol import Envelope, ImportConfirmation, Party, seal
+
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0400", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    record = india.store.get(Side.IMPORT, "ZA-2026-0400")
+    assert record is not None
+    honest = ImportConfirmation(
+        certificate=record.number, certificate_digest=record.certificate_digest,
+        destination="IN", importer=record.certificate.importer, lines=record.certificate.lines,
+        parcels=record.certificate.parcels, received_on=date.today(), remarks="")
+    for changed in ({"importer": Party(name="Someone Else", address="Elsewhere")},
+                    {"received_on": record.certificate.issued_on - timedelta(days=1)},
+                    {"received_on": date.today() + timedelta(days=3)}):
+        bad = dataclasses.replace(honest, **changed)
+        frame = seal(Envelope(sender="IN", recipient="ZA", created_at=now_ms(), payload=bad),
+                     india.signing_key())
+        (verdict,) = za.handle_batch([Delivery(frame)])
+        assert verdict.dead_letter is not None, changed
+        assert verdict.dead_letter.reason == "certificate.digest_mismatch"
+        assert za.store.get(Side.EXPORT, "ZA-2026-0400").state is State.DELIVERED  # type: ignore[union-attr]
+    india.confirm("ZA-2026-0400")
+    carry(india, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0400").state is State.CONFIRMED  # type: ignore[union-attr]
 
 
 def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nodes) -> None:
