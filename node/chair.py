@@ -28,7 +28,7 @@ from protocol import (
     RegistryUpdate,
     seal,
 )
-from protocol.schema import parse_registry, validate
+from protocol.schema import PARTICIPANT_CODE, parse_registry, validate
 
 
 class RegistryJsonError(Exception):
@@ -72,6 +72,13 @@ def _keys_from_hex(data: Any) -> Any:
 
 
 def sign_registry(update: RegistryUpdate, chair_key: SigningKey, now_ms: int) -> bytes:
+    """The registry frame; refused (RegistryEditError) when it lists the Chair's own key as
+    a Participant's: every node takes a signature by that key for the Chair's, so all that
+    Participant sent would be dropped unanswered."""
+    held = _key_holder(update, bytes(chair_key.verify_key))
+    if held:
+        raise RegistryEditError(f"the Chair's key is listed as a key of {held}: a Participant "
+                                "needs a key of its own (kpnode key new)")
     envelope = Envelope(sender=CHAIR, recipient=BROADCAST, created_at=now_ms, payload=update)
     return seal(envelope, chair_key)
 
@@ -119,8 +126,19 @@ def _key_holder(update: RegistryUpdate, public_key: bytes) -> str | None:
     return None
 
 
+def _own_authority(code: str, authority: str) -> None:
+    # SPEC §9.1: a certificate's issuing_authority starts with its issuer's code, so every
+    # certificate of an authority named otherwise would fail at every node.
+    if PARTICIPANT_CODE.fullmatch(code) and not authority.startswith(code):
+        # (a malformed code gets the protocol's own answer, from _checked)
+        raise RegistryEditError(f"authority {authority!r} must start with {code} (e.g. "
+                                f"{code}-KPA): certificates name it as their issuing "
+                                "authority, and nodes refuse one that does not")
+
+
 def add_participant(update: RegistryUpdate, code: str, name: str, authority: str,
                     authority_name: str, public_key: bytes, valid_from: int) -> RegistryUpdate:
+    _own_authority(code, authority)
     if any(p.code == code for p in update.participants):
         raise RegistryEditError(f"{code} is in the registry already")
     held = _key_holder(update, public_key)
@@ -149,6 +167,7 @@ def add_key(update: RegistryUpdate, code: str, authority: str, public_key: bytes
         if authority_name is None:
             raise RegistryEditError(f"{code} has no authority {authority}; give "
                                     "--authority-name to add it")
+        _own_authority(code, authority)
         authorities = (*entry.authorities, Authority(id=authority, name=authority_name,
                                                      keys=(key,)))
     elif authority_name is not None and authority_name != found.name:

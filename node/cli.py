@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from node import deploy, registrytool, simulate, tokens
-from node.chair import RegistryJsonError, sign_registry_file
+from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.jsontext import JsonTextError, parse_json
@@ -589,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except registrytool.BrokerUnreachable as exc:
         complain(str(exc))
         raise SystemExit(EXIT_ENVIRONMENT) from None
-    except (UserError, ProtocolError, registrytool.ChairError) as exc:
+    except (UserError, ProtocolError, registrytool.ChairError, RegistryEditError) as exc:
         complain(str(exc))
         raise SystemExit(EXIT_REFUSED) from None
     except (ConfigError, RegistryFileError, StoreError, UnreadableRecord,

@@ -282,7 +282,10 @@ def cmd_publish(args: argparse.Namespace) -> None:
             # frame for a version nodes may hold already would split the network.
             raise ChairError(f"version {version} was signed already ({on_record}); set the "
                              "draft's version above the newest in published/")
-        frame = sign_registry(update, chair.key(), now_ms())
+        try:
+            frame = sign_registry(update, chair.key(), now_ms())
+        except RegistryEditError as exc:
+            raise ChairError(str(exc)) from None
         published.mkdir(exist_ok=True)
         on_record.write_bytes(frame)
         signed.write_bytes(frame)

@@ -98,6 +98,17 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
     with pytest.raises(RegistryEditError, match="embargoed already"):
         embargo(embargoed, "CF", True)
     assert embargo(embargoed, "CF", False).embargoed_origins == ()
+    # an authority named for another Participant: every certificate it issued would fail
+    # SPEC §9.1 at every node
+    with pytest.raises(RegistryEditError, match="must start with BW"):
+        add_key(base, "BW", "IN-DGFT", _pub(), 0, authority_name="Indian DGFT")
+    with pytest.raises(RegistryEditError, match="must start with NA"):
+        add_participant(base, "NA", "Namibia", "BW-KPA2", "x", _pub(), 0)
+    # the Chair's own key as a Participant's: every node takes its signatures for the
+    # Chair's and drops what that Participant sends, unanswered
+    chair = SigningKey.generate()
+    with pytest.raises(RegistryEditError, match="the Chair's key is listed as a key of BW"):
+        sign_registry(add_key(base, "BW", "BW-KPA", bytes(chair.verify_key), 0), chair, 0)
     with pytest.raises(RegistryEditError, match=r"field\.bad_format|two-letter|code"):
         add_participant(base, "bw1", "x", "BW1-KPA", "x", _pub(), 0)
 
