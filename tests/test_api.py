@@ -148,6 +148,13 @@ async def test_issue_answers_bad_input_and_refusals_with_the_right_status(
     response = await za.client.post(f"{API}/certificates", headers=officer, data=b"{nope")
     assert response.status == 400
     assert (await response.json())["error"] == "request.malformed"
+    twice = json.dumps(certificate_json("ZA-2026-0001", "ZA", "IN")).replace(
+        '"parcels": 3', '"parcels": 3, "parcels": 300')
+    response = await za.client.post(f"{API}/certificates", headers=officer, data=twice)
+    assert response.status == 400
+    assert (await response.json())["message"] == (
+        "the body is not JSON kpx accepts: the key 'parcels' appears twice in one object")
+    assert za.node.records() == []
     bad = certificate_json("ZA-2026-0001", "ZA", "IN")
     del bad["importer"]
     response = await za.client.post(f"{API}/certificates", headers=officer, json=bad)

@@ -595,6 +595,8 @@ def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
     (broken / "node.sqlite3").write_text("not a database")
     files = {"latin1.json": "é".encode("latin-1"), "digits.json": b"[" + b"7" * 5000 + b"]",
              "deep.json": b"[" * 100_000 + b"]" * 100_000,
+             "twice.json": json.dumps(certificate_json("ZA-2026-0001", "ZA", "IN")).replace(
+                 '"parcels": 3', '"parcels": 3, "parcels": 300').encode(),
              "surrogate.json": json.dumps(certificate_json(
                  "ZA-2026-0001", "ZA", "IN", exporter={"name": "\ud800", "address": "x"}
              )).encode()}
@@ -612,6 +614,10 @@ def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
          f"kpnode: {tmp_path / 'digits.json'}: a number with too many digits"),
         (["validate", str(tmp_path / "deep.json"), "--dir", str(za)], 1,
          f"kpnode: {tmp_path / 'deep.json'}: nested too deeply"),
+        # json.loads keeps the last of a key given twice: 300 parcels, without a word
+        (["validate", str(tmp_path / "twice.json"), "--dir", str(za)], 1,
+         f"kpnode: {tmp_path / 'twice.json'}: not JSON kpx accepts: the key 'parcels' "
+         "appears twice in one object"),
         (["validate", str(tmp_path / "surrogate.json"), "--dir", str(za)], 1,
          "kpnode: certificate is not valid:"),
     ]
