@@ -575,7 +575,7 @@ def complain(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    configure_logging(level=None if args.command == "run" else "WARNING")
+    configure_logging(default_level="INFO" if args.command == "run" else "WARNING")
     try:
         args.handler(args)
     except ValidationError as exc:

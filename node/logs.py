@@ -46,13 +46,15 @@ def _never_raising_logger(*_args: object) -> _LogThatCannotStopTheNode:
     return _LogThatCannotStopTheNode(file=sys.stderr)
 
 
-def configure_logging(*, json_logs: bool | None = None, level: str | None = None) -> None:
-    """JSON unless stderr is a terminal; ``KPX_LOG_FORMAT=json|console`` and
-    ``KPX_LOG_LEVEL`` override."""
+def configure_logging(*, json_logs: bool | None = None, level: str | None = None,
+                      default_level: str = "INFO") -> None:
+    """JSON unless stderr is a terminal; ``KPX_LOG_FORMAT=json|console`` overrides. The
+    level is ``level`` if given, else ``KPX_LOG_LEVEL``, else ``default_level`` (a command
+    run by hand logs only warnings unless the operator asks for more)."""
     fmt = os.environ.get("KPX_LOG_FORMAT")
     if json_logs is None:
         json_logs = fmt == "json" if fmt else not sys.stderr.isatty()
-    level_name = (level or os.environ.get("KPX_LOG_LEVEL") or "INFO").upper()
+    level_name = (level or os.environ.get("KPX_LOG_LEVEL") or default_level).upper()
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_logs
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())

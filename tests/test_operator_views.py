@@ -897,3 +897,27 @@ def test_a_database_copied_from_another_node_is_refused(tmp_path: Path) -> None:
     with (contextlib.closing(Store(za.directory / "node.sqlite3")) as store,
           pytest.raises(StoreError, match="of Participant ZA, not of IN")):
         store.claim("IN")
+
+
+def test_a_command_run_by_hand_logs_its_state_changes_when_asked(tmp_path: Path) -> None:
+    """`kpnode issue` set its log level to WARNING over KPX_LOG_LEVEL, so an operator who
+    asked for INFO still had no `certificate` event for what the command changed."""
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    za = network.configs["ZA"].directory
+    for number, level in (("ZA-2026-0001", None), ("ZA-2026-0002", "INFO")):
+        (tmp_path / f"{number}.json").write_text(
+            json.dumps(certificate_json(number, "ZA", "IN")))
+        env = {k: v for k, v in os.environ.items() if k != "KPX_LOG_LEVEL"}
+        env["KPX_LOG_FORMAT"] = "json"
+        if level:
+            env["KPX_LOG_LEVEL"] = level
+        done = subprocess.run([sys.executable, "-m", "node.cli", "issue",
+                               str(tmp_path / f"{number}.json"), "--dir", str(za)],
+                              capture_output=True, text=True, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        events = [json.loads(line) for line in done.stderr.splitlines()]
+        if level is None:
+            assert events == []  # by hand, only warnings unless asked
+        else:
+            assert [(e["event"], e["number"], e["state"]) for e in events
+                    if e["event"] == "certificate"] == [("certificate", number, "issued")]
