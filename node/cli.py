@@ -25,7 +25,7 @@ from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Refusal, Side, State, day_of
 from node.network import init_node
-from node.registry import open_registry_frame
+from node.registry import key_fault_remedy, open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.store import StoreError, UnreadableRecord
 from node.terminal import emit, printable, table
@@ -382,7 +382,7 @@ def cmd_key_show(args: argparse.Namespace) -> None:
         if fault is not None:
             text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
                      "issue, replace, cancel or confirm, and partners refuse the answers it "
-                     "still signs; make a new key with 'kpnode key new' (deploy/RUNBOOK.md, "
+                     f"still signs; {key_fault_remedy(fault)} (deploy/RUNBOOK.md, "
                      "\"After your key is revoked\")")
         emit(args, rows, text)
     with_node(args, run)
@@ -465,6 +465,11 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", help="node directory (default: $KPX_NODE_DIR or .)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    # the same options for the KP Chair's commands, whose directory is the Chair's
+    chair_common = argparse.ArgumentParser(add_help=False)
+    chair_common.add_argument("--dir", help="the Chair's directory (default: $KPX_NODE_DIR "
+                              "or .)")
+    chair_common.add_argument("--json", action="store_true", help="machine-readable output")
     p = argparse.ArgumentParser(prog="kpnode", description="A kpx node: signed KP "
                                 "certificates between national authorities over RabbitMQ.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -518,10 +523,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("archive")
     chair = sub.add_parser("chair", help="the KP Chair's tools: key and registry")
     chair_sub = chair.add_subparsers(dest="chair_command", required=True, metavar="COMMAND")
-    sp = chair_sub.add_parser("init", help="create the Chair's key", parents=[common])
+    sp = chair_sub.add_parser("init", help="create the Chair's key", parents=[chair_common])
     sp.set_defaults(handler=cmd_chair_init)
     sp = chair_sub.add_parser("sign-registry", help="sign a registry JSON file",
-                              parents=[common])
+                              parents=[chair_common])
     sp.add_argument("registry", help="registry JSON")
     sp.add_argument("--key", required=True, help="the Chair's key file")
     sp.add_argument("--out", required=True, help="where to write the signed registry")
@@ -533,18 +538,21 @@ def parser() -> argparse.ArgumentParser:
     key = sub.add_parser("key", help="the node's signing keys: rotation and encryption")
     key_sub = key.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
     sp = key_sub.add_parser("new", help="make a key for a rotation (keys/KEYID.key)",
+                            description="make a key for a rotation (keys/KEYID.key)",
                             parents=[common])
     sp.add_argument("--encrypt", action="store_true", help="encrypt it with a passphrase "
                     "(on a node whose keys are encrypted it always is, with theirs)")
     sp.set_defaults(handler=cmd_key_new)
     sp = key_sub.add_parser("encrypt", help="encrypt the node's key files with a passphrase",
+                            description="encrypt the node's key files with a passphrase",
                             parents=[common])
     sp.set_defaults(handler=cmd_key_encrypt)
     sp = key_sub.add_parser("show", help="the node's keys, their registry state, which signs",
+                            description="the node's keys, their registry state, which signs",
                             parents=[common])
     sp.set_defaults(handler=cmd_key_show)
     simulate.register(sub, common)
-    registrytool.register(sub, common)
+    registrytool.register(sub, chair_common)
     from node.opscli import register as register_operator_commands  # it imports this module
     register_operator_commands(sub, common)
     deploy.register(sub, common)

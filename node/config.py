@@ -113,6 +113,12 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
+def default_authority(participant: str) -> str:
+    """The issuing authority a node signs as unless node.toml names another: the id
+    ``kpnode init`` and ``kpnode registry add-participant`` give it."""
+    return f"{participant}-KPA"
+
+
 def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = None
                 ) -> NodeConfig:
     """The node's configuration: node.toml, with ``KPX_*`` overrides from ``environ``
@@ -170,7 +176,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         missing = "participant" if "participant" not in data else "chair_public_key"
         raise ConfigError(f"{path}: missing setting {missing}")
     participant = text("participant")
-    authority = text("authority", participant)
+    authority = text("authority", default_authority(participant))
     try:
         chair = bytes.fromhex(text("chair_public_key"))
     except ValueError as exc:

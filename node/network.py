@@ -12,7 +12,7 @@ from nacl.signing import SigningKey
 
 from node.brokerurl import broker_url_problem
 from node.chair import sign_registry
-from node.config import CONFIG_NAME, ConfigError, NodeConfig, write_config
+from node.config import CONFIG_NAME, ConfigError, NodeConfig, default_authority, write_config
 from node.keyfile import write_signing_key
 from node.registrytool import ChairDirectory
 from node.service import now_ms
@@ -33,10 +33,6 @@ NAMES = {
     "US": "United States", "IL": "Israel", "CH": "Switzerland", "SL": "Sierra Leone",
     "CD": "DR Congo", "LS": "Lesotho", "ZW": "Zimbabwe", "TZ": "Tanzania",
 }
-
-
-def default_authority(participant: str) -> str:
-    return f"{participant}-KPA"
 
 
 def init_node(directory: Path, participant: str, *, authority: str | None = None,

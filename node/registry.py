@@ -143,6 +143,16 @@ def own_key_fault(registry: Registry, participant: str, authority: str, public_k
     return None
 
 
+def key_fault_remedy(fault: ProtocolError) -> str:
+    """What an operator does about a node key that cannot sign. A key listed for another
+    authority is almost always node.toml's ``authority`` not matching the registry; a new
+    key would not help with that."""
+    if fault.reason == Reason.KEY_WRONG_SENDER:
+        return ("set 'authority' in node.toml to the authority the registry lists this "
+                "key under (see 'kpnode key show'), or ask the Chair to list it for yours")
+    return "make a new key with 'kpnode key new' for the Chair to add"
+
+
 def signing_key_choice(registry: Registry, participant: str, authority: str,
                        public_keys: Sequence[bytes], at_ms: int) -> int | None:
     """Which of a node's own keys to sign with at ``at_ms``: the one the registry lists for

@@ -35,7 +35,7 @@ from node.chair import (
     set_status,
     sign_registry,
 )
-from node.config import node_directory
+from node.config import default_authority, node_directory
 from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
 from node.service import now_ms
@@ -206,7 +206,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_add_participant(args: argparse.Namespace) -> None:
     code = args.code.upper()
-    authority = args.authority or f"{code}-KPA"
+    authority = args.authority or default_authority(code)
     _edit(args, lambda u: add_participant(
         u, code, args.name, authority, args.authority_name or f"{args.name} KP Authority",
         parse_public_key(args.key), parse_instant(args.valid_from)),
@@ -215,7 +215,7 @@ def cmd_add_participant(args: argparse.Namespace) -> None:
 
 def cmd_add_key(args: argparse.Namespace) -> None:
     code = args.code.upper()
-    authority = args.authority or f"{code}-KPA"
+    authority = args.authority or default_authority(code)
     until = parse_instant(args.valid_until) if args.valid_until else None
     _edit(args, lambda u: add_key(u, code, authority, parse_public_key(args.key),
                                   parse_instant(args.valid_from), until, args.authority_name),

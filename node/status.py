@@ -24,7 +24,7 @@ from node.brokerclient import connect_any, queue_info
 from node.config import NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
-from node.registry import Registry, own_key_fault
+from node.registry import Registry, key_fault_remedy, own_key_fault
 from node.service import Node, now_ms
 from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
@@ -163,7 +163,7 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         # The key a node signs with is its newest valid one: none of its keys is valid.
         problem("error", f"this node's key cannot sign: {fault.text} ({fault.reason}); "
                 "partners refuse what it signs and it refuses to issue, confirm, cancel or "
-                "replace: make a new key with 'kpnode key new' for the Chair to add")
+                f"replace: {key_fault_remedy(fault)}")
     elif owner is not None and owner.key.valid_until is not None \
             and owner.key.valid_until - now <= KEY_WARNING_DAYS * DAY_MS:
         problem("warning", f"this node's key stops being valid on "

@@ -921,3 +921,29 @@ def test_a_command_run_by_hand_logs_its_state_changes_when_asked(tmp_path: Path)
         else:
             assert [(e["event"], e["number"], e["state"]) for e in events
                     if e["event"] == "certificate"] == [("certificate", number, "issued")]
+
+
+def test_a_node_toml_without_authority_signs_as_init_made_it(tmp_path: Path) -> None:
+    """CONFIG.md gave `authority` the default `participant` (ZA), while init and the
+    registry name it ZA-KPA: a node.toml written without the line could not sign, and
+    `key show` told the operator to make a new key, which would not have helped."""
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    za = network.configs["ZA"].directory
+    toml = za / "node.toml"
+    lines = toml.read_text().splitlines()
+    assert any(line.startswith("authority") for line in lines)
+    toml.write_text("\n".join(line for line in lines if not line.startswith("authority")))
+    assert load_config(za).authority == "ZA-KPA"
+    (tmp_path / "c.json").write_text(json.dumps(certificate_json("ZA-2026-0001", "ZA", "IN")))
+    kpnode = [sys.executable, "-m", "node.cli"]
+    done = subprocess.run([*kpnode, "issue", str(tmp_path / "c.json"), "--dir", str(za)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    toml.write_text(toml.read_text() + '\nauthority = "ZA-MINES"\n')
+    done = subprocess.run([*kpnode, "key", "show", "--dir", str(za)],
+                          capture_output=True, text=True, check=False)
+    assert "set 'authority' in node.toml" in done.stdout + done.stderr
+    assert "kpnode key new" not in done.stdout + done.stderr
+    done = subprocess.run([*kpnode, "status", "--dir", str(za)],
+                          capture_output=True, text=True, check=False)
+    assert "set 'authority' in node.toml" in done.stdout + done.stderr
