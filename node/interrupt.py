@@ -1,4 +1,4 @@
-"""SIGTERM handled as Ctrl-C, for commands that own throwaway things.
+"""SIGTERM and SIGHUP handled as Ctrl-C, for commands that own throwaway things.
 
 ``kpnode simulate``, ``kpnode demo`` and the benchmark start brokers of their own and write
 networks (node keys, ``node.toml`` files with broker passwords) to temporary directories;
@@ -7,7 +7,9 @@ a cancelled CI job, ``kill`` or a service manager — ended the process at once 
 broker running and the secrets on disk. Within :func:`sigterm_as_interrupt` SIGTERM is
 handled by the SIGINT handler, so the same cleanup runs: inside ``asyncio.run`` its Ctrl-C handling
 cancels the main task (whose ``finally`` blocks stop the nodes) and then raises
-:class:`KeyboardInterrupt`; outside, Python raises it at once.
+:class:`KeyboardInterrupt`; outside, Python raises it at once. SIGHUP (the terminal closed,
+an SSH session dropped) likewise: the private broker runs in a session of its own, so the
+hang-up never reaches it, and it ran on after its owner died.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from types import FrameType
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM does what Ctrl-C does (in the main thread)."""
+    """Within the block, SIGTERM and SIGHUP do what Ctrl-C does (in the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread; nothing to change here
         return
@@ -33,8 +35,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
         else:  # SIGINT ignored, as for a shell script's background job
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, as_sigint)
+    previous = {signum: signal.signal(signum, as_sigint)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
