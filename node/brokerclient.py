@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
 from node.brokerurl import redact, why_connect_failed
 from node.transport import TransportUnavailable, connect
@@ -89,3 +89,28 @@ async def occupied_queues(urls: Sequence[str], names: Sequence[str]) -> list[str
                 found.append(f"{name} ({info.messages} messages ready, "
                              f"{info.consumers} consumers)")
     return found
+
+
+class ClaimTaken(Exception):
+    """Another connection holds one of the claims; ``args[0]`` lists them."""
+
+
+@contextlib.asynccontextmanager
+async def exclusive_claim(urls: Sequence[str], names: Sequence[str]) -> AsyncIterator[None]:
+    """Hold exclusive queues named ``names`` for the block (:class:`ClaimTaken` when another
+    connection holds any of them). They belong to this connection: the broker drops them
+    when it ends, even when the process holding it is killed, so no claim outlives its
+    holder."""
+    with amqp_library_logs_quiet():
+        connection, _ = await connect_any(urls)
+    async with connection:
+        taken = []
+        for name in names:
+            channel = await connection.channel()  # a refused declare closes its channel
+            try:
+                await channel.declare_queue(name, exclusive=True, auto_delete=True)
+            except ChannelLockedResource:
+                taken.append(name)
+        if taken:
+            raise ClaimTaken(taken)
+        yield

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -1150,7 +1150,32 @@ async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) ->
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:
     """Run one simulation on the broker at ``broker_urls`` and return its report."""
     codes = options.chosen_codes()
-    await check_broker_free(broker_urls, codes)
+    async with _claimed(broker_urls, codes):
+        await check_broker_free(broker_urls, codes)
+        return await _simulate(options, codes, broker_urls)
+
+
+@contextlib.asynccontextmanager
+async def _claimed(broker_urls: Sequence[str], codes: Sequence[str]) -> AsyncIterator[None]:
+    """Two simulations started together on one broker both found the queues free, then
+    took each other's messages: each holds an exclusive claim per Participant instead."""
+    from node.brokerclient import ClaimTaken, exclusive_claim
+    from node.transport import TransportUnavailable
+
+    try:
+        async with exclusive_claim(broker_urls, [f"kpx.simulation.{c}" for c in codes]):
+            yield
+    except ClaimTaken as exc:
+        held = ", ".join(name.rsplit(".", 1)[1] for name in exc.args[0])
+        raise SimulationError(f"another simulation is running on this broker with "
+                              f"{held}: run this one on a broker (or vhost) of its own, "
+                              "with other --codes, or after it") from None
+    except TransportUnavailable as exc:
+        raise SimulationError(str(exc)) from None
+
+
+async def _simulate(options: Options, codes: tuple[str, ...],
+                    broker_urls: Sequence[str]) -> Report:
     shipments = plan_trade(codes, options.certificates, rate=options.rate,
                            confirm_delay=options.confirm_delay,
                            discrepancy_share=options.discrepancy_share, seed=options.seed)

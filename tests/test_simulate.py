@@ -445,6 +445,25 @@ async def test_a_simulation_leaves_queues_in_use_alone(amqp_url: str) -> None:
 
 
 @pytest.mark.broker
+async def test_a_second_simulation_on_the_same_participants_is_refused(amqp_url: str) -> None:
+    """Two simulations started together on one broker both found the queues free, then
+    took each other's messages: both failed after their timeout with invariant failures
+    and left dead letters behind. The second is now refused at once."""
+    from node.brokerclient import exclusive_claim
+
+    running, other = fresh_codes(2)
+    async with exclusive_claim([amqp_url], [f"kpx.simulation.{running}"]):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "node.cli", "simulate", "--codes", f"{other},{running}",
+             "--certificates", "10", "--broker", amqp_url, "--no-progress"],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert f"another simulation is running on this broker with {running}:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.broker
 async def test_an_in_process_node_that_cannot_start_is_one_line(
         amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """As a node process that exits is reported as one line, so is an in-process node
