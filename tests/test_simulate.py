@@ -417,6 +417,15 @@ def test_sigterm_stops_the_nodes_and_the_broker_it_started_and_removes_the_netwo
                 os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
+async def _ten_certificates(amqp_url: str, *codes: str) -> subprocess.CompletedProcess[str]:
+    """`kpnode simulate` of ten certificates between ``codes`` on the test broker."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "node.cli", "simulate", "--codes", ",".join(codes),
+         "--certificates", "10", "--broker", amqp_url, "--no-progress"],
+        capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.broker
 async def test_a_simulation_leaves_queues_in_use_alone(amqp_url: str) -> None:
     """Pointed at a broker where a Participant's inbox holds messages (a real network's, or
@@ -431,11 +440,7 @@ async def test_a_simulation_leaves_queues_in_use_alone(amqp_url: str) -> None:
         channel = await connection.channel()
         await declare_topology(channel, busy, 5)
         await publish_raw(amqp_url, busy, b"a real certificate", f"{busy}-message-0001")
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "node.cli", "simulate", "--codes", f"{busy},{other}",
-             "--certificates", "10", "--broker", amqp_url, "--no-progress"],
-            capture_output=True, text=True, timeout=120)
+        result = await _ten_certificates(amqp_url, busy, other)
         assert result.returncode == 3, result.stderr[-2000:]
         assert (f"queues in use on this broker: {inbox_queue(busy)} (1 messages ready, "
                 "0 consumers)") in result.stderr
@@ -453,11 +458,7 @@ async def test_a_second_simulation_on_the_same_participants_is_refused(amqp_url:
 
     running, other = fresh_codes(2)
     async with exclusive_claim([amqp_url], [f"kpx.simulation.{running}"]):
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "node.cli", "simulate", "--codes", f"{other},{running}",
-             "--certificates", "10", "--broker", amqp_url, "--no-progress"],
-            capture_output=True, text=True, timeout=120)
+        result = await _ten_certificates(amqp_url, other, running)
     assert result.returncode == 3, result.stderr[-2000:]
     assert f"another simulation is running on this broker with {running}:" in result.stderr
     assert "Traceback" not in result.stderr
