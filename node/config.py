@@ -25,6 +25,10 @@ class ConfigError(Exception):
     """The configuration or a key file is missing or wrong; the message says which."""
 
 
+#: deliveries of one inbox message before the broker dead-letters it
+DEFAULT_DELIVERY_LIMIT = 5
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     directory: Path
@@ -41,7 +45,7 @@ class NodeConfig:
     database: str = "node.sqlite3"
     signing_key_file: str = "node.key"
     prefetch: int = 256
-    delivery_limit: int = 5
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     declare_topology: bool = True
     #: send a certificate again (same message id) when no receipt came back in this time
     resend_after_seconds: int = 3600
@@ -204,7 +208,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         database=text("database", "node.sqlite3"),
         signing_key_file=text("signing_key_file", "node.key"),
         prefetch=number("prefetch", 256, 1),
-        delivery_limit=number("delivery_limit", 5, 1),
+        delivery_limit=number("delivery_limit", DEFAULT_DELIVERY_LIMIT, 1),
         declare_topology=flag("declare_topology", True),
         check_broker_user=flag("check_broker_user", False),
         resend_after_seconds=number("resend_after_seconds", 3600, 1),

@@ -1145,6 +1145,38 @@ async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) ->
             "messages: run it on a broker (or vhost) of its own or with other --codes, or, "
             "if they are left from an interrupted run, delete them (rabbitmqctl "
             "delete_queue NAME)")
+    await _declare_queues(broker_urls, codes)
+
+
+async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> None:
+    """Declare the Participants' queues as their nodes will. A queue left with other
+    arguments (another tool's, an older kpx's) made every node retry for 60 s and then
+    fail with 'no broker answered': said at once instead, with the broker's words."""
+    from aiormq.exceptions import ChannelPreconditionFailed
+
+    from node.brokerclient import amqp_library_logs_quiet, connect_any
+    from node.config import DEFAULT_DELIVERY_LIMIT
+    from node.transport import TransportUnavailable, declare_topology
+
+    try:
+        with amqp_library_logs_quiet():
+            connection, _ = await connect_any(broker_urls)
+    except TransportUnavailable as exc:
+        raise SimulationError(str(exc)) from None
+    async with connection:
+        for code in codes:
+            channel = await connection.channel()  # a refused declare closes its channel
+            try:
+                await declare_topology(channel, code, DEFAULT_DELIVERY_LIMIT)
+            except ChannelPreconditionFailed as exc:
+                raise SimulationError(
+                    f"a queue of {code} exists on this broker with other settings than kpx "
+                    f"gives it ({exc.args[0] if exc.args else exc}): run the simulation on a "
+                    "broker (or vhost) of its own or with other --codes, or delete that "
+                    "queue (rabbitmqctl delete_queue NAME)") from None
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
 
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:

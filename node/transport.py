@@ -295,6 +295,9 @@ class Transport:
                     await asyncio.shield(connection.close())
                 raise
             except Exception as exc:
+                # Kept for connect()'s error: a queue declared with other arguments, or a
+                # missing one, is the reason the node never connects, not a silent broker.
+                self._last_failure = f"{redact(url)}: set-up failed: {exc}"
                 log.error("broker set-up failed", url=redact(url), error=str(exc))
                 with contextlib.suppress(Exception):
                     await connection.close()

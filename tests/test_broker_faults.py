@@ -289,3 +289,27 @@ async def test_a_refused_login_is_named_when_the_node_gives_up(amqp_url: str) ->
     finally:
         await transport.close()
     assert "ACCESS_REFUSED" in str(failed.value) and "wrong" not in str(failed.value)
+
+
+async def test_a_queue_declared_otherwise_is_named_when_the_node_gives_up(
+        amqp_url: str) -> None:
+    """An inbox left with other arguments (another tool's, an older kpx's) failed every
+    set-up, and the node gave up with 'no broker answered', the cause only in its log."""
+    import aio_pika
+
+    from node.transport import inbox_queue
+
+    code = fresh_codes(1)[0]
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(inbox_queue(code), durable=True)
+        transport = Transport([amqp_url], code)
+        try:
+            with pytest.raises(TransportUnavailable) as failed:
+                await transport.connect(timeout=3.0)
+        finally:
+            await transport.close()
+            await channel.queue_delete(inbox_queue(code))
+    assert "set-up failed" in str(failed.value)
+    assert "PRECONDITION_FAILED" in str(failed.value), str(failed.value)

@@ -450,6 +450,29 @@ async def test_a_simulation_leaves_queues_in_use_alone(amqp_url: str) -> None:
 
 
 @pytest.mark.broker
+async def test_a_queue_left_with_other_settings_is_named_at_once(amqp_url: str) -> None:
+    """Every node retried it for 60 s, then the run failed with 'no broker answered' and a
+    traceback tail; the cause was only in node logs that the run then deleted."""
+    import aio_pika
+
+    from node.transport import inbox_queue
+
+    plain, other = fresh_codes(2)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(inbox_queue(plain), durable=True)
+        started = time.monotonic()
+        result = await _ten_certificates(amqp_url, other, plain)
+        took = time.monotonic() - started
+        await channel.queue_delete(inbox_queue(plain))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert f"a queue of {plain} exists on this broker with other settings" in result.stderr
+    assert "inequivalent arg" in result.stderr and "Traceback" not in result.stderr
+    assert took < 30, took  # not after the nodes' 60 s
+
+
+@pytest.mark.broker
 async def test_a_second_simulation_on_the_same_participants_is_refused(amqp_url: str) -> None:
     """Two simulations started together on one broker both found the queues free, then
     took each other's messages: both failed after their timeout with invariant failures
