@@ -1145,26 +1145,35 @@ async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) ->
             "messages: run it on a broker (or vhost) of its own or with other --codes, or, "
             "if they are left from an interrupted run, delete them (rabbitmqctl "
             "delete_queue NAME)")
-    await _declare_queues(broker_urls, codes)
 
 
-async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> None:
-    """Declare the Participants' queues as their nodes will. A queue left with other
-    arguments (another tool's, an older kpx's) made every node retry for 60 s and then
-    fail with 'no broker answered': said at once instead, with the broker's words."""
+async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> list[str]:
+    """Declare the Participants' queues as their nodes will; returns those that did not
+    exist before. A queue left with other arguments (another tool's, an older kpx's) made
+    every node retry for 60 s and then fail with 'no broker answered': said at once
+    instead, with the broker's words."""
     from aiormq.exceptions import ChannelPreconditionFailed
 
-    from node.brokerclient import amqp_library_logs_quiet, connect_any
+    from node.brokerclient import amqp_library_logs_quiet, connect_any, queue_info
     from node.config import DEFAULT_DELIVERY_LIMIT
-    from node.transport import TransportUnavailable, declare_topology
+    from node.transport import (
+        TransportUnavailable,
+        dead_letter_queue,
+        declare_topology,
+        inbox_queue,
+    )
 
     try:
         with amqp_library_logs_quiet():
             connection, _ = await connect_any(broker_urls)
     except TransportUnavailable as exc:
         raise SimulationError(str(exc)) from None
+    created = []
     async with connection:
         for code in codes:
+            for name in (inbox_queue(code), dead_letter_queue(code)):
+                if await queue_info(connection, name) is None:
+                    created.append(name)
             channel = await connection.channel()  # a refused declare closes its channel
             try:
                 await declare_topology(channel, code, DEFAULT_DELIVERY_LIMIT)
@@ -1177,6 +1186,24 @@ async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> N
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
+    return created
+
+
+async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> None:
+    """Delete the queues this run created, with whatever an interrupted run left in them
+    (the next run would refuse a broker where they hold messages); best effort, briefly."""
+    from node.brokerclient import amqp_library_logs_quiet, connect_any
+
+    async def delete() -> None:
+        with amqp_library_logs_quiet():
+            connection, _ = await connect_any(broker_urls)
+        async with connection:
+            channel = await connection.channel()
+            for name in names:
+                await channel.queue_delete(name)
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(delete(), 10)
 
 
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:
@@ -1184,7 +1211,12 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
     codes = options.chosen_codes()
     async with _claimed(broker_urls, codes):
         await check_broker_free(broker_urls, codes)
-        return await _simulate(options, codes, broker_urls)
+        created = await _declare_queues(broker_urls, codes)
+        try:
+            return await _simulate(options, codes, broker_urls)
+        finally:
+            if options.directory is None:  # a kept network may be run again, queues and all
+                await _delete_queues(broker_urls, created)
 
 
 @contextlib.asynccontextmanager

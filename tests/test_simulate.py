@@ -377,6 +377,16 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def _wait_for_trading(proc: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Until a simulation whose TMPDIR is ``tmp_path`` trades: once a node has written its
+    log."""
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob("kpx-sim-*/*/node.log")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the simulation did not start"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_stops_the_nodes_and_the_broker_it_started_and_removes_the_network(
@@ -393,12 +403,7 @@ def test_sigterm_stops_the_nodes_and_the_broker_it_started_and_removes_the_netwo
          "--certificates", "100000", "--rate", "50", "--no-progress"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        # Trading has begun once a node has written its log.
-        while not list(tmp_path.glob("kpx-sim-*/*/node.log")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the simulation did not start"
-            time.sleep(0.5)
+        _wait_for_trading(proc, tmp_path)
         assert _processes_mentioning(str(tmp_path))  # broker and nodes run from there
         time.sleep(2)
         proc.send_signal(signum)
@@ -424,6 +429,38 @@ async def _ten_certificates(amqp_url: str, *codes: str) -> subprocess.CompletedP
         [sys.executable, "-m", "node.cli", "simulate", "--codes", ",".join(codes),
          "--certificates", "10", "--broker", amqp_url, "--no-progress"],
         capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.broker
+async def test_an_interrupted_run_removes_the_queues_it_created(
+        amqp_url: str, tmp_path: Path) -> None:
+    """Ctrl-C stopped the nodes one by one while the others still sent: messages stayed in
+    the inboxes, and the next run on that broker refused to start ('queues in use')."""
+    from node.brokerclient import connect_any, queue_info
+    from node.transport import dead_letter_queue, inbox_queue
+
+    codes = fresh_codes(3)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "simulate", "--codes", ",".join(codes),
+         "--certificates", "100000", "--rate", "100", "--broker", amqp_url, "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await asyncio.to_thread(_wait_for_trading, proc, tmp_path)
+        await asyncio.sleep(3)  # trading
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    connection, _ = await connect_any([amqp_url])
+    async with connection:
+        left = {name: await queue_info(connection, name) for code in codes
+                for name in (inbox_queue(code), dead_letter_queue(code))}
+    assert left == dict.fromkeys(left), left
+    result = await _ten_certificates(amqp_url, *codes)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.broker
