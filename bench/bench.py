@@ -255,8 +255,11 @@ async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float
     await delete_queues(url, codes)
     directory = None
     if keep is not None:
-        directory = keep / (f"{len(codes)}-nodes-{'max' if rate == 0 else f'rate{rate:.0f}'}"
-                            f"-seed{seed}")
+        name = f"{len(codes)}-nodes-{'max' if rate == 0 else f'rate{rate:g}'}-seed{seed}"
+        directory, again = keep / name, 1
+        while directory.exists():  # the same rate twice (--loads 0.5,0.5)
+            again += 1
+            directory = keep / f"{name}-{again}"
     options = Options(codes=tuple(codes), certificates=certificates, rate=rate,
                       confirm_delay=0.0, discrepancy_share=0.0, progress=False,
                       log_level=log_level, directory=directory, seed=seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sqlite3
 import sys
@@ -620,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "arguments, its KPX_* variables and the files it reads")
         raise SystemExit(EXIT_REFUSED) from None
     except KeyboardInterrupt:
+        with contextlib.suppress(OSError):  # after a hang-up, stderr may be gone
+            complain("interrupted")
         raise SystemExit(130) from None
 
 

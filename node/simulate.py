@@ -787,9 +787,14 @@ class Report:
     def ok(self) -> bool:
         return self.failure_count == 0
 
-    def fail(self, text: str) -> None:
+    def fail(self, text: str, *, cause: bool = False) -> None:
+        """Record a failure; the first 50 are listed. ``cause``: one that explains the
+        others (a node process that died), listed first, whatever came before it."""
         self.failure_count += 1
-        if len(self.failures) < 50:
+        if cause:
+            self.failures.insert(0, text)
+            del self.failures[50:]
+        elif len(self.failures) < 50:
             self.failures.append(text)
 
     @property
@@ -1277,7 +1282,7 @@ async def _simulate(options: Options, codes: tuple[str, ...],
         if nodes.process_peak_rss_kib is not None:
             report.process_peak_rss_mib = round(nodes.process_peak_rss_kib / 1024, 1)
         for code, returncode in getattr(nodes, "unclean", {}).items():
-            report.fail(f"node process {code} exited with {returncode}")
+            report.fail(f"node process {code} exited with {returncode}", cause=True)
     return report
 
 
@@ -1313,7 +1318,7 @@ async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) ->
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--participants", type=int, default=10,
+    p.add_argument("--participants", type=int,
                    help=f"number of Participants, 2 to {MAX_PARTICIPANTS} (default 10)")
     p.add_argument("--codes", help="comma-separated Participant codes (instead of "
                    "--participants)")
@@ -1381,6 +1386,10 @@ def check_broker_choice(option: str | None) -> None:
 
 def options_from(args: argparse.Namespace) -> Options:
     codes = tuple(c.strip().upper() for c in args.codes.split(",")) if args.codes else None
+    if codes is not None and args.participants is not None \
+            and args.participants != len(codes):
+        raise ValueError(f"--participants {args.participants} but --codes names "
+                         f"{len(codes)}: give one of them")
     if not 1 <= args.certificates <= MAX_CERTIFICATES:
         raise ValueError(f"--certificates must be between 1 and {MAX_CERTIFICATES:,}")
     if not 0 <= args.discrepancies <= 1:
@@ -1397,7 +1406,8 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError("--timeout must be a number of seconds above 0")
     keep = None if args.keep is None else check_new_directory(args.keep, "--keep")
     check_broker_choice(args.broker)
-    options = Options(participants=args.participants, certificates=args.certificates,
+    options = Options(participants=10 if args.participants is None else args.participants,
+                      certificates=args.certificates,
                       codes=codes, in_process=args.in_process, rate=args.rate,
                       confirm_delay=args.confirm_delay, discrepancy_share=args.discrepancies,
                       seed=args.seed, timeout=args.timeout, progress=not args.no_progress,

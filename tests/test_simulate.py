@@ -71,6 +71,18 @@ def test_a_planned_discrepancy_changes_what_is_received(kind: str) -> None:
     assert received_as(declared, None) == (None, None)
 
 
+def test_a_dead_node_is_listed_first_among_the_failures_it_caused() -> None:
+    """The report lists 50 failures; a node that died was added last, so after the loops
+    it left open its death was in neither the text nor the JSON."""
+    report = Report(codes=("EU", "AE"), mode="process", options={})
+    for i in range(80):
+        report.fail(f"loop {i} not closed")
+    report.fail("node process AE exited with -9", cause=True)
+    assert report.failure_count == 81
+    assert report.failures[0] == "node process AE exited with -9"
+    assert len(report.failures) == 50
+
+
 def test_too_few_participants_is_refused() -> None:
     with pytest.raises(ValueError, match="two distinct"):
         plan_trade(["EU"], 10)
@@ -83,6 +95,8 @@ def test_too_few_participants_is_refused() -> None:
     ("--codes ZA,Q1", "--codes: 'Q1' is not a two-letter Participant code"),
     ("--codes ZA", "--codes must name between 2 and 60 Participants"),
     ("--participants 61", "--participants must be between 2 and 60"),
+    ("--participants 2 --codes EU,AE,IN", "--participants 2 but --codes names 3: give one "
+                                          "of them"),
     ("--certificates 0", "--certificates must be between 1 and 1,000,000"),
     ("--certificates 1000001", "--certificates must be between 1 and 1,000,000"),
     ("--rate 1e-320", "1,000 certificates at --rate 9.99989e-321 would take over 7 days; "
@@ -410,6 +424,7 @@ def test_sigterm_stops_the_nodes_and_the_broker_it_started_and_removes_the_netwo
         _, err = proc.communicate(timeout=90)
         assert proc.returncode == 130, err[-2000:]
         assert "Traceback" not in err, err[-2000:]
+        assert err.rstrip().endswith("kpnode: interrupted"), err[-2000:]
         assert _processes_mentioning(str(tmp_path)) == []
         assert list(tmp_path.iterdir()) == []
     finally:
