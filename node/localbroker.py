@@ -695,9 +695,13 @@ class LocalBroker:
             self._atexit_registered = True
 
     def _stop_at_exit(self) -> None:
+        # Also reached when a second Ctrl-C cut close() short between its stop and its
+        # removal of the directory (Erlang cookie, data files): the directory goes too.
         with contextlib.suppress(Exception):
             if self.running:
                 self.stop(timeout=20.0)
+        if self._owns_directory and not self.running:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def _log_text(self) -> str:
         texts = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -114,3 +115,16 @@ def test_local_broker_restart_keeps_durable_messages() -> None:
         directory = broker.directory
     assert not broker.running
     assert not directory.exists()
+
+
+def test_the_exit_hook_removes_a_directory_the_instance_made(tmp_path: Path) -> None:
+    """A second Ctrl-C during close() (after the stop, before the removal) left
+    /tmp/kpx-broker-* with its Erlang cookie behind: the exit hook, which stopped the
+    broker, now removes the directory too, when the instance made it."""
+    made = LocalBroker()
+    given = LocalBroker(tmp_path / "given")
+    assert made.directory.is_dir() and given.directory.is_dir()
+    made._stop_at_exit()
+    given._stop_at_exit()
+    assert not made.directory.exists()
+    assert given.directory.is_dir()
