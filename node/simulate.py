@@ -353,17 +353,34 @@ class Desk:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_rowid = 0
         self._wake = asyncio.Event()
+        #: why a desk task ended before it was stopped (a bug, a store fault), else None:
+        #: the run would otherwise wait its whole timeout for loops nobody works on
+        self.failure: str | None = None
+        #: called once when that happens (the node process then ends, so the run sees it)
+        self.on_failure: Callable[[str], None] | None = None
         node.on_records = self._noticed
 
     def start(self, start_at_ms: int) -> None:
         self._tasks = [asyncio.create_task(self._issue(start_at_ms), name="desk-issue"),
                        asyncio.create_task(self._confirm(), name="desk-confirm")]
+        for task in self._tasks:
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None or self.failure is not None:
+            return
+        exc = task.exception()
+        self.failure = f"{task.get_name()} failed: {type(exc).__name__}: {exc}"
+        log.error("desk failed", task=task.get_name(), exc_info=exc)
+        if self.on_failure is not None:
+            self.on_failure(self.failure)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # a task that failed raises it again here; it is reported as self.failure
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
     async def _issue(self, start_at_ms: int) -> None:
@@ -540,6 +557,10 @@ class Nodes:
 
     def check_alive(self) -> None:
         """Raise SimulationError when a node died."""
+        failed = [f"{code}: {desk.failure}" for code, desk in
+                  getattr(self, "desks", {}).items() if desk.failure is not None]
+        if failed:
+            raise SimulationError(f"a desk stopped working: {'; '.join(failed)}")
 
     async def stop(self) -> None:
         raise NotImplementedError
@@ -618,10 +639,8 @@ class ProcessNodes(Nodes):
         line = await proc.stdout.readline()
         if not line:
             await proc.wait()
-            log_path = self.network.configs[code].directory / "node.log"
-            tail = log_path.read_text(errors="replace").splitlines()[-5:]
             raise SimulationError(f"node {code} exited ({proc.returncode}): "
-                                  + " | ".join(tail))
+                                  + self._log_tail(code))
         reply: dict[str, Any] = json.loads(line)
         return reply
 
@@ -634,11 +653,22 @@ class ProcessNodes(Nodes):
         for code in self.procs:
             self._send(code, {"start_at_ms": start_at_ms})
 
+    def _log_tail(self, code: str, lines: int = 5) -> str:
+        """Why a node's process ended, from its log (deleted with the network): its last
+        error, else the log's last lines."""
+        log_path = self.network.configs[code].directory / "node.log"
+        try:
+            written = log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [line for line in written if '"level": "error"' in line]
+        return errors[-1] if errors else " | ".join(written[-lines:])
+
     def check_alive(self) -> None:
-        dead = [f"{code} ({p.returncode})" for code, p in self.procs.items()
-                if p.returncode is not None]
+        dead = [f"{code} ({p.returncode}): {self._log_tail(code)}"
+                for code, p in self.procs.items() if p.returncode is not None]
         if dead:
-            raise SimulationError(f"node process(es) exited early: {', '.join(dead)}")
+            raise SimulationError(f"node process(es) exited early: {'; '.join(dead)}")
 
     async def stop(self) -> None:
         for store in self.stores.values():

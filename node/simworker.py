@@ -51,6 +51,12 @@ async def run(directory: Path) -> int:
     assert running.node is not None
     freeze_start_up_objects()
     desk = Desk(running.node, exports, arrivals)
+    failed: list[str] = []
+
+    def desk_failed(why: str) -> None:  # the parent sees this process end, and reads why
+        failed.append(why)
+        stop.set()
+    desk.on_failure = desk_failed
     emit({"event": "ready", "participant": config.participant, "pid": os.getpid()})
 
     async def commands() -> None:
@@ -75,7 +81,7 @@ async def run(directory: Path) -> int:
     emit({"event": "done", "participant": config.participant,
           "desk": desk.stats.to_json(), "peak_rss_kib": peak_rss_kib(os.getpid()),
           "cpu_seconds": cpu_seconds()})
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

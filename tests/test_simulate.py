@@ -164,6 +164,25 @@ def test_an_unreachable_broker_is_said_at_once_without_its_password() -> None:
 
 
 @pytest.mark.broker
+async def test_a_desk_that_fails_ends_the_run_at_once(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A desk task that raised died without a word, and the run waited its whole timeout
+    for loops nobody was confirming."""
+    from node.service import Node
+
+    def broken(self: Node, arrivals: object) -> list[object]:
+        raise RuntimeError("the back office's queue is gone")
+    monkeypatch.setattr(Node, "confirm_many", broken)
+    options = Options(codes=tuple(fresh_codes(2)), certificates=20, in_process=True,
+                      rate=100.0, confirm_delay=0.0, seed=5, progress=False, timeout=120.0)
+    started = time.monotonic()
+    with pytest.raises(SimulationError, match=r"a desk stopped working: .*desk-confirm "
+                       r"failed: RuntimeError: the back office's queue is gone"):
+        await run_simulation(options, [amqp_url])
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.broker
 async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: Path) -> None:
     options = Options(codes=tuple(fresh_codes(5)), certificates=200, in_process=True,
                       rate=400.0, confirm_delay=0.2, discrepancy_share=0.1, seed=5,
