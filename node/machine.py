@@ -343,9 +343,13 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
 
 
 def _dated_after(payload: Payload, day: date) -> str | None:
-    """The first date the message itself states that is after ``day``, named."""
+    """The first date the message itself states that could not have been written on
+    ``day`` (a key's last day), named. A certificate may be dated up to
+    ``DAYS_AHEAD_AT_ISSUE`` after the day it is signed (authorities east of UTC); the day
+    of receipt is never after the day of confirming."""
     certificate = payload.certificate if isinstance(payload, Replacement) else payload
-    if isinstance(certificate, Certificate) and certificate.issued_on > day:
+    if isinstance(certificate, Certificate) and certificate.issued_on > day + timedelta(
+            days=DAYS_AHEAD_AT_ISSUE):
         return f"issued_on {certificate.issued_on.isoformat()}"
     if isinstance(payload, ImportConfirmation) and payload.received_on > day:
         return f"received_on {payload.received_on.isoformat()}"

@@ -1458,10 +1458,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     try:
         with sigterm_as_interrupt(), _broker(args.broker, broker_url) as url:
             report = asyncio.run(run_simulation(options, [url]))
+            # printed before the broker stops: should stopping it fail, the report stands
+            print(json.dumps(report.to_json(), indent=2) if args.json
+                  else format_report(report), flush=True)
     except (SimulationError, BrokerError) as exc:
         print(f"kpnode simulate: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
-    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     raise SystemExit(0 if report.ok else 1)
 
 

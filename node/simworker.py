@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -47,7 +48,18 @@ async def run(directory: Path) -> int:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     running = RunningNode(config)
-    await running.start()
+    # Told to stop while still connecting (Ctrl-C as the run starts, a broker that does not
+    # answer): stop now, not after the 60 s the connection may take.
+    starting = asyncio.create_task(running.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting  # a start cut short closes what it opened
+        return 130
+    starting.result()  # a start that failed raises here, as before
     assert running.node is not None
     freeze_start_up_objects()
     desk = Desk(running.node, exports, arrivals)

@@ -596,3 +596,29 @@ def test_a_missing_virtual_host_is_named(amqp_url: str) -> None:
     assert ("the broker refused to open virtual host 'kpx-no-such-vhost': it does not exist, "
             "or this user may not use it") in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_node_process_told_to_stop_while_connecting_stops_at_once(tmp_path: Path) -> None:
+    """A node process looked at its stop signal only once connected: Ctrl-C as a run
+    started, or a broker that does not answer, held the run up to 60 s."""
+    from node.network import create_network
+    from node.simulate import write_desk_plan
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    directory = network.configs["ZA"].directory
+    write_desk_plan(directory, "ZA", [])
+    proc = subprocess.Popen([sys.executable, "-m", "node.simworker", "--dir", str(directory)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # connecting, to a broker that does not answer
+        assert proc.poll() is None
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert time.monotonic() - stopped < 10
+        assert proc.returncode == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -903,34 +903,55 @@ def test_what_a_key_signed_while_valid_is_accepted_after_it_lapses(tmp_path: Pat
             node.close()
 
 
-def test_a_key_that_ends_at_midnight_signs_nothing_dated_the_day_it_begins(
-        tmp_path: Path) -> None:
+def test_a_key_that_ends_at_midnight_is_judged_by_its_last_day(tmp_path: Path) -> None:
     """valid_until is the first instant a key may not sign, so a key ended at midnight
-    (`kpnode registry end-key --at 2026-12-31`) had its last day on the 30th; a certificate
-    dated the 31st, claiming to be signed before, was still taken."""
+    (`kpnode registry end-key --at 2026-12-31`) has its last day on the 30th. A
+    confirmation received on the 31st, claiming to be signed before, was still taken. A
+    certificate signed on the 30th may be dated the 31st (a day's grace at issue), but not
+    the 1st."""
     from datetime import UTC, datetime, timedelta
+
+    from protocol import ImportConfirmation
 
     network = create_network(tmp_path, ["ZA", "IN"], [])
     nodes = {code: Node.open(config) for code, config in network.configs.items()}
     za, india = nodes["ZA"], nodes["IN"]
     try:
+        za.issue(certificate("ZA-M-1", "ZA", "IN"))
+        carry(za, nodes)
+        carry(india, nodes)
+        record = india.store.get(Side.IMPORT, "ZA-M-1")
+        assert record is not None
         first_day = datetime.now(UTC).date() + timedelta(days=2)
         ends = int(datetime(first_day.year, first_day.month, first_day.day,
                             tzinfo=UTC).timestamp() * 1000)
-        old_key = za.signing_key()
-        update = end_key(dataclasses.replace(network.registry, version=2),
-                         bytes(old_key.verify_key), ends)
+        old = {"ZA": za.signing_key(), "IN": india.signing_key()}
+        update = dataclasses.replace(network.registry, version=2)
+        for key in old.values():
+            update = end_key(update, bytes(key.verify_key), ends)
         for node in nodes.values():
             node.handle_batch([Delivery(sign_registry(update, network.chair_key, now_ms()))])
-        india.clock = lambda: ends + 86_400_000
-        for day, expected in ((first_day - timedelta(days=1), None),
-                              (first_day, "key.not_valid_now")):
+            node.clock = lambda: ends + 86_400_000
+
+        def verdict(node: Node, sender: str, payload: Any) -> str | None:
+            frame = seal(Envelope(sender=sender, recipient=node.me, created_at=ends - 1,
+                                  payload=payload), old[sender])
+            (v,) = node.handle_batch([Delivery(frame)])
+            return v.dead_letter.reason if v.dead_letter else None
+        for day, expected in ((first_day, None),
+                              (first_day + timedelta(days=1), "key.not_valid_now")):
             dated = certificate(f"ZA-M-{day}", "ZA", "IN", issued_on=day.isoformat(),
                                 expires_on=(day + timedelta(days=60)).isoformat())
-            frame = seal(Envelope(sender="ZA", recipient="IN", created_at=ends - 1,
-                                  payload=dated), old_key)
-            (verdict,) = india.handle_batch([Delivery(frame)])
-            assert (verdict.dead_letter.reason if verdict.dead_letter else None) == expected
+            assert verdict(india, "ZA", dated) == expected, day
+        confirmation = ImportConfirmation(
+            certificate=record.number, certificate_digest=record.certificate_digest,
+            destination="IN", importer=record.certificate.importer,
+            lines=record.certificate.lines, parcels=record.certificate.parcels,
+            received_on=first_day, remarks="")
+        assert verdict(za, "IN", confirmation) == "key.not_valid_now"
+        earlier = dataclasses.replace(confirmation, received_on=first_day - timedelta(days=1))
+        assert verdict(za, "IN", earlier) is None
+        assert za.store.get(Side.EXPORT, "ZA-M-1").state is State.CONFIRMED  # type: ignore[union-attr]
     finally:
         for node in nodes.values():
             node.close()
