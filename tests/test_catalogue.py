@@ -28,7 +28,16 @@ from node.machine import Side, State
 from node.network import create_network
 from node.runner import RunningNode
 from node.transport import dead_letter_queue
-from protocol import ParticipantStatus, Rejection, decode_body, parse_frame
+from protocol import (
+    BROADCAST,
+    CHAIR,
+    Envelope,
+    ParticipantStatus,
+    Rejection,
+    decode_body,
+    parse_frame,
+    seal,
+)
 from protocol.codec import pack
 from protocol.frame import seal_body
 from tests.netutil import certificate, certificate_json
@@ -129,8 +138,10 @@ async def test_every_bad_input_is_dead_lettered_and_answered_only_when_authentic
                 keys[peer], envelope(peer, good, certificate_json(f"{peer}-A", peer, good))),
             "stale registry version": lambda: sign_registry(
                 dataclasses.replace(update, version=1), network.chair_key, 1),
-            "registry not signed by the Chair": lambda: sign_registry(
-                dataclasses.replace(update, version=9), keys[peer], 1),
+            # sealed by hand: the Chair's tool refuses to sign with a Participant's key
+            "registry not signed by the Chair": lambda: seal(Envelope(
+                sender=CHAIR, recipient=BROADCAST, created_at=1,
+                payload=dataclasses.replace(update, version=9)), keys[peer]),
             "from a suspended Participant": lambda: signed(keys[suspended], envelope(
                 suspended, imp, certificate_json(f"{suspended}-1", suspended, imp))),
             "to a non-Participant": lambda: signed(keys[peer], envelope(
