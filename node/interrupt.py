@@ -23,7 +23,8 @@ from types import FrameType
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP do what Ctrl-C does (in the main thread)."""
+    """Within the block, SIGTERM and SIGHUP do what Ctrl-C does (in the main thread);
+    a SIGHUP the process ignores (``nohup``) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread; nothing to change here
         return
@@ -35,8 +36,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         else:  # SIGINT ignored, as for a shell script's background job
             raise KeyboardInterrupt
 
+    # A hang-up ignored on purpose (nohup) stays ignored: the run is meant to outlive
+    # the terminal.
+    hang_up = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
     previous = {signum: signal.signal(signum, as_sigint)
-                for signum in (signal.SIGTERM, signal.SIGHUP)}
+                for signum in (signal.SIGTERM, *hang_up)}
     try:
         yield
     finally:

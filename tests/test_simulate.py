@@ -622,3 +622,21 @@ def test_a_node_process_told_to_stop_while_connecting_stops_at_once(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_a_run_under_nohup_outlives_its_terminal() -> None:
+    """SIGHUP stops a run like Ctrl-C, so that its broker and secrets go with it; but a
+    run started with nohup ignores the hang-up on purpose, and must keep doing so."""
+    from node.interrupt import sigterm_as_interrupt
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)  # delivered: ignored, no KeyboardInterrupt
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
