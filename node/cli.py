@@ -383,7 +383,9 @@ def cmd_key_show(args: argparse.Namespace) -> None:
         if fault is not None:
             text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
                      "issue, replace, cancel or confirm, and partners refuse the answers it "
-                     f"still signs; {key_fault_remedy(fault)} (deploy/RUNBOOK.md, "
+                     f"still signs; "
+                     f"{key_fault_remedy(fault, node.registry, node.me, current)} "
+                     "(deploy/RUNBOOK.md, "
                      "\"After your key is revoked\")")
         emit(args, rows, text)
     with_node(args, run)

@@ -34,6 +34,10 @@ class NodeConfig:
     directory: Path
     participant: str
     authority: str
+    #: no authority in node.toml or the environment: ``authority`` is the default, and the
+    #: node takes the one the registry lists its key under instead (Node.open). Not a
+    #: setting of node.toml.
+    authority_defaulted: bool = False
     broker_urls: tuple[str, ...] = (DEFAULT_BROKER,)
     #: RabbitMQ user the node logs in as; sent as the validated ``user_id`` when set.
     broker_user: str | None = None
@@ -143,7 +147,8 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     overrides = environment_overrides(os.environ if environ is None else environ)
     data.update(overrides)
-    known = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
+    known = {f for f in NodeConfig.__dataclass_fields__
+             if f not in ("directory", "authority_defaulted")}
     unknown = sorted(set(data) - known - {"chair_public_key"})
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
@@ -203,6 +208,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
     port = data.get("http_port")
     return NodeConfig(
         directory=directory, participant=participant, authority=authority,
+        authority_defaulted="authority" not in data,
         broker_urls=tuple(urls), broker_user=text("broker_user", "") or None,
         chair_public_key=chair, registry_file=text("registry_file", "registry.kpx"),
         database=text("database", "node.sqlite3"),
@@ -231,7 +237,8 @@ def write_config(config: NodeConfig) -> Path:
     lines = [
         "# kpx node configuration. Paths are relative to this directory.",
         f"participant = {_toml_value(config.participant)}",
-        f"authority = {_toml_value(config.authority)}",
+        *([] if config.authority_defaulted
+          else [f"authority = {_toml_value(config.authority)}"]),
         f"broker_urls = {_toml_value(list(config.broker_urls))}",
         f"chair_public_key = {_toml_value(config.chair_public_key.hex())}",
         f"registry_file = {_toml_value(config.registry_file)}",

@@ -143,13 +143,29 @@ def own_key_fault(registry: Registry, participant: str, authority: str, public_k
     return None
 
 
-def key_fault_remedy(fault: ProtocolError) -> str:
-    """What an operator does about a node key that cannot sign. A key listed for another
-    authority is almost always node.toml's ``authority`` not matching the registry; a new
-    key would not help with that."""
-    if fault.reason == Reason.KEY_WRONG_SENDER:
-        return ("set 'authority' in node.toml to the authority the registry lists this "
-                "key under (see 'kpnode key show'), or ask the Chair to list it for yours")
+def registered_authority(registry: Registry, participant: str,
+                         public_keys: Sequence[bytes]) -> str | None:
+    """The authority of ``participant`` the registry lists the first of these keys under,
+    if any."""
+    for public in public_keys:
+        owner = registry.key_owner(key_id(public))
+        if owner is not None and owner.participant == participant:
+            return owner.authority.id
+    return None
+
+
+def key_fault_remedy(fault: ProtocolError, registry: Registry, participant: str,
+                     public_key: bytes) -> str:
+    """What an operator does about a node key that cannot sign. A key the registry lists
+    for another authority of this Participant is node.toml's ``authority`` not matching
+    the registry, which a new key would not cure; a key of another Participant (a key
+    file copied from elsewhere) needs a key of the node's own."""
+    owner = registry.key_owner(key_id(public_key))
+    if fault.reason == Reason.KEY_WRONG_SENDER and owner is not None \
+            and owner.participant == participant:
+        return (f"the registry lists this key for {owner.authority.id}: set 'authority = "
+                f"\"{owner.authority.id}\"' in node.toml, or ask the Chair to list it for "
+                "the authority node.toml names")
     return "make a new key with 'kpnode key new' for the Chair to add"
 
 

@@ -9,6 +9,7 @@ frames published. Nothing here touches the network: :mod:`node.runner` does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass
@@ -50,6 +51,7 @@ from node.registry import (
     newer,
     open_registry_frame,
     own_key_fault,
+    registered_authority,
     signing_key_choice,
 )
 from node.store import Store
@@ -182,6 +184,12 @@ class Node:
         except BaseException:
             store.close()
             raise
+        if config.authority_defaulted and (listed := registered_authority(
+                registry, config.participant,
+                [bytes(k.verify_key) for k in (signing_key, *other_keys)])):
+            # node.toml names none: the node signs as the registry lists its key, which
+            # is what an older kpx's default (the bare code) meant where it worked.
+            config = dataclasses.replace(config, authority=listed)
         return cls(config, store, signing_key, registry, check_broker_user=check_broker_user,
                    other_keys=other_keys)
 

@@ -163,7 +163,7 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         # The key a node signs with is its newest valid one: none of its keys is valid.
         problem("error", f"this node's key cannot sign: {fault.text} ({fault.reason}); "
                 "partners refuse what it signs and it refuses to issue, confirm, cancel or "
-                f"replace: {key_fault_remedy(fault)}")
+                f"replace: {key_fault_remedy(fault, registry, participant, own_public_key)}")
     elif owner is not None and owner.key.valid_until is not None \
             and owner.key.valid_until - now <= KEY_WARNING_DAYS * DAY_MS:
         problem("warning", f"this node's key stops being valid on "

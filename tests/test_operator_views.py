@@ -940,10 +940,53 @@ def test_a_node_toml_without_authority_signs_as_init_made_it(tmp_path: Path) -> 
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     toml.write_text(toml.read_text() + '\nauthority = "ZA-MINES"\n')
-    done = subprocess.run([*kpnode, "key", "show", "--dir", str(za)],
+    advice = 'set \'authority = "ZA-KPA"\' in node.toml'
+    for command in ("key", "show"), ("status",):
+        done = subprocess.run([*kpnode, *command, "--dir", str(za)],
+                              capture_output=True, text=True, check=False)
+        assert advice in done.stdout + done.stderr, done.stdout + done.stderr
+        assert "kpnode key new" not in done.stdout + done.stderr
+    # a key file copied from another Participant's node: it needs a key of its own
+    india = network.configs["IN"].directory
+    (india / "node.key").write_bytes((za / "node.key").read_bytes())
+    done = subprocess.run([*kpnode, "key", "show", "--dir", str(india)],
                           capture_output=True, text=True, check=False)
-    assert "set 'authority' in node.toml" in done.stdout + done.stderr
-    assert "kpnode key new" not in done.stdout + done.stderr
-    done = subprocess.run([*kpnode, "status", "--dir", str(za)],
-                          capture_output=True, text=True, check=False)
-    assert "set 'authority' in node.toml" in done.stdout + done.stderr
+    assert "kpnode key new" in done.stdout + done.stderr
+    assert "set 'authority" not in done.stdout + done.stderr
+
+
+def test_a_node_toml_without_authority_signs_as_the_registry_lists_its_key(
+        tmp_path: Path) -> None:
+    """Before, a node.toml without `authority` meant the bare code (ZA), which a registry
+    may list (SPEC §9.1 asks only that it start with the code). The default became ZA-KPA,
+    which such a node would not have been after an upgrade: a node.toml that names none
+    now signs as the registry lists the node's key, and `deploy configure` keeps it so."""
+    from node.chair import sign_registry
+    from node.config import write_config
+    from node.service import Node
+
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    za = network.configs["ZA"].directory
+
+    def bare(p: Any) -> Any:
+        if p.code != "ZA":
+            return p
+        return dataclasses.replace(p, authorities=tuple(
+            dataclasses.replace(a, id="ZA") for a in p.authorities))
+    update = dataclasses.replace(network.registry, version=2, participants=tuple(
+        bare(p) for p in network.registry.participants))
+    (za / "registry.kpx").write_bytes(sign_registry(update, network.chair_key, 1))
+    toml = za / "node.toml"
+    toml.write_text("\n".join(line for line in toml.read_text().splitlines()
+                              if not line.startswith("authority")))
+    config = load_config(za)
+    assert config.authority_defaulted
+    write_config(config)  # as `kpnode deploy configure` rewrites it
+    assert "authority" not in toml.read_text()
+    node = Node.open(load_config(za))
+    try:
+        assert node.config.authority == "ZA"
+        record = node.issue(certificate("ZA-2026-0001", "ZA", "IN", issuing_authority="ZA"))
+        assert record.state is State.ISSUED
+    finally:
+        node.close()
