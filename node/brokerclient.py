@@ -15,7 +15,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelLockedResource,
+    ChannelNotFoundEntity,
+)
 
 from node.brokerurl import redact, why_connect_failed
 from node.transport import TransportUnavailable, connect
@@ -96,21 +100,25 @@ class ClaimTaken(Exception):
 
 
 @contextlib.asynccontextmanager
-async def exclusive_claim(urls: Sequence[str], names: Sequence[str]) -> AsyncIterator[None]:
+async def exclusive_claim(urls: Sequence[str], names: Sequence[str]
+                          ) -> AsyncIterator[list[str]]:
     """Hold exclusive queues named ``names`` for the block (:class:`ClaimTaken` when another
     connection holds any of them). They belong to this connection: the broker drops them
     when it ends, even when the process holding it is killed, so no claim outlives its
-    holder."""
+    holder. Yields the names the broker user may not declare (no claim, no error: a
+    user whose permissions cover only kpx's own queues)."""
     with amqp_library_logs_quiet():
         connection, _ = await connect_any(urls)
     async with connection:
-        taken = []
+        taken, not_permitted = [], []
         for name in names:
             channel = await connection.channel()  # a refused declare closes its channel
             try:
                 await channel.declare_queue(name, exclusive=True, auto_delete=True)
             except ChannelLockedResource:
                 taken.append(name)
+            except ChannelAccessRefused:
+                not_permitted.append(name)
         if taken:
             raise ClaimTaken(taken)
-        yield
+        yield not_permitted

@@ -1182,11 +1182,13 @@ async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) ->
             "delete_queue NAME)")
 
 
-async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> list[str]:
-    """Declare the Participants' queues as their nodes will; returns those that did not
-    exist before. A queue left with other arguments (another tool's, an older kpx's) made
-    every node retry for 60 s and then fail with 'no broker answered': said at once
-    instead, with the broker's words."""
+async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str],
+                          created: list[str]) -> None:
+    """Declare the Participants' queues as their nodes will, adding to ``created`` those
+    that did not exist before (as it goes: a refusal or an interrupt half-way must not
+    leave the first ones behind). A queue left with other arguments (another tool's, an
+    older kpx's) made every node retry for 60 s and then fail with 'no broker answered':
+    said at once instead, with the broker's words."""
     from aiormq.exceptions import ChannelPreconditionFailed
 
     from node.brokerclient import amqp_library_logs_quiet, connect_any, queue_info
@@ -1203,7 +1205,6 @@ async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> l
             connection, _ = await connect_any(broker_urls)
     except TransportUnavailable as exc:
         raise SimulationError(str(exc)) from None
-    created = []
     async with connection:
         for code in codes:
             for name in (inbox_queue(code), dead_letter_queue(code)):
@@ -1221,7 +1222,6 @@ async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str]) -> l
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
-    return created
 
 
 async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> None:
@@ -1233,9 +1233,10 @@ async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> No
         with amqp_library_logs_quiet():
             connection, _ = await connect_any(broker_urls)
         async with connection:
-            channel = await connection.channel()
             for name in names:
-                await channel.queue_delete(name)
+                with contextlib.suppress(Exception):  # each on its own: a failure closes
+                    channel = await connection.channel()  # its channel
+                    await channel.queue_delete(name)
 
     with contextlib.suppress(Exception):
         await asyncio.wait_for(delete(), 10)
@@ -1246,8 +1247,9 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
     codes = options.chosen_codes()
     async with _claimed(broker_urls, codes):
         await check_broker_free(broker_urls, codes)
-        created = await _declare_queues(broker_urls, codes)
+        created: list[str] = []
         try:
+            await _declare_queues(broker_urls, codes, created)
             return await _simulate(options, codes, broker_urls)
         finally:
             if options.directory is None:  # a kept network may be run again, queues and all
@@ -1262,7 +1264,12 @@ async def _claimed(broker_urls: Sequence[str], codes: Sequence[str]) -> AsyncIte
     from node.transport import TransportUnavailable
 
     try:
-        async with exclusive_claim(broker_urls, [f"kpx.simulation.{c}" for c in codes]):
+        async with exclusive_claim(broker_urls,
+                                   [f"kpx.simulation.{c}" for c in codes]) as unclaimed:
+            if unclaimed:
+                print(f"kpnode simulate: warning: this broker user may not declare "
+                      f"{unclaimed[0]} (ACCESS_REFUSED), so another simulation started on "
+                      "this broker meanwhile would not be refused", file=sys.stderr)
             yield
     except ClaimTaken as exc:
         held = ", ".join(name.rsplit(".", 1)[1] for name in exc.args[0])

@@ -289,3 +289,14 @@ async def _dead_letters(url: str, code: str, count: int,
             found.append(got)
     return found
 
+
+
+async def test_a_claim_the_user_may_not_declare_is_reported_not_raised(
+        deployed: Provisioned, broker: LocalBroker) -> None:
+    """`kpnode simulate` holds an exclusive queue per Participant; with a broker user whose
+    permissions cover only kpx's own queues it died with a traceback (ACCESS_REFUSED)."""
+    from node.brokerclient import exclusive_claim
+
+    url = url_of(deployed, "kpx-za", broker.amqp_port)
+    async with exclusive_claim([url], ["kpx.simulation.ZA"]) as unclaimed:
+        assert unclaimed == ["kpx.simulation.ZA"]

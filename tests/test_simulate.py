@@ -526,7 +526,8 @@ async def test_a_queue_left_with_other_settings_is_named_at_once(amqp_url: str) 
     traceback tail; the cause was only in node logs that the run then deleted."""
     import aio_pika
 
-    from node.transport import inbox_queue
+    from node.brokerclient import connect_any, queue_info
+    from node.transport import dead_letter_queue, inbox_queue
 
     plain, other = fresh_codes(2)
     connection = await aio_pika.connect(amqp_url)
@@ -537,6 +538,13 @@ async def test_a_queue_left_with_other_settings_is_named_at_once(amqp_url: str) 
         result = await _ten_certificates(amqp_url, other, plain)
         took = time.monotonic() - started
         await channel.queue_delete(inbox_queue(plain))
+    # what the refused run had declared before it met the queue is gone with it
+    connection, _ = await connect_any([amqp_url])
+    async with connection:
+        left = {name: await queue_info(connection, name) for name in (
+            inbox_queue(other), dead_letter_queue(other), dead_letter_queue(plain),
+            inbox_queue(plain))}
+    assert left == dict.fromkeys(left), left
     assert result.returncode == 3, result.stderr[-2000:]
     assert f"a queue of {plain} exists on this broker with other settings" in result.stderr
     assert "inequivalent arg" in result.stderr and "Traceback" not in result.stderr
