@@ -184,6 +184,11 @@ class Refusal:
     answer_to: str | None = None
     in_reply_to: str | None = None
     certificate: str | None = None
+    #: False for a message refused only for a date ahead of this node's clock: that clock
+    #: may be the one that is wrong (behind), so the refusal must not be for good. It is
+    #: dead-lettered, neither answered nor remembered, and judged afresh when it comes
+    #: again (the sender's resend, an operator's replay).
+    final: bool = True
 
     def __str__(self) -> str:
         detail = "; ".join(str(p) for p in self.problems)
@@ -415,7 +420,7 @@ def receive(ctx: Context, admitted: Admitted, known: Known,
 
 def _answer_refusal(ctx: Context, env: Envelope, decision: Decision) -> Decision:
     refusal = decision.refusal
-    if refusal is None:
+    if refusal is None or not refusal.final:
         return decision
     if isinstance(env.payload, Rejection | RegistryUpdate | Pong):
         # Never answer a rejection with a rejection: two nodes could loop for ever.
@@ -528,6 +533,10 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
         message_id=env.message_id, updated_at=ctx.now_ms,
         replaces=replacement.replaces if replacement else None,
     )
+    if problems and all(reason is Reason.BAD_DATE for reason, _ in problems):
+        # Dated ahead of this node's today, and nothing else: a refusal for now only.
+        return Decision(refusal=Refusal(str(Reason.BAD_DATE), problems[0][1],
+                                        certificate=number, final=False))
     if problems:
         reason, _ = problems[0]
         text = "; ".join(t for _, t in problems)
@@ -582,12 +591,17 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
     if confirmation.certificate_digest != record.certificate_digest:
         return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, "confirmation names other "
                       "certificate bytes than the ones sent", certificate=record.number)
-    if contradiction := _contradicts(ctx, record.certificate, confirmation):
+    if contradiction := _contradicts(record.certificate, confirmation):
         # An importer's node copies the importer and dates receipt between the date of
         # issue and its today: anything else was not written by one that follows SPEC.
         return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, f"the confirmation contradicts "
                       f"the certificate its digest names: {contradiction}",
                       certificate=record.number)
+    if confirmation.received_on > ctx.today + timedelta(days=DAYS_AHEAD_ON_RECEIPT):
+        return Decision(refusal=Refusal(
+            str(Reason.BAD_DATE), f"received_on {confirmation.received_on.isoformat()} is "
+            f"in the future (today is {ctx.today.isoformat()} UTC)",
+            certificate=record.number, final=False))
     if record.state is State.CONFIRMED and record.confirmation == confirmation:
         return Decision()
     if record.state in (State.CANCELLED, State.REPLACED):
@@ -605,16 +619,12 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
                                           confirmation=confirmation),))
 
 
-def _contradicts(ctx: Context, certificate: Certificate,
-                 confirmation: ImportConfirmation) -> str | None:
+def _contradicts(certificate: Certificate, confirmation: ImportConfirmation) -> str | None:
     if confirmation.importer != certificate.importer:
         return "its importer is not the certificate's"
     if confirmation.received_on < certificate.issued_on:
         return (f"received_on {confirmation.received_on.isoformat()} is before issued_on "
                 f"{certificate.issued_on.isoformat()}")
-    if confirmation.received_on > ctx.today + timedelta(days=DAYS_AHEAD_ON_RECEIPT):
-        return (f"received_on {confirmation.received_on.isoformat()} is in the future "
-                f"(today is {ctx.today.isoformat()} UTC)")
     return None
 
 

@@ -419,8 +419,15 @@ class Node:
         if more := [k for k in linked(known) if k not in known]:
             known = {**known, **self.store.load(more)}
         decision = receive(ctx, admitted, known, self._before(env, known))
-        self._commit(ctx, decision, admitted)
         refusal = decision.refusal
+        if refusal is not None and not refusal.final:
+            # Nothing written, nothing remembered: judged afresh when it comes again.
+            log.warning("held: dated ahead of this node's clock; dead-lettered, not "
+                        "answered", message_id=env.message_id, sender=env.sender,
+                        kind=str(env.kind), text=refusal.text,
+                        certificate=refusal.certificate)
+            return Verdict(dead_letter=refusal, kind=str(env.kind))
+        self._commit(ctx, decision, admitted)
         self.store.remember(env.message_id, env.sender, str(env.kind),
                             "refused" if refusal else "accepted",
                             refusal.reason if refusal else None,

@@ -206,10 +206,13 @@ def test_a_refused_confirmation_from_a_third_participant_does_not_hide_a_cut(
         "export ZA-2026-0200 is confirmed, but no import confirmation for it is in the log"]
 
 
-def test_a_certificate_dated_ahead_is_refused_on_receipt_as_at_issue(nodes: Nodes) -> None:
+def test_a_certificate_dated_ahead_is_held_back_on_receipt(nodes: Nodes) -> None:
     """Only issuing refused a certificate dated after tomorrow: one from a misbehaving
     exporter was received, and its importer could then neither confirm it (no shipment
-    arrives before its certificate is issued) nor see it expire for years."""
+    arrives before its certificate is issued) nor see it expire for years. It is now
+    dead-lettered, but neither answered nor remembered: the importer's clock may be the
+    one that is wrong (days behind), and a signed rejection would end the loop for good.
+    Delivered again once the dates agree, it is taken."""
     from protocol import Envelope, seal
 
     za, india = nodes["ZA"], nodes["IN"]
@@ -218,8 +221,8 @@ def test_a_certificate_dated_ahead_is_refused_on_receipt_as_at_issue(nodes: Node
         ahead = certificate(number, "ZA", "IN",
                             issued_on=(today + timedelta(days=days)).isoformat(),
                             expires_on=(today + timedelta(days=90)).isoformat())
-        frame = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
-                              payload=ahead), za.signing_key())
+        envelope = Envelope(sender="ZA", recipient="IN", created_at=now_ms(), payload=ahead)
+        frame = seal(envelope, za.signing_key())
         (verdict,) = india.handle_batch([Delivery(frame)])
         if days == 2:  # a day's grace at issue, one more for clocks either side of midnight
             assert verdict.dead_letter is None
@@ -227,9 +230,18 @@ def test_a_certificate_dated_ahead_is_refused_on_receipt_as_at_issue(nodes: Node
         else:
             assert verdict.dead_letter is not None
             assert verdict.dead_letter.reason == "field.bad_date"
-            assert india.store.get(Side.IMPORT, number).state is State.REJECTED  # type: ignore[union-attr]
-    (answer,) = [r for r in india.store.due(2**62, 10) if r.kind == "rejection"]
-    assert answer.recipient == "ZA"
+            assert not verdict.kept
+            assert india.store.get(Side.IMPORT, number) is None
+            assert india.store.seen("ZA", envelope.message_id) is None
+            assert not [e for e in india.store.evidence() if bytes(e.frame) == frame]
+            # the same bytes once the importer's clock agrees (a slow clock set right)
+            right = india.clock
+            india.clock = lambda right=right: right() + 2 * 86_400_000  # type: ignore[misc]
+            (again,) = india.handle_batch([Delivery(frame)])
+            india.clock = right
+            assert again.dead_letter is None
+            assert india.store.get(Side.IMPORT, number).state is State.RECEIVED  # type: ignore[union-attr]
+    assert [r.kind for r in india.store.due(2**62, 10)] == ["receipt", "receipt"]
 
 
 def test_a_confirmation_that_contradicts_its_certificate_is_refused(nodes: Nodes) -> None:
@@ -248,15 +260,21 @@ def test_a_confirmation_that_contradicts_its_certificate_is_refused(nodes: Nodes
         certificate=record.number, certificate_digest=record.certificate_digest,
         destination="IN", importer=record.certificate.importer, lines=record.certificate.lines,
         parcels=record.certificate.parcels, received_on=date.today(), remarks="")
-    for changed in ({"importer": Party(name="Someone Else", address="Elsewhere")},
-                    {"received_on": record.certificate.issued_on - timedelta(days=1)},
-                    {"received_on": date.today() + timedelta(days=3)}):
+    for changed, reason, answered in (
+            ({"importer": Party(name="Someone Else", address="Elsewhere")},
+             "certificate.digest_mismatch", True),
+            ({"received_on": record.certificate.issued_on - timedelta(days=1)},
+             "certificate.digest_mismatch", True),
+            # ahead of the exporter's today: its own clock may be behind, so held back
+            ({"received_on": date.today() + timedelta(days=3)}, "field.bad_date", False)):
         bad = dataclasses.replace(honest, **changed)
         frame = seal(Envelope(sender="IN", recipient="ZA", created_at=now_ms(), payload=bad),
                      india.signing_key())
+        before = len(za.store.due(2**62, 100))
         (verdict,) = za.handle_batch([Delivery(frame)])
         assert verdict.dead_letter is not None, changed
-        assert verdict.dead_letter.reason == "certificate.digest_mismatch"
+        assert verdict.dead_letter.reason == reason
+        assert len(za.store.due(2**62, 100)) == before + answered
         assert za.store.get(Side.EXPORT, "ZA-2026-0400").state is State.DELIVERED  # type: ignore[union-attr]
     india.confirm("ZA-2026-0400")
     carry(india, nodes)
