@@ -9,12 +9,16 @@ re-read when it changes, so ``kpnode token add`` takes effect on a running node 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -59,7 +63,7 @@ def token_hash(token: str) -> str:
 class Tokens:
     def __init__(self, directory: Path) -> None:
         self.path = directory / TOKENS_NAME
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._entries: list[dict[str, Any]] = []
 
     def entries(self) -> list[dict[str, Any]]:
@@ -68,7 +72,9 @@ class Tokens:
         except FileNotFoundError:
             self._stamp, self._entries = None, []
             return []
-        stamp = (st.st_mtime_ns, st.st_size)
+        # the inode too: every write is a new file, and two writes within one clock tick
+        # can leave the same time and size (a revoke read as nothing changed)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             try:
                 data = parse_json(self.path.read_bytes())
@@ -111,29 +117,49 @@ class Tokens:
         if not NAME.fullmatch(name):
             raise TokenError(f"token name {name!r}: use letters, digits and ._@- "
                              "(at most 64)")
-        entries = self.entries()
-        if any(e["name"] == name for e in entries):
-            raise TokenError(f"a token named {name!r} exists already; revoke it first")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        self._write([*entries, {"name": name, "role": str(role), "sha256": token_hash(token),
-                                "created_at": now_ms}])
+        with self._changing() as entries:
+            if any(e["name"] == name for e in entries):
+                raise TokenError(f"a token named {name!r} exists already; revoke it first")
+            token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+            self._write([*entries, {"name": name, "role": str(role),
+                                    "sha256": token_hash(token), "created_at": now_ms}])
         return token
 
     def revoke(self, name: str) -> None:
-        entries = self.entries()
-        kept = [e for e in entries if e["name"] != name]
-        if len(kept) == len(entries):
-            raise TokenError(f"no token named {name!r}")
-        self._write(kept)
+        with self._changing() as entries:
+            kept = [e for e in entries if e["name"] != name]
+            if len(kept) == len(entries):
+                raise TokenError(f"no token named {name!r}")
+            self._write(kept)
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[list[dict[str, Any]]]:
+        """The entries as they are now, under a lock for the read-modify-write: two
+        commands at once each wrote back what it had read, so a revoke could be undone by
+        an add and a token reported as made could be missing."""
+        lock = self.path.with_name(TOKENS_NAME + ".lock")
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._stamp = None  # read afresh: another process may have written
+            yield self.entries()
+        finally:
+            os.close(fd)  # releases the lock
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"tokens": entries}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        # a temporary file of its own: a shared name let one writer rename another's
+        # half-written file into place
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"tokens": entries}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self._stamp = None
 
 

@@ -753,3 +753,25 @@ async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
     finally:
         await client.close()
         running.node.close()
+
+
+def test_tokens_added_and_revoked_at_once_are_all_kept(tmp_path: Path) -> None:
+    """`kpnode token add` and `revoke` each read tokens.json, changed it and wrote it back
+    through one shared temporary file: run at once, a revoke that said 'revoked' was
+    undone, a token reported as made was missing, and the file could be left as invalid
+    JSON (every API call then a 503)."""
+    tokens = Tokens(tmp_path)
+    victims = [tokens.add(f"victim-{i}", Role.OFFICER, now_ms()) for i in range(4)]
+    script = ("import sys; from pathlib import Path; from node.tokens import Tokens, Role\n"
+              "t = Tokens(Path(sys.argv[1])); who = sys.argv[2]\n"
+              "if who.startswith('victim'): t.revoke(who)\n"
+              "else:\n"
+              "    for i in range(5): t.add(f'{who}-{i}', Role.MONITOR, 0)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), who])
+             for who in [*(f"adder{i}" for i in range(6)), *(f"victim-{i}" for i in range(4))]]
+    assert [p.wait(timeout=60) for p in procs] == [0] * len(procs)
+    fresh = Tokens(tmp_path)
+    names = {e["name"] for e in fresh.entries()}
+    assert names == {f"adder{i}-{j}" for i in range(6) for j in range(5)}
+    assert all(fresh.authenticate(v) is None for v in victims)
+    assert not list(tmp_path.glob("*.tmp"))
