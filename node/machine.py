@@ -608,8 +608,10 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
         # The importer confirmed before our cancellation or replacement reached it (the
         # two crossed): the goods arrived under this certificate, and the importer refuses
         # what came after its confirmation. The confirmation wins, so both ends agree.
+        # replaced_by goes: the importer refuses the replacement (it came after its
+        # confirmation), and its record of this certificate names none.
         return Decision(records=(record.moved(
-            State.CONFIRMED, ctx.now_ms, confirmation=confirmation,
+            State.CONFIRMED, ctx.now_ms, confirmation=confirmation, replaced_by=None,
             rejection_text=f"confirmed by {env.sender} before our {record.state.value} "
                            "reached it"),))
     if record.state not in (State.ISSUED, State.DELIVERED, State.EXPIRED):

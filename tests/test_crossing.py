@@ -224,6 +224,12 @@ def test_a_confirmation_crossing_a_replacement_wins_and_the_replacement_is_refus
     cross(pair)
     assert states(pair, "BW-2026-0001") == (State.CONFIRMED, State.CONFIRMED)
     assert states(pair, "BW-2026-0002") == (State.REJECTED, State.REJECTED)
+    # A hunt found the exporter's record still 'replaced by' the refused replacement
+    # (kpnode show said so) while the importer's named none.
+    exported = bw.store.get(Side.EXPORT, "BW-2026-0001")
+    imported = be.store.get(Side.IMPORT, "BW-2026-0001")
+    assert exported is not None and imported is not None
+    assert (exported.replaced_by, imported.replaced_by) == (None, None)
 
 
 def test_only_the_answer_to_a_certificates_own_message_rejects_it(pair: Nodes) -> None:
