@@ -331,7 +331,8 @@ def cmd_key_new(args: argparse.Namespace) -> None:
         f"  public key  {public.hex()}",
         "Next: the KP Chair adds it with 'kpnode registry add-key "
         f"{config.participant} --key {public.hex()} --valid-from WHEN' and publishes;",
-        "the node signs with it from WHEN on, by itself. Then the Chair ends the old key",
+        "restart a running 'kpnode run' (it reads keys/ at start); it then signs with it",
+        "from WHEN on, by itself. Then the Chair ends the old key",
         "('kpnode registry end-key --key OLD --at LATER') once partners hold the new one.",
     ]))
 

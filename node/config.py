@@ -97,6 +97,8 @@ def node_directory(given: str | None) -> Path:
 ENV_PREFIX = "KPX_"
 #: where ``kpnode key new`` puts keys for a rotation
 KEYS_DIR = "keys"
+#: held by the running node (kpnode run), which writes its pid into it at start
+LOCK_NAME = "node.lock"
 #: settings whose environment value is a comma-separated list
 _LIST_SETTINGS = {"broker_urls"}
 

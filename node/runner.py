@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING
 import structlog
 
 from node.clockwatch import HOLD_AT_MOST_MS, TOLERANCE_MS, ClockWatch, elapsed_ms
-from node.config import ConfigError, NodeConfig
+from node.config import LOCK_NAME, ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
@@ -77,7 +77,7 @@ class DirectoryLock:
     """One ``kpnode run`` per node directory: two would relay the same outbox twice."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / "node.lock"
+        self.path = directory / LOCK_NAME
         self.file: IO[str] | None = None
 
     def __enter__(self) -> DirectoryLock:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from node.brokerclient import connect_any, queue_info
-from node.config import NodeConfig
+from node.config import KEYS_DIR, LOCK_NAME, NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
 from node.registry import Registry, key_fault_remedy, own_key_fault
@@ -97,7 +97,8 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                  registry: Registry, own_public_key: bytes, records: Sequence[Record],
                  partner_counts: Mapping[tuple[str, str, str], int],
                  outbox: Sequence[Pending], broker: BrokerView,
-                 store_ok: bool = True) -> dict[str, Any]:
+                 store_ok: bool = True, keys_since_start: Sequence[str] = ()
+                 ) -> dict[str, Any]:
     """The status of one node, JSON-ready. ``records`` are the open and expired loops
     (the rest only counts, through ``partner_counts``)."""
     today = datetime.fromtimestamp(now / 1000, UTC).date()
@@ -108,6 +109,10 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
 
     if running_pid is None:
         problem("error", "the node is not running: start it with 'kpnode run'")
+    elif keys_since_start:
+        problem("warning", f"key file(s) made since the running node started "
+                f"({', '.join(keys_since_start)}): it reads keys/ at start, so it cannot "
+                "sign with them until it is restarted (this view reads keys/ as it is now)")
     if not store_ok:
         problem("error", "the node's database cannot be written")
     if not broker.reachable:
@@ -221,9 +226,20 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
 # -- the shell ------------------------------------------------------------------------
 
 
+def keys_made_since_start(config: NodeConfig) -> list[str]:
+    """Key files in keys/ newer than the running node's start (its lock file is written
+    then), which it therefore does not hold."""
+    try:
+        started = (config.directory / LOCK_NAME).stat().st_mtime
+        return sorted(p.name for p in config.path(KEYS_DIR).glob("*.key")
+                      if p.stat().st_mtime > started)
+    except OSError:
+        return []
+
+
 def running_pid(directory: Path) -> int | None:
     """The pid of the ``kpnode run`` holding this directory's lock, or None."""
-    path = directory / "node.lock"
+    path = directory / LOCK_NAME
     try:
         handle = path.open("r")
     except FileNotFoundError:
@@ -296,11 +312,13 @@ async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
     config = node.config
     store_ok = store_writable(node)
     broker = await look_at_broker(config, letters=letters)
+    pid = running_pid(config.directory)
     return build_status(participant=config.participant, authority=config.authority,
-                        now=now_ms(), running_pid=running_pid(config.directory),
-                        registry=node.registry,
+                        now=now_ms(), running_pid=pid, registry=node.registry,
                         own_public_key=bytes(node.signing_key().verify_key),
-                        broker=broker, store_ok=store_ok, **read_store(node))
+                        broker=broker, store_ok=store_ok,
+                        keys_since_start=keys_made_since_start(config) if pid else (),
+                        **read_store(node))
 
 
 # -- the screen -----------------------------------------------------------------------

@@ -409,6 +409,38 @@ async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path:
     assert listed.returncode == 3 and "no broker answered" in listed.stderr
 
 
+async def test_status_says_when_a_key_was_made_after_the_running_node_started(
+        tmp_path: Path) -> None:
+    """`kpnode key new` without a restart: the running node kept signing with the old key
+    (it reads keys/ at start) while `kpnode status`, which reads keys/ afresh, said the new
+    one was valid and signing."""
+    from node.runner import DirectoryLock
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    config = network.configs["ZA"]
+    lock = DirectoryLock(config.directory)  # as `kpnode run` holds it
+    lock.__enter__()
+    try:
+        node = Node.open(config)
+        try:
+            s = await gather_status(node)
+            assert not any("key file" in p["text"] for p in s["problems"])
+            keys = config.path("keys")
+            keys.mkdir()
+            made = keys / "0123abcd.key"
+            made.write_text("not read here")
+            started = (config.directory / "node.lock").stat().st_mtime
+            os.utime(made, (started + 5, started + 5))
+            s = await gather_status(node)
+        finally:
+            node.close()
+    finally:
+        lock.__exit__()
+    (warning,) = [p for p in s["problems"] if "key file" in p["text"]]
+    assert warning["level"] == "warning" and "0123abcd.key" in warning["text"]
+    assert "until it is restarted" in warning["text"]
+
+
 def test_http_settings_round_trip_and_environment_overrides(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
