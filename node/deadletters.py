@@ -26,6 +26,7 @@ browsing, the same at every look, and a prefix of at least 6 digits is accepted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import hashlib
@@ -61,6 +62,8 @@ log = structlog.get_logger("kpx.deadletters")
 #: how many dead letters one look holds at most (the count from the broker is exact)
 BROWSE_LIMIT = 10_000
 MIN_ID_PREFIX = 6
+#: how long ``find`` waits for letters another command holds while it reads the queue
+FIND_PATIENCE_SECONDS = 5.0
 
 
 class DeadLetterError(Exception):
@@ -257,8 +260,17 @@ class DeadLetterQueue:
         if len(wanted) < MIN_ID_PREFIX:
             raise DeadLetterError(f"give at least {MIN_ID_PREFIX} digits of the dead letter's "
                                   "id (see 'kpnode dead-letters list')")
-        await self.letters()  # all of them: a prefix must be unique
-        matches = {h.letter.id: h for h in self._held if h.letter.id.startswith(wanted)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIND_PATIENCE_SECONDS
+        while True:
+            await self.letters()  # all of them: a prefix must be unique
+            matches = {h.letter.id: h for h in self._held if h.letter.id.startswith(wanted)}
+            if matches or len(self._held) >= self.limit or loop.time() > deadline:
+                break
+            # Another command reading the queue (kpnode status, dead-letters list) holds
+            # its letters until it ends; they come back then.
+            self._drained = False
+            await asyncio.sleep(0.25)
         if not matches:
             raise DeadLetterError(f"no dead letter {wanted} in {self.queue_name}")
         if len(matches) > 1:

@@ -292,7 +292,10 @@ async def look_at_broker(config: NodeConfig, *, letters: bool = True) -> BrokerV
     return BrokerView(reachable=True, url=url, inbox_exists=inbox is not None,
                       inbox_messages=inbox.messages if inbox else None,
                       inbox_consumers=inbox.consumers if inbox else None,
-                      dead_letters=dead.messages if dead else 0, letters=found)
+                      # the count leaves out letters another command held while it was
+                      # taken; those read since are there as well
+                      dead_letters=max(dead.messages, len(found)) if dead else 0,
+                      letters=found)
 
 
 def read_store(node: Node) -> dict[str, Any]:

@@ -267,8 +267,15 @@ async def test_dead_letters_are_listed_replayed_and_discarded_without_loss(
                   check=False).returncode == 1
 
     bug[0] = False  # the fix is deployed: replay the certificate the bug stopped
-    kpnode("dead-letters", "replay", by_reason["broker.delivery_limit"]["id"], "--reason",
-           "fixed in 1.0.1", "--dir", importer_dir)
+    # ... while another command reads the queue (kpnode status, dead-letters list): it
+    # holds every letter until it ends, and a replay meanwhile said 'no dead letter'.
+    async with DeadLetterQueue(network.configs[india]) as reading:
+        assert len(await reading.letters()) == 2
+        replay = asyncio.create_task(asyncio.to_thread(
+            kpnode, "dead-letters", "replay", by_reason["broker.delivery_limit"]["id"],
+            "--reason", "fixed in 1.0.1", "--dir", importer_dir))
+        await asyncio.sleep(2)
+    await replay
     await until(lambda: state(exporter.node, Side.EXPORT, poison)  # type: ignore[arg-type]
                 is State.DELIVERED)
     assert await queue_depth(amqp_url, dead_queue) == 1
