@@ -75,10 +75,14 @@ def sign_registry(update: RegistryUpdate, chair_key: SigningKey, now_ms: int) ->
     """The registry frame; refused (RegistryEditError) when it lists the Chair's own key as
     a Participant's: every node takes a signature by that key for the Chair's, so all that
     Participant sent would be dropped unanswered."""
-    held = _key_holder(update, bytes(chair_key.verify_key))
-    if held:
-        raise RegistryEditError(f"the Chair's key is listed as a key of {held}: a Participant "
-                                "needs a key of its own (kpnode key new)")
+    chair = bytes(chair_key.verify_key)
+    listed = [f"{p.code}/{a.id}" for p in update.participants for a in p.authorities
+              for k in a.keys if k.public_key == chair and k.revoked_at is None]
+    if listed:
+        raise RegistryEditError(
+            f"the Chair's key is listed as a key of {listed[0]}: a Participant needs a key of "
+            "its own (kpnode key new); revoke this listing with 'kpnode registry revoke-key "
+            f"--key {chair.hex()}'")
     envelope = Envelope(sender=CHAIR, recipient=BROADCAST, created_at=now_ms, payload=update)
     return seal(envelope, chair_key)
 

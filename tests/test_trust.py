@@ -107,8 +107,11 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
     # the Chair's own key as a Participant's: every node takes its signatures for the
     # Chair's and drops what that Participant sends, unanswered
     chair = SigningKey.generate()
+    listing = add_key(base, "BW", "BW-KPA", bytes(chair.verify_key), 0)
     with pytest.raises(RegistryEditError, match="the Chair's key is listed as a key of BW"):
-        sign_registry(add_key(base, "BW", "BW-KPA", bytes(chair.verify_key), 0), chair, 0)
+        sign_registry(listing, chair, 0)
+    # once that listing is revoked, the Chair can publish again (no key is ever removed)
+    sign_registry(revoke_key(listing, bytes(chair.verify_key), 1), chair, 2)
     with pytest.raises(RegistryEditError, match=r"field\.bad_format|two-letter|code"):
         add_participant(base, "bw1", "x", "BW1-KPA", "x", _pub(), 0)
 
