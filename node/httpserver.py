@@ -58,7 +58,7 @@ def readiness(running: RunningNode) -> dict[str, bool]:
         "consuming": transport is not None and transport.consuming,
         "store_writable": node is not None and running.store_ok
         and store_writable(node, timeout_ms=int(LOCK_WAIT_SECONDS * 1000)),
-        "clock_agrees": running.clock_ok,
+        "clock_agrees": running.clock_agrees(),
     }
 
 
@@ -118,7 +118,7 @@ def build_app(running: RunningNode) -> web.Application:
         transport = running.transport
         mount_web(app, running.node, running.config.directory,
                   dead_letter_depth=transport.dead_letter_depth if transport else None,
-                  clock_agrees=lambda: running.clock_ok)
+                  clock_agrees=running.clock_agrees)
     return app
 
 

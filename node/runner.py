@@ -286,7 +286,7 @@ class RunningNode:
         assert self.node is not None and self.transport is not None
         delay = 0.5
         while True:
-            if not self._clock_agrees():
+            if not self.clock_agrees():
                 # Decided now, a valid certificate could be refused as expired, for good.
                 if self._stopping:
                     return None
@@ -459,7 +459,7 @@ class RunningNode:
 
     # -- expiry ------------------------------------------------------------------
 
-    def _clock_agrees(self) -> bool:
+    def clock_agrees(self) -> bool:
         """Whether the wall clock has kept to the time measured since the start (see
         node.clockwatch); logs when that changes."""
         if self.node is None or self._clock is None:
@@ -483,7 +483,7 @@ class RunningNode:
         assert self.node is not None
         while True:
             try:
-                expired = self.node.expire_overdue() if self._clock_agrees() else []
+                expired = self.node.expire_overdue() if self.clock_agrees() else []
                 if expired:
                     log.warning("certificates expired unconfirmed",
                                 numbers=[r.number for r in expired])

@@ -718,12 +718,15 @@ async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
     answer already given under an Idempotency-Key is still replayed."""
     from aiohttp.test_utils import TestClient, TestServer
 
+    from node.clockwatch import ClockWatch, elapsed_ms
     from node.httpserver import build_app
     from node.runner import RunningNode
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
     running = RunningNode(network.configs["ZA"])
-    running.node = Node.open(network.configs["ZA"])
+    running.node = node = Node.open(network.configs["ZA"])
+    running._clock = ClockWatch(node.clock(), elapsed_ms())
+    right = node.clock
     officer = {"Authorization": "Bearer " + Tokens(running.config.directory).add(
         "za-officer", Role.OFFICER, now_ms())}
     client = TestClient(TestServer(build_app(running)))
@@ -733,7 +736,7 @@ async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
         first = await client.post(f"{API}/certificates", headers=keyed,
                                   json=certificate_json("ZA-2026-0001", "ZA", "IN"))
         assert first.status == 201
-        running.clock_ok = False
+        node.clock = lambda: right() + 365 * 86_400_000  # judged at once, not at a sweep
         response = await client.post(f"{API}/certificates", headers=officer,
                                      json=certificate_json("ZA-2026-0002", "ZA", "IN"))
         assert response.status == 503 and response.headers["Retry-After"] == "60"
@@ -746,7 +749,7 @@ async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
         assert replayed.status == 201 and replayed.headers["Idempotent-Replayed"] == "true"
         assert [r.number for r in running.node.records()] == ["ZA-2026-0001"]
         assert running.node.records()[0].state is State.ISSUED
-        running.clock_ok = True
+        node.clock = right
         response = await client.post(f"{API}/certificates", headers=officer,
                                      json=certificate_json("ZA-2026-0002", "ZA", "IN"))
         assert response.status == 201
