@@ -77,7 +77,8 @@ def sign_registry(update: RegistryUpdate, chair_key: SigningKey, now_ms: int) ->
     Participant sent would be dropped unanswered."""
     chair = bytes(chair_key.verify_key)
     listed = [f"{p.code}/{a.id}" for p in update.participants for a in p.authorities
-              for k in a.keys if k.public_key == chair and k.revoked_at is None]
+              for k in a.keys if k.public_key == chair
+              and (k.revoked_at is None or k.revoked_at > now_ms)]  # revoked by now only
     if listed:
         raise RegistryEditError(
             f"the Chair's key is listed as a key of {listed[0]}: a Participant needs a key of "

@@ -420,12 +420,14 @@ def receive(ctx: Context, admitted: Admitted, known: Known,
 
 def _answer_refusal(ctx: Context, env: Envelope, decision: Decision) -> Decision:
     refusal = decision.refusal
-    if refusal is None or not refusal.final:
+    if refusal is None:
         return decision
     if isinstance(env.payload, Rejection | RegistryUpdate | Pong):
         # Never answer a rejection with a rejection: two nodes could loop for ever.
         return decision
     refusal = dataclasses.replace(refusal, answer_to=env.sender, in_reply_to=env.message_id)
+    if not refusal.final:  # held back: who sent it is known, but nothing is answered
+        return dataclasses.replace(decision, refusal=refusal)
     answer = rejection_for(ctx, refusal)
     send = decision.send + ((answer,) if answer else ())
     return dataclasses.replace(decision, refusal=refusal, answer=answer, send=send)
@@ -533,8 +535,10 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
         message_id=env.message_id, updated_at=ctx.now_ms,
         replaces=replacement.replaces if replacement else None,
     )
-    if problems and all(reason is Reason.BAD_DATE for reason, _ in problems):
-        # Dated ahead of this node's today, and nothing else: a refusal for now only.
+    if replacement is None and problems and all(r is Reason.BAD_DATE for r, _ in problems):
+        # Dated ahead of this node's today, and nothing else: a refusal for now only. Not
+        # a replacement: held back, it would leave its old certificate open here while
+        # the exporter holds it replaced; refused, the exporter takes the old one back.
         return Decision(refusal=Refusal(str(Reason.BAD_DATE), problems[0][1],
                                         certificate=number, final=False))
     if problems:

@@ -144,14 +144,19 @@ def own_key_fault(registry: Registry, participant: str, authority: str, public_k
 
 
 def registered_authority(registry: Registry, participant: str,
-                         public_keys: Sequence[bytes]) -> str | None:
-    """The authority of ``participant`` the registry lists the first of these keys under,
-    if any."""
+                         public_keys: Sequence[bytes], at_ms: int) -> str | None:
+    """The authority of ``participant`` the registry lists these keys under: one under
+    which a key may sign at ``at_ms`` first (after a rotation the old key's authority may
+    be gone), else the first listed; None when none is listed for ``participant``."""
+    listed = [owner.authority.id for public in public_keys
+              if (owner := registry.key_owner(key_id(public))) is not None
+              and owner.participant == participant]
     for public in public_keys:
         owner = registry.key_owner(key_id(public))
-        if owner is not None and owner.participant == participant:
+        if owner is not None and owner.participant == participant and own_key_fault(
+                registry, participant, owner.authority.id, public, at_ms) is None:
             return owner.authority.id
-    return None
+    return listed[0] if listed else None
 
 
 def key_fault_remedy(fault: ProtocolError, registry: Registry, participant: str,

@@ -81,12 +81,15 @@ class DirectoryLock:
         self.file: IO[str] | None = None
 
     def __enter__(self) -> DirectoryLock:
-        self.file = self.path.open("w")
+        # Not truncated before the lock is ours: a second 'kpnode run', refused, erased the
+        # running one's pid (and with it the start time kpnode status reads from the file).
+        self.file = self.path.open("a")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
             raise ConfigError(f"another 'kpnode run' is using {self.path.parent}") from None
+        self.file.truncate(0)
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
         return self

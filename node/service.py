@@ -186,7 +186,7 @@ class Node:
             raise
         if config.authority_defaulted and (listed := registered_authority(
                 registry, config.participant,
-                [bytes(k.verify_key) for k in (signing_key, *other_keys)])):
+                [bytes(k.verify_key) for k in (signing_key, *other_keys)], now_ms())):
             # node.toml names none: the node signs as the registry lists its key, which
             # is what an older kpx's default (the bare code) meant where it worked.
             config = dataclasses.replace(config, authority=listed)

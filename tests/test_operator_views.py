@@ -13,6 +13,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -1022,3 +1023,59 @@ def test_a_node_toml_without_authority_signs_as_the_registry_lists_its_key(
         assert record.state is State.ISSUED
     finally:
         node.close()
+
+
+def test_a_node_toml_without_authority_follows_a_rotation_to_a_new_authority(
+        tmp_path: Path) -> None:
+    """The authority taken from the registry was the first key's, even once that key had
+    ended and a rotated-in key was listed, valid, under another authority: the node could
+    not sign."""
+    from nacl.signing import SigningKey
+
+    from node.chair import add_key, end_key, sign_registry
+    from node.config import KEYS_DIR
+    from node.keyfile import write_signing_key
+    from node.service import Node
+
+    network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    za = config.directory
+    old = bytes(config.signing_key().verify_key)
+    new = SigningKey.generate()
+    (za / KEYS_DIR).mkdir()
+    write_signing_key(za / KEYS_DIR / "new.key", new)
+    now = int(time.time() * 1000)
+    update = add_key(dataclasses.replace(network.registry, version=2), "ZA", "ZA-MINES",
+                     bytes(new.verify_key), now - 60_000, authority_name="ZA Mines")
+    update = end_key(update, old, now - 30_000)
+    (za / "registry.kpx").write_bytes(sign_registry(update, network.chair_key, now))
+    toml = za / "node.toml"
+    toml.write_text("\n".join(line for line in toml.read_text().splitlines()
+                              if not line.startswith("authority")))
+    node = Node.open(load_config(za))
+    try:
+        assert node.config.authority == "ZA-MINES"
+        assert node.context().key_fault is None
+    finally:
+        node.close()
+
+
+def test_a_refused_second_run_leaves_the_running_nodes_lock_file_as_it_was(
+        tmp_path: Path) -> None:
+    """The second 'kpnode run' opened the lock file for writing before trying the lock:
+    refused, it had already erased the running node's pid (status then said pid -1) and
+    reset the file's time, which status reads as the node's start."""
+    from node.runner import DirectoryLock
+    from node.status import running_pid
+
+    first = DirectoryLock(tmp_path)
+    first.__enter__()
+    try:
+        lock_file = tmp_path / "node.lock"
+        before = (lock_file.read_text(), lock_file.stat().st_mtime_ns)
+        with pytest.raises(ConfigError, match="another 'kpnode run'"):
+            DirectoryLock(tmp_path).__enter__()
+        assert (lock_file.read_text(), lock_file.stat().st_mtime_ns) == before
+        assert running_pid(tmp_path) == os.getpid()
+    finally:
+        first.__exit__()

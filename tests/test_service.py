@@ -231,6 +231,9 @@ def test_a_certificate_dated_ahead_is_held_back_on_receipt(nodes: Nodes) -> None
             assert verdict.dead_letter is not None
             assert verdict.dead_letter.reason == "field.bad_date"
             assert not verdict.kept
+            # whom it came from, for dead-letters list and the replay's evidence entry
+            assert verdict.dead_letter.answer_to == "ZA"
+            assert verdict.dead_letter.in_reply_to == envelope.message_id
             assert india.store.get(Side.IMPORT, number) is None
             assert india.store.seen("ZA", envelope.message_id) is None
             assert not [e for e in india.store.evidence() if bytes(e.frame) == frame]
@@ -242,6 +245,32 @@ def test_a_certificate_dated_ahead_is_held_back_on_receipt(nodes: Nodes) -> None
             assert again.dead_letter is None
             assert india.store.get(Side.IMPORT, number).state is State.RECEIVED  # type: ignore[union-attr]
     assert [r.kind for r in india.store.due(2**62, 10)] == ["receipt", "receipt"]
+
+
+def test_a_replacement_dated_ahead_of_a_slow_clock_is_refused_as_before(
+        nodes: Nodes) -> None:
+    """Held back like a certificate, a replacement left its old certificate open at the
+    importer while the exporter held it replaced, and a cancellation of the replacement
+    (no receipt came) made that for good. Refused, the exporter takes the old one back and
+    both ends agree."""
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0500", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    right = india.clock
+    india.clock = lambda: right() - 3 * 86_400_000  # the importer's clock 3 days behind
+    za.replace("ZA-2026-0500", certificate("ZA-2026-0501", "ZA", "IN"), "wrong weight")
+    ((_, verdict),) = carry(za, nodes)
+    india.clock = right
+    assert verdict.dead_letter is not None and verdict.dead_letter.reason == "field.bad_date"
+    carry(india, nodes)  # the signed rejection: the old one is ZA's again, and resent
+    assert za.store.get(Side.EXPORT, "ZA-2026-0500").state is State.ISSUED  # type: ignore[union-attr]
+    za.resend_unanswered(0)
+    carry(za, nodes)
+    carry(india, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0500").state is State.DELIVERED  # type: ignore[union-attr]
+    assert india.store.get(Side.IMPORT, "ZA-2026-0500").state is State.RECEIVED  # type: ignore[union-attr]
+    assert za.store.get(Side.EXPORT, "ZA-2026-0501").state is State.REJECTED  # type: ignore[union-attr]
 
 
 def test_a_confirmation_that_contradicts_its_certificate_is_refused(nodes: Nodes) -> None:

@@ -110,7 +110,10 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
     listing = add_key(base, "BW", "BW-KPA", bytes(chair.verify_key), 0)
     with pytest.raises(RegistryEditError, match="the Chair's key is listed as a key of BW"):
         sign_registry(listing, chair, 0)
-    # once that listing is revoked, the Chair can publish again (no key is ever removed)
+    # once that listing is revoked, the Chair can publish again (no key is ever removed);
+    # a revocation still to come does not count
+    with pytest.raises(RegistryEditError, match="the Chair's key is listed"):
+        sign_registry(revoke_key(listing, bytes(chair.verify_key), 10**13), chair, 2)
     sign_registry(revoke_key(listing, bytes(chair.verify_key), 1), chair, 2)
     with pytest.raises(RegistryEditError, match=r"field\.bad_format|two-letter|code"):
         add_participant(base, "bw1", "x", "BW1-KPA", "x", _pub(), 0)
