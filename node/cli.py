@@ -30,7 +30,15 @@ from node.registry import key_fault_remedy, open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.store import StoreError, UnreadableRecord
 from node.terminal import emit, printable, table
-from node.views import carats, history_json, parse_amount, parse_date, record_json, usd
+from node.views import (
+    carats,
+    history_json,
+    parse_amount,
+    parse_date,
+    record_json,
+    record_note,
+    usd,
+)
 from protocol import (
     Certificate,
     Line,
@@ -53,15 +61,7 @@ RECORD_HEADERS = ("side", "number", "partner", "state", "carats", "US$", "expire
 
 
 def record_row(record: Record) -> list[object]:
-    note = ""
-    if record.rejection_reason:
-        note = record.rejection_reason
-    if record.discrepancies:
-        note = f"{len(record.discrepancies)} discrepancy(ies)"
-    if record.replaced_by:
-        note = f"replaced by {record.replaced_by}"
-    elif record.replaces:
-        note = f"replaces {record.replaces}"
+    note = record_note(record)
     c = record.certificate
     return [record.side, record.number, record.partner, record.state,
             carats(c.carats_hundredths), usd(c.usd_cents), c.expires_on.isoformat(), note]
@@ -251,6 +251,12 @@ def cmd_show(args: argparse.Namespace) -> None:
             parts += discrepancy_lines(r)
             if r.rejection_text:
                 parts.append(f"  {r.side} note: {printable(r.rejection_text, one_line=True)}")
+            if r.certificate.remarks:
+                parts.append(f"  certificate remarks: "
+                             f"{printable(r.certificate.remarks, one_line=True)}")
+            if r.confirmation is not None and r.confirmation.remarks:
+                parts.append(f"  received {r.confirmation.received_on.isoformat()}, importer's "
+                             f"remarks: {printable(r.confirmation.remarks, one_line=True)}")
         parts.append("")
         parts.append(table([[h["seq"], h["direction"], h["kind"], h["from"], h["to"],
                              h["message_id"], str(h["frame_sha256"])[:16]] for h in history],

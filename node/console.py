@@ -39,6 +39,7 @@ from node.views import (
     parse_amount,
     parse_date,
     parse_whole_number,
+    record_note,
     usd,
 )
 from node.webcontext import (
@@ -343,13 +344,7 @@ def records_table(records: Sequence[Record], today: dt.date, *, table_id: str,
     for r in records:
         c = r.certificate
         overdue = is_overdue(r, today)
-        note = r.rejection_reason or ""
-        if r.discrepancies:
-            note = f"{len(r.discrepancies)} discrepancy(ies)"
-        if r.replaced_by:
-            note = f"replaced by {r.replaced_by}"
-        elif r.replaces:
-            note = f"replaces {r.replaces}"
+        note = record_note(r)
         if overdue:
             note = ("OVERDUE: " + note).strip()
         rows.append(
@@ -687,7 +682,13 @@ async def certificate(request: web.Request) -> web.Response:
                       f"{h(d.declared)}, received {h(d.received)}</td></tr>"
                       for d in r.discrepancies)
             + (f"<tr><th>note</th><td>{h(r.rejection_text)}</td></tr>"
-               if r.rejection_text else "") + "</table>")
+               if r.rejection_text else "")
+            + (f"<tr><th>remarks</th><td>{h(c.remarks)}</td></tr>" if c.remarks else "")
+            + (f"<tr><th>received</th><td>{h(r.confirmation.received_on.isoformat())}"
+               + (f"; the importer's remarks: {h(r.confirmation.remarks)}"
+                  if r.confirmation.remarks else "") + "</td></tr>"
+               if r.confirmation is not None else "")
+            + "</table>")
     history = history_json(ctx.node.store, number, records)
     rows = "".join(f"<tr><td>{x['seq']}</td><td>{h(x['direction'])}</td><td>{h(x['kind'])}"
                    f"</td><td>{h(x['from'])} → {h(x['to'])}</td><td><code>"
@@ -703,7 +704,8 @@ async def dead_letters(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     depth = await dead_letter_count(ctx)
     refused = ctx.node.store.refused_messages(200)
-    rows = "".join(f"<tr><td>{dt.datetime.fromtimestamp(at / 1000):%Y-%m-%d %H:%M:%S}</td>"
+    rows = "".join(f"<tr><td>{dt.datetime.fromtimestamp(at / 1000, dt.UTC):%Y-%m-%d %H:%M:%S}"
+                   " UTC</td>"
                    f"<td>{h(sender)}</td><td>{h(kind)}</td><td><code>{h(mid)}</code></td>"
                    f"<td>{h(reason or '')}</td></tr>"
                    for at, sender, kind, mid, reason in refused)

@@ -124,7 +124,9 @@ def describe(body: bytes, headers: Mapping[str, Any], message_id: str | None = N
                 f"not by this node] {text}")
         sender = None
     at = _text(headers.get("x-kpx-dead-at"))
-    at_ms = int(at) if at is not None and at.isdigit() else None
+    # ASCII digits only ('²' is a digit to str.isdigit), and an instant a date can hold
+    at_ms = int(at) if at is not None and at.isascii() and at.isdigit() \
+        and len(at) <= 15 else None
     if reason is None:
         deaths = headers.get("x-death")
         death = deaths[0] if isinstance(deaths, list | tuple) and deaths else {}

@@ -28,9 +28,10 @@ from node.machine import Record, Side, State, discrepancies
 #: Records in these states are not trade: the certificate never travelled as issued.
 NOT_TRADE = frozenset({State.REJECTED, State.CANCELLED, State.REPLACED})
 DEFAULT_VALUATION_THRESHOLD = Decimal("0.10")
+CENT = Decimal("0.01")
 FLOW = {Side.EXPORT: "exports", Side.IMPORT: "imports"}
 
-_QUARTER = re.compile(r"(\d{4})-?Q([1-4])", re.IGNORECASE)
+_QUARTER = re.compile(r"([0-9]{4})-?Q([1-4])", re.IGNORECASE)  # ASCII digits, as elsewhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,14 +160,23 @@ class ValuationFlag:
     partner: str
     number: str
     hs_code: str
-    declared_usd_per_carat: Decimal
-    received_usd_per_carat: Decimal
+    #: exact rates; rounded to the cent only for display (rounded first, a line worth
+    #: under half a cent per carat made the change a division by zero, and others wrong)
+    declared_rate: Decimal
+    received_rate: Decimal
+
+    @property
+    def declared_usd_per_carat(self) -> Decimal:
+        return self.declared_rate.quantize(CENT)
+
+    @property
+    def received_usd_per_carat(self) -> Decimal:
+        return self.received_rate.quantize(CENT)
 
     @property
     def change(self) -> Decimal:
         """Relative change of the value per carat, received against declared."""
-        return (self.received_usd_per_carat - self.declared_usd_per_carat) \
-            / self.declared_usd_per_carat
+        return (self.received_rate - self.declared_rate) / self.declared_rate
 
     def json(self) -> dict[str, object]:
         return {"flow": self.flow, "partner": self.partner, "number": self.number,
@@ -177,8 +187,9 @@ class ValuationFlag:
 
 
 def usd_per_carat(usd_cents: int, carats_hundredths: int) -> Decimal:
-    """US$ per carat; cents over hundredths of a carat is already dollars per carat."""
-    return (Decimal(usd_cents) / Decimal(carats_hundredths)).quantize(Decimal("0.01"))
+    """US$ per carat, exact; cents over hundredths of a carat is already dollars per
+    carat."""
+    return Decimal(usd_cents) / Decimal(carats_hundredths)
 
 
 def valuation_check(records: Iterable[Record],
@@ -195,13 +206,11 @@ def valuation_check(records: Iterable[Record],
             got = received.get(line.hs_code)
             if got is None or got.carats_hundredths == 0 or line.carats_hundredths == 0:
                 continue
-            declared_rate = Decimal(line.usd_cents) / line.carats_hundredths
-            received_rate = Decimal(got.usd_cents) / got.carats_hundredths
+            declared_rate = usd_per_carat(line.usd_cents, line.carats_hundredths)
+            received_rate = usd_per_carat(got.usd_cents, got.carats_hundredths)
             if declared_rate and abs(received_rate - declared_rate) / declared_rate > threshold:
-                flags.append(ValuationFlag(
-                    FLOW[r.side], r.partner, r.number, line.hs_code,
-                    usd_per_carat(line.usd_cents, line.carats_hundredths),
-                    usd_per_carat(got.usd_cents, got.carats_hundredths)))
+                flags.append(ValuationFlag(FLOW[r.side], r.partner, r.number, line.hs_code,
+                                           declared_rate, received_rate))
     return flags
 
 

@@ -69,6 +69,19 @@ def parse_date(text: str) -> date:
     return date.fromisoformat(text)
 
 
+def record_note(record: Record) -> str:
+    """The note column of a list of records (kpnode list, the console): every one of these
+    that applies, so that 'replaces X' hides neither a discrepancy nor a refusal."""
+    parts = [record.rejection_reason or ""]
+    if record.discrepancies:
+        parts.append(f"{len(record.discrepancies)} discrepancy(ies)")
+    if record.replaced_by:
+        parts.append(f"replaced by {record.replaced_by}")
+    elif record.replaces:
+        parts.append(f"replaces {record.replaces}")
+    return "; ".join(p for p in parts if p)
+
+
 def record_json(record: Record) -> dict[str, Any]:
     c = record.certificate
     return {
@@ -85,6 +98,7 @@ def record_json(record: Record) -> dict[str, Any]:
             "usd_cents": record.confirmation.usd_cents,
             "parcels": record.confirmation.parcels,
             "received_on": record.confirmation.received_on.isoformat(),
+            "remarks": record.confirmation.remarks,
         },
         "discrepancies": [
             {"field": d.field, "declared": d.declared, "received": d.received}

@@ -274,3 +274,53 @@ async def test_an_officer_cannot_issue_while_the_node_distrusts_its_clock(
     response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0200"))
     assert response.status == 200
     assert [r.number for r in za.node.records()] == ["ZA-2026-0200"]
+
+
+async def test_remarks_are_shown_and_notes_hide_nothing(pair: tuple[Served, Served]) -> None:
+    """The importer's signed remarks ('seal broken, held by customs') were shown nowhere:
+    not by kpnode show, the API's record or the console; a replacement's 'replaces X'
+    note hid its discrepancy; dead letters were timed in the server's own zone, unlabelled."""
+    import json
+    import subprocess
+    import sys
+
+    from protocol import Line
+
+    za, india = pair
+    nodes = {"ZA": za.node, "IN": india.node}
+    za.node.issue(certificate("ZA-2026-0300", "ZA", "IN", remarks="two <b>sealed</b> parcels"))
+    carry(za.node, nodes)
+    za.node.replace("ZA-2026-0300", certificate("ZA-2026-0301", "ZA", "IN"), "typo")
+    carry(za.node, nodes)
+    carry(india.node, nodes)
+    received = (Line(hs_code="7102.31", carats_hundredths=200_000, usd_cents=40_000_000),
+                Line(hs_code="7102.21", carats_hundredths=30_000, usd_cents=10_000_000))
+    india.node.confirm("ZA-2026-0301", lines=received, remarks="seal <broken>, held by customs")
+    carry(india.node, nodes)
+    for s in pair:
+        response = await s.client.get("/api/v1/certificates/ZA-2026-0301",
+                                      headers=s.auth("monitor"))
+        (shown,) = (await response.json())["records"]
+        assert shown["confirmation"]["remarks"] == "seal <broken>, held by customs"
+        await login(s, "monitor")
+        page = await (await s.client.get(f"{C}/certificate/ZA-2026-0301")).text()
+        assert "seal &lt;broken&gt;, held by customs" in page
+        assert "1 discrepancy(ies); replaces ZA-2026-0300" in page
+    page = await (await za.client.get(f"{C}/certificate/ZA-2026-0300")).text()
+    assert "two &lt;b&gt;sealed&lt;/b&gt; parcels" in page
+    done = subprocess.run([sys.executable, "-m", "node.cli", "show", "ZA-2026-0301", "--dir",
+                           str(za.node.config.directory)], capture_output=True, text=True,
+                          check=True)
+    assert "importer's remarks: seal <broken>, held by customs" in done.stdout
+    assert "1 discrepancy(ies); replaces ZA-2026-0300" in done.stdout
+    assert json.loads(subprocess.run(
+        [sys.executable, "-m", "node.cli", "show", "ZA-2026-0301", "--json", "--dir",
+         str(za.node.config.directory)], capture_output=True, text=True, check=True
+    ).stdout)["records"][0]["confirmation"]["remarks"] == "seal <broken>, held by customs"
+    from node.service import Delivery, now_ms
+    from protocol import Envelope, Receipt, seal
+    unknown = Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                       payload=Receipt(certificate="ZA-2026-0999", certificate_digest=bytes(32)))
+    india.node.handle_batch([Delivery(seal(unknown, za.node.signing_key()))])
+    page = await (await india.client.get(f"{C}/dead-letters")).text()
+    assert re.search(r"<td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</td>", page), page
