@@ -451,7 +451,7 @@ async def get_certificates(request: web.Request) -> web.Response:
     offset = _int_query(query.get("offset", "0"), "offset", 0, 2**62, problems)
     if problems:
         raise ValidationError(tuple(problems), "query is not valid")
-    partner = query.get("partner")
+    partner = query["partner"].upper() if query.get("partner") else None  # as kpnode list
     if overdue == "true":
         # Only open and expired loops can be overdue: read those (a node's few in flight),
         # not every record of its years, and apply the one rule to them.

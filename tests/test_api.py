@@ -277,6 +277,7 @@ async def test_list_filters_both_ways_and_show_gives_the_signed_history(
     assert await listed("side=import&state=received", india) == ["ZA-2026-0001"]
     assert await listed("state=cancelled", india) == ["ZA-2026-0002"]
     assert await listed("state=delivered&partner=IN") == ["ZA-2026-0001"]
+    assert await listed("state=delivered&partner=in") == ["ZA-2026-0001"]  # as kpnode list
     assert await listed("state=issued,confirmed") == []
     assert await listed("state=delivered&state=cancelled&limit=1&offset=1") == [
         "ZA-2026-0002"]
