@@ -64,8 +64,11 @@ class NodeMetrics:
         self.registry_version = Gauge("kpx_registry_version", "Version of the registry in "
                                       "force", registry=r)
 
-    def received(self, kind: str | None, duplicate: bool, refusal_reason: str | None) -> None:
-        outcome = "duplicate" if duplicate else "refused" if refusal_reason else "accepted"
+    def received(self, kind: str | None, duplicate: bool, refusal_reason: str | None,
+                 held: bool = False) -> None:
+        """One message taken; ``held``: refused for now only (machine.Refusal.final)."""
+        outcome = ("duplicate" if duplicate else "held" if held
+                   else "refused" if refusal_reason else "accepted")
         self.messages_in.labels(kind=kind or "unreadable", outcome=outcome).inc()
         if refusal_reason is not None:
             self.rejections.labels(reason=refusal_reason).inc()

@@ -242,7 +242,8 @@ class RunningNode:
             for delivery, verdict in decided:
                 refusal = verdict.dead_letter
                 self.metrics.received(verdict.kind, verdict.duplicate,
-                                      refusal.reason if refusal else None)
+                                      refusal.reason if refusal else None,
+                                      held=refusal is not None and not refusal.final)
                 if refusal is not None and not await self._dead_letter(delivery, verdict):
                     # No copy anywhere else: the broker keeps it and delivers it again.
                     await self.transport.reject(delivery, requeue=True)

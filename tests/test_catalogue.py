@@ -204,6 +204,9 @@ async def test_every_bad_input_is_dead_lettered_and_answered_only_when_authentic
         assert sum(n for (side, st), n in importer.store.counts().items()
                    if st != State.REJECTED) == 3 + sum(records_before.values())
         assert importer_run.transport is not None and importer_run.transport.connected
+        # held back, not refused: the one case refused for now only
+        held = importer_run.metrics.messages_in.labels(kind="certificate", outcome="held")
+        assert held._value.get() == sum(1 for c in CASES if c.reason == "field.bad_date")
     finally:
         await exporter_run.stop()
         await importer_run.stop()
