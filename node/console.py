@@ -723,24 +723,28 @@ async def partners(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     registry = ctx.node.registry
     counts: dict[str, dict[str, int]] = {}
+    open_states = {str(s) for s in OPEN_STATES}
     for (partner, _, state), n in ctx.node.store.partner_counts().items():
-        entry = counts.setdefault(partner, {"open": 0, "closed": 0})
-        entry["open" if state in {str(s) for s in OPEN_STATES} else "closed"] += n
+        entry = counts.setdefault(partner, {"open": 0, "expired": 0, "closed": 0})
+        # an expired loop is neither open nor closed: nobody confirmed it
+        entry["open" if state in open_states else "expired" if state == State.EXPIRED
+              else "closed"] += n
     rows = []
     for p in registry.update.participants:
         authorities = "<br>".join(
             f"{h(a.id)} · {h(a.name)} · keys "
             + ", ".join(f"<code>{k.public_key.hex()[:16]}</code>" for k in a.keys)
             for a in p.authorities) or "<span class=muted>no node</span>"
-        c = counts.get(p.code, {"open": 0, "closed": 0})
+        c = counts.get(p.code, {"open": 0, "expired": 0, "closed": 0})
         rows.append(f"<tr><td>{h(p.code)}</td><td>{h(p.name)}</td><td>{badge(p.status)}</td>"
                     f"<td>{authorities}</td><td class=n>{c['open']}</td>"
-                    f"<td class=n>{c['closed']}</td></tr>")
+                    f"<td class=n>{c['expired']}</td><td class=n>{c['closed']}</td></tr>")
     embargo = ", ".join(registry.update.embargoed_origins) or "none"
     body = (f"<p>Registry version <b>{registry.version}</b>, signed by the KP Chair. "
             f"Embargoed origins: {h(embargo)}.</p>{filter_box('partners')}"
             "<table id=partners><thead><tr><th>code</th><th>name</th><th>status</th>"
-            "<th>authorities</th><th>open loops</th><th>closed</th></tr></thead>"
+            "<th>authorities</th><th>open loops</th><th>expired</th><th>closed</th></tr>"
+            "</thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
     return page(request, "Partners and registry", body, active="partners")
 

@@ -259,6 +259,11 @@ async def test_the_incoming_page_lists_every_expired_import(
     page = await (await india.client.get(f"{C}/incoming")).text()
     assert set(re.findall(r"ZA-2026-\d{4}", page)) == {
         "ZA-2026-0000", "ZA-2026-0007", "ZA-2026-0008", "ZA-2026-0009"}
+    # nor does the partners page count an expired loop as closed
+    page = await (await india.client.get(f"{C}/partners")).text()
+    row = re.search(r"<tr><td>ZA</td>.*?</tr>", page, re.DOTALL)
+    assert row is not None
+    assert re.findall(r"<td class=n>(\d+)</td>", row[0]) == ["0", "1", "9"]
 
 
 async def test_an_officer_cannot_issue_while_the_node_distrusts_its_clock(
