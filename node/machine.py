@@ -557,8 +557,10 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
         record = record.moved(State.CANCELLED, ctx.now_ms,
                               rejection_text=before.cancellation.reason)
     records = [record]
-    if old is not None:
-        records.append(old.moved(State.REPLACED, ctx.now_ms, replaced_by=number))
+    if old is not None and replacement is not None:
+        # the exporter's reason, as its own record of the old certificate keeps it
+        records.append(old.moved(State.REPLACED, ctx.now_ms, replaced_by=number,
+                                 rejection_text=replacement.reason))
     answer = ctx.seal(env.sender, Receipt(certificate=number,
                                           certificate_digest=admitted.frame.digest),
                       env.message_id)

@@ -128,6 +128,9 @@ def test_cancel_and_replace_propagate(nodes: Nodes) -> None:
     assert (old.state, old.replaced_by) == (State.REPLACED, "ZA-2026-0008")
     assert (new.state, new.replaces) == (State.RECEIVED, "ZA-2026-0007")
     assert za.store.get(Side.EXPORT, "ZA-2026-0007").replaced_by == "ZA-2026-0008"
+    # both ends keep the exporter's reason (the importer's record had none)
+    assert old.rejection_text == "wrong parcels"
+    assert za.store.get(Side.EXPORT, "ZA-2026-0007").rejection_text == "wrong parcels"
     with pytest.raises(CommandRefused):
         india.confirm("ZA-2026-0006")
     # the evidence logs back every record these left (what verify-log checks)
