@@ -48,8 +48,10 @@ from node.webcontext import (
     WebContext,
     quarter_of,
     refusal_problems,
+    refusal_status,
 )
 from protocol import HS_CODES, Line, ValidationError, validate_certificate
+from protocol.schema import CERTIFICATE_NUMBER
 
 log = structlog.get_logger("kpx.console")
 
@@ -142,8 +144,11 @@ def page(request: web.Request, title: str, body: str, *, active: str | None = No
                "<button>Log out</button></form>")
     flash = ""
     code = request.query.get("flash")
-    if code in FLASH:
-        flash = f"<p class=flash>{h(FLASH[code].format(n=request.query.get('n', '')))}</p>"
+    number = request.query.get("n", "")
+    # The URL is anyone's to write: name only a certificate this node holds, so a link
+    # cannot put words of its own into a message the officer trusts.
+    if code in FLASH and CERTIFICATE_NUMBER.fullmatch(number) and ctx.node.find(number):
+        flash = f"<p class=flash>{h(FLASH[code].format(n=number))}</p>"
     html = (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width'>"
             f"<title>{h(title)} · kpx {h(ctx.node.me)}</title><style>{CSS}</style></head>"
@@ -162,6 +167,13 @@ def page(request: web.Request, title: str, body: str, *, active: str | None = No
 
 def csrf_field(session: Session) -> str:
     return f"<input type=hidden name=csrf value='{h(session.csrf)}'>"
+
+
+def csrf_matches(sent: object, expected: str) -> bool:
+    """Whether a form's CSRF field is ``expected``, compared in constant time."""
+    # As bytes: compare_digest refuses non-ASCII text with a TypeError, which a form
+    # posted by anyone would turn into a 500.
+    return hmac.compare_digest(str(sent or "").encode(), expected.encode())
 
 
 def see(location: str) -> web.HTTPSeeOther:
@@ -213,7 +225,7 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
     request[SESSION] = session
     if request.method == "POST":
         form = await read_form(request)
-        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+        if not csrf_matches(form.get("csrf"), session.csrf):
             return page(request, "Refused", "<p class=error>The form's security token does "
                         "not match this session; reload the page and try again.</p>",
                         status=403)
@@ -271,7 +283,7 @@ async def post_login(request: web.Request) -> web.StreamResponse:
         return page(request, "Log in", login_form("", "<p class=error>The login form "
                     "expired; try again.</p>"), status=403)
     form = await read_form(request)
-    if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
+    if not expected or not csrf_matches(form.get("csrf"), expected):
         return page(request, "Log in", login_form(expected, "<p class=error>The login form "
                     "expired; try again.</p>"), status=403)
     try:
@@ -493,7 +505,7 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
         except CommandRefused as exc:
             problems = [f"{p['path']}: {p['message']} [{p['reason']}]".lstrip(": ")
                         for p in refusal_problems(exc.refusal)]
-            status = 409
+            status = refusal_status(exc.refusal)
     ctx.record_call(principal, "POST", request.path, status, certificate=number,
                     via="console")
     if status == 303:
@@ -549,10 +561,11 @@ async def cancel_export(request: web.Request) -> web.StreamResponse:
     try:
         ctx.node.cancel(number, str(form.get("reason", "")))
     except CommandRefused as exc:
-        ctx.record_call(principal, "POST", request.path, 409, certificate=number,
+        status = refusal_status(exc.refusal)
+        ctx.record_call(principal, "POST", request.path, status, certificate=number,
                         via="console")
         return refused_page(request, f"Cancelling {number} was refused",
-                            [str(exc.refusal)], 409, back="outgoing")
+                            [str(exc.refusal)], status, back="outgoing")
     ctx.record_call(principal, "POST", request.path, 303, certificate=number, via="console")
     raise see(f"{CONSOLE_PREFIX}/outgoing?flash=cancelled&n={quote(number, safe='')}")
 
@@ -650,7 +663,7 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
         except CommandRefused as exc:
             problems = [f"{p['message']} [{p['reason']}]"
                         for p in refusal_problems(exc.refusal)]
-            status = 409
+            status = refusal_status(exc.refusal)
     ctx.record_call(principal, "POST", request.path, status, certificate=values["number"],
                     via="console")
     if status == 303:

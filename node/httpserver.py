@@ -18,12 +18,16 @@ function in its ``http_extensions`` list on it, so routes and sub-applications
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.machine import OPEN_STATES, State
@@ -37,6 +41,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("kpx.http")
 
 NODE: web.AppKey[RunningNode] = web.AppKey("kpx_node")
+GAUGES: web.AppKey[GaugeReadings] = web.AppKey("kpx_gauges")
+#: the state gauges (open loops, outbox, queue depths, readiness) are at most this old
+GAUGE_SECONDS = 5.0
 #: a scrape asks the broker for queue depths; never let a slow broker stall it
 BROKER_QUERY_SECONDS = 2.0
 #: a connection that sends no request (or not all of its headers) for this long is closed
@@ -98,10 +105,29 @@ async def refresh_gauges(running: RunningNode) -> None:
     metrics.dead_letter_depth.set(dead)
 
 
+class GaugeReadings:
+    """Refreshes the state gauges at most once per :data:`GAUGE_SECONDS`.
+
+    ``/metrics`` needs no token, and a refresh reads every open record and asks the
+    broker: scrapes back to back, by anyone who reaches the port, would otherwise keep
+    the event loop (the consumer and the relay with it) busy reading."""
+
+    def __init__(self, running: RunningNode) -> None:
+        self.running = running
+        self.read_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._lock:  # scrapes arriving together share one reading
+            if time.monotonic() - self.read_at < GAUGE_SECONDS:
+                return
+            await refresh_gauges(self.running)
+            self.read_at = time.monotonic()
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    running = request.app[NODE]
-    await refresh_gauges(running)
-    return web.Response(body=running.metrics.exposition(),
+    await request.app[GAUGES].refresh()
+    return web.Response(body=request.app[NODE].metrics.exposition(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -109,6 +135,7 @@ def build_app(running: RunningNode) -> web.Application:
     """The node's application; add routes or sub-applications before it starts."""
     app = web.Application()
     app[NODE] = running
+    app[GAUGES] = GaugeReadings(running)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -120,6 +147,18 @@ def build_app(running: RunningNode) -> web.Application:
                   dead_letter_depth=transport.dead_letter_depth if transport else None,
                   clock_agrees=running.clock_agrees)
     return app
+
+
+def oldest_idle(handlers: Iterable[RequestHandler]) -> RequestHandler | None:
+    """The connection that has waited longest for its next request (or for the rest of
+    it), or ``None`` when every one is in the middle of answering."""
+    # aiohttp keeps no public record of this: a handler holds ``_waiter`` while it waits
+    # for a request and ``_next_keepalive_close_time`` from its last answer (or its start).
+    # Should those change, nothing counts as idle and the server refuses as before.
+    idle = [h for h in handlers
+            if (waiter := getattr(h, "_waiter", None)) is not None and not waiter.done()]
+    return min(idle, key=lambda h: float(getattr(h, "_next_keepalive_close_time", 0.0)),
+               default=None)
 
 
 class _Refused(asyncio.Protocol):
@@ -143,6 +182,7 @@ class HttpServer:
         self.requested_port = port
         self.port: int | None = None
         self.refused = 0
+        self.evicted = 0
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
         self._listening: asyncio.Server | None = None
 
@@ -153,6 +193,17 @@ class HttpServer:
 
         def connection() -> asyncio.BaseProtocol:
             if len(server.connections) < MAX_CONNECTIONS:
+                return server()
+            idle = oldest_idle(server.connections)
+            if idle is not None:
+                # Whoever holds the slots with cheap requests now and then keeps most of
+                # them idle between requests: give the slot that waited longest to the
+                # newcomer, so they cannot shut out the officers, Prometheus or /healthz.
+                idle.force_close()
+                self.evicted += 1
+                if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+                    log.warning("http connections over the limit: closing idle ones",
+                                limit=MAX_CONNECTIONS, closed=self.evicted)
                 return server()
             self.refused += 1
             if self.refused in (1, 10, 100) or self.refused % 1000 == 0:

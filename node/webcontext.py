@@ -4,6 +4,7 @@ statistics come from, how a call is recorded as evidence, and how a refusal maps
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -116,6 +117,7 @@ class WebContext:
                 return
             if left_out:
                 extra["left_out"] = left_out
+            path = bounded_path(path)
         at = now_ms()
         entry = operator_record(f"{via}.call", principal.name if principal else ANONYMOUS, at,
                                 role=str(principal.role) if principal else None,
@@ -128,6 +130,19 @@ class WebContext:
 
 
 ANONYMOUS = "anonymous"
+#: the longest path an anonymous call writes into the evidence log as it was sent
+ANONYMOUS_PATH_CHARS = 200
+
+
+def bounded_path(path: str) -> str:
+    """``path`` as sent, or its start and a SHA-256 of the whole when it is long.
+
+    The anonymous budget bounds how many entries strangers add to a log kept for years;
+    this bounds their size, which the request line (up to 8 KiB) would otherwise set."""
+    if len(path) <= ANONYMOUS_PATH_CHARS:
+        return path
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{path[:ANONYMOUS_PATH_CHARS]}… ({len(path)} characters, sha256 {digest})"
 WEB_CONTEXT = web.AppKey("kpx_web_context", WebContext)
 
 #: refusals a client can fix by changing the request itself

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from node import store as store_module
 from node.api import ROUTES, api_app
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Record, Side, State, day_of
+from node.metrics import NodeMetrics
 from node.network import create_network
 from node.openapi import openapi_document
 from node.service import Node, now_ms
@@ -494,6 +496,23 @@ async def test_anonymous_calls_cannot_grow_the_evidence_log_without_bound(
     assert json.loads(verified)["ok"] is True
 
 
+async def test_an_anonymous_call_adds_little_to_the_evidence_log(
+        pair: tuple[Served, Served]) -> None:
+    """The budget bounds how many anonymous entries there are; a request line of 8 KiB
+    made each of them 8 KiB of a log kept for years. Long paths keep their start and a
+    digest; a call with a token keeps its path whole."""
+    za, _ = pair
+    before = sum(len(e.frame) for e in za.node.store.evidence())
+    response = await za.client.get(f"{API}/certificates", params={"x": "A" * 8000})
+    assert response.status == 401
+    assert sum(len(e.frame) for e in za.node.store.evidence()) - before < 1024
+    path = api_entries(za.node)[-1]["path"]
+    assert path.startswith(f"{API}/certificates?x=AAA") and "sha256" in path
+    response = await za.client.get(f"{API}/certificates", params={"x": "B" * 300},
+                                   headers=za.auth("monitor"))
+    assert api_entries(za.node)[-1]["path"] == f"{API}/certificates?x={'B' * 300}"
+
+
 async def test_a_token_made_with_kpnode_works_at_once_and_is_kept_hashed(
         pair: tuple[Served, Served]) -> None:
     za, _ = pair
@@ -560,31 +579,156 @@ async def test_connections_without_a_request_are_closed_and_capped(
     and the broker connection could not be made again."""
     monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
     monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 5)
+    release = asyncio.Event()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
+    async def slow(_: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"done": True})
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/slow", slow)
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+        held[0][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        await asyncio.sleep(0.1)
+        # Full of idle connections: a newcomer is served, and the one that waited longest
+        # (the half-sent request) is closed for it.
+        assert (await _get_once(server.port, "/healthz")).startswith(b"HTTP/1.1 200")
+        assert await _closed_by_server(held[0][0], 0.5)
+        assert (server.evicted, server.refused) == (1, 0)
+        for reader, _ in held[1:]:  # the other idle ones are closed in time
+            assert await _closed_by_server(reader, 3.0)
+        # Full of requests being answered: a newcomer is closed at once, nothing cut short.
+        busy = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+        for _, writer in busy:
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await asyncio.sleep(0.2)
+        extra, _ = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await _closed_by_server(extra, 0.5)
+        assert server.refused == 1
+        release.set()
+        for reader, _ in busy:
+            assert (await asyncio.wait_for(reader.read(), 3)).startswith(b"HTTP/1.1 200")
+        assert (await _get_once(server.port, "/healthz")).startswith(b"HTTP/1.1 200")
+    finally:
+        await server.stop()
+
+
+async def test_one_client_cannot_hold_every_connection_slot_with_cheap_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client keeping every slot alive with a cheap anonymous request now and then (256
+    connections, /healthz every 14 s) shut out the officers, Prometheus and the liveness
+    probe. Scaled down: 5 slots, 1 s idle limit, a request every 0.5 s on each."""
+    monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 5)
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"alive": True})
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     server = httpserver.HttpServer(app, "127.0.0.1", 0)
     await server.start()
-    try:
-        async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
-            try:
-                return await asyncio.wait_for(reader.read(), within) == b""
-            except TimeoutError:
-                return False
 
-        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
-        held[0][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
-        extra, _ = await asyncio.open_connection("127.0.0.1", server.port)
-        assert await closed_by_server(extra, 0.5)  # over the cap: closed at once
-        assert server.refused == 1
-        for reader, _ in held:  # idle ones, and the half-sent request, closed in time
-            assert await closed_by_server(reader, 3.0)
+    async def hold() -> None:
+        while True:  # when the server closes this one, take a slot again at once
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                while True:
+                    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    await writer.drain()
+                    await reader.readuntil(b'"alive": true}')
+                    await asyncio.sleep(0.5)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+
+    holders = [asyncio.create_task(hold()) for _ in range(5)]
+    try:
+        await asyncio.sleep(1.0)
+        answers = []
+        for _ in range(4):
+            answers.append(await _get_once(server.port, "/healthz"))
+            await asyncio.sleep(0.3)
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+        assert server.evicted >= 1
+    finally:
+        for task in holders:
+            task.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        await server.stop()
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), within) == b""
+    except TimeoutError:
+        return False
+
+
+async def _get_once(port: int | None, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    try:
+        return await asyncio.wait_for(reader.read(), 3)
+    except (TimeoutError, ConnectionError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_scrapes_of_metrics_by_anyone_cannot_keep_the_node_busy(tmp_path: Path) -> None:
+    """/metrics needs no token, and reading its gauges decodes every open record: with
+    3,000 open loops four clients scraping back to back left the event loop (the
+    consumer's, the relay's) free 3 % of the time. The gauges are now read at most every
+    GAUGE_SECONDS, and what a scrape shows is still the node's state."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    for i in range(3000):
+        node.issue(certificate(f"ZA-2026-{i:05d}", "ZA", "IN"))
+    running = SimpleNamespace(config=node.config, node=None, transport=None,
+                              metrics=NodeMetrics(), store_ok=True, clock_agrees=lambda: True)
+    app = httpserver.build_app(running)  # type: ignore[arg-type]
+    running.node = node  # read per request; without it build_app mounts no console
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    ticks, stop = 0, False
+
+    async def ticker() -> None:  # stands in for the consumer and the relay
+        nonlocal ticks
+        while not stop:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    async def scrape(times: int) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert (await reader.read()).startswith(b"HTTP/1.1 200")
+        text = b""
+        for _ in range(times):
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            text = await reader.readuntil(b"kpx_registry_version ")
+            await reader.readline()
+        writer.close()
+        return text
+
+    try:
+        text = await scrape(1)
+        assert b'kpx_open_loops{age="0-1d",side="export"} 3000.0' in text
+        assert b'kpx_outbox_backlog{recipient="IN"} 3000.0' in text
+        tick = asyncio.create_task(ticker())
+        started = time.perf_counter()
+        await asyncio.gather(*(scrape(10) for _ in range(4)))
+        elapsed = time.perf_counter() - started
+        stop = True
+        await tick
     finally:
         await server.stop()
+        node.close()
+    free = ticks * 0.005 / elapsed
+    assert free > 0.5, f"the event loop was free {free:.0%} of {elapsed:.2f} s of scrapes"
 
 
 async def _raw_http(s: Served, request: bytes) -> bytes:

@@ -329,3 +329,46 @@ async def test_remarks_are_shown_and_notes_hide_nothing(pair: tuple[Served, Serv
     india.node.handle_batch([Delivery(seal(unknown, za.node.signing_key()))])
     page = await (await india.client.get(f"{C}/dead-letters")).text()
     assert re.search(r"<td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</td>", page), page
+
+
+async def test_a_csrf_field_that_is_not_ascii_is_refused_not_a_server_error(
+        pair: tuple[Served, Served]) -> None:
+    """compare_digest raises TypeError on non-ASCII text: anyone could make the login form,
+    and any session's form, answer 500 with a traceback in the log."""
+    za, _ = pair
+    await za.client.get(f"{C}/login")  # the login cookie
+    response = await za.client.post(f"{C}/login", data={"csrf": "\u00e9", "token": "x"})
+    assert response.status == 403
+    await login(za, "officer")
+    response = await za.client.post(f"{C}/issue", data={"csrf": "\u00e9"})
+    assert response.status == 403 and "security token" in await response.text()
+
+
+async def test_the_success_message_names_only_a_certificate_the_node_holds(
+        pair: tuple[Served, Served]) -> None:
+    """The message after an action is built from the URL, which anyone can write: a link
+    could make a trusted page say what its author wanted."""
+    za, _ = pair
+    csrf = await login(za, "officer")
+    response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0201"))
+    assert "ZA-2026-0201 issued and sent" in await response.text()
+    for made_up in ("ZA-2026-0001 was NOT sent: re-issue it to XX", "ZA-2026-9999"):
+        page = await (await za.client.get(f"{C}/outgoing", params={
+            "flash": "issued", "n": made_up})).text()
+        assert "class=flash" not in page and made_up not in page
+
+
+async def test_the_console_answers_a_refusal_with_the_apis_status(
+        pair: tuple[Served, Served]) -> None:
+    """An empty reason is the request's fault (400) and an unknown number is 404, as in the
+    API; the console answered 409 to every refusal."""
+    za, _ = pair
+    csrf = await login(za, "officer")
+    await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0202"))
+    empty = await za.client.post(f"{C}/outgoing/ZA-2026-0202/cancel",
+                                 data={"csrf": csrf, "reason": ""})
+    unknown = await za.client.post(f"{C}/outgoing/ZA-2026-9999/cancel",
+                                   data={"csrf": csrf, "reason": "typo"})
+    again = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0202"))
+    assert (empty.status, unknown.status, again.status) == (400, 404, 409)
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0202").state is State.ISSUED
