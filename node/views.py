@@ -28,18 +28,20 @@ def usd(cents: int) -> str:
     return f"{Decimal(cents) / 100:,.2f}"
 
 
-#: digits with an optional dot and decimals; commas only as thousands separators
-_AMOUNT = re.compile(r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?")
+#: digits with an optional dot and one or two decimals; commas only between thousands
+_AMOUNT = re.compile(r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]{1,2})?")
 
 
 def parse_amount(text: str, what: str) -> int:
     """'2500.5' or '2,500.50' → 250050 hundredths; at most two decimals, > 0. ``ValueError``
-    says why. A decimal comma ('2500,50') is refused, not read as 250050: a confirmation
-    is signed and final, so an amount must not be open to two readings."""
+    says why. A confirmation is signed and final, so an amount must not be open to two
+    readings: a decimal comma ('2500,50') is refused, not read as 250050, and so is a dot
+    between thousands ('2.400', 2,400 where a dot groups thousands), not read as 2.40."""
     cleaned = text.strip()
     if not _AMOUNT.fullmatch(cleaned):
         raise ValueError(f"{what} must be a number like 2500.50 or 2,500.50 (a dot before "
-                         f"the decimals, commas only between thousands), not {text!r}")
+                         f"at most two decimals, commas only between thousands), not "
+                         f"{text!r}")
     try:
         value = Decimal(cleaned.replace(",", ""))
     except InvalidOperation:

@@ -556,9 +556,10 @@ def test_amounts_are_read_one_way_only(text: str, hundredths: int) -> None:
 
 
 @pytest.mark.parametrize("text", ["2500,50", "1,23", "1e3", "+5", "-1", ".5", "1.", "\uff11\uff12",
-                                  "2 500.50", "NaN", ""])
+                                  "2 500.50", "NaN", "", "2.400", "1,234.500", "7.000"])
 def test_an_amount_open_to_two_readings_is_refused(text: str) -> None:
-    """A decimal comma ('2500,50') was read as 250050 and signed into a confirmation."""
+    """A decimal comma ('2500,50') was read as 250050 and signed into a confirmation; a dot
+    between thousands ('2.400', as written in Antwerp) was read as 2.40 carats."""
     from node.views import parse_amount
 
     with pytest.raises(ValueError,
