@@ -35,7 +35,7 @@ from node.chair import (
     set_status,
     sign_registry,
 )
-from node.config import default_authority, node_directory
+from node.config import CONFIG_NAME, default_authority, node_directory
 from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
 from node.service import now_ms
@@ -136,6 +136,21 @@ class ChairDirectory:
         os.replace(tmp, self.draft_path)
 
 
+def chair_directory(given: str | None) -> ChairDirectory:
+    """The Chair's directory named by ``--dir`` or ``$KPX_NODE_DIR``; never a node's.
+
+    The Chair's signed registry has the node's file name (registry.kpx): published into a
+    node's directory, say through a ``KPX_NODE_DIR`` set for the node's own commands, it
+    replaced the node's registry with one the node cannot verify, and the node would not
+    start again."""
+    directory = node_directory(given)
+    if (directory / CONFIG_NAME).exists():
+        raise ChairError(f"{directory} is a node's directory (it holds {CONFIG_NAME}); the "
+                         "Chair's registry tool keeps a directory of its own: give it with "
+                         "--dir")
+    return ChairDirectory(directory)
+
+
 def summary(update: RegistryUpdate) -> dict[str, Any]:
     return {
         "version": update.version,
@@ -172,7 +187,7 @@ def render(update: RegistryUpdate) -> str:
 
 def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryUpdate],
           done: str) -> None:
-    chair = ChairDirectory(node_directory(args.dir))
+    chair = chair_directory(args.dir)
     try:
         update = change(chair.load())
     except RegistryEditError as exc:
@@ -183,9 +198,9 @@ def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryU
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    directory = node_directory(args.dir)
+    chair = chair_directory(args.dir)
+    directory = chair.directory
     directory.mkdir(parents=True, exist_ok=True)
-    chair = ChairDirectory(directory)
     if chair.draft_path.exists():
         raise ChairError(f"{chair.draft_path} exists already")
     if not (directory / CHAIR_KEY).exists():
@@ -200,7 +215,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    update = ChairDirectory(node_directory(args.dir)).load()
+    update = chair_directory(args.dir).load()
     emit(args, summary(update), render(update))
 
 
@@ -259,7 +274,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
         raise ChairError(f"--out: no directory {Path(args.out).resolve().parent}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_file():
         raise ChairError(f"--out: {args.out} is not a file")
-    chair = ChairDirectory(node_directory(args.dir))
+    chair = chair_directory(args.dir)
     signed = chair.directory / SIGNED
     outputs = []
     if args.resend:

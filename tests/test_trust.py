@@ -462,6 +462,17 @@ def test_every_command_finds_its_directory_in_kpx_node_dir(tmp_path: Path) -> No
     env["KPX_NODE_DIR"] = str(tmp_path / "za")
     kpnode("init", "--participant", "ZA", env=env)
     assert (tmp_path / "za" / "node.toml").exists()
+    # The Chair's tool, run where the node's directory is the default, once published its
+    # registry.kpx over the node's own: the node then refused to start.
+    registry = b"the node's copy of the registry"
+    (tmp_path / "za" / "registry.kpx").write_bytes(registry)
+    for command in (["init"], ["show"], ["suspend", "BW"],
+                    ["publish"]):
+        refused = kpnode("registry", *command, env=env, check=False)
+        assert refused.returncode == 1, (command, refused.stdout)
+        assert "is a node's directory" in refused.stderr, (command, refused.stderr)
+    assert (tmp_path / "za" / "registry.kpx").read_bytes() == registry
+    assert not (tmp_path / "za" / "registry.json").exists()
     here = tmp_path / "here"
     here.mkdir()
     del env["KPX_NODE_DIR"]
