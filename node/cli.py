@@ -391,7 +391,7 @@ def cmd_key_show(args: argparse.Namespace) -> None:
             text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
                      "issue, replace, cancel or confirm, and partners refuse the answers it "
                      f"still signs; "
-                     f"{key_fault_remedy(fault, node.registry, node.me, current)} "
+                     f"{key_fault_remedy(fault, node.registry, node.me, current, now)} "
                      "(deploy/RUNBOOK.md, "
                      "\"After your key is revoked\")")
         emit(args, rows, text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from protocol import (
     CHAIR,
@@ -160,7 +161,7 @@ def registered_authority(registry: Registry, participant: str,
 
 
 def key_fault_remedy(fault: ProtocolError, registry: Registry, participant: str,
-                     public_key: bytes) -> str:
+                     public_key: bytes, at_ms: int) -> str:
     """What an operator does about a node key that cannot sign. A key the registry lists
     for another authority of this Participant is node.toml's ``authority`` not matching
     the registry, which a new key would not cure; a key of another Participant (a key
@@ -171,7 +172,22 @@ def key_fault_remedy(fault: ProtocolError, registry: Registry, participant: str,
         return (f"the registry lists this key for {owner.authority.id}: set 'authority = "
                 f"\"{owner.authority.id}\"' in node.toml, or ask the Chair to list it for "
                 "the authority node.toml names")
+    if fault.reason == Reason.KEY_UNKNOWN:
+        # Most often a new node, or a new key, ahead of the registry it was given: a second
+        # new key would only be one more for the Chair to list.
+        return (f"this node's registry (version {registry.version}) does not list the key: "
+                f"send its public key ({public_key.hex()}) to the Chair to add, or, if the "
+                "Chair has added it, install the registry version that lists it")
+    if fault.reason == Reason.KEY_NOT_VALID_NOW and owner is not None \
+            and owner.key.valid_from > at_ms:
+        return (f"the registry lists the key as valid from {utc_text(owner.key.valid_from)}: it "
+                "signs from then on, or ask the Chair for an earlier start")
     return "make a new key with 'kpnode key new' for the Chair to add"
+
+
+def utc_text(ms: int) -> str:
+    """An instant in ms since 1970 as 'YYYY-MM-DD HH:MM:SSZ', for people to read."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def signing_key_choice(registry: Registry, participant: str, authority: str,

@@ -38,6 +38,7 @@ from node.chair import (
 from node.config import CONFIG_NAME, default_authority, node_directory
 from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
+from node.registry import utc_text
 from node.service import now_ms
 from node.terminal import emit
 from protocol import ParticipantStatus, RegistryUpdate, key_id
@@ -97,9 +98,7 @@ def parse_public_key(text: str) -> bytes:
 
 
 def _iso(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return "-" if ms is None else utc_text(ms)
 
 
 class ChairDirectory:

@@ -168,13 +168,19 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         # The key a node signs with is its newest valid one: none of its keys is valid.
         problem("error", f"this node's key cannot sign: {fault.text} ({fault.reason}); "
                 "partners refuse what it signs and it refuses to issue, confirm, cancel or "
-                f"replace: {key_fault_remedy(fault, registry, participant, own_public_key)}")
+                f"replace: {key_fault_remedy(fault, registry, participant, own_public_key, now)}")
     elif owner is not None and owner.key.valid_until is not None \
             and owner.key.valid_until - now <= KEY_WARNING_DAYS * DAY_MS:
         problem("warning", f"this node's key stops being valid on "
                 f"{_iso(owner.key.valid_until)}: ask the Chair for a registry with its "
                 "successor")
 
+    own_standing = registry.standing(participant)
+    if own_standing is not None:
+        # The node runs and answers as usual; only the next certificate shows it otherwise.
+        problem("error", f"{participant} may not trade under the Scheme in registry version "
+                f"{registry.version} ({own_standing}): this node refuses to issue, and "
+                "certificates to or from it are refused; the Chair's registry decides")
     partners: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"exports": {}, "imports": {}, "open": 0})
     for (partner, side, state), n in sorted(partner_counts.items()):

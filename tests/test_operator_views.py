@@ -1109,3 +1109,31 @@ def test_a_refused_second_run_leaves_the_running_nodes_lock_file_as_it_was(
         assert running_pid(tmp_path) == os.getpid()
     finally:
         first.__exit__()
+
+
+def test_a_node_whose_own_participant_is_suspended_is_not_reported_healthy() -> None:
+    """The node runs and answers as usual: status said OK until an officer's next
+    certificate was refused with participant.suspended."""
+    in_key = bytes(SigningKey(bytes(32)).verify_key)
+    s = status(participant="IN", authority="IN-KPA", own_public_key=in_key,
+               registry=registry(partner_status=ParticipantStatus.SUSPENDED))
+    assert s["health"] == "error"
+    (text,) = [p["text"] for p in s["problems"]]  # type: ignore[attr-defined]
+    assert text.startswith("IN may not trade under the Scheme in registry version 7 "
+                           "(participant.suspended)")
+
+
+@pytest.mark.parametrize(("changes", "advice"), [
+    # a new node given a registry from before the Chair listed it: a second key is no cure
+    ({"own_key": bytes(SigningKey(bytes([7]) * 32).verify_key)},
+     "does not list the key: send its public key"),
+    ({"valid_from": NOW + 86_400_000}, "the registry lists the key as valid from "),
+    ({"revoked_at": NOW - 1}, "make a new key with 'kpnode key new'"),
+])
+def test_the_remedy_for_a_key_that_cannot_sign_fits_the_reason(
+        changes: dict[str, Any], advice: str) -> None:
+    s = status(registry=registry(**changes))
+    (text,) = [p["text"] for p in s["problems"]]  # type: ignore[attr-defined]
+    assert advice in text, text
+    if "new key" not in advice:
+        assert "new key" not in text
