@@ -11,11 +11,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from nacl.signing import SigningKey
+from typing import TYPE_CHECKING
 
 from node.brokerurl import broker_url_problem
 from protocol.schema import AUTHORITY_ID, PARTICIPANT_CODE
+
+if TYPE_CHECKING:
+    from node.keyfile import NodeKey
 
 CONFIG_NAME = "node.toml"
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
@@ -69,17 +71,17 @@ class NodeConfig:
     def registry_path(self) -> Path:
         return self.path(self.registry_file)
 
-    def signing_key(self) -> SigningKey:
-        from node.keyfile import read_signing_key  # keyfile's errors are ConfigErrors
+    def signing_key(self) -> NodeKey:
+        from node.keyfile import read_node_key  # keyfile's errors are ConfigErrors
 
-        return read_signing_key(self.path(self.signing_key_file))
+        return read_node_key(self.path(self.signing_key_file))
 
-    def rotated_keys(self) -> tuple[SigningKey, ...]:
+    def rotated_keys(self) -> tuple[NodeKey, ...]:
         """Keys made by ``kpnode key new`` (``keys/*.key``) for a rotation: the node signs
         with one of them once the registry says it is valid (see Node.signing_key)."""
-        from node.keyfile import read_signing_key
+        from node.keyfile import read_node_key
 
-        return tuple(read_signing_key(p) for p in self.key_files()[1:])
+        return tuple(read_node_key(p) for p in self.key_files()[1:])
 
     def key_files(self) -> list[Path]:
         """Every key file of the node: the configured one, then ``keys/*.key``."""

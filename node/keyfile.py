@@ -4,11 +4,16 @@ Two file formats, told apart by their first character:
 
 * **plain** — the 32-byte seed as hex, one line. What ``kpnode init`` writes.
 * **encrypted** — a JSON object ``{"format": "kpx-encrypted-key-v1", "kdf": "argon2id",
-  "opslimit", "memlimit", "salt", "box"}``: the seed in a PyNaCl ``SecretBox`` (XSalsa20-
-  Poly1305) under a key derived from the passphrase with Argon2id. The KDF parameters are
-  kept in the file so they can be raised later without breaking old files; the default is
-  libsodium's *moderate* level (256 MiB, about 1-3 s on a small server), paid once when the
-  node starts and once per CLI command that opens the node.
+  "opslimit", "memlimit", "salt", "box", "public_key"}``: the seed in a PyNaCl ``SecretBox``
+  (XSalsa20-Poly1305) under a key derived from the passphrase with Argon2id, and the public
+  key in hex. The KDF parameters are kept in the file so they can be raised later without
+  breaking old files; the default is libsodium's *moderate* level (256 MiB, about 1-3 s on
+  a small server), paid once when the node starts and once per CLI command that signs.
+
+A node's key is a :class:`NodeKey`: its public half is read at once (from the clear
+``public_key``), its private half only when it first signs, so commands that only read
+(status, list, show, key show, verify-log, stats) need no passphrase. A file written before
+``public_key`` was kept has to be decrypted for its public key, as before.
 
 The passphrase comes from ``KPX_KEY_PASSPHRASE``, else the file named by
 ``KPX_KEY_PASSPHRASE_FILE`` (a container secret), else a prompt when a terminal is
@@ -24,13 +29,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.exceptions
 import nacl.pwhash.argon2id as argon2id
 import nacl.utils
 from nacl.secret import SecretBox
-from nacl.signing import SigningKey
+from nacl.signing import SignedMessage, SigningKey, VerifyKey
 
 from node.config import ConfigError
 from node.jsontext import parse_json
@@ -65,18 +71,33 @@ def encrypt_seed(seed: bytes, passphrase: str, strength: str = "moderate") -> st
     opslimit, memlimit = STRENGTHS[strength]
     salt = nacl.utils.random(argon2id.SALTBYTES)
     box = SecretBox(_derive(passphrase, salt, opslimit, memlimit)).encrypt(seed)
+    public = bytes(SigningKey(seed).verify_key)
     return json.dumps({"format": ENCRYPTED_FORMAT, "kdf": "argon2id", "opslimit": opslimit,
-                       "memlimit": memlimit, "salt": salt.hex(), "box": bytes(box).hex()},
+                       "memlimit": memlimit, "salt": salt.hex(), "box": bytes(box).hex(),
+                       "public_key": public.hex()},
                       indent=1) + "\n"
 
 
-def decrypt_seed(text: str, passphrase: str, path: Path) -> bytes:
+@dataclass(frozen=True)
+class _Sealed:
+    """An encrypted key file's fields, checked for form (no passphrase needed)."""
+
+    opslimit: int
+    memlimit: int
+    salt: bytes
+    box: bytes
+    public_key: bytes | None  # absent from files written before it was kept
+
+
+def _read_encrypted(text: str, path: Path) -> _Sealed:
     try:
         data = parse_json(text)
         if data.get("format") != ENCRYPTED_FORMAT or data.get("kdf") != "argon2id":
             raise ValueError(f"unknown format {data.get('format')!r}")
         opslimit, memlimit = int(data["opslimit"]), int(data["memlimit"])
         salt, box = bytes.fromhex(data["salt"]), bytes.fromhex(data["box"])
+        public = data.get("public_key")
+        public_key = None if public is None else bytes.fromhex(public)
         if not (0 < opslimit <= _MAX_OPSLIMIT and 0 < memlimit <= _MAX_MEMLIMIT):
             raise ValueError("key derivation parameters out of range")
         if len(salt) != argon2id.SALTBYTES:
@@ -84,14 +105,26 @@ def decrypt_seed(text: str, passphrase: str, path: Path) -> bytes:
         if len(box) != SecretBox.NONCE_SIZE + SecretBox.MACBYTES + 32:
             # A box of any other length cannot hold a seed: not a wrong passphrase.
             raise ValueError("the encrypted seed has the wrong length")
+        if public_key is not None and len(public_key) != 32:
+            raise ValueError("the public key is not 32 bytes")
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise KeyFileError(f"encrypted signing key {path} is malformed: {exc}") from None
+    return _Sealed(opslimit, memlimit, salt, box, public_key)
+
+
+def decrypt_seed(text: str, passphrase: str, path: Path) -> bytes:
+    sealed = _read_encrypted(text, path)
     try:
-        seed = SecretBox(_derive(passphrase, salt, opslimit, memlimit)).decrypt(box)
+        seed = SecretBox(_derive(passphrase, sealed.salt, sealed.opslimit,
+                                 sealed.memlimit)).decrypt(sealed.box)
     except nacl.exceptions.CryptoError:
         raise KeyFileError(f"wrong passphrase for signing key {path}") from None
     if len(seed) != 32:
         raise KeyFileError(f"encrypted signing key {path} does not hold a 32-byte seed")
+    if sealed.public_key is not None and bytes(SigningKey(seed).verify_key) != sealed.public_key:
+        # Edited by hand, or pieced together from two files: which half to believe?
+        raise KeyFileError(f"signing key {path}: its public_key is not that of the key it "
+                           "holds")
     return seed
 
 
@@ -138,9 +171,8 @@ def is_encrypted(path: Path) -> bool:
         return False
 
 
-def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey:
-    """Load a key file. An encrypted one needs ``passphrase`` or
-    :func:`passphrase_from_environment`; a file others can read is refused."""
+def _key_text(path: Path) -> str:
+    """A key file's text; refused when missing, unreadable, or readable by others."""
     try:
         mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8").strip()
@@ -153,6 +185,16 @@ def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey
     if mode & 0o077:
         raise KeyFileError(f"signing key {path} is readable by others (mode "
                            f"{mode & 0o777:o}); chmod 600 it, and consider the key exposed")
+    return text
+
+
+def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey:
+    """Load a key file. An encrypted one needs ``passphrase`` or
+    :func:`passphrase_from_environment`; a file others can read is refused."""
+    return _signing_key(path, _key_text(path), passphrase)
+
+
+def _signing_key(path: Path, text: str, passphrase: str | None = None) -> SigningKey:
     if text.startswith("{"):
         if passphrase is None:
             passphrase = passphrase_from_environment()
@@ -167,6 +209,50 @@ def read_signing_key(path: Path, *, passphrase: str | None = None) -> SigningKey
     if len(seed) != 32:
         raise KeyFileError(f"signing key {path} must hold a 32-byte seed")
     return SigningKey(seed)
+
+
+class NodeKey:
+    """One of a node's signing keys: the public half known from the start, the private
+    half read from its file when the key first signs (or :meth:`unlock` is called)."""
+
+    def __init__(self, path: Path, public_key: bytes, key: SigningKey | None = None) -> None:
+        self.path = path
+        self.verify_key = VerifyKey(public_key)
+        self._key = key
+
+    @property
+    def unlocked(self) -> bool:
+        return self._key is not None
+
+    def unlock(self) -> SigningKey:
+        """The private key, decrypted once (with the passphrase from the environment or
+        the terminal); :class:`KeyFileError` when it cannot be."""
+        if self._key is None:
+            key = read_signing_key(self.path)
+            if key.verify_key != self.verify_key:  # the file changed since it was read
+                raise KeyFileError(f"signing key {self.path} changed while the node had it "
+                                   "open; run the command again")
+            self._key = key
+        return self._key
+
+    def sign(self, message: bytes) -> SignedMessage:
+        return self.unlock().sign(message)
+
+    def __bytes__(self) -> bytes:
+        """The seed, as ``bytes(SigningKey)`` gives it (unlocking the key)."""
+        return bytes(self.unlock())
+
+
+def read_node_key(path: Path) -> NodeKey:
+    """A node's key file, the private half left in it when it is encrypted (and says its
+    public key); every fault of the file's form is found here all the same."""
+    text = _key_text(path)
+    if text.startswith("{"):
+        sealed = _read_encrypted(text, path)
+        if sealed.public_key is not None:
+            return NodeKey(path, sealed.public_key)
+    key = _signing_key(path, text)
+    return NodeKey(path, bytes(key.verify_key), key)
 
 
 def require_passphrase_of(paths: Iterable[Path], passphrase: str) -> None:

@@ -139,6 +139,7 @@ class RunningNode:
         self._lock.__enter__()
         try:
             self.node = Node.open(self.config, check_broker_user=self.check_broker_user)
+            self.node.unlock()  # a wrong passphrase stops the start, not a later answer
             self._clock = ClockWatch(self.node.clock(), elapsed_ms())
             self.node.store.wait_for_locks(LOCK_WAIT_SECONDS)
             self.node.on_outbox = self._wake.set

@@ -17,9 +17,9 @@ from datetime import date
 from pathlib import Path
 
 import structlog
-from nacl.signing import SigningKey
 
 from node.config import NodeConfig
+from node.keyfile import NodeKey
 from node.machine import (
     Admitted,
     Before,
@@ -70,6 +70,7 @@ from protocol import (
     seal,
 )
 from protocol.codec import decode_body
+from protocol.frame import Signer
 
 log = structlog.get_logger("kpx.node")
 
@@ -145,14 +146,14 @@ class Node:
     """One Participant's node over its store. Synchronous and single-threaded by design:
     the runner calls it from the event loop, the CLI calls it directly."""
 
-    def __init__(self, config: NodeConfig, store: Store, signing_key: SigningKey,
+    def __init__(self, config: NodeConfig, store: Store, signing_key: Signer,
                  registry: Registry, *, check_broker_user: bool = False,
                  clock: Callable[[], int] = now_ms,
-                 other_keys: Sequence[SigningKey] = ()) -> None:
+                 other_keys: Sequence[Signer] = ()) -> None:
         self.config = config
         self.store = store
         #: the configured key first, then keys rotated in under keys/ (see signing_key)
-        self.signing_keys = (signing_key, *other_keys)
+        self.signing_keys: tuple[Signer, ...] = (signing_key, *other_keys)
         self.registry = registry
         self.check_broker_user = check_broker_user
         self.clock = clock
@@ -164,7 +165,7 @@ class Node:
         self.on_records: Callable[[Sequence[Record]], None] = lambda records: None
         self._changed: list[Record] = []
 
-    def signing_key(self, at_ms: int | None = None) -> SigningKey:
+    def signing_key(self, at_ms: int | None = None) -> Signer:
         """The key to sign with now: of the node's keys, the newest one the registry holds
         valid for this authority; the configured key when none is (local commands that
         send are then refused, see :func:`with_valid_key`, and ``kpnode status`` says
@@ -266,9 +267,19 @@ class Node:
             self.on_outbox()
         return decisions
 
+    def unlock(self) -> None:
+        """Read the private half of every key of the node (an encrypted one asks for the
+        passphrase): :class:`~node.keyfile.KeyFileError` when one cannot be."""
+        for key in self.signing_keys:
+            if isinstance(key, NodeKey):
+                key.unlock()
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """A store transaction whose changed records go to ``on_records`` once committed."""
+        # Keys first: what the transaction signs must not wait, holding the database's
+        # write lock, for a passphrase typed at a terminal.
+        self.unlock()
         self._changed = []
         with self.store.transaction():
             yield

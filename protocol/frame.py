@@ -22,9 +22,10 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SignedMessage, VerifyKey
 
 from protocol.codec import decode_body, encode_body
 from protocol.errors import FrameError, SignatureError
@@ -122,12 +123,22 @@ def open_frame(data: bytes, public_key_for: Callable[[bytes], bytes]) -> Opened:
     return Opened(frame, decode_body(frame.body))
 
 
-def seal(envelope: Envelope, signing_key: SigningKey) -> bytes:
+class Signer(Protocol):
+    """What signs a frame: a PyNaCl ``SigningKey``, or a key that reads its private half
+    only when it first signs (a node's encrypted key)."""
+
+    @property
+    def verify_key(self) -> VerifyKey: ...
+
+    def sign(self, message: bytes) -> SignedMessage: ...
+
+
+def seal(envelope: Envelope, signing_key: Signer) -> bytes:
     """Encode and sign ``envelope``: the bytes that travel."""
     return seal_body(encode_body(envelope), signing_key)
 
 
-def seal_body(body: bytes, signing_key: SigningKey) -> bytes:
+def seal_body(body: bytes, signing_key: Signer) -> bytes:
     """Frame and sign body bytes as they are (test vectors use this for bad bodies)."""
     header = HEADER.pack(MAGIC, VERSION, key_id(bytes(signing_key.verify_key)), len(body))
     if len(header) + len(body) + SIGNATURE_SIZE > MAX_FRAME_SIZE:

@@ -33,7 +33,13 @@ from node.chair import (
     sign_registry,
 )
 from node.config import KEYS_DIR, load_config
-from node.keyfile import KeyFileError, encrypt_seed, read_signing_key, write_signing_key
+from node.keyfile import (
+    KeyFileError,
+    encrypt_seed,
+    read_node_key,
+    read_signing_key,
+    write_signing_key,
+)
 from node.machine import Refusal, Side, State
 from node.network import create_network
 from node.registry import LAPSED_GRACE_MS
@@ -547,15 +553,56 @@ def test_encrypted_key_needs_the_passphrase(tmp_path: Path) -> None:
                             passphrase="correct horse battery")
     assert bytes(seed).hex() not in text  # the seed is no longer in the clear
     plain_env = {k: v for k, v in os.environ.items() if not k.startswith("KPX_KEY")}
-    locked = kpnode("list", "--dir", str(config.directory), check=False, env=plain_env)
+    where = str(config.directory)
+    (tmp_path / "c.json").write_text(json.dumps(
+        certificate_json(f"{code}-2026-0001", code, next(c for c in network.configs
+                                                         if c != code))))
+    issue = ["issue", str(tmp_path / "c.json"), "--dir", where]
+    locked = kpnode(*issue, check=False, env=plain_env)
     assert locked.returncode == 3 and "is encrypted" in locked.stderr
-    wrong = kpnode("list", "--dir", str(config.directory), check=False,
+    wrong = kpnode(*issue, check=False,
                    env={**plain_env, "KPX_KEY_PASSPHRASE": "wrong horse battery"})
     assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr
-    shown = kpnode("key", "show", "--json", "--dir", str(config.directory), env=env)
+    assert json.loads(kpnode("list", "--json", "--dir", where, env=plain_env).stdout) == []
+    # Commands that only read need no passphrase: monitoring and auditors need not be
+    # given the one that signs (they had to be, and paid the key derivation each time).
+    for command in (["status", "--json"], ["key", "show", "--json"], ["verify-log"],
+                    ["list"]):
+        done = kpnode(*command, "--dir", where, env=plain_env, check=False)
+        assert done.returncode in (0, 2), (command, done.stderr)  # status 2: no broker
+        assert "encrypted" not in done.stderr and "passphrase" not in done.stderr, command
+    shown = kpnode("key", "show", "--json", "--dir", where, env=plain_env)
     (row,) = json.loads(shown.stdout)
     assert row["public_key"] == public.hex() and row["signing"] is True
-    assert code
+    kpnode(*issue, env=env)
+    assert [r["number"] for r in json.loads(
+        kpnode("list", "--json", "--dir", where, env=plain_env).stdout)] == [f"{code}-2026-0001"]
+
+
+def test_an_encrypted_key_whose_public_half_was_changed_does_not_sign(tmp_path: Path) -> None:
+    """The public key is kept in the clear for commands that only read; one that is not
+    the encrypted key's own is refused when the key would sign, and an older file without
+    it still opens (with the passphrase)."""
+    path = tmp_path / "node.key"
+    seed = b"\1" * 32
+    data = json.loads(encrypt_seed(seed, "correct horse battery"))
+    assert data["public_key"] == bytes(SigningKey(seed).verify_key).hex()
+    data["public_key"] = bytes(SigningKey(b"\2" * 32).verify_key).hex()
+    path.write_text(json.dumps(data))
+    path.chmod(0o600)
+    key = read_node_key(path)
+    with pytest.raises(KeyFileError, match="public_key is not that of the key it holds"):
+        read_signing_key(path, passphrase="correct horse battery")
+    with pytest.raises(KeyFileError):
+        key.unlock()
+    del data["public_key"]
+    path.write_text(json.dumps(data))
+    os.environ["KPX_KEY_PASSPHRASE"] = "correct horse battery"
+    try:
+        old = read_node_key(path)
+    finally:
+        del os.environ["KPX_KEY_PASSPHRASE"]
+    assert old.unlocked and bytes(old.verify_key) == bytes(SigningKey(seed).verify_key)
 
 
 def test_one_passphrase_opens_every_key_of_a_node(tmp_path: Path) -> None:
