@@ -164,6 +164,7 @@ class Node:
         #: for arrivals, say), so nobody has to poll the store
         self.on_records: Callable[[Sequence[Record]], None] = lambda records: None
         self._changed: list[Record] = []
+        self._events: list[dict[str, object]] = []
 
     def signing_key(self, at_ms: int | None = None) -> Signer:
         """The key to sign with now: of the node's keys, the newest one the registry holds
@@ -228,12 +229,13 @@ class Node:
         cause = incoming.envelope if incoming is not None else None
         for r in decision.records:
             # One line per state change, with what caused it: an incoming message (its id
-            # and kind) or a local command (no cause).
-            log.info("certificate", node=self.me, number=r.number, side=str(r.side),
-                     state=str(r.state), partner=r.partner, message_id=r.message_id,
-                     cause_message_id=cause.message_id if cause else None,
-                     cause_kind=str(cause.kind) if cause else "command",
-                     discrepancies=len(r.discrepancies) or None)
+            # and kind) or a local command (no cause). Logged once the transaction commits.
+            self._events.append(dict(
+                node=self.me, number=r.number, side=str(r.side), state=str(r.state),
+                partner=r.partner, message_id=r.message_id,
+                cause_message_id=cause.message_id if cause else None,
+                cause_kind=str(cause.kind) if cause else "command",
+                discrepancies=len(r.discrepancies) or None))
 
     def _command(self, decide: Callable[[Context], Decision],
                  on_commit: OnCommit | None = None) -> Decision:
@@ -280,10 +282,19 @@ class Node:
         # Keys first: what the transaction signs must not wait, holding the database's
         # write lock, for a passphrase typed at a terminal.
         self.unlock()
-        self._changed = []
-        with self.store.transaction():
-            yield
+        self._changed, self._events = [], []
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            # A state change that did not commit is no state change: a batch held back
+            # while the disk is full would log the same ones again on every retry.
+            self._changed, self._events = [], []
+            raise
         changed, self._changed = self._changed, []
+        events, self._events = self._events, []
+        for event in events:
+            log.info("certificate", **event)
         if changed:
             self.on_records(changed)
 

@@ -655,3 +655,32 @@ def test_a_certificate_dated_after_tomorrow_is_refused_at_issue(nodes: Nodes) ->
     za.issue(certificate("ZA-2026-0062", "ZA", "IN",
                          issued_on=(today + timedelta(days=1)).isoformat(),
                          expires_on=(today + timedelta(days=60)).isoformat()))
+
+
+def test_a_state_change_is_logged_once_and_only_when_it_commits(
+        nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 'certificate' events were logged as each decision was written, before the
+    commit: a batch refused by a full disk logged every certificate as issued, and a batch
+    held back logged them again at each retry."""
+    import structlog
+
+    za = nodes["ZA"]
+    real = za.store.enqueue
+    calls = []
+
+    def disk_full_on_the_third(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(za.store, "enqueue", disk_full_on_the_third)
+    batch = [certificate(f"ZA-2026-07{i:02d}", "ZA", "IN") for i in range(5)]
+    with structlog.testing.capture_logs() as logs, pytest.raises(StoreError):
+        za.issue_many(batch)
+    assert za.store.records() == []
+    assert [e for e in logs if e["event"] == "certificate"] == []
+    with structlog.testing.capture_logs() as logs:
+        za.issue_many(batch)
+    assert [(e["number"], e["state"]) for e in logs if e["event"] == "certificate"] == [
+        (c.number, "issued") for c in batch]
