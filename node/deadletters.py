@@ -8,7 +8,8 @@ written to the evidence log first (an operator record, see :mod:`node.evidence`)
 * **replay**: the frame is published again to this node's own inbox (publisher
   confirms, mandatory), so it is parsed, verified and decided like any other message;
   only once the broker confirmed it is the dead letter acknowledged. A message the node
-  had already decided (a refused certificate, say) gets its original answer again — a
+  had already decided (a refused certificate, say) gets its original answer again (one it
+  refused comes back here with its first reason) — a
   duplicate is never processed twice; one refused before it could be read (unknown key,
   bad signature, a bug that crashed processing) is decided afresh, e.g. after a registry
   update or a fix;

@@ -70,7 +70,7 @@ class NodeMetrics:
         outcome = ("duplicate" if duplicate else "held" if held
                    else "refused" if refusal_reason else "accepted")
         self.messages_in.labels(kind=kind or "unreadable", outcome=outcome).inc()
-        if refusal_reason is not None:
+        if refusal_reason is not None and not duplicate:  # counted when first refused
             self.rejections.labels(reason=refusal_reason).inc()
 
     def set_outbox(self, pending: Sequence[tuple[str, int, int]], now_ms: int) -> None:

@@ -417,7 +417,7 @@ class Node:
         env = admitted.envelope
         seen = self.store.seen(env.sender, env.message_id)
         if seen is not None:
-            _, answer_id = seen
+            answer_id = seen.answer_message_id
             if answer_id is not None:
                 self._answer_again(ctx, answer_id)
             number = arriving(env)
@@ -436,6 +436,15 @@ class Node:
                     self._commit(ctx, again, admitted)
             log.info("duplicate", message_id=env.message_id, sender=env.sender,
                      kind=str(env.kind), answered_again=answer_id is not None)
+            if seen.outcome == "refused":
+                # Its dead-letter copy may never have been made (the node stopped between
+                # the commit and the copy): made again, or it would be acknowledged away
+                # with its only trace in the evidence log. A second copy is harmless.
+                before = Refusal(seen.reason or "unknown", "refused when it first came; "
+                                "delivered again", answer_to=env.sender,
+                                in_reply_to=env.message_id, certificate=certificate_of(env))
+                return Verdict(dead_letter=before, duplicate=True, kind=str(env.kind),
+                               kept=True)
             return Verdict(duplicate=True, kind=str(env.kind))
         known = self.store.load(touches(env, self.me))
         if more := [k for k in linked(known) if k not in known]:

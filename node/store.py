@@ -147,6 +147,15 @@ class OutboxRow:
     last_error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """How an incoming message was decided (its row in the inbox table)."""
+
+    outcome: str  # "accepted" or "refused"
+    answer_message_id: str | None
+    reason: str | None  # the refusal's reason
+
+
 class StoreError(Exception):
     """The database cannot be used (locked for too long, disk full, corrupt ...)."""
 
@@ -579,13 +588,13 @@ class Store:
 
     # -- inbox -----------------------------------------------------------------------
 
-    def seen(self, sender: str, message_id: str) -> tuple[str, str | None] | None:
-        """``(outcome, answer message id)`` if this sender's message was processed before.
+    def seen(self, sender: str, message_id: str) -> Seen | None:
+        """How this sender's message was decided, if it was processed before.
 
         Keyed by sender too, so one Participant cannot pre-empt another's message id."""
-        row = self.db.execute("SELECT outcome, answer_message_id FROM inbox WHERE sender=? "
-                              "AND message_id=?", (sender, message_id)).fetchone()
-        return None if row is None else (row[0], row[1])
+        row = self.db.execute("SELECT outcome, answer_message_id, reason FROM inbox WHERE "
+                              "sender=? AND message_id=?", (sender, message_id)).fetchone()
+        return None if row is None else Seen(row[0], row[1], row[2])
 
     def remember(self, message_id: str, sender: str, kind: str, outcome: str,
                  reason: str | None, answer_message_id: str | None, now_ms: int) -> None:

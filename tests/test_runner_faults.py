@@ -127,6 +127,47 @@ async def test_a_dead_letter_queue_that_fails_neither_stalls_the_inbox_nor_loses
         india.close()
 
 
+async def test_a_refused_message_delivered_again_gets_its_dead_letter_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused and committed, then the node stopped (kill -9, a lost connection, a dead-
+    letter queue that failed three times) before the copy was made: delivered again it was
+    a duplicate and acknowledged, so it never reached the dead-letter queue, `kpnode
+    dead-letters list` or `status`. It is copied now, with its first reason, and not
+    answered or counted as a rejection twice."""
+    monkeypatch.setattr(asyncio, "sleep", _no_wait)
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
+    try:
+        unknown = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                                payload=Receipt(certificate="IN-2026-0404",
+                                                certificate_digest=bytes(32))),
+                       za.signing_key())
+        running = RunningNode(network.configs["IN"])
+        running.node = india
+        running.transport = DeadLetterQueueDown(100)  # type: ignore[assignment]
+        await running._on_batch([delivery(unknown, 1)])
+        assert running.transport.dead == []  # type: ignore[attr-defined]
+        rejections = len(india.store.due(2**62, 10))
+        running.transport = transport = DeadLetterQueueDown(0)  # type: ignore[assignment]
+        reasons: list[str] = []
+        real = transport.dead_letter
+
+        async def dead_letter(body: bytes, **kwargs: Any) -> None:
+            reasons.append(kwargs["reason"])
+            await real(body, **kwargs)
+        transport.dead_letter = dead_letter  # type: ignore[method-assign]
+        await running._on_batch([delivery(unknown, 2)])
+        assert transport.dead == [unknown] and transport.acked == [unknown]
+        assert reasons == ["certificate.unknown"]
+        assert len(india.store.due(2**62, 10)) == rejections  # the one answer, sent again
+        text = running.metrics.exposition().decode()
+        assert 'kpx_rejections_total{reason="certificate.unknown"} 1.0' in text
+        assert 'kpx_messages_in_total{kind="receipt",outcome="duplicate"} 1.0' in text
+    finally:
+        za.close()
+        india.close()
+
+
 async def _no_wait(_: float) -> None:
     return None
 

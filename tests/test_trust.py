@@ -346,7 +346,7 @@ def test_a_receipt_signed_under_a_revoked_key_is_signed_afresh_once_a_key_can_si
     nodes[you] = importer
     try:
         sent = exporter.store.get(Side.EXPORT, f"{me}-1").message_id  # type: ignore[union-attr]
-        _, receipt = importer.store.seen(me, sent)  # type: ignore[misc]
+        receipt = importer.store.seen(me, sent).answer_message_id  # type: ignore[union-attr]
         assert exporter.resend_unanswered(0) == [sent]
         carry(exporter, nodes)
         assert [v.dead_letter for _, v in carry(importer, nodes)] == [None]
