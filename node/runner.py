@@ -170,6 +170,7 @@ class RunningNode:
             return
         self._stopping = True
         try:
+            deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS
             if self.transport is not None:
                 with contextlib.suppress(Exception):
                     await self.transport.stop_consuming()
@@ -179,8 +180,16 @@ class RunningNode:
                     await asyncio.wait_for(self.transport.settled(), DRAIN_SECONDS)
                 except TimeoutError:
                     log.warning("deliveries in hand left to the broker at shutdown")
-            async with self._batch_lock:
-                pass  # the batch in hand, if any, has been committed and acknowledged
+            try:
+                # The batch in hand, if any, committed and acknowledged: within the same
+                # time, for a batch can wait on a broker that stopped answering (a dead-
+                # letter copy), and a supervisor's SIGKILL would end the stop instead.
+                left = deadline - asyncio.get_running_loop().time()
+                await asyncio.wait_for(self._batch_lock.acquire(), max(0.1, left))
+                self._batch_lock.release()
+            except TimeoutError:
+                log.warning("the batch in hand did not finish at shutdown; its deliveries "
+                            "not yet acknowledged go back to the broker")
             self._wake.set()
             try:
                 await asyncio.wait_for(self._drain(), DRAIN_SECONDS)
@@ -270,7 +279,7 @@ class RunningNode:
                 await self.transport.dead_letter(delivery.body, reason=refusal.reason,
                                                  text=refusal.text[:1000], headers=headers)
             except Exception as exc:
-                if attempt + 1 < DEAD_LETTER_ATTEMPTS:
+                if attempt + 1 < DEAD_LETTER_ATTEMPTS and not self._stopping:
                     await asyncio.sleep(0.2 * 2 ** attempt)
                     continue
                 log.error("could not dead-letter a refused message"

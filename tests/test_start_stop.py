@@ -7,6 +7,7 @@ import dataclasses
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -15,7 +16,9 @@ from node import runner
 from node.config import ConfigError
 from node.network import LocalNetwork, create_network
 from node.runner import RunningNode
+from node.service import Node
 from node.transport import dead_letter_queue, declare_topology, inbox_queue
+from protocol import Receipt
 from tests.netutil import certificate, queue_depth
 from tests.tcpproxy import proxied
 from tests.test_network import fresh_codes, until
@@ -57,6 +60,56 @@ async def test_stop_is_bounded_when_the_broker_stops_answering(
         took = time.monotonic() - started
     assert took < 2 * runner.DRAIN_SECONDS
     assert running._lock.file is not None and running._lock.file.closed
+
+
+async def test_stop_is_bounded_while_a_refused_message_waits_for_its_dead_letter_copy(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused delivery's dead-letter copy waits for the broker's confirm, three tries
+    of up to 30 s; stop() waited for that batch without a bound, so with a broker that
+    stopped answering it took 92 s, and a supervisor's SIGKILL would have ended it."""
+    monkeypatch.setattr(runner, "DRAIN_SECONDS", 2.0)
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], [amqp_url])
+    sender = Node.open(network.configs[ex])
+    refused = sender.context().seal(im, Receipt(certificate=f"{im}-NONE",
+                                                certificate_digest=bytes(32)))
+    sender.close()
+    async with proxied(amqp_url) as (proxy, through):
+        config = dataclasses.replace(network.configs[im], broker_urls=(through,))
+        running = RunningNode(config)
+        await running.start()
+        assert running.node is not None
+        decide = running.node.handle_batch
+        decided = asyncio.Event()
+
+        def then_the_broker_goes_silent(deliveries: Any) -> Any:
+            proxy.hold()
+            decided.set()
+            return decide(deliveries)
+        running.node.handle_batch = then_the_broker_goes_silent  # type: ignore[method-assign]
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.default_exchange.publish(
+                aio_pika.Message(refused.frame, delivery_mode=2), routing_key=inbox_queue(im))
+        await asyncio.wait_for(decided.wait(), 10)
+        await asyncio.sleep(0.5)  # decided; its dead-letter copy now waits on the silence
+        started = time.monotonic()
+        stopping = asyncio.create_task(running.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=20)
+        took = time.monotonic() - started
+        proxy.release()
+        await stopping
+    assert done, f"stop() still running after {took:.0f} s"
+    assert running._lock.file is not None and running._lock.file.closed
+    # Not acknowledged: the broker delivers it again, and then it is copied (a second copy
+    # when the first one did reach the broker before it fell silent).
+    async with RunningNode(network.configs[im]):
+        for _ in range(100):
+            if await queue_depth(amqp_url, dead_letter_queue(im)) >= 1:
+                break
+            await asyncio.sleep(0.2)
+    assert await queue_depth(amqp_url, dead_letter_queue(im)) >= 1
 
 
 async def test_a_start_that_fails_leaves_the_inbox_untouched(
