@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from node.config import CONFIG_NAME, KEYS_DIR, ConfigError, NodeConfig, load_config
+from node.interrupt import sigterm_as_interrupt
 from node.machine import Side, State
 from node.service import now_ms
 from node.store import Store, require_database
@@ -44,28 +45,52 @@ def _secrets(config: NodeConfig) -> list[str]:
 
 
 def backup(config: NodeConfig, out: Path) -> list[str]:
-    """Write ``out`` (tar.gz, mode 0600); returns the member names."""
+    """Write ``out`` (tar.gz, mode 0600); returns the member names.
+
+    The archive is written under a temporary name beside ``out``, synced, and only then
+    given its name: a backup cut short (a full disk, a timeout's SIGTERM, a host going
+    down) leaves no truncated archive under the name, which would restore as a broken
+    one and refuse the retry. The database's snapshot is made beside it too, not in
+    ``$TMPDIR``, and removed with it."""
     if out.exists():
         raise ConfigError(f"{out} exists already; not overwriting a backup")
     # Not an empty one (sqlite3.connect would make it), nor another Participant's.
     Store(config.database_path, create=False, owner=config.participant).close()
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    folder = out.parent
+    if not folder.is_dir():
+        raise ConfigError(f"no directory {folder} to write {out.name} into")
     try:
-        return _write(config, fd)
-    except BaseException as exc:
-        # A part-written archive (a full disk) would restore as a truncated one, and its
-        # name would refuse the retry.
-        out.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(
+                prefix=f".{out.name}.", dir=folder) as tmp:
+            partial = Path(tmp) / out.name
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            members = _write(config, fd, Path(tmp))
+            try:
+                os.link(partial, out)  # never over an archive that appeared meanwhile
+            except FileExistsError:
+                raise ConfigError(f"{out} exists already; not overwriting a backup") from None
+            _sync_directory(folder)
+        return members
+    except OSError as exc:
+        if exc.filename is None:
             exc.filename = str(out)
         raise
 
 
-def _write(config: NodeConfig, fd: int) -> list[str]:
+def _sync_directory(folder: Path) -> None:
+    """Make a new name in ``folder`` last through a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(config: NodeConfig, fd: int, scratch: Path) -> list[str]:
     members: list[str] = []
-    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        with tempfile.TemporaryDirectory() as tmp:
-            snapshot = Path(tmp) / config.database
+    with os.fdopen(fd, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            snapshot = scratch / f"snapshot-{config.database}"
             source = sqlite3.connect(config.database_path)
             target = sqlite3.connect(snapshot)
             try:
@@ -75,18 +100,23 @@ def _write(config: NodeConfig, fd: int) -> list[str]:
                 source.close()
             tar.add(snapshot, arcname=config.database)
             members.append(config.database)
-        for name in dict.fromkeys((*CARRIED, config.registry_file, *_secrets(config))):
-            if name == config.database:
-                continue
-            path = config.path(name)
-            if path.exists():
-                tar.add(path, arcname=name)
-                members.append(name)
-        taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        stamp = f"kpx backup of {config.participant} taken {taken}\n"
-        info = tarfile.TarInfo("BACKUP-INFO")
-        info.size = len(stamp)
-        tar.addfile(info, io.BytesIO(stamp.encode()))
+            snapshot.unlink()
+            for name in dict.fromkeys((*CARRIED, config.registry_file, *_secrets(config))):
+                if name == config.database:
+                    continue
+                path = config.path(name)
+                if path.exists():
+                    tar.add(path, arcname=name)
+                    members.append(name)
+            taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            stamp = f"kpx backup of {config.participant} taken {taken}\n"
+            info = tarfile.TarInfo("BACKUP-INFO")
+            info.size = len(stamp)
+            info.mtime = int(time.time())
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(stamp.encode()))
+        raw.flush()
+        os.fsync(raw.fileno())
     return members
 
 

@@ -491,6 +491,45 @@ def test_a_backup_that_fails_part_way_leaves_no_archive(nodes: Nodes, tmp_path: 
     assert "node.sqlite3" in backup(nodes["ZA"].config, out)
 
 
+def test_a_backup_stopped_by_sigterm_leaves_nothing_behind(nodes: Nodes, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """SIGTERM (a cron or systemd timeout, a host shutting down) mid-backup left a
+    truncated archive under the final name, refusing the retry and restoring as a broken
+    one, and a full copy of the database in $TMPDIR. Now nothing is left: the archive
+    gets its name only once written and synced."""
+    import os
+    import signal
+    import tarfile
+
+    from node.backup import backup
+
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = folder / "b.tar.gz"
+    real = tarfile.TarFile.addfile
+
+    def terminated(self: tarfile.TarFile, info: tarfile.TarInfo, fileobj: Any = None) -> None:
+        real(self, info, fileobj)
+        if info.name == "node.sqlite3":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        backup(nodes["ZA"].config, out)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert list(folder.iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
+    monkeypatch.undo()
+    assert "node.sqlite3" in backup(nodes["ZA"].config, out)
+    assert [p.name for p in folder.iterdir()] == ["b.tar.gz"]
+    with tarfile.open(out) as tar:
+        info = tar.getmember("BACKUP-INFO")
+        assert info.mode == 0o600 and info.mtime > 1_700_000_000
+
+
 def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: Path) -> None:
     """`cd /tmp && kpnode restore backup.tar.gz` must not scatter a node's key and database
     among someone else's files: one line, exit 3 (an environment error), nothing written."""
