@@ -133,7 +133,7 @@ def cmd_dead_show(args: argparse.Namespace) -> None:
         else:
             lines.append("  the frame does not parse")
         lines.append(f"  checked now    {verdict}")
-        lines.append(f"replay it with: kpnode dead-letters replay {d.id}")
+        lines.append(f"replay it with: kpnode dead-letters replay {d.id} --reason TEXT")
         emit(args, data, "\n".join(lines))
     with_node(args, lambda node: asyncio.run(run(node)))
 
@@ -291,7 +291,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp = add("replay", cmd_dead_replay, "send a dead letter to this node's inbox again, to "
              "be verified and decided afresh", dead_sub)
     sp.add_argument("id")
-    sp.add_argument("--reason", help="why (kept in the evidence log)")
+    # Required as for discard: the evidence log says who replayed a message, when and why.
+    sp.add_argument("--reason", required=True, help="why (kept in the evidence log)")
     sp = add("discard", cmd_dead_discard, "remove a dead letter; its bytes and the reason "
              "stay in the evidence log", dead_sub)
     sp.add_argument("id")

@@ -1137,3 +1137,12 @@ def test_the_remedy_for_a_key_that_cannot_sign_fits_the_reason(
     assert advice in text, text
     if "new key" not in advice:
         assert "new key" not in text
+
+
+def test_a_replay_says_why_as_a_discard_does(tmp_path: Path) -> None:
+    """The evidence log keeps who replayed a dead letter, when and why; a replay without
+    --reason was accepted and its entry had no why."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", "dead-letters", "replay",
+                           "63565bf1", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--reason" in done.stderr
