@@ -22,12 +22,13 @@ from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.jsontext import JsonTextError, parse_json
-from node.keyfile import read_signing_key, write_signing_key
+from node.keyfile import NodeKey, read_signing_key, write_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Refusal, Side, State, day_of
 from node.network import init_node
 from node.registry import key_fault_remedy, open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
+from node.status import keys_made_since_start, running_pid
 from node.store import StoreError, UnreadableRecord
 from node.terminal import emit, printable, table
 from node.views import (
@@ -369,6 +370,10 @@ def cmd_key_show(args: argparse.Namespace) -> None:
         now = node.clock()
         current = bytes(node.signing_key(now).verify_key)
         fault = node.context(now).key_fault  # then no key signs: the fallback cannot either
+        # `kpnode run` reads its keys when it starts: what these files say it signs with is
+        # what it will sign with once restarted, not necessarily what it signs with now.
+        pid = running_pid(node.config.directory)
+        unheld = keys_made_since_start(node.config) if pid is not None else []
         rows = []
         for k in node.signing_keys:
             public = bytes(k.verify_key)
@@ -384,9 +389,16 @@ def cmd_key_show(args: argparse.Namespace) -> None:
                 if owner.key.valid_until is not None:
                     state += f", ends {day_of(owner.key.valid_until)}"
             rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),
-                         "registry": state, "signing": public == current and fault is None})
-        text = table([[r["key_id"], r["registry"], "yes" if r["signing"] else ""]
+                         "registry": state, "signing": public == current and fault is None,
+                         "held_by_running_node": None if pid is None else
+                         not (isinstance(k, NodeKey) and k.path.name in unheld)})
+        text = table([[r["key_id"], r["registry"],
+                       ("yes" if r["held_by_running_node"] is not False else
+                        "yes, once the node restarts") if r["signing"] else ""]
                       for r in rows], ("key id", "registry", "signs now"))
+        if unheld:
+            text += (f"\nthe running node (pid {pid}) started before {', '.join(unheld)} was "
+                     "made and does not hold it: restart it to sign with a key made since")
         if fault is not None:
             text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
                      "issue, replace, cancel or confirm, and partners refuse the answers it "

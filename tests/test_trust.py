@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1136,3 +1137,38 @@ def test_a_damaged_encrypted_key_file_is_a_key_error(tmp_path: Path) -> None:
         path.chmod(0o600)
         with pytest.raises(KeyFileError, match="is malformed"):
             read_signing_key(path, passphrase="correct horse battery")
+
+
+def test_key_show_says_which_keys_the_running_node_does_not_hold(tmp_path: Path) -> None:
+    """`kpnode run` reads its keys when it starts; `key show` marked a key made since as
+    the one that 'signs now' while the running node still signed with the old one."""
+    import fcntl
+
+    from node.config import LOCK_NAME
+
+    network = create_network(tmp_path, fresh_codes(2), [])
+    code, config = next(iter(network.configs.items()))
+    lock = (config.directory / LOCK_NAME).open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as the running node holds it
+    lock.write("4242\n")
+    lock.flush()
+    os.utime(config.directory / LOCK_NAME, (time.time() - 60, time.time() - 60))
+    try:
+        new = SigningKey.generate()
+        (config.directory / KEYS_DIR).mkdir()
+        write_signing_key(config.directory / KEYS_DIR / "next.key", new)
+        update = add_key(network.registry, code, config.authority,  # type: ignore[attr-defined]
+                         bytes(new.verify_key), now_ms() - 1000)
+        (config.directory / config.registry_file).write_bytes(
+            sign_registry(update, network.chair_key, now_ms()))
+        shown = kpnode("key", "show", "--dir", str(config.directory))
+        assert "yes, once the node restarts" in shown.stdout
+        assert "the running node (pid 4242) started before next.key" in shown.stdout
+        rows = json.loads(kpnode("key", "show", "--json", "--dir",
+                                 str(config.directory)).stdout)
+        assert [(r["signing"], r["held_by_running_node"]) for r in rows] == [
+            (False, True), (True, False)]
+    finally:
+        lock.close()
+    rows = json.loads(kpnode("key", "show", "--json", "--dir", str(config.directory)).stdout)
+    assert [r["held_by_running_node"] for r in rows] == [None, None]
