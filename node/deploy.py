@@ -254,7 +254,7 @@ def _take_away(made: Sequence[Path], emptied: Sequence[Path]) -> None:
 
 
 def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str], *,
-              vhost: str = DEFAULT_VHOST, delivery_limit: int = 5) -> Provisioned:
+              vhost: str | None = None, delivery_limit: int = 5) -> Provisioned:
     """The Chair (key, registry.json, signed registry.kpx, chair.pub), one locked-down node
     directory per code, the broker definitions and password files. On a directory that is
     provisioned already it only regenerates the definitions from the Chair's registry."""
@@ -281,7 +281,7 @@ def _only_run(base: Path) -> Iterator[None]:
 
 
 def _provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str], *,
-               vhost: str, delivery_limit: int) -> Provisioned:
+               vhost: str | None, delivery_limit: int) -> Provisioned:
     chair_dir = base / "chair"
     passwords = chair_dir / "broker-passwords"
     unfinished = base / UNFINISHED
@@ -303,14 +303,50 @@ def _provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str]
             for code, config in network.configs.items():
                 configure_node(config, broker_templates,
                                ensure_password(passwords, broker_user_for(code)))
+    out = base / "broker" / "definitions.json"
+    if not created:
+        vhost = _same_as_provisioned(base, codes, broker_templates, vhost, out, passwords)
     try:
         chair_public = bytes.fromhex((chair_dir / CHAIR_PUBLIC).read_text().strip())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{chair_dir / CHAIR_PUBLIC}: {exc}") from exc
     registry = read_registry(chair_dir / "registry.kpx", chair_public)
-    out = base / "broker" / "definitions.json"
-    write_definitions(registry, out, passwords, vhost=vhost, delivery_limit=delivery_limit)
+    write_definitions(registry, out, passwords, vhost=vhost or DEFAULT_VHOST,
+                      delivery_limit=delivery_limit)
     return Provisioned(base, created, chair_public, registry, out, passwords)
+
+
+def _same_as_provisioned(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
+                         vhost: str | None, definitions: Path, passwords: Path) -> str:
+    """The vhost a rerun writes the definitions for: the one provisioned. A rerun only
+    regenerates the definitions, so options that differ from the first run are refused:
+    accepted, they said nothing (a Participant not added) or split the network (broker
+    definitions for one vhost, nodes configured for another)."""
+    provisioned = sorted(p.name for p in base.iterdir() if (p / CONFIG_NAME).is_file())
+    # Fewer is fine: compose reruns the first run's list after others have joined.
+    if missing := [c for c in codes if c not in provisioned]:
+        raise ConfigError(
+            f"{', '.join(missing)} not provisioned in {base} (it holds "
+            f"{', '.join(provisioned)}): a rerun only regenerates the broker definitions and "
+            "adds no Participant; to add one, see deploy/RUNBOOK.md, 'Joining a new "
+            "Participant'")
+    try:
+        before = str(json.loads(definitions.read_text())["vhosts"][0]["name"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        before = vhost or DEFAULT_VHOST  # none readable: written afresh as asked
+    if vhost is not None and vhost != before:
+        raise ConfigError(f"{base} is provisioned for vhost {before!r}, and its nodes' "
+                          f"node.toml name it: a rerun does not move them to {vhost!r}")
+    if provisioned and broker_templates:
+        config = load_config(base / provisioned[0], environ={})
+        user = broker_user_for(config.participant)
+        password = read_password(password_file(passwords, user))
+        if tuple(broker_url(t, user, password) for t in broker_templates) \
+                != config.broker_urls:
+            raise ConfigError(f"{base}'s nodes use other broker URLs than --broker gives; a "
+                              "rerun does not change them: run 'kpnode deploy configure' "
+                              "for each node instead")
+    return before
 
 
 def _delivery_limit(text: str) -> int:
@@ -389,8 +425,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     json_only = argparse.ArgumentParser(add_help=False)
     json_only.add_argument("--json", action="store_true", help="machine-readable output")
 
-    def topology(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--vhost", default=DEFAULT_VHOST, help="virtual host (default kpx)")
+    def topology(sp: argparse.ArgumentParser, vhost: str | None = DEFAULT_VHOST) -> None:
+        sp.add_argument("--vhost", default=vhost, help="virtual host (default kpx)")
         sp.add_argument("--delivery-limit", type=_delivery_limit, default=5,
                         help="deliveries before an inbox message is dead-lettered (1 or more)")
 
@@ -418,7 +454,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp.add_argument("--participants", default="", help="comma-separated codes, e.g. ZA,EU,IN")
     sp.add_argument("--broker", action="append", required=True,
                     help="node broker URL with {user} and {password} (repeat for a cluster)")
-    topology(sp)
+    topology(sp, vhost=None)  # a rerun keeps the one provisioned
     sp.set_defaults(handler=cmd_network)
 
     help_ = "publish a Chair-signed registry to every node's inbox"

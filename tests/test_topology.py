@@ -129,9 +129,22 @@ def test_compose_topology_closes_loops_and_a_fourth_participant_joins(
             nodes.start(base / code)
         close_loop(nodes, base, "ZA-2026-0001", "ZA", "IN")
         close_loop(nodes, base, "IN-2026-0001", "IN", "EU")
-        # A second bootstrap run (a compose restart) changes nothing.
-        assert not kpnode("deploy", "network", "--dir", str(base), "--broker",
-                          template)["created"]
+        # A second bootstrap run (a compose restart) changes nothing. One with other options
+        # would say nothing and change nothing the nodes use, or split them from the broker
+        # (definitions for another vhost): refused, and the definitions stay as they are.
+        definitions = (base / "broker" / "definitions.json").read_bytes()
+        for changed, says in ((["--participants", "ZA,EU,IN,BW"], "BW not provisioned"),
+                              (["--vhost", "other"], "provisioned for vhost 'kpx'"),
+                              (["--broker", template.replace("127.0.0.1", "10.0.0.9")],
+                               "nodes use other broker URLs")):
+            options = ["--broker", template, *changed] if changed[0] != "--broker" else changed
+            refused = subprocess.run([*KPNODE, "deploy", "network", "--dir", str(base),
+                                      *options], capture_output=True, text=True, timeout=120,
+                                     check=False, env=_env())
+            assert refused.returncode == 3 and says in refused.stderr, refused.stderr
+        assert (base / "broker" / "definitions.json").read_bytes() == definitions
+        assert not kpnode("deploy", "network", "--dir", str(base), "--participants",
+                          "ZA,EU,IN", "--broker", template)["created"]
 
         # -- RUNBOOK: joining a new Participant (BW) ---------------------------------------
         joined = kpnode("init", "--participant", "BW", "--dir", str(base / "BW"),
@@ -157,6 +170,9 @@ def test_compose_topology_closes_loops_and_a_fourth_participant_joins(
         close_loop(nodes, base, "EU-2026-0001", "EU", "BW")
         # The Participants already running kept their users: nothing was reissued.
         close_loop(nodes, base, "ZA-2026-0002", "ZA", "EU")
+        # compose's bootstrap, run again with its first list, is not refused for BW
+        assert not kpnode("deploy", "network", "--dir", str(base), "--participants",
+                          "ZA,EU,IN", "--broker", template)["created"]
     finally:
         exits = nodes.stop()
     assert exits == {"ZA": 0, "EU": 0, "IN": 0, "BW": 0}
