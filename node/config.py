@@ -199,6 +199,9 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
                           f"{participant!r}")
     if not AUTHORITY_ID.fullmatch(authority) or not authority.startswith(participant):
         raise ConfigError(f"{where('authority')} {authority!r} must start with {participant}")
+    if not chair:  # as 'kpnode init' without --chair-key leaves it
+        raise ConfigError(f"{where('chair_public_key')} is not set: put the KP Chair's "
+                          "public key there (64 hex characters, the Chair's chair.pub)")
     if len(chair) != 32:
         raise ConfigError(f"{where('chair_public_key')} must be 32 bytes (64 hex characters)")
     urls = data.get("broker_urls", [DEFAULT_BROKER])

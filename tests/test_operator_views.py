@@ -1146,3 +1146,16 @@ def test_a_replay_says_why_as_a_discard_does(tmp_path: Path) -> None:
                            "63565bf1", "--dir", str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "--reason" in done.stderr
+
+
+def test_a_node_made_without_the_chairs_key_says_to_set_it(tmp_path: Path) -> None:
+    """'kpnode init' without --chair-key writes chair_public_key = "": every later command
+    then said it 'must be 32 bytes', not that it was never set."""
+    node = tmp_path / "za"
+    kpnode = [sys.executable, "-m", "node.cli"]
+    subprocess.run([*kpnode, "init", "--participant", "ZA", "--dir", str(node)],
+                   capture_output=True, text=True, check=True)
+    done = subprocess.run([*kpnode, "status", "--dir", str(node)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 3
+    assert "chair_public_key is not set: put the KP Chair's public key there" in done.stderr
