@@ -167,6 +167,8 @@ def _unpack_and_check(archive: Path, directory: Path) -> NodeConfig:
     for name in _secrets(config):
         if config.path(name).exists():
             config.path(name).chmod(0o600)
+    if config.path(KEYS_DIR).is_dir():  # made by the unpacking, as 'kpnode key new' makes it
+        config.path(KEYS_DIR).chmod(0o700)
     require_database(config.database_path)
     db = sqlite3.connect(config.database_path)
     try:

@@ -359,6 +359,7 @@ def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path:
                                                                          Role.OFFICER)
         for name in ("node.key", "keys/next.key", "tokens.json", "node.sqlite3"):
             assert config.path(name).stat().st_mode & 0o777 == 0o600, name
+        assert config.path(KEYS_DIR).stat().st_mode & 0o777 == 0o700
     finally:
         restored.close()
     with pytest.raises(ConfigError, match="is not an empty directory"):
