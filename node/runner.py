@@ -254,19 +254,22 @@ class RunningNode:
                 self.metrics.received(verdict.kind, verdict.duplicate,
                                       refusal.reason if refusal else None,
                                       held=refusal is not None and not refusal.final)
-                if refusal is not None and not await self._dead_letter(delivery, verdict):
-                    # No copy anywhere else: the broker keeps it and delivers it again.
+                if refusal is not None and not await self._dead_letter(delivery, verdict) \
+                        and (self._stopping or not verdict.kept):
+                    # No copy anywhere else, or none made yet by a node that stops and will
+                    # not try again: the broker keeps it and delivers it again (a duplicate
+                    # of a refusal is copied then).
                     await self.transport.reject(delivery, requeue=True)
                     continue
                 done.append(delivery)
             await self.transport.ack(done)
 
     async def _dead_letter(self, delivery: BrokerDelivery, verdict: Verdict) -> bool:
-        """Put a refused delivery's copy on the dead-letter queue, trying a few times.
-        False when that failed and the frame is kept nowhere else: then it must not be
-        acknowledged. A failure never stops the batch (its deliveries would hold their
-        prefetch slots until a reconnect, and a full dead-letter queue would stall the
-        inbox)."""
+        """Put a refused delivery's copy on the dead-letter queue, trying a few times (once
+        while stopping); whether it was made. A failure never stops the batch (its
+        deliveries would hold their prefetch slots until a reconnect, and a full dead-letter
+        queue would stall the inbox): one whose frame is kept in the evidence log is then
+        acknowledged, unless the node is stopping."""
         assert self.transport is not None and verdict.dead_letter is not None
         refusal = verdict.dead_letter
         headers = {"x-kpx-sender": refusal.answer_to or "",
@@ -283,14 +286,15 @@ class RunningNode:
                     await asyncio.sleep(0.2 * 2 ** attempt)
                     continue
                 log.error("could not dead-letter a refused message"
-                          + ("; its frame and refusal are in the evidence log" if verdict.kept
+                          + ("; its frame and refusal are in the evidence log"
+                             if verdict.kept and not self._stopping
                              else "; left in the inbox to be delivered again"),
                           reason=refusal.reason, message_id=refusal.in_reply_to,
                           error=f"{type(exc).__name__}: {exc}")
-                return verdict.kept
+                return False
             self.metrics.dead_letters.labels(reason=refusal.reason).inc()
             return True
-        return verdict.kept
+        return False
 
     async def _decide(self, deliveries: list[BrokerDelivery]
                       ) -> list[tuple[BrokerDelivery, Verdict]] | None:

@@ -168,6 +168,29 @@ async def test_a_refused_message_delivered_again_gets_its_dead_letter_copy(
         india.close()
 
 
+async def test_a_refusal_decided_while_stopping_is_not_acknowledged_without_its_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopping node tries a dead-letter copy once; when that try failed, a message kept
+    in the evidence log was acknowledged all the same and never came again to be copied."""
+    monkeypatch.setattr(asyncio, "sleep", _no_wait)
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za, india = (Node.open(network.configs[c]) for c in ("ZA", "IN"))
+    try:
+        unknown = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                                payload=Receipt(certificate="IN-2026-0404",
+                                                certificate_digest=bytes(32))),
+                       za.signing_key())
+        transport = DeadLetterQueueDown(1)  # one failure, which a running node would retry
+        running = RunningNode(network.configs["IN"])
+        running.node, running.transport = india, transport  # type: ignore[assignment]
+        running._stopping = True  # deliveries in hand are decided while stopping
+        await running._on_batch([delivery(unknown, 1)])
+        assert (transport.dead, transport.acked, transport.requeued) == ([], [], [unknown])
+    finally:
+        za.close()
+        india.close()
+
+
 async def _no_wait(_: float) -> None:
     return None
 
