@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import os
 import shutil
@@ -65,16 +66,29 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
             partial = Path(tmp) / out.name
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             members = _write(config, fd, Path(tmp))
-            try:
-                os.link(partial, out)  # never over an archive that appeared meanwhile
-            except FileExistsError:
-                raise ConfigError(f"{out} exists already; not overwriting a backup") from None
+            _give_name(partial, out)
             _sync_directory(folder)
         return members
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(out)
         raise
+
+
+def _give_name(partial: Path, out: Path) -> None:
+    """Name the finished archive ``out``, never over one that appeared meanwhile."""
+    try:
+        os.link(partial, out)
+    except FileExistsError:
+        raise ConfigError(f"{out} exists already; not overwriting a backup") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # No hard links here (vfat, exFAT, many SMB shares): a rename, after one more
+        # look, which leaves a moment in which another archive could be replaced.
+        if out.exists():
+            raise ConfigError(f"{out} exists already; not overwriting a backup") from None
+        os.rename(partial, out)
 
 
 def _sync_directory(folder: Path) -> None:

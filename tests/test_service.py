@@ -531,6 +531,26 @@ def test_a_backup_stopped_by_sigterm_leaves_nothing_behind(nodes: Nodes, tmp_pat
         assert info.mode == 0o600 and info.mtime > 1_700_000_000
 
 
+def test_a_backup_is_written_where_hard_links_are_not_to_be_had(
+        nodes: Nodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vfat and exFAT disks and many SMB shares answer link() with EPERM: the archive was
+    then never given its name."""
+    import errno
+    import os
+
+    from node.backup import backup
+
+    def no_links(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "usb" / "za.tar.gz"
+    out.parent.mkdir()
+    assert "node.sqlite3" in backup(nodes["ZA"].config, out)
+    assert [p.name for p in out.parent.iterdir()] == ["za.tar.gz"]
+    with pytest.raises(ConfigError, match="exists already"):
+        backup(nodes["ZA"].config, out)
+
+
 def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: Path) -> None:
     """`cd /tmp && kpnode restore backup.tar.gz` must not scatter a node's key and database
     among someone else's files: one line, exit 3 (an environment error), nothing written."""
