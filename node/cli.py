@@ -22,13 +22,13 @@ from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
 from node.config import ConfigError, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.jsontext import JsonTextError, parse_json
-from node.keyfile import NodeKey, read_signing_key, write_signing_key
+from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Refusal, Side, State, day_of
 from node.network import init_node
 from node.registry import key_fault_remedy, open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
-from node.status import keys_made_since_start, running_pid
+from node.status import held_key_ids, running_pid
 from node.store import StoreError, UnreadableRecord
 from node.terminal import emit, printable, table
 from node.views import (
@@ -373,7 +373,7 @@ def cmd_key_show(args: argparse.Namespace) -> None:
         # `kpnode run` reads its keys when it starts: what these files say it signs with is
         # what it will sign with once restarted, not necessarily what it signs with now.
         pid = running_pid(node.config.directory)
-        unheld = keys_made_since_start(node.config) if pid is not None else []
+        held = held_key_ids(node.config.directory) if pid is not None else None
         rows = []
         for k in node.signing_keys:
             public = bytes(k.verify_key)
@@ -390,15 +390,15 @@ def cmd_key_show(args: argparse.Namespace) -> None:
                     state += f", ends {day_of(owner.key.valid_until)}"
             rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),
                          "registry": state, "signing": public == current and fault is None,
-                         "held_by_running_node": None if pid is None else
-                         not (isinstance(k, NodeKey) and k.path.name in unheld)})
+                         "held_by_running_node": None if held is None else
+                         key_id(public).hex() in held})
         text = table([[r["key_id"], r["registry"],
                        ("yes" if r["held_by_running_node"] is not False else
                         "yes, once the node restarts") if r["signing"] else ""]
                       for r in rows], ("key id", "registry", "signs now"))
-        if unheld:
-            text += (f"\nthe running node (pid {pid}) started before {', '.join(unheld)} was "
-                     "made and does not hold it: restart it to sign with a key made since")
+        if unheld := [str(r["key_id"]) for r in rows if r["held_by_running_node"] is False]:
+            text += (f"\nthe running node (pid {pid}) does not hold key(s) {', '.join(unheld)}:"
+                     " it reads its keys at start; restart it to sign with one made since")
         if fault is not None:
             text += (f"\nno key of this node is valid now ({fault.reason}): it refuses to "
                      "issue, replace, cancel or confirm, and partners refuse the answers it "

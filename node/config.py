@@ -99,8 +99,10 @@ def node_directory(given: str | None) -> Path:
 ENV_PREFIX = "KPX_"
 #: where ``kpnode key new`` puts keys for a rotation
 KEYS_DIR = "keys"
-#: held by the running node (kpnode run), which writes its pid into it at start
+#: held by the running node (kpnode run), which writes its pid into it at start, then a
+#: line of the ids of the keys it holds, after HELD_KEYS
 LOCK_NAME = "node.lock"
+HELD_KEYS = "keys"
 #: settings whose environment value is a comma-separated list
 _LIST_SETTINGS = {"broker_urls"}
 

@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING
 import structlog
 
 from node.clockwatch import HOLD_AT_MOST_MS, TOLERANCE_MS, ClockWatch, elapsed_ms
-from node.config import LOCK_NAME, ConfigError, NodeConfig
+from node.config import HELD_KEYS, LOCK_NAME, ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
@@ -42,6 +42,7 @@ from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError
 from node.transport import Delivery as BrokerDelivery
 from node.transport import Outgoing, PublishResult, Transport, TransportUnavailable
 from node.wait import wait_set
+from protocol import key_id
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -94,6 +95,13 @@ class DirectoryLock:
         self.file.flush()
         return self
 
+    def note_keys(self, key_ids: Sequence[str]) -> None:
+        """Say which keys the running node holds (it reads them only at start), for
+        ``kpnode status`` and ``key show`` to compare with the key files as they are now."""
+        assert self.file is not None
+        self.file.write(f"{HELD_KEYS} {' '.join(key_ids)}\n")
+        self.file.flush()
+
     def __exit__(self, *exc: object) -> None:
         if self.file is not None:
             self.file.close()
@@ -140,6 +148,8 @@ class RunningNode:
         try:
             self.node = Node.open(self.config, check_broker_user=self.check_broker_user)
             self.node.unlock()  # a wrong passphrase stops the start, not a later answer
+            self._lock.note_keys([key_id(bytes(k.verify_key)).hex()
+                                  for k in self.node.signing_keys])
             self._clock = ClockWatch(self.node.clock(), elapsed_ms())
             self.node.store.wait_for_locks(LOCK_WAIT_SECONDS)
             self.node.on_outbox = self._wake.set

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from node.brokerclient import connect_any, queue_info
-from node.config import KEYS_DIR, LOCK_NAME, NodeConfig
+from node.config import HELD_KEYS, LOCK_NAME, NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
 from node.registry import Registry, key_fault_remedy, own_key_fault
 from node.service import Node, now_ms
 from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
+from protocol.frame import Signer
 from protocol.keys import key_id
 
 #: open loops are counted by days since the certificate's date of issue
@@ -97,7 +98,7 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                  registry: Registry, own_public_key: bytes, records: Sequence[Record],
                  partner_counts: Mapping[tuple[str, str, str], int],
                  outbox: Sequence[Pending], broker: BrokerView,
-                 store_ok: bool = True, keys_since_start: Sequence[str] = ()
+                 store_ok: bool = True, unheld_keys: Sequence[str] = ()
                  ) -> dict[str, Any]:
     """The status of one node, JSON-ready. ``records`` are the open and expired loops
     (the rest only counts, through ``partner_counts``)."""
@@ -109,9 +110,9 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
 
     if running_pid is None:
         problem("error", "the node is not running: start it with 'kpnode run'")
-    elif keys_since_start:
-        problem("warning", f"key file(s) made since the running node started "
-                f"({', '.join(keys_since_start)}): it reads keys/ at start, so it cannot "
+    elif unheld_keys:
+        problem("warning", f"key file(s) the running node does not hold "
+                f"({', '.join(unheld_keys)}): it reads its keys at start, so it cannot "
                 "sign with them until it is restarted (this view reads keys/ as it is now)")
     if not store_ok:
         problem("error", "the node's database cannot be written")
@@ -232,15 +233,30 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
 # -- the shell ------------------------------------------------------------------------
 
 
-def keys_made_since_start(config: NodeConfig) -> list[str]:
-    """Key files in keys/ newer than the running node's start (its lock file is written
-    then), which it therefore does not hold."""
+def held_key_ids(directory: Path) -> set[str] | None:
+    """The ids of the keys the running node holds, as it wrote them into its lock file at
+    start; None when it has not (yet) or cannot be read."""
     try:
-        started = (config.directory / LOCK_NAME).stat().st_mtime
-        return sorted(p.name for p in config.path(KEYS_DIR).glob("*.key")
-                      if p.stat().st_mtime > started)
-    except OSError:
+        lines = (directory / LOCK_NAME).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines[1:]:
+        word, _, ids = line.partition(" ")
+        if word == HELD_KEYS:
+            return set(ids.split())
+    return None
+
+
+def keys_not_held(config: NodeConfig, keys: Sequence[Signer]) -> list[str]:
+    """Which of ``keys`` (read from the files now) the running node does not hold: made,
+    or copied in, since it started. Compared by key id, not by the files' times, which a
+    copy keeps and a re-encryption changes."""
+    held = held_key_ids(config.directory)
+    if held is None:
         return []
+    files = config.key_files()
+    return [files[i].name if i < len(files) else key_id(bytes(k.verify_key)).hex()
+            for i, k in enumerate(keys) if key_id(bytes(k.verify_key)).hex() not in held]
 
 
 def running_pid(directory: Path) -> int | None:
@@ -254,8 +270,8 @@ def running_pid(directory: Path) -> int | None:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
+            first = handle.readline().strip()
+            return int(first) if first.isdigit() else -1
         fcntl.flock(handle, fcntl.LOCK_UN)
         return None
 
@@ -326,7 +342,8 @@ async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
                         now=now_ms(), running_pid=pid, registry=node.registry,
                         own_public_key=bytes(node.signing_key().verify_key),
                         broker=broker, store_ok=store_ok,
-                        keys_since_start=keys_made_since_start(config) if pid else (),
+                        unheld_keys=keys_not_held(config, node.signing_keys)
+                        if pid else (),
                         **read_store(node))
 
 

@@ -1141,34 +1141,37 @@ def test_a_damaged_encrypted_key_file_is_a_key_error(tmp_path: Path) -> None:
 
 def test_key_show_says_which_keys_the_running_node_does_not_hold(tmp_path: Path) -> None:
     """`kpnode run` reads its keys when it starts; `key show` marked a key made since as
-    the one that 'signs now' while the running node still signed with the old one."""
-    import fcntl
-
-    from node.config import LOCK_NAME
+    the one that 'signs now' while the running node still signed with the old one. Judged
+    by key id, which the node writes into its lock file: a key copied in with its old
+    times kept is not held, and keys encrypted under a running node still are."""
+    from node.runner import DirectoryLock
 
     network = create_network(tmp_path, fresh_codes(2), [])
     code, config = next(iter(network.configs.items()))
-    lock = (config.directory / LOCK_NAME).open("w")
-    fcntl.flock(lock, fcntl.LOCK_EX)  # as the running node holds it
-    lock.write("4242\n")
-    lock.flush()
-    os.utime(config.directory / LOCK_NAME, (time.time() - 60, time.time() - 60))
-    try:
+    where = str(config.directory)
+    with DirectoryLock(config.directory) as lock:  # as the running node holds it
+        lock.note_keys([key_id(bytes(config.signing_key().verify_key)).hex()])
         new = SigningKey.generate()
         (config.directory / KEYS_DIR).mkdir()
         write_signing_key(config.directory / KEYS_DIR / "next.key", new)
+        long_ago = time.time() - 86_400  # cp -p, rsync -a, tar x
+        os.utime(config.directory / KEYS_DIR / "next.key", (long_ago, long_ago))
         update = add_key(network.registry, code, config.authority,  # type: ignore[attr-defined]
                          bytes(new.verify_key), now_ms() - 1000)
         (config.directory / config.registry_file).write_bytes(
             sign_registry(update, network.chair_key, now_ms()))
-        shown = kpnode("key", "show", "--dir", str(config.directory))
+        env = {**os.environ, "KPX_KEY_PASSPHRASE": "correct horse battery"}
+        kpnode("key", "encrypt", "--dir", where, env=env)  # rewrites both files
+        shown = kpnode("key", "show", "--dir", where)
         assert "yes, once the node restarts" in shown.stdout
-        assert "the running node (pid 4242) started before next.key" in shown.stdout
-        rows = json.loads(kpnode("key", "show", "--json", "--dir",
-                                 str(config.directory)).stdout)
+        assert (f"the running node (pid {os.getpid()}) does not hold key(s) "
+                f"{key_id(bytes(new.verify_key)).hex()}") in shown.stdout
+        rows = json.loads(kpnode("key", "show", "--json", "--dir", where).stdout)
         assert [(r["signing"], r["held_by_running_node"]) for r in rows] == [
             (False, True), (True, False)]
-    finally:
-        lock.close()
-    rows = json.loads(kpnode("key", "show", "--json", "--dir", str(config.directory)).stdout)
+        status = json.loads(kpnode("status", "--json", "--dir", where, check=False).stdout)
+        texts = [p["text"] for p in status["problems"]]
+        assert any(t.startswith("key file(s) the running node does not hold (next.key)")
+                   for t in texts), texts
+    rows = json.loads(kpnode("key", "show", "--json", "--dir", where).stdout)
     assert [r["held_by_running_node"] for r in rows] == [None, None]
