@@ -444,28 +444,29 @@ async def test_status_says_when_a_key_was_made_after_the_running_node_started(
     """`kpnode key new` without a restart: the running node kept signing with the old key
     (it reads keys/ at start) while `kpnode status`, which reads keys/ afresh, said the new
     one was valid and signing."""
+    from nacl.signing import SigningKey
+
+    from node.keyfile import write_signing_key
     from node.runner import DirectoryLock
+    from protocol import key_id
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
     config = network.configs["ZA"]
-    lock = DirectoryLock(config.directory)  # as `kpnode run` holds it
-    lock.__enter__()
-    try:
+    with DirectoryLock(config.directory) as lock:  # as `kpnode run` holds it
+        lock.note_keys([key_id(bytes(config.signing_key().verify_key)).hex()])
         node = Node.open(config)
         try:
             s = await gather_status(node)
-            assert not any("key file" in p["text"] for p in s["problems"])
-            keys = config.path("keys")
-            keys.mkdir()
-            made = keys / "0123abcd.key"
-            made.write_text("not read here")
-            started = (config.directory / "node.lock").stat().st_mtime
-            os.utime(made, (started + 5, started + 5))
+        finally:
+            node.close()
+        assert not any("key file" in p["text"] for p in s["problems"])
+        config.path("keys").mkdir()
+        write_signing_key(config.path("keys") / "0123abcd.key", SigningKey.generate())
+        node = Node.open(config)  # as `kpnode status` reads the key files afresh
+        try:
             s = await gather_status(node)
         finally:
             node.close()
-    finally:
-        lock.__exit__()
     (warning,) = [p for p in s["problems"] if "key file" in p["text"]]
     assert warning["level"] == "warning" and "0123abcd.key" in warning["text"]
     assert "until it is restarted" in warning["text"]
