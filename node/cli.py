@@ -345,12 +345,20 @@ def cmd_key_new(args: argparse.Namespace) -> None:
 
 
 def cmd_key_encrypt(args: argparse.Namespace) -> None:
-    from node.keyfile import encrypt_key_file, is_encrypted, require_passphrase_of
+    from node.keyfile import (
+        encrypt_key_file,
+        is_encrypted,
+        lacks_public_key,
+        require_passphrase_of,
+    )
 
     config = load_config(node_dir(args))
     paths = [p for p in config.key_files() if p.exists()]
     todo = [p for p in paths if not is_encrypted(p)]
-    if not todo:
+    # Encrypted before the public key was kept in the file: written anew with it, so that
+    # commands that only read need no passphrase for them either.
+    older = [p for p in paths if is_encrypted(p) and lacks_public_key(p)]
+    if not todo and not older:
         raise UserError("every key file of this node is encrypted already")
     passphrase = _new_passphrase()
     # Refused rather than re-encrypting the others: that would need their passphrase too,
@@ -358,11 +366,14 @@ def cmd_key_encrypt(args: argparse.Namespace) -> None:
     require_passphrase_of(paths, passphrase)
     for path in todo:  # all of them readable first: a refusal half-way left some encrypted
         read_signing_key(path)
-    for path in todo:
+    for path in [*todo, *older]:
         encrypt_key_file(path, passphrase)
-    emit(args, {"encrypted": [str(p) for p in todo]},
-         "encrypted " + ", ".join(str(p) for p in todo) + "; the node now needs "
-         "KPX_KEY_PASSPHRASE (or KPX_KEY_PASSPHRASE_FILE, or a terminal) to start")
+    emit(args, {"encrypted": [str(p) for p in todo], "rewritten": [str(p) for p in older]},
+         "; ".join([*(["encrypted " + ", ".join(str(p) for p in todo)] if todo else []),
+                    *([f"wrote {', '.join(str(p) for p in older)} anew with its public key "
+                       "in the clear"] if older else [])])
+         + "; the node needs KPX_KEY_PASSPHRASE (or KPX_KEY_PASSPHRASE_FILE, or a terminal) "
+         "to start and to sign")
 
 
 def cmd_key_show(args: argparse.Namespace) -> None:

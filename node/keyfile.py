@@ -269,11 +269,17 @@ def require_passphrase_of(paths: Iterable[Path], passphrase: str) -> None:
                                "written") from None
 
 
+def lacks_public_key(path: Path) -> bool:
+    """An encrypted key file written before the public key was kept in it: commands that
+    only read need the passphrase for it until ``kpnode key encrypt`` writes it anew."""
+    text = _key_text(path)
+    return text.startswith("{") and _read_encrypted(text, path).public_key is None
+
+
 def encrypt_key_file(path: Path, passphrase: str, strength: str = "moderate") -> None:
-    """Encrypt a plain key file in place (atomically: a new file renamed over it)."""
-    key = read_signing_key(path)
-    if is_encrypted(path):
-        raise KeyFileError(f"signing key {path} is encrypted already")
+    """Encrypt a plain key file in place, or write an encrypted one anew under the same
+    passphrase (atomically: a new file renamed over it)."""
+    key = read_signing_key(path, passphrase=passphrase if is_encrypted(path) else None)
     tmp = path.with_name(path.name + ".new")
     tmp.unlink(missing_ok=True)
     write_signing_key(tmp, key, passphrase=passphrase, strength=strength)

@@ -580,10 +580,11 @@ def test_encrypted_key_needs_the_passphrase(tmp_path: Path) -> None:
         kpnode("list", "--json", "--dir", where, env=plain_env).stdout)] == [f"{code}-2026-0001"]
 
 
-def test_an_encrypted_key_whose_public_half_was_changed_does_not_sign(tmp_path: Path) -> None:
+def test_an_encrypted_key_whose_public_half_was_changed_does_not_sign(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The public key is kept in the clear for commands that only read; one that is not
-    the encrypted key's own is refused when the key would sign, and an older file without
-    it still opens (with the passphrase)."""
+    the encrypted key's own is refused when the key would sign, as is a key file swapped
+    for another after the node read it."""
     path = tmp_path / "node.key"
     seed = b"\1" * 32
     data = json.loads(encrypt_seed(seed, "correct horse battery"))
@@ -591,19 +592,47 @@ def test_an_encrypted_key_whose_public_half_was_changed_does_not_sign(tmp_path: 
     data["public_key"] = bytes(SigningKey(b"\2" * 32).verify_key).hex()
     path.write_text(json.dumps(data))
     path.chmod(0o600)
-    key = read_node_key(path)
+    monkeypatch.setenv("KPX_KEY_PASSPHRASE", "correct horse battery")
+    key = read_node_key(path)  # the public half only
+    assert not key.unlocked
     with pytest.raises(KeyFileError, match="public_key is not that of the key it holds"):
-        read_signing_key(path, passphrase="correct horse battery")
-    with pytest.raises(KeyFileError):
         key.unlock()
-    del data["public_key"]
+    # read as a good file, then replaced by another key's before it first signs
+    path.unlink()
+    write_signing_key(path, SigningKey(seed), passphrase="correct horse battery",
+                      strength="interactive")
+    key = read_node_key(path)
+    path.unlink()
+    write_signing_key(path, SigningKey(b"\3" * 32), passphrase="correct horse battery",
+                      strength="interactive")
+    with pytest.raises(KeyFileError, match="changed while the node had it open"):
+        key.sign(b"anything")
+
+
+def test_keys_encrypted_before_the_public_key_was_kept_are_written_anew(
+        tmp_path: Path) -> None:
+    """A key file encrypted by an earlier kpx lacks the clear public key, so read-only
+    commands still needed the passphrase and nothing could add it: `key encrypt` does."""
+    network = create_network(tmp_path, fresh_codes(2), [])
+    _, config = next(iter(network.configs.items()))
+    where = str(config.directory)
+    env = {**os.environ, "KPX_KEY_PASSPHRASE": "correct horse battery"}
+    plain_env = {k: v for k, v in os.environ.items() if not k.startswith("KPX_KEY")}
+    kpnode("key", "encrypt", "--dir", where, env=env)
+    path = config.path(config.signing_key_file)
+    data = json.loads(path.read_text())
+    del data["public_key"]  # as an earlier kpx wrote it
     path.write_text(json.dumps(data))
-    os.environ["KPX_KEY_PASSPHRASE"] = "correct horse battery"
-    try:
-        old = read_node_key(path)
-    finally:
-        del os.environ["KPX_KEY_PASSPHRASE"]
-    assert old.unlocked and bytes(old.verify_key) == bytes(SigningKey(seed).verify_key)
+    locked = kpnode("list", "--dir", where, env=plain_env, check=False)
+    assert locked.returncode == 3 and "is encrypted" in locked.stderr
+    wrong = kpnode("key", "encrypt", "--dir", where, check=False,
+                   env={**plain_env, "KPX_KEY_PASSPHRASE": "wrong horse battery"})
+    assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr
+    done = kpnode("key", "encrypt", "--json", "--dir", where, env=env)
+    assert json.loads(done.stdout) == {"encrypted": [], "rewritten": [str(path)]}
+    assert kpnode("list", "--dir", where, env=plain_env).returncode == 0
+    again = kpnode("key", "encrypt", "--dir", where, env=env, check=False)
+    assert again.returncode == 1 and "encrypted already" in again.stderr
 
 
 def test_one_passphrase_opens_every_key_of_a_node(tmp_path: Path) -> None:
