@@ -330,15 +330,19 @@ def _same_as_provisioned(base: Path, codes: Sequence[str], broker_templates: Seq
             f"{', '.join(provisioned)}): a rerun only regenerates the broker definitions and "
             "adds no Participant; to add one, see deploy/RUNBOOK.md, 'Joining a new "
             "Participant'")
+    # A node named in this run, else any: all were provisioned alike (joined ones later).
+    config = (load_config(base / next((c for c in codes if c in provisioned),
+                                      provisioned[0]), environ={}) if provisioned else None)
     try:
         before = str(json.loads(definitions.read_text())["vhosts"][0]["name"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
-        before = vhost or DEFAULT_VHOST  # none readable: written afresh as asked
+        # No definitions to read: the vhost the nodes' broker URLs name
+        path = urllib.parse.urlsplit(config.broker_urls[0]).path if config else ""
+        before = urllib.parse.unquote(path[1:]) if len(path) > 1 else (vhost or DEFAULT_VHOST)
     if vhost is not None and vhost != before:
         raise ConfigError(f"{base} is provisioned for vhost {before!r}, and its nodes' "
                           f"node.toml name it: a rerun does not move them to {vhost!r}")
-    if provisioned and broker_templates:
-        config = load_config(base / provisioned[0], environ={})
+    if config is not None and broker_templates:
         user = broker_user_for(config.participant)
         password = read_password(password_file(passwords, user))
         if tuple(broker_url(t, user, password) for t in broker_templates) \

@@ -1160,3 +1160,20 @@ def test_a_node_made_without_the_chairs_key_says_to_set_it(tmp_path: Path) -> No
                           text=True, check=False)
     assert done.returncode == 3
     assert "chair_public_key is not set: put the KP Chair's public key there" in done.stderr
+
+
+def test_a_rerun_of_deploy_network_keeps_the_vhost_the_nodes_use(tmp_path: Path) -> None:
+    """Run again, `deploy network` regenerates the broker definitions: for the default
+    vhost, although the nodes were provisioned for another, even with the definitions
+    file gone."""
+    from node.deploy import provision
+
+    template = "amqp://{user}:{password}@127.0.0.1:5672/kpx2"
+    base = tmp_path / "net"
+    provision(base, ["ZA", "IN"], [template], vhost="kpx2")
+    definitions = base / "broker" / "definitions.json"
+    for gone in (False, True):
+        if gone:
+            definitions.unlink()
+        provision(base, ["ZA"], [template])
+        assert [v["name"] for v in json.loads(definitions.read_text())["vhosts"]] == ["kpx2"]
