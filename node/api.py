@@ -426,10 +426,26 @@ async def post_confirm(request: web.Request) -> web.Response:
     return await idempotent(request, act)
 
 
+def _query(request: web.Request, single: tuple[str, ...],
+           repeatable: tuple[str, ...] = ()) -> list[Problem]:
+    """Problems with the query's names: one not known (a typo such as ``status=`` for
+    ``state=`` would otherwise give the whole list, unfiltered) or given twice where only
+    one value is taken."""
+    problems = []
+    for name in dict.fromkeys(request.query):
+        if name not in single and name not in repeatable:
+            problems.append(Problem(name, Reason.UNKNOWN_FIELD, "unknown query parameter; "
+                                    f"known: {', '.join((*single, *repeatable))}"))
+        elif name in single and len(request.query.getall(name)) > 1:
+            problems.append(Problem(name, Reason.BAD_FORMAT, "given more than once"))
+    return problems
+
+
 async def get_certificates(request: web.Request) -> web.Response:
     node = request.app[WEB_CONTEXT].node
     query = request.query
-    problems: list[Problem] = []
+    problems = _query(request, ("side", "partner", "overdue", "limit", "offset", "after"),
+                      ("state",))
     side: Side | None = None
     if "side" in query:
         try:
@@ -449,9 +465,20 @@ async def get_certificates(request: web.Request) -> web.Response:
         problems.append(Problem("overdue", Reason.BAD_FORMAT, "true or false"))
     limit = _int_query(query.get("limit", "1000"), "limit", 1, MAX_LIST, problems)
     offset = _int_query(query.get("offset", "0"), "offset", 0, 2**62, problems)
+    after = (_int_query(query["after"], "after", 0, 2**62, problems)
+             if "after" in query else None)
+    if after is not None and ("offset" in query or overdue == "true"):
+        problems.append(Problem("after", Reason.BAD_FORMAT, "not with offset or overdue"))
     if problems:
         raise ValidationError(tuple(problems), "query is not valid")
     partner = query["partner"].upper() if query.get("partner") else None  # as kpnode list
+    if after is not None:
+        total = node.store.count_records(side=side, states=states, partner=partner)
+        page, last = node.store.records_after(after, limit, side=side, states=states,
+                                              partner=partner)
+        return ok({"total": total, "after": after,
+                   "next": str(last) if len(page) == limit else None,
+                   "certificates": [record_json(r) for r in page]})
     if overdue == "true":
         # Only open and expired loops can be overdue: read those (a node's few in flight),
         # not every record of its years, and apply the one rule to them.
@@ -491,6 +518,8 @@ async def get_certificate(request: web.Request) -> web.Response:
 
 async def get_statistics(request: web.Request) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
+    if problems := _query(request, ("quarter",)):
+        raise ValidationError(tuple(problems), "query is not valid")
     text = request.query.get("quarter")
     try:
         quarter = (Quarter.parse(text) if text is not None

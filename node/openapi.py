@@ -40,8 +40,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
              "retrying will not help until the operator restores it",
         503: "the node's database or tokens file cannot be used now (node.store_unavailable, "
              "node.tokens_unavailable), or, for an action, the running node distrusts its "
-             "wall clock (node.clock_disagrees: see /readyz); nothing was done: retry, with "
-             "the same Idempotency-Key",
+             "wall clock (node.clock_disagrees: see /readyz) or has no key that may sign now "
+             "(key.revoked, key.not_valid_now, ...: see kpnode status); nothing was done: "
+             "retry, with the same Idempotency-Key",
     }
     # Any call can meet a node that fails or whose database is unavailable.
     return {str(s): _json(_ref("Error"), what[s]) for s in sorted({*statuses, 500, 503})}
@@ -211,9 +212,19 @@ _PATHS: dict[str, Any] = {
                                                             "maximum": 5000, "default": 1000}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer",
                                                              "minimum": 0, "default": 0}},
+                {"name": "after", "in": "query", "schema": {"type": "string",
+                                                            "pattern": "^[0-9]{1,19}$"},
+                 "description": "page by position instead of offset: 0 for the first page, "
+                                "then the previous page's `next`, until `next` is null. "
+                                "No record is skipped or repeated when records change "
+                                "state between pages (as with offset over a filter); not "
+                                "with offset or overdue"},
             ],
             "responses": {"200": _json({"type": "object", "properties": {
-                "total": _INT, "offset": _INT,
+                "total": _INT, "offset": _INT, "after": _INT,
+                "next": {"type": ["string", "null"],
+                         "description": "with after: the position to ask after next, "
+                                        "null when this page was the last"},
                 "certificates": {"type": "array", "items": _ref("Record")}}},
                 "the matching certificates, oldest first"), **_errors(400, 401)}},
     },

@@ -425,6 +425,22 @@ class Store:
         )
         return [_record(row) for row in rows]
 
+    def records_after(self, after: int, limit: int, *, side: Side | None = None,
+                      states: Iterable[State] = (), partner: str | None = None,
+                      ) -> tuple[list[Record], int]:
+        """A page of records in the order the node first recorded them, from just after
+        position ``after`` (0: the first), and the position of the page's last record.
+
+        The position is the row's own (SQLite's rowid, kept when a record changes), so
+        paging on from it neither skips nor repeats a record when others change state
+        between pages or the wall clock is set back, as paging by offset over a filter
+        or by creation time would."""
+        where, args = self._where(side=side, states=states, partner=partner)
+        rows = self.db.execute(
+            f"SELECT {self._COLUMNS}, rowid FROM certificates WHERE {where} AND rowid > ? "
+            f"ORDER BY rowid LIMIT {int(limit)}", [*args, after]).fetchall()
+        return [_record(row[:-1]) for row in rows], (int(rows[-1][-1]) if rows else after)
+
     def count_records(self, *, side: Side | None = None, states: Iterable[State] = (),
                       partner: str | None = None) -> int:
         """How many :meth:`records` would return, without reading them."""

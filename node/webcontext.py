@@ -152,9 +152,13 @@ _VALIDATION_PREFIXES = ("field.", "body.")
 def refusal_status(refusal: Refusal) -> int:
     """The HTTP status of a refused command: 404 no such certificate, 409 the state machine
     refused it in the certificate's current state, 400 the request's content is invalid,
-    422 valid but not allowed under the Scheme's rules (a suspended partner, an embargo)."""
+    422 valid but not allowed under the Scheme's rules (a suspended partner, an embargo),
+    503 this node has no key that may sign now (nothing done; the same request succeeds
+    once the operator has a valid key, so it is no refusal of the request itself)."""
     if refusal.reason == Reason.CERTIFICATE_UNKNOWN:
         return 404
+    if refusal.reason.startswith("key."):
+        return 503
     if refusal.reason in (Reason.CERTIFICATE_WRONG_STATE, Reason.CERTIFICATE_DUPLICATE_NUMBER):
         return 409
     if refusal.reason.startswith(_VALIDATION_PREFIXES):

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +29,7 @@ from node.machine import Record, Side, State, day_of
 from node.metrics import NodeMetrics
 from node.network import create_network
 from node.openapi import openapi_document
-from node.service import Node, now_ms
+from node.service import Delivery, Node, now_ms
 from node.stats import Quarter
 from node.store import Store, StoreError
 from node.tokens import Principal, Role, Tokens, token_hash
@@ -923,3 +923,96 @@ def test_tokens_added_and_revoked_at_once_are_all_kept(tmp_path: Path) -> None:
     assert names == {f"adder{i}-{j}" for i in range(6) for j in range(5)}
     assert all(fresh.authenticate(v) is None for v in victims)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+async def _every_page(s: Served, query: str, limit: int,
+                      between: Callable[[], None]) -> list[str]:
+    """Page with after=0, then next, until next is null; ``between`` after the first."""
+    seen: list[str] = []
+    after: str | None = "0"
+    while after is not None:
+        r = await s.client.get(f"{API}/certificates?limit={limit}&after={after}{query}",
+                               headers=s.auth("monitor"))
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+        seen += [c["number"] for c in answer["certificates"]]
+        if after == "0":
+            between()
+        after = answer["next"]
+    return seen
+
+
+async def test_paging_by_position_misses_nothing_while_records_change(
+        pair: tuple[Served, Served]) -> None:
+    """By offset over state=issued, a back office missed 100 certificates still issued when
+    receipts for the first 100 came in between pages; by creation time, a certificate made
+    after the clock was set back was never listed and another was listed twice."""
+    za, india = pair
+    za.node.issue_many([certificate(f"ZA-2026-{i:05d}", "ZA", "IN") for i in range(1500)])
+    carry(za.node, {"IN": india.node})
+    rows = india.node.store.due(now_ms=2**62, limit=100)
+    right = za.node.clock
+
+    def receipts_arrive_and_the_clock_goes_back() -> None:
+        with india.node.store.transaction():
+            india.node.store.mark_published([r.seq for r in rows], 0)
+        for row in rows:
+            za.node.handle_batch([Delivery(row.frame)])
+        za.node.clock = lambda: right() - 5_000
+        za.node.issue(certificate("ZA-2026-NEW01", "ZA", "IN"))
+        za.node.clock = right
+
+    seen = await _every_page(za, "&state=issued", 500,
+                             receipts_arrive_and_the_clock_goes_back)
+    issued = {r.number for r in za.node.records(states=[State.ISSUED])}
+    assert len(issued) == 1401 and issued <= set(seen) and len(seen) == len(set(seen))
+    everything = await _every_page(za, "", 400, lambda: None)
+    assert len(everything) == len(set(everything)) == 1501
+    refused = await za.client.get(f"{API}/certificates?after=0&offset=5",
+                                  headers=za.auth("monitor"))
+    assert refused.status == 400
+
+
+async def test_an_unknown_query_parameter_is_refused_not_ignored(
+        pair: tuple[Served, Served]) -> None:
+    """`status=cancelled` for `state=cancelled` gave every certificate, unfiltered; a
+    second `side=` was dropped without a word."""
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    for query in ("status=cancelled", "side=export&side=import", "quarterly=1"):
+        path = "statistics" if query.startswith("quarter") else "certificates"
+        r = await za.client.get(f"{API}/{path}?{query}", headers=za.auth("monitor"))
+        assert r.status == 400, (query, r.status)
+        assert (await r.json())["problems"][0]["path"] in ("status", "side", "quarterly")
+    r = await za.client.get(f"{API}/certificates?state=issued&state=delivered",
+                            headers=za.auth("monitor"))
+    assert r.status == 200 and (await r.json())["total"] == 1
+
+
+async def test_a_node_without_a_key_that_may_sign_answers_503_not_a_refusal(
+        tmp_path: Path) -> None:
+    """With its key revoked the node answered 422 key.revoked, which the docs give to what
+    the Scheme's rules forbid: a back office would mark the certificate refused for good,
+    though nothing was done and the same call succeeds once the node has a valid key."""
+    import dataclasses
+
+    from node.chair import revoke_key, sign_registry
+    from tests.webutil import serve
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    za = await serve(node)
+    try:
+        key = bytes(node.signing_key().verify_key)
+        revoked = dataclasses.replace(revoke_key(network.registry, key, now_ms()),
+                                      version=2)
+        (verdict,) = node.handle_batch([Delivery(sign_registry(revoked, network.chair_key,
+                                                               1))])
+        assert verdict.dead_letter is None
+        r = await za.client.post(f"{API}/certificates", headers=za.auth("officer"),
+                                 json=certificate_json("ZA-2026-0001", "ZA", "IN"))
+        assert (r.status, (await r.json())["error"]) == (503, "key.revoked")
+        assert node.records() == []
+    finally:
+        await za.client.close()
+        node.close()
