@@ -125,7 +125,16 @@ _SCHEMAS: dict[str, Any] = {
                        "in_reply_to": _NULL_STR, "created_at": _INT, "recorded_at": _INT,
                        "frame_sha256": _STR,
                        "frame_base64": {"type": "string",
-                                        "description": "the signed frame, verbatim"}},
+                                        "description": "the signed frame, verbatim"},
+                       "outbox": {
+                           "type": ["object", "null"],
+                           "description": "outgoing messages: whether the broker took it "
+                                          "(published_at, null while it waits), the tries, "
+                                          "the last error (e.g. unroutable: no inbox for "
+                                          "BW) and the next try",
+                           "properties": {"published_at": {"type": ["integer", "null"]},
+                                          "attempts": _INT, "last_error": _NULL_STR,
+                                          "next_attempt_at": {"type": ["integer", "null"]}}}},
     },
     "Validation": {
         "type": "object", "required": ["valid", "problems"],

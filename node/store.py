@@ -495,6 +495,22 @@ class Store:
               now_ms, now_ms) for m in messages],
         )
 
+    def sending(self, message_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Where each of these outgoing messages stands in the outbox: when the broker took
+        it (``published_at``, None while it waits), how often it was tried, the last error,
+        the next try. A message not in the outbox has none."""
+        ids = list(message_ids)
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's bound on parameters
+            chunk = ids[start:start + 500]
+            for row in self.db.execute(
+                    "SELECT message_id, published_at, attempts, last_error, next_attempt_at "
+                    f"FROM outbox WHERE message_id IN ({','.join('?' * len(chunk))})", chunk):
+                found[str(row[0])] = {"published_at": row[1], "attempts": int(row[2]),
+                                      "last_error": row[3],
+                                      "next_attempt_at": None if row[1] else row[4]}
+        return found
+
     def outbox_frame(self, message_id: str) -> bytes | None:
         row = self.db.execute("SELECT frame FROM outbox WHERE message_id=?",
                               (message_id,)).fetchone()

@@ -136,4 +136,11 @@ def history_json(store: Store, number: str, records: Sequence[Record], *,
         if frames:
             item["frame_base64"] = base64.b64encode(entry.frame).decode()
         history.append(item)
+    # Whether what this node signed has left it: the record's state alone does not say (a
+    # certificate is 'issued' from the moment it is signed, whether or not the broker
+    # took it), and a back office must see an 'unroutable' before the loop goes overdue.
+    sending = store.sending(i["message_id"] for i in history if i["direction"] == "out")
+    for item in history:
+        if item["direction"] == "out":
+            item["outbox"] = sending.get(item["message_id"])
     return history

@@ -1016,3 +1016,30 @@ async def test_a_node_without_a_key_that_may_sign_answers_503_not_a_refusal(
     finally:
         await za.client.close()
         node.close()
+
+
+async def test_a_certificates_history_says_whether_it_has_left_the_node(
+        pair: tuple[Served, Served]) -> None:
+    """Issue is accepted and queued while the broker is down, or the partner has no inbox
+    yet; the record said 'issued' either way, and only /status, per recipient, showed that
+    nothing had left. Each outgoing message in the history now says where it stands."""
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+
+    async def outbox() -> Any:
+        r = await za.client.get(f"{API}/certificates/ZA-2026-0001", headers=za.auth("monitor"))
+        (out,) = [h for h in (await r.json())["history"] if h["direction"] == "out"]
+        return out["outbox"]
+
+    waiting = await outbox()
+    assert waiting["published_at"] is None and waiting["attempts"] == 0
+    (row,) = za.node.store.due(now_ms=2**62, limit=10)
+    with za.node.store.transaction():
+        za.node.store.mark_failed(row.seq, "unroutable: no inbox for IN", 2**40)
+    failed = await outbox()
+    assert (failed["published_at"], failed["last_error"], failed["next_attempt_at"]) == (
+        None, "unroutable: no inbox for IN", 2**40)
+    with za.node.store.transaction():
+        za.node.store.mark_published([row.seq], 1_700_000_000_000)
+    sent = await outbox()
+    assert sent["published_at"] == 1_700_000_000_000 and sent["next_attempt_at"] is None
