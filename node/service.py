@@ -56,6 +56,7 @@ from node.registry import (
 )
 from node.store import Store
 from protocol import (
+    CHAIR,
     Cancellation,
     Certificate,
     Envelope,
@@ -558,6 +559,12 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
                 store.save_registry(best.version, best.frame, now_ms())
                 # Kept as evidence too, so verify-log knows every key that ever signed.
                 store.append_evidence("in", best.frame, best.message_id, None, now_ms())
+                # and remembered as received: the same update still queued for this node
+                # (the Chair's publish sends it there too) is then a duplicate, not kept
+                # in the evidence log a second time
+                if store.seen(CHAIR, best.message_id) is None:
+                    store.remember(best.message_id, CHAIR, str(Kind.REGISTRY_UPDATE),
+                                   "accepted", None, None, now_ms())
     if best is None:
         raise RegistryFileError(f"no registry: put the Chair-signed registry at {path}")
     return best

@@ -744,3 +744,33 @@ def test_a_state_change_is_logged_once_and_only_when_it_commits(
         za.issue_many(batch)
     assert [(e["number"], e["state"]) for e in logs if e["event"] == "certificate"] == [
         (c.number, "issued") for c in batch]
+
+
+def test_a_registry_taken_from_the_file_is_not_logged_again_from_the_broker(
+        tmp_path: Path) -> None:
+    """The Chair's publish writes the registry file and sends the update: a node started
+    in between took it from the file, then logged the same frame again when the broker's
+    copy came (found by a soak: 'recorded more than once in the evidence log')."""
+    import contextlib
+    from collections import Counter
+
+    from protocol import ParticipantEntry
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    with contextlib.closing(Node.open(config)):
+        pass
+    update = dataclasses.replace(network.registry, version=2, participants=(
+        *network.registry.participants,
+        ParticipantEntry(code="ZB", name="filler", status=ParticipantStatus.WITHDRAWN,
+                         authorities=())))
+    frame = network.publish_registry(update)
+    node = Node.open(config)
+    try:
+        assert node.registry.version == 2
+        (verdict,) = node.handle_batch([Delivery(frame)])
+        assert verdict.dead_letter is None and verdict.duplicate
+        logged = Counter((e.direction, e.message_id) for e in node.store.evidence())
+        assert max(logged.values()) == 1
+    finally:
+        node.close()
