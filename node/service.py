@@ -165,7 +165,8 @@ class Node:
         #: for arrivals, say), so nobody has to poll the store
         self.on_records: Callable[[Sequence[Record]], None] = lambda records: None
         self._changed: list[Record] = []
-        self._events: list[dict[str, object]] = []
+        #: log lines of the transaction under way, written once it commits (see _transaction)
+        self._events: list[tuple[str, str, dict[str, object]]] = []
 
     def signing_key(self, at_ms: int | None = None) -> Signer:
         """The key to sign with now: of the node's keys, the newest one the registry holds
@@ -231,12 +232,12 @@ class Node:
         for r in decision.records:
             # One line per state change, with what caused it: an incoming message (its id
             # and kind) or a local command (no cause). Logged once the transaction commits.
-            self._events.append(dict(
+            self._after_commit("info", "certificate",
                 node=self.me, number=r.number, side=str(r.side), state=str(r.state),
                 partner=r.partner, message_id=r.message_id,
                 cause_message_id=cause.message_id if cause else None,
                 cause_kind=str(cause.kind) if cause else "command",
-                discrepancies=len(r.discrepancies) or None))
+                discrepancies=len(r.discrepancies) or None)
 
     def _command(self, decide: Callable[[Context], Decision],
                  on_commit: OnCommit | None = None) -> Decision:
@@ -277,6 +278,11 @@ class Node:
             if isinstance(key, NodeKey):
                 key.unlock()
 
+    def _after_commit(self, level: str, event: str, **fields: object) -> None:
+        """Log ``event`` once the transaction under way commits, and not if it does not:
+        a batch held back while the disk is full would log it again at every retry."""
+        self._events.append((level, event, fields))
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """A store transaction whose changed records go to ``on_records`` once committed."""
@@ -294,8 +300,8 @@ class Node:
             raise
         changed, self._changed = self._changed, []
         events, self._events = self._events, []
-        for event in events:
-            log.info("certificate", **event)
+        for level, name, fields in events:
+            getattr(log, level)(name, **fields)
         if changed:
             self.on_records(changed)
 
@@ -435,8 +441,9 @@ class Node:
                 again = receive(ctx, admitted, self.store.load(touches(env, self.me)))
                 if again.records:
                     self._commit(ctx, again, admitted)
-            log.info("duplicate", message_id=env.message_id, sender=env.sender,
-                     kind=str(env.kind), answered_again=answer_id is not None)
+            self._after_commit("info", "duplicate", message_id=env.message_id,
+                               sender=env.sender, kind=str(env.kind),
+                               answered_again=answer_id is not None)
             if seen.outcome == "refused":
                 # Its dead-letter copy may never have been made (the node stopped between
                 # the commit and the copy): made again, or it would be acknowledged away
@@ -454,10 +461,10 @@ class Node:
         refusal = decision.refusal
         if refusal is not None and not refusal.final:
             # Nothing written, nothing remembered: judged afresh when it comes again.
-            log.warning("held: dated ahead of this node's clock; dead-lettered, not "
-                        "answered", message_id=env.message_id, sender=env.sender,
-                        kind=str(env.kind), text=refusal.text,
-                        certificate=refusal.certificate)
+            self._after_commit("warning", "held: dated ahead of this node's clock; "
+                               "dead-lettered, not answered", message_id=env.message_id,
+                               sender=env.sender, kind=str(env.kind), text=refusal.text,
+                               certificate=refusal.certificate)
             return Verdict(dead_letter=refusal, kind=str(env.kind))
         self._commit(ctx, decision, admitted)
         self.store.remember(env.message_id, env.sender, str(env.kind),
@@ -466,9 +473,10 @@ class Node:
                             decision.answer.envelope.message_id if decision.answer else None,
                             ctx.now_ms)
         if refusal is not None:
-            log.warning("refused", message_id=env.message_id, sender=env.sender,
-                        kind=str(env.kind), reason=refusal.reason, text=refusal.text,
-                        certificate=refusal.certificate)
+            self._after_commit("warning", "refused", message_id=env.message_id,
+                               sender=env.sender, kind=str(env.kind),
+                               reason=refusal.reason, text=refusal.text,
+                               certificate=refusal.certificate)
         return Verdict(dead_letter=refusal, kind=str(env.kind), kept=True)
 
     def _answer_again(self, ctx: Context, answer_id: str) -> None:
@@ -506,8 +514,8 @@ class Node:
         """A delivery that failed before it became a message. Only an authentic sender
         (the signature verified) gets a signed rejection, and the frame is kept as
         evidence; anything else is dead-lettered and logged, never answered."""
-        log.warning("refused", reason=refusal.reason, text=refusal.text,
-                    sender=refusal.answer_to, message_id=refusal.in_reply_to)
+        self._after_commit("warning", "refused", reason=refusal.reason, text=refusal.text,
+                           sender=refusal.answer_to, message_id=refusal.in_reply_to)
         answer = rejection_for(ctx, refusal)
         if answer is not None:
             frame_id = refusal.in_reply_to or ""

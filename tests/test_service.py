@@ -774,3 +774,32 @@ def test_a_registry_taken_from_the_file_is_not_logged_again_from_the_broker(
         assert max(logged.values()) == 1
     finally:
         node.close()
+
+
+def test_a_refusal_is_logged_once_it_commits_not_at_every_retry(nodes: Nodes,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """While the store cannot commit, the runner retries the held batch; each retry logged
+    the same 'refused' again, though nothing was decided (found by a soak on a full
+    disk)."""
+    import structlog
+
+    za, india = nodes["ZA"], nodes["IN"]
+    record = za.issue(certificate("ZA-2026-0001", "ZA", "EU"))  # not India's
+    frame = za.store.outbox_frame(record.message_id)
+    assert frame is not None
+    real = india.store.append_evidence
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(india.store, "append_evidence", full)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            with pytest.raises(StoreError):
+                india.handle_batch([Delivery(frame)])
+    assert [e for e in logs if e["event"] == "refused"] == []
+    monkeypatch.setattr(india.store, "append_evidence", real)
+    with structlog.testing.capture_logs() as logs:
+        (verdict,) = india.handle_batch([Delivery(frame)])
+    assert verdict.dead_letter is not None
+    assert [e["reason"] for e in logs if e["event"] == "refused"] == ["message.not_for_us"]
