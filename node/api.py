@@ -84,6 +84,15 @@ def ok(data: Any, status: int = 200) -> web.Response:
 
 
 @web.middleware
+async def no_store(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer, errors too, kept out of caches: certificates, partners and volumes
+    are not for a proxy's or a browser's disk."""
+    response = await handler(request)
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request.app[WEB_CONTEXT]
     try:
@@ -552,7 +561,7 @@ def api_app(node: Node, tokens: Tokens, *, status: StatusProvider | None = None,
             statistics: StatisticsProvider | None = None,
             context: WebContext | None = None) -> web.Application:
     """The API as an application to mount with ``app.add_subapp(API_PREFIX, ...)``."""
-    app = web.Application(middlewares=[api_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[no_store, api_middleware], client_max_size=1 << 20)
     app[WEB_CONTEXT] = context or WebContext(node, tokens, status=status,
                                              statistics=statistics)
     for method, path, handler in ROUTES:

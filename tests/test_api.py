@@ -1043,3 +1043,15 @@ async def test_a_certificates_history_says_whether_it_has_left_the_node(
         za.node.store.mark_published([row.seq], 1_700_000_000_000)
     sent = await outbox()
     assert sent["published_at"] == 1_700_000_000_000 and sent["next_attempt_at"] is None
+
+
+async def test_no_answer_of_the_api_is_cached(pair: tuple[Served, Served]) -> None:
+    """Certificates, partners and volumes went out without Cache-Control, so a proxy or a
+    browser could keep them on disk."""
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    for path, headers in (("/certificates", za.auth("monitor")), ("/certificates", {}),
+                          ("/certificates/ZA-2026-0001", za.auth("monitor")),
+                          ("/nowhere", za.auth("monitor"))):
+        r = await za.client.get(API + path, headers=headers)
+        assert r.headers.get("Cache-Control") == "no-store", (path, r.status)
