@@ -56,7 +56,6 @@ from node.registry import (
 )
 from node.store import Store
 from protocol import (
-    CHAIR,
     Cancellation,
     Certificate,
     Envelope,
@@ -217,8 +216,13 @@ class Node:
         store = self.store
         if incoming is not None:
             env = incoming.envelope
-            store.append_evidence("in", incoming.frame.raw, env.message_id,
-                                  certificate_of(env), ctx.now_ms)
+            # A registry update taken from the registry file (load_registry, by any command
+            # that opened the node) is in the log already: the broker's copy of the same
+            # frame is applied all the same, but not logged twice.
+            if not (env.kind is Kind.REGISTRY_UPDATE
+                    and store.logged("in", env.message_id, incoming.frame.raw)):
+                store.append_evidence("in", incoming.frame.raw, env.message_id,
+                                      certificate_of(env), ctx.now_ms)
         store.save(decision.records)
         self._changed.extend(decision.records)
         for sealed in decision.send:
@@ -567,12 +571,6 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
                 store.save_registry(best.version, best.frame, now_ms())
                 # Kept as evidence too, so verify-log knows every key that ever signed.
                 store.append_evidence("in", best.frame, best.message_id, None, now_ms())
-                # and remembered as received: the same update still queued for this node
-                # (the Chair's publish sends it there too) is then a duplicate, not kept
-                # in the evidence log a second time
-                if store.seen(CHAIR, best.message_id) is None:
-                    store.remember(best.message_id, CHAIR, str(Kind.REGISTRY_UPDATE),
-                                   "accepted", None, None, now_ms())
     if best is None:
         raise RegistryFileError(f"no registry: put the Chair-signed registry at {path}")
     return best

@@ -495,6 +495,12 @@ class Store:
               now_ms, now_ms) for m in messages],
         )
 
+    def logged(self, direction: str, message_id: str, frame: bytes) -> bool:
+        """Whether the evidence log holds these very bytes under this message id."""
+        return self.db.execute(
+            "SELECT 1 FROM evidence WHERE message_id=? AND direction=? AND frame=? LIMIT 1",
+            (message_id, direction, frame)).fetchone() is not None
+
     def sending(self, message_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Where each of these outgoing messages stands in the outbox: when the broker took
         it (``published_at``, None while it waits), how often it was tried, the last error,

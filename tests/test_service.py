@@ -769,11 +769,41 @@ def test_a_registry_taken_from_the_file_is_not_logged_again_from_the_broker(
     try:
         assert node.registry.version == 2
         (verdict,) = node.handle_batch([Delivery(frame)])
-        assert verdict.dead_letter is None and verdict.duplicate
+        assert verdict.dead_letter is None
         logged = Counter((e.direction, e.message_id) for e in node.store.evidence())
         assert max(logged.values()) == 1
     finally:
         node.close()
+
+
+def test_a_running_node_applies_a_registry_another_command_read_from_the_file(
+        tmp_path: Path) -> None:
+    """The operator hands the new registry.kpx to the node and runs `kpnode list`, which
+    takes it from the file into the database; the running node must still apply the
+    broker's copy (remembering the file's update as received made it a duplicate, and the
+    running node kept the old registry until restarted)."""
+    import contextlib
+    from collections import Counter
+
+    from protocol import ParticipantEntry
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    running = Node.open(config)
+    try:
+        update = dataclasses.replace(network.registry, version=2, participants=(
+            *network.registry.participants,
+            ParticipantEntry(code="ZB", name="filler", status=ParticipantStatus.WITHDRAWN,
+                             authorities=())))
+        frame = network.publish_registry(update)
+        with contextlib.closing(Node.open(config)):  # `kpnode list` meanwhile
+            pass
+        (verdict,) = running.handle_batch([Delivery(frame)])
+        assert verdict.dead_letter is None and running.registry.version == 2
+        logged = Counter((e.direction, e.message_id) for e in running.store.evidence())
+        assert max(logged.values()) == 1
+    finally:
+        running.close()
 
 
 def test_a_refusal_is_logged_once_it_commits_not_at_every_retry(nodes: Nodes,
