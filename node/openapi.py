@@ -78,7 +78,7 @@ _SCHEMAS: dict[str, Any] = {
                        "reason": {"type": "string", "description": "e.g. field.not_positive"},
                        "message": _STR},
     },
-    "Party": {"type": "object", "required": ["name", "address"],
+    "Party": {"type": "object", "required": ["name", "address"], "additionalProperties": False,
               "properties": {"name": _STR, "address": _STR}},
     "Line": {
         "type": "object", "required": ["hs_code", "carats_hundredths", "usd_cents"],
@@ -91,7 +91,9 @@ _SCHEMAS: dict[str, Any] = {
         "description": "the certificate's wire form (protocol/SPEC.md): amounts are integers, "
                        "carats in hundredths, US$ in cents",
         "required": ["number", "issuer", "issuing_authority", "destination", "origins",
-                     "exporter", "importer", "lines", "parcels", "issued_on", "expires_on"],
+                     "exporter", "importer", "lines", "parcels", "issued_on", "expires_on",
+                     "remarks"],
+        "additionalProperties": False,
         "properties": {
             "number": _STR, "issuer": _STR, "issuing_authority": _STR, "destination": _STR,
             "origins": {"type": "array", "items": _STR}, "exporter": _ref("Party"),
@@ -182,7 +184,7 @@ _SCHEMAS: dict[str, Any] = {
                               "problems": {"type": "array", "items": {"type": "object"}}}},
 }
 
-_WRITE = _errors(400, 401, 403, 404, 409, 413, 422)
+_WRITE = _errors(400, 401, 403, 404, 408, 409, 413, 422)
 
 _PATHS: dict[str, Any] = {
     "/openapi.json": {"get": {
@@ -194,7 +196,7 @@ _PATHS: dict[str, Any] = {
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": _ref("Certificate")}}},
         "responses": {"200": _json(_ref("Validation"), "the verdict, with every problem"),
-                      **_errors(400, 401, 413)}}},
+                      **_errors(400, 401, 408, 413)}}},
     "/certificates": {
         "post": {
             "operationId": "issueCertificate", "summary": "validate, sign and send (officer)",
@@ -223,7 +225,8 @@ _PATHS: dict[str, Any] = {
                                                              "minimum": 0, "default": 0}},
                 {"name": "after", "in": "query", "schema": {"type": "string",
                                                             "pattern": "^[0-9]{1,19}$"},
-                 "description": "page by position instead of offset: 0 for the first page, "
+                 "description": "an integer from 0 to 2^62, as a string; "
+                                "page by position instead of offset: 0 for the first page, "
                                 "then the previous page's `next`, until `next` is null. "
                                 "No record is skipped or repeated when records change "
                                 "state between pages (as with offset over a filter); not "

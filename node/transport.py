@@ -271,6 +271,7 @@ class Transport:
     async def _supervise(self) -> None:
         attempt = 0
         index = 0
+        unanswered = 0  # members tried in a row without an answer
         while not self._closing:
             url = self.urls[index % len(self.urls)]
             index += 1
@@ -280,10 +281,13 @@ class Transport:
                 self._last_failure = f"{redact(url)}: {why_connect_failed(url, exc)}"
                 log.warning("broker connection failed", url=redact(url),
                             error=why_connect_failed(url, exc))
-                if index % len(self.urls) == 0:
+                unanswered += 1
+                if unanswered % len(self.urls) == 0:
+                    # A whole round without an answer, wherever in the list it began.
                     await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt))
                     attempt += 1
                 continue
+            unanswered = 0
             lost = asyncio.Event()
             connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
             try:

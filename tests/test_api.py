@@ -80,6 +80,30 @@ def test_openapi_document_validates_and_matches_the_served_routes() -> None:
     assert described == {(m, p) for m, p, _ in ROUTES}
 
 
+def test_the_documented_certificate_schema_refuses_what_the_node_refuses() -> None:
+    """An integrator who checks a body against the OpenAPI document before sending it must
+    not meet a 400 the document allows: the node requires `remarks` and refuses fields it
+    does not know, in the certificate and in each party."""
+    from jsonschema import Draft202012Validator
+
+    from protocol.errors import ValidationError
+    from protocol.schema import validate_certificate
+
+    components = openapi_document()["components"]
+    checker = Draft202012Validator({"$ref": "#/components/schemas/Certificate",
+                                    "components": components})
+    good = certificate_json("ZA-2026-00001", "ZA", "IN")
+    assert checker.is_valid(good)
+    validate_certificate(good)
+    no_remarks = {k: v for k, v in good.items() if k != "remarks"}
+    extra_field = {**good, "carats": 3}
+    extra_in_party = {**good, "exporter": {**good["exporter"], "vat": "x"}}
+    for bad in (no_remarks, extra_field, extra_in_party):
+        with pytest.raises(ValidationError):
+            validate_certificate(bad)
+        assert not checker.is_valid(bad), bad
+
+
 async def test_openapi_is_public_and_every_other_call_needs_a_token(pair: tuple[Served,
                                                                                 Served]) -> None:
     za, _ = pair

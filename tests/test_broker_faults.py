@@ -313,3 +313,52 @@ async def test_a_queue_declared_otherwise_is_named_when_the_node_gives_up(
             await channel.queue_delete(inbox_queue(code))
     assert "set-up failed" in str(failed.value)
     assert "PRECONDITION_FAILED" in str(failed.value), str(failed.value)
+
+
+async def test_a_lost_member_is_followed_by_the_whole_list_before_the_node_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of three cluster members the node used the second, and lost it: it tries the second
+    again, then the third and the first, and waits only after that round. It used to wait
+    at the end of the list, so the first member, perhaps the one still up, came after a
+    pause."""
+    import node.transport as transport_module
+
+    attempts: list[tuple[str, float]] = []
+    answered: list[Up] = []
+
+    class Up:
+        def __init__(self) -> None:
+            self.close_callbacks: set[Callable[..., object]] = set()
+            self.is_closed = False
+
+        async def close(self) -> None:
+            self.is_closed = True
+
+    async def fake_connect(url: str, timeout: float = 0) -> Up:
+        attempts.append((url, time.monotonic()))
+        if len(attempts) == 2:  # the second member answers once
+            answered.append(Up())
+            return answered[-1]
+        raise ConnectionRefusedError(url)
+
+    class NoSetUp(Transport):
+        async def _set_up(self, connection: AbstractConnection) -> None:
+            pass
+
+    monkeypatch.setattr(transport_module, "connect", fake_connect)
+    urls = ["amqp://one/", "amqp://two/", "amqp://three/"]
+    transport = NoSetUp(urls, "ZA")
+    try:
+        await transport.connect(timeout=5.0)
+        assert transport.url == "amqp://two/"
+        for lost in list(answered[0].close_callbacks):
+            lost()
+        while len(attempts) < 6:
+            await asyncio.sleep(0.02)
+    finally:
+        await transport.close()
+    names = [u.split("//")[1].rstrip("/") for u, _ in attempts]
+    assert names[:6] == ["one", "two", "two", "three", "one", "two"]
+    times = [t for _, t in attempts]
+    assert times[4] - times[2] < 0.2, "a pause inside the round after the loss"
+    assert times[5] - times[4] >= 0.2, "no pause after a whole round without an answer"
