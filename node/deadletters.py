@@ -3,7 +3,8 @@
 Nothing is lost while browsing. Messages are taken with ``basic.get`` without
 acknowledgement and held on one channel; closing the channel hands back every message
 not explicitly acknowledged, in place. Only two acts remove a message, and each is
-written to the evidence log first (an operator record, see :mod:`node.evidence`):
+written to the evidence log first (an operator record, see :mod:`node.evidence`; a
+replay whose publish fails gets a second one, ``dead_letter.replay_failed``):
 
 * **replay**: the frame is published again to this node's own inbox (publisher
   confirms, mandatory), so it is parsed, verified and decided like any other message;
@@ -282,9 +283,12 @@ class DeadLetterQueue:
         return next(h for h in self._held if h.letter.id in matches)
 
     async def replay(self, node: Node, held: Held, reason: str = "") -> int:
-        """Publish the frame to this node's inbox, record it, then remove the dead letter.
-        Returns the evidence entry's sequence number."""
+        """Record the replay, publish the frame to this node's inbox, then remove the dead
+        letter. Returns the evidence entry's sequence number. Recorded first, so that no
+        replay goes unrecorded whatever stops the command; a publish that fails is then
+        recorded too (``dead_letter.replay_failed``), and the dead letter stays."""
         assert self._channel is not None
+        seq = record_action(node, "dead_letter.replay", held, reason)
         exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
         message = aio_pika.Message(
             held.message.body, content_type=CONTENT_TYPE, message_id=held.letter.message_id,
@@ -297,9 +301,15 @@ class DeadLetterQueue:
             await exchange.publish(message, routing_key=self.config.participant,
                                    mandatory=True, timeout=PUBLISH_TIMEOUT)
         except PublishError:
+            record_action(node, "dead_letter.replay_failed", held, "no inbox on the broker")
             raise DeadLetterError(f"{inbox_queue(self.config.participant)} does not exist on "
                                   "the broker; start the node once, then replay") from None
-        seq = record_action(node, "dead_letter.replay", held, reason)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                record_action(node, "dead_letter.replay_failed", held,
+                              f"not confirmed by the broker (it may have taken it): "
+                              f"{type(exc).__name__}: {exc}"[:1000])
+            raise
         await held.message.ack()
         self._held.remove(held)
         log.info("dead letter replayed", dead_letter=held.letter.id,

@@ -297,6 +297,46 @@ async def test_dead_letters_are_listed_replayed_and_discarded_without_loss(
         assert await queue.letters() == []
 
 
+async def test_a_replay_is_recorded_before_it_is_published_and_a_failed_one_says_so(
+        amqp_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
+    """The replay's evidence entry came after the publish: a command stopped in between
+    (Ctrl-C, a crash) put the frame back into the inbox with no record of who did it. Now
+    the entry comes first, and a publish that fails (here: the inbox was deleted) is
+    recorded as failed, with the dead letter left where it was."""
+    import aio_pika
+
+    from node.deadletters import DeadLetterError
+
+    india, other = fresh_codes(2)
+    network = create_network(tmp_path, [india, other], [amqp_url])
+    running = await start(stack, network, india)
+    await publish_raw(amqp_url, india, b"junk for the dead-letter queue", "junk-r")
+    dead_queue = f"kpx.dead.{india}"
+    for _ in range(600):
+        if await queue_depth(amqp_url, dead_queue) == 1:
+            break
+        await asyncio.sleep(0.05)
+    await running.stop()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"kpx.inbox.{india}")
+    node = Node.open(network.configs[india])
+    try:
+        async with DeadLetterQueue(network.configs[india]) as queue:
+            (letter,) = await queue.letters()
+            with pytest.raises(DeadLetterError, match="start the node once"):
+                await queue.replay(node, await queue.find(letter.id), "after the fix")
+        records = [read_operator_record(e.frame) for e in node.store.evidence()
+                   if e.direction == OPERATOR]
+    finally:
+        node.close()
+    assert [(r["action"], r["reason"]) for r in records] == [
+        ("dead_letter.replay", "after the fix"),
+        ("dead_letter.replay_failed", "no inbox on the broker")]
+    assert await queue_depth(amqp_url, dead_queue) == 1  # still there to replay
+
+
 async def test_ping_reports_the_signed_pong_and_a_partner_that_cannot_answer(
         amqp_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
     za, india, absent = fresh_codes(3)
