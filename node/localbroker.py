@@ -627,19 +627,23 @@ class LocalBroker:
 
     def _shutdown(self, *, graceful: bool, timeout: float = 60.0) -> None:
         pid = self._pid
-        if pid is not None and graceful:
-            with contextlib.suppress(BrokerError):
-                self.ctl("stop", str(self.pid_file), timeout=timeout)
-        if pid is not None and not _wait_gone(pid, 5.0 if graceful else 0.0):
-            for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-                if not self._is_ours(pid):
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                if _wait_gone(pid, grace):
-                    break
-        self._pid = None
-        self._stop_epmd()
+        try:
+            if pid is not None and graceful:
+                with contextlib.suppress(BrokerError):
+                    self.ctl("stop", str(self.pid_file), timeout=timeout)
+            if pid is not None and not _wait_gone(pid, 5.0 if graceful else 0.0):
+                for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+                    if not self._is_ours(pid):
+                        break
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                    if _wait_gone(pid, grace):
+                        break
+            self._pid = None
+        finally:
+            # Also when an interrupt cut the stop short: the server may be gone already,
+            # and nothing else would end its epmd (it refuses while a server is registered).
+            self._stop_epmd()
 
     def _stop_epmd(self) -> None:
         """End the epmd our nodes (or our cluster's) caused, once no server is registered.
@@ -700,6 +704,8 @@ class LocalBroker:
         with contextlib.suppress(Exception):
             if self.running:
                 self.stop(timeout=20.0)
+        with contextlib.suppress(Exception):
+            self._stop_epmd()  # an interrupted stop left the server gone and its epmd up
         if self._owns_directory and not self.running:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -42,6 +42,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -653,6 +654,15 @@ class ProcessNodes(Nodes):
         for code in self.procs:
             self._send(code, {"start_at_ms": start_at_ms})
 
+    @staticmethod
+    def _ended(returncode: int) -> str:
+        if returncode < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-returncode).name}"
+        if returncode == 0:  # it stops cleanly only when told to: by a signal, then
+            return "exit status 0: stopped by a signal from outside"
+        return f"exit status {returncode}"
+
     def _log_tail(self, code: str, lines: int = 5) -> str:
         """Why a node's process ended, from its log (deleted with the network): its last
         error, else the log's last lines."""
@@ -662,10 +672,10 @@ class ProcessNodes(Nodes):
         except OSError:
             return "(no log)"
         errors = [line for line in written if '"level": "error"' in line]
-        return errors[-1] if errors else " | ".join(written[-lines:])
+        return errors[-1] if errors else (" | ".join(written[-lines:]) or "(nothing logged)")
 
     def check_alive(self) -> None:
-        dead = [f"{code} ({p.returncode}): {self._log_tail(code)}"
+        dead = [f"{code} ({self._ended(p.returncode)}): {self._log_tail(code)}"
                 for code, p in self.procs.items() if p.returncode is not None]
         if dead:
             raise SimulationError(f"node process(es) exited early: {'; '.join(dead)}")
@@ -1226,7 +1236,11 @@ async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str],
 
 async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> None:
     """Delete the queues this run created, with whatever an interrupted run left in them
-    (the next run would refuse a broker where they hold messages); best effort, briefly."""
+    (the next run would refuse a broker where they hold messages); best effort, briefly.
+
+    In a thread with an event loop of its own: an interrupt that lands while it runs
+    cancels every task of the command's loop, this one's too, and the queues stayed.
+    ``asyncio.run`` waits for the thread as it closes, so the deletion finishes."""
     from node.brokerclient import amqp_library_logs_quiet, connect_any
 
     async def delete() -> None:
@@ -1238,8 +1252,12 @@ async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> No
                     channel = await connection.channel()  # its channel
                     await channel.queue_delete(name)
 
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(delete(), 10)
+    def in_a_loop_of_its_own() -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run(asyncio.wait_for(delete(), 10))
+
+    if names:
+        await asyncio.to_thread(in_a_loop_of_its_own)
 
 
 async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:
@@ -1252,8 +1270,9 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
             await _declare_queues(broker_urls, codes, created)
             return await _simulate(options, codes, broker_urls)
         finally:
-            if options.directory is None:  # a kept network may be run again, queues and all
-                await _delete_queues(broker_urls, created)
+            # Kept networks too: an interrupted run's queues hold messages, and the next
+            # run would refuse this broker. A kept node started later declares its own.
+            await _delete_queues(broker_urls, created)
 
 
 @contextlib.asynccontextmanager
@@ -1422,7 +1441,8 @@ def check_broker_choice(option: str | None) -> None:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    codes = tuple(c.strip().upper() for c in args.codes.split(",")) if args.codes else None
+    codes = (None if args.codes is None
+             else tuple(c.strip().upper() for c in args.codes.split(",")))
     if codes is not None and args.participants is not None \
             and args.participants != len(codes):
         raise ValueError(f"--participants {args.participants} but --codes names "
@@ -1502,7 +1522,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_arguments(p)
     args = p.parse_args(argv)
     configure_logging(level="WARNING")
-    cmd_simulate(args)
+    try:
+        cmd_simulate(args)
+    except KeyboardInterrupt:  # as kpnode's main says it
+        print("kpnode simulate: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

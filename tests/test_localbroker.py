@@ -128,3 +128,24 @@ def test_the_exit_hook_removes_a_directory_the_instance_made(tmp_path: Path) -> 
     given._stop_at_exit()
     assert not made.directory.exists()
     assert given.directory.is_dir()
+
+
+def test_an_interrupted_stop_still_ends_the_epmd_the_broker_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second Ctrl-C (or SIGTERM) landing in `rabbitmqctl stop` ended the server but cut
+    the shutdown short before its epmd, which then ran on under init for good; the exit
+    hook skipped it too, the server being gone."""
+    broker = LocalBroker(tmp_path / "b")
+    ended: list[str] = []
+    monkeypatch.setattr(broker, "_stop_epmd", lambda: ended.append("epmd"))
+
+    def interrupted(*args: object, **kwargs: object) -> str:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(broker, "ctl", interrupted)
+    broker._pid = 2**22 + 12345  # no such process: the server is gone by now
+    with pytest.raises(KeyboardInterrupt):
+        broker._shutdown(graceful=True)
+    assert ended == ["epmd"]
+    broker._pid = None
+    broker._stop_at_exit()
+    assert ended == ["epmd", "epmd"]

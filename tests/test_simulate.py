@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -123,6 +124,17 @@ def test_bad_options_are_refused_in_one_line_before_anything_starts(options: str
          "--no-progress"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == f"kpnode simulate: {says}"
+
+
+def test_empty_codes_are_refused_not_taken_for_the_default_network() -> None:
+    """`--codes "$CODES"` with the variable unset ran the default ten Participants."""
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "simulate", "--codes", "", "--broker",
+         "amqp://guest:guest@127.0.0.1:1/", "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("kpnode simulate: --codes: '' is not a two-letter "
+                                     "Participant code")
 
 
 def test_keep_must_be_a_new_or_empty_directory(tmp_path: Path) -> None:
@@ -410,11 +422,12 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _wait_for_trading(proc: subprocess.Popen[str], tmp_path: Path) -> None:
-    """Until a simulation whose TMPDIR is ``tmp_path`` trades: once a node has written its
-    log."""
+def _wait_for_trading(proc: subprocess.Popen[str], tmp_path: Path,
+                      logs: str = "kpx-sim-*/*/node.log") -> None:
+    """Until a simulation whose TMPDIR (or --keep) is ``tmp_path`` trades: once a node has
+    written its log."""
     deadline = time.monotonic() + 180
-    while not list(tmp_path.glob("kpx-sim-*/*/node.log")):
+    while not list(tmp_path.glob(logs)):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the simulation did not start"
         time.sleep(0.5)
@@ -469,7 +482,8 @@ async def _ten_certificates(amqp_url: str, *codes: str) -> subprocess.CompletedP
 async def test_an_interrupted_run_removes_the_queues_it_created(
         amqp_url: str, tmp_path: Path) -> None:
     """Ctrl-C stopped the nodes one by one while the others still sent: messages stayed in
-    the inboxes, and the next run on that broker refused to start ('queues in use')."""
+    the inboxes, and the next run on that broker refused to start ('queues in use'). With
+    --keep, the queues were left on purpose, messages and all, with the same effect."""
     from node.brokerclient import connect_any, queue_info
     from node.transport import dead_letter_queue, inbox_queue
 
@@ -477,10 +491,11 @@ async def test_an_interrupted_run_removes_the_queues_it_created(
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "simulate", "--codes", ",".join(codes),
-         "--certificates", "100000", "--rate", "100", "--broker", amqp_url, "--no-progress"],
+         "--certificates", "100000", "--rate", "100", "--broker", amqp_url, "--no-progress",
+         "--keep", str(tmp_path / "kept")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        await asyncio.to_thread(_wait_for_trading, proc, tmp_path)
+        await asyncio.to_thread(_wait_for_trading, proc, tmp_path / "kept", "*/node.log")
         await asyncio.sleep(3)  # trading
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.to_thread(proc.communicate, timeout=90)
@@ -648,3 +663,81 @@ def test_a_run_under_nohup_outlives_its_terminal() -> None:
             time.sleep(1)
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.broker
+def test_the_queues_are_deleted_even_when_an_interrupt_lands_during_the_deletion(
+        amqp_url: str) -> None:
+    """An interrupt just after the loops closed cancelled the deletion itself (every task of
+    the loop is cancelled), and the run's queues stayed on the broker."""
+    from node.brokerclient import connect_any, queue_info
+    from node.simulate import _delete_queues
+
+    names = [f"kpx.test.delete.{n}.{os.getpid()}" for n in range(3)]
+
+    async def declare_then_cancel_the_deletion() -> None:
+        connection, _ = await connect_any([amqp_url])
+        async with connection:
+            channel = await connection.channel()
+            for name in names:
+                await channel.declare_queue(name, durable=True)
+        deleting = asyncio.create_task(_delete_queues([amqp_url], names))
+        await asyncio.sleep(0)
+        deleting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await deleting
+
+    async def left() -> list[str]:
+        connection, _ = await connect_any([amqp_url])
+        async with connection:
+            return [name for name in names if await queue_info(connection, name) is not None]
+
+    asyncio.run(declare_then_cancel_the_deletion())  # its end waits for the deletion
+    assert asyncio.run(left()) == []
+
+
+def test_a_node_process_that_stopped_by_itself_is_said_to_have_had_a_signal(
+        tmp_path: Path) -> None:
+    """A node process ended by `kill` (or by a Ctrl-C only it received) was reported as
+    'AE (0): ' — an exit status and nothing else."""
+    from node.network import create_network
+    from node.simulate import ProcessNodes
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    for config in network.configs.values():
+        (config.directory / "node.log").write_text("")  # it logs warnings and errors only
+    nodes = ProcessNodes(network, [], Options(codes=("ZA", "IN"), certificates=1))
+    nodes.procs = {"ZA": SimpleNamespace(returncode=0),  # type: ignore[dict-item]
+                   "IN": SimpleNamespace(returncode=-9)}
+    with pytest.raises(SimulationError) as raised:
+        nodes.check_alive()
+    assert str(raised.value) == (
+        "node process(es) exited early: ZA (exit status 0: stopped by a signal from "
+        "outside): (nothing logged); IN (killed by SIGKILL): (nothing logged)")
+
+
+def test_a_node_process_keeps_an_ignored_sigint(tmp_path: Path) -> None:
+    """A simulation started in the background of a script ignores SIGINT, and Ctrl-C in
+    the terminal does not stop it; its node processes stopped all the same (they set a
+    handler of their own), and the run failed."""
+    from node.network import create_network
+    from node.simulate import write_desk_plan
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    directory = network.configs["ZA"].directory
+    write_desk_plan(directory, "ZA", [])
+    proc = subprocess.Popen([sys.executable, "-m", "node.simworker", "--dir", str(directory)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2)
+        assert proc.poll() is None, "stopped by an ignored SIGINT"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
