@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import platform
 import queue as queue_module
+import signal
 import sqlite3
 import statistics
 import sys
@@ -63,6 +64,7 @@ from node.interrupt import sigterm_as_interrupt  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
 from node.simulate import (  # noqa: E402
     LOG_LEVELS,
+    MAX_CERTIFICATES,
     PARTICIPANTS,
     Options,
     Report,
@@ -70,6 +72,7 @@ from node.simulate import (  # noqa: E402
     check_broker_choice,
     check_broker_free,
     check_new_directory,
+    claimed,
     plan_trade,
     run_simulation,
 )
@@ -120,6 +123,18 @@ class BenchFailed(Exception):
     """A measurement went wrong (failed publishes, broken invariants): no figures."""
 
 
+class BrokerTaken(Exception):
+    """The broker's queues for the bench's Participants are in use, or became so."""
+
+
+#: the bench's own bounds: a mistyped count must not fill the machine's memory
+MAX_RAW_MESSAGES = 1_000_000
+MAX_LATENCY_SECONDS = 600.0
+MAX_REPEATS = 20
+#: tries, 0.2 s apart, to delete a queue whose consumer should have gone
+CONSUMER_GONE_ATTEMPTS = 25
+
+
 async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch: int = 256,
                       ack_every: int = 50) -> dict[str, float]:
     """Publish ``count`` persistent messages with confirms (``window`` in flight) into a
@@ -139,7 +154,13 @@ async def raw_ceiling(url: str, count: int, size: int, window: int, *, prefetch:
         queue = await channel.declare_queue(name, durable=True,
                                             arguments=inbox_arguments("BENCH", 5))
         await queue.bind(exchange, routing_key=name)
-        reader.start()
+        # Started with SIGINT ignored (inherited across exec), so that a Ctrl-C while it
+        # imports does not print its traceback; it takes Ctrl-C again once it runs.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            reader.start()
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
         if not await asyncio.to_thread(ready.wait, 60):
             raise BenchFailed("the raw consumer process did not start")
         body = os.urandom(size)
@@ -199,6 +220,7 @@ def _raw_consumer(url: str, name: str, count: int, prefetch: int, ack_every: int
                   ready: Any, finished: Any) -> None:
     """The raw ceiling's consumer process: manual acks, every ``ack_every`` messages; puts
     the wall-clock instant of the last message on ``finished``."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     async def consume() -> None:
         connection = await aio_pika.connect(url)
         try:
@@ -251,15 +273,33 @@ def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) ->
 
 
 async def delete_queues(url: str, codes: Sequence[str]) -> None:
-    """Start each run from empty inboxes (at its start, the bench made sure these queues
-    were not in use: no messages, no consumers)."""
+    """Start each run from empty inboxes. At its start the bench made sure these queues
+    were not in use, and it holds the simulations' claims on these Participants; but a
+    node started meanwhile (`kpnode run`) would lose its messages: a queue with a
+    consumer is not deleted, and the bench stops instead (:class:`BrokerTaken`). (Quorum
+    queues refuse ``queue.delete`` with ``if-unused``: the consumers are looked at first.)"""
+    from node.brokerclient import queue_info
+
     connection = await aio_pika.connect(url)
     async with connection:
         for code in codes:
             for name in (inbox_queue(code), dead_letter_queue(code)):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(name)
+                for _ in range(CONSUMER_GONE_ATTEMPTS):
+                    info = await queue_info(connection, name)
+                    if info is None:
+                        break
+                    if info.consumers == 0:
+                        channel = await connection.channel()
+                        await channel.queue_delete(name)
+                        break
+                    # A quorum queue forgets a stopped node's consumer a moment after its
+                    # connection closed.
+                    await asyncio.sleep(0.2)
+                else:
+                    raise BrokerTaken(
+                        f"{name} got a consumer during the bench: something else on this "
+                        f"broker uses {code}'s queues; the bench stops without touching them "
+                        "(run it on a broker or vhost of its own)")
 
 
 async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float,
@@ -278,7 +318,7 @@ async def kpx_run(url: str, codes: Sequence[str], certificates: int, rate: float
                       confirm_delay=0.0, discrepancy_share=0.0, progress=False,
                       log_level=log_level, directory=directory, seed=seed)
     before = cpu_times()
-    report = await run_simulation(options, [url])
+    report = await run_simulation(options, [url], claim=False)
     busy = busy_share(before, cpu_times())
     await delete_queues(url, codes)
     if not report.ok:
@@ -354,6 +394,20 @@ async def broker_version(url: str) -> str:
 
 
 async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, holding the simulations' claims on the Participants throughout:
+    the bench deletes their queues between runs, and a simulation started meanwhile on
+    this broker would lose its messages."""
+    codes = [p.code for p in PARTICIPANTS[:10]]
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(claimed([url], codes, other_codes=False))
+            await check_broker_free([url], codes, other_codes=False)
+        except SimulationError as exc:
+            raise BrokerTaken(str(exc)) from None
+        return await _measure(url, args)
+
+
+async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "broker": {"version": "?"}}
     with contextlib.suppress(Exception):
         result["broker"]["version"] = await broker_version(url)
@@ -377,7 +431,7 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         paced: dict[float, list[tuple[Report, float | None]]] = {}
         for share in args.loads:
             rate = loops * share
-            certificates = max(100, round(rate * args.latency_seconds))
+            certificates = min(MAX_CERTIFICATES, max(100, round(rate * args.latency_seconds)))
             paced[share] = []
             for i in range(args.repeats):
                 say(f"kpx, {n} nodes: {certificates:,} certificates at {rate:,.0f}/s "
@@ -495,14 +549,15 @@ def shares(text: str) -> list[float]:
     return values
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
+def between(minimum: int, maximum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be between {minimum:,} and {maximum:,}: "
+                                             f"{text!r}")
         return value
     return parse
 
@@ -512,8 +567,9 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_LATENCY_SECONDS):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most "
+                                         f"{MAX_LATENCY_SECONDS:g}: {text!r}")
     return value
 
 
@@ -531,17 +587,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", help="AMQP URL (default $KPX_AMQP_URL, else a throwaway "
                    "local broker)")
-    p.add_argument("--raw-messages", type=at_least(100), default=20_000)
-    p.add_argument("--loops-2", type=at_least(10), default=4_000,
+    p.add_argument("--raw-messages", type=between(100, MAX_RAW_MESSAGES), default=20_000)
+    p.add_argument("--loops-2", type=between(10, MAX_CERTIFICATES), default=4_000,
                    help="certificates, 2-node run")
-    p.add_argument("--loops-10", type=at_least(10), default=5_000,
+    p.add_argument("--loops-10", type=between(10, MAX_CERTIFICATES), default=5_000,
                    help="certificates, 10-node run")
     p.add_argument("--latency-seconds", type=seconds, default=20.0,
                    help="length of each paced run")
     p.add_argument("--loads", type=shares, default=[0.5, 0.25],
                    help="shares of the maximum rate to measure latency at, comma-separated "
                         "(default 0.5,0.25; 0.5 is the target's half load)")
-    p.add_argument("--repeats", type=at_least(1), default=3,
+    p.add_argument("--repeats", type=between(1, MAX_REPEATS), default=3,
                    help="paced runs per load, each with its own trade seed; the median "
                         "run's figures are reported (default 3)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
@@ -560,12 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level="WARNING")
     try:
         with sigterm_as_interrupt(), _broker(args.broker) as url:
-            try:  # the bench deletes and re-creates these queues between its runs
-                asyncio.run(check_broker_free([url], [p.code for p in PARTICIPANTS[:10]]))
-            except SimulationError as exc:
-                say(f"bench: {exc}")
-                return 3
             result = asyncio.run(bench(url, args))
+    except BrokerTaken as exc:
+        say(f"bench: {exc}")
+        return 3
     except (BenchFailed, SimulationError) as exc:  # a run that went wrong has no figures
         say(f"bench: {exc}")
         return 1

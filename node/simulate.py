@@ -1172,7 +1172,14 @@ def count_progress(stores: Mapping[str, Store]) -> tuple[int, int, int, int]:
 # -- the simulation -----------------------------------------------------------------------
 
 
-async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) -> None:
+def _elsewhere(other_codes: bool) -> str:
+    """Where else to run: the bench, which has no --codes, says so without them."""
+    return "on a broker (or vhost) of its own" + (" or with other --codes" if other_codes
+                                                 else "")
+
+
+async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str], *,
+                            other_codes: bool = True) -> None:
     """Say at once (:class:`SimulationError`) that no broker answers, or that the
     Participants' queues there are in use: a simulation would take a real network's
     messages, or mix with an interrupted run's."""
@@ -1187,13 +1194,12 @@ async def check_broker_free(broker_urls: Sequence[str], codes: Sequence[str]) ->
     if busy:
         raise SimulationError(
             f"queues in use on this broker: {'; '.join(busy)}. A simulation would take their "
-            "messages: run it on a broker (or vhost) of its own or with other --codes, or, "
-            "if they are left from an interrupted run, delete them (rabbitmqctl "
-            "delete_queue NAME)")
+            f"messages: run it {_elsewhere(other_codes)}, or, if they are left from an "
+            "interrupted run, delete them (rabbitmqctl delete_queue NAME)")
 
 
 async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str],
-                          created: list[str]) -> None:
+                          created: list[str], *, other_codes: bool = True) -> None:
     """Declare the Participants' queues as their nodes will, adding to ``created`` those
     that did not exist before (as it goes: a refusal or an interrupt half-way must not
     leave the first ones behind). A queue left with other arguments (another tool's, an
@@ -1226,9 +1232,9 @@ async def _declare_queues(broker_urls: Sequence[str], codes: Sequence[str],
             except ChannelPreconditionFailed as exc:
                 raise SimulationError(
                     f"a queue of {code} exists on this broker with other settings than kpx "
-                    f"gives it ({exc.args[0] if exc.args else exc}): run the simulation on a "
-                    "broker (or vhost) of its own or with other --codes, or delete that "
-                    "queue (rabbitmqctl delete_queue NAME)") from None
+                    f"gives it ({exc.args[0] if exc.args else exc}): run the simulation "
+                    f"{_elsewhere(other_codes)}, or delete that queue (rabbitmqctl "
+                    "delete_queue NAME)") from None
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
@@ -1260,14 +1266,19 @@ async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> No
         await asyncio.to_thread(in_a_loop_of_its_own)
 
 
-async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report:
-    """Run one simulation on the broker at ``broker_urls`` and return its report."""
+async def run_simulation(options: Options, broker_urls: Sequence[str], *,
+                         claim: bool = True) -> Report:
+    """Run one simulation on the broker at ``broker_urls`` and return its report.
+    ``claim=False``: the caller holds :func:`claimed` for these Participants over several
+    runs (the bench, which deletes their queues between runs, and has no --codes)."""
     codes = options.chosen_codes()
-    async with _claimed(broker_urls, codes):
-        await check_broker_free(broker_urls, codes)
+    async with contextlib.AsyncExitStack() as stack:
+        if claim:
+            await stack.enter_async_context(claimed(broker_urls, codes))
+        await check_broker_free(broker_urls, codes, other_codes=claim)
         created: list[str] = []
         try:
-            await _declare_queues(broker_urls, codes, created)
+            await _declare_queues(broker_urls, codes, created, other_codes=claim)
             return await _simulate(options, codes, broker_urls)
         finally:
             # Kept networks too: an interrupted run's queues hold messages, and the next
@@ -1276,7 +1287,8 @@ async def run_simulation(options: Options, broker_urls: Sequence[str]) -> Report
 
 
 @contextlib.asynccontextmanager
-async def _claimed(broker_urls: Sequence[str], codes: Sequence[str]) -> AsyncIterator[None]:
+async def claimed(broker_urls: Sequence[str], codes: Sequence[str], *,
+                   other_codes: bool = True) -> AsyncIterator[None]:
     """Two simulations started together on one broker both found the queues free, then
     took each other's messages: each holds an exclusive claim per Participant instead."""
     from node.brokerclient import ClaimTaken, exclusive_claim
@@ -1293,8 +1305,8 @@ async def _claimed(broker_urls: Sequence[str], codes: Sequence[str]) -> AsyncIte
     except ClaimTaken as exc:
         held = ", ".join(name.rsplit(".", 1)[1] for name in exc.args[0])
         raise SimulationError(f"another simulation is running on this broker with "
-                              f"{held}: run this one on a broker (or vhost) of its own, "
-                              "with other --codes, or after it") from None
+                              f"{held}: run this one {_elsewhere(other_codes)}, or after "
+                              "it") from None
     except TransportUnavailable as exc:
         raise SimulationError(str(exc)) from None
 

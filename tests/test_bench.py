@@ -3,14 +3,17 @@ figure the issue asks for (its numbers are read by people, never asserted as tim
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from node.brokerurl import redact
+from tests.test_network import fresh_codes
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
@@ -51,13 +54,19 @@ def test_bench_reports_ratio_latency_by_load_and_memory(amqp_url: str) -> None:
 
 
 @pytest.mark.parametrize(("options", "says"), [
-    ("--repeats 0", "argument --repeats: must be at least 1: '0'"),
+    ("--repeats 0", "argument --repeats: must be between 1 and 20: '0'"),
     ("--loads 0.5,2", "argument --loads: shares must lie in (0, 1]: '0.5,2'"),
     ("--loads 0.5,0.5", "argument --loads: a share is given twice: '0.5,0.5'"),
-    ("--raw-messages 0", "argument --raw-messages: must be at least 100: '0'"),
+    ("--raw-messages 0", "argument --raw-messages: must be between 100 and 1,000,000: '0'"),
+    # A mistyped count filled the machine's memory, deaf to SIGTERM, until the kernel
+    # killed the bench and its throwaway broker was left running.
+    ("--loops-2 99999999999999", "argument --loops-2: must be between 10 and 1,000,000: "
+                                 "'99999999999999'"),
+    ("--latency-seconds 1e12", "argument --latency-seconds: must be a number of seconds "
+                               "above 0 and at most 600: '1e12'"),
     ("--loops-10 many", "argument --loops-10: not a whole number: 'many'"),
     ("--latency-seconds nan", "argument --latency-seconds: must be a number of seconds above "
-                              "0: 'nan'"),
+                              "0 and at most 600: 'nan'"),
     ("--log-level loud", "argument --log-level: invalid choice: 'LOUD'"),
 ])
 def test_bench_refuses_bad_options_before_anything_starts(options: str, says: str) -> None:
@@ -76,3 +85,45 @@ def test_bench_says_at_once_that_the_broker_does_not_answer() -> None:
     assert done.stderr.startswith("bench: no broker answered (amqp://guest:***@127.0.0.1:1/: ")
     assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+def _bench_module() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.broker
+async def test_the_bench_never_deletes_a_queue_someone_consumes(amqp_url: str) -> None:
+    """The bench deletes its Participants' queues between runs. It checked only once, at
+    its start, that nobody used them: a simulation or node started on the broker during the
+    bench lost the messages in its inbox. A queue with a consumer now stops the bench."""
+    import aio_pika
+
+    from node.brokerclient import queue_info
+    from node.transport import inbox_queue
+
+    bench = _bench_module()
+    code = fresh_codes(1)[0]
+    monkeypatch_attempts = bench.CONSUMER_GONE_ATTEMPTS
+    bench.CONSUMER_GONE_ATTEMPTS = 2  # no need to wait 5 s for a consumer that stays
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(inbox_queue(code), durable=True,
+                                            arguments={"x-queue-type": "quorum"})
+        await channel.default_exchange.publish(aio_pika.Message(b"someone's certificate"),
+                                               routing_key=queue.name)
+        async def hold(message: object) -> None:  # a node that holds it
+            pass
+        await queue.consume(hold)
+        try:
+            with pytest.raises(bench.BrokerTaken, match="got a consumer during the bench"):
+                await bench.delete_queues(amqp_url, [code])
+        finally:
+            bench.CONSUMER_GONE_ATTEMPTS = monkeypatch_attempts
+        kept = await queue_info(connection, queue.name)
+        assert kept is not None and kept.consumers == 1  # untouched, its message held
+        await channel.queue_delete(queue.name)
