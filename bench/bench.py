@@ -400,7 +400,8 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     codes = [p.code for p in PARTICIPANTS[:10]]
     async with contextlib.AsyncExitStack() as stack:
         try:
-            await stack.enter_async_context(claimed([url], codes, other_codes=False))
+            await stack.enter_async_context(claimed([url], codes, other_codes=False,
+                                                    who="bench"))
             await check_broker_free([url], codes, other_codes=False)
         except SimulationError as exc:
             raise BrokerTaken(str(exc)) from None

@@ -301,20 +301,30 @@ class DeadLetterQueue:
             await exchange.publish(message, routing_key=self.config.participant,
                                    mandatory=True, timeout=PUBLISH_TIMEOUT)
         except PublishError:
-            record_action(node, "dead_letter.replay_failed", held, "no inbox on the broker")
+            self._record_failure(node, held, seq, "no inbox on the broker")
             raise DeadLetterError(f"{inbox_queue(self.config.participant)} does not exist on "
                                   "the broker; start the node once, then replay") from None
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                record_action(node, "dead_letter.replay_failed", held,
-                              f"not confirmed by the broker (it may have taken it): "
-                              f"{type(exc).__name__}: {exc}"[:1000])
+            self._record_failure(node, held, seq,
+                                 f"not confirmed by the broker (it may have taken it): "
+                                 f"{type(exc).__name__}: {exc}"[:1000])
             raise
         await held.message.ack()
         self._held.remove(held)
         log.info("dead letter replayed", dead_letter=held.letter.id,
                  message_id=held.letter.message_id, reason=held.letter.reason, evidence=seq)
         return seq
+
+    @staticmethod
+    def _record_failure(node: Node, held: Held, replay_seq: int, why: str) -> None:
+        """Follow a replay entry with its failure; should that write fail too, say so
+        (the replay's own error is the one the operator needs, and it is raised)."""
+        try:
+            record_action(node, "dead_letter.replay_failed", held, why)
+        except Exception as exc:
+            log.error("a failed replay could not be recorded as failed; the evidence log "
+                      "shows its replay entry only", dead_letter=held.letter.id,
+                      evidence=replay_seq, why=why, error=f"{type(exc).__name__}: {exc}")
 
     async def discard(self, node: Node, held: Held, reason: str) -> int:
         if not reason.strip():

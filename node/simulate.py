@@ -1263,7 +1263,15 @@ async def _delete_queues(broker_urls: Sequence[str], names: Sequence[str]) -> No
             asyncio.run(asyncio.wait_for(delete(), 10))
 
     if names:
-        await asyncio.to_thread(in_a_loop_of_its_own)
+        # A future, not a task: the interrupt cancels every task, and this one must be
+        # waited for all the same, within the caller's claim on the Participants (another
+        # simulation let in meanwhile would have an inbox deleted under it).
+        deleting = asyncio.get_running_loop().run_in_executor(None, in_a_loop_of_its_own)
+        try:
+            await asyncio.shield(deleting)
+        except asyncio.CancelledError:
+            await asyncio.wait({deleting})
+            raise
 
 
 async def run_simulation(options: Options, broker_urls: Sequence[str], *,
@@ -1288,7 +1296,8 @@ async def run_simulation(options: Options, broker_urls: Sequence[str], *,
 
 @contextlib.asynccontextmanager
 async def claimed(broker_urls: Sequence[str], codes: Sequence[str], *,
-                   other_codes: bool = True) -> AsyncIterator[None]:
+                  other_codes: bool = True, who: str = "kpnode simulate"
+                  ) -> AsyncIterator[None]:
     """Two simulations started together on one broker both found the queues free, then
     took each other's messages: each holds an exclusive claim per Participant instead."""
     from node.brokerclient import ClaimTaken, exclusive_claim
@@ -1298,7 +1307,7 @@ async def claimed(broker_urls: Sequence[str], codes: Sequence[str], *,
         async with exclusive_claim(broker_urls,
                                    [f"kpx.simulation.{c}" for c in codes]) as unclaimed:
             if unclaimed:
-                print(f"kpnode simulate: warning: this broker user may not declare "
+                print(f"{who}: warning: this broker user may not declare "
                       f"{unclaimed[0]} (ACCESS_REFUSED), so another simulation started on "
                       "this broker meanwhile would not be refused", file=sys.stderr)
             yield

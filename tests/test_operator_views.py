@@ -1177,3 +1177,46 @@ def test_a_rerun_of_deploy_network_keeps_the_vhost_the_nodes_use(tmp_path: Path)
             definitions.unlink()
         provision(base, ["ZA"], [template])
         assert [v["name"] for v in json.loads(definitions.read_text())["vhosts"]] == ["kpx2"]
+
+
+async def test_a_replay_whose_failure_cannot_be_recorded_still_says_why_it_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A returned replay (no inbox) whose `dead_letter.replay_failed` entry could not be
+    written (the running node held the database) ended in a store error, exit 3: the
+    operator never read 'start the node once, then replay'."""
+    from types import SimpleNamespace
+
+    from aio_pika.exceptions import PublishError
+    from pamqp.commands import Basic
+
+    import node.deadletters as deadletters
+    from node.store import StoreError
+
+    class Returning:
+        async def publish(self, *args: object, **kwargs: object) -> None:
+            returned = Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="kpx",
+                                    routing_key="ZA")
+            raise PublishError(SimpleNamespace(delivery=returned), returned)  # type: ignore[arg-type]
+
+    class Channel:
+        async def get_exchange(self, *args: object, **kwargs: object) -> Returning:
+            return Returning()
+
+    attempted: list[str] = []
+
+    def record_action(node: object, action: str, held: object, reason: str) -> int:
+        attempted.append(action)
+        if action == "dead_letter.replay_failed":
+            raise StoreError("database is locked")
+        return 7
+
+    monkeypatch.setattr(deadletters, "record_action", record_action)
+    queue = deadletters.DeadLetterQueue.__new__(deadletters.DeadLetterQueue)
+    queue.config = SimpleNamespace(participant="ZA", broker_user=None)  # type: ignore[assignment]
+    queue._channel = Channel()  # type: ignore[assignment]
+    queue._held = []
+    held = deadletters.Held(deadletters.describe(b"frame", {}),
+                            SimpleNamespace(body=b"frame", user_id=None, headers={}))  # type: ignore[arg-type]
+    with pytest.raises(deadletters.DeadLetterError, match="start the node once"):
+        await queue.replay(object(), held, "why")  # type: ignore[arg-type]
+    assert attempted == ["dead_letter.replay", "dead_letter.replay_failed"]

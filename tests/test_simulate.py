@@ -669,7 +669,9 @@ def test_a_run_under_nohup_outlives_its_terminal() -> None:
 def test_the_queues_are_deleted_even_when_an_interrupt_lands_during_the_deletion(
         amqp_url: str) -> None:
     """An interrupt just after the loops closed cancelled the deletion itself (every task of
-    the loop is cancelled), and the run's queues stayed on the broker."""
+    the loop is cancelled), and the run's queues stayed on the broker. The cancelled run
+    also waits for the deletion before it lets go of its claim on the Participants:
+    another simulation let in meanwhile would have had an inbox deleted under it."""
     from node.brokerclient import connect_any, queue_info
     from node.simulate import _delete_queues
 
@@ -686,6 +688,7 @@ def test_the_queues_are_deleted_even_when_an_interrupt_lands_during_the_deletion
         deleting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await deleting
+        assert await left() == [], "the cancelled deletion returned before it was done"
 
     async def left() -> list[str]:
         connection, _ = await connect_any([amqp_url])
