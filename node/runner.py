@@ -40,7 +40,13 @@ from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
 from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError
 from node.transport import Delivery as BrokerDelivery
-from node.transport import Outgoing, PublishResult, Transport, TransportUnavailable
+from node.transport import (
+    Outgoing,
+    PublishResult,
+    Transport,
+    TransportUnavailable,
+    inbox_queue,
+)
 from node.wait import wait_set
 from protocol import key_id
 
@@ -67,6 +73,13 @@ DEAD_LETTER_ATTEMPTS = 3
 #: spells for as long as the lock was held. Past this the work is held and tried again.
 LOCK_WAIT_SECONDS = 0.5
 UNROUTABLE_RETRY_MS = 30_000  # within MAX_RETRY_DELAY_MS, like every planned retry
+#: how long a starting node waits for another consumer of its inbox to go: a node whose
+#: host died holds its consumer until the broker's heartbeat gives up, some three minutes
+INBOX_TAKEN_WAIT_SECONDS = 200.0
+
+
+class InboxTaken(TransportUnavailable):
+    """Another consumer holds the node's inbox: a second node for the Participant."""
 
 
 def retry_delay_ms(attempts: int) -> int:
@@ -159,6 +172,7 @@ class RunningNode:
                 declare=self.config.declare_topology, broker_user=self.config.broker_user,
             )
             await self.transport.connect()
+            await self._wait_for_inbox_free()
             self._tasks = [asyncio.create_task(self._relay(), name="relay"),
                            asyncio.create_task(self._sweep(), name="sweep")]
             # Whatever can still fail comes before consuming: a start that fails with
@@ -173,6 +187,31 @@ class RunningNode:
             raise
         log.info("node started", participant=self.config.participant,
                  registry_version=self.node.registry.version)
+
+    async def _wait_for_inbox_free(self) -> None:
+        """Refuse to start beside another consumer of the inbox (a restored copy started
+        while the original runs, a second host given the same node): the broker would
+        share the Participant's messages out between two databases, each with half of
+        the evidence. One left by a node whose host died goes by itself, so wait for it
+        first. Checked at start only: on a reconnect, the other may be this node's own."""
+        assert self.transport is not None
+        deadline = time.monotonic() + INBOX_TAKEN_WAIT_SECONDS
+        inbox = inbox_queue(self.config.participant)
+        warned = False
+        while (consumers := (await self.transport.inbox_depth())[1]) > 0:
+            if time.monotonic() >= deadline:
+                raise InboxTaken(
+                    f"{consumers} consumer(s) on {inbox} for {INBOX_TAKEN_WAIT_SECONDS:g} s: "
+                    f"another node for {self.config.participant} is running against this "
+                    "broker (a restored copy beside the original?). Two would share its "
+                    "messages out between two databases; stop the other one")
+            if not warned:
+                log.warning("another consumer holds the inbox; waiting for it to go before "
+                            "starting (a node whose host died is forgotten by the broker "
+                            "within about three minutes)", queue=inbox, consumers=consumers,
+                            wait_seconds=INBOX_TAKEN_WAIT_SECONDS)
+                warned = True
+            await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         """Graceful: stop consuming, finish the batch in hand, flush the outbox, close."""

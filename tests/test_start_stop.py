@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 
 from node import runner
-from node.config import ConfigError
+from node.config import ConfigError, load_config
 from node.network import LocalNetwork, create_network
 from node.runner import RunningNode
 from node.service import Node
@@ -159,3 +159,33 @@ async def test_stopping_while_deliveries_stream_in_returns_none_of_them_unread(
             returned += int(bool(message.headers.get("x-delivery-count")))
             # left unacknowledged: closing the channel returns them
     assert returned == 0
+
+
+async def test_a_second_node_for_a_participant_does_not_start_beside_the_first(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restored copy started while the original ran (or a second host given the same
+    node) consumed the same inbox: the broker shared the Participant's messages out
+    between two databases, each holding half of the evidence. It now waits a while for
+    the other consumer to go (one a dead host left goes by itself), then refuses."""
+    import shutil
+
+    monkeypatch.setattr(runner, "INBOX_TAKEN_WAIT_SECONDS", 2.0)
+    code, partner = fresh_codes(2)
+    network = create_network(tmp_path / "net", [code, partner], [amqp_url])
+    original = RunningNode(network.configs[code])
+    await original.start()
+    copy_dir = tmp_path / "restored"
+    shutil.copytree(network.configs[code].directory, copy_dir)
+    copy = load_config(copy_dir)
+    assert copy.database_path.parent == copy_dir  # its own database, as a restored copy
+    try:
+        second = RunningNode(copy)
+        with pytest.raises(runner.InboxTaken, match=f"another node for {code} is running"):
+            await second.start()
+        assert original.transport is not None
+        assert (await original.transport.inbox_depth())[1] == 1  # the original alone
+    finally:
+        await original.stop()
+    third = RunningNode(copy)  # the original gone, the copy takes over
+    await third.start()
+    await third.stop()
