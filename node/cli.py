@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
@@ -24,7 +25,15 @@ from node.evidence import unsupported_records, verify_chain
 from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
 from node.logs import configure_logging
-from node.machine import Record, Refusal, Side, State, day_of
+from node.machine import (
+    DAYS_AHEAD_AT_ISSUE,
+    Record,
+    Refusal,
+    Side,
+    State,
+    calendar_problems,
+    day_of,
+)
 from node.network import init_node
 from node.registry import key_fault_remedy, open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
@@ -43,8 +52,8 @@ from node.views import (
 from protocol import (
     Certificate,
     Line,
+    Problem,
     ProtocolError,
-    Reason,
     ValidationError,
     key_id,
     validate_certificate,
@@ -189,10 +198,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
         # No registry here, but the calendar needs none: 'valid' for an expired
         # certificate, which issue then refused, misled.
         checked = "in form and dates only; give --dir to check it against a registry"
-        today = day_of(now_ms())
-        if certificate.expires_on < today:
-            refusal = Refusal(str(Reason.CERTIFICATE_EXPIRED), f"certificate expired on "
-                              f"{certificate.expires_on.isoformat()}",
+        problems = calendar_problems(certificate, day_of(now_ms()), DAYS_AHEAD_AT_ISSUE)
+        if problems:
+            refusal = Refusal(str(problems[0][0]), "; ".join(t for _, t in problems),
                               certificate=certificate.number)
     if refusal is not None:
         raise CommandRefused(refusal)
@@ -620,42 +628,48 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.handler(args)
     except ValidationError as exc:
-        complain(f"{exc.text}:")
-        for problem in exc.problems:
-            print(printable(f"  {problem}  [{problem.reason}]"), file=sys.stderr)
-        raise SystemExit(EXIT_REFUSED) from None
+        fail(args, EXIT_REFUSED, f"{exc.text}:", problems=exc.problems)
     except CommandRefused as exc:
-        complain(f"refused: {exc.refusal}")
-        raise SystemExit(EXIT_REFUSED) from None
+        fail(args, EXIT_REFUSED, f"refused: {exc.refusal}", reason=exc.refusal.reason)
     except registrytool.BrokerUnreachable as exc:
-        complain(str(exc))
-        raise SystemExit(EXIT_ENVIRONMENT) from None
+        fail(args, EXIT_ENVIRONMENT, str(exc))
     except (UserError, ProtocolError, registrytool.ChairError, RegistryEditError) as exc:
-        complain(str(exc))
-        raise SystemExit(EXIT_REFUSED) from None
+        fail(args, EXIT_REFUSED, str(exc))
     except (ConfigError, RegistryFileError, StoreError, UnreadableRecord,
             RegistryJsonError) as exc:
-        complain(str(exc))
-        raise SystemExit(EXIT_ENVIRONMENT) from None
+        fail(args, EXIT_ENVIRONMENT, str(exc))
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(EXIT_REFUSED) from None
     except OSError as exc:  # a path that is a file, a directory we may not write ...
         where = f"{exc.filename}: " if exc.filename else ""
-        complain(f"{where}{exc.strerror or exc}")
-        raise SystemExit(EXIT_ENVIRONMENT) from None
+        fail(args, EXIT_ENVIRONMENT, f"{where}{exc.strerror or exc}")
     except sqlite3.Error as exc:  # e.g. a read-only database, met mid-command
-        complain(f"the node's database: {exc}")
-        raise SystemExit(EXIT_ENVIRONMENT) from None
+        fail(args, EXIT_ENVIRONMENT, f"the node's database: {exc}")
     except UnicodeError as exc:  # an argument, a KPX_* variable or a file read as text
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        complain(f"text that is not valid UTF-8 ({reason}): check this command's "
-                 "arguments, its KPX_* variables and the files it reads")
-        raise SystemExit(EXIT_REFUSED) from None
+        fail(args, EXIT_REFUSED, f"text that is not valid UTF-8 ({reason}): check this "
+             "command's arguments, its KPX_* variables and the files it reads")
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):  # after a hang-up, stderr may be gone
             complain("interrupted")
         raise SystemExit(130) from None
+
+
+def fail(args: argparse.Namespace, code: int, text: str, *, reason: str | None = None,
+         problems: Sequence[Problem] = ()) -> NoReturn:
+    """End a command that failed: why on stderr, for people; with ``--json`` also on
+    stdout, for the script that asked for JSON and would otherwise read nothing."""
+    complain(text)
+    for problem in problems:
+        print(printable(f"  {problem}  [{problem.reason}]"), file=sys.stderr)
+    if getattr(args, "json", False):
+        with contextlib.suppress(OSError):
+            print(json.dumps({"ok": False, "exit_code": code, "error": text.rstrip(":"),
+                              "reason": reason,
+                              "problems": [p.to_wire() for p in problems]},
+                             indent=2, sort_keys=True))
+    raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

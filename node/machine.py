@@ -498,12 +498,21 @@ def _trade_problems(ctx: Context, certificate: Certificate,
     for origin in certificate.origins:
         if ctx.registry.embargoed(origin):
             found.append((Reason.ORIGIN_EMBARGOED, f"origin {origin} is under embargo"))
-    if certificate.expires_on < ctx.today:
+    found.extend(calendar_problems(certificate, ctx.today, days_ahead))
+    return found
+
+
+def calendar_problems(certificate: Certificate, today: date, days_ahead: int
+                      ) -> list[tuple[Reason, str]]:
+    """What the calendar alone says of a certificate (no registry needed): expired, or
+    dated more than ``days_ahead`` days after ``today``."""
+    found: list[tuple[Reason, str]] = []
+    if certificate.expires_on < today:
         found.append((Reason.CERTIFICATE_EXPIRED,
                       f"certificate expired on {certificate.expires_on.isoformat()}"))
-    if certificate.issued_on > ctx.today + timedelta(days=days_ahead):
+    if certificate.issued_on > today + timedelta(days=days_ahead):
         found.append((Reason.BAD_DATE, f"issued_on {certificate.issued_on.isoformat()} "
-                      f"is in the future (today is {ctx.today.isoformat()} UTC)"))
+                      f"is in the future (today is {today.isoformat()} UTC)"))
     return found
 
 

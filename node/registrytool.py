@@ -222,7 +222,7 @@ def cmd_add_participant(args: argparse.Namespace) -> None:
     code = args.code.upper()
     authority = args.authority or default_authority(code)
     _edit(args, lambda u: add_participant(
-        u, code, args.name, authority, args.authority_name or f"{args.name} KP Authority",
+        u, code, args.name, authority, args.authority_name or f"{args.name} KP authority",
         parse_public_key(args.key), parse_instant(args.valid_from)),
         f"added {code} with authority {authority}")
 
@@ -341,8 +341,8 @@ async def _send(urls: list[str], frame: bytes, version: int, outputs: list[str])
     written = f" (written to {', '.join(outputs)})" if outputs else ""
     raise BrokerUnreachable(
         f"registry version {version} is signed{written} but could not be sent to the "
-        f"broker: {'; '.join(errors)}. Send it again with 'kpnode registry publish --resend "
-        "--broker URL', or hand the file to the nodes")
+        f"broker: {'; '.join(errors).rstrip('.')}. Send it again with 'kpnode registry "
+        "publish --resend --broker URL', or hand the file to the nodes")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],

@@ -1509,6 +1509,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             # printed before the broker stops: should stopping it fail, the report stands
             print(json.dumps(report.to_json(), indent=2) if args.json
                   else format_report(report), flush=True)
+            if options.directory is not None:
+                print(f"kpnode simulate: the network (node directories, stores, logs) is "
+                      f"kept in {options.directory}", file=sys.stderr)
     except (SimulationError, BrokerError) as exc:
         print(f"kpnode simulate: {exc}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -406,6 +406,35 @@ def test_validate_without_a_node_still_refuses_an_expired_certificate(
     new = subprocess.run([sys.executable, "-m", "node.cli", "validate", "new.json"],
                          cwd=tmp_path, capture_output=True, text=True, env=env)
     assert new.returncode == 0 and "valid (in form and dates only" in new.stdout
+    # Dated next year: 'valid' without a node, refused by issue as field.bad_date.
+    ahead = date.today() + timedelta(days=200)
+    (tmp_path / "ahead.json").write_text(json.dumps(certificate_json(
+        "ZA-2027-0001", "ZA", "IN", issued_on=ahead.isoformat(),
+        expires_on=(ahead + timedelta(days=60)).isoformat())))
+    later = subprocess.run([sys.executable, "-m", "node.cli", "validate", "ahead.json"],
+                           cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert later.returncode == 1 and "field.bad_date" in later.stderr, later.stderr
+
+
+def test_a_failing_command_with_json_says_why_on_stdout_too(tmp_path: Path) -> None:
+    """`--json` is for scripts: a refused or invalid certificate printed its problems as
+    text on stderr only, and the script read nothing."""
+    bad = certificate_json("ZA-2026-0001", "ZA", "IN", parcels=0, extra="x")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    env = {k: v for k, v in os.environ.items() if k != "KPX_NODE_DIR"}
+    done = subprocess.run([sys.executable, "-m", "node.cli", "validate", "bad.json",
+                           "--json"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    answer = json.loads(done.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == 1
+    assert {(p["path"], p["reason"]) for p in answer["problems"]} == {
+        ("parcels", "field.not_positive"), ("extra", "field.unknown")}
+    assert "parcels" in done.stderr  # people still read it where they did
+    missing = subprocess.run([sys.executable, "-m", "node.cli", "list", "--json", "--dir",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True,
+                             env=env)
+    assert missing.returncode == 3
+    assert json.loads(missing.stdout)["exit_code"] == 3
 
 
 def test_text_that_is_not_utf8_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:

@@ -410,6 +410,9 @@ def test_kpnode_simulate_with_a_process_per_node(amqp_url: str, tmp_path: Path) 
     assert all(n["peak_rss_mib"] and n["peak_rss_mib"] > 0 for n in nodes.values())
     assert sum(n["exports"] for n in nodes.values()) == 200
     assert sum(n["imports"] for n in nodes.values()) == 200
+    # --keep said nothing of where the network went (kpnode demo --keep does)
+    assert f"the network (node directories, stores, logs) is kept in {tmp_path}" \
+        in result.stderr
 
 
 def _processes_mentioning(text: str) -> list[str]:
