@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
@@ -39,7 +38,7 @@ from node.registry import key_fault_remedy, open_registry_frame
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.status import held_key_ids, running_pid
 from node.store import StoreError, UnreadableRecord
-from node.terminal import emit, printable, table
+from node.terminal import complain, emit, fail, printable, table
 from node.views import (
     carats,
     history_json,
@@ -52,7 +51,6 @@ from node.views import (
 from protocol import (
     Certificate,
     Line,
-    Problem,
     ProtocolError,
     ValidationError,
     key_id,
@@ -180,8 +178,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         asyncio.run(run_until_signalled(config))
     except TransportUnavailable as exc:
         # Only at start: once running, the node rides out broker outages by itself.
-        complain(f"cannot start: {exc}")
-        raise SystemExit(EXIT_ENVIRONMENT) from None
+        fail(args, EXIT_ENVIRONMENT, f"cannot start: {exc}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -605,21 +602,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from node.demo import run_demo
     from node.interrupt import sigterm_as_interrupt
     from node.localbroker import BrokerError
+    from node.runner import InboxTaken
     from node.transport import TransportUnavailable
 
     try:
         with sigterm_as_interrupt():
             code = asyncio.run(run_demo(args.certificates, args.keep, as_json=args.json))
+    except InboxTaken as exc:
+        fail(args, EXIT_ENVIRONMENT, f"cannot run the demo here: {exc}")
     except (TransportUnavailable, BrokerError) as exc:  # no broker to be had, or none answers
-        complain(f"the demo needs a broker: {exc}")
-        raise SystemExit(EXIT_ENVIRONMENT) from None
+        fail(args, EXIT_ENVIRONMENT, f"the demo needs a broker: {exc}")
     raise SystemExit(code)
-
-
-def complain(text: str) -> None:
-    """Why a command failed, on stderr (the text may quote a partner or a broker)."""
-    # continuation lines indented: quoted text cannot start a line that looks like ours
-    print(f"kpnode: {printable(text)}".replace("\n", "\n  "), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -633,7 +626,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(args, EXIT_REFUSED, f"refused: {exc.refusal}", reason=exc.refusal.reason)
     except registrytool.BrokerUnreachable as exc:
         fail(args, EXIT_ENVIRONMENT, str(exc))
-    except (UserError, ProtocolError, registrytool.ChairError, RegistryEditError) as exc:
+    except ProtocolError as exc:
+        fail(args, EXIT_REFUSED, str(exc), reason=exc.reason)
+    except (UserError, registrytool.ChairError, RegistryEditError) as exc:
         fail(args, EXIT_REFUSED, str(exc))
     except (ConfigError, RegistryFileError, StoreError, UnreadableRecord,
             RegistryJsonError) as exc:
@@ -654,22 +649,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         with contextlib.suppress(OSError):  # after a hang-up, stderr may be gone
             complain("interrupted")
         raise SystemExit(130) from None
-
-
-def fail(args: argparse.Namespace, code: int, text: str, *, reason: str | None = None,
-         problems: Sequence[Problem] = ()) -> NoReturn:
-    """End a command that failed: why on stderr, for people; with ``--json`` also on
-    stdout, for the script that asked for JSON and would otherwise read nothing."""
-    complain(text)
-    for problem in problems:
-        print(printable(f"  {problem}  [{problem.reason}]"), file=sys.stderr)
-    if getattr(args, "json", False):
-        with contextlib.suppress(OSError):
-            print(json.dumps({"ok": False, "exit_code": code, "error": text.rstrip(":"),
-                              "reason": reason,
-                              "problems": [p.to_wire() for p in problems]},
-                             indent=2, sort_keys=True))
-    raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from contextlib import AsyncExitStack
 from datetime import date, timedelta
 from pathlib import Path
 
-from node.brokerclient import amqp_library_logs_quiet, connect_any
+from node.brokerclient import amqp_library_logs_quiet, connect_any, queue_info
 from node.localbroker import broker_url
 from node.machine import Side, State
 from node.network import create_network
-from node.runner import RunningNode
+from node.runner import InboxTaken, RunningNode
 from node.service import Node
+from node.transport import inbox_queue
 from protocol import Certificate, Line, Party
 
 CODES = ("ZA", "EU", "IN")
@@ -61,7 +62,16 @@ async def run_demo(per_pair: int = 1, keep: str | None = None, *, as_json: bool 
             # three nodes have each waited a minute for it
             with amqp_library_logs_quiet():
                 connection, _ = await connect_any([url])
-            await connection.close()
+            async with connection:
+                # Nodes of these Participants already on this broker: the demo's would
+                # share their inboxes (and wait minutes for them to go first).
+                for code in CODES:
+                    info = await queue_info(connection, inbox_queue(code))
+                    if info is not None and info.consumers:
+                        raise InboxTaken(f"a {code} node already runs on this broker "
+                                         f"({inbox_queue(code)} has {info.consumers} "
+                                         f"consumer(s)); the demo needs {', '.join(CODES)} "
+                                         "free: give it a broker or vhost of its own")
             network = create_network(base, CODES, [url])
             async with AsyncExitStack() as stack:
                 running = {code: await stack.enter_async_context(RunningNode(cfg))

@@ -19,13 +19,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from node.brokerclient import amqp_library_logs_quiet
-from node.cli import EXIT_ENVIRONMENT, UserError, complain, with_node
+from node.cli import EXIT_ENVIRONMENT, UserError, with_node
 from node.deadletters import DeadLetter, DeadLetterError, DeadLetterQueue, verdict_now
 from node.ping import NodeNotRunning, PingFailed, ping_partner
 from node.service import Node
 from node.stats import DEFAULT_VALUATION_THRESHOLD, Quarter, quarterly_report
 from node.status import gather_status, render_status
-from node.terminal import emit, printable, table
+from node.terminal import emit, fail, printable, table
 from node.transport import TransportUnavailable
 from node.views import carats, usd
 
@@ -41,8 +41,7 @@ def _operator_errors(handler: Handler) -> Handler:
         except (DeadLetterError, PingFailed) as exc:
             raise UserError(str(exc)) from None
         except (TransportUnavailable, NodeNotRunning) as exc:
-            complain(str(exc))
-            raise SystemExit(EXIT_ENVIRONMENT) from None
+            fail(args, EXIT_ENVIRONMENT, str(exc))
     return run
 
 

@@ -181,6 +181,7 @@ class RunningNode:
             # port is taken dead-lettered its whole prefetch, unread, after five tries).
             if self.config.http_port is not None:
                 await self._start_http()
+            await self._wait_for_inbox_free()  # again, just before: the HTTP start took time
             await self.transport.consume(self._on_batch)
         except BaseException:
             await self._close()
@@ -198,7 +199,21 @@ class RunningNode:
         deadline = time.monotonic() + INBOX_TAKEN_WAIT_SECONDS
         inbox = inbox_queue(self.config.participant)
         warned = False
-        while (consumers := (await self.transport.inbox_depth())[1]) > 0:
+        while True:
+            try:
+                consumers = (await self.transport.inbox_depth())[1]
+            except TransportUnavailable:
+                # The broker went away meanwhile (a restart clears a stale consumer too):
+                # wait for the reconnect, as a start waits for its broker.
+                await self.transport.connect(timeout=max(deadline - time.monotonic(), 60.0))
+                continue
+            except Exception as exc:  # an AMQP error as the connection goes down
+                if time.monotonic() >= deadline:
+                    raise TransportUnavailable(f"could not look at {inbox}: {exc}") from exc
+                await asyncio.sleep(1.0)
+                continue
+            if consumers == 0:
+                return
             if time.monotonic() >= deadline:
                 raise InboxTaken(
                     f"{consumers} consumer(s) on {inbox} for {INBOX_TAKEN_WAIT_SECONDS:g} s: "

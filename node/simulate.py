@@ -1497,6 +1497,7 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from node.localbroker import BrokerError, broker_url
+    from node.terminal import fail
 
     try:
         options = options_from(args)
@@ -1513,8 +1514,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                 print(f"kpnode simulate: the network (node directories, stores, logs) is "
                       f"kept in {options.directory}", file=sys.stderr)
     except (SimulationError, BrokerError) as exc:
-        print(f"kpnode simulate: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
+        fail(args, 3, str(exc), prog="kpnode simulate")
     raise SystemExit(0 if report.ok else 1)
 
 

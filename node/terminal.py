@@ -11,10 +11,15 @@ it to all text output, so no command has to remember to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from protocol import Problem
 
 #: C0 controls but tab and newline, DEL and the C1 controls, and the Unicode marks and
 #: overrides that reorder text on screen (a "Trojan Source" line)
@@ -49,3 +54,26 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """A command's result: ``data`` as JSON with ``--json``, else ``text`` for people."""
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))
+
+
+def complain(text: str, prog: str = "kpnode") -> None:
+    """Why a command failed, on stderr (the text may quote a partner or a broker)."""
+    # continuation lines indented: quoted text cannot start a line that looks like ours
+    print(f"{prog}: {printable(text)}".replace("\n", "\n  "), file=sys.stderr)
+
+
+def fail(args: argparse.Namespace, code: int, text: str, *, reason: str | None = None,
+         problems: Sequence[Problem] = (), prog: str = "kpnode") -> NoReturn:
+    """End a command that failed: why on stderr, for people; with ``--json`` also on
+    stdout, for the script that asked for JSON and would otherwise read nothing. One
+    line, as ``status --watch --json`` writes one document a line."""
+    complain(text, prog)
+    for problem in problems:
+        print(printable(f"  {problem}  [{problem.reason}]"), file=sys.stderr)
+    if getattr(args, "json", False):
+        with contextlib.suppress(OSError):
+            print(json.dumps({"ok": False, "exit_code": code, "error": text.rstrip(":"),
+                              "reason": None if reason is None else str(reason),
+                              "problems": [p.to_wire() for p in problems]},
+                             sort_keys=True), flush=True)
+    raise SystemExit(code) from None

@@ -4,6 +4,7 @@ the evidence chain. No broker."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -435,6 +436,14 @@ def test_a_failing_command_with_json_says_why_on_stdout_too(tmp_path: Path) -> N
                              env=env)
     assert missing.returncode == 3
     assert json.loads(missing.stdout)["exit_code"] == 3
+    # the broker commands too, which fail in a module of their own
+    network = create_network(tmp_path / "net", ["ZA"], ["amqp://guest:guest@127.0.0.1:1/"])
+    no_broker = subprocess.run([sys.executable, "-m", "node.cli", "dead-letters", "list",
+                                "--json", "--dir", str(network.configs["ZA"].directory)],
+                               capture_output=True, text=True, env=env, timeout=120)
+    assert no_broker.returncode == 3
+    answer = json.loads(no_broker.stdout)
+    assert answer["exit_code"] == 3 and "127.0.0.1:1" in answer["error"]
 
 
 def test_text_that_is_not_utf8_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
@@ -916,6 +925,38 @@ def test_the_demo_without_a_broker_says_so_in_one_line() -> None:
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("kpnode: the demo needs a broker: no broker answered")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.broker
+async def test_the_demo_beside_a_running_node_of_its_participants_says_so_at_once(
+        amqp_url: str) -> None:
+    """`kpnode demo` on a broker where a ZA node ran waited 200 s for ZA's inbox to come
+    free, then said 'the demo needs a broker' of a broker that was fine."""
+    import aio_pika
+
+    from node.transport import inbox_arguments, inbox_queue
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        inbox = await channel.declare_queue(inbox_queue("ZA"), durable=True,
+                                            arguments=inbox_arguments("ZA", 5))
+
+        async def hold(message: object) -> None:
+            pass
+        await inbox.consume(hold)
+        try:
+            started = time.monotonic()
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "node.cli", "demo", "--json"],
+                capture_output=True, text=True, check=False, timeout=120,
+                env={**os.environ, "KPX_AMQP_URL": amqp_url})
+        finally:
+            await channel.queue_delete(inbox_queue("ZA"))
+    assert done.returncode == 3, done.stderr
+    assert "a ZA node already runs on this broker" in done.stderr
+    assert json.loads(done.stdout)["exit_code"] == 3
+    assert time.monotonic() - started < 60
 
 
 def test_a_watch_or_timeout_of_zero_is_refused() -> None:

@@ -189,3 +189,34 @@ async def test_a_second_node_for_a_participant_does_not_start_beside_the_first(
     third = RunningNode(copy)  # the original gone, the copy takes over
     await third.start()
     await third.stop()
+
+
+async def test_a_broker_lost_while_waiting_for_the_inbox_is_waited_for_not_fatal(
+        tmp_path: Path) -> None:
+    """A broker restart while the starting node waited for another consumer to go (the
+    very thing that clears a stale consumer) ended the start at once: exit 3, 'not
+    connected to a broker'. It now waits for the reconnect and looks again."""
+    from node.transport import TransportUnavailable
+
+    code, partner = fresh_codes(2)
+    network = create_network(tmp_path, [code, partner], ["amqp://unused/"])
+    calls: list[str] = []
+
+    answers: list[Any] = [(0, 1), TransportUnavailable("not connected to a broker"),
+                          (0, 0)]
+
+    class Restarting:
+        async def inbox_depth(self) -> tuple[int, int]:
+            calls.append("depth")
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer  # type: ignore[no-any-return]
+
+        async def connect(self, timeout: float = 60.0) -> None:
+            calls.append("connect")
+
+    node = RunningNode(network.configs[code])
+    node.transport = Restarting()  # type: ignore[assignment]
+    await asyncio.wait_for(node._wait_for_inbox_free(), 10)  # one 1 s look in between
+    assert calls == ["depth", "depth", "connect", "depth"]
