@@ -76,6 +76,9 @@ UNROUTABLE_RETRY_MS = 30_000  # within MAX_RETRY_DELAY_MS, like every planned re
 #: how long a starting node waits for another consumer of its inbox to go: a node whose
 #: host died holds its consumer until the broker's heartbeat gives up, some three minutes
 INBOX_TAKEN_WAIT_SECONDS = 200.0
+#: how long the inbox must stay free after another consumer was seen on it: longer than
+#: a live node takes to reconnect (its back-off reaches 10 s) after a broker restart
+INBOX_SETTLE_SECONDS = 15.0
 
 
 class InboxTaken(TransportUnavailable):
@@ -194,11 +197,18 @@ class RunningNode:
         while the original runs, a second host given the same node): the broker would
         share the Participant's messages out between two databases, each with half of
         the evidence. One left by a node whose host died goes by itself, so wait for it
-        first. Checked at start only: on a reconnect, the other may be this node's own."""
+        first. Checked at start only: on a reconnect, the other may be this node's own.
+
+        Once another consumer was seen, its going counts only after the inbox has stayed
+        free for ``INBOX_SETTLE_SECONDS``: a live node whose connection dropped (a broker
+        restart drops them all) shows no consumer until it has reconnected."""
+        from aiormq.exceptions import ChannelClosed
+
         assert self.transport is not None
         deadline = time.monotonic() + INBOX_TAKEN_WAIT_SECONDS
         inbox = inbox_queue(self.config.participant)
-        warned = False
+        seen = 0  # consumers last seen on the inbox, once any were
+        free_since: float | None = None
         while True:
             try:
                 consumers = (await self.transport.inbox_depth())[1]
@@ -207,25 +217,34 @@ class RunningNode:
                 # wait for the reconnect, as a start waits for its broker.
                 await self.transport.connect(timeout=max(deadline - time.monotonic(), 60.0))
                 continue
-            except Exception as exc:  # an AMQP error as the connection goes down
+            except ChannelClosed as exc:  # no such queue, no access: no use waiting
+                raise TransportUnavailable(f"could not look at {inbox}: {exc}") from exc
+            except Exception as exc:  # the connection going down as we asked
                 if time.monotonic() >= deadline:
                     raise TransportUnavailable(f"could not look at {inbox}: {exc}") from exc
                 await asyncio.sleep(1.0)
                 continue
+            now = time.monotonic()
             if consumers == 0:
-                return
-            if time.monotonic() >= deadline:
+                if not seen:
+                    return
+                free_since = now if free_since is None else free_since
+                if now - free_since >= INBOX_SETTLE_SECONDS:
+                    log.info("the other consumer of the inbox is gone; starting", queue=inbox)
+                    return
+            else:
+                if not seen:
+                    log.warning("another consumer holds the inbox; waiting for it to go "
+                                "before starting (a node whose host died is forgotten by the "
+                                "broker within about three minutes)", queue=inbox,
+                                consumers=consumers, wait_seconds=INBOX_TAKEN_WAIT_SECONDS)
+                seen, free_since = consumers, None
+            if now >= deadline and free_since is None:
                 raise InboxTaken(
-                    f"{consumers} consumer(s) on {inbox} for {INBOX_TAKEN_WAIT_SECONDS:g} s: "
+                    f"{seen} consumer(s) on {inbox} within {INBOX_TAKEN_WAIT_SECONDS:g} s: "
                     f"another node for {self.config.participant} is running against this "
                     "broker (a restored copy beside the original?). Two would share its "
                     "messages out between two databases; stop the other one")
-            if not warned:
-                log.warning("another consumer holds the inbox; waiting for it to go before "
-                            "starting (a node whose host died is forgotten by the broker "
-                            "within about three minutes)", queue=inbox, consumers=consumers,
-                            wait_seconds=INBOX_TAKEN_WAIT_SECONDS)
-                warned = True
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:

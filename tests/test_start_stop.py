@@ -191,25 +191,21 @@ async def test_a_second_node_for_a_participant_does_not_start_beside_the_first(
     await third.stop()
 
 
-async def test_a_broker_lost_while_waiting_for_the_inbox_is_waited_for_not_fatal(
-        tmp_path: Path) -> None:
-    """A broker restart while the starting node waited for another consumer to go (the
-    very thing that clears a stale consumer) ended the start at once: exit 3, 'not
-    connected to a broker'. It now waits for the reconnect and looks again."""
-    from node.transport import TransportUnavailable
-
+async def _waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   answers: list[Any]) -> tuple[RunningNode, list[str]]:
+    """A starting node whose inbox looks give ``answers`` in turn (the last one for ever);
+    what it asked, in order."""
+    monkeypatch.setattr(runner, "INBOX_SETTLE_SECONDS", 2.5)
+    monkeypatch.setattr(runner, "INBOX_TAKEN_WAIT_SECONDS", 6.0)
     code, partner = fresh_codes(2)
     network = create_network(tmp_path, [code, partner], ["amqp://unused/"])
     calls: list[str] = []
 
-    answers: list[Any] = [(0, 1), TransportUnavailable("not connected to a broker"),
-                          (0, 0)]
-
-    class Restarting:
+    class Broker:
         async def inbox_depth(self) -> tuple[int, int]:
             calls.append("depth")
-            answer = answers.pop(0)
-            if isinstance(answer, Exception):
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            if isinstance(answer, BaseException):
                 raise answer
             return answer  # type: ignore[no-any-return]
 
@@ -217,6 +213,50 @@ async def test_a_broker_lost_while_waiting_for_the_inbox_is_waited_for_not_fatal
             calls.append("connect")
 
     node = RunningNode(network.configs[code])
-    node.transport = Restarting()  # type: ignore[assignment]
-    await asyncio.wait_for(node._wait_for_inbox_free(), 10)  # one 1 s look in between
-    assert calls == ["depth", "depth", "connect", "depth"]
+    node.transport = Broker()  # type: ignore[assignment]
+    return node, calls
+
+
+async def test_a_broker_lost_while_waiting_for_the_inbox_is_waited_for_not_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker restart while the starting node waited for another consumer to go (the
+    very thing that clears a stale consumer) ended the start at once: exit 3, 'not
+    connected to a broker'. It now waits for the reconnect and looks again, and starts
+    once the inbox has stayed free for a while."""
+    from node.transport import TransportUnavailable
+
+    node, calls = await _waiting(tmp_path, monkeypatch, [
+        (0, 1), TransportUnavailable("not connected to a broker"), (0, 0)])
+    started = time.monotonic()
+    await asyncio.wait_for(node._wait_for_inbox_free(), 10)
+    assert calls[:3] == ["depth", "depth", "connect"]
+    assert time.monotonic() - started >= 2.5  # the inbox stayed free that long
+
+
+async def test_a_consumer_gone_for_a_moment_is_not_taken_for_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker restart drops the running original's consumer too: a copy waiting for the
+    inbox saw it free before the original had reconnected, and started beside it (two of
+    seven tries). The inbox must stay free a while first; here the original comes back."""
+    from node.transport import TransportUnavailable
+
+    node, _ = await _waiting(tmp_path, monkeypatch, [
+        (0, 1), TransportUnavailable("not connected to a broker"), (0, 0), (0, 1)])
+    with pytest.raises(runner.InboxTaken, match="another node for"):
+        await asyncio.wait_for(node._wait_for_inbox_free(), 15)
+
+
+async def test_an_inbox_that_cannot_be_looked_at_fails_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No such queue (a locked-down broker not provisioned for the node), or no access:
+    the wait retried it silently for 200 s."""
+    from aiormq.exceptions import ChannelNotFoundEntity
+
+    from node.transport import TransportUnavailable
+
+    node, _ = await _waiting(tmp_path, monkeypatch, [
+        ChannelNotFoundEntity("NOT_FOUND - no queue 'kpx.inbox.QA'")])
+    started = time.monotonic()
+    with pytest.raises(TransportUnavailable, match=r"could not look at kpx\.inbox"):
+        await node._wait_for_inbox_free()
+    assert time.monotonic() - started < 1
