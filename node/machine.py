@@ -189,6 +189,10 @@ class Refusal:
     #: dead-lettered, neither answered nor remembered, and judged afresh when it comes
     #: again (the sender's resend, an operator's replay).
     final: bool = True
+    #: False for a refused rejection or pong: its signer is named (``answer_to``) but gets
+    #: no answer, whatever the refusal. Two nodes that each refuse the other's frames (both
+    #: keys lapsed, say) would otherwise exchange rejections for ever.
+    answered: bool = True
 
     def __str__(self) -> str:
         detail = "; ".join(str(p) for p in self.problems)
@@ -311,8 +315,13 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
     except ProtocolError as exc:
         return Refusal(str(exc.reason), exc.text, exc.problems, answer_to=answer_to)
 
+    # Never answer a rejection (or a pong) with a rejection, as _answer_refusal does not
+    # either: two nodes refusing each other's would send one for every one they get.
+    answered = not isinstance(envelope.payload, Rejection | Pong)
+
     def refused(reason: Reason, text: str) -> Refusal:
-        return Refusal(str(reason), text, answer_to=answer_to, in_reply_to=envelope.message_id)
+        return Refusal(str(reason), text, answer_to=answer_to, in_reply_to=envelope.message_id,
+                       answered=answered)
 
     if lapsed is not None and not lapsed.valid_from <= envelope.created_at < (
             lapsed.valid_until or 0):
@@ -457,7 +466,7 @@ def signed_afresh(ctx: Context, frame: bytes) -> Sealed | None:
 
 def rejection_for(ctx: Context, refusal: Refusal) -> Sealed | None:
     """The signed rejection that answers ``refusal``, when its sender is authentic."""
-    if refusal.answer_to is None or refusal.answer_to == CHAIR:
+    if refusal.answer_to is None or refusal.answer_to == CHAIR or not refusal.answered:
         return None
     payload = Rejection(reason=refusal.reason, text=_clip(refusal.text, 2000),
                         certificate=refusal.certificate,

@@ -1204,3 +1204,38 @@ def test_key_show_says_which_keys_the_running_node_does_not_hold(tmp_path: Path)
                    for t in texts), texts
     rows = json.loads(kpnode("key", "show", "--json", "--dir", where).stdout)
     assert [r["held_by_running_node"] for r in rows] == [None, None]
+
+
+def test_two_nodes_with_lapsed_keys_do_not_answer_each_others_rejections(
+        tmp_path: Path) -> None:
+    """Both ZA's and IN's keys had lapsed (a rotation neither node had taken up yet). IN
+    answered ZA's certificate, signed while ZA's key was valid, with a receipt under its
+    own lapsed key; ZA refused it (key.not_valid_now) and answered with a rejection under
+    its lapsed key, which IN refused and answered in turn, and so on: the two nodes sent
+    each other a new rejection for every one they got, for ever (until the grace ended).
+    A rejection, like a pong, is never answered, whatever it is refused for."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    za, india = nodes["ZA"], nodes["IN"]
+    try:
+        t0 = now_ms()
+        za.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+        ends = t0 + 7 * DAY
+        update = dataclasses.replace(network.registry, version=2)
+        for node in nodes.values():
+            update = end_key(update, bytes(node.signing_keys[0].verify_key), ends)
+        frame = sign_registry(update, network.chair_key, t0)
+        for node in nodes.values():
+            node.handle_batch([Delivery(frame)])
+            node.clock = lambda: ends + DAY  # type: ignore[method-assign]
+        kinds = []
+        for _ in range(4):
+            for sender in (za, india):
+                kinds += [(sender.me, kind, v.dead_letter.reason if v.dead_letter else None)
+                          for kind, v in carry(sender, nodes)]
+        assert kinds == [("ZA", "certificate", None), ("IN", "receipt", "key.not_valid_now"),
+                         ("ZA", "rejection", "key.not_valid_now")]
+        assert za.store.backlog() == [] and india.store.backlog() == []
+    finally:
+        for node in nodes.values():
+            node.close()
