@@ -465,8 +465,11 @@ def signed_afresh(ctx: Context, frame: bytes) -> Sealed | None:
 
 
 def rejection_for(ctx: Context, refusal: Refusal) -> Sealed | None:
-    """The signed rejection that answers ``refusal``, when its sender is authentic."""
-    if refusal.answer_to is None or refusal.answer_to == CHAIR or not refusal.answered:
+    """The signed rejection that answers ``refusal``, when its sender is authentic and not
+    this node: a frame of its own back in its inbox (anyone who received one can publish
+    it there) answered would be a rejection to itself, refused in turn (sender and
+    recipient the same) and answered again, for ever."""
+    if refusal.answer_to in (None, CHAIR, ctx.me) or not refusal.answered:
         return None
     payload = Rejection(reason=refusal.reason, text=_clip(refusal.text, 2000),
                         certificate=refusal.certificate,

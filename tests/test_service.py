@@ -833,3 +833,26 @@ def test_a_refusal_is_logged_once_it_commits_not_at_every_retry(nodes: Nodes,
         (verdict,) = india.handle_batch([Delivery(frame)])
     assert verdict.dead_letter is not None
     assert [e["reason"] for e in logs if e["event"] == "refused"] == ["message.not_for_us"]
+
+
+def test_a_nodes_own_frame_published_back_into_its_inbox_is_not_answered(
+        nodes: Nodes) -> None:
+    """IN published ZA's certificate to IN back into ZA's inbox (any partner can publish
+    there, with check_broker_user too). ZA refused it (message.not_for_us) and answered
+    its signer, itself: a rejection from ZA to ZA, relayed into its own inbox, refused
+    (body.schema: recipient is the sender) and answered again, for ever. A frame the
+    node's own key signed is dead-lettered and never answered."""
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0077", "ZA", "IN"))
+    (row,) = za.store.due(2**62, 10)
+    with za.store.transaction():
+        za.store.mark_published([row.seq], 0)
+    (verdict,) = za.handle_batch([Delivery(row.frame, user_id="kpx-in")])
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "message.not_for_us"
+    assert za.store.due(2**62, 10) == []
+    assert za.store.get(Side.EXPORT, "ZA-2026-0077").state is State.ISSUED
+    # and the certificate itself still reaches IN as sent
+    assert [v.dead_letter for _, v in carry(za, {"IN": india})] == []
+    (verdict,) = india.handle_batch([Delivery(row.frame)])
+    assert verdict.dead_letter is None
