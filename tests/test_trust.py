@@ -1239,3 +1239,33 @@ def test_two_nodes_with_lapsed_keys_do_not_answer_each_others_rejections(
     finally:
         for node in nodes.values():
             node.close()
+
+
+def test_a_rejection_refused_for_its_broker_user_is_not_answered(tmp_path: Path) -> None:
+    """Two nodes with check_broker_user on whose messages reach each other under a broker
+    user that is not the sender's (a shared login): the importer refuses the certificate
+    with a signed rejection; that rejection, refused on arrival, was answered with another,
+    refused in turn and answered again, for ever."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {c: Node.open(cfg, check_broker_user=True) for c, cfg in network.configs.items()}
+    try:
+        nodes["ZA"].issue(certificate("ZA-L1", "ZA", "IN"))
+        sender, kinds = "ZA", []
+        for _ in range(6):
+            rows = nodes[sender].store.due(2**62, 100)
+            if not rows:
+                break
+            with nodes[sender].store.transaction():
+                nodes[sender].store.mark_published([r.seq for r in rows], 0)
+            for row in rows:
+                kinds.append(row.kind)
+                (verdict,) = nodes[row.recipient].handle_batch(
+                    [Delivery(row.frame, user_id="guest")])
+                assert verdict.dead_letter is not None
+                assert verdict.dead_letter.reason == "message.broker_user_mismatch"
+            sender = "IN" if sender == "ZA" else "ZA"
+        # the certificate, refused with one rejection; that rejection, refused unanswered
+        assert kinds == ["certificate", "rejection"]
+    finally:
+        for n in nodes.values():
+            n.close()
