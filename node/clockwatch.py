@@ -13,14 +13,25 @@ A clock that is set right again ends the hold by itself. A jump that stays for
 :data:`HOLD_AT_MOST_MS` of measured time is taken for a correction, not a mistake (a
 virtual machine resumed after a pause its boot clock did not count, NTP stepping a clock
 that was slow at the start), and the watch measures from there: a hold never lasts longer.
+
+The starting point outlives the process (:func:`resumed`, :func:`save`): a node restarted
+while its clock is ahead — by a supervisor, or an operator, seeing ``/readyz`` fail — took
+the wrong time for its start, and its first sweep expired every open loop. Within one boot
+of the machine (``CLOCK_BOOTTIME`` starts again at each) the new process measures from
+where the last one did; after a reboot it can only start afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["HOLD_AT_MOST_MS", "TOLERANCE_MS", "ClockWatch", "elapsed_ms"]
+__all__ = ["CLOCK_FILE", "HOLD_AT_MOST_MS", "TOLERANCE_MS", "ClockWatch", "elapsed_ms",
+           "resumed", "save"]
 
 #: wall-clock progress beyond the time measured that counts as a jump: far above NTP's
 #: slewing and small steps, far below the day that dates are reckoned in
@@ -29,6 +40,9 @@ TOLERANCE_MS = 10 * 60 * 1000
 HOLD_AT_MOST_MS = 10 * 60 * 1000
 #: Linux counts a suspended machine's sleep in CLOCK_BOOTTIME; elsewhere, monotonic time
 _MEASURED = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+#: where a node directory keeps its watch's starting point between runs
+CLOCK_FILE = "clockwatch.json"
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def elapsed_ms() -> int:
@@ -68,3 +82,38 @@ class ClockWatch:
 
     def jumped(self, wall_now_ms: int, elapsed_now_ms: int) -> bool:
         return self.ahead_ms(wall_now_ms, elapsed_now_ms) > TOLERANCE_MS
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), or None: the measured clock counts from it."""
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def resumed(path: Path, wall_now_ms: int, elapsed_now_ms: int) -> ClockWatch:
+    """The watch as the node's last run in this boot left it, so that a jump before this
+    start is seen; a new one from now when there is none (first start, a reboot, another
+    machine, an unreadable file)."""
+    boot = boot_id()
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        saved = json.loads(path.read_text())
+        wall, elapsed = int(saved["wall_ms"]), int(saved["elapsed_ms"])
+        since = saved.get("ahead_since_ms")
+        if boot is not None and saved["boot"] == boot and elapsed <= elapsed_now_ms:
+            return ClockWatch(wall, elapsed, None if since is None else int(since))
+    return ClockWatch(wall_now_ms, elapsed_now_ms)
+
+
+def save(watch: ClockWatch, path: Path) -> None:
+    """Keep the watch's starting point for the next run (see :func:`resumed`). Not synced:
+    a power cut that loses it is a reboot, after which it does not count anyway."""
+    boot = boot_id()
+    if boot is None:
+        return
+    state = {"boot": boot, "wall_ms": watch.wall_at_start_ms,
+             "elapsed_ms": watch.elapsed_at_start_ms, "ahead_since_ms": watch.ahead_since_ms}
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(state))
+    os.replace(partial, path)

@@ -33,7 +33,15 @@ from typing import IO, TYPE_CHECKING
 
 import structlog
 
-from node.clockwatch import HOLD_AT_MOST_MS, TOLERANCE_MS, ClockWatch, elapsed_ms
+from node.clockwatch import (
+    CLOCK_FILE,
+    HOLD_AT_MOST_MS,
+    TOLERANCE_MS,
+    ClockWatch,
+    elapsed_ms,
+    resumed,
+)
+from node.clockwatch import save as save_clock
 from node.config import HELD_KEYS, LOCK_NAME, ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
@@ -147,6 +155,7 @@ class RunningNode:
         #: False while the wall clock is ahead of the time measured (reported by /readyz)
         self.clock_ok = True
         self._clock: ClockWatch | None = None
+        self._clock_saved: tuple[int, int, int | None] | None = None
         self.metrics = NodeMetrics()
         #: called with the HTTP application before it starts (routes, sub-applications)
         self.http_extensions: list[Callable[[web.Application], None]] = []
@@ -166,7 +175,11 @@ class RunningNode:
             self.node.unlock()  # a wrong passphrase stops the start, not a later answer
             self._lock.note_keys([key_id(bytes(k.verify_key)).hex()
                                   for k in self.node.signing_keys])
-            self._clock = ClockWatch(self.node.clock(), elapsed_ms())
+            # From where the last run in this boot measured: a clock that jumped ahead
+            # before this start (the reason for the restart, perhaps) is seen too.
+            self._clock = resumed(self.config.path(CLOCK_FILE), self.node.clock(),
+                                  elapsed_ms())
+            self._save_clock()
             self.node.store.wait_for_locks(LOCK_WAIT_SECONDS)
             self.node.on_outbox = self._wake.set
             self.transport = Transport(
@@ -580,11 +593,27 @@ class RunningNode:
         self.clock_ok = agrees
         return agrees
 
+    def _save_clock(self) -> None:
+        """Keep the clock watch's starting point for the next run (node.clockwatch)."""
+        if self._clock is None:
+            return
+        state = (self._clock.wall_at_start_ms, self._clock.elapsed_at_start_ms,
+                 self._clock.ahead_since_ms)
+        if state == self._clock_saved:
+            return
+        try:
+            save_clock(self._clock, self.config.path(CLOCK_FILE))
+        except OSError as exc:  # a full disk: kept in memory, saved when it can be
+            log.warning("could not save the clock watch", error=str(exc))
+            return
+        self._clock_saved = state
+
     async def _sweep(self) -> None:
         assert self.node is not None
         while True:
             try:
                 expired = self.node.expire_overdue() if self.clock_agrees() else []
+                self._save_clock()
                 if expired:
                     log.warning("certificates expired unconfirmed",
                                 numbers=[r.number for r in expired])

@@ -1,0 +1,85 @@
+"""A node started while its wall clock is already ahead: the clock watch
+(node/clockwatch.py) measures from the start, so a jump that came before it went unseen."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from node.machine import Side, State
+from node.network import create_network
+from node.runner import RunningNode
+from tests.netutil import certificate
+from tests.test_network import fresh_codes, state, until
+
+pytestmark = [pytest.mark.broker]
+
+YEAR_NS = 365 * 86_400 * 10**9
+
+
+async def test_a_node_restarted_while_its_clock_is_ahead_expires_and_refuses_nothing(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock jumps a year ahead (a bad NTP source); the node holds its work, and
+    /readyz says 503 — so its supervisor, or an operator, restarts it. The new process
+    took the wrong time for its starting point: its first sweep expired every open import
+    for good, and a certificate waiting in the inbox was refused as expired, a signed
+    rejection that ended the loop at the exporter too."""
+    monkeypatch.setattr("node.runner.SWEEP_SECONDS", 0.1)
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], [amqp_url])
+    cfg = network.configs
+    real = time.time_ns
+    async with RunningNode(cfg[ex]) as exporter:
+        assert exporter.node is not None
+        exporter.node.clock = lambda: real() // 1_000_000  # the exporter's clock is right
+        held, late = f"{ex}-R1", f"{ex}-R2"
+        async with RunningNode(cfg[im]) as importer:
+            assert importer.node is not None
+            exporter.node.issue(certificate(held, ex, im))
+            await until(lambda: state(exporter.node, Side.EXPORT,  # type: ignore[arg-type]
+                                      held) is State.DELIVERED)
+            # the clock jumps ahead while the node runs: held, as test_faults checks
+            monkeypatch.setattr("node.service.time",
+                                SimpleNamespace(time_ns=lambda: real() + YEAR_NS))
+            await asyncio.sleep(0.5)
+            assert not importer.clock_ok
+        # restarted meanwhile; a certificate waits for it in its inbox
+        exporter.node.issue(certificate(late, ex, im))
+        await until(lambda: exporter.node.store.backlog() == [])  # type: ignore[union-attr]
+        async with RunningNode(cfg[im]) as importer:
+            assert importer.node is not None
+            await asyncio.sleep(2.0)  # sweeps run; the certificate is delivered
+            assert state(importer.node, Side.IMPORT, held) is State.RECEIVED
+            assert state(importer.node, Side.IMPORT, late) in (None, State.RECEIVED)
+            assert not importer.clock_ok
+            monkeypatch.setattr("node.service.time", time)  # set right
+            await until(lambda: state(importer.node, Side.IMPORT,  # type: ignore[arg-type]
+                                      late) is State.RECEIVED)
+            assert state(importer.node, Side.IMPORT, held) is State.RECEIVED
+        await until(lambda: state(exporter.node, Side.EXPORT,  # type: ignore[arg-type]
+                                  late) is State.DELIVERED)
+
+
+def test_the_watch_resumes_only_within_the_same_boot(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from node import clockwatch
+
+    path = tmp_path / clockwatch.CLOCK_FILE
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(clockwatch, "_BOOT_ID", boot)
+    assert clockwatch.resumed(path, 5_000_000, 1_000) == clockwatch.ClockWatch(5_000_000, 1_000)
+    clockwatch.save(clockwatch.ClockWatch(1_000_000, 0), path)
+    # the same boot: a year on the wall in a minute measured is a jump, across the restart
+    again = clockwatch.resumed(path, 1_000_000 + 365 * 86_400_000, 60_000)
+    assert again == clockwatch.ClockWatch(1_000_000, 0)
+    assert again.jumped(1_000_000 + 365 * 86_400_000, 60_000)
+    # after a reboot the measured clock starts again: nothing to measure from
+    boot.write_text("boot-2\n")
+    assert clockwatch.resumed(path, 9_000_000, 10) == clockwatch.ClockWatch(9_000_000, 10)
+    path.write_text("not json")
+    assert clockwatch.resumed(path, 9_000_000, 10) == clockwatch.ClockWatch(9_000_000, 10)
