@@ -282,12 +282,14 @@ class DeadLetterQueue:
                                   "digits")
         return next(h for h in self._held if h.letter.id in matches)
 
-    async def replay(self, node: Node, held: Held, reason: str = "") -> int:
+    async def replay(self, node: Node, held: Held, reason: str) -> int:
         """Record the replay, publish the frame to this node's inbox, then remove the dead
         letter. Returns the evidence entry's sequence number. Recorded first, so that no
         replay goes unrecorded whatever stops the command; a publish that fails is then
         recorded too (``dead_letter.replay_failed``), and the dead letter stays."""
         assert self._channel is not None
+        if not reason.strip():
+            raise DeadLetterError("a replay needs a --reason")
         seq = record_action(node, "dead_letter.replay", held, reason)
         exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
         message = aio_pika.Message(

@@ -137,11 +137,23 @@ def cmd_dead_show(args: argparse.Namespace) -> None:
     with_node(args, lambda node: asyncio.run(run(node)))
 
 
+def _reason(args: argparse.Namespace, action: str) -> str:
+    """The operator's why, for the evidence log: checked before the node or the broker is
+    touched (``--reason ""`` passed argparse's 'required' and a replay was recorded with
+    no why)."""
+    reason: str = args.reason
+    if not reason.strip():
+        raise UserError(f"a {action} needs a --reason: why, for the evidence log")
+    return reason
+
+
 def cmd_dead_replay(args: argparse.Namespace) -> None:
+    reason = _reason(args, "replay")
+
     async def run(node: Node) -> None:
         async with DeadLetterQueue(node.config) as queue:
             held = await queue.find(args.id)
-            seq = await queue.replay(node, held, args.reason or "")
+            seq = await queue.replay(node, held, reason)
         emit(args, {"replayed": held.letter.id, "evidence_seq": seq},
              f"{held.letter.id}: replayed to this node's inbox, where it is verified and "
              f"decided like any other message (evidence log entry {seq})")
@@ -149,10 +161,12 @@ def cmd_dead_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_dead_discard(args: argparse.Namespace) -> None:
+    reason = _reason(args, "discard")
+
     async def run(node: Node) -> None:
         async with DeadLetterQueue(node.config) as queue:
             held = await queue.find(args.id)
-            seq = await queue.discard(node, held, args.reason)
+            seq = await queue.discard(node, held, reason)
         emit(args, {"discarded": held.letter.id, "evidence_seq": seq},
              f"{held.letter.id}: discarded; its bytes and your reason are kept in evidence "
              f"log entry {seq}")

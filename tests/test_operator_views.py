@@ -1219,6 +1219,20 @@ def test_a_replay_says_why_as_a_discard_does(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--reason" in done.stderr
 
 
+@pytest.mark.parametrize("command", ["replay", "discard"])
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_a_blank_reason_is_refused_before_anything_is_touched(
+        tmp_path: Path, command: str, reason: str) -> None:
+    """`--reason ""` got past argparse's 'required': a replay was published and recorded
+    in the evidence log with no why (a discard refused it, but only after connecting to
+    the broker and finding the letter)."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", "dead-letters", command,
+                           "63565bf1", "--reason", reason, "--dir", str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1, done.stderr
+    assert f"a {command} needs a --reason" in done.stderr
+
+
 def test_a_node_made_without_the_chairs_key_says_to_set_it(tmp_path: Path) -> None:
     """'kpnode init' without --chair-key writes chair_public_key = "": every later command
     then said it 'must be 32 bytes', not that it was never set."""
