@@ -402,7 +402,14 @@ async def post_replace(request: web.Request) -> web.Response:
         if "certificate" not in data:
             raise ValidationError((Problem("certificate", Reason.REQUIRED,
                                            "the new certificate"),), "request is not valid")
-        certificate: Certificate = validate_certificate(data["certificate"])
+        try:
+            certificate: Certificate = validate_certificate(data["certificate"])
+        except ValidationError as exc:
+            # Paths from the request body's root, as every other problem's: 'reason:
+            # unknown field' for the certificate's own read as the request's reason.
+            raise ValidationError(tuple(
+                Problem(f"certificate.{p.path}" if p.path else "certificate", p.reason,
+                        p.message) for p in exc.problems), exc.text) from None
         return answered(201, lambda then: node.replace(number, certificate, reason,
                                                        on_commit=then), remember)
     return await idempotent(request, act)

@@ -383,6 +383,27 @@ async def test_cancel_and_replace(pair: tuple[Served, Served]) -> None:
     assert (await response.json())["problems"][0]["reason"] == "field.unknown"
 
 
+async def test_a_replacements_problems_are_named_from_the_request_body(
+        pair: tuple[Served, Served]) -> None:
+    """A problem in the replacing certificate had its path from the certificate's root:
+    'reason: unknown field' for a stray field in the certificate, although the request's
+    own reason was fine, and 'parcels' for what is 'certificate.parcels' in the body."""
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    new = {**certificate_json("ZA-2026-0002", "ZA", "IN"), "parcels": "3", "reason": "x"}
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0001/replace",
+                                    headers=za.auth("officer"),
+                                    json={"reason": "wrong parcels", "certificate": new})
+    assert response.status == 400, await response.text()
+    paths = sorted(p["path"] for p in (await response.json())["problems"])
+    assert paths == ["certificate.parcels", "certificate.reason"]
+    response = await za.client.post(f"{API}/certificates/ZA-2026-0001/replace",
+                                    headers=za.auth("officer"),
+                                    json={"reason": "wrong parcels", "certificate": []})
+    assert [p["path"] for p in (await response.json())["problems"]] == ["certificate"]
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0002") is None
+
+
 async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
         pair: tuple[Served, Served]) -> None:
     za, india = pair
