@@ -220,8 +220,13 @@ def set_status(update: RegistryUpdate, code: str, status: ParticipantStatus) -> 
     if entry.status is status:
         raise RegistryEditError(f"{code} is {status} already")
     if entry.status is ParticipantStatus.WITHDRAWN:
-        raise RegistryEditError(f"{code} has withdrawn; it rejoins as a new Participant "
-                                "only through the Plenary (remove and add it again)")
+        # No command removes a Participant, and add-participant refuses a code the
+        # registry holds: the old advice, 'remove and add it again', could not be followed.
+        raise RegistryEditError(
+            f"{code} has withdrawn, and no registry command brings a withdrawn Participant "
+            "back (it rejoins only through the Plenary). A withdrawal made in error and "
+            f"not yet published: in the draft, registry.json, set {code}'s \"status\" "
+            "back to \"active\"")
     return _checked(_with_entry(update, dataclasses.replace(entry, status=status)))
 
 

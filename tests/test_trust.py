@@ -98,8 +98,14 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
     with pytest.raises(RegistryEditError, match="after its start"):  # 'valid 12-01 .. 11-01'
         add_key(base, "BW", "BW-KPA", _pub(), 2_000, valid_until=1_000)
     withdrawn = set_status(base, "BW", ParticipantStatus.WITHDRAWN)
-    with pytest.raises(RegistryEditError, match="withdrawn"):
+    with pytest.raises(RegistryEditError, match="withdrawn") as refused:
         set_status(withdrawn, "BW", ParticipantStatus.ACTIVE)
+    # The advice can be followed: there is no 'remove' command, and add-participant
+    # refuses a code the registry holds.
+    assert "remove" not in str(refused.value)
+    assert 'set BW\'s "status" back to "active"' in str(refused.value)
+    with pytest.raises(RegistryEditError, match="in the registry already"):
+        add_participant(withdrawn, "BW", "Botswana", "BW-KPA", "x", _pub(), 0)
     embargoed = embargo(base, "CF", True)
     assert embargoed.embargoed_origins == ("CF",)
     with pytest.raises(RegistryEditError, match="embargoed already"):
