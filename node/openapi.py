@@ -236,7 +236,9 @@ _PATHS: dict[str, Any] = {
                 "total": _INT, "offset": _INT, "after": _INT,
                 "next": {"type": ["string", "null"],
                          "description": "with after: the position to ask after next, "
-                                        "null when this page was the last"},
+                                        "null once a page came back short (a last page "
+                                        "exactly `limit` long still has one, and the "
+                                        "page after it is empty)"},
                 "certificates": {"type": "array", "items": _ref("Record")}}},
                 "the matching certificates, oldest first"), **_errors(400, 401)}},
     },
