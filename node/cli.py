@@ -563,8 +563,14 @@ def parser() -> argparse.ArgumentParser:
     chair_sub = chair.add_subparsers(dest="chair_command", required=True, metavar="COMMAND")
     sp = chair_sub.add_parser("init", help="create the Chair's key", parents=[chair_common])
     sp.set_defaults(handler=cmd_chair_init)
-    sp = chair_sub.add_parser("sign-registry", help="sign a registry JSON file",
-                              parents=[chair_common])
+    sp = chair_sub.add_parser(
+        "sign-registry", help="sign a registry JSON file (low level: see description)",
+        description="Sign a registry JSON file as it is, version included. It keeps no "
+                    "record of what was signed before: 'kpnode registry publish' is the "
+                    "way to publish, since it refuses a version already published (two "
+                    "different frames of one version would split the network: every "
+                    "node keeps the first it gets).",
+        parents=[chair_common])
     sp.add_argument("registry", help="registry JSON")
     sp.add_argument("--key", required=True, help="the Chair's key file")
     sp.add_argument("--out", required=True, help="where to write the signed registry")
