@@ -432,7 +432,25 @@ def latest(node: Node, side: Side, states: list[State]) -> tuple[list[Record], s
     return shown, more
 
 
+@dataclass(slots=True)
+class Kept:
+    """A confirmation that was refused, shown again as the officer entered it."""
+
+    number: str
+    values: Mapping[str, str]
+    problems: Sequence[str]
+
+
+#: the confirm form's fields besides one carats and one US$ per line
+CONFIRM_FIELDS = ("parcels", "received_on", "remarks")
+
+
 async def incoming(request: web.Request) -> web.Response:
+    return incoming_page(request)
+
+
+def incoming_page(request: web.Request, kept: Kept | None = None,
+                  status: int = 200) -> web.Response:
     ctx = request.app[WEB_CONTEXT]
     session: Session = request[SESSION]
     today = today_of(ctx)
@@ -446,24 +464,38 @@ async def incoming(request: web.Request) -> web.Response:
     def confirm_form(r: Record) -> str:
         if not session.principal.may_act:
             return ""
+        c = r.certificate
+        v = {**{f"carats{i}": carats(line.carats_hundredths).replace(",", "")
+                for i, line in enumerate(c.lines)},
+             **{f"usd{i}": usd(line.usd_cents).replace(",", "") for i, line in enumerate(c.lines)},
+             "parcels": str(c.parcels), "received_on": today.isoformat(), "remarks": ""}
+        again = False
+        if kept is not None and kept.number == r.number:
+            again = True
+            v.update({k: x for k, x in kept.values.items() if k in v})
         lines = "".join(
             f"<div>{h(line.hs_code)}: <label>carats <input name=carats{i} size=10 "
-            f"value='{h(carats(line.carats_hundredths).replace(',', ''))}'></label>"
+            f"value='{h(v[f'carats{i}'])}'></label>"
             f"<label>US$ <input name=usd{i} size=12 "
-            f"value='{h(usd(line.usd_cents).replace(',', ''))}'></label></div>"
-            for i, line in enumerate(r.certificate.lines))
+            f"value='{h(v[f'usd{i}'])}'></label></div>"
+            for i, line in enumerate(c.lines))
         return (f"<form method=post action='{CONSOLE_PREFIX}/incoming/{in_path(r.number)}/confirm' "
                 f"class=confirm>{csrf_field(session)}<button>Confirm arrival</button>"
-                f"<details><summary>arrived differently…</summary>{lines}"
-                f"<label>parcels <input name=parcels size=4 value='{r.certificate.parcels}'>"
+                f"<details{' open' if again else ''}><summary>arrived differently…</summary>"
+                f"{lines}<label>parcels <input name=parcels size=4 value='{h(v['parcels'])}'>"
                 f"</label><label>received on <input type=date name=received_on "
-                f"value='{today}'></label><label>remarks <input name=remarks></label>"
-                "</details></form>")
-    body = (f"<h2>Awaiting arrival</h2>{filter_box('waiting')}"
+                f"value='{h(v['received_on'])}'></label><label>remarks <input name=remarks "
+                f"value='{h(v['remarks'])}'></label></details></form>")
+    error = ""
+    if kept is not None:
+        error = (f"<div class=error><b>Confirming {h(kept.number)} was refused; nothing was "
+                 "signed. Correct the form below and confirm again:</b><ul>"
+                 + "".join(f"<li>{h(p)}</li>" for p in kept.problems) + "</ul></div>")
+    body = (f"{error}<h2>Awaiting arrival</h2>{filter_box('waiting')}"
             + records_table(waiting, today, table_id="waiting", actions=confirm_form)
             + "<h2>Other imports</h2>" + filter_box("imports")
             + records_table(others, today, table_id="imports") + more)
-    return page(request, "Incoming certificates", body, active="incoming")
+    return page(request, "Incoming certificates", body, active="incoming", status=status)
 
 
 async def confirm_import(request: web.Request) -> web.StreamResponse:
@@ -510,6 +542,12 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
                     via="console")
     if status == 303:
         raise see(f"{CONSOLE_PREFIX}/incoming?flash=confirmed&n={quote(number, safe='')}")
+    if record is not None and record.state is State.RECEIVED:
+        # still awaiting confirmation: the form again, as the officer filled it in
+        entered = (*CONFIRM_FIELDS, *(f"{x}{i}" for x in ("carats", "usd")
+                                      for i in range(len(record.certificate.lines))))
+        values = {k: str(form.get(k, "")) for k in entered if k in form}
+        return incoming_page(request, Kept(number, values, problems), status)
     return refused_page(request, f"Confirming {number} was refused", problems, status,
                         back="incoming")
 

@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -173,13 +174,14 @@ async def test_a_number_with_slashes_can_be_opened_and_confirmed(
     link = re.search(r"href='([^']*/certificate/[^']*)'", page)
     assert action is not None and link is not None
     assert (await india.client.get(link[1])).status == 200
-    # A date fromisoformat reads but a certificate never carries: refused, with a way back
-    # that works under the console's Content-Security-Policy (no javascript: links).
+    # A date fromisoformat reads but a certificate never carries: refused, and the form
+    # shown again as entered, to the same action (no javascript: links, which the
+    # console's Content-Security-Policy blocks).
     response = await india.client.post(action[1], data={"csrf": csrf,
                                                          "received_on": "20261115"})
     assert response.status == 400
     assert "javascript:" not in (text := await response.text())
-    assert f"href='{C}/incoming'>back" in text
+    assert f"action='{action[1]}'" in text and "value='20261115'" in text
     response = await india.client.post(action[1], data={"csrf": csrf,
                                                          "received_on": date.today().isoformat()})
     assert response.status == 200 and "flash=confirmed" in str(response.url)
@@ -372,3 +374,33 @@ async def test_the_console_answers_a_refusal_with_the_apis_status(
     again = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0202"))
     assert (empty.status, unknown.status, again.status) == (400, 404, 409)
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0202").state is State.ISSUED
+
+
+async def test_a_refused_confirmation_keeps_what_the_officer_entered(
+        pair: tuple[Served, Served]) -> None:
+    """A typo in one amount answered with an error page and a link back to a fresh form:
+    every amount, the parcels, the date and the remarks the officer had typed were lost."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0400", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    entered = {"carats0": "2490.5x", "usd0": "399000.00", "carats1": "299.00",
+               "usd1": "99000.00", "parcels": "2", "received_on": date.today().isoformat(),
+               "remarks": "one parcel's seal broken, held by customs"}
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0400/confirm",
+                                       data={"csrf": csrf, **entered})
+    assert response.status == 400
+    text = await response.text()
+    assert "2490.5x" in text  # named in the error
+    form = re.search(r"<form[^>]*ZA-2026-0400/confirm.*?</form>", text, re.DOTALL)
+    assert form is not None and "<details open>" in form[0]
+    for name, value in entered.items():
+        assert re.search(rf"name={name}\b[^>]*value='{re.escape(escape(value))}'", form[0]), name
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0400").state is State.RECEIVED  # type: ignore[union-attr]
+    # corrected, it goes through
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0400/confirm",
+                                       data={"csrf": csrf, **entered, "carats0": "2490.50"})
+    assert response.status == 200 and "flash=confirmed" in str(response.url)
+    record = india.node.store.get(Side.IMPORT, "ZA-2026-0400")
+    assert record is not None and record.confirmation is not None
+    assert record.confirmation.remarks == entered["remarks"]
