@@ -30,10 +30,11 @@ def mount_web(app: web.Application, node: Node, directory: Path, *,
                          dead_letter_depth=dead_letter_depth)
     if clock_agrees is not None:
         context.clock_agrees = clock_agrees
-    app.add_subapp(API_PREFIX, api_app(node, context.tokens, context=context))
-    app.add_subapp(CONSOLE_PREFIX, console_app(context))
-
     async def to_console(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound(f"{CONSOLE_PREFIX}/")
+    # before the console: its sub-application also takes the bare prefix, and the first
+    # resource registered for a path answers it
     app.router.add_get(CONSOLE_PREFIX, to_console)
+    app.add_subapp(API_PREFIX, api_app(node, context.tokens, context=context))
+    app.add_subapp(CONSOLE_PREFIX, console_app(context))
     return context

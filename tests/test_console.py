@@ -404,3 +404,17 @@ async def test_a_refused_confirmation_keeps_what_the_officer_entered(
     record = india.node.store.get(Side.IMPORT, "ZA-2026-0400")
     assert record is not None and record.confirmation is not None
     assert record.confirmation.remarks == entered["remarks"]
+
+
+async def test_the_console_address_without_a_slash_leads_a_logged_in_officer_in(
+        pair: tuple[Served, Served]) -> None:
+    """/console (the address the README gives) went into the console's sub-application,
+    mounted ahead of the redirect meant for it: logged out, its login redirect hid that;
+    logged in, an officer got a bare '404: Not Found'."""
+    za, _ = pair
+    await login(za, "officer")
+    response = await za.client.get(C, allow_redirects=False)
+    assert response.status in (301, 302, 303, 307, 308)
+    assert response.headers["Location"] == f"{C}/"
+    response = await za.client.get(C)
+    assert response.status == 200 and "<h1>ZA · " in await response.text()
