@@ -226,6 +226,7 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
     if request.method == "POST":
         form = await read_form(request)
         if not csrf_matches(form.get("csrf"), session.csrf):
+            record_refused(request, session.principal, 403)
             return page(request, "Refused", "<p class=error>The form's security token does "
                         "not match this session; reload the page and try again.</p>",
                         status=403)
@@ -318,14 +319,24 @@ async def post_logout(request: web.Request) -> web.StreamResponse:
     raise response
 
 
+def record_refused(request: web.Request, principal: Principal, status: int) -> None:
+    """Chain an action refused before it was tried into the evidence log, as the API
+    does every call: who tried what is the log's to show, not only what was done."""
+    request.app[WEB_CONTEXT].record_call(principal, request.method, request.path, status,
+                                         certificate=request.match_info.get("number"),
+                                         via="console")
+
+
 def acting(request: web.Request) -> Principal | web.Response:
     session: Session = request[SESSION]
     principal = session.principal
     if not principal.may_act:
+        record_refused(request, principal, 403)
         return page(request, "Refused", f"<p class=error>{h(principal.name)} is a "
                     f"{h(principal.role)}: only an officer may issue, confirm or cancel."
                     "</p>", status=403)
     if not request.app[WEB_CONTEXT].clock_agrees():
+        record_refused(request, principal, 503)
         return page(request, "Not now", f"<p class=error>{h(CLOCK_DISAGREES)}.</p>",
                     status=503)
     return principal

@@ -418,3 +418,27 @@ async def test_the_console_address_without_a_slash_leads_a_logged_in_officer_in(
     assert response.headers["Location"] == f"{C}/"
     response = await za.client.get(C)
     assert response.status == 200 and "<h1>ZA · " in await response.text()
+
+
+async def test_a_refused_console_action_is_in_the_evidence_log_as_in_the_api(
+        pair: tuple[Served, Served]) -> None:
+    """The API chains every call, a monitor's 403 too; the console left out the actions
+    it refused before acting (a monitor's, a form without the session's CSRF token, one
+    while the node distrusts its clock), so the log did not show who had tried."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0500", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    path = f"{C}/incoming/ZA-2026-0500/confirm"
+    monitor_csrf = await login(india, "monitor")
+    assert (await india.client.post(path, data={"csrf": monitor_csrf})).status == 403
+    csrf = await login(india, "officer")
+    assert (await india.client.post(path, data={"csrf": "stale"})).status == 403
+    india.context.clock_agrees = lambda: False
+    assert (await india.client.post(path, data={"csrf": csrf})).status == 503
+    calls = {(c["operator"], c["action"], c["path"], c["status"], c.get("certificate"))
+             for c in (read_operator_record(e.frame) for e in india.node.store.evidence()
+                       if e.direction == OPERATOR)}
+    assert {("in-monitor", "console.call", path, 403, "ZA-2026-0500"),
+            ("in-officer", "console.call", path, 403, "ZA-2026-0500"),
+            ("in-officer", "console.call", path, 503, "ZA-2026-0500")} <= calls, calls
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0500").state is State.RECEIVED  # type: ignore[union-attr]
