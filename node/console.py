@@ -667,6 +667,11 @@ def issue_form(request: web.Request, values: Mapping[str, str], problems: Sequen
 
 
 async def get_issue(request: web.Request) -> web.Response:
+    principal = request[SESSION].principal
+    if not principal.may_act:  # as the other pages, no form the role may not send
+        return page(request, "Issue a certificate", f"<p class=muted>{h(principal.name)} is "
+                    f"a {h(principal.role)}: only an officer may issue certificates.</p>",
+                    active="issue")
     return page(request, "Issue a certificate", issue_form(request, {}, []), active="issue")
 
 

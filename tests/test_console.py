@@ -442,3 +442,19 @@ async def test_a_refused_console_action_is_in_the_evidence_log_as_in_the_api(
             ("in-officer", "console.call", path, 403, "ZA-2026-0500"),
             ("in-officer", "console.call", path, 503, "ZA-2026-0500")} <= calls, calls
     assert india.node.store.get(Side.IMPORT, "ZA-2026-0500").state is State.RECEIVED  # type: ignore[union-attr]
+
+
+async def test_a_monitor_is_not_offered_an_issue_form_it_may_not_send(
+        pair: tuple[Served, Served]) -> None:
+    """The incoming and outgoing pages offer a monitor no confirm or cancel form, but the
+    issue page offered the whole form: a monitor filled it in, pressed 'Sign and send'
+    and got a 403, with everything typed lost."""
+    za, _ = pair
+    await login(za, "monitor")
+    response = await za.client.get(f"{C}/issue")
+    assert response.status == 200
+    text = await response.text()
+    assert "Sign and send" not in text and "id=issue" not in text
+    assert "only an officer may issue" in text
+    await login(za, "officer")
+    assert "Sign and send" in await (await za.client.get(f"{C}/issue")).text()
