@@ -694,10 +694,11 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
                           "usd_cents": parse_amount(values[f"usd{i}"], "US$")})
         except ValueError as exc:
             problems.append(f"line {i + 1}: {exc}")
+    parcels = 0
     try:
-        parcels: object = parse_whole_number(values["parcels"].strip())
-    except ValueError:
-        parcels = values["parcels"]
+        parcels = parse_whole_number(values["parcels"].strip())
+    except ValueError as exc:  # the validator would call the officer's text "a string"
+        problems.append(f"parcels: {exc}")
     data = {
         "number": values["number"], "issuer": ctx.node.me,
         "issuing_authority": ctx.node.config.authority, "destination": values["destination"],

@@ -458,3 +458,20 @@ async def test_a_monitor_is_not_offered_an_issue_form_it_may_not_send(
     assert "only an officer may issue" in text
     await login(za, "officer")
     assert "Sign and send" in await (await za.client.get(f"{C}/issue")).text()
+
+
+async def test_the_issue_form_says_what_is_wrong_with_the_parcels(
+        pair: tuple[Served, Served]) -> None:
+    """'2.5' or '-1' parcels was answered 'parcels: must be an integer, not a string': the
+    form's text went on to the validator as text, and the officer had typed a number."""
+    za, _ = pair
+    csrf = await login(za, "officer")
+    for typed in ("2.5", "-1", "two"):
+        response = await za.client.post(f"{C}/issue", data={
+            **issue_form(csrf, "ZA-2026-0600"), "parcels": typed})
+        assert response.status == 400
+        text = await response.text()
+        assert "not a string" not in text
+        assert "parcels: a whole number in digits 0-9 is required" in text, typed
+        assert f"name=parcels size=4 value='{escape(typed)}'" in text
+    assert za.node.records() == []
