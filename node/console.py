@@ -369,7 +369,7 @@ def records_table(records: Sequence[Record], today: dt.date, *, table_id: str,
         overdue = is_overdue(r, today)
         note = record_note(r)
         if overdue:
-            note = ("OVERDUE: " + note).strip()
+            note = f"OVERDUE: {note}" if note else "OVERDUE"
         rows.append(
             f"<tr{' class=overdue' if overdue else ''} data-number='{h(r.number)}'>"
             f"<td>{number_link(r.number)}</td><td>{h(r.partner)}</td><td>{badge(r.state)}</td>"
@@ -793,25 +793,27 @@ async def partners(request: web.Request) -> web.Response:
     counts: dict[str, dict[str, int]] = {}
     open_states = {str(s) for s in OPEN_STATES}
     for (partner, _, state), n in ctx.node.store.partner_counts().items():
-        entry = counts.setdefault(partner, {"open": 0, "expired": 0, "closed": 0})
-        # an expired loop is neither open nor closed: nobody confirmed it
+        entry = counts.setdefault(partner, {"open": 0, "expired": 0, "ended": 0})
+        # an expired loop is neither open nor ended: nobody answered it; "ended" and not
+        # "closed", which the overview keeps for confirmed loops
         entry["open" if state in open_states else "expired" if state == State.EXPIRED
-              else "closed"] += n
+              else "ended"] += n
     rows = []
     for p in registry.update.participants:
         authorities = "<br>".join(
             f"{h(a.id)} · {h(a.name)} · keys "
             + ", ".join(f"<code>{k.public_key.hex()[:16]}</code>" for k in a.keys)
             for a in p.authorities) or "<span class=muted>no node</span>"
-        c = counts.get(p.code, {"open": 0, "expired": 0, "closed": 0})
+        c = counts.get(p.code, {"open": 0, "expired": 0, "ended": 0})
         rows.append(f"<tr><td>{h(p.code)}</td><td>{h(p.name)}</td><td>{badge(p.status)}</td>"
                     f"<td>{authorities}</td><td class=n>{c['open']}</td>"
-                    f"<td class=n>{c['expired']}</td><td class=n>{c['closed']}</td></tr>")
+                    f"<td class=n>{c['expired']}</td><td class=n>{c['ended']}</td></tr>")
     embargo = ", ".join(registry.update.embargoed_origins) or "none"
     body = (f"<p>Registry version <b>{registry.version}</b>, signed by the KP Chair. "
             f"Embargoed origins: {h(embargo)}.</p>{filter_box('partners')}"
             "<table id=partners><thead><tr><th>code</th><th>name</th><th>status</th>"
-            "<th>authorities</th><th>open loops</th><th>expired</th><th>closed</th></tr>"
+            "<th>authorities</th><th>open loops</th><th>expired</th>"
+            "<th title='confirmed, cancelled, replaced or rejected'>ended</th></tr>"
             "</thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
     return page(request, "Partners and registry", body, active="partners")

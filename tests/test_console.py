@@ -261,7 +261,10 @@ async def test_the_incoming_page_lists_every_expired_import(
     page = await (await india.client.get(f"{C}/incoming")).text()
     assert set(re.findall(r"ZA-2026-\d{4}", page)) == {
         "ZA-2026-0000", "ZA-2026-0007", "ZA-2026-0008", "ZA-2026-0009"}
-    # nor does the partners page count an expired loop as closed
+    # flagged, without a colon that leads nowhere (the record has no other note)
+    row = re.search(r"<tr class=overdue data-number='ZA-2026-0000'>.*?</tr>", page, re.DOTALL)
+    assert row is not None and ">OVERDUE<" in row[0]
+    # nor does the partners page count an expired loop as ended
     page = await (await india.client.get(f"{C}/partners")).text()
     row = re.search(r"<tr><td>ZA</td>.*?</tr>", page, re.DOTALL)
     assert row is not None
