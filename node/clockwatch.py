@@ -95,14 +95,19 @@ def boot_id() -> str | None:
 def resumed(path: Path, wall_now_ms: int, elapsed_now_ms: int) -> ClockWatch:
     """The watch as the node's last run in this boot left it, so that a jump before this
     start is seen; a new one from now when there is none (first start, a reboot, another
-    machine, an unreadable file)."""
+    machine, an unreadable file), or when the clock has been set back since by more than
+    the tolerance: the start kept was then taken while the clock was ahead (a node started
+    before NTP set it right, a jump taken for a correction), and measured from it a later
+    jump of up to that much would go unseen for the rest of the boot."""
     boot = boot_id()
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         saved = json.loads(path.read_text())
         wall, elapsed = int(saved["wall_ms"]), int(saved["elapsed_ms"])
         since = saved.get("ahead_since_ms")
         if boot is not None and saved["boot"] == boot and elapsed <= elapsed_now_ms:
-            return ClockWatch(wall, elapsed, None if since is None else int(since))
+            watch = ClockWatch(wall, elapsed, None if since is None else int(since))
+            if watch.ahead_ms(wall_now_ms, elapsed_now_ms) >= -TOLERANCE_MS:
+                return watch
     return ClockWatch(wall_now_ms, elapsed_now_ms)
 
 

@@ -83,3 +83,26 @@ def test_the_watch_resumes_only_within_the_same_boot(tmp_path: Path,
     assert clockwatch.resumed(path, 9_000_000, 10) == clockwatch.ClockWatch(9_000_000, 10)
     path.write_text("not json")
     assert clockwatch.resumed(path, 9_000_000, 10) == clockwatch.ClockWatch(9_000_000, 10)
+
+
+def test_a_start_taken_while_the_clock_was_ahead_is_not_kept_once_it_is_set_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run took a clock a year ahead for its start (started before NTP set it right, or
+    a jump that lasted HOLD_AT_MOST_MS and was taken for a correction). The operator sets
+    the clock right and restarts the node. Before the watch was kept, the new run measured
+    from the right time; resumed, it measured from the year-ahead start, and a later jump
+    of anything up to a year went unseen for the rest of the boot: loops expired again."""
+    from node import clockwatch
+
+    path = tmp_path / clockwatch.CLOCK_FILE
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(clockwatch, "_BOOT_ID", boot)
+    right, year = 1_800_000_000_000, 365 * 86_400_000
+    clockwatch.save(clockwatch.ClockWatch(right + year, 0), path)
+    # restarted a minute later, the clock set right meanwhile
+    watch = clockwatch.resumed(path, right + 60_000, 60_000)
+    assert watch.check(right + 60_000, 60_000)
+    # then a bad time source puts it half a year ahead: that is a jump, and held
+    assert watch.jumped(right + 120_000 + year // 2, 120_000)
+    assert not watch.check(right + 120_000 + year // 2, 120_000)
