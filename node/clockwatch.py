@@ -102,13 +102,24 @@ def resumed(path: Path, wall_now_ms: int, elapsed_now_ms: int) -> ClockWatch:
     boot = boot_id()
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         saved = json.loads(path.read_text())
-        wall, elapsed = int(saved["wall_ms"]), int(saved["elapsed_ms"])
+        wall, elapsed = _instant(saved["wall_ms"]), _instant(saved["elapsed_ms"])
         since = saved.get("ahead_since_ms")
+        since = None if since is None else _instant(since)
+        if since is not None and not elapsed <= since <= elapsed_now_ms:
+            raise ValueError("a hold that began outside the measured time kept")
         if boot is not None and saved["boot"] == boot and elapsed <= elapsed_now_ms:
-            watch = ClockWatch(wall, elapsed, None if since is None else int(since))
+            watch = ClockWatch(wall, elapsed, since)
             if watch.ahead_ms(wall_now_ms, elapsed_now_ms) >= -TOLERANCE_MS:
                 return watch
     return ClockWatch(wall_now_ms, elapsed_now_ms)
+
+
+def _instant(value: object) -> int:
+    """A millisecond count as :func:`save` writes it: json also reads 1e400 or Infinity,
+    which int() cannot take (OverflowError, which stopped the node's start)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not a count of milliseconds: {value!r}")
+    return value
 
 
 def save(watch: ClockWatch, path: Path) -> None:

@@ -106,3 +106,39 @@ def test_a_start_taken_while_the_clock_was_ahead_is_not_kept_once_it_is_set_back
     # then a bad time source puts it half a year ahead: that is a jump, and held
     assert watch.jumped(right + 120_000 + year // 2, 120_000)
     assert not watch.check(right + 120_000 + year // 2, 120_000)
+
+
+@pytest.mark.parametrize("saved", [
+    '{"boot": "boot-1", "wall_ms": Infinity, "elapsed_ms": 0}',
+    '{"boot": "boot-1", "wall_ms": 1e400, "elapsed_ms": 0}',
+    '{"boot": "boot-1", "wall_ms": 0, "elapsed_ms": 0, "ahead_since_ms": -Infinity}',
+    '{"boot": "boot-1", "wall_ms": 0, "elapsed_ms": 0, "ahead_since_ms": 1e12}',
+])
+def test_a_damaged_watch_file_starts_the_watch_afresh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved: str) -> None:
+    """clockwatch.json that json reads but holds no instant (Infinity, 1e400: an edit by
+    hand, a damaged disk) stopped the node's start with an OverflowError; a hold started
+    in the measured future would have held a jump for longer than HOLD_AT_MOST_MS."""
+    from node import clockwatch
+
+    path = tmp_path / clockwatch.CLOCK_FILE
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(clockwatch, "_BOOT_ID", boot)
+    path.write_text(saved)
+    watch = clockwatch.resumed(path, 60_000, 60_000)
+    assert watch.ahead_since_ms is None or watch.ahead_since_ms <= 60_000
+    jump = 60_000 + 365 * 86_400_000
+    assert not watch.check(jump, 60_000)
+    assert watch.check(jump, 60_000 + clockwatch.HOLD_AT_MOST_MS)  # a hold never lasts longer
+
+
+def test_a_hold_under_way_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from node import clockwatch
+
+    path = tmp_path / clockwatch.CLOCK_FILE
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(clockwatch, "_BOOT_ID", boot)
+    clockwatch.save(clockwatch.ClockWatch(0, 0, 30_000), path)
+    assert clockwatch.resumed(path, 60_000, 60_000) == clockwatch.ClockWatch(0, 0, 30_000)
