@@ -31,6 +31,7 @@ from protocol import (
     Envelope,
     Frame,
     ImportConfirmation,
+    Kind,
     Line,
     Opened,
     Payload,
@@ -46,7 +47,7 @@ from protocol import (
     SignatureError,
     parse_frame,
 )
-from protocol.codec import decode_body
+from protocol.codec import decode_body, unpack
 from protocol.frame import verify_frame
 from protocol.keys import key_id
 from protocol.schema import (
@@ -313,7 +314,10 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
     try:
         envelope = decode_body(frame.body)
     except ProtocolError as exc:
-        return Refusal(str(exc.reason), exc.text, exc.problems, answer_to=answer_to)
+        # A rejection or pong that fails decoding (a field a newer peer added) is still
+        # one: not answered either (SPEC §14), as far as its kind can be read.
+        return Refusal(str(exc.reason), exc.text, exc.problems, answer_to=answer_to,
+                       answered=_kind_of(frame.body) not in (Kind.REJECTION, Kind.PONG))
 
     # Never answer a rejection (or a pong) with a rejection, as _answer_refusal does not
     # either: two nodes refusing each other's would send one for every one they get.
@@ -354,6 +358,16 @@ def admit(ctx: Context, data: bytes, broker_user: str | None = None,
 
 
 # -- incoming messages ------------------------------------------------------------------
+
+
+def _kind_of(body: bytes) -> str | None:
+    """The kind a body that failed decoding says it is, if it can be read at all."""
+    try:
+        value = unpack(body)
+    except ProtocolError:
+        return None
+    kind = value.get("kind") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _dated_after(payload: Payload, day: date) -> str | None:

@@ -856,3 +856,29 @@ def test_a_nodes_own_frame_published_back_into_its_inbox_is_not_answered(
     assert [v.dead_letter for _, v in carry(za, {"IN": india})] == []
     (verdict,) = india.handle_batch([Delivery(row.frame)])
     assert verdict.dead_letter is None
+
+
+@pytest.mark.parametrize("kind,payload", [
+    ("rejection", {"reason": "body.schema", "text": "x", "certificate": None,
+                   "problems": [], "retry_after": 5}),
+    ("pong", {"nonce": b"n", "smuggled": 1}),
+])
+def test_a_rejection_or_pong_refused_for_its_schema_is_not_answered(
+        nodes: Nodes, kind: str, payload: dict[str, Any]) -> None:
+    """SPEC §14: a refused rejection or pong is never answered, whatever the reason. A
+    field the receiver does not know (a newer peer's) failed decoding before admission
+    knew the kind, and was answered with a signed rejection all the same."""
+    import uuid
+
+    from protocol.codec import pack
+    from protocol.frame import seal_body
+
+    za, india = nodes["ZA"], nodes["IN"]
+    body = pack({"message_id": uuid.uuid4().hex, "kind": kind, "sender": "IN",
+                 "recipient": "ZA", "created_at": now_ms(), "in_reply_to": None,
+                 "payload": payload})
+    (verdict,) = za.handle_batch([Delivery(seal_body(body, india.signing_keys[0]))])
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "body.schema"
+    assert verdict.dead_letter.answer_to == "IN"  # its signer is named all the same
+    assert za.store.due(2**62, 10) == []
