@@ -131,5 +131,9 @@ def save(watch: ClockWatch, path: Path) -> None:
     state = {"boot": boot, "wall_ms": watch.wall_at_start_ms,
              "elapsed_ms": watch.elapsed_at_start_ms, "ahead_since_ms": watch.ahead_since_ms}
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(state))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(state))
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full disk: not one left per run
+        raise

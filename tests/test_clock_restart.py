@@ -142,3 +142,30 @@ def test_a_hold_under_way_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(clockwatch, "_BOOT_ID", boot)
     clockwatch.save(clockwatch.ClockWatch(0, 0, 30_000), path)
     assert clockwatch.resumed(path, 60_000, 60_000) == clockwatch.ClockWatch(0, 0, 30_000)
+
+
+def test_a_save_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A full disk (here: a file size limit) failed the write of the partial file and
+    left it in the node directory, one .clockwatch.json.<pid> per run."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal
+from pathlib import Path
+from node import clockwatch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+clockwatch._BOOT_ID = Path({str(tmp_path / "boot_id")!r})
+clockwatch._BOOT_ID.write_text("boot-1")
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+try:
+    clockwatch.save(clockwatch.ClockWatch(1_800_000_000_000, 123_456_789),
+                    Path({str(tmp_path / "node" / "clockwatch.json")!r}))
+except OSError as exc:
+    print("failed", exc.errno)
+"""
+    (tmp_path / "node").mkdir()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.startswith("failed"), (done.stdout, done.stderr)
+    assert list((tmp_path / "node").iterdir()) == []
