@@ -266,7 +266,21 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from node.registry import open_registry_frame
 
     # Refused before anything is signed or written: a version once signed stays on record.
-    for url in args.broker or ():
+    urls = list(args.broker or ())
+    if args.password_file:
+        # The password from a file, never on the command line (every local user sees a
+        # process's arguments).
+        from node.config import ConfigError
+        from node.deploy import broker_url, read_password
+
+        if not urls:
+            raise ChairError("--password-file needs --broker")
+        password = read_password(Path(args.password_file))  # a ConfigError: exit 3
+        try:
+            urls = [broker_url(url, args.user, password) for url in urls]
+        except ConfigError as exc:
+            raise ChairError(f"--broker: {exc}") from None
+    for url in urls:
         if (problem := broker_url_problem(url)) is not None:
             raise ChairError(f"--broker: {problem}")
     if args.out and not Path(args.out).resolve().parent.is_dir():
@@ -312,8 +326,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
         Path(args.out).write_bytes(frame)
         outputs.append(args.out)
     sent_to = None
-    if args.broker:
-        sent_to = asyncio.run(_send(args.broker, frame, version, outputs))
+    if urls:
+        sent_to = asyncio.run(_send(urls, frame, version, outputs))
     where = " and ".join([*outputs, *([f"every node through {sent_to}"] if sent_to else [])])
     emit(args, {"version": version, "files": outputs, "broker": sent_to},
           f"registry version {version} {'sent again' if args.resend else 'signed and published'}"
@@ -393,6 +407,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
              "it to every node")
     sp.add_argument("--broker", action="append", help="AMQP URL (repeat for a cluster); "
                     "without it only files are written")
+    sp.add_argument("--password-file", help="the broker user's password file: --broker is "
+                    "then a template, amqp://{user}:{password}@host:5672/kpx, filled in "
+                    "with it (a password on the command line is visible to every local user)")
+    sp.add_argument("--user", default="kpx-chair",
+                    help="broker user for {user} (default kpx-chair)")
     sp.add_argument("--out", help="also write the signed registry here")
     sp.add_argument("--resend", action="store_true", help="send the last signed version "
                     "again (to --broker, --out) without signing anything")

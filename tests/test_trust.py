@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -1275,3 +1276,35 @@ def test_a_rejection_refused_for_its_broker_user_is_not_answered(tmp_path: Path)
     finally:
         for n in nodes.values():
             n.close()
+
+
+def test_publish_takes_the_chairs_password_from_a_file_not_the_command_line(
+        tmp_path: Path) -> None:
+    """The runbook had the Chair type `--broker "amqp://kpx-chair:$(cat
+    chair/broker-passwords/kpx-chair.password)@..."`: the password was then in the
+    process's arguments, readable by every local user in `ps` while it ran. `registry
+    publish` takes the password from a file, as `deploy publish-registry` does."""
+    network = create_network(tmp_path, fresh_codes(2), [])
+    chair_dir = str(network.base / "chair")
+    secret = tmp_path / "kpx-chair.password"
+    secret.write_text("s3cret-of-the-chair\n")
+    secret.chmod(0o600)
+    result = kpnode("registry", "publish", "--dir", chair_dir, "--broker",
+                    "amqp://{user}:{password}@127.0.0.1:1/kpx", "--password-file",
+                    str(secret), check=False)
+    assert result.returncode == 3, result.stderr  # signed, the broker did not answer
+    assert "amqp://kpx-chair:***@127.0.0.1:1/kpx" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+    assert (network.base / "chair" / "published" / "registry-v000002.kpx").exists()
+    # A template without {password}, or a password file missing, is refused before
+    # anything is signed.
+    for broker, password_file in (("amqp://kpx-chair@127.0.0.1:1/kpx", str(secret)),
+                                  ("amqp://{user}:{password}@127.0.0.1:1/kpx",
+                                   str(tmp_path / "missing"))):
+        refused = kpnode("registry", "publish", "--dir", chair_dir, "--broker", broker,
+                         "--password-file", password_file, check=False)
+        assert refused.returncode in (1, 3) and "Traceback" not in refused.stderr, refused
+        assert not (network.base / "chair" / "published" / "registry-v000003.kpx").exists()
+    # The runbook puts no password file's content on a command line.
+    runbook = (Path(__file__).resolve().parents[1] / "deploy" / "RUNBOOK.md").read_text()
+    assert not re.search(r"\$\(cat [^)]*\.password\)", runbook)
