@@ -391,6 +391,8 @@ def cmd_network(args: argparse.Namespace) -> None:
 def cmd_publish_registry(args: argparse.Namespace) -> None:
     from yarl import URL
 
+    from node.brokerclient import amqp_library_logs_quiet
+    from node.brokerurl import redact, why_connect_failed
     from node.transport import publish_registry
 
     path = Path(args.registry)
@@ -412,9 +414,11 @@ def cmd_publish_registry(args: argparse.Namespace) -> None:
     try:
         # The broker vouches for the login as user_id; nodes skip the check for the Chair,
         # whose signature is the proof, so any login that may write kpx.registry will do.
-        asyncio.run(publish_registry(url, frame, user_id=URL(url).user or None))
+        with amqp_library_logs_quiet():  # the reason is said once, below, in words
+            asyncio.run(publish_registry(url, frame, user_id=URL(url).user or None))
     except Exception as exc:
-        raise ConfigError(f"registry not published: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"registry not published to {redact(url)}: "
+                          f"{why_connect_failed(url, exc)}") from exc
     emit(args, {"published": str(path), "version": version,
                  "signature_checked": bool(args.chair_key)},
           f"registry {path} (version {version}) published to every inbox"

@@ -1308,3 +1308,23 @@ def test_publish_takes_the_chairs_password_from_a_file_not_the_command_line(
     # The runbook puts no password file's content on a command line.
     runbook = (Path(__file__).resolve().parents[1] / "deploy" / "RUNBOOK.md").read_text()
     assert not re.search(r"\$\(cat [^)]*\.password\)", runbook)
+
+
+def test_deploy_publish_registry_says_why_the_broker_refused_in_one_line(
+        tmp_path: Path, amqp_url: str) -> None:
+    """A vhost with a typo came out as 'InvalidFrameError: Expected one of
+    ['Connection.OpenOk'], got <Connection.Close object at 0x7f...>', and an unreachable
+    broker printed the AMQP library's own JSON error line before kpnode's: `kpnode registry
+    publish` said both in words already."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    signed = str(network.base / "chair" / "registry.kpx")
+    wrong_vhost = amqp_url.rstrip("/") + "/kpx-no-such-vhost"
+    done = kpnode("deploy", "publish-registry", signed, "--broker", wrong_vhost, check=False)
+    assert done.returncode == 3
+    assert "refused to open virtual host 'kpx-no-such-vhost'" in done.stderr, done.stderr
+    assert "object at 0x" not in done.stderr and ":guest@" not in done.stderr
+    done = kpnode("deploy", "publish-registry", signed, "--broker",
+                  "amqp://guest:guest@127.0.0.1:1/", check=False)
+    assert done.returncode == 3
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("kpnode: registry not "
+                                                                   "published"), done.stderr
