@@ -183,6 +183,8 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         value = data.get(name, default)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             value = value.strip().lower() in _TRUE
+        elif type(value) is int and value in (0, 1):  # `= 1` in the file (TOML's integer)
+            value = value == 1
         if not isinstance(value, bool):
             raise ConfigError(f"{where(name)} must be true or false, not {value!r}")
         return value

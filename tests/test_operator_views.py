@@ -666,6 +666,24 @@ def test_settings_are_read_as_their_type_and_a_bad_one_names_its_source(
     assert str(refused.value) == f"{toml}: unknown setting(s) signing_key"
 
 
+def test_an_on_off_setting_takes_1_and_0_in_the_file_as_config_md_says(
+        tmp_path: Path) -> None:
+    """CONFIG.md: on/off settings take true/false 'also 1/0, yes/no, on/off, in the file
+    or the environment'; 'check_broker_user = 1' in node.toml was refused (exit 3)."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    toml = config.directory / "node.toml"
+    text = toml.read_text()
+    toml.write_text(text.replace("check_broker_user = false", "check_broker_user = 1")
+                    .replace("declare_topology = true", "declare_topology = 0"))
+    loaded = load_config(config.directory, environ={})
+    assert (loaded.check_broker_user, loaded.declare_topology) == (True, False)
+    toml.write_text(text.replace("check_broker_user = false", "check_broker_user = 2"))
+    with pytest.raises(ConfigError) as refused:
+        load_config(config.directory, environ={})
+    assert str(refused.value) == f"{toml}: check_broker_user must be true or false, not 2"
+
+
 def test_deploy_configure_keeps_the_environment_out_of_node_toml(
         tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
