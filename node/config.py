@@ -111,7 +111,8 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     """``KPX_<SETTING>`` overrides ``<setting>`` of node.toml (e.g. ``KPX_BROKER_URLS``,
     comma-separated; ``KPX_BROKER_USER``), so containers can be configured from outside.
     Values stay text (lists split); :func:`load_config` reads each as its setting's type."""
-    settings = {f for f in NodeConfig.__dataclass_fields__ if f != "directory"}
+    settings = {f for f in NodeConfig.__dataclass_fields__
+                if f not in ("directory", "authority_defaulted")}  # not settings
     found: dict[str, object] = {}
     for name in settings:
         value = environ.get(ENV_PREFIX + name.upper())

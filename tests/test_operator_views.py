@@ -684,6 +684,16 @@ def test_an_on_off_setting_takes_1_and_0_in_the_file_as_config_md_says(
     assert str(refused.value) == f"{toml}: check_broker_user must be true or false, not 2"
 
 
+def test_a_kpx_variable_that_is_no_setting_is_not_blamed_on_node_toml(
+        tmp_path: Path) -> None:
+    """KPX_AUTHORITY_DEFAULTED (an internal field, not a setting) stopped every command
+    with 'node.toml: unknown setting(s) authority_defaulted', naming a file without it."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    loaded = load_config(config.directory, environ={"KPX_AUTHORITY_DEFAULTED": "1"})
+    assert loaded.authority == load_config(config.directory, environ={}).authority
+
+
 def test_deploy_configure_keeps_the_environment_out_of_node_toml(
         tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
