@@ -6,7 +6,20 @@ Kept apart from :mod:`node.transport` so that reading a node's configuration (ev
 
 from __future__ import annotations
 
+import errno
+import os
 import urllib.parse
+
+#: the URL options the AMQP client reads (aiormq's TLS, login and timing options, and
+#: aio-pika's connection parameters); it drops any other without a word, so a misspelt
+#: ``cafle=`` would leave the broker verified against the system's CAs instead
+URL_OPTIONS = frozenset({
+    "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl", "auth",
+    "heartbeat", "timeout", "name", "interleave", "happy_eyeballs_delay",
+    "reconnect_interval", "fail_fast"})
+#: options that only an amqps:// URL uses; those naming a file are checked at connect
+TLS_OPTIONS = ("cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl")
+TLS_FILES = ("cafile", "capath", "certfile", "keyfile")
 
 
 def redact(url: str) -> str:
@@ -39,12 +52,32 @@ def broker_url_problem(url: str) -> str | None:
         parts.port  # noqa: B018 - parsing it is the check
     except ValueError:
         return f"{redact(url)!r}: the port must be a number from 0 to 65535"
+    options = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if unknown := sorted(set(options) - URL_OPTIONS):
+        return (f"{redact(url)!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)} (the AMQP client reads only "
+                f"{', '.join(sorted(URL_OPTIONS))})")
+    if parts.scheme == "amqp" and (tls := [o for o in TLS_OPTIONS if o in options]):
+        are = "is a TLS option" if len(tls) == 1 else "are TLS options"
+        return (f"{redact(url)!r}: {', '.join(tls)} {are}: the URL must be amqps:// for "
+                "them to be used")
     return None
+
+
+def _missing_tls_files(url: str) -> list[str]:
+    """``name path`` for each TLS file option of ``url`` naming nothing on this machine."""
+    options = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    return [f"{name} {path}" for name in TLS_FILES for path in options.get(name, ())
+            if not os.path.exists(path)]
 
 
 def why_connect_failed(url: str, exc: BaseException) -> str:
     """Why connecting to ``url`` failed, in words an operator can act on."""
     text = str(exc) or type(exc).__name__
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOENT
+            and (missing := _missing_tls_files(url))):
+        # The TLS context's own words name no file.
+        return f"no such file: {', '.join(missing)} (a TLS option of the broker URL)"
     if "Connection.OpenOk" in text and "Connection.Close" in text:
         # aiormq's words for a broker closing the connection at 'open vhost'.
         vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"

@@ -4,16 +4,18 @@ taken as it is by the node and turned by the AMQP client into the TLS context it
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import aiormq
 import pytest
 from aiormq.connection import SSLContextProvider
 
-from node.config import load_config
-from node.network import init_node
+from node.config import ConfigError, load_config
+from node.network import create_network, init_node
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
@@ -52,3 +54,43 @@ async def test_amqps_url_with_client_certificate_reaches_the_tls_context(
     monkeypatch.setenv("KPX_BROKER_URLS", ",".join(reversed(urls)))
     assert load_config(node).broker_urls == tuple(reversed(urls))
 
+
+
+def test_a_tls_file_that_is_missing_is_named(tmp_path: Path) -> None:
+    """CONFIG.md's TLS URL with a cafile not (yet) on the machine: `kpnode run` retried for
+    60 s and `kpnode status` reported '[Errno 2] No such file or directory', naming no file."""
+    missing = tmp_path / "tls" / "ca.pem"
+    network = create_network(tmp_path, ["ZA"],
+                             [f"amqps://kpx-za:s3cret@127.0.0.1:1/kpx?cafile={missing}"])
+    node = network.configs["ZA"].directory
+    done = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--dir",
+                           str(node)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    error = json.loads(done.stdout)["broker"]["error"]
+    assert f"cafile {missing}" in error and "s3cret" not in error, error
+
+
+def test_an_option_the_amqp_client_would_ignore_is_refused(tmp_path: Path) -> None:
+    """A misspelt option (`cafle=`) was dropped silently by the AMQP client, which then
+    verified the broker against the system's CAs; and TLS options on an amqp:// URL were
+    never used: plain AMQP went to the TLS port."""
+    node = tmp_path / "ZA"
+    init_node(node, "ZA", chair_public_key=bytes(32))
+    toml = node / "node.toml"
+    text = toml.read_text()
+    for url, says in (
+            ("amqps://kpx-za:s3cret@mq.example:5671/kpx?cafle=/tls/ca.pem",
+             "unknown option cafle"),
+            ("amqp://kpx-za:s3cret@mq.example:5671/kpx?cafile=/tls/ca.pem",
+             "cafile is a TLS option: the URL must be amqps://")):
+        toml.write_text(text.replace('broker_urls = ["amqp://guest:guest@127.0.0.1:5672/"]',
+                                     f'broker_urls = ["{url}"]'))
+        with pytest.raises(ConfigError) as refused:
+            load_config(node, environ={})
+        assert says in str(refused.value) and "s3cret" not in str(refused.value)
+    # What CONFIG.md shows stays accepted.
+    good = ("amqps://kpx-za@mq.example:5671/kpx?cafile=/tls/ca.pem&certfile=/tls/za.pem"
+            "&keyfile=/tls/za.key&auth=external&heartbeat=30")
+    toml.write_text(text.replace('broker_urls = ["amqp://guest:guest@127.0.0.1:5672/"]',
+                                 f'broker_urls = ["{good}"]'))
+    assert load_config(node, environ={}).broker_urls == (good,)
