@@ -110,9 +110,22 @@ def read_registry(path: Path, chair_public_key: bytes) -> Registry:
 def write_definitions(registry: Registry, out: Path, passwords: Path, *,
                       vhost: str = DEFAULT_VHOST, delivery_limit: int = 5) -> dict[str, Any]:
     """Write the definitions file (readable by the broker, it holds only salted hashes)
-    and any missing password file; returns the document."""
-    hashes = {user: password_hash(ensure_password(passwords, user))
-              for user in broker_users(registry.update)}
+    and any missing password file; returns the document. Refused when ``out`` holds users
+    already whose password files are not in ``passwords``: new passwords for them would
+    lock them out of the broker once imported."""
+    users = broker_users(registry.update)
+    try:
+        earlier = {str(u["name"]) for u in json.loads(out.read_text())["users"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = set()  # nothing written before (or nothing readable): nobody to keep
+    if lost := sorted(u for u in users
+                      if u in earlier and not password_file(passwords, u).exists()):
+        raise ConfigError(
+            f"{out} already has broker users {', '.join(lost)} whose password files are not "
+            f"in {passwords}: new passwords would lock them out of the broker once "
+            "imported. Give --passwords the directory that holds them ('deploy network' "
+            "keeps them in chair/broker-passwords)")
+    hashes = {user: password_hash(ensure_password(passwords, user)) for user in users}
     document = broker_definitions(registry.update, hashes, vhost=vhost,
                                   delivery_limit=delivery_limit)
     out.parent.mkdir(parents=True, exist_ok=True)

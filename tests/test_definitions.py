@@ -49,6 +49,24 @@ def test_users_queues_and_passwords(tmp_path: Path) -> None:
                       for u in broker_users(net.registry)}
 
 
+def test_regenerating_without_the_users_passwords_is_refused(tmp_path: Path) -> None:
+    """`deploy definitions` without --passwords, over the definitions `deploy network`
+    wrote (whose passwords are in chair/broker-passwords), made new passwords for every
+    user in broker/passwords: once imported, no node could log in again."""
+    done = provision(tmp_path / "net", ["ZA", "IN"], [TEMPLATE])
+    out = done.definitions
+    before = out.read_text()
+    with pytest.raises(ConfigError) as refused:
+        write_definitions(done.registry, out, out.parent / "passwords")
+    assert "kpx-in, kpx-za" in str(refused.value)
+    assert str(done.passwords) in str(refused.value) or "--passwords" in str(refused.value)
+    assert out.read_text() == before and not (out.parent / "passwords").exists()
+    # With the passwords kept, or for a definitions file not written yet, as before.
+    write_definitions(done.registry, out, done.passwords)
+    write_definitions(done.registry, tmp_path / "new" / "definitions.json",
+                      tmp_path / "new" / "passwords")
+
+
 def test_a_user_without_a_hash_is_an_error(tmp_path: Path) -> None:
     net = create_network(tmp_path, ["ZA"], ())
     with pytest.raises(ValueError, match="kpx-chair"):
