@@ -72,10 +72,17 @@ def ensure_password(directory: Path, user: str) -> str:
 
 
 def read_password(path: Path) -> str:
+    """A broker user's password from its file; refused when others may read the file, as
+    a signing key is (node.keyfile): whoever reads it may publish as that user."""
     try:
+        mode = path.stat().st_mode
         password = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ConfigError(f"password file {path} is readable by others (mode "
+                          f"{mode & 0o777:o}); chmod 600 it, and consider the password "
+                          "exposed")
     if not password:
         raise ConfigError(f"password file {path} is empty")
     return password

@@ -700,8 +700,17 @@ def test_deploy_configure_keeps_the_environment_out_of_node_toml(
     directory = network.configs["ZA"].directory
     password = tmp_path / "kpx-za.password"
     password.write_text("s3cret\n")
+    password.chmod(0o644)
     env = {**os.environ, "KPX_DATABASE": "/tmp/elsewhere.sqlite3",
            "KPX_HTTP_PORT": "9999"}
+    configure = [sys.executable, "-m", "node.cli", "deploy", "configure", "--dir",
+                 str(directory), "--broker", "amqp://{user}:{password}@broker/kpx",
+                 "--password-file", str(password)]
+    # a password file others may read is refused, as a signing key is
+    refused = subprocess.run(configure, env=env, capture_output=True, text=True)
+    assert refused.returncode == 3 and "readable by others" in refused.stderr, refused
+    assert "s3cret" not in (directory / "node.toml").read_text()
+    password.chmod(0o600)
     subprocess.run([sys.executable, "-m", "node.cli", "deploy", "configure", "--dir",
                     str(directory), "--broker", "amqp://{user}:{password}@broker/kpx",
                     "--password-file", str(password)], env=env, check=True,
