@@ -120,6 +120,10 @@ def write_definitions(registry: Registry, out: Path, passwords: Path, *,
     and any missing password file; returns the document. Refused when ``out`` holds users
     already whose password files are not in ``passwords``: new passwords for them would
     lock them out of the broker once imported."""
+    if not vhost.strip():
+        # The broker refuses to import it, and nodes' URLs could not name it anyway.
+        raise ConfigError("--vhost must name a virtual host, not be empty (default "
+                          f"{DEFAULT_VHOST!r})")
     users = broker_users(registry.update)
     try:
         earlier = {str(u["name"]) for u in json.loads(out.read_text())["users"]}

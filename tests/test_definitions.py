@@ -44,6 +44,8 @@ def test_users_queues_and_passwords(tmp_path: Path) -> None:
         assert password_file(secrets, user).stat().st_mode & 0o777 == 0o600
         assert password_file(secrets, user).read_text().strip() not in out.read_text()
     before = {u: password_file(secrets, u).read_text() for u in broker_users(net.registry)}
+    with pytest.raises(ConfigError, match="virtual host"):  # not a file the broker refuses
+        write_definitions(registry, out, secrets, vhost="")
     write_definitions(registry, out, secrets)
     assert before == {u: password_file(secrets, u).read_text()
                       for u in broker_users(net.registry)}
