@@ -54,6 +54,12 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_LIST = 5000
 
 
+#: Retry-After of a 503 for a database or tokens file that cannot be used: the running
+#: node retries its own store from 0.5 s doubling to 10 s, so a client need not come
+#: back sooner
+RETRY_AFTER_SECONDS = 10
+
+
 class ApiError(Exception):
     """An answer other than success: status, reason code, message, problems."""
 
@@ -126,7 +132,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except StoreError as exc:
         log.error("store failed", error=str(exc), path=request.path)
         return ApiError(503, "node.store_unavailable", "the node's database cannot be used "
-                        "now; retry later (with the same Idempotency-Key)").response()
+                        "now; retry later (with the same Idempotency-Key)",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)}).response()
     except Exception:
         response = _failed(request)
     if request.path != f"{API_PREFIX}/openapi.json":
@@ -168,7 +175,7 @@ async def _authenticated(request: web.Request, handler: Handler,
     except TokenError as exc:
         log.error("tokens file unreadable", error=str(exc))
         raise ApiError(503, "node.tokens_unavailable", "the node cannot read its tokens "
-                       "file") from None
+                       "file", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     if principal is None:
         raise ApiError(401, "auth.bad_token", "unknown or revoked token",
                        headers={"WWW-Authenticate": 'Bearer realm="kpx", '

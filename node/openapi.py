@@ -42,7 +42,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
              "node.tokens_unavailable), or, for an action, the running node distrusts its "
              "wall clock (node.clock_disagrees: see /readyz) or has no key that may sign now "
              "(key.revoked, key.not_valid_now, ...: see kpnode status); nothing was done: "
-             "retry, with the same Idempotency-Key",
+             "retry, with the same Idempotency-Key. A Retry-After header (seconds) comes "
+             "with the first three, where waiting may be enough",
     }
     # Any call can meet a node that fails or whose database is unavailable.
     return {str(s): _json(_ref("Error"), what[s]) for s in sorted({*statuses, 500, 503})}

@@ -239,6 +239,7 @@ async def test_an_answer_that_cannot_be_stored_undoes_the_action_and_retrying_is
         response = await za.client.post(f"{API}/certificates", headers=headers, json=body)
     assert response.status == 503
     assert (await response.json())["error"] == "node.store_unavailable"
+    assert response.headers["Retry-After"] == "10"  # when the node retries its store
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0005") is None
     assert za.node.store.backlog() == []
     retried = await za.client.post(f"{API}/certificates", headers=headers, json=body)
