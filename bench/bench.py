@@ -62,20 +62,19 @@ from nacl.signing import SigningKey  # noqa: E402
 from node.brokerurl import redact  # noqa: E402
 from node.interrupt import sigterm_as_interrupt  # noqa: E402
 from node.localbroker import broker_url  # noqa: E402
+from node.simreport import Report  # noqa: E402
 from node.simulate import (  # noqa: E402
     LOG_LEVELS,
     MAX_CERTIFICATES,
-    PARTICIPANTS,
     Options,
-    Report,
     SimulationError,
     check_broker_choice,
     check_broker_free,
     check_new_directory,
     claimed,
-    plan_trade,
     run_simulation,
 )
+from node.trade import PARTICIPANTS, plan_trade  # noqa: E402
 from node.transport import (  # noqa: E402
     CONTENT_TYPE,
     dead_letter_queue,

@@ -3,7 +3,7 @@
 Started by :mod:`node.simulate` as ``python -m node.simworker --dir NODE_DIR``. It runs the
 node exactly as ``kpnode run`` does (:class:`~node.runner.RunningNode`) and, in the same
 event loop, the desk that issues the node's planned certificates and confirms arrivals
-(:class:`~node.simulate.Desk`), as an authority's own systems would next to its node.
+(:class:`~node.desk.Desk`), as an authority's own systems would next to its node.
 
 It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, and ``{"event":
 "done", ...}`` with its desk's counts, peak RSS and CPU time after a clean stop; on stdin
@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from node.config import load_config
+from node.desk import Desk, read_desk_plan
 from node.logs import configure_logging
 from node.runner import RunningNode, freeze_start_up_objects
-from node.simulate import Desk, cpu_seconds, peak_rss_kib, read_desk_plan
+from node.simreport import cpu_seconds, peak_rss_kib
 
 
 def emit(message: dict[str, Any]) -> None:

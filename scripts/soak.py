@@ -7,15 +7,15 @@
 It starts a broker of its own (a :class:`~node.localbroker.LocalBroker`: the schedule
 restarts it), provisions a Chair, the nodes and a signed registry, and runs every node as
 ``kpnode run`` in its own process (:class:`~node.nodeprocess.NodeProcess`). The
-Participants' desks (:class:`~node.simulate.Desk`) run here, next to the nodes, issuing the
-trade planned by :func:`~node.simulate.plan_trade` and confirming arrivals through their own
+Participants' desks (:class:`~node.desk.Desk`) run here, next to the nodes, issuing the
+trade planned by :func:`~node.trade.plan_trade` and confirming arrivals through their own
 connection to each node's database, so they go on while a node is down.
 
 During ``--duration`` seconds it applies ``--faults`` faults at random instants, each of
 them one of: ``kill -9`` a node and restart it after a pause; SIGTERM a node (it must exit
 0) and restart it; restart the broker. With three faults or more each kind occurs at least
 once. Then it waits (at most ``--timeout`` seconds) for every loop to finish, stops the
-nodes with SIGTERM and checks, with :func:`~node.simulate.analyse` and ``kpnode
+nodes with SIGTERM and checks, with :func:`~node.simreport.analyse` and ``kpnode
 verify-log``: every loop closed once with equal records and the same signed evidence on both
 sides, nothing recorded twice, mirror statistics agreeing, every hash chain and signature
 valid, every SIGTERM answered by exit 0. It prints a short report (``--json`` for machines)
@@ -39,23 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.desk import Desk, desk_plan
 from node.interrupt import sigterm_as_interrupt
 from node.localbroker import BrokerError, LocalBroker
 from node.logs import configure_logging
 from node.network import create_network
 from node.nodeprocess import NodeProcess, NodeProcessError
 from node.service import Node, now_ms
-from node.simulate import (
-    MAX_PARTICIPANTS,
-    PARTICIPANTS,
-    Desk,
-    Report,
-    analyse,
-    count_progress,
-    desk_plan,
-    plan_trade,
-)
+from node.simreport import Report, analyse
+from node.simulate import count_progress
 from node.store import Store
+from node.trade import MAX_PARTICIPANTS, PARTICIPANTS, plan_trade
 
 KILL, TERM, BROKER = "kill -9", "SIGTERM", "broker restart"
 KINDS = (KILL, TERM, BROKER)

@@ -1,7 +1,7 @@
 """Helpers for the fault tests that crash real ``kpnode run`` processes: a burst of
 certificates issued and confirmed from the authority's side (a second connection to the
 node's database, as ``kpnode issue`` / ``kpnode confirm`` would), progress read from the
-stores, and the end-of-test invariants checked by :func:`node.simulate.analyse` and
+stores, and the end-of-test invariants checked by :func:`node.simreport.analyse` and
 ``kpnode verify-log``."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from node.config import NodeConfig
 from node.machine import Side, State
 from node.nodeprocess import NodeProcess
 from node.service import Node
-from node.simulate import Report, Shipment, analyse
+from node.simreport import Report, analyse
 from node.store import Store
+from node.trade import Shipment
 from tests.netutil import certificate
 
 

@@ -3,7 +3,7 @@
 The nodes are real ``kpnode run`` processes (:class:`node.nodeprocess.NodeProcess`) on the
 session's broker; the authorities' desks issue and confirm through their own connection to
 the node's database, as ``kpnode issue`` and ``kpnode confirm`` do, so they go on while a
-node is down. At the end :func:`node.simulate.analyse` checks both sides' records and
+node is down. At the end :func:`node.simreport.analyse` checks both sides' records and
 evidence, and ``kpnode verify-log`` the hash chains.
 """
 

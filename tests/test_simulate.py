@@ -25,23 +25,12 @@ from types import SimpleNamespace
 import pytest
 
 from node.config import load_config
+from node.desk import Desk
 from node.machine import Side, State
-from node.simulate import (
-    MEAN_CARATS,
-    MEAN_USD,
-    PARTICIPANTS,
-    Desk,
-    Options,
-    Report,
-    Shipment,
-    SimulationError,
-    analyse,
-    format_report,
-    plan_trade,
-    received_as,
-    run_simulation,
-)
+from node.simreport import Report, analyse, format_report
+from node.simulate import Options, SimulationError, run_simulation
 from node.store import Store
+from node.trade import MEAN_CARATS, MEAN_USD, PARTICIPANTS, Shipment, plan_trade, received_as
 from tests.test_network import fresh_codes, publish_raw
 
 
@@ -627,8 +616,8 @@ def test_a_missing_virtual_host_is_named(amqp_url: str) -> None:
 def test_a_node_process_told_to_stop_while_connecting_stops_at_once(tmp_path: Path) -> None:
     """A node process looked at its stop signal only once connected: Ctrl-C as a run
     started, or a broker that does not answer, held the run up to 60 s."""
+    from node.desk import write_desk_plan
     from node.network import create_network
-    from node.simulate import write_desk_plan
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
     directory = network.configs["ZA"].directory
@@ -726,8 +715,8 @@ def test_a_node_process_keeps_an_ignored_sigint(tmp_path: Path) -> None:
     """A simulation started in the background of a script ignores SIGINT, and Ctrl-C in
     the terminal does not stop it; its node processes stopped all the same (they set a
     handler of their own), and the run failed."""
+    from node.desk import write_desk_plan
     from node.network import create_network
-    from node.simulate import write_desk_plan
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
     directory = network.configs["ZA"].directory
