@@ -10,13 +10,15 @@ import errno
 import os
 import urllib.parse
 
-#: the URL options the AMQP client reads (aiormq's TLS, login and timing options, and
-#: aio-pika's connection parameters); it drops any other without a word, so a misspelt
-#: ``cafle=`` would leave the broker verified against the system's CAs instead
+#: the URL options the AMQP client reads and acts on for the connection kpx makes (aiormq's
+#: TLS, login and heartbeat options, and a plain aio_pika.Connection's parameters); it drops
+#: any other without a word, so a misspelt ``cafle=`` would leave the broker verified
+#: against the system's CAs instead. Not ``reconnect_interval`` or ``fail_fast``: only
+#: aio-pika's RobustConnection reads them, and kpx reconnects by itself (node.transport);
+#: nor ``timeout``, which aiormq parses and never uses (kpx gives its own connect timeout).
 URL_OPTIONS = frozenset({
     "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl", "auth",
-    "heartbeat", "timeout", "name", "interleave", "happy_eyeballs_delay",
-    "reconnect_interval", "fail_fast"})
+    "heartbeat", "name", "interleave", "happy_eyeballs_delay"})
 #: options that only an amqps:// URL uses; those naming a file are checked at connect
 TLS_OPTIONS = ("cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl")
 TLS_FILES = ("cafile", "capath", "certfile", "keyfile")

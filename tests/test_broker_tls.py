@@ -94,3 +94,27 @@ def test_an_option_the_amqp_client_would_ignore_is_refused(tmp_path: Path) -> No
     toml.write_text(text.replace('broker_urls = ["amqp://guest:guest@127.0.0.1:5672/"]',
                                  f'broker_urls = ["{good}"]'))
     assert load_config(node, environ={}).broker_urls == (good,)
+
+
+@pytest.mark.parametrize("option", ["reconnect_interval=5", "fail_fast=0", "timeout=120"])
+def test_an_option_the_nodes_connection_never_uses_is_refused(
+        tmp_path: Path, option: str) -> None:
+    """The allow-list took reconnect_interval and fail_fast, which only aio-pika's
+    RobustConnection reads (kpx connects with a plain aio_pika.Connection and reconnects by
+    itself), and timeout, which aiormq parses and never uses (kpx passes its own connect
+    timeout): each was accepted at start and then dropped, as a misspelt option was."""
+    import aio_pika
+    from aio_pika.connection import make_url
+
+    url = f"amqps://kpx-za:s3cret@mq.example:5671/kpx?cafile=/tls/ca.pem&{option}"
+    name = option.split("=")[0]
+    assert name not in aio_pika.Connection(make_url(url)).kwargs  # not what kpx connects with
+    node = tmp_path / "ZA"
+    init_node(node, "ZA", chair_public_key=bytes(32))
+    toml = node / "node.toml"
+    toml.write_text(toml.read_text().replace(
+        'broker_urls = ["amqp://guest:guest@127.0.0.1:5672/"]', f'broker_urls = ["{url}"]'))
+    with pytest.raises(ConfigError) as refused:
+        load_config(node, environ={})
+    assert f"unknown option {name}" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
