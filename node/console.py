@@ -219,6 +219,8 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
         sessions.pop(sid, None)
         if request.method == "GET":
             raise see(f"{CONSOLE_PREFIX}/login")
+        if request.method == "POST":  # an action refused: anonymous, as the API's 401s
+            record_refused(request, None, 401)
         return page(request, "Session expired", "<p>Please <a href='"
                     f"{CONSOLE_PREFIX}/login'>log in</a> again.</p>", status=401)
     session.expires_at = now + SESSION_SECONDS
@@ -319,9 +321,10 @@ async def post_logout(request: web.Request) -> web.StreamResponse:
     raise response
 
 
-def record_refused(request: web.Request, principal: Principal, status: int) -> None:
+def record_refused(request: web.Request, principal: Principal | None, status: int) -> None:
     """Chain an action refused before it was tried into the evidence log, as the API
-    does every call: who tried what is the log's to show, not only what was done."""
+    does every call: who tried what is the log's to show, not only what was done. Without
+    a session (``None``) it is an ``anonymous`` entry, within the API's hourly budget."""
     request.app[WEB_CONTEXT].record_call(principal, request.method, request.path, status,
                                          certificate=request.match_info.get("number"),
                                          via="console")

@@ -478,3 +478,25 @@ async def test_the_issue_form_says_what_is_wrong_with_the_parcels(
         assert "parcels: a whole number in digits 0-9 is required" in text, typed
         assert f"name=parcels size=4 value='{escape(typed)}'" in text
     assert za.node.records() == []
+
+
+async def test_a_console_action_without_a_session_is_in_the_evidence_log_as_in_the_api(
+        pair: tuple[Served, Served]) -> None:
+    """A POST with no session (never logged in, expired, or its token revoked since) was
+    answered 401 and left no trace, while the API chains every call made without a
+    working token as `anonymous` (within the hourly budget): README says every console
+    action is chained, refused ones too."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0700", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    path = f"{C}/incoming/ZA-2026-0700/confirm"
+    assert (await india.client.post(path, data={"csrf": "none"})).status == 401
+    csrf = await login(india, "officer")
+    Tokens(india.node.config.directory).revoke("in-officer")
+    assert (await india.client.post(path, data={"csrf": csrf})).status == 401
+    calls = [read_operator_record(e.frame) for e in india.node.store.evidence()
+             if e.direction == OPERATOR]
+    refused = [(c["operator"], c["action"], c["method"], c["path"], c["status"])
+               for c in calls if c["status"] == 401]
+    assert refused == [("anonymous", "console.call", "POST", path, 401)] * 2, calls
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0700").state is State.RECEIVED  # type: ignore[union-attr]
