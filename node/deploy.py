@@ -114,16 +114,21 @@ def read_registry(path: Path, chair_public_key: bytes) -> Registry:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+def check_vhost(vhost: str) -> None:
+    """Refuse an empty (or blank) virtual host: the broker refuses to import definitions
+    for it, and nodes' URLs could not name it anyway."""
+    if not vhost.strip():
+        raise ConfigError("--vhost must name a virtual host, not be empty (default "
+                          f"{DEFAULT_VHOST!r})")
+
+
 def write_definitions(registry: Registry, out: Path, passwords: Path, *,
                       vhost: str = DEFAULT_VHOST, delivery_limit: int = 5) -> dict[str, Any]:
     """Write the definitions file (readable by the broker, it holds only salted hashes)
     and any missing password file; returns the document. Refused when ``out`` holds users
     already whose password files are not in ``passwords``: new passwords for them would
     lock them out of the broker once imported."""
-    if not vhost.strip():
-        # The broker refuses to import it, and nodes' URLs could not name it anyway.
-        raise ConfigError("--vhost must name a virtual host, not be empty (default "
-                          f"{DEFAULT_VHOST!r})")
+    check_vhost(vhost)
     users = broker_users(registry.update)
     try:
         earlier = {str(u["name"]) for u in json.loads(out.read_text())["users"]}
@@ -282,6 +287,8 @@ def provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str],
     """The Chair (key, registry.json, signed registry.kpx, chair.pub), one locked-down node
     directory per code, the broker definitions and password files. On a directory that is
     provisioned already it only regenerates the definitions from the Chair's registry."""
+    if vhost is not None:  # before anything is made: refused later, a network is half made
+        check_vhost(vhost)
     base.mkdir(parents=True, exist_ok=True)
     with _only_run(base):
         return _provision(base, codes, broker_templates, vhost=vhost,
@@ -335,7 +342,8 @@ def _provision(base: Path, codes: Sequence[str], broker_templates: Sequence[str]
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{chair_dir / CHAIR_PUBLIC}: {exc}") from exc
     registry = read_registry(chair_dir / "registry.kpx", chair_public)
-    write_definitions(registry, out, passwords, vhost=vhost or DEFAULT_VHOST,
+    write_definitions(registry, out, passwords,
+                      vhost=DEFAULT_VHOST if vhost is None else vhost,
                       delivery_limit=delivery_limit)
     return Provisioned(base, created, chair_public, registry, out, passwords)
 

@@ -132,3 +132,16 @@ def test_deploy_network_cleans_up_only_its_own_and_runs_one_at_a_time(
         os.close(fd)
     assert provision(base, ["ZA", "IN"], [TEMPLATE]).created
     assert not (base / UNFINISHED).exists()
+
+
+@pytest.mark.parametrize("vhost", ["", " "])
+def test_deploy_network_refuses_an_empty_vhost_before_making_anything(
+        tmp_path: Path, vhost: str) -> None:
+    """57a6a14 refused an empty --vhost in `deploy definitions` only: `deploy network
+    --vhost ''` provisioned the vhost 'kpx' without a word (`vhost or DEFAULT_VHOST`), and
+    `--vhost ' '` was refused only after the Chair and every node had been made, leaving a
+    network its own error called unprovisioned."""
+    base = tmp_path / "net"
+    with pytest.raises(ConfigError, match="virtual host"):
+        provision(base, ["ZA", "IN"], [TEMPLATE], vhost=vhost)
+    assert not base.exists() or not any(base.iterdir()), list(base.iterdir())
