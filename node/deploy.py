@@ -73,13 +73,17 @@ def ensure_password(directory: Path, user: str) -> str:
 
 def read_password(path: Path) -> str:
     """A broker user's password from its file; refused when others may read the file, as
-    a signing key is (node.keyfile): whoever reads it may publish as that user."""
+    a signing key is (node.keyfile): whoever reads it may publish as that user. A file
+    owned by root may be read by its group too (PostgreSQL's rule for its TLS key): a
+    Kubernetes secret is mounted so, 0440 for the pod's fsGroup, and the image's
+    unprivileged user could read it no other way."""
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
         password = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from exc
-    if mode & 0o077:
+    mode = st.st_mode
+    if mode & (0o037 if st.st_uid == 0 else 0o077):
         raise ConfigError(f"password file {path} is readable by others (mode "
                           f"{mode & 0o777:o}); chmod 600 it, and consider the password "
                           "exposed")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,39 @@ def test_deploy_network_refuses_an_empty_vhost_before_making_anything(
     with pytest.raises(ConfigError, match="virtual host"):
         provision(base, ["ZA", "IN"], [TEMPLATE], vhost=vhost)
     assert not base.exists() or not any(base.iterdir()), list(base.iterdir())
+
+
+def test_a_password_secret_owned_by_root_and_readable_by_its_group_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b8191db refused every password file its group may read. A Kubernetes secret is
+    mounted owned by root, and a pod that runs as the image's unprivileged user reads it
+    through its fsGroup: mode 0440 with `defaultMode: 0400` (the narrowest there is). So
+    `deploy configure --password-file` could not read a secret at all in such a pod
+    (KPX_KEY_PASSPHRASE_FILE, the passphrase's secret, is read with no mode check). As
+    PostgreSQL does for its TLS key: a file owned by root may be read by its group; one
+    that others may read, or a group-readable one of any other owner, is still refused."""
+    from node.deploy import read_password
+
+    real_stat = Path.stat
+
+    def as_root(path: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)
+        fields = list(st)
+        fields[4] = 0  # st_uid: as a secret volume mounts it
+        return os.stat_result(fields)
+
+    secret = tmp_path / "kpx-za.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o440)
+    if os.geteuid() != 0:
+        monkeypatch.setattr(Path, "stat", as_root)
+    assert read_password(secret) == "s3cret"
+    for mode in (0o444, 0o460, 0o404):  # others, or the group writing: refused
+        secret.chmod(mode)
+        with pytest.raises(ConfigError, match="readable by others"):
+            read_password(secret)
+    secret.chmod(0o440)
+    monkeypatch.setattr(Path, "stat", lambda p, *a, **k: os.stat_result(
+        [*list(real_stat(p, *a, **k))[:4], 10001, *list(real_stat(p, *a, **k))[5:]]))
+    with pytest.raises(ConfigError, match="readable by others"):  # not root's: refused
+        read_password(secret)
