@@ -327,14 +327,16 @@ def cmd_publish(args: argparse.Namespace) -> None:
         outputs.append(args.out)
     sent_to = None
     if urls:
-        sent_to = asyncio.run(_send(urls, frame, version, outputs))
+        sent_to = asyncio.run(_send(urls, frame, version, outputs,
+                                    from_file=bool(args.password_file)))
     where = " and ".join([*outputs, *([f"every node through {sent_to}"] if sent_to else [])])
     emit(args, {"version": version, "files": outputs, "broker": sent_to},
           f"registry version {version} {'sent again' if args.resend else 'signed and published'}"
           f" to {where}")
 
 
-async def _send(urls: list[str], frame: bytes, version: int, outputs: list[str]) -> str:
+async def _send(urls: list[str], frame: bytes, version: int, outputs: list[str], *,
+                from_file: bool = False) -> str:
     from node.brokerclient import amqp_library_logs_quiet
     from node.brokerurl import redact, why_connect_failed
     from node.transport import publish_registry
@@ -353,10 +355,13 @@ async def _send(urls: list[str], frame: bytes, version: int, outputs: list[str])
                        "definitions) first")
             errors.append(f"{redact(url)}: {why}")
     written = f" (written to {', '.join(outputs)})" if outputs else ""
+    # as it was given: a password read from a file stays off the command line (ps)
+    again = ("--resend --password-file FILE --broker TEMPLATE" if from_file
+             else "--resend --broker URL")
     raise BrokerUnreachable(
         f"registry version {version} is signed{written} but could not be sent to the "
         f"broker: {'; '.join(errors).rstrip('.')}. Send it again with 'kpnode registry "
-        "publish --resend --broker URL', or hand the file to the nodes")
+        f"publish {again}', or hand the file to the nodes")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],

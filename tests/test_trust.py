@@ -1296,6 +1296,9 @@ def test_publish_takes_the_chairs_password_from_a_file_not_the_command_line(
     assert "amqp://kpx-chair:***@127.0.0.1:1/kpx" in result.stderr
     assert "s3cret" not in result.stderr + result.stdout
     assert (network.base / "chair" / "published" / "registry-v000002.kpx").exists()
+    # and the way to send it again keeps the password in its file, off the command line
+    assert "--resend --broker URL'" not in result.stderr, result.stderr
+    assert "--resend --password-file FILE --broker TEMPLATE" in result.stderr, result.stderr
     # A template without {password}, or a password file missing, is refused before
     # anything is signed.
     for broker, password_file in (("amqp://kpx-chair@127.0.0.1:1/kpx", str(secret)),
