@@ -109,7 +109,8 @@ class WebContext:
         """Chain the call into the evidence log as an operator entry: who (the token's name,
         or ``anonymous`` when it had none that worked), what, with which outcome. Anonymous
         calls only within :class:`AnonymousBudget`; an entry that follows calls left out
-        carries their number as ``left_out``."""
+        carries their number as ``left_out``. An entry that cannot be written is logged,
+        never raised: it must not change the answer."""
         extra: dict[str, int] = {}
         if principal is None:
             left_out = self.anonymous.admit()
@@ -125,8 +126,16 @@ class WebContext:
                                 certificate=certificate, idempotency_key=idempotency_key,
                                 **extra)
         store = self.node.store
-        with store.transaction():
-            store.append_evidence(OPERATOR, entry, new_message_id(), None, at)
+        try:
+            with store.transaction():
+                store.append_evidence(OPERATOR, entry, new_message_id(), None, at)
+        except Exception as exc:
+            # The answer stands: the action, if any, has happened (a 500 or 503 would say
+            # otherwise), and a refusal keeps its own reason. The node's log keeps what the
+            # evidence log could not.
+            log.error("call not recorded in the evidence log", error=str(exc), via=via,
+                      principal=principal.name if principal else ANONYMOUS, method=method,
+                      path=path, status=status)
 
 
 ANONYMOUS = "anonymous"

@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from node import console
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
+from node.store import Store, StoreError
 from node.tokens import Tokens
 from tests.netutil import carry, certificate
 from tests.webutil import Served, served_pair
@@ -500,3 +502,27 @@ async def test_a_console_action_without_a_session_is_in_the_evidence_log_as_in_t
                for c in calls if c["status"] == 401]
     assert refused == [("anonymous", "console.call", "POST", path, 401)] * 2, calls
     assert india.node.store.get(Side.IMPORT, "ZA-2026-0700").state is State.RECEIVED  # type: ignore[union-attr]
+
+
+async def test_an_evidence_entry_that_cannot_be_written_changes_no_answer(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review found that the console's record of a refusal raised when the evidence log
+    could not be written (another process holding the database lock): a monitor's 403
+    became a 'database unavailable' page, and an officer's confirmation, done, did too."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0600", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    path = f"{C}/incoming/ZA-2026-0600/confirm"
+    original = Store.append_evidence
+
+    def locked(self: Store, direction: str, *args: Any, **kwargs: Any) -> Any:
+        if direction == OPERATOR:  # the operator's entries only: the action's own go in
+            raise StoreError("database is locked")
+        return original(self, direction, *args, **kwargs)
+    monkeypatch.setattr(Store, "append_evidence", locked)
+    monitor_csrf = await login(india, "monitor")
+    assert (await india.client.post(path, data={"csrf": monitor_csrf})).status == 403
+    officer_csrf = await login(india, "officer")
+    done = await india.client.post(path, data={"csrf": officer_csrf}, allow_redirects=False)
+    assert done.status == 303
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0600").state is State.CONFIRMED  # type: ignore[union-attr]
