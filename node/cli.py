@@ -282,6 +282,7 @@ def cmd_verify_log(args: argparse.Namespace) -> None:
         records = node.store.records()
         faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key)]
         faults += unsupported_records(records, entries)
+        faults += node.store.column_mismatches()
         data = {"entries": len(entries), "records": len(records), "ok": not faults,
                 "faults": faults}
         text = (f"evidence log OK: {len(entries)} entries, chain and every signature "

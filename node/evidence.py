@@ -12,11 +12,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from node.machine import Record, State
+from node.machine import Record, Side, State
 from protocol import (
+    Certificate,
+    Envelope,
     ImportConfirmation,
     ProtocolError,
     RegistryUpdate,
+    Replacement,
     decode_body,
     parse_frame,
     verify_frame,
@@ -95,29 +98,60 @@ def unsupported_records(records: Iterable[Record], entries: Iterable[Entry]) -> 
     is left still links up), but the records those entries justified can: every record
     needs the frame its message id names, and a confirmed one the very import confirmation
     it holds, sent by its importer (a refused confirmation, or one a third Participant sent
-    about the number, is logged too, and backs nothing)."""
-    message_ids: set[str] = set()
+    about the number, is logged too, and backs nothing).
+
+    The statistics are read from the records, not from the log, so a record must also say
+    what its signed message says: the very certificate (and its digest) that the frame
+    under its message id carries, between the partners that frame names."""
+    frames: dict[str, list[tuple[str, Envelope, bytes]]] = {}
     confirmations: dict[tuple[str, str], list[ImportConfirmation]] = {}
     for e in entries:
-        message_ids.add(e.message_id)
+        frames.setdefault(e.message_id, [])
         if e.certificate is not None and e.direction != OPERATOR:
             try:
-                envelope = decode_body(parse_frame(e.frame).body)
+                frame = parse_frame(e.frame)
+                envelope = decode_body(frame.body)
             except ProtocolError:
                 continue  # verify_chain reports it
+            frames[e.message_id].append((e.direction, envelope, frame.digest))
             if isinstance(envelope.payload, ImportConfirmation):
                 confirmations.setdefault((e.certificate, envelope.sender), []).append(
                     envelope.payload)
     problems = []
     for r in records:
-        if r.message_id not in message_ids:
-            problems.append(f"{r.side} {r.number} ({r.state}): its message {r.message_id} "
-                            "is not in the log")
+        what = f"{r.side} {r.number} ({r.state})"
+        if r.message_id not in frames:
+            problems.append(f"{what}: its message {r.message_id} is not in the log")
+            continue
+        if (problem := _carried(r, frames[r.message_id])) is not None:
+            problems.append(f"{what}: {problem}")
         elif r.state is State.CONFIRMED and r.confirmation not in confirmations.get(
                 (r.number, r.certificate.destination), ()):
             problems.append(f"{r.side} {r.number} is confirmed, but no import confirmation "
                             "for it is in the log")
     return problems
+
+
+def _carried(record: Record, found: list[tuple[str, Envelope, bytes]]) -> str | None:
+    """Why the frames logged under a record's message id do not carry that record, or None.
+    An export's is the certificate (or replacement) this node sent its importer, an
+    import's the one its issuer sent this node."""
+    export = record.side is Side.EXPORT
+    carried = [(env, digest) for direction, env, digest in found
+               if direction == ("out" if export else "in")
+               and isinstance(env.payload, Certificate | Replacement)]
+    if not carried:
+        return f"its message {record.message_id} in the log carries no certificate"
+    for env, digest in carried:
+        payload = env.payload
+        sent = payload.certificate if isinstance(payload, Replacement) else payload
+        partner = env.recipient if export else env.sender
+        if sent == record.certificate and digest == record.certificate_digest:
+            if partner != record.partner:
+                return (f"recorded with partner {record.partner}, but its message is "
+                        f"between {env.sender} and {env.recipient}")
+            return None
+    return "the certificate stored differs from the one its message carries"
 
 
 def operator_record(action: str, operator: str, at_ms: int, **fields: Any) -> bytes:
