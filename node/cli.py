@@ -281,7 +281,7 @@ def cmd_verify_log(args: argparse.Namespace) -> None:
         entries = list(node.store.evidence())
         records = node.store.records()
         faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key)]
-        faults += unsupported_records(records, entries)
+        faults += unsupported_records(records, entries, today=day_of(node.clock()))
         faults += node.store.column_mismatches()
         data = {"entries": len(entries), "records": len(records), "ok": not faults,
                 "faults": faults}

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
-from node.machine import Record, Side, State
+from node.machine import OPEN_STATES, Record, Side, State
 from protocol import (
+    Cancellation,
     Certificate,
     Envelope,
     ImportConfirmation,
     ProtocolError,
+    Receipt,
     RegistryUpdate,
+    Rejection,
     Replacement,
     decode_body,
     parse_frame,
@@ -93,7 +97,8 @@ def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
     return faults
 
 
-def unsupported_records(records: Iterable[Record], entries: Iterable[Entry]) -> list[str]:
+def unsupported_records(records: Iterable[Record], entries: Iterable[Entry], *,
+                        today: date | None = None) -> list[str]:
     """Records the log does not back. The chain cannot show entries cut from its end (what
     is left still links up), but the records those entries justified can: every record
     needs the frame its message id names, and a confirmed one the very import confirmation
@@ -102,34 +107,107 @@ def unsupported_records(records: Iterable[Record], entries: Iterable[Entry]) -> 
 
     The statistics are read from the records, not from the log, so a record must also say
     what its signed message says: the very certificate (and its digest) that the frame
-    under its message id carries, between the partners that frame names."""
-    frames: dict[str, list[tuple[str, Envelope, bytes]]] = {}
-    confirmations: dict[tuple[str, str], list[ImportConfirmation]] = {}
+    under its message id carries, between the partners that frame names; and its state
+    must be one the logged messages lead to (:func:`_state_problem`). ``today`` (UTC) lets
+    an ``expired`` record be checked against its certificate's expiry date."""
+    records = list(records)
+    log = _Log()
     for e in entries:
-        frames.setdefault(e.message_id, [])
+        log.frames.setdefault(e.message_id, [])
         if e.certificate is not None and e.direction != OPERATOR:
             try:
                 frame = parse_frame(e.frame)
                 envelope = decode_body(frame.body)
             except ProtocolError:
                 continue  # verify_chain reports it
-            frames[e.message_id].append((e.direction, envelope, frame.digest))
-            if isinstance(envelope.payload, ImportConfirmation):
-                confirmations.setdefault((e.certificate, envelope.sender), []).append(
-                    envelope.payload)
+            log.add(e, envelope, frame.digest)
+    by_key = {(r.side, r.number): r for r in records}
     problems = []
     for r in records:
         what = f"{r.side} {r.number} ({r.state})"
-        if r.message_id not in frames:
+        if r.message_id not in log.frames:
             problems.append(f"{what}: its message {r.message_id} is not in the log")
             continue
-        if (problem := _carried(r, frames[r.message_id])) is not None:
+        if (problem := _carried(r, log.frames[r.message_id])) is not None:
             problems.append(f"{what}: {problem}")
-        elif r.state is State.CONFIRMED and r.confirmation not in confirmations.get(
+        elif r.state is State.CONFIRMED and r.confirmation not in log.confirmations.get(
                 (r.number, r.certificate.destination), ()):
             problems.append(f"{r.side} {r.number} is confirmed, but no import confirmation "
                             "for it is in the log")
+        elif (problem := _state_problem(r, log, by_key, today)) is not None:
+            problems.append(f"{what}: {problem}")
     return problems
+
+
+@dataclass
+class _Log:
+    """What the logged messages say about certificates, by number."""
+
+    #: frames by message id: (direction, envelope, frame digest)
+    frames: dict[str, list[tuple[str, Envelope, bytes]]] = field(default_factory=dict)
+    #: import confirmations by (number, sender)
+    confirmations: dict[tuple[str, str], list[ImportConfirmation]] = field(
+        default_factory=dict)
+    #: (number, sender, recipient) of cancellations and rejections; (number, digest,
+    #: sender) of receipts
+    cancellations: set[tuple[str, str, str]] = field(default_factory=set)
+    rejections: set[tuple[str, str, str]] = field(default_factory=set)
+    receipts: set[tuple[str, bytes, str]] = field(default_factory=set)
+    #: (old number, sender, recipient) → the replacements' numbers
+    replacements: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+
+    def add(self, entry: Entry, envelope: Envelope, digest: bytes) -> None:
+        self.frames[entry.message_id].append((entry.direction, envelope, digest))
+        payload, pair = envelope.payload, (envelope.sender, envelope.recipient)
+        if isinstance(payload, ImportConfirmation):
+            self.confirmations.setdefault((payload.certificate, envelope.sender),
+                                          []).append(payload)
+        elif isinstance(payload, Cancellation):
+            self.cancellations.add((payload.certificate, *pair))
+        elif isinstance(payload, Rejection) and payload.certificate is not None:
+            self.rejections.add((payload.certificate, *pair))
+        elif isinstance(payload, Receipt):
+            self.receipts.add((payload.certificate, payload.certificate_digest,
+                               envelope.sender))
+        elif isinstance(payload, Replacement):
+            self.replacements.setdefault((payload.replaces, *pair), []).append(
+                payload.certificate.number)
+
+
+def _state_problem(r: Record, log: _Log, records: dict[tuple[Side, str], Record],
+                   today: date | None) -> str | None:
+    """Why the logged messages cannot have left ``r`` in its state, or None. Each state
+    needs the message that makes it; and a certificate whose cancellation or replacement
+    its issuer sent, or whose import confirmation this node sent, is no longer open."""
+    pair = (r.certificate.issuer, r.certificate.destination)
+    state = r.state
+    cancelled = (r.number, *pair) in log.cancellations
+    if state is State.CANCELLED and not cancelled:
+        return "no cancellation of it is in the log"
+    if state is State.REJECTED and (r.number, *pair) not in log.rejections \
+            and (r.number, *reversed(pair)) not in log.rejections:
+        return "no rejection of it is in the log"
+    replacements = log.replacements.get((r.number, *pair), [])
+    if state is State.REPLACED and not replacements:
+        return "no replacement of it is in the log"
+    if state is State.DELIVERED and (r.number, r.certificate_digest,
+                                     r.certificate.destination) not in log.receipts:
+        return "no receipt for it is in the log"
+    if state is State.EXPIRED and today is not None and r.certificate.expires_on >= today:
+        return f"it expires on {r.certificate.expires_on.isoformat()}, not before today"
+    if state in OPEN_STATES | {State.EXPIRED}:
+        if cancelled:
+            return "its cancellation is in the log, yet it is open"
+        for number in replacements:
+            # Open again only when its replacement was refused (rejected here too).
+            successor = records.get((r.side, number))
+            if successor is None or (successor.replaces == r.number
+                                     and successor.state is not State.REJECTED):
+                return f"its replacement {number} is in the log, yet it is open"
+    if r.side is Side.IMPORT and state is not State.CONFIRMED and log.confirmations.get(
+            (r.number, r.certificate.destination)):
+        return "this node's import confirmation of it is in the log, yet it is not confirmed"
+    return None
 
 
 def _carried(record: Record, found: list[tuple[str, Envelope, bytes]]) -> str | None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from node.evidence import unsupported_records
-from node.machine import Side
+from node.machine import Side, State
 from node.network import create_network
 from node.service import Node
 from protocol.codec import pack, unpack
@@ -36,7 +37,8 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
 
 
 def problems(node: Node) -> list[str]:
-    return unsupported_records(node.store.records(), node.store.evidence())
+    return unsupported_records(node.store.records(), node.store.evidence(),
+                               today=date.today())
 
 
 def trade(nodes: Nodes) -> None:
@@ -109,3 +111,93 @@ def test_columns_the_statistics_select_by_must_agree_with_the_certificate(
                           check=False, timeout=60)
     assert done.returncode == 1, done.stdout
     assert "issued_on column says 2001-01-01" in done.stdout
+
+
+def set_state(node: Node, side: Side, number: str, state: State) -> None:
+    node.store.db.execute("UPDATE certificates SET state=? WHERE side=? AND number=?",
+                          (str(state), str(side), number))
+
+
+@pytest.mark.parametrize(("side", "number", "state", "problem"), [
+    # out of the statistics: a confirmed or delivered export made cancelled, rejected,
+    # replaced; an open import made cancelled
+    (Side.EXPORT, "ZA-2026-0001", State.CANCELLED, "no cancellation of it is in the log"),
+    (Side.EXPORT, "ZA-2026-0002", State.REJECTED, "no rejection of it is in the log"),
+    (Side.EXPORT, "ZA-2026-0002", State.REPLACED, "no replacement of it is in the log"),
+    (Side.IMPORT, "ZA-2026-0002", State.CANCELLED, "no cancellation of it is in the log"),
+    # back into them: a cancelled or replaced certificate made open again
+    (Side.EXPORT, "ZA-2026-0003", State.DELIVERED, "its cancellation is in the log"),
+    (Side.IMPORT, "ZA-2026-0003", State.RECEIVED, "its cancellation is in the log"),
+    (Side.EXPORT, "ZA-2026-0004", State.DELIVERED, "its replacement ZA-2026-0005 is in the log"),
+    (Side.IMPORT, "ZA-2026-0004", State.RECEIVED, "its replacement ZA-2026-0005 is in the log"),
+    # a confirmation taken back (the mirror check then shows it unconfirmed)
+    (Side.IMPORT, "ZA-2026-0001", State.RECEIVED, "this node's import confirmation of it "
+                                                  "is in the log"),
+    # expired before its expiry date
+    (Side.IMPORT, "ZA-2026-0002", State.EXPIRED, "it expires on "),
+    # delivered without a receipt
+    (Side.EXPORT, "ZA-2026-0006", State.DELIVERED, "no receipt for it is in the log"),
+])
+def test_a_state_changed_in_the_database_is_not_backed(
+        nodes: Nodes, side: Side, number: str, state: State, problem: str) -> None:
+    """Only 'confirmed' needed anything of the log: a record set to cancelled, rejected or
+    replaced left the statistics, one set back to open entered them again, and verify-log
+    said OK. Each state now needs the signed message that makes it, and a certificate
+    whose cancellation, replacement or confirmation is logged cannot be open."""
+    trade(nodes)
+    nodes["ZA"].issue(certificate("ZA-2026-0006", "ZA", "IN"))  # not sent yet
+    node = nodes["ZA"] if side is Side.EXPORT else nodes["IN"]
+    set_state(node, side, number, state)
+    (found,) = problems(node)
+    assert found.startswith(f"{side} {number} ({state}): "), found
+    assert problem in found, found
+
+
+def test_legitimate_ends_are_backed(nodes: Nodes) -> None:
+    """What the node itself does leaves nothing to report: rejections at both ends, a
+    cancellation that crossed the importer's confirmation, a refused replacement, expiry."""
+    za, india = nodes["ZA"], nodes["IN"]
+    trade(nodes)
+    # a cancellation crossing the confirmation: confirmed at both ends
+    za.issue(certificate("ZA-2026-0010", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    za.cancel("ZA-2026-0010", "crossed")
+    india.confirm("ZA-2026-0010")
+    carry(za, nodes)
+    carry(india, nodes)
+    carry(za, nodes)
+    for side, node in ((Side.EXPORT, za), (Side.IMPORT, india)):
+        assert node.store.get(side, "ZA-2026-0010").state is State.CONFIRMED  # type: ignore[union-attr]
+    # a certificate the importer refuses (issued by a node that has no certificate of this
+    # number yet, received twice by the importer)
+    za.issue(certificate("ZA-2026-0011", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    za.store.db.execute("DELETE FROM certificates WHERE number='ZA-2026-0011'")
+    za.issue(certificate("ZA-2026-0011", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0011").state is State.REJECTED  # type: ignore[union-attr]
+    # a replacement the importer refuses (its old certificate is confirmed there by
+    # then): the old one is issued again at the exporter, the replacement rejected
+    za.issue(certificate("ZA-2026-0013", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    india.confirm("ZA-2026-0013")
+    za.replace("ZA-2026-0013", certificate("ZA-2026-0014", "ZA", "IN"), "crossed too")
+    carry(za, nodes)
+    carry(india, nodes)
+    carry(za, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0014").state is State.REJECTED  # type: ignore[union-attr]
+    # expiry of open loops at both ends, seen by a verify-log run the day after
+    za.issue(certificate("ZA-2026-0015", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    later = date.today() + timedelta(days=61)
+    for node in (za, india):
+        node.clock = lambda: int(time.time() * 1000) + 61 * 86_400_000
+        assert node.expire_overdue()
+    for node in (za, india):
+        assert unsupported_records(node.store.records(), node.store.evidence(),
+                                   today=later) == []
