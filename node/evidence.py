@@ -136,6 +136,13 @@ def unsupported_records(records: Iterable[Record], entries: Iterable[Entry], *,
                             "for it is in the log")
         elif (problem := _state_problem(r, log, by_key, today)) is not None:
             problems.append(f"{what}: {problem}")
+    # and the other way: what this node signed for a certificate needs its record
+    problems.extend(f"export {number}: the log holds the certificate this node sent, but "
+                    "there is no record of it" for number in sorted(log.sent_certificates)
+                    if (Side.EXPORT, number) not in by_key)
+    problems.extend(f"import {number}: the log holds this node's receipt of it, but there "
+                    "is no record of it" for number in sorted(log.sent_receipts)
+                    if (Side.IMPORT, number) not in by_key)
     return problems
 
 
@@ -155,10 +162,20 @@ class _Log:
     receipts: set[tuple[str, bytes, str]] = field(default_factory=set)
     #: (old number, sender, recipient) → the replacements' numbers
     replacements: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+    #: numbers of the certificates (and replacements) and the receipts this node sent
+    sent_certificates: set[str] = field(default_factory=set)
+    sent_receipts: set[str] = field(default_factory=set)
 
     def add(self, entry: Entry, envelope: Envelope, digest: bytes) -> None:
         self.frames[entry.message_id].append((entry.direction, envelope, digest))
         payload, pair = envelope.payload, (envelope.sender, envelope.recipient)
+        if entry.direction == "out":
+            if isinstance(payload, Certificate | Replacement):
+                self.sent_certificates.add(
+                    payload.certificate.number if isinstance(payload, Replacement)
+                    else payload.number)
+            elif isinstance(payload, Receipt):
+                self.sent_receipts.add(payload.certificate)
         if isinstance(payload, ImportConfirmation):
             self.confirmations.setdefault((payload.certificate, envelope.sender),
                                           []).append(payload)

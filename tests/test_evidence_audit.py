@@ -201,3 +201,18 @@ def test_legitimate_ends_are_backed(nodes: Nodes) -> None:
     for node in (za, india):
         assert unsupported_records(node.store.records(), node.store.evidence(),
                                    today=later) == []
+
+
+def test_a_record_deleted_from_the_database_is_missed(nodes: Nodes) -> None:
+    """verify-log checked records against the log, never the log against the records: a
+    certificate deleted from the table (gone from the statistics, the lists, the mirror
+    check) left 'evidence log OK' behind, though the log holds the frame this node signed
+    for it, or the receipt it sent."""
+    trade(nodes)
+    za, india = nodes["ZA"], nodes["IN"]
+    za.store.db.execute("DELETE FROM certificates WHERE number='ZA-2026-0001'")
+    india.store.db.execute("DELETE FROM certificates WHERE number='ZA-2026-0002'")
+    assert problems(za) == ["export ZA-2026-0001: the log holds the certificate this node "
+                            "sent, but there is no record of it"]
+    assert problems(india) == ["import ZA-2026-0002: the log holds this node's receipt of "
+                               "it, but there is no record of it"]
