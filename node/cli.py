@@ -271,6 +271,20 @@ def cmd_show(args: argparse.Namespace) -> None:
     with_node(args, run)
 
 
+def _anchor(text: str) -> tuple[int, bytes]:
+    """``SEQ:HASH`` as verify-log prints its head: an entry's number and its hash in hex."""
+    seq, _, digest = text.partition(":")
+    try:
+        found = (int(seq), bytes.fromhex(digest))
+    except ValueError:
+        found = (0, b"")
+    if not seq.isdigit() or found[0] < 1 or len(found[1]) != 32:
+        raise argparse.ArgumentTypeError(
+            f"an anchor is SEQ:HASH as verify-log printed it (e.g. 12:3f…, 64 hex digits), "
+            f"not {text[:80]!r}")
+    return found
+
+
 def cmd_verify_log(args: argparse.Namespace) -> None:
     def run(node: Node) -> None:
         keys = [bytes(k.verify_key) for k in node.signing_keys]
@@ -283,11 +297,26 @@ def cmd_verify_log(args: argparse.Namespace) -> None:
         faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key)]
         faults += unsupported_records(records, entries, today=day_of(node.clock()))
         faults += node.store.column_mismatches()
+        hashes = {e.seq: bytes(e.hash) for e in entries}
+        for seq, digest in args.anchor:
+            if seq not in hashes:
+                faults.append(f"entry {seq}: the anchor's entry is not in the log (it was "
+                              "cut short or rewritten)")
+            elif hashes[seq] != digest:
+                faults.append(f"entry {seq}: its hash {hashes[seq].hex()} is not the "
+                              f"anchor's {digest.hex()}: the log up to it was rewritten")
+        head = {"seq": entries[-1].seq, "hash": bytes(entries[-1].hash).hex()} \
+            if entries else None
         data = {"entries": len(entries), "records": len(records), "ok": not faults,
-                "faults": faults}
+                "faults": faults, "head": head}
         text = (f"evidence log OK: {len(entries)} entries, chain and every signature "
                 f"verified, and it backs all {len(records)} records"
                 if not faults else "evidence log FAILED:\n" + "\n".join(f"  {f}" for f in faults))
+        if head is not None:
+            # The chain is plain SHA-256: whoever holds the database can rewrite it and hash
+            # it anew. Only a head kept elsewhere shows that, by --anchor.
+            text += (f"\nhead: {head['seq']}:{head['hash']} (keep it outside this machine; "
+                     "--anchor with it shows any rewrite of the log up to it)")
         emit(args, data, text)
         if faults:
             raise SystemExit(EXIT_REFUSED)
@@ -554,7 +583,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--state", action="append", choices=[s.value for s in State])
     sp.add_argument("--partner")
     sp.add_argument("--side", choices=[s.value for s in Side])
-    add("verify-log", cmd_verify_log, "re-check the evidence log's chain and signatures")
+    sp = add("verify-log", cmd_verify_log, "re-check the evidence log's chain and "
+             "signatures")
+    sp.add_argument("--anchor", type=_anchor, action="append", default=[],
+                    metavar="SEQ:HASH", help="a head an earlier verify-log printed, kept "
+                    "elsewhere: fails unless the log still holds that entry with that hash "
+                    "(repeatable)")
     sp = add("backup", cmd_backup, "archive the node's database (online), config, registry "
              "and key")
     sp.add_argument("--out", required=True, help="the archive to write (.tar.gz)")

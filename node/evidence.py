@@ -2,7 +2,11 @@
 
 Every signed frame a node sends or receives is kept verbatim, and each entry's hash covers
 the previous entry's hash, so changing, removing or reordering any byte of the history is
-detectable years later. Pure: the store persists entries, this module only computes.
+detectable years later — by one who kept a later entry's hash elsewhere (``kpnode
+verify-log --anchor``): the hash takes no key, so whoever can write the database can also
+hash a rewritten history anew. Signed frames cannot be forged that way, but they can be
+left out, and operator entries are not signed at all. Pure: the store persists entries,
+this module only computes.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ the signed messages in the log say, not only that its message id appears there.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -216,3 +217,54 @@ def test_a_record_deleted_from_the_database_is_missed(nodes: Nodes) -> None:
                             "sent, but there is no record of it"]
     assert problems(india) == ["import ZA-2026-0002: the log holds this node's receipt of "
                                "it, but there is no record of it"]
+
+
+def rewrite_without_cancellation(node: Node, number: str) -> None:
+    """What anyone holding the database file can do, without any key: drop an entry,
+    hash the chain anew, and set the record to what the shortened log says."""
+    from node.evidence import GENESIS, entry_hash
+    from protocol import Cancellation, decode_body, parse_frame
+    rows = node.store.db.execute("SELECT recorded_at, direction, message_id, certificate, "
+                                 "frame FROM evidence ORDER BY seq").fetchall()
+    kept = [r for r in rows if not (r[3] == number and isinstance(
+        decode_body(parse_frame(r[4]).body).payload, Cancellation))]
+    assert len(kept) == len(rows) - 1
+    node.store.db.execute("DELETE FROM evidence")
+    prev = GENESIS
+    for seq, (at, direction, mid, cert, frame) in enumerate(kept, start=1):
+        prev = entry_hash(prev, seq, at, direction, mid, cert, frame)
+        node.store.db.execute("INSERT INTO evidence VALUES (?,?,?,?,?,?,?)",
+                              (seq, at, direction, mid, cert, frame, prev))
+    node.store.db.execute("UPDATE certificates SET state='delivered', rejection_text=NULL "
+                          "WHERE side='export' AND number=?", (number,))
+
+
+def verify_log(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", "verify-log", "--dir",
+                           str(node.config.directory), *args], capture_output=True,
+                          text=True, check=False, timeout=60)
+
+
+def test_a_rewritten_log_is_caught_against_a_head_written_down_before(nodes: Nodes) -> None:
+    """The chain is a plain SHA-256 chain: whoever holds the database can drop an entry
+    (here the cancellation of ZA-2026-0003, which then counts in the statistics again)
+    and hash the rest anew, and verify-log says OK. It now prints the log's head, and
+    checks a head an auditor wrote down earlier (--anchor SEQ:HASH): a rewrite of any
+    entry up to it changes that entry's hash."""
+    trade(nodes)
+    za = nodes["ZA"]
+    first = verify_log(za, "--json")
+    assert first.returncode == 0, first.stderr
+    head = json.loads(first.stdout)["head"]
+    anchor = f"{head['seq']}:{head['hash']}"
+    assert anchor in verify_log(za).stdout
+    assert verify_log(za, "--anchor", anchor).returncode == 0
+    za.issue(certificate("ZA-2026-0007", "ZA", "IN"))  # the log grows after the visit
+    carry(za, nodes)
+    carry(nodes["IN"], nodes)
+    rewrite_without_cancellation(za, "ZA-2026-0003")
+    assert verify_log(za).returncode == 0  # what no check of the database alone can see
+    done = verify_log(za, "--anchor", anchor)
+    assert done.returncode == 1
+    assert f"entry {head['seq']}: " in done.stdout and "not the anchor's" in done.stdout
+    assert verify_log(za, "--anchor", "12").returncode == 2
