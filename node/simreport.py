@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.machine import OPEN_STATES, Discrepancy, Record, Side, State, discrepancies
+from node.evidence import unsupported_records
+from node.machine import (
+    OPEN_STATES,
+    Discrepancy,
+    Record,
+    Side,
+    State,
+    day_of,
+    discrepancies,
+)
+from node.service import now_ms
 from node.stats import mirror_statistics
 from node.store import Store
 from node.trade import WORLD_CERTIFICATES_PER_YEAR, Shipment, received_as
@@ -421,6 +431,13 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
         if doubled:
             report.fail(f"{code}: {len(doubled)} message(s) recorded more than once in the "
                         f"evidence log, e.g. {doubled[0]}")
+        # What `kpnode verify-log` checks of the records: each backed by the log and
+        # saying what its signed messages say, none missing. The chain and signatures are
+        # compared across the two sides above.
+        for problem in [*unsupported_records(store.records(), store.evidence(),
+                                             today=day_of(now_ms())),
+                        *store.column_mismatches()][:5]:
+            report.fail(f"{code}: verify-log: {problem}")
     for code in stores:
         report.nodes.setdefault(code, {}).update(
             exports=len(exports[code]), imports=len(imports[code]))
