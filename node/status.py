@@ -24,7 +24,7 @@ from node.brokerclient import connect_any, queue_info
 from node.config import HELD_KEYS, LOCK_NAME, NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
-from node.registry import Registry, key_fault_remedy, own_key_fault
+from node.registry import Registry, key_fault_remedy, own_key_fault, signing_key_choice
 from node.service import Node, now_ms
 from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
@@ -98,10 +98,12 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                  registry: Registry, own_public_key: bytes, records: Sequence[Record],
                  partner_counts: Mapping[tuple[str, str, str], int],
                  outbox: Sequence[Pending], broker: BrokerView,
-                 store_ok: bool = True, unheld_keys: Sequence[str] = ()
-                 ) -> dict[str, Any]:
+                 store_ok: bool = True, unheld_keys: Sequence[str] = (),
+                 after_restart: tuple[str, bytes] | None = None) -> dict[str, Any]:
     """The status of one node, JSON-ready. ``records`` are the open and expired loops
-    (the rest only counts, through ``partner_counts``)."""
+    (the rest only counts, through ``partner_counts``). ``own_public_key`` is the key the
+    running node signs with; ``after_restart`` the key file (name, public key) it would
+    sign with once restarted, when that is another (made since it started)."""
     today = datetime.fromtimestamp(now / 1000, UTC).date()
     problems: list[dict[str, str]] = []
 
@@ -159,13 +161,24 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
     owner = registry.key_owner(own_id)
     fault = own_key_fault(registry, participant, authority, own_public_key, now)
     key: dict[str, Any] = {"key_id": own_id.hex(), "in_registry": owner is not None,
-                           "fault": None if fault is None else str(fault.reason)}
+                           "fault": None if fault is None else str(fault.reason),
+                           "after_restart": None if after_restart is None
+                           else key_id(after_restart[1]).hex()}
+    # A key file made since the node started that could sign: a restart is the remedy.
+    restart_cures = after_restart is not None and own_key_fault(
+        registry, participant, authority, after_restart[1], now) is None
     if owner is not None:
         until = owner.key.valid_until
         key.update(authority=owner.authority.id, valid_from=_iso(owner.key.valid_from),
                    valid_until=_iso(until), revoked_at=_iso(owner.key.revoked_at),
                    days_left=None if until is None else (until - now) // DAY_MS)
-    if fault is not None:
+    if fault is not None and restart_cures:
+        assert after_restart is not None
+        problem("error", f"the running node's key cannot sign: {fault.text} "
+                f"({fault.reason}); partners refuse what it signs. Restart 'kpnode run': "
+                f"it reads keys/ at start, and would sign with {after_restart[0]} (key "
+                f"{key_id(after_restart[1]).hex()}), which the registry holds valid")
+    elif fault is not None:
         # The key a node signs with is its newest valid one: none of its keys is valid.
         problem("error", f"this node's key cannot sign: {fault.text} ({fault.reason}); "
                 "partners refuse what it signs and it refuses to issue, confirm, cancel or "
@@ -338,13 +351,36 @@ async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
     store_ok = store_writable(node)
     broker = await look_at_broker(config, letters=letters)
     pid = running_pid(config.directory)
+    now = now_ms()
+    own, after_restart = running_key(node, now) if pid else (node.signing_key(now), None)
     return build_status(participant=config.participant, authority=config.authority,
-                        now=now_ms(), running_pid=pid, registry=node.registry,
-                        own_public_key=bytes(node.signing_key().verify_key),
+                        now=now, running_pid=pid, registry=node.registry,
+                        own_public_key=bytes(own.verify_key),
                         broker=broker, store_ok=store_ok,
                         unheld_keys=keys_not_held(config, node.signing_keys)
-                        if pid else (),
+                        if pid else (), after_restart=after_restart,
                         **read_store(node))
+
+
+def running_key(node: Node, now: int) -> tuple[Signer, tuple[str, bytes] | None]:
+    """The key the running node signs with (of those it read at start, as it wrote them
+    into its lock file), and the key file (name, public key) it would sign with once
+    restarted when that is another one. ``kpnode status`` reads keys/ as it is now: a key
+    made since the start is not the running node's, whatever the registry says of it."""
+    files_choice = node.signing_key(now)
+    held = held_key_ids(node.config.directory)
+    if held is None:
+        return files_choice, None
+    keys = [k for k in node.signing_keys if key_id(bytes(k.verify_key)).hex() in held]
+    if not keys or any(k is files_choice for k in keys):
+        return files_choice, None
+    choice = signing_key_choice(node.registry, node.me, node.config.authority,
+                                [bytes(k.verify_key) for k in keys], now)
+    files = node.config.key_files()
+    index = node.signing_keys.index(files_choice)
+    name = files[index].name if index < len(files) else key_id(
+        bytes(files_choice.verify_key)).hex()
+    return keys[choice or 0], (name, bytes(files_choice.verify_key))
 
 
 # -- the screen -----------------------------------------------------------------------
@@ -394,7 +430,9 @@ def render_status(s: dict[str, Any]) -> str:
                 f"valid until {k['valid_until'] or 'further notice'}"
                 + (f" ({k['days_left']} days)" if k.get("days_left") is not None else ""))
     lines.append(f"registry  version {r['version']}, {r['participants']} Participants")
-    lines.append(f"key       {k['key_id']} {key_text}")
+    lines.append(f"key       {k['key_id']} {key_text}"
+                 + (f"; {k['after_restart']} once the node restarts"
+                    if k.get("after_restart") else ""))
     for title, rows in (("overdue (expiring within 7 days, or past)", s["overdue"]),
                         ("expired without confirmation", s["expired"])):
         if rows:

@@ -1341,3 +1341,47 @@ async def test_a_replay_whose_failure_cannot_be_recorded_still_says_why_it_faile
     with pytest.raises(deadletters.DeadLetterError, match="start the node once"):
         await queue.replay(object(), held, "why")  # type: ignore[arg-type]
     assert attempted == ["dead_letter.replay", "dead_letter.replay_failed"]
+
+
+async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
+        tmp_path: Path) -> None:
+    """A rotation whose new key was made after `kpnode run` started, the old key then
+    lapsing before a restart: the running node signed its receipts with the lapsed key
+    (partners dead-lettered them, key.not_valid_now), yet `kpnode status` read the new key
+    from keys/, showed it 'valid until further notice' and rated the node a WARNING."""
+    from nacl.signing import SigningKey
+
+    from node.chair import add_key, end_key
+    from node.keyfile import write_signing_key
+    from node.runner import DirectoryLock
+    from node.service import now_ms
+    from protocol import key_id
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    config = network.configs["ZA"]
+    old = bytes(config.signing_key().verify_key)
+    new = SigningKey.generate()
+    config.path("keys").mkdir()
+    write_signing_key(config.path("keys") / "next.key", new)
+    now = now_ms()
+    update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
+                     now - 3_600_000)
+    update = end_key(update, old, now - 60_000)  # lapsed a minute ago
+    network.publish_registry(dataclasses.replace(update, version=2))
+    with DirectoryLock(config.directory) as lock:  # as `kpnode run`, started before key new
+        lock.note_keys([key_id(old).hex()])
+        node = Node.open(config)
+        try:
+            s = await gather_status(node)
+        finally:
+            node.close()
+    assert s["health"] == "error"
+    assert s["key"]["key_id"] == key_id(old).hex()  # what the running node signs with
+    assert s["key"]["fault"] == "key.not_valid_now"
+    assert s["key"]["after_restart"] == key_id(bytes(new.verify_key)).hex()
+    (error,) = [p for p in s["problems"] if "key" in p["text"] and p["level"] == "error"]
+    assert error["text"].startswith("the running node's key cannot sign"), error
+    assert "Restart 'kpnode run'" in error["text"], error
+    assert "next.key" in error["text"], error
+    text = render_status(s)
+    assert "CANNOT SIGN (key.not_valid_now)" in text
