@@ -34,7 +34,7 @@ from node.machine import (
     day_of,
 )
 from node.network import init_node
-from node.registry import key_fault_remedy, open_registry_frame
+from node.registry import key_fault_remedy, open_registry_frame, utc_text
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.status import held_key_ids, running_pid
 from node.store import StoreError, UnreadableRecord
@@ -52,6 +52,7 @@ from protocol import (
     Certificate,
     Line,
     ProtocolError,
+    Reason,
     ValidationError,
     key_id,
     validate_certificate,
@@ -432,6 +433,9 @@ def cmd_key_show(args: argparse.Namespace) -> None:
                     state = "valid"
                 except ProtocolError as exc:
                     state = str(exc.reason)
+                    if exc.reason == Reason.KEY_NOT_VALID_NOW and owner.key.valid_from > now:
+                        # a rotation's successor, not a lapsed key
+                        state = f"valid from {utc_text(owner.key.valid_from)}"
                 if owner.key.valid_until is not None:
                     state += f", ends {day_of(owner.key.valid_until)}"
             rows.append({"key_id": key_id(public).hex(), "public_key": public.hex(),

@@ -28,6 +28,7 @@ from node.registry import Registry, key_fault_remedy, own_key_fault, signing_key
 from node.service import Node, now_ms
 from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
+from protocol import RegistryKey
 from protocol.frame import Signer
 from protocol.keys import key_id
 
@@ -99,11 +100,13 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                  partner_counts: Mapping[tuple[str, str, str], int],
                  outbox: Sequence[Pending], broker: BrokerView,
                  store_ok: bool = True, unheld_keys: Sequence[str] = (),
-                 after_restart: tuple[str, bytes] | None = None) -> dict[str, Any]:
+                 after_restart: tuple[str, bytes] | None = None,
+                 other_public_keys: Sequence[bytes] = ()) -> dict[str, Any]:
     """The status of one node, JSON-ready. ``records`` are the open and expired loops
     (the rest only counts, through ``partner_counts``). ``own_public_key`` is the key the
     running node signs with; ``after_restart`` the key file (name, public key) it would
-    sign with once restarted, when that is another (made since it started)."""
+    sign with once restarted, when that is another (made since it started);
+    ``other_public_keys`` the node's other keys, among which a rotation's successor."""
     today = datetime.fromtimestamp(now / 1000, UTC).date()
     problems: list[dict[str, str]] = []
 
@@ -183,11 +186,22 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         problem("error", f"this node's key cannot sign: {fault.text} ({fault.reason}); "
                 "partners refuse what it signs and it refuses to issue, confirm, cancel or "
                 f"replace: {key_fault_remedy(fault, registry, participant, own_public_key, now)}")
-    elif owner is not None and owner.key.valid_until is not None \
+    successor = None if owner is None or owner.key.valid_until is None else _successor(
+        registry, participant, authority, other_public_keys, now)
+    if successor is not None:
+        key["next"] = {"key_id": key_id(successor.public_key).hex(),
+                       "valid_from": _iso(successor.valid_from)}
+    if fault is None and owner is not None and owner.key.valid_until is not None \
             and owner.key.valid_until - now <= KEY_WARNING_DAYS * DAY_MS:
-        problem("warning", f"this node's key stops being valid on "
-                f"{_iso(owner.key.valid_until)}: ask the Chair for a registry with its "
-                "successor")
+        ends = owner.key.valid_until
+        if successor is None:
+            problem("warning", f"this node's key stops being valid on {_iso(ends)}: ask "
+                    "the Chair for a registry with its successor")
+        elif successor.valid_from > ends:
+            problem("warning", f"this node's key stops being valid on {_iso(ends)} and its "
+                    f"successor {key_id(successor.public_key).hex()} only from "
+                    f"{_iso(successor.valid_from)}: no key of this node signs in between; "
+                    "ask the Chair to move the one or the other")
 
     own_standing = registry.standing(participant)
     if own_standing is not None:
@@ -241,6 +255,23 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                      "embargoed_origins": list(registry.update.embargoed_origins)},
         "key": key,
     }
+
+
+def _successor(registry: Registry, participant: str, authority: str,
+               public_keys: Sequence[bytes], now: int) -> RegistryKey | None:
+    """The node's key that the registry lists for this authority from a later time (a
+    rotation under way): the first to become valid, not revoked by then."""
+    found = []
+    for public in public_keys:
+        owner = registry.key_owner(key_id(public))
+        if owner is None or (owner.participant, owner.authority.id) != (participant,
+                                                                        authority):
+            continue
+        k = owner.key
+        if k.valid_from > now and (k.revoked_at is None or k.revoked_at > k.valid_from) \
+                and (k.valid_until is None or k.valid_until > k.valid_from):
+            found.append(k)
+    return min(found, key=lambda k: k.valid_from, default=None)
 
 
 # -- the shell ------------------------------------------------------------------------
@@ -359,6 +390,8 @@ async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
                         broker=broker, store_ok=store_ok,
                         unheld_keys=keys_not_held(config, node.signing_keys)
                         if pid else (), after_restart=after_restart,
+                        other_public_keys=[bytes(k.verify_key) for k in node.signing_keys
+                                           if k is not own],
                         **read_store(node))
 
 
@@ -430,6 +463,8 @@ def render_status(s: dict[str, Any]) -> str:
                 f"valid until {k['valid_until'] or 'further notice'}"
                 + (f" ({k['days_left']} days)" if k.get("days_left") is not None else ""))
     lines.append(f"registry  version {r['version']}, {r['participants']} Participants")
+    if k.get("next"):
+        key_text += f"; {k['next']['key_id']} takes over from {k['next']['valid_from']}"
     lines.append(f"key       {k['key_id']} {key_text}"
                  + (f"; {k['after_restart']} once the node restarts"
                     if k.get("after_restart") else ""))

@@ -1385,3 +1385,55 @@ async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
     assert "next.key" in error["text"], error
     text = render_status(s)
     assert "CANNOT SIGN (key.not_valid_now)" in text
+
+
+async def test_status_and_key_show_see_a_successor_the_registry_holds(tmp_path: Path) -> None:
+    """A rotation under way: the new key is in keys/ and in the registry from tomorrow, the
+    old one ends the day after. `kpnode status` still warned 'ask the Chair for a registry
+    with its successor' (the registry holds it), and `kpnode key show` called the new key
+    'key.not_valid_now', as it does a lapsed one: nothing said when it would take over."""
+    from nacl.signing import SigningKey
+
+    from node.chair import add_key, end_key
+    from node.keyfile import write_signing_key
+    from node.registry import utc_text
+    from node.service import now_ms
+    from protocol import key_id
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    config = network.configs["ZA"]
+    old = bytes(config.signing_key().verify_key)
+    new = SigningKey.generate()
+    config.path("keys").mkdir()
+    write_signing_key(config.path("keys") / "next.key", new)
+    now = now_ms()
+    starts, ends = now + 86_400_000, now + 2 * 86_400_000
+    update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key), starts)
+    network.publish_registry(dataclasses.replace(end_key(update, old, ends), version=2))
+    node = Node.open(config)
+    try:
+        s = await gather_status(node)
+    finally:
+        node.close()
+    texts = [p["text"] for p in s["problems"]]
+    assert not any("successor" in t for t in texts), texts
+    assert s["key"]["next"] == {"key_id": key_id(bytes(new.verify_key)).hex(),
+                                "valid_from": datetime.fromtimestamp(
+                                    starts / 1000, UTC).isoformat(timespec="seconds")}
+    assert f"takes over from {s['key']['next']['valid_from']}" in render_status(s)
+    shown = subprocess.run([sys.executable, "-m", "node.cli", "key", "show", "--dir",
+                            str(config.directory)], capture_output=True, text=True,
+                           check=True).stdout
+    assert f"valid from {utc_text(starts)}" in shown, shown
+
+    # The successor starting only after the old key ends leaves the node without a key
+    # in between: that is still a warning, and says so.
+    gap = end_key(update, old, starts - 3_600_000)
+    network.publish_registry(dataclasses.replace(gap, version=3))
+    node = Node.open(config)
+    try:
+        s = await gather_status(node)
+    finally:
+        node.close()
+    (warning,) = [p for p in s["problems"] if "stops being valid" in p["text"]]
+    assert "no key of this node signs" in warning["text"], warning
