@@ -427,6 +427,11 @@ def cmd_key_show(args: argparse.Namespace) -> None:
             owner = node.registry.key_owner(key_id(public))
             if owner is None:
                 state = "not in the registry"
+            elif (owner.participant, owner.authority.id) != (node.me, node.config.authority):
+                # never signs here (a file copied from another node, or node.toml's
+                # authority not the one the registry lists it for): 'valid' misled
+                state = (f"a key of {owner.participant}/{owner.authority.id}, not of "
+                         f"{node.me}/{node.config.authority} ({Reason.KEY_WRONG_SENDER})")
             else:
                 try:
                     node.registry.public_key_for(key_id(public), now)

@@ -1331,3 +1331,20 @@ def test_deploy_publish_registry_says_why_the_broker_refused_in_one_line(
     assert done.returncode == 3
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("kpnode: registry not "
                                                                    "published"), done.stderr
+
+
+def test_key_show_says_a_key_file_is_another_participants(tmp_path: Path) -> None:
+    """Another Participant's key file copied into keys/ (a mix-up of two nodes' files on
+    one host): the node never signs with it, but `kpnode key show` listed it as 'valid',
+    like a key of its own, without a word on whose it is."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za, india = network.configs["ZA"], network.configs["IN"]
+    (za.directory / KEYS_DIR).mkdir()
+    other = za.directory / KEYS_DIR / "copied.key"
+    other.write_bytes(india.path(india.signing_key_file).read_bytes())
+    other.chmod(0o600)
+    rows = json.loads(kpnode("key", "show", "--json", "--dir", str(za.directory)).stdout)
+    theirs = key_id(bytes(india.signing_key().verify_key)).hex()
+    (row,) = [r for r in rows if r["key_id"] == theirs]
+    assert row["registry"] == "a key of IN/IN-KPA, not of ZA/ZA-KPA (key.wrong_sender)"
+    assert row["signing"] is False
