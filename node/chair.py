@@ -170,8 +170,14 @@ def add_key(update: RegistryUpdate, code: str, authority: str, public_key: bytes
     found = next((a for a in entry.authorities if a.id == authority), None)
     if found is None:
         if authority_name is None:
-            raise RegistryEditError(f"{code} has no authority {authority}; give "
-                                    "--authority-name to add it")
+            known = ", ".join(a.id for a in entry.authorities)
+            # A rotation meant for an authority named otherwise than CODE-KPA (add-key's
+            # default) must not end up under a new authority the node never signs as.
+            rotation = (f" ({code}'s authorities: {known}); for a new key of one of them "
+                        f"give --authority {entry.authorities[0].id}"
+                        if entry.authorities else "")
+            raise RegistryEditError(f"{code} has no authority {authority}{rotation}; to add "
+                                    "a new authority, give --authority-name as well")
         _own_authority(code, authority)
         authorities = (*entry.authorities, Authority(id=authority, name=authority_name,
                                                      keys=(key,)))

@@ -19,7 +19,7 @@ from typing import Any
 
 from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
-from node.config import ConfigError, load_config, node_directory
+from node.config import ConfigError, default_authority, load_config, node_directory
 from node.evidence import unsupported_records, verify_chain
 from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
@@ -368,12 +368,18 @@ def cmd_key_new(args: argparse.Namespace) -> None:
     public = bytes(key.verify_key)
     path = folder / f"{key_id(public).hex()}.key"
     write_signing_key(path, key, passphrase=passphrase)
+    # add-key's default authority is CODE-KPA: a node that signs as another needs its key
+    # listed there, or it never signs with it (and none at all once the old key ends).
+    authority = ("" if config.authority == default_authority(config.participant)
+                 else f" --authority {config.authority}")
     emit(args, {"key_file": str(path), "public_key": public.hex(),
-                "key_id": key_id(public).hex()}, "\n".join([
+                "key_id": key_id(public).hex(), "authority": config.authority},
+         "\n".join([
         f"New key written to {path}",
         f"  public key  {public.hex()}",
         "Next: the KP Chair adds it with 'kpnode registry add-key "
-        f"{config.participant} --key {public.hex()} --valid-from WHEN' and publishes;",
+        f"{config.participant} --key {public.hex()}{authority} --valid-from WHEN' and "
+        "publishes;",
         "restart a running 'kpnode run' (it reads keys/ at start); it then signs with it",
         "from WHEN on, by itself. Then the Chair ends the old key",
         "('kpnode registry end-key --key OLD --at LATER') once partners hold the new one.",

@@ -1348,3 +1348,32 @@ def test_key_show_says_a_key_file_is_another_participants(tmp_path: Path) -> Non
     (row,) = [r for r in rows if r["key_id"] == theirs]
     assert row["registry"] == "a key of IN/IN-KPA, not of ZA/ZA-KPA (key.wrong_sender)"
     assert row["signing"] is False
+
+
+def test_a_rotation_keeps_the_authority_a_node_signs_as(tmp_path: Path) -> None:
+    """A node whose authority is not CODE-KPA (`kpnode init --authority NA-MME`): `kpnode
+    key new` printed 'kpnode registry add-key NA --key ...' without --authority; the Chair
+    running it was told 'NA has no authority NA-KPA; give --authority-name to add it', and
+    doing that put the new key under a new authority NA-KPA, which the node (NA-MME) never
+    signs with: once the old key ended it could sign nothing."""
+    chair = tmp_path / "chair"
+    kpnode("registry", "init", "--dir", str(chair))
+    node = tmp_path / "NA"
+    made = json.loads(kpnode("init", "--participant", "NA", "--authority", "NA-MME", "--dir",
+                             str(node), "--chair-key", (chair / "chair.pub").read_text().strip(),
+                             "--json").stdout)
+    kpnode("registry", "add-participant", "NA", "--name", "Namibia", "--key",
+           made["public_key"], "--authority", "NA-MME", "--dir", str(chair))
+    kpnode("registry", "publish", "--dir", str(chair))
+    (node / "registry.kpx").write_bytes((chair / "registry.kpx").read_bytes())
+    new = kpnode("key", "new", "--dir", str(node)).stdout
+    public = json.loads(kpnode("key", "show", "--json", "--dir", str(node)).stdout)[1][
+        "public_key"]
+    assert (f"kpnode registry add-key NA --key {public} --authority NA-MME "
+            "--valid-from WHEN") in new, new
+    # the command as an earlier kpx printed it: the refusal names the authorities there are
+    refused = kpnode("registry", "add-key", "NA", "--key", public, "--dir", str(chair),
+                     check=False)
+    assert refused.returncode == 1
+    assert "NA's authorities: NA-MME" in refused.stderr, refused.stderr
+    assert "--authority NA-MME" in refused.stderr, refused.stderr
