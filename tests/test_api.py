@@ -37,7 +37,7 @@ from node.web import mount_web
 from node.webcontext import AnonymousBudget, quarter_of
 from protocol import ParticipantStatus, parse_frame
 from tests.netutil import carry, certificate, certificate_json
-from tests.webutil import Served, served_pair
+from tests.webutil import Served, refuse_operator_entries, served_pair
 
 API = "/api/v1"
 
@@ -251,13 +251,7 @@ async def test_a_call_the_evidence_log_cannot_take_still_gets_its_real_answer(
         pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
     """Once a plain-text 500 for a certificate that had been issued."""
     za, _ = pair
-    original = Store.append_evidence
-
-    def locked(self: Store, direction: str, *args: Any, **kwargs: Any) -> Any:
-        if direction == OPERATOR:  # the call's entry only: the certificate's own goes in
-            raise StoreError("database is locked")
-        return original(self, direction, *args, **kwargs)
-    monkeypatch.setattr(Store, "append_evidence", locked)
+    refuse_operator_entries(monkeypatch)
     response = await za.client.post(f"{API}/certificates", headers=za.auth("officer"),
                                     json=certificate_json("ZA-2026-0006", "ZA", "IN"))
     assert response.status == 201

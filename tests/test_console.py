@@ -8,17 +8,15 @@ from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from html import escape
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from node import console
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State
-from node.store import Store, StoreError
 from node.tokens import Tokens
 from tests.netutil import carry, certificate
-from tests.webutil import Served, served_pair
+from tests.webutil import Served, refuse_operator_entries, served_pair
 
 C = "/console"
 
@@ -513,13 +511,7 @@ async def test_an_evidence_entry_that_cannot_be_written_changes_no_answer(
     za.node.issue(certificate("ZA-2026-0600", "ZA", "IN"))
     carry(za.node, {"IN": india.node})
     path = f"{C}/incoming/ZA-2026-0600/confirm"
-    original = Store.append_evidence
-
-    def locked(self: Store, direction: str, *args: Any, **kwargs: Any) -> Any:
-        if direction == OPERATOR:  # the operator's entries only: the action's own go in
-            raise StoreError("database is locked")
-        return original(self, direction, *args, **kwargs)
-    monkeypatch.setattr(Store, "append_evidence", locked)
+    refuse_operator_entries(monkeypatch)
     monitor_csrf = await login(india, "monitor")
     assert (await india.client.post(path, data={"csrf": monitor_csrf})).status == 403
     officer_csrf = await login(india, "officer")

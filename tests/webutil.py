@@ -6,12 +6,16 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from node.evidence import OPERATOR
 from node.network import create_network
 from node.service import Node, now_ms
+from node.store import Store, StoreError
 from node.tokens import Role, Tokens
 from node.web import mount_web
 from node.webcontext import WebContext
@@ -56,3 +60,16 @@ async def served_pair(directory: Path, others: Sequence[tuple[str, ParticipantSt
         for s in served:
             await s.client.close()
             s.node.close()
+
+
+def refuse_operator_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every store refuse the evidence log's operator entries (who called what), as
+    a database locked by another process would, and take every other entry: an action's
+    own evidence goes in."""
+    original = Store.append_evidence
+
+    def locked(self: Store, direction: str, *args: Any, **kwargs: Any) -> Any:
+        if direction == OPERATOR:
+            raise StoreError("database is locked")
+        return original(self, direction, *args, **kwargs)
+    monkeypatch.setattr(Store, "append_evidence", locked)
