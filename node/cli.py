@@ -289,13 +289,15 @@ def _anchor(text: str) -> tuple[int, bytes]:
 def cmd_verify_log(args: argparse.Namespace) -> None:
     def run(node: Node) -> None:
         keys = [bytes(k.verify_key) for k in node.signing_keys]
+        former = node.config.former_chair_public_keys
         for frame in node.store.registry_frames():
-            registry = open_registry_frame(frame, node.config.chair_public_key)
+            registry = open_registry_frame(frame, node.config.chair_public_key, former)
             keys += [k.public_key for p in registry.update.participants
                      for a in p.authorities for k in a.keys]
         entries = list(node.store.evidence())
         records = node.store.records()
-        faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key)]
+        faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key,
+                                               former)]
         faults += unsupported_records(records, entries, today=day_of(node.clock()))
         faults += node.store.column_mismatches()
         hashes = {e.seq: bytes(e.hash) for e in entries}

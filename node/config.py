@@ -47,6 +47,9 @@ class NodeConfig:
     #: (a locked-down broker, where every node logs in as ``kpx-<code>``)
     check_broker_user: bool = False
     chair_public_key: bytes = b""
+    #: Chair keys of before a rotation of the Chair's key: they verify the registries the
+    #: node already holds (its database, its evidence log), never a new one
+    former_chair_public_keys: tuple[bytes, ...] = ()
     registry_file: str = "registry.kpx"
     database: str = "node.sqlite3"
     signing_key_file: str = "node.key"
@@ -104,7 +107,7 @@ KEYS_DIR = "keys"
 LOCK_NAME = "node.lock"
 HELD_KEYS = "keys"
 #: settings whose environment value is a comma-separated list
-_LIST_SETTINGS = {"broker_urls"}
+_LIST_SETTINGS = {"broker_urls", "former_chair_public_keys"}
 
 
 def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
@@ -209,6 +212,19 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
                           "public key there (64 hex characters, the Chair's chair.pub)")
     if len(chair) != 32:
         raise ConfigError(f"{where('chair_public_key')} must be 32 bytes (64 hex characters)")
+    former = data.get("former_chair_public_keys", [])
+    if isinstance(former, str):
+        former = [former]
+    if not isinstance(former, list) or not all(isinstance(k, str) for k in former):
+        raise ConfigError(f"{where('former_chair_public_keys')} must be a list of public keys "
+                          "(64 hex characters each)")
+    try:
+        formers = tuple(bytes.fromhex(k) for k in former)
+    except ValueError as exc:
+        raise ConfigError(f"{where('former_chair_public_keys')} must be hex: {exc}") from exc
+    if any(len(k) != 32 for k in formers) or chair in formers:
+        raise ConfigError(f"{where('former_chair_public_keys')}: each must be 32 bytes (64 "
+                          "hex characters), and not chair_public_key itself")
     urls = data.get("broker_urls", [DEFAULT_BROKER])
     if isinstance(urls, str):
         urls = [urls]
@@ -222,7 +238,8 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         directory=directory, participant=participant, authority=authority,
         authority_defaulted="authority" not in data,
         broker_urls=tuple(urls), broker_user=text("broker_user", "") or None,
-        chair_public_key=chair, registry_file=text("registry_file", "registry.kpx"),
+        chair_public_key=chair, former_chair_public_keys=formers,
+        registry_file=text("registry_file", "registry.kpx"),
         database=text("database", "node.sqlite3"),
         signing_key_file=text("signing_key_file", "node.key"),
         prefetch=number("prefetch", 256, 1),
@@ -253,6 +270,9 @@ def write_config(config: NodeConfig) -> Path:
           else [f"authority = {_toml_value(config.authority)}"]),
         f"broker_urls = {_toml_value(list(config.broker_urls))}",
         f"chair_public_key = {_toml_value(config.chair_public_key.hex())}",
+        *([f"former_chair_public_keys = "
+           f"{_toml_value([k.hex() for k in config.former_chair_public_keys])}"]
+          if config.former_chair_public_keys else []),
         f"registry_file = {_toml_value(config.registry_file)}",
         f"database = {_toml_value(config.database)}",
         f"signing_key_file = {_toml_value(config.signing_key_file)}",

@@ -71,15 +71,18 @@ class Fault:
 
 
 def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
-                 chair_public_key: bytes) -> list[Fault]:
+                 chair_public_key: bytes, former_chair_keys: Iterable[bytes] = ()
+                 ) -> list[Fault]:
     """Every fault in the log: broken links, altered entries, signatures that fail.
 
     Keys are those of the node itself and its partners as any registry ever listed them;
     registry frames found in the log add their keys as the walk meets them, so a key that
-    was later rotated away still verifies what it signed.
+    was later rotated away still verifies what it signed. The Chair's keys before a
+    rotation of its own (``former_chair_keys``) verify the registries they signed then.
     """
     keys: dict[bytes, bytes] = {key_id(k): k for k in known_keys}
-    keys[key_id(chair_public_key)] = chair_public_key
+    chair_keys = {key_id(k): k for k in (*former_chair_keys, chair_public_key)}
+    keys.update(chair_keys)
     faults: list[Fault] = []
     prev = GENESIS
     expected_seq = 1
@@ -97,7 +100,7 @@ def verify_chain(entries: Iterable[Entry], known_keys: Iterable[bytes],
         problems = _frame_problems(e.frame, keys.get)
         faults.extend(Fault(e.seq, p) for p in problems)
         if not problems:
-            _learn_keys(e.frame, keys, key_id(chair_public_key))
+            _learn_keys(e.frame, keys, set(chair_keys))
     return faults
 
 
@@ -288,14 +291,14 @@ def _frame_problems(frame_bytes: bytes, key_for: Callable[[bytes], bytes | None]
     return []
 
 
-def _learn_keys(frame_bytes: bytes, keys: dict[bytes, bytes], chair_id: bytes) -> None:
+def _learn_keys(frame_bytes: bytes, keys: dict[bytes, bytes], chair_ids: set[bytes]) -> None:
     """Add the keys of a registry update that the Chair signed (and that verified)."""
     try:
         frame = parse_frame(frame_bytes)
         envelope = decode_body(frame.body)
     except ProtocolError:
         return
-    if frame.key_id == chair_id and isinstance(envelope.payload, RegistryUpdate):
+    if frame.key_id in chair_ids and isinstance(envelope.payload, RegistryUpdate):
         for p in envelope.payload.participants:
             for a in p.authorities:
                 for k in a.keys:

@@ -206,14 +206,19 @@ def signing_key_choice(registry: Registry, participant: str, authority: str,
     return None if best is None else best[1]
 
 
-def open_registry_frame(frame: bytes, chair_public_key: bytes) -> Registry:
-    """Verify a registry-update frame against the Chair's key; raise ProtocolError if bad."""
-    chair_id = key_id(chair_public_key)
+def open_registry_frame(frame: bytes, chair_public_key: bytes,
+                        former: Sequence[bytes] = ()) -> Registry:
+    """Verify a registry-update frame against the Chair's key; raise ProtocolError if bad.
+
+    ``former``: Chair keys of before a rotation of the Chair's key, for a registry the node
+    already held then (its database, its evidence log). A registry arriving now must be
+    signed by the current key: a former one may be the reason for the rotation."""
+    chair_keys = {key_id(k): k for k in (*former, chair_public_key)}
 
     def chair_only(kid: bytes) -> bytes:
-        if kid != chair_id:
+        if kid not in chair_keys:
             raise SignatureError(Reason.KEY_UNKNOWN, "registry is not signed by the Chair's key")
-        return chair_public_key
+        return chair_keys[kid]
 
     opened: Opened = open_frame(frame, chair_only)
     return Registry(_registry_update(opened.envelope), frame, opened.envelope.message_id)

@@ -41,7 +41,7 @@ from node.keyfile import read_signing_key, write_signing_key
 from node.registry import utc_text
 from node.service import now_ms
 from node.terminal import emit
-from protocol import ParticipantStatus, RegistryUpdate, key_id
+from protocol import ParticipantStatus, ProtocolError, RegistryUpdate, key_id
 
 DRAFT = "registry.json"
 SIGNED = "registry.kpx"
@@ -49,6 +49,8 @@ PUBLISHED = "published"
 CHAIR_KEY = "chair.key"
 #: the Chair's public key in hex: what every node.toml and `deploy definitions` need
 CHAIR_PUBLIC = "chair.pub"
+#: the Chair's keys of before each rotation of its key (KEYID.key): out of use, kept
+FORMER_CHAIR_KEYS = "former-chair-keys"
 
 
 class ChairError(Exception):
@@ -196,6 +198,29 @@ def _edit(args: argparse.Namespace, change: Callable[[RegistryUpdate], RegistryU
           "'kpnode registry publish' to send it)")
 
 
+def cmd_rotate_chair_key(args: argparse.Namespace) -> None:
+    """A new Chair key; the old one kept out of use in former-chair-keys/."""
+    chair = chair_directory(args.dir)
+    old = bytes(chair.key().verify_key)  # a missing or exposed key file: refused here
+    former = chair.directory / FORMER_CHAIR_KEYS
+    former.mkdir(mode=0o700, exist_ok=True)
+    kept = former / f"{key_id(old).hex()}.key"
+    os.replace(chair.directory / CHAIR_KEY, kept)
+    new = bytes(chair.make_key().verify_key)
+    emit(args, {"chair_public_key": new.hex(), "former_chair_public_key": old.hex(),
+                "former_key_file": str(kept)},
+         f"New Chair key; the old one is kept, out of use, in {kept}.\n"
+         f"  new Chair public key     {new.hex()}\n"
+         f"  former Chair public key  {old.hex()}\n"
+         "Next, in this order (deploy/RUNBOOK.md, 'Rotating the Chair's key'):\n"
+         "  1. give the new public key to every node's operator out of band, as the first;\n"
+         "  2. each sets chair_public_key to it in node.toml, adds the former one to\n"
+         "     former_chair_public_keys, and restarts 'kpnode run';\n"
+         "  3. 'kpnode registry publish' signs the next version with the new key. Nodes\n"
+         "     take registries from the new key only: one not yet reconfigured holds it as\n"
+         "     a dead letter, and takes it from registry.kpx or a --resend once it is.")
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     chair = chair_directory(args.dir)
     directory = chair.directory
@@ -299,7 +324,12 @@ def cmd_publish(args: argparse.Namespace) -> None:
             frame = signed.read_bytes()
         except FileNotFoundError:
             raise ChairError(f"nothing signed yet: no {signed}") from None
-        version = open_registry_frame(frame, bytes(chair.key().verify_key)).version
+        try:
+            version = open_registry_frame(frame, bytes(chair.key().verify_key)).version
+        except ProtocolError:
+            raise ChairError(f"{signed} was signed by a former Chair key (before 'kpnode "
+                             "registry rotate-chair-key'): nodes take no such registry any "
+                             "more; publish the next version instead") from None
     else:
         update = chair.load()
         version = update.version
@@ -408,6 +438,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp = add("embargo", cmd_embargo, "embargo an origin (--lift to end it)")
     sp.add_argument("origin")
     sp.add_argument("--lift", action="store_true")
+    add("rotate-chair-key", cmd_rotate_chair_key, "make a new Chair key and keep the old "
+        "one out of use (then reconfigure every node, then publish)")
     sp = add("publish", cmd_publish, "sign the draft as the next version; write it and send "
              "it to every node")
     sp.add_argument("--broker", action="append", help="AMQP URL (repeat for a cluster); "

@@ -66,6 +66,7 @@ from protocol import (
     Receipt,
     Rejection,
     Replacement,
+    key_id,
     parse_frame,
     seal,
 )
@@ -549,22 +550,34 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
     Both are verified against the Chair's key; a file that fails is an error, not
     silently ignored, because the operator put it there."""
     best: Registry | None = None
+    # Held before a rotation of the Chair's key: a former key verifies them (it verified
+    # them when they came); what arrives from now on needs the current one.
+    former = config.former_chair_public_keys
     for frame in store.registry_frames()[-1:]:
         try:
-            best = open_registry_frame(frame, config.chair_public_key)
+            best = open_registry_frame(frame, config.chair_public_key, former)
         except ProtocolError as exc:
             # Every command fails here; the likelier cause is the key it was checked with.
             raise RegistryFileError(
                 f"the registry in the database does not verify against chair_public_key "
-                f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}") from exc
+                f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}. After a rotation of "
+                "the Chair's key, list the key it replaced in former_chair_public_keys"
+                ) from exc
     path: Path = config.registry_path
     if path.exists():
         try:
-            from_file = open_registry_frame(path.read_bytes(), config.chair_public_key)
+            from_file = open_registry_frame(path.read_bytes(), config.chair_public_key, former)
         except ProtocolError as exc:
             raise RegistryFileError(f"{path} does not verify against chair_public_key "
                                     f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}"
                                     ) from exc
+        if newer(best, from_file) and parse_frame(from_file.frame).key_id != key_id(
+                config.chair_public_key):
+            raise RegistryFileError(
+                f"{path} (version {from_file.version}) is signed by a former Chair key and "
+                "is newer than the registry this node holds: a registry from before the "
+                "rotation is taken only as it came then; ask the Chair for one its current "
+                "key signed")
         if newer(best, from_file):
             best = from_file
             with store.transaction():

@@ -34,7 +34,7 @@ from node.chair import (
     set_status,
     sign_registry,
 )
-from node.config import KEYS_DIR, load_config
+from node.config import KEYS_DIR, load_config, write_config
 from node.keyfile import (
     KeyFileError,
     encrypt_seed,
@@ -45,7 +45,8 @@ from node.keyfile import (
 from node.machine import Refusal, Side, State
 from node.network import create_network
 from node.registry import LAPSED_GRACE_MS
-from node.service import CommandRefused, Delivery, Node, now_ms
+from node.registrytool import ChairDirectory
+from node.service import CommandRefused, Delivery, Node, RegistryFileError, now_ms
 from node.views import history_json
 from protocol import (
     Cancellation,
@@ -1377,3 +1378,71 @@ def test_a_rotation_keeps_the_authority_a_node_signs_as(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert "NA's authorities: NA-MME" in refused.stderr, refused.stderr
     assert "--authority NA-MME" in refused.stderr, refused.stderr
+
+
+def test_the_chairs_own_key_is_rotated_and_the_loops_go_on(tmp_path: Path) -> None:
+    """The Chair could not rotate its key: with chair_public_key changed, the registry a
+    node held no longer verified and every command exited 3, and no procedure existed (a
+    compromised Chair key would have stranded every node). Now the Chair rotates it, each
+    node lists the key it replaced as former, and takes new registries from the new key
+    only: a registry the former key signs is refused, by the broker and as a file."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    chair_dir = network.base / "chair"
+    ChairDirectory(chair_dir).save(dataclasses.replace(network.registry, version=2))
+    old_key = network.chair_key
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN"))
+    carry(nodes["ZA"], nodes)  # open: received, not yet confirmed
+
+    rotated = json.loads(kpnode("registry", "rotate-chair-key", "--dir", str(chair_dir),
+                                "--json").stdout)
+    assert rotated["former_chair_public_key"] == bytes(old_key.verify_key).hex()
+    new_public = bytes.fromhex(rotated["chair_public_key"])
+    assert (chair_dir / "chair.pub").read_text().strip() == new_public.hex()
+    assert (chair_dir / "former-chair-keys").stat().st_mode & 0o077 == 0
+    kpnode("registry", "publish", "--dir", str(chair_dir))  # version 2, the new key
+    v2 = (chair_dir / "registry.kpx").read_bytes()
+    # a node not reconfigured yet holds it as a dead letter
+    (verdict,) = nodes["ZA"].handle_batch([Delivery(v2)])
+    assert verdict.dead_letter is not None and nodes["ZA"].registry.version == 1
+    for node in nodes.values():
+        node.close()
+
+    for config in network.configs.values():
+        write_config(dataclasses.replace(config, chair_public_key=new_public))
+    with pytest.raises(RegistryFileError, match="former_chair_public_keys"):
+        Node.open(load_config(network.configs["ZA"].directory))
+    for config in network.configs.values():
+        write_config(dataclasses.replace(config, chair_public_key=new_public,
+                                         former_chair_public_keys=(bytes(old_key.verify_key),)))
+    configs = {code: load_config(c.directory) for code, c in network.configs.items()}
+    nodes = {code: Node.open(config) for code, config in configs.items()}
+    za = nodes["ZA"]
+    assert za.registry.version == 1  # held from before the rotation
+    (verdict,) = za.handle_batch([Delivery(v2)])
+    assert verdict.dead_letter is None and za.registry.version == 2
+    # the former key signs no new registry: not through the broker, not as a file
+    forged = sign_registry(dataclasses.replace(network.registry, version=3), old_key, now_ms())
+    (verdict,) = za.handle_batch([Delivery(forged)])
+    assert verdict.dead_letter is not None and za.registry.version == 2
+    nodes["IN"].close()
+    configs["IN"].registry_path.write_bytes(forged)
+    with pytest.raises(RegistryFileError, match="former Chair key"):
+        Node.open(configs["IN"])
+    configs["IN"].registry_path.write_bytes(v2)
+    nodes["IN"] = Node.open(configs["IN"])
+    assert nodes["IN"].registry.version == 2
+    # the loop opened before the rotation closes after it, and both logs verify
+    nodes["IN"].confirm("ZA-2026-0001")
+    carry(nodes["IN"], nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0001").state is State.CONFIRMED  # type: ignore[union-attr]
+    for node in nodes.values():
+        node.close()
+    for code in nodes:
+        checked = kpnode("verify-log", "--dir", str(configs[code].directory), "--json")
+        assert json.loads(checked.stdout)["ok"], checked.stdout
+    # the Chair's tool does not resend what the former key signed
+    (chair_dir / "registry.kpx").write_bytes(forged)
+    refused = kpnode("registry", "publish", "--resend", "--out", str(tmp_path / "x.kpx"),
+                     "--dir", str(chair_dir), check=False)
+    assert refused.returncode != 0 and "former Chair key" in refused.stderr, refused.stderr
