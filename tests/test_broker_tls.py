@@ -108,7 +108,9 @@ def test_an_option_the_nodes_connection_never_uses_is_refused(
 
     url = f"amqps://kpx-za:s3cret@mq.example:5671/kpx?cafile=/tls/ca.pem&{option}"
     name = option.split("=")[0]
-    assert name not in aio_pika.Connection(make_url(url)).kwargs  # not what kpx connects with
+    # not read by what kpx connects with (the class's own parsing: an instance wants an
+    # event loop, and this test has none once another test closed it)
+    assert name not in aio_pika.Connection._parse_parameters(dict(make_url(url).query))
     node = tmp_path / "ZA"
     init_node(node, "ZA", chair_public_key=bytes(32))
     toml = node / "node.toml"
