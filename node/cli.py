@@ -34,7 +34,12 @@ from node.machine import (
     day_of,
 )
 from node.network import init_node
-from node.registry import key_fault_remedy, open_registry_frame, utc_text
+from node.registry import (
+    key_fault_remedy,
+    open_registry_frame,
+    unverified_registry_version,
+    utc_text,
+)
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.status import held_key_ids, running_pid
 from node.store import StoreError, UnreadableRecord
@@ -286,18 +291,35 @@ def _anchor(text: str) -> tuple[int, bytes]:
     return found
 
 
+def _registry_version(frame: bytes) -> str:
+    try:
+        return str(unverified_registry_version(frame))
+    except ProtocolError:
+        return "?"
+
+
 def cmd_verify_log(args: argparse.Namespace) -> None:
     def run(node: Node) -> None:
         keys = [bytes(k.verify_key) for k in node.signing_keys]
         former = node.config.former_chair_public_keys
+        unverified = []
         for frame in node.store.registry_frames():
-            registry = open_registry_frame(frame, node.config.chair_public_key, former)
+            try:
+                registry = open_registry_frame(frame, node.config.chair_public_key, former)
+            except ProtocolError as exc:
+                # A Chair key missing from former_chair_public_keys (the first of two
+                # rotations, say): a fault to report, with what to do, not a crash.
+                unverified.append(
+                    f"registry version {_registry_version(frame)} in the database does not "
+                    f"verify ({exc}): list every key the Chair signed with before, not only "
+                    "the last, in former_chair_public_keys")
+                continue
             keys += [k.public_key for p in registry.update.participants
                      for a in p.authorities for k in a.keys]
         entries = list(node.store.evidence())
         records = node.store.records()
-        faults = [str(f) for f in verify_chain(entries, keys, node.config.chair_public_key,
-                                               former)]
+        faults = unverified + [str(f) for f in verify_chain(
+            entries, keys, node.config.chair_public_key, former)]
         faults += unsupported_records(records, entries, today=day_of(node.clock()))
         faults += node.store.column_mismatches()
         hashes = {e.seq: bytes(e.hash) for e in entries}

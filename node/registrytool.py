@@ -205,17 +205,25 @@ def cmd_rotate_chair_key(args: argparse.Namespace) -> None:
     former = chair.directory / FORMER_CHAIR_KEYS
     former.mkdir(mode=0o700, exist_ok=True)
     kept = former / f"{key_id(old).hex()}.key"
+    # Every key the Chair had before, the oldest first: registries each signed are still
+    # in the nodes' databases and logs, and verify only while it stays listed.
+    earlier = sorted((p for p in former.glob("*.key") if p != kept),
+                     key=lambda p: p.stat().st_mtime)
+    formers = [*(bytes(read_signing_key(p).verify_key).hex() for p in earlier), old.hex()]
     os.replace(chair.directory / CHAIR_KEY, kept)
     new = bytes(chair.make_key().verify_key)
+    listed = ", ".join(f'"{k}"' for k in formers)
     emit(args, {"chair_public_key": new.hex(), "former_chair_public_key": old.hex(),
-                "former_key_file": str(kept)},
+                "former_chair_public_keys": formers, "former_key_file": str(kept)},
          f"New Chair key; the old one is kept, out of use, in {kept}.\n"
          f"  new Chair public key     {new.hex()}\n"
          f"  former Chair public key  {old.hex()}\n"
          "Next, in this order (deploy/RUNBOOK.md, 'Rotating the Chair's key'):\n"
          "  1. give the new public key to every node's operator out of band, as the first;\n"
-         "  2. each sets chair_public_key to it in node.toml, adds the former one to\n"
-         "     former_chair_public_keys, and restarts 'kpnode run';\n"
+         "  2. each sets in node.toml, and restarts 'kpnode run':\n"
+         f"       chair_public_key = \"{new.hex()}\"\n"
+         f"       former_chair_public_keys = [{listed}]\n"
+         "     (every former key, not only the last: each verifies the registries it signed);\n"
          "  3. 'kpnode registry publish' signs the next version with the new key. Nodes\n"
          "     take registries from the new key only: one not yet reconfigured holds it as\n"
          "     a dead letter, and takes it from registry.kpx or a --resend once it is.")

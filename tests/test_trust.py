@@ -1446,3 +1446,43 @@ def test_the_chairs_own_key_is_rotated_and_the_loops_go_on(tmp_path: Path) -> No
     refused = kpnode("registry", "publish", "--resend", "--out", str(tmp_path / "x.kpx"),
                      "--dir", str(chair_dir), check=False)
     assert refused.returncode != 0 and "former Chair key" in refused.stderr, refused.stderr
+
+
+def test_a_second_rotation_of_the_chairs_key_keeps_the_first_former_key(tmp_path: Path) -> None:
+    """RUNBOOK's step 3 showed one former key, 'the key it replaces': an operator following
+    it at the Chair's second rotation listed only the second key. The registries the first
+    key signed, still in the database and the log, then stopped verify-log with one line,
+    'kpnode: key.unknown: registry is not signed by the Chair's key' (exit 1), and a
+    registry.kpx of theirs stopped every command. rotate-chair-key now prints the whole
+    list, every former key, and verify-log says which registry fails and what to list."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    chair_dir = network.base / "chair"
+    ChairDirectory(chair_dir).save(dataclasses.replace(network.registry, version=2))
+    first = bytes(network.chair_key.verify_key)
+    config = network.configs["ZA"]
+    Node.open(config).close()  # holds version 1, the first key's
+    formers: list[list[str]] = []
+    for _ in range(2):
+        rotated = json.loads(kpnode("registry", "rotate-chair-key", "--dir", str(chair_dir),
+                                    "--json").stdout)
+        formers.append(rotated["former_chair_public_keys"])
+        kpnode("registry", "publish", "--dir", str(chair_dir))
+        # the operator takes the printed list as it is, and the new registry as a file
+        write_config(dataclasses.replace(
+            load_config(config.directory),
+            chair_public_key=bytes.fromhex(rotated["chair_public_key"]),
+            former_chair_public_keys=tuple(bytes.fromhex(k) for k in formers[-1])))
+        config.registry_path.write_bytes((chair_dir / "registry.kpx").read_bytes())
+        Node.open(load_config(config.directory)).close()
+    assert formers[0] == [first.hex()]
+    assert formers[1][0] == first.hex() and len(formers[1]) == 2
+    assert json.loads(kpnode("verify-log", "--dir", str(config.directory), "--json").stdout)["ok"]
+
+    # listed as the RUNBOOK used to show it, the first key missing: said, not a crash
+    write_config(dataclasses.replace(load_config(config.directory),
+                                     former_chair_public_keys=(bytes.fromhex(formers[1][1]),)))
+    checked = kpnode("verify-log", "--dir", str(config.directory), "--json", check=False)
+    assert checked.returncode == 1, checked.stderr
+    faults = json.loads(checked.stdout)["faults"]
+    assert any("registry version 1" in f and "former_chair_public_keys" in f
+               for f in faults), faults
