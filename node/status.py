@@ -383,37 +383,53 @@ async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
     broker = await look_at_broker(config, letters=letters)
     pid = running_pid(config.directory)
     now = now_ms()
-    own, after_restart = running_key(node, now) if pid else (node.signing_key(now), None)
+    files_key = bytes(node.signing_key(now).verify_key)
+    own, after_restart = running_key(node, now) if pid else (files_key, None)
     return build_status(participant=config.participant, authority=config.authority,
                         now=now, running_pid=pid, registry=node.registry,
-                        own_public_key=bytes(own.verify_key),
+                        own_public_key=own,
                         broker=broker, store_ok=store_ok,
                         unheld_keys=keys_not_held(config, node.signing_keys)
                         if pid else (), after_restart=after_restart,
                         other_public_keys=[bytes(k.verify_key) for k in node.signing_keys
-                                           if k is not own],
+                                           if bytes(k.verify_key) != own],
                         **read_store(node))
 
 
-def running_key(node: Node, now: int) -> tuple[Signer, tuple[str, bytes] | None]:
-    """The key the running node signs with (of those it read at start, as it wrote them
-    into its lock file), and the key file (name, public key) it would sign with once
+def running_key(node: Node, now: int) -> tuple[bytes, tuple[str, bytes] | None]:
+    """The public key the running node signs with (of those it read at start, as it wrote
+    them into its lock file), and the key file (name, public key) it would sign with once
     restarted when that is another one. ``kpnode status`` reads keys/ as it is now: a key
     made since the start is not the running node's, whatever the registry says of it."""
     files_choice = node.signing_key(now)
+    chosen = bytes(files_choice.verify_key)
     held = held_key_ids(node.config.directory)
     if held is None:
-        return files_choice, None
-    keys = [k for k in node.signing_keys if key_id(bytes(k.verify_key)).hex() in held]
-    if not keys or any(k is files_choice for k in keys):
-        return files_choice, None
-    choice = signing_key_choice(node.registry, node.me, node.config.authority,
-                                [bytes(k.verify_key) for k in keys], now)
+        return chosen, None
+    keys = [bytes(k.verify_key) for k in node.signing_keys
+            if key_id(bytes(k.verify_key)).hex() in held]
+    if chosen in keys:
+        return chosen, None
+    if not keys:
+        # None of the files it read at start is there any more (the key file node.toml
+        # names overwritten with a new key, say): the registry has their public halves.
+        keys = [owner.key.public_key for kid in sorted(held) if _is_hex(kid)
+                and (owner := node.registry.key_owner(bytes.fromhex(kid))) is not None]
+        if not keys:
+            return chosen, None
+    choice = signing_key_choice(node.registry, node.me, node.config.authority, keys, now)
     files = node.config.key_files()
     index = node.signing_keys.index(files_choice)
-    name = files[index].name if index < len(files) else key_id(
-        bytes(files_choice.verify_key)).hex()
-    return keys[choice or 0], (name, bytes(files_choice.verify_key))
+    name = files[index].name if index < len(files) else key_id(chosen).hex()
+    return keys[choice or 0], (name, chosen)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 # -- the screen -----------------------------------------------------------------------

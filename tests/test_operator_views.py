@@ -1437,3 +1437,45 @@ async def test_status_and_key_show_see_a_successor_the_registry_holds(tmp_path: 
         node.close()
     (warning,) = [p for p in s["problems"] if "stops being valid" in p["text"]]
     assert "no key of this node signs" in warning["text"], warning
+
+
+async def test_status_judges_the_running_nodes_key_when_its_key_file_was_overwritten(
+        tmp_path: Path) -> None:
+    """The rotation's new key written over node.toml's key file (not into keys/) while
+    `kpnode run` held the old one, which then lapsed: none of the running node's keys was
+    among the files any more, so status showed the new file's key as the one it signs
+    with, 'valid', and only warned that a key file was not held; the running node went on
+    signing with the lapsed key. Its key is now taken from the registry by the id the
+    lock file gives, and judged: an error, cured by a restart."""
+    from nacl.signing import SigningKey
+
+    from node.chair import add_key, end_key
+    from node.keyfile import write_signing_key
+    from node.runner import DirectoryLock
+    from node.service import now_ms
+    from protocol import key_id
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    config = network.configs["ZA"]
+    old = bytes(config.signing_key().verify_key)
+    new = SigningKey.generate()
+    now = now_ms()
+    update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
+                     now - 3_600_000)
+    update = end_key(update, old, now - 60_000)  # lapsed a minute ago
+    network.publish_registry(dataclasses.replace(update, version=2))
+    with DirectoryLock(config.directory) as lock:
+        lock.note_keys([key_id(old).hex()])
+        path = config.path(config.signing_key_file)
+        path.unlink()
+        write_signing_key(path, new)
+        node = Node.open(config)
+        try:
+            s = await gather_status(node)
+        finally:
+            node.close()
+    assert s["key"]["key_id"] == key_id(old).hex()
+    assert s["key"]["fault"] == "key.not_valid_now"
+    assert s["key"]["after_restart"] == key_id(bytes(new.verify_key)).hex()
+    (error,) = [p for p in s["problems"] if "key" in p["text"] and p["level"] == "error"]
+    assert "Restart 'kpnode run'" in error["text"], error
