@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from node.machine import OPEN_STATES, Record, Side, State
@@ -37,6 +37,9 @@ from protocol.keys import key_id
 from protocol.reasons import Reason
 
 GENESIS = bytes(32)
+#: how early (in days, by UTC) an expired record may have been expired by a node's clock
+#: that ran ahead before verify-log calls it unbacked
+EXPIRY_GRACE_DAYS = 1
 #: The direction of an operator's action record (a dead letter replayed or discarded).
 #: Such an entry's "frame" is not a signed message but the canonical msgpack map that
 #: :func:`operator_record` makes; the hash chain protects it like any other entry.
@@ -217,8 +220,13 @@ def _state_problem(r: Record, log: _Log, records: dict[tuple[Side, str], Record]
     if state is State.DELIVERED and (r.number, r.certificate_digest,
                                      r.certificate.destination) not in log.receipts:
         return "no receipt for it is in the log"
-    if state is State.EXPIRED and today is not None and r.certificate.expires_on >= today:
-        return f"it expires on {r.certificate.expires_on.isoformat()}, not before today"
+    # A day's grace, as for dates on receipt (machine.DAYS_AHEAD_AT_ISSUE): a node whose
+    # clock ran ahead past midnight UTC expired it on its last day, and verify-log, run
+    # once the clock is right again, is not to call that history tampered with.
+    if state is State.EXPIRED and today is not None \
+            and r.certificate.expires_on >= today + timedelta(days=EXPIRY_GRACE_DAYS):
+        return (f"it expires on {r.certificate.expires_on.isoformat()}, not before "
+                f"{today.isoformat()} (UTC)")
     if state in OPEN_STATES | {State.EXPIRED}:
         if cancelled:
             return "its cancellation is in the log, yet it is open"

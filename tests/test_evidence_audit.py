@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +268,29 @@ def test_a_rewritten_log_is_caught_against_a_head_written_down_before(nodes: Nod
     assert done.returncode == 1
     assert f"entry {head['seq']}: " in done.stdout and "not the anchor's" in done.stdout
     assert verify_log(za, "--anchor", "12").returncode == 2
+
+
+def test_a_record_expired_by_a_clock_ahead_past_midnight_is_not_a_fault(tmp_path: Path) -> None:
+    """A node whose clock ran a few hours ahead (a host clock kept in local time) passed
+    midnight UTC before the certificate's last day ended and its sweep expired it: nothing
+    was tampered with, yet verify-log, run once the clock was right again, said FAILED
+    ('it expires on D, not before today') until that day ended. A day's grace."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    today = datetime.now(UTC).date()
+    nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN",
+                                  issued_on=(today - timedelta(days=5)).isoformat(),
+                                  expires_on=today.isoformat()))
+    carry(nodes["ZA"], nodes)
+    midnight = int(datetime.combine(today + timedelta(days=1), datetime.min.time(),
+                                    UTC).timestamp() * 1000)
+    nodes["IN"].clock = lambda: midnight + 30 * 60_000  # three hours ahead at 21:30 UTC
+    assert [r.number for r in nodes["IN"].expire_overdue()] == ["ZA-2026-0001"]
+    try:
+        records, entries = nodes["IN"].store.records(), list(nodes["IN"].store.evidence())
+        assert unsupported_records(records, entries, today=today) == []
+        # two days early is no clock's doing
+        assert unsupported_records(records, entries, today=today - timedelta(days=1))
+    finally:
+        for node in nodes.values():
+            node.close()
