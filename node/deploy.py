@@ -45,7 +45,7 @@ from node.registry import Registry, open_registry_frame, unverified_registry_ver
 from node.registrytool import CHAIR_PUBLIC
 from node.service import broker_user_for
 from node.terminal import emit, table
-from protocol import ProtocolError
+from protocol import ProtocolError, Reason
 from protocol.schema import PARTICIPANT_CODE
 
 PASSWORD_SUFFIX = ".password"
@@ -115,7 +115,14 @@ def read_registry(path: Path, chair_public_key: bytes) -> Registry:
     try:
         return open_registry_frame(frame, chair_public_key)
     except ProtocolError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        hint = ""
+        if exc.reason == Reason.KEY_UNKNOWN:
+            # Between 'registry rotate-chair-key' and the next publish, registry.kpx is
+            # still the former key's.
+            hint = (" (after a rotation of the Chair's key, the registry is the former "
+                    "key's until 'kpnode registry publish' signs the next version: publish "
+                    "first)")
+        raise ConfigError(f"{path}: {exc}{hint}") from exc
 
 
 def check_vhost(vhost: str) -> None:

@@ -34,7 +34,8 @@ from node.chair import (
     set_status,
     sign_registry,
 )
-from node.config import KEYS_DIR, load_config, write_config
+from node.config import KEYS_DIR, ConfigError, load_config, write_config
+from node.deploy import read_registry
 from node.keyfile import (
     KeyFileError,
     encrypt_seed,
@@ -1400,6 +1401,9 @@ def test_the_chairs_own_key_is_rotated_and_the_loops_go_on(tmp_path: Path) -> No
     new_public = bytes.fromhex(rotated["chair_public_key"])
     assert (chair_dir / "chair.pub").read_text().strip() == new_public.hex()
     assert (chair_dir / "former-chair-keys").stat().st_mode & 0o077 == 0
+    # until the next publish, registry.kpx is the former key's: the deploy tool says so
+    with pytest.raises(ConfigError, match="publish first"):
+        read_registry(chair_dir / "registry.kpx", new_public)
     kpnode("registry", "publish", "--dir", str(chair_dir))  # version 2, the new key
     v2 = (chair_dir / "registry.kpx").read_bytes()
     # a node not reconfigured yet holds it as a dead letter
