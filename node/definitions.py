@@ -8,10 +8,12 @@ have declared itself.
 
 Who may do what (RabbitMQ checks configure / write / read against these regexes):
 
-* ``kpx-<code>``, one per Participant: **configure nothing** (cannot declare, bind or delete
-  anything), **write** only to the exchanges ``kpx`` (to any Participant) and ``kpx.dlx``
-  (its own refusals: a topic permission holds it to its own code as routing key), **read**
-  only its own inbox and dead-letter queue. Messages carry its
+* ``kpx-<code>``, one per Participant: **configure** only its own ``kpx.claim.CODE``, the
+  exclusive queue a consuming node holds so that a second node for the Participant cannot
+  consume beside it (it cannot declare, bind or delete anything else), **write** only to
+  the exchanges ``kpx`` (to any Participant) and ``kpx.dlx`` (its own refusals: a topic
+  permission holds it to its own code as routing key), **read** only its own inbox and
+  dead-letter queue. Messages carry its
   name as the validated ``user_id``, so it cannot publish as another.
 * ``kpx-chair``: writes only to ``kpx.registry`` (the fanout that reaches every inbox),
   reads and configures nothing.
@@ -36,6 +38,7 @@ from node.transport import (
     EXCHANGE,
     EXCHANGES,
     REGISTRY_EXCHANGE,
+    claim_queue,
     dead_letter_arguments,
     dead_letter_queue,
     inbox_arguments,
@@ -118,7 +121,8 @@ def broker_definitions(registry: RegistryUpdate, hashes: Mapping[str, str], *,
         + [user(CHAIR_USER, []), user(ADMIN_USER, ["administrator"])],
         "vhosts": [{"name": vhost}],
         "permissions": [
-            permission(broker_user_for(c), NOTHING, _exactly(EXCHANGE, DEAD_LETTER_EXCHANGE),
+            permission(broker_user_for(c), _exactly(claim_queue(c)),
+                       _exactly(EXCHANGE, DEAD_LETTER_EXCHANGE),
                        _exactly(inbox_queue(c), dead_letter_queue(c)))
             for c in codes
         ] + [

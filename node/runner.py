@@ -53,6 +53,7 @@ from node.transport import (
     PublishResult,
     Transport,
     TransportUnavailable,
+    claim_queue,
     inbox_queue,
 )
 from node.wait import wait_set
@@ -206,25 +207,35 @@ class RunningNode:
                  registry_version=self.node.registry.version)
 
     async def _wait_for_inbox_free(self) -> None:
-        """Refuse to start beside another consumer of the inbox (a restored copy started
+        """Refuse to start beside another node for the Participant (a restored copy started
         while the original runs, a second host given the same node): the broker would
         share the Participant's messages out between two databases, each with half of
         the evidence. One left by a node whose host died goes by itself, so wait for it
-        first. Checked at start only: on a reconnect, the other may be this node's own.
+        first. Checked at start; a reconnect takes the claim again before consuming
+        (see :meth:`Transport.claim_inbox`).
 
-        Once another consumer was seen, its going counts only after the inbox has stayed
-        free for ``INBOX_SETTLE_SECONDS``: a live node whose connection dropped (a broker
-        restart drops them all) shows no consumer until it has reconnected."""
+        Another node shows as a consumer of the inbox or as the holder of its claim (two
+        started at the same moment both see no consumer; only one gets the claim). Once
+        another was seen, its going counts only after the inbox has stayed free for
+        ``INBOX_SETTLE_SECONDS``: a live node whose connection dropped (a broker restart
+        drops them all) shows no consumer until it has reconnected."""
         from aiormq.exceptions import ChannelClosed
 
         assert self.transport is not None
         deadline = time.monotonic() + INBOX_TAKEN_WAIT_SECONDS
         inbox = inbox_queue(self.config.participant)
-        seen = 0  # consumers last seen on the inbox, once any were
+        claim = claim_queue(self.config.participant)
+        held_by = ""  # what last showed another node, once anything did
         free_since: float | None = None
         while True:
+            now = time.monotonic()
             try:
                 consumers = (await self.transport.inbox_depth())[1]
+                settled = free_since is not None and now - free_since >= INBOX_SETTLE_SECONDS
+                # Claimed only once free and settled: held while settling, the claim would
+                # lock out an original reconnecting after a broker restart, for the copy.
+                asked = consumers == 0 and (not held_by or settled)
+                claimed = await self.transport.claim_inbox() if asked else False
             except TransportUnavailable:
                 # The broker went away meanwhile (a restart clears a stale consumer too):
                 # wait for the reconnect, as a start waits for its broker.
@@ -237,27 +248,31 @@ class RunningNode:
                     raise TransportUnavailable(f"could not look at {inbox}: {exc}") from exc
                 await asyncio.sleep(1.0)
                 continue
-            now = time.monotonic()
-            if consumers == 0:
-                if not seen:
-                    return
-                free_since = now if free_since is None else free_since
-                if now - free_since >= INBOX_SETTLE_SECONDS:
-                    log.info("the other consumer of the inbox is gone; starting", queue=inbox)
-                    return
+            if asked and claimed is not False:  # held, or not permitted: the count alone
+                if held_by:
+                    log.info("the other node's hold on the inbox is gone; starting",
+                             queue=inbox)
+                return
+            if asked:
+                holder = f"another connection holds the claim {claim}"
+            elif consumers:
+                holder = f"{consumers} consumer(s) on {inbox}"
             else:
-                if not seen:
-                    log.warning("another consumer holds the inbox; waiting for it to go "
-                                "before starting (a node whose host died is forgotten by the "
-                                "broker within about three minutes)", queue=inbox,
-                                consumers=consumers, wait_seconds=INBOX_TAKEN_WAIT_SECONDS)
-                seen, free_since = consumers, None
+                holder = ""  # free, settling
+                free_since = now if free_since is None else free_since
+            if holder:
+                if not held_by:
+                    log.warning("another node holds the inbox; waiting for it to go before "
+                                "starting (a node whose host died is forgotten by the broker "
+                                "within about three minutes)", queue=inbox, held_by=holder,
+                                wait_seconds=INBOX_TAKEN_WAIT_SECONDS)
+                held_by, free_since = holder, None
             if now >= deadline and free_since is None:
                 raise InboxTaken(
-                    f"{seen} consumer(s) on {inbox} within {INBOX_TAKEN_WAIT_SECONDS:g} s: "
-                    f"another node for {self.config.participant} is running against this "
-                    "broker (a restored copy beside the original?). Two would share its "
-                    "messages out between two databases; stop the other one")
+                    f"{held_by} within {INBOX_TAKEN_WAIT_SECONDS:g} s: another node for "
+                    f"{self.config.participant} is running against this broker (a restored "
+                    "copy beside the original?). Two would share its messages out between "
+                    "two databases; stop the other one")
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:

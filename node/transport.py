@@ -7,6 +7,7 @@ operator loads it from definitions instead and nodes only check it exists)::
     exchange kpx.registry (fanout, durable) ──▶ every kpx.inbox.CODE
         x-delivery-limit N, dead-lettered at least once to
     exchange kpx.dlx (topic, durable) ───CODE──▶ quorum queue kpx.dead.CODE
+    exclusive queue kpx.claim.CODE, declared by the consuming node on its connection
 
 Why these settings (RabbitMQ 3.10): quorum queues replicate and fsync before confirming;
 they have no delivery limit by default, so a poison message would loop for ever;
@@ -59,6 +60,8 @@ CONNECT_TIMEOUT = 10.0
 #: a broker that stopped answering (a partition, a half-open TCP connection) would
 #: otherwise hold the node until the heartbeat gives up, some three minutes
 SHUTDOWN_STEP_TIMEOUT = 2.0
+#: how often a node whose claim another connection holds tries again (see _await_claim)
+CLAIM_RETRY_SECONDS = 5.0
 NACKED = "nacked by the broker"
 
 
@@ -68,6 +71,14 @@ def inbox_queue(code: str) -> str:
 
 def dead_letter_queue(code: str) -> str:
     return f"kpx.dead.{code}"
+
+
+def claim_queue(code: str) -> str:
+    """The exclusive queue a consuming node holds on its connection. The broker lets one
+    connection at a time hold an exclusive queue, so two nodes for one Participant cannot
+    both consume its inbox: counting the inbox's consumers shows none to both when they
+    start at the same moment, and quorum queues do not enforce exclusive consumers."""
+    return f"kpx.claim.{code}"
 
 
 #: every exchange of the topology and its type (the deploy definitions reuse this list)
@@ -218,6 +229,10 @@ class Transport:
         self._closers: set[asyncio.Task[None]] = set()
         #: one publishing-channel renewal at a time (see _renew_publishing)
         self._renewing = asyncio.Lock()
+        #: waits for a claim another connection holds, then consumes (see _await_claim)
+        self._claim_waiter: asyncio.Task[None] | None = None
+        #: the broker user may not declare the claim: said once, not at every reconnect
+        self._claim_refusal_said = False
 
     @property
     def connected(self) -> bool:
@@ -245,7 +260,7 @@ class Transport:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._batcher, self._supervisor):
+        for task in (self._claim_waiter, self._batcher, self._supervisor):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -435,7 +450,71 @@ class Transport:
         if self.connected:
             await self._start_consumer()
 
+    async def claim_inbox(self) -> bool | None:
+        """Hold :func:`claim_queue` on the current connection: True when it holds it (a
+        second claim on the same connection is a no-op), False when another connection
+        does, None when the broker user may not declare it (definitions made before
+        claims existed): then only the inbox's consumer count guards it."""
+        if self._connection is None or not self.connected:
+            raise TransportUnavailable("not connected to a broker")
+        return await self._claim(self._connection)
+
+    async def _claim(self, connection: AbstractConnection) -> bool | None:
+        from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
+
+        name = claim_queue(self.participant)
+        channel = await connection.channel()  # a refused declare closes its channel
+        try:
+            await channel.declare_queue(name, exclusive=True, auto_delete=True)
+        except ChannelLockedResource:
+            return False
+        except ChannelAccessRefused:
+            if not self._claim_refusal_said:
+                self._claim_refusal_said = True
+                log.warning("the broker user may not declare the inbox's claim; two nodes "
+                            "for this Participant started at the same moment could both "
+                            "consume. Load definitions from `kpnode deploy definitions` of "
+                            "this version, which permit it", queue=name)
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return True
+
     async def _start_consumer(self) -> None:
+        assert self._connection is not None
+        connection = self._connection
+        self._consumer_tag = None  # one of a closed connection: not consuming until claimed
+        if await self._claim(connection) is False:
+            log.error("another connection holds the inbox's claim: this node's own earlier "
+                      "connection until the broker notices it is gone (within about three "
+                      "minutes), or another node for this Participant. Not consuming until "
+                      "it is free", queue=claim_queue(self.participant),
+                      retry_seconds=CLAIM_RETRY_SECONDS)
+            self._claim_waiter = asyncio.create_task(self._await_claim(connection),
+                                                     name="amqp-claim")
+            return
+        await self._consume_inbox()
+
+    async def _await_claim(self, connection: AbstractConnection) -> None:
+        """Try the claim again now and then; consume once it is held. A connection that
+        goes meanwhile ends the wait: the supervisor sets everything up anew."""
+        while not self._closing and connection is self._connection and self.connected:
+            await asyncio.sleep(CLAIM_RETRY_SECONDS)
+            if self._closing or connection is not self._connection or not self.connected:
+                return
+            try:
+                if await self._claim(connection) is False:
+                    continue
+                await self._consume_inbox()
+            except Exception as exc:
+                self._reconnect(connection, f"could not start consuming: {exc}")
+                return
+            log.info("the inbox's claim is free; consuming",
+                     queue=claim_queue(self.participant))
+            return
+
+    async def _consume_inbox(self) -> None:
         assert self._connection is not None
         generation = self._generation
         channel = await self._connection.channel()
@@ -547,6 +626,8 @@ class Transport:
         go back to the queue when the channel closes, and in RabbitMQ 3.10 each such return
         counts towards the delivery limit — a node restarted a few times would dead-letter
         messages it never looked at."""
+        if self._claim_waiter is not None:
+            self._claim_waiter.cancel()
         if self._inbox is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
                 await self._inbox.cancel(self._consumer_tag, timeout=SHUTDOWN_STEP_TIMEOUT)

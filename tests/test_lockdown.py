@@ -30,6 +30,7 @@ from node.transport import (
     DEAD_LETTER_EXCHANGE,
     EXCHANGE,
     REGISTRY_EXCHANGE,
+    claim_queue,
     dead_letter_queue,
     inbox_queue,
 )
@@ -300,3 +301,25 @@ async def test_a_claim_the_user_may_not_declare_is_reported_not_raised(
     url = url_of(deployed, "kpx-za", broker.amqp_port)
     async with exclusive_claim([url], ["kpx.simulation.ZA"]) as unclaimed:
         assert unclaimed == ["kpx.simulation.ZA"]
+
+
+async def test_a_node_user_may_hold_its_own_claim_and_no_other(
+        as_za, deployed: Provisioned) -> None:  # type: ignore[no-untyped-def]
+    """The claim keeps a second node for a Participant from consuming beside the first;
+    definitions that let no node declare it would leave only the racy consumer count.
+    Another Participant's claim stays out of reach, or ZA could keep IN from consuming."""
+    configs = {code: load_config(path) for code, path in deployed.node_dirs().items()}
+    own = lambda ch: ch.declare_queue(claim_queue("ZA"), exclusive=True)  # noqa: E731
+    assert await as_za(own) is None
+    assert await as_za(lambda ch: ch.queue_delete(claim_queue("ZA"))) is None  # let go
+    refusal = await as_za(lambda ch: ch.declare_queue(claim_queue("IN"), exclusive=True))
+    assert refusal is not None and "ACCESS_REFUSED" in refusal
+    running = RunningNode(configs["ZA"])
+    await running.start()
+    try:
+        assert running.transport is not None and running.transport.consuming
+        assert await running.transport.claim_inbox() is True  # held, not merely allowed
+        refusal = await as_za(own)  # another connection of the same user
+        assert refusal is not None and "RESOURCE_LOCKED" in refusal
+    finally:
+        await running.stop()

@@ -191,6 +191,67 @@ async def test_a_second_node_for_a_participant_does_not_start_beside_the_first(
     await third.stop()
 
 
+async def test_two_copies_started_at_the_same_moment_do_not_both_consume(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both saw no consumer on the inbox and both started: the broker shared the
+    Participant's messages out between two databases. Only one now gets the claim
+    (an exclusive queue); the other waits for it and refuses."""
+    import shutil
+
+    monkeypatch.setattr(runner, "INBOX_TAKEN_WAIT_SECONDS", 3.0)
+    code, partner = fresh_codes(2)
+    network = create_network(tmp_path / "net", [code, partner], [amqp_url])
+    shutil.copytree(network.configs[code].directory, tmp_path / "restored")
+    nodes = [RunningNode(network.configs[code]), RunningNode(load_config(tmp_path / "restored"))]
+    results = await asyncio.gather(*(n.start() for n in nodes), return_exceptions=True)
+    started = [n for n, result in zip(nodes, results, strict=True) if result is None]
+    try:
+        assert len(started) == 1, results
+        refusal = next(r for r in results if r is not None)
+        assert isinstance(refusal, runner.InboxTaken), refusal
+        assert f"another node for {code} is running" in str(refusal)
+        assert started[0].transport is not None
+        assert (await started[0].transport.inbox_depth())[1] == 1
+    finally:
+        for node in started:
+            await node.stop()
+
+
+async def test_a_reconnect_does_not_consume_while_another_connection_holds_the_claim(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that got the claim while the original was away (a broker restart drops every
+    connection) keeps it: the original, back, publishes but does not consume until the
+    claim is free (its own stale connection, which the broker drops in time, or a copy
+    stopped by the operator)."""
+    from node import transport as transport_module
+    from node.transport import Transport, claim_queue
+
+    monkeypatch.setattr(transport_module, "CLAIM_RETRY_SECONDS", 0.3)
+    code = fresh_codes(1)[0]
+
+    async def handler(batch: list[Any]) -> None:
+        return None
+
+    holder, waiting = Transport([amqp_url], code), Transport([amqp_url], code)
+    try:
+        await holder.connect()
+        await holder.consume(handler)
+        await waiting.connect()
+        await waiting.consume(handler)
+        await asyncio.sleep(0.8)  # a few retries
+        assert holder.consuming and not waiting.consuming
+        assert (await waiting.inbox_depth())[1] == 1
+        assert await waiting.claim_inbox() is False
+        await holder.close()
+        await until(lambda: waiting.consuming, 10)
+        assert (await waiting.inbox_depth())[1] == 1
+        assert await waiting.claim_inbox() is True
+        assert (await waiting.queue_depth(claim_queue(code)))[1] == 0  # nothing uses it
+    finally:
+        await holder.close()
+        await waiting.close()
+
+
 async def _waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                    answers: list[Any]) -> tuple[RunningNode, list[str]]:
     """A starting node whose inbox looks give ``answers`` in turn (the last one for ever);
@@ -211,6 +272,9 @@ async def _waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
         async def connect(self, timeout: float = 60.0) -> None:
             calls.append("connect")
+
+        async def claim_inbox(self) -> bool:
+            return True
 
     node = RunningNode(network.configs[code])
     node.transport = Broker()  # type: ignore[assignment]
