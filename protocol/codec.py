@@ -9,6 +9,7 @@ a signature can never be moved onto a re-encoded copy.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgpack
@@ -19,6 +20,16 @@ from protocol.reasons import Reason
 from protocol.schema import parse_envelope
 
 _CONTAINERS = (dict, list, tuple)
+
+#: SPEC §6.1 rule 7: arrays and maps nest at most this deep.
+MAX_DEPTH = 1024
+#: msgpack's pure-Python fallback (no C extension: MSGPACK_PUREPYTHON set, an interpreter
+#: without a wheel) recurses once per nesting level and turns a RecursionError into a
+#: StackError: under the default recursion limit of 1000 it refused bodies 1000-1024 deep,
+#: which rule 7 allows (vector ``schema/nesting-1024``). The limit only grows, and only then.
+_FALLBACK = msgpack.Unpacker.__module__ == "msgpack.fallback"
+if _FALLBACK:
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 2 * MAX_DEPTH + 500))
 
 
 def canonical(value: Any) -> Any:
@@ -88,12 +99,31 @@ def unpack(data: bytes) -> Any:
             timestamp=0,
         )
         _no_timestamps([value])
-        return value
     # msgpack signals bad input through several exception types (ExtraData, FormatError,
     # StackError, ValueError, UnicodeDecodeError, TypeError for unhashable keys ...); all
     # of them mean the same thing to us.
     except Exception as exc:
         raise ProtocolError(Reason.BODY_MALFORMED, f"body is not valid msgpack: {exc}") from exc
+    if _FALLBACK:
+        _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    """Rule 7 for msgpack's pure-Python fallback, which has no limit of its own. The C
+    extension stops at 1024 open containers itself (its stack size; the vectors
+    ``decode/nesting-1025`` and ``schema/nesting-1024`` hold it to that), so the hot path
+    does not walk every body twice."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if type(item) is dict else item if type(item) is list else None
+        if children is None:
+            continue
+        if depth > MAX_DEPTH:
+            raise ProtocolError(Reason.BODY_MALFORMED, f"containers nest deeper than {MAX_DEPTH}")
+        stack.extend((child, depth + 1) for child in children
+                     if type(child) is dict or type(child) is list)
 
 
 def encode_body(envelope: Envelope) -> bytes:

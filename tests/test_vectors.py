@@ -162,3 +162,34 @@ def test_file_equals_generator_output() -> None:
     assert VECTORS_PATH.read_text(encoding="utf-8") == expected, (
         "protocol/vectors/frames.json is stale: run scripts/make_vectors.py"
     )
+
+
+def test_vectors_hold_without_msgpacks_c_extension() -> None:
+    """SPEC §6.1 rule 7 is kpx's own rule, not the msgpack C extension's stack size: under
+    msgpack's pure-Python fallback (MSGPACK_PUREPYTHON, or no wheel for the interpreter)
+    every vector keeps its verdict. The fallback once refused the 1024-deep body, which
+    the rule allows, as body.malformed instead of body.schema."""
+    import os
+    import subprocess
+
+    script = (
+        "import msgpack, sys\n"
+        "assert msgpack.Unpacker.__module__ == 'msgpack.fallback'\n"
+        "from tests.test_vectors import VECTORS, frame_of, trusted_key\n"
+        "from protocol import ProtocolError, open_frame\n"
+        "wrong = []\n"
+        "for v in VECTORS:\n"
+        "    try:\n"
+        "        open_frame(frame_of(v), trusted_key)\n"
+        "        got = None\n"
+        "    except ProtocolError as exc:\n"
+        "        got = str(exc.reason)\n"
+        "    if got != v.get('reason'):\n"
+        "        wrong.append((v['name'], got))\n"
+        "print(wrong)\n"
+        "sys.exit(1 if wrong else 0)\n"
+    )
+    env = {**os.environ, "MSGPACK_PUREPYTHON": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
