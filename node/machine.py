@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from enum import StrEnum
 
-from node.registry import KeyOwner, Registry, newer
+from node.registry import KeyOwner, Registry, newer, utc_instant
 from protocol import (
     BROADCAST,
     CHAIR,
@@ -237,7 +237,7 @@ class Context:
 def day_of(at_ms: int) -> date:
     """The UTC date of an instant: expiry, 'overdue' and the current quarter are judged in
     UTC everywhere, whatever the server's time zone."""
-    return datetime.fromtimestamp(at_ms / 1000, UTC).date()
+    return utc_instant(at_ms).date()
 
 
 #: an open loop whose certificate expires within this many days is overdue for follow-up

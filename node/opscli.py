@@ -14,7 +14,6 @@ import functools
 import io
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -22,6 +21,7 @@ from node.brokerclient import amqp_library_logs_quiet
 from node.cli import EXIT_ENVIRONMENT, UserError, with_node
 from node.deadletters import DeadLetter, DeadLetterError, DeadLetterQueue, verdict_now
 from node.ping import NodeNotRunning, PingFailed, ping_partner
+from node.registry import utc_instant
 from node.service import Node
 from node.stats import DEFAULT_VALUATION_THRESHOLD, Quarter, quarterly_report
 from node.status import gather_status, render_status
@@ -84,7 +84,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def _when(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return utc_instant(ms).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _letter_row(d: DeadLetter) -> list[object]:

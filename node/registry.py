@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from protocol import (
     CHAIR,
@@ -185,9 +185,23 @@ def key_fault_remedy(fault: ProtocolError, registry: Registry, participant: str,
     return "make a new key with 'kpnode key new' for the Chair to add"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: the instants a datetime can hold, in ms since 1970: the wire allows up to 2**53
+_EARLIEST_MS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+_LATEST_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+
+
+def utc_instant(ms: int) -> datetime:
+    """An instant in ms since 1970 as a UTC datetime, held to the years 1 to 9999. Signed
+    messages and registries may carry instants up to 2**53 ms (year 287396), and a dead
+    letter's headers anything: shown or compared by date, those read as the last moment
+    a datetime holds instead of ending the command with a ValueError."""
+    return _EPOCH + timedelta(milliseconds=min(max(ms, _EARLIEST_MS), _LATEST_MS))
+
+
 def utc_text(ms: int) -> str:
     """An instant in ms since 1970 as 'YYYY-MM-DD HH:MM:SSZ', for people to read."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return utc_instant(ms).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def signing_key_choice(registry: Registry, participant: str, authority: str,

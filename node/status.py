@@ -16,15 +16,29 @@ import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from node.brokerclient import connect_any, queue_info
 from node.config import HELD_KEYS, LOCK_NAME, NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
-from node.machine import OPEN_STATES, OVERDUE_WITHIN_DAYS, Record, Side, State, is_overdue
-from node.registry import Registry, key_fault_remedy, own_key_fault, signing_key_choice
+from node.machine import (
+    OPEN_STATES,
+    OVERDUE_WITHIN_DAYS,
+    Record,
+    Side,
+    State,
+    day_of,
+    is_overdue,
+)
+from node.registry import (
+    Registry,
+    key_fault_remedy,
+    own_key_fault,
+    signing_key_choice,
+    utc_instant,
+)
 from node.service import Node, now_ms
 from node.terminal import printable, table
 from node.transport import TransportUnavailable, dead_letter_queue, inbox_queue
@@ -91,8 +105,7 @@ def _loop(r: Record, today: date) -> dict[str, Any]:
 
 
 def _iso(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(
-        timespec="seconds")
+    return None if ms is None else utc_instant(ms).isoformat(timespec="seconds")
 
 
 def build_status(*, participant: str, authority: str, now: int, running_pid: int | None,
@@ -107,7 +120,7 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
     running node signs with; ``after_restart`` the key file (name, public key) it would
     sign with once restarted, when that is another (made since it started);
     ``other_public_keys`` the node's other keys, among which a rotation's successor."""
-    today = datetime.fromtimestamp(now / 1000, UTC).date()
+    today = day_of(now)
     problems: list[dict[str, str]] = []
 
     def problem(level: str, text: str) -> None:

@@ -309,6 +309,24 @@ def test_a_dead_letter_time_header_that_is_no_instant_is_left_out() -> None:
         _when(letter.dead_lettered_at)
 
 
+def test_instants_past_the_year_9999_are_shown_not_raised() -> None:
+    """The wire allows instants up to 2**53 ms (a registry key's end: year 287396) and a
+    dead letter's time header 15 digits (year 33658): `kpnode status`, `key show` and
+    `dead-letters list` ended with 'ValueError: year 287396 is out of range'."""
+    from node.machine import day_of
+    from node.opscli import _when
+    from node.registry import utc_text
+    from node.status import _iso
+
+    letter = describe(b"x", {"x-death": [{"reason": "delivery_limit"}],
+                             "x-kpx-dead-at": "9" * 15})
+    assert _when(letter.dead_lettered_at) == "9999-12-31 23:59:59"
+    assert utc_text(2**53) == "9999-12-31 23:59:59Z"
+    assert day_of(2**53).isoformat() == "9999-12-31"
+    assert _iso(2**53) == "9999-12-31T23:59:59+00:00"
+    assert utc_text(-(2**53)).endswith("-01-01 00:00:00Z")  # year 1
+
+
 def test_dead_letter_description_from_the_nodes_headers_and_from_the_broker() -> None:
     mine = describe(b"garbage", {"x-kpx-reason": "frame.malformed", "x-kpx-text": "too short",
                                  "x-kpx-sender": "", "x-kpx-dead-at": str(NOW)})
