@@ -218,7 +218,7 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
     if session is None or min(session.expires_at, session.ends_at) < now:
         sessions.pop(sid, None)
         if request.method == "GET":
-            raise see(f"{CONSOLE_PREFIX}/login")
+            raise see(login_url(request.path_qs))
         if request.method == "POST":  # an action refused: anonymous, as the API's 401s
             record_refused(request, None, 401)
         return page(request, "Session expired", "<p>Please <a href='"
@@ -235,9 +235,30 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
+def login_url(after: str) -> str:
+    """The login page, told to go back to ``after`` (a console page asked for) once
+    logged in; the console's home needs no telling."""
+    if after_login(after) == f"{CONSOLE_PREFIX}/":
+        return f"{CONSOLE_PREFIX}/login"
+    return f"{CONSOLE_PREFIX}/login?next={quote(after, safe='/')}"
+
+
+def after_login(asked: object) -> str:
+    """Where a login goes: the console page ``asked`` for, if it is one, else the home.
+    Only a path of this console: a login form posted with another site's address would
+    otherwise send the officer there, logged in and trusting it (an open redirect)."""
+    home = f"{CONSOLE_PREFIX}/"
+    if (not isinstance(asked, str) or not asked.startswith(home) or "\\" in asked
+            or "//" in asked or not asked.isprintable() or len(asked) > 2000
+            or asked.split("?")[0].rstrip("/") in (f"{CONSOLE_PREFIX}/login",
+                                                   f"{CONSOLE_PREFIX}/logout")):
+        return home
+    return asked
+
+
 async def get_login(request: web.Request) -> web.Response:
     token = secrets.token_urlsafe(24)
-    response = page(request, "Log in", login_form(token, ""))
+    response = page(request, "Log in", login_form(token, "", request.query.get("next")))
     response.set_cookie(LOGIN_COOKIE, token, path=CONSOLE_PREFIX, httponly=True,
                         samesite="Strict", secure=over_https(request))
     return response
@@ -252,9 +273,12 @@ def over_https(request: web.Request) -> bool:
     return request.secure or forwarded.strip().lower() == "https"
 
 
-def login_form(csrf: str, error: str) -> str:
+def login_form(csrf: str, error: str, after: object = None) -> str:
+    going = after_login(after)
     return (f"{error}<form method=post action='{CONSOLE_PREFIX}/login'>"
             f"<input type=hidden name=csrf value='{h(csrf)}'>"
+            + (f"<input type=hidden name=next value='{h(going)}'>"
+               if going != f"{CONSOLE_PREFIX}/" else "") +
             "<label>Token <input type=password name=token size=50 autocomplete=off "
             "autofocus></label> <button>Log in</button></form>"
             "<p class=muted>A token comes from <code>kpnode token add NAME --role officer"
@@ -288,7 +312,7 @@ async def post_login(request: web.Request) -> web.StreamResponse:
     form = await read_form(request)
     if not expected or not csrf_matches(form.get("csrf"), expected):
         return page(request, "Log in", login_form(expected, "<p class=error>The login form "
-                    "expired; try again.</p>"), status=403)
+                    "expired; try again.</p>", form.get("next")), status=403)
     try:
         principal = ctx.tokens.authenticate(str(form.get("token", "")).strip())
     except TokenError as exc:
@@ -297,17 +321,20 @@ async def post_login(request: web.Request) -> web.StreamResponse:
     ctx.record_call(principal, "POST", request.path, 303 if principal else 401, via="console")
     if principal is None:
         return page(request, "Log in", login_form(expected, "<p class=error>Unknown or "
-                    "revoked token.</p>"), status=401)
+                    "revoked token.</p>", form.get("next")), status=401)
     sid = secrets.token_urlsafe(32)
     now = time.monotonic()
     sessions: dict[str, Session] = request.app[SESSIONS]
+    # The browser's earlier session, if any, ends here: it would otherwise stay usable
+    # (its cookie copied, say) until it timed out, though the officer logged in anew.
+    sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
     for old, s in list(sessions.items()):  # ended ones are otherwise dropped only when used
         if min(s.expires_at, s.ends_at) < now:
             del sessions[old]
     sessions[sid] = Session(
         principal, secrets.token_urlsafe(32), now + SESSION_SECONDS,
         token_hash(str(form.get("token", "")).strip()), now + SESSION_MAX_SECONDS)
-    response = see(f"{CONSOLE_PREFIX}/")
+    response = see(after_login(form.get("next")))
     response.set_cookie(SESSION_COOKIE, sid, path=CONSOLE_PREFIX, httponly=True,
                         samesite="Strict", secure=over_https(request))
     response.del_cookie(LOGIN_COOKIE, path=CONSOLE_PREFIX)

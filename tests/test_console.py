@@ -52,7 +52,7 @@ def issue_form(csrf: str, number: str) -> dict[str, str]:
 async def test_pages_need_a_login_and_a_bad_token_is_refused(pair: tuple[Served, Served]) -> None:
     za, _ = pair
     response = await za.client.get(f"{C}/incoming", allow_redirects=False)
-    assert response.status == 303 and response.headers["Location"] == f"{C}/login"
+    assert response.status == 303 and response.headers["Location"] == f"{C}/login?next={C}/incoming"
     page = await (await za.client.get(f"{C}/login")).text()
     csrf = re.search(r"name=csrf value='([^']+)'", page)
     assert csrf is not None
@@ -73,7 +73,7 @@ async def test_a_revoked_token_ends_its_sessions_and_no_session_outlives_a_day(
     assert (await za.client.get(f"{C}/outgoing", allow_redirects=False)).status == 200
     Tokens(za.node.config.directory).revoke("za-officer")
     response = await za.client.get(f"{C}/outgoing", allow_redirects=False)
-    assert response.status == 303 and response.headers["Location"] == f"{C}/login"
+    assert response.status == 303 and response.headers["Location"] == f"{C}/login?next={C}/outgoing"
     response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0009"))
     assert response.status == 401
     assert za.node.records() == []
@@ -86,7 +86,53 @@ async def test_a_revoked_token_ends_its_sessions_and_no_session_outlives_a_day(
         "csrf": login_csrf[1], "token": za.tokens["monitor"]})
     assert response.status == 303 and response.headers["Location"] == f"{C}/"
     response = await za.client.get(f"{C}/incoming", allow_redirects=False)
-    assert response.status == 303 and response.headers["Location"] == f"{C}/login"
+    assert response.status == 303 and response.headers["Location"] == f"{C}/login?next={C}/incoming"
+
+
+async def test_a_login_goes_back_to_the_page_asked_for_and_only_to_the_console(
+        pair: tuple[Served, Served]) -> None:
+    """A link to a certificate, followed while logged out, landed on the console's home
+    after the login; the officer had to find the certificate again."""
+    za, _ = pair
+    asked = f"{C}/outgoing?state=issued"
+    response = await za.client.get(asked, allow_redirects=False)
+    location = response.headers["Location"]
+    assert response.status == 303 and location.startswith(f"{C}/login?next=")
+    for going, lands in ((None, asked), ("https://evil.example/console/", f"{C}/"),
+                         (f"{C}//evil.example", f"{C}/"), (f"{C}/login", f"{C}/")):
+        page = await (await za.client.get(location if going is None else
+                                          f"{C}/login?next={going}")).text()
+        csrf = re.search(r"name=csrf value='([^']+)'", page)
+        shown = re.search(r"name=next value='([^']+)'", page)
+        assert csrf is not None
+        form = {"csrf": csrf[1], "token": za.tokens["monitor"]}
+        if shown is not None:
+            form["next"] = shown[1].replace("&amp;", "&")
+        response = await za.client.post(f"{C}/login", data=form, allow_redirects=False)
+        assert response.status == 303 and response.headers["Location"] == lands, going
+    # a forged form field is held to the console as well
+    page = await (await za.client.get(f"{C}/login")).text()
+    csrf = re.search(r"name=csrf value='([^']+)'", page)
+    assert csrf is not None
+    response = await za.client.post(f"{C}/login", allow_redirects=False, data={
+        "csrf": csrf[1], "token": za.tokens["monitor"], "next": "//evil.example/"})
+    assert response.headers["Location"] == f"{C}/"
+
+
+async def test_a_new_login_ends_the_browsers_earlier_session(
+        pair: tuple[Served, Served]) -> None:
+    """Logging in again left the earlier session alive on the server until it timed out:
+    its cookie, copied meanwhile, still acted as the officer."""
+    za, _ = pair
+    await login(za, "officer")
+    cookie = za.client.session.cookie_jar.filter_cookies(za.client.make_url(f"{C}/"))
+    earlier = cookie[console.SESSION_COOKIE].value
+    await login(za, "monitor")
+    response = await za.client.get(f"{C}/outgoing", allow_redirects=False,
+                                   cookies={console.SESSION_COOKIE: earlier})
+    assert response.status == 303  # to the login: the earlier session is gone
+    response = await za.client.get(f"{C}/outgoing", allow_redirects=False)
+    assert response.status == 200  # the new one works
 
 
 async def test_an_officer_issues_and_a_form_without_the_csrf_token_is_refused(
