@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from node import deploy, registrytool, simulate, tokens
 from node.chair import RegistryEditError, RegistryJsonError, sign_registry_file
@@ -66,6 +66,23 @@ from protocol import (
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit 1."""
+
+
+class UsageError(Exception):
+    """The command line does not parse (argparse's error): exit 2, with ``--json`` on
+    stdout too, as every other failure."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog, self.message = prog, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its subcommands' too, whose usage errors reach :func:`main`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(self.prog, message)
 
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_ENVIRONMENT = 1, 2, 3
@@ -577,8 +594,10 @@ def parser() -> argparse.ArgumentParser:
     chair_common.add_argument("--dir", help="the Chair's directory (default: $KPX_NODE_DIR "
                               "or .)")
     chair_common.add_argument("--json", action="store_true", help="machine-readable output")
-    p = argparse.ArgumentParser(prog="kpnode", description="A kpx node: signed KP "
-                                "certificates between national authorities over RabbitMQ.")
+    # typed as its base, whose subparser actions the commands' modules take
+    p: argparse.ArgumentParser = _Parser(
+        prog="kpnode", description="A kpx node: signed KP certificates between national "
+        "authorities over RabbitMQ.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], None], help_: str,
@@ -696,7 +715,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(given)
+    except UsageError as exc:  # a script that asked for JSON reads why on stdout
+        fail(argparse.Namespace(json="--json" in given), EXIT_USAGE, f"error: {exc.message}",
+             prog=exc.prog)
     configure_logging(default_level="INFO" if args.command == "run" else "WARNING")
     try:
         args.handler(args)

@@ -687,8 +687,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     try:
         options = options_from(args)
     except ValueError as exc:
-        print(f"kpnode simulate: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(args, 2, str(exc), prog="kpnode simulate")
     try:
         with sigterm_as_interrupt(), _broker(args.broker, broker_url) as url:
             report = asyncio.run(run_simulation(options, [url]))

@@ -464,6 +464,28 @@ def test_a_failing_command_with_json_says_why_on_stdout_too(tmp_path: Path) -> N
     assert answer["exit_code"] == 3 and "127.0.0.1:1" in answer["error"]
 
 
+def test_a_command_line_that_does_not_parse_answers_json_too(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A usage error (exit 2: an unknown choice, a bad --anchor, simulate's bad options)
+    printed argparse's text on stderr only: the script that asked for JSON read nothing."""
+    from node import cli
+
+    for argv, said in ((["list", "--json", "--state", "bogus"], "invalid choice: 'bogus'"),
+                       (["verify-log", "--anchor", "12", "--json"], "an anchor is SEQ:HASH"),
+                       (["simulate", "--codes", "ZA,ZA", "--json"], "ZA given more than once")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == cli.EXIT_USAGE
+        out, err = capsys.readouterr()
+        answer = json.loads(out)
+        assert answer["ok"] is False and answer["exit_code"] == 2 and said in answer["error"]
+        assert said in err  # people read it where they did
+    with pytest.raises(SystemExit) as exited:  # without --json, stdout stays empty
+        cli.main(["list", "--state", "bogus"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == "" and "usage: kpnode list" in err
+
+
 def test_text_that_is_not_utf8_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
     """A number typed in another encoding, a passphrase variable in Latin-1: 'show' and
     'list' printed a UnicodeEncodeError traceback from SQLite, every command on an
