@@ -221,6 +221,8 @@ class Transport:
         #: why the last attempt to connect failed: a refused login looks like an outage
         #: otherwise, and sends supervisors into a restart loop
         self._last_failure: str | None = None
+        #: the last set-up that failed on a broker that answered, until one succeeds
+        self._set_up_failure: str | None = None
         #: delivery tags of the current consumer channel not yet acked or rejected
         self._outstanding: set[int] = set()
         #: batches in a row whose handler raised (their hand-back waits longer each time)
@@ -253,10 +255,16 @@ class Transport:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
-            last = f" (last attempt: {self._last_failure})" if self._last_failure else ""
+            last, urls = self._last_failure, ", ".join(redact(u) for u in self.urls)
+            if self._set_up_failure is not None:
+                # It answered: 'no broker answered' sent operators looking at the network
+                # for what is a missing or differently declared queue.
+                raise TransportUnavailable(
+                    f"the broker answered but the node could not set up its queues within "
+                    f"{timeout:g} s ({self._set_up_failure})") from None
             raise TransportUnavailable(
-                f"no broker answered at {', '.join(redact(u) for u in self.urls)} within "
-                f"{timeout:g} s{last}") from None
+                f"no broker answered at {urls} within {timeout:g} s"
+                + (f" (last attempt: {last})" if last else "")) from None
 
     async def close(self) -> None:
         self._closing = True
@@ -317,6 +325,7 @@ class Transport:
                 # Kept for connect()'s error: a queue declared with other arguments, or a
                 # missing one, is the reason the node never connects, not a silent broker.
                 self._last_failure = f"{redact(url)}: set-up failed: {exc}"
+                self._set_up_failure = self._last_failure
                 log.error("broker set-up failed", url=redact(url), error=str(exc))
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -324,6 +333,7 @@ class Transport:
                 attempt += 1
                 continue
             attempt = 0
+            self._set_up_failure = None
             self._current_url = url
             self._connected.set()
             log.info("broker connected", url=redact(url), participant=self.participant)

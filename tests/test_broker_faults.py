@@ -313,6 +313,9 @@ async def test_a_queue_declared_otherwise_is_named_when_the_node_gives_up(
             await channel.queue_delete(inbox_queue(code))
     assert "set-up failed" in str(failed.value)
     assert "PRECONDITION_FAILED" in str(failed.value), str(failed.value)
+    # it answered: not an outage, and not said to be one
+    assert "no broker answered" not in str(failed.value)
+    assert str(failed.value).startswith("the broker answered but the node could not set up")
 
 
 async def test_a_lost_member_is_followed_by_the_whole_list_before_the_node_waits(
