@@ -772,6 +772,13 @@ class LocalBroker:
 # ------------------------------------------------------------------------ broker_url
 
 
+def container_erl_args() -> str:
+    """:data:`BROKER_CONFIG` (``key = value`` lines of the ``rabbit`` application) as the
+    ``-rabbit key value`` arguments the RabbitMQ image passes to the broker."""
+    pairs = (line.split("=", 1) for line in BROKER_CONFIG)
+    return " ".join(f"-rabbit {key.strip()} {value.strip()}" for key, value in pairs)
+
+
 @contextmanager
 def _container_url() -> Iterator[str]:
     """Start a RabbitMQ container with testcontainers and yield its AMQP URL."""
@@ -783,6 +790,9 @@ def _container_url() -> Iterator[str]:
             module = importlib.import_module("testcontainers.rabbitmq")
     container: Any = module.RabbitMqContainer(os.environ.get(ENV_IMAGE, DEFAULT_IMAGE),
                                               username="guest", password="guest")
+    # What every kpx broker needs, as the local broker's rabbitmq.conf has it; the image
+    # reads no such file of ours, but takes the same settings as Erlang arguments.
+    container.with_env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", container_erl_args())
     container.start()
     try:
         host = container.get_container_host_ip()

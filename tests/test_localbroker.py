@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -149,3 +150,39 @@ def test_an_interrupted_stop_still_ends_the_epmd_the_broker_started(
     broker._pid = None
     broker._stop_at_exit()
     assert ended == ["epmd", "epmd"]
+
+
+def test_a_container_broker_gets_the_settings_every_kpx_broker_needs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Docker answers, the demo's and the tests' broker is a container: it ran with
+    RabbitMQ's 30-minute consumer_timeout, not the week every kpx broker has (DURABILITY.md),
+    so deliveries held through a full disk went back and towards the delivery limit."""
+    import sys
+    import types
+
+    from node import localbroker
+
+    made: list[Any] = []
+
+    class Container:
+        def __init__(self, image: str, **_: object) -> None:
+            self.env: dict[str, str] = {}
+            made.append(self)
+
+        def with_env(self, key: str, value: str) -> Container:
+            self.env[key] = value
+            return self
+
+        def start(self) -> None: ...
+        def stop(self) -> None: ...
+        def get_container_host_ip(self) -> str: return "127.0.0.1"
+        def get_exposed_port(self, port: int) -> int: return 49152
+
+    fake = types.ModuleType("testcontainers.community.rabbitmq")
+    fake.RabbitMqContainer = Container  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "testcontainers.community.rabbitmq", fake)
+    with localbroker._container_url() as url:
+        assert url == "amqp://guest:guest@127.0.0.1:49152/"
+    (container,) = made
+    assert container.env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] == (
+        "-rabbit consumer_timeout 604800000")
