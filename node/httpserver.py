@@ -10,8 +10,9 @@ function in its ``http_extensions`` list on it, so routes and sub-applications
 (``app.add_subapp("/api/v1", api)``) are mounted before the server freezes the app.
 
 * ``/healthz`` — 200 while the process serves requests (liveness: restart when it fails);
-* ``/readyz`` — 200 when connected to a broker, consuming the inbox and the database takes
-  a write; 503 with the failing checks otherwise (readiness: alert, don't restart);
+* ``/readyz`` — 200 when connected to a broker that does not block its publishes, consuming
+  the inbox, the database takes a write and the clock agrees; 503 with the failing checks
+  otherwise (readiness: alert, don't restart);
 * ``/metrics`` — Prometheus text format, this node's registry only.
 """
 
@@ -66,6 +67,9 @@ def readiness(running: RunningNode) -> dict[str, bool]:
         "store_writable": node is not None and running.store_ok
         and store_writable(node, timeout_ms=int(LOCK_WAIT_SECONDS * 1000)),
         "clock_agrees": running.clock_agrees(),
+        # a broker low on disk or memory blocks publishers: nothing leaves the outbox
+        "publishing_allowed": transport is not None and transport.connected
+        and not transport.publishing_blocked,
     }
 
 
@@ -93,6 +97,7 @@ async def refresh_gauges(running: RunningNode) -> None:
     metrics.broker_connected.set(int(checks["broker_connected"]))
     metrics.consuming.set(int(checks["consuming"]))
     metrics.store_ok.set(int(checks["store_writable"]))
+    metrics.publishing_allowed.set(int(checks["publishing_allowed"]))
     metrics.registry_version.set(node.registry.version)
     inbox = dead = -1
     if transport is not None and transport.connected:
@@ -100,7 +105,9 @@ async def refresh_gauges(running: RunningNode) -> None:
             inbox = (await asyncio.wait_for(transport.inbox_depth(), BROKER_QUERY_SECONDS))[0]
             dead = await asyncio.wait_for(transport.dead_letter_depth(), BROKER_QUERY_SECONDS)
         except Exception as exc:
-            log.warning("queue depths not available for /metrics", error=str(exc))
+            # a timeout's text is empty: 'error=' alone said nothing
+            log.warning("queue depths not available for /metrics",
+                        error=f"{type(exc).__name__}: {exc}".rstrip(": "))
     metrics.inbox_depth.set(inbox)
     metrics.dead_letter_depth.set(dead)
 

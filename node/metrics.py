@@ -60,6 +60,9 @@ class NodeMetrics:
         self.broker_connected = Gauge("kpx_broker_connected", "1 while connected to a "
                                       "broker", registry=r)
         self.consuming = Gauge("kpx_consuming", "1 while consuming the inbox", registry=r)
+        self.publishing_allowed = Gauge("kpx_publishing_allowed", "1 while connected and "
+                                        "the broker does not block publishing (0 during a "
+                                        "resource alarm: low on disk or memory)", registry=r)
         self.store_ok = Gauge("kpx_store_ok", "1 while the database commits", registry=r)
         self.registry_version = Gauge("kpx_registry_version", "Version of the registry in "
                                       "force", registry=r)

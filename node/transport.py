@@ -245,6 +245,19 @@ class Transport:
         return self.connected and self._consumer_tag is not None
 
     @property
+    def publishing_blocked(self) -> bool:
+        """Whether the broker has blocked this connection (AMQP ``connection.blocked``): a
+        broker low on disk or memory (a resource alarm) stops reading from every connection
+        that publishes, so nothing this node sends leaves it and no confirm comes, while
+        the connection stays up and the consumer keeps its deliveries."""
+        # aiormq keeps no public record of it: it holds ``__connection_unblocked`` clear
+        # while blocked. Should that change, nothing counts as blocked, as before.
+        amqp = getattr(getattr(self._connection, "transport", None), "connection", None)
+        unblocked = getattr(amqp, "_Connection__connection_unblocked", None)
+        return (self.connected and isinstance(unblocked, asyncio.Event)
+                and not unblocked.is_set())
+
+    @property
     def url(self) -> str | None:
         return self._current_url
 
@@ -429,6 +442,12 @@ class Transport:
             return PublishResult(confirmed=False, returned=True, error="unroutable")
         except DeliveryError as exc:
             return PublishResult(confirmed=False, error=f"{NACKED}: {exc}")
+        except TimeoutError:
+            # str(TimeoutError()) is empty: 'TimeoutError: ' was all the operator read
+            why = (": the broker blocks this node's publishes (a resource alarm: it is low "
+                   "on disk or memory)" if self.publishing_blocked else "")
+            return PublishResult(confirmed=False, error="not confirmed by the broker within "
+                                 f"{PUBLISH_TIMEOUT:g} s{why}")
         except Exception as exc:
             return PublishResult(confirmed=False, error=f"{type(exc).__name__}: {exc}")
         return PublishResult(confirmed=True)

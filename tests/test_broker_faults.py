@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from node.httpserver import GAUGES
 from node.localbroker import LocalBroker
 from node.machine import Side, State
 from node.network import create_network
@@ -365,3 +366,59 @@ async def test_a_lost_member_is_followed_by_the_whole_list_before_the_node_waits
     times = [t for _, t in attempts]
     assert times[4] - times[2] < 0.2, "a pause inside the round after the loss"
     assert times[5] - times[4] >= 0.2, "no pause after a whole round without an answer"
+
+
+async def test_a_broker_that_blocks_publishing_is_not_called_ready(
+        own_broker: LocalBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker low on disk or memory blocks every connection that publishes (a resource
+    alarm): nothing the node sends leaves it, and its confirms never come. /readyz said
+    ready and kpx_broker_connected 1 throughout, and 30 s later the outbox's error read
+    'TimeoutError: ', which tells the operator nothing."""
+    monkeypatch.setattr("node.transport.PUBLISH_TIMEOUT", 2.0)
+    ex, im = fresh_codes(2)
+    network = create_network(tmp_path, [ex, im], [own_broker.url])
+    exporter = RunningNode(dataclasses.replace(network.configs[ex], http_port=0))
+    importer = RunningNode(network.configs[im])
+    await exporter.start()
+    await importer.start()
+    try:
+        assert exporter.node is not None and importer.node is not None
+        assert exporter.http is not None
+        url = exporter.http.url
+
+        async def readyz() -> tuple[int, dict[str, bool]]:
+            async with aiohttp.ClientSession() as session, \
+                    session.get(url + "/readyz") as response:
+                return response.status, (await response.json())["checks"]
+
+        async def metric(name: str) -> str:
+            exporter.http.app[GAUGES].read_at = float("-inf")  # no 5 s cache here
+            async with aiohttp.ClientSession() as session, \
+                    session.get(url + "/metrics") as response:
+                text = await response.text()
+            return next(line.split()[1] for line in text.splitlines()
+                        if line.split(" ")[0] == name)
+
+        assert await readyz() == (200, {"broker_connected": True, "consuming": True,
+                                        "store_writable": True, "clock_agrees": True,
+                                        "publishing_allowed": True})
+        await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "100000GB")
+        exporter.node.issue(certificate(f"{ex}-1", ex, im))  # its publish meets the alarm
+        await until(lambda: any(r.last_error for r in exporter.node.store.backlog()),  # type: ignore[union-attr]
+                    20)
+        error = exporter.node.store.backlog()[0].last_error or ""
+        assert "not confirmed by the broker within 2 s" in error, error
+        assert "blocks" in error and "disk or memory" in error, error
+        status, checks = await readyz()
+        assert status == 503 and checks["publishing_allowed"] is False
+        assert checks["broker_connected"] is True
+        assert await metric("kpx_publishing_allowed") == "0.0"
+
+        await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "50MB")
+        await until(lambda: state(importer.node, Side.IMPORT, f"{ex}-1")  # type: ignore[arg-type]
+                    is State.RECEIVED, 60)
+        assert (await readyz())[0] == 200
+        assert await metric("kpx_publishing_allowed") == "1.0"
+    finally:
+        await importer.stop()
+        await exporter.stop()

@@ -165,7 +165,7 @@ async def test_backlog_overdue_and_discrepancy_show_in_status_metrics_and_stats(
             assert response.status == 200
             assert (await response.json())["checks"] == {
                 "broker_connected": True, "consuming": True, "store_writable": True,
-                "clock_agrees": True}
+                "clock_agrees": True, "publishing_allowed": True}
         async with session.get(exporter.http.url + "/healthz") as response:
             assert response.status == 200
 
