@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from node.machine import OPEN_STATES, State
 from node.runner import LOCK_WAIT_SECONDS
 from node.service import now_ms
-from node.status import age_bucket, store_writable
+from node.status import age_bucket, gather_status, store_writable, with_readiness
 
 if TYPE_CHECKING:
     from node.runner import RunningNode
@@ -71,6 +71,14 @@ def readiness(running: RunningNode) -> dict[str, bool]:
         "publishing_allowed": transport is not None and transport.connected
         and not transport.publishing_blocked,
     }
+
+
+async def running_status(running: RunningNode) -> dict[str, Any]:
+    """``GET /api/v1/status``: what ``kpnode status`` says, and what the node knows of
+    itself that the broker cannot show from outside (see :func:`with_readiness`)."""
+    assert running.node is not None
+    document = await gather_status(running.node, letters=False)
+    return with_readiness(document, readiness(running))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -151,6 +159,7 @@ def build_app(running: RunningNode) -> web.Application:
 
         transport = running.transport
         mount_web(app, running.node, running.config.directory,
+                  status=lambda: running_status(running),
                   dead_letter_depth=transport.dead_letter_depth if transport else None,
                   clock_agrees=running.clock_agrees)
     return app

@@ -178,7 +178,9 @@ _SCHEMAS: dict[str, Any] = {
                        "valuation_flags": {"type": "array", "items": {"type": "object"}}},
     },
     "Status": {"type": "object", "required": ["participant", "health"],
-               "description": "what 'kpnode status --json' gives",
+               "description": "what 'kpnode status --json' gives, with the running "
+                              "node's own /readyz checks under node.ready (each failing "
+                              "one an error)",
                "properties": {"participant": _STR,
                               "health": {"type": "string", "enum": ["ok", "warning",
                                                                     "error"]},

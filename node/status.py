@@ -270,6 +270,37 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
     }
 
 
+#: what a failing check of the running node's own (``/readyz``) means, for the status it
+#: serves: the broker's and the database's view from outside cannot show these
+NOT_READY = {
+    "broker_connected": "the running node is not connected to a broker (it reconnects by "
+                        "itself; its outbox waits)",
+    "consuming": "the running node does not consume its inbox: another connection holds "
+                 "the inbox's claim (its own earlier one until the broker notices it is "
+                 "gone, or a second node for this Participant); messages to it wait",
+    "store_writable": "the running node's database refuses to commit: deliveries are "
+                      "held unacknowledged",
+    "clock_agrees": "the running node's wall clock jumped ahead of the time it measured: it "
+                    "holds deliveries and expires nothing until the clock is set right "
+                    "(or for at most 10 minutes)",
+    "publishing_allowed": "the broker blocks the running node's publishes (a resource "
+                          "alarm: low on disk or memory): nothing leaves its outbox",
+}
+
+
+def with_readiness(status: Mapping[str, Any], checks: Mapping[str, bool]) -> dict[str, Any]:
+    """``status`` as the running node serves it: its own checks (``/readyz``) under
+    ``node.ready``, each failing one an error. Counted from outside, a consumer its
+    broken connection left behind looked like the node consuming, and a held delivery
+    like nothing at all."""
+    problems = [{"level": "error", "text": NOT_READY.get(name, f"{name}: failing")}
+                for name, ok in checks.items() if not ok] + list(status["problems"])
+    level = ("error" if any(p["level"] == "error" for p in problems)
+             else "warning" if problems else "ok")
+    return {**status, "health": level, "problems": problems,
+            "node": {**status["node"], "ready": dict(checks)}}
+
+
 def _successor(registry: Registry, participant: str, authority: str,
                public_keys: Sequence[bytes], now: int) -> RegistryKey | None:
     """The node's key that the registry lists for this authority from a later time (a

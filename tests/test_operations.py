@@ -17,6 +17,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 
@@ -30,6 +31,7 @@ from node.service import Delivery, Node, Verdict, now_ms
 from node.stats import Quarter
 from node.status import gather_status, store_writable
 from node.tokens import Role, Tokens
+from node.transport import claim_queue, inbox_queue
 from protocol import Certificate, Line, ProtocolError, decode_body, key_id, parse_frame
 from tests.netutil import certificate, queue_depth
 from tests.test_network import fresh_codes, publish_raw, state, until
@@ -362,3 +364,53 @@ async def test_ping_reports_the_signed_pong_and_a_partner_that_cannot_answer(
     out = await asyncio.to_thread(kpnode, "ping", india, "--dir",
                                   str(network.configs[za].directory), "--json")
     assert json.loads(out.stdout)["answer"] == "pong"
+
+
+async def test_the_served_status_says_what_the_running_node_knows_of_itself(
+        amqp_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
+    """After a broken connection the broker keeps the node's old one, its consumer and the
+    inbox's claim until it notices it is gone (minutes). The node, reconnected, waits for
+    the claim and consumes nothing meanwhile; /readyz said so, but the status the node
+    served (GET /api/v1/status, the console's officers' view) counted the old consumer
+    and said 'ok'. It now adds the running node's own failing checks as errors."""
+    za, india = fresh_codes(2)
+    network = create_network(tmp_path, [za, india], [amqp_url])
+    node = await start(stack, network, za, http=True)
+    assert node.transport is not None and node.http is not None
+    token = Tokens(network.configs[za].directory).add("dashboard", Role.MONITOR, now_ms())
+
+    async def served_status() -> dict[str, Any]:
+        assert node.http is not None
+        async with aiohttp.ClientSession() as session, session.get(
+                node.http.url + "/api/v1/status",
+                headers={"Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 200
+            return dict(await response.json())
+
+    assert (await served_status())["health"] == "ok"
+    # what the broker still holds of the node's old connection: its claim and its consumer
+    old = await aio_pika.connect(amqp_url)
+    stack.push_async_callback(old.close)
+    channel = await old.channel()
+    connection = node.transport._connection
+    assert connection is not None
+    await connection.close()  # the node's connection breaks ...
+    await channel.declare_queue(claim_queue(za), exclusive=True, auto_delete=True)
+    inbox = await channel.declare_queue(inbox_queue(za), passive=True)
+
+    async def ignore(message: Any) -> None:
+        pass
+    await inbox.consume(ignore)
+    await until(lambda: node.transport is not None and node.transport.connected
+                and not node.transport.consuming)  # ... it reconnects, and waits
+    status = await served_status()
+    assert status["broker"]["inbox"]["consumers"] == 1
+    assert status["health"] == "error", status["problems"]
+    assert any("does not consume" in p["text"] and p["level"] == "error"
+               for p in status["problems"]), status["problems"]
+    assert status["node"]["ready"] == {"broker_connected": True, "consuming": False,
+                                       "store_writable": True, "clock_agrees": True,
+                                       "publishing_allowed": True}
+    await old.close()
+    await until(lambda: node.transport is not None and node.transport.consuming, 20)
+    assert (await served_status())["health"] == "ok"
