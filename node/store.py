@@ -553,8 +553,12 @@ class Store:
         return None if row is None else str(row[0])
 
     def requeue(self, message_id: str, now_ms: int) -> None:
-        self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=? "
-                        "WHERE message_id=?", (now_ms, message_id))
+        """Queue a sent message again (a resend, a restore). Its ``created_at`` becomes now:
+        the column says since when a row waits to be sent (the outbox's oldest age in
+        status and /metrics, and nothing else reads it). Kept from the first queueing, a
+        resend that met a broker down for a minute showed an outbox stuck for days."""
+        self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=?, "
+                        "created_at=? WHERE message_id=?", (now_ms, now_ms, message_id))
 
     def unanswered(self, now_ms: int, after_ms: int) -> list[str]:
         """Message ids of issued certificates (or replacements) sent but not yet receipted,
@@ -616,8 +620,9 @@ class Store:
         return [OutboxRow(*row) for row in rows]
 
     def outbox_summary(self) -> list[tuple[str, int, int, int, str | None]]:
-        """Per recipient, what is not yet sent: (recipient, messages, oldest created_at,
-        most attempts, the newest error) — for status and metrics, without loading frames."""
+        """Per recipient, what is not yet sent: (recipient, messages, oldest created_at —
+        since when it waits, see requeue —, most attempts, the newest error) — for status
+        and metrics, without loading frames."""
         rows = self.db.execute(
             """SELECT recipient, count(*), min(created_at), max(attempts),
                    (SELECT last_error FROM outbox e WHERE e.recipient = o.recipient

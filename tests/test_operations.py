@@ -23,7 +23,8 @@ import pytest
 
 from node.deadletters import DeadLetterQueue
 from node.evidence import OPERATOR, read_operator_record
-from node.machine import Side, State
+from node.machine import Side, State, day_of
+from node.metrics import NodeMetrics
 from node.network import LocalNetwork, create_network
 from node.ping import NodeNotRunning, PingFailed, ping_partner
 from node.runner import RunningNode
@@ -414,3 +415,41 @@ async def test_the_served_status_says_what_the_running_node_knows_of_itself(
     await old.close()
     await until(lambda: node.transport is not None and node.transport.consuming, 20)
     assert (await served_status())["health"] == "ok"
+
+
+def test_a_resent_certificate_waits_in_the_outbox_from_its_resend(tmp_path: Path) -> None:
+    """A certificate without a receipt is queued again, byte for byte, an hour after it
+    was sent, then after two, four ... When that resend cannot be published at once (the
+    broker down or blocking for a minute), kpx_outbox_oldest_age_seconds and kpnode
+    status's oldest age counted from the day the certificate was first queued: an outbox
+    'stuck for 3 days' that had waited a minute, paging whoever watches its age."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    node = Node.open(network.configs["ZA"])
+    try:
+        issued_at = now_ms() - 3 * 86_400_000
+        node.clock = lambda: issued_at
+        node.issue(certificate("ZA-1", "ZA", "IN",
+                               issued_on=day_of(issued_at).isoformat()))
+        with node.store.transaction():
+            node.store.mark_published([r.seq for r in node.store.backlog()], issued_at)
+        now = now_ms()
+        node.clock = lambda: now
+        assert node.resend_unanswered(3_600_000)  # queued again now
+        status = build_status_of(node, now)
+        assert status["outbox"]["backlog"] == 1
+        assert status["outbox"]["oldest_age_seconds"] < 60, status["outbox"]
+        metrics = NodeMetrics()
+        metrics.set_outbox([(r, n, o) for r, n, o, _, _ in node.store.outbox_summary()],
+                           now)
+        assert metrics.outbox_oldest._value.get() < 60
+    finally:
+        node.close()
+
+
+def build_status_of(node: Node, now: int) -> dict[str, Any]:
+    from node.status import BrokerView, build_status, read_store
+    return build_status(participant=node.me, authority=node.config.authority, now=now,
+                        running_pid=1, registry=node.registry,
+                        own_public_key=bytes(node.signing_key(now).verify_key),
+                        broker=BrokerView(reachable=True, inbox_consumers=1),
+                        **read_store(node))
