@@ -28,6 +28,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -72,6 +73,8 @@ RELAY_BATCH = 500
 RELAY_OVERTAKE_SECONDS = 0.005
 #: batches awaiting their confirms at once, at most
 RELAY_IN_FLIGHT = 2
+#: while the outbox waits for the same reason, how often that is logged again
+RELAY_WAIT_LOG_SECONDS = 60.0
 IDLE_POLL_SECONDS = 0.25
 SWEEP_SECONDS = 5.0
 #: tries at putting a refused message on the dead-letter queue (0.2 s, then 0.4 s apart)
@@ -88,6 +91,16 @@ INBOX_TAKEN_WAIT_SECONDS = 200.0
 #: how long the inbox must stay free after another consumer was seen on it: longer than
 #: a live node takes to reconnect (its back-off reaches 10 s) after a broker restart
 INBOX_SETTLE_SECONDS = 15.0
+
+
+@dataclass
+class RelayWaiting:
+    """Why the relay could not publish, since when it last said so, and how often it tried."""
+
+    event: str
+    error: str
+    tries: int
+    logged_at: float
 
 
 class InboxTaken(TransportUnavailable):
@@ -148,6 +161,8 @@ class RunningNode:
         #: outbox rows the broker confirmed but the store could not yet mark sent (its write
         #: lock held by another process): never published again, marked when it can be
         self._unmarked: set[int] = set()
+        #: why the outbox waits, while it does (logged once, not every second)
+        self._relay_waiting: RelayWaiting | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._batch_lock = asyncio.Lock()
@@ -492,23 +507,42 @@ class RunningNode:
 
     async def _relay_batch(self, slots: asyncio.Semaphore) -> int:
         try:
-            return await self.relay_once()
+            sent = await self.relay_once()
         except TransportUnavailable as exc:
-            log.warning("broker unavailable; outbox waits", error=str(exc))
+            self._relay_waits("warning", "broker unavailable; outbox waits", exc)
             await asyncio.sleep(1.0)
             return 0
         except StoreError as exc:
-            log.error("store failed; outbox waits", error=str(exc))
+            self._relay_waits("error", "store failed; outbox waits", exc)
             await asyncio.sleep(1.0)
             return 0
-        except Exception:
+        except Exception as exc:
             # A bug must not stop the relay for good (nor vanish with an overtaken batch):
             # the rows stay due and are tried again.
-            log.exception("relaying failed; outbox waits")
+            self._relay_waits("exception", "relaying failed; outbox waits", exc)
             await asyncio.sleep(1.0)
             return 0
         finally:
             slots.release()
+        if self._relay_waiting is not None:
+            log.info("outbox moving again", waited_for=self._relay_waiting.event,
+                     tries=self._relay_waiting.tries)
+            self._relay_waiting = None
+        return sent
+
+    def _relay_waits(self, level: str, event: str, exc: Exception) -> None:
+        """Log why the outbox waits once, and again only when the reason changes or every
+        ``RELAY_WAIT_LOG_SECONDS``: retried every second, a broker outage of an hour wrote
+        3,600 lines that said the same."""
+        error, now, last = f"{type(exc).__name__}: {exc}", time.monotonic(), self._relay_waiting
+        if last is None or (last.event, last.error) != (event, error):
+            last = self._relay_waiting = RelayWaiting(event, error, 0, now)
+        elif now - last.logged_at < RELAY_WAIT_LOG_SECONDS:
+            last.tries += 1
+            return
+        last.tries += 1
+        last.logged_at = now
+        getattr(log, level)(event, error=error, tries=last.tries)
 
     async def relay_once(self) -> int:
         """Publish what is due; returns how many rows were attempted."""

@@ -172,3 +172,33 @@ async def test_batches_nacked_together_renew_the_publishing_channel_once() -> No
     assert len(connection.opened) == 1
     assert transport._publish_channel is connection.opened[0]
     assert nacking.closed == 1
+
+
+async def test_an_outage_is_logged_once_not_every_second(relay: Relay) -> None:
+    """With rows due and the broker away, the relay said 'broker unavailable; outbox
+    waits' every second: an hour's outage wrote 3,600 lines saying the same, burying the
+    rest of the log. Now once, again only every minute, and once more when it moves."""
+    import structlog
+
+    from node.transport import TransportUnavailable
+
+    publish = relay.broker.publish
+    down = asyncio.Event()
+
+    async def away(items: Sequence[Outgoing]) -> list[PublishResult]:
+        if not down.is_set():
+            raise TransportUnavailable("not connected to a broker")
+        return await publish(items)
+    relay.broker.publish = away  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        sent = relay.issue(1)
+        await asyncio.sleep(3.5)  # three or four tries, a second apart
+        down.set()
+        await until(lambda: len(relay.broker.calls) == 1)
+        relay.broker.gates[0].set()
+        await until(lambda: not relay.node.store.due(now_ms(), 10))
+    waits = [e for e in logs if e["event"] == "broker unavailable; outbox waits"]
+    assert len(waits) == 1 and waits[0]["tries"] == 1, waits
+    (moving,) = [e for e in logs if e["event"] == "outbox moving again"]
+    assert moving["tries"] >= 3
+    assert relay.broker.calls == [[sent]]
