@@ -35,6 +35,7 @@ from node.machine import OPEN_STATES, State
 from node.runner import LOCK_WAIT_SECONDS
 from node.service import now_ms
 from node.status import age_bucket, gather_status, store_writable, with_readiness
+from node.store import UnreadableRecord
 
 if TYPE_CHECKING:
     from node.runner import RunningNode
@@ -96,7 +97,9 @@ async def refresh_gauges(running: RunningNode) -> None:
     metrics.set_outbox([(r, n, oldest) for r, n, oldest, _, _ in node.store.outbox_summary()],
                        now)
     today = datetime.fromtimestamp(now / 1000, UTC).date()
-    records = node.store.records(states=[*OPEN_STATES, State.EXPIRED])
+    unreadable: list[UnreadableRecord] = []  # counted, not a scrape that fails: see below
+    records = node.store.records(states=[*OPEN_STATES, State.EXPIRED], unreadable=unreadable)
+    metrics.unreadable_records.set(len(unreadable))
     metrics.set_loops(
         Counter((str(r.side), age_bucket(max(0, (today - r.certificate.issued_on).days)))
                 for r in records if r.state in OPEN_STATES),

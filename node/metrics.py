@@ -53,6 +53,9 @@ class NodeMetrics:
                                 "since issue", ["side", "age"], registry=r)
         self.expired = Gauge("kpx_expired_certificates", "Certificates expired without "
                              "confirmation", ["side"], registry=r)
+        self.unreadable_records = Gauge(
+            "kpx_unreadable_records", "Open or expired records kpx cannot read (changed "
+            "outside kpx: restore from a backup); left out of kpx_open_loops", registry=r)
         self.inbox_depth = Gauge("kpx_inbox_messages", "Messages waiting in the inbox queue "
                                  "(-1: broker not asked)", registry=r)
         self.dead_letter_depth = Gauge("kpx_dead_letter_queue_messages", "Messages in the "

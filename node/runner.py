@@ -27,7 +27,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -47,7 +47,7 @@ from node.config import HELD_KEYS, LOCK_NAME, ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
-from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError
+from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError, UnreadableRecord
 from node.transport import Delivery as BrokerDelivery
 from node.transport import (
     Outgoing,
@@ -660,22 +660,35 @@ class RunningNode:
     async def _sweep(self) -> None:
         assert self.node is not None
         while True:
-            try:
-                expired = self.node.expire_overdue() if self.clock_agrees() else []
+            # Expiry and resends each on their own: one failing (a record edited outside
+            # kpx, say) must not stop the other.
+            with self._sweep_step("expiry"):
+                unreadable: list[UnreadableRecord] = []
+                expired = self.node.expire_overdue(unreadable) if self.clock_agrees() else []
                 self._save_clock()
                 if expired:
                     log.warning("certificates expired unconfirmed",
                                 numbers=[r.number for r in expired])
+                if unreadable:
+                    log.error("records kpx cannot read are left out of expiry; restore them "
+                              "from a backup (kpnode verify-log names them)",
+                              count=len(unreadable), first=str(unreadable[0]))
+            with self._sweep_step("resends"):
                 resent = self.node.resend_unanswered(self.config.resend_after_seconds * 1000)
                 if resent:
                     log.warning("no receipt yet: certificates sent again with the same "
                                 "message id", count=len(resent), message_ids=resent[:20])
                     self._wake.set()
-            except StoreError as exc:
-                log.error("sweep failed", error=str(exc))
-            except Exception:  # a bug must not end expiry and resends until a restart
-                log.exception("sweep failed; trying again next period")
             await asyncio.sleep(SWEEP_SECONDS)
+
+    @contextlib.contextmanager
+    def _sweep_step(self, step: str) -> Iterator[None]:
+        try:
+            yield
+        except StoreError as exc:
+            log.error("sweep failed", step=step, error=str(exc))
+        except Exception:  # a bug must not end expiry and resends until a restart
+            log.exception("sweep failed; trying again next period", step=step)
 
 
 async def run_until_signalled(config: NodeConfig,

@@ -54,7 +54,7 @@ from node.registry import (
     registered_authority,
     signing_key_choice,
 )
-from node.store import Store
+from node.store import Store, UnreadableRecord
 from protocol import (
     Cancellation,
     Certificate,
@@ -365,12 +365,16 @@ class Node:
     def ping(self, partner: str, nonce: bytes) -> Sealed:
         return self._command(lambda ctx: ping(ctx, partner, nonce)).send[0]
 
-    def expire_overdue(self) -> list[Record]:
+    def expire_overdue(self, unreadable: list[UnreadableRecord] | None = None
+                       ) -> list[Record]:
+        """Expire every open loop past its certificate's expiry. With ``unreadable``, a
+        record kpx cannot read is added there and the others expire all the same."""
         def decide(ctx: Context) -> Decision:
             today = ctx.today.isoformat()
             return expire(ctx, self.store.records(states=(State.ISSUED, State.DELIVERED,
                                                           State.RECEIVED),
-                                                  expiring_before=today))
+                                                  expiring_before=today,
+                                                  unreadable=unreadable))
         return list(self._command(decide).records)
 
     def resend_unanswered(self, after_ms: int) -> list[str]:

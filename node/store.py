@@ -412,9 +412,14 @@ class Store:
     def records(self, *, side: Side | None = None, states: Iterable[State] = (),
                 partner: str | None = None, expiring_before: str | None = None,
                 issued_between: tuple[date, date] | None = None, limit: int | None = None,
-                offset: int = 0) -> list[Record]:
+                offset: int = 0, unreadable: list[UnreadableRecord] | None = None,
+                ) -> list[Record]:
         """Records in the order they were made; ``limit`` and ``offset`` page in SQL, so a
-        page costs what it holds, not what the node has recorded in all its years."""
+        page costs what it holds, not what the node has recorded in all its years.
+
+        A row kpx cannot read raises :class:`UnreadableRecord`, unless ``unreadable`` is
+        given: then it is left out and added there, for work that should go on with every
+        other record (the sweep's expiry, the metrics)."""
         where, args = self._where(side=side, states=states, partner=partner,
                                   expiring_before=expiring_before,
                                   issued_between=issued_between)
@@ -423,7 +428,15 @@ class Store:
             f"SELECT {self._COLUMNS} FROM certificates WHERE {where} "
             f"ORDER BY created_at, number{page}", args,
         )
-        return [_record(row) for row in rows]
+        if unreadable is None:
+            return [_record(row) for row in rows]
+        found = []
+        for row in rows:
+            try:
+                found.append(_record(row))
+            except UnreadableRecord as exc:
+                unreadable.append(exc)
+        return found
 
     def records_after(self, after: int, limit: int, *, side: Side | None = None,
                       states: Iterable[State] = (), partner: str | None = None,

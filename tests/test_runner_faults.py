@@ -34,10 +34,10 @@ async def test_the_sweep_survives_a_fault_of_any_kind(
         original = Node.expire_overdue
         faults = [RuntimeError("a bug, once")]
 
-        def expire_overdue(self: Node) -> list[object]:
+        def expire_overdue(self: Node, unreadable: Any = None) -> list[object]:
             if faults:
                 raise faults.pop()
-            return original(self)  # type: ignore[return-value]
+            return original(self, unreadable)  # type: ignore[return-value]
         monkeypatch.setattr(Node, "expire_overdue", expire_overdue)
         monkeypatch.setattr(runner, "SWEEP_SECONDS", 0.02)
         running = RunningNode(network.configs["ZA"])
@@ -52,6 +52,50 @@ async def test_the_sweep_survives_a_fault_of_any_kind(
         assert not faults
         assert node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.EXPIRED  # type: ignore[union-attr]
         task.cancel()
+    finally:
+        node.close()
+
+
+async def test_a_record_changed_outside_kpx_stops_neither_the_sweep_nor_the_metrics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One open record kpx could not read (edited in SQLite by hand) failed every sweep:
+    no certificate expired and none was sent again, for as long as it stayed; and every
+    /metrics scrape answered 500, the readiness gauges with it. The others now go on, and
+    the unreadable ones are counted and logged."""
+    import structlog
+
+    from node.httpserver import refresh_gauges
+
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    node = Node.open(network.configs["ZA"])
+    try:
+        for n in (1, 2):
+            node.issue(certificate(f"ZA-2026-000{n}", "ZA", "IN", issued_on="2020-01-01",
+                                   expires_on="2099-01-01"))
+        with node.store.transaction():
+            node.store.db.execute("UPDATE certificates SET certificate=x'00' "
+                                  "WHERE number='ZA-2026-0001'")
+        later = now_ms() + 100 * 365 * 86_400_000
+        node.clock = lambda: later  # past both certificates' expiry
+        monkeypatch.setattr(runner, "SWEEP_SECONDS", 0.02)
+        running = RunningNode(network.configs["ZA"])
+        running.node = node
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(running._sweep())
+            for _ in range(200):
+                record = node.store.get(Side.EXPORT, "ZA-2026-0002")
+                if record is not None and record.state is State.EXPIRED:
+                    break
+                await asyncio.sleep(0.02)
+            task.cancel()
+        assert node.store.get(Side.EXPORT, "ZA-2026-0002").state is State.EXPIRED  # type: ignore[union-attr]
+        said = [e for e in logs if e["event"].startswith("records kpx cannot read")]
+        assert said and said[0]["count"] == 1 and "ZA-2026-0001" in said[0]["first"]
+        assert not [e for e in logs if e["event"].startswith("sweep failed")]
+        await refresh_gauges(running)  # raised before: every scrape a 500
+        exposition = running.metrics.exposition().decode()
+        assert "kpx_unreadable_records 1.0" in exposition
+        assert 'kpx_expired_certificates{side="export"} 1.0' in exposition
     finally:
         node.close()
 
