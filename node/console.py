@@ -451,7 +451,10 @@ async def overview(request: web.Request) -> web.Response:
         (len(overdue), "overdue loops"), (closed, "loops closed"),
         ("?" if depth is None else depth, "dead letters"),
         (node.registry.version, "registry version")))
-    body = (f"<div class=cards>{cards}</div><h2>Overdue loops</h2>"
+    # What the node knows of itself and a monitor must see first: counted from outside,
+    # a node that consumes nothing looks as healthy as one that does.
+    alarms = "".join(f"<p class=error>Not ready: {h(why)}</p>" for why in ctx.not_ready())
+    body = (f"{alarms}<div class=cards>{cards}</div><h2>Overdue loops</h2>"
             + records_table(overdue, today, table_id="overdue"))
     return page(request, f"{node.me} · {node.config.authority}", body, active="")
 

@@ -164,7 +164,8 @@ def build_app(running: RunningNode) -> web.Application:
         mount_web(app, running.node, running.config.directory,
                   status=lambda: running_status(running),
                   dead_letter_depth=transport.dead_letter_depth if transport else None,
-                  clock_agrees=running.clock_agrees)
+                  clock_agrees=running.clock_agrees,
+                  readiness=lambda: readiness(running))
     return app
 
 

@@ -14,6 +14,7 @@ from node.tokens import Tokens
 from node.webcontext import (
     ClockAgrees,
     DeadLetterDepth,
+    Readiness,
     StatisticsProvider,
     StatusProvider,
     WebContext,
@@ -24,10 +25,11 @@ def mount_web(app: web.Application, node: Node, directory: Path, *,
               status: StatusProvider | None = None,
               statistics: StatisticsProvider | None = None,
               dead_letter_depth: DeadLetterDepth | None = None,
-              clock_agrees: ClockAgrees | None = None) -> WebContext:
+              clock_agrees: ClockAgrees | None = None,
+              readiness: Readiness | None = None) -> WebContext:
     """Serve the API and the console from ``app``; tokens come from ``directory``."""
     context = WebContext(node, Tokens(directory), status=status, statistics=statistics,
-                         dead_letter_depth=dead_letter_depth)
+                         dead_letter_depth=dead_letter_depth, readiness=readiness)
     if clock_agrees is not None:
         context.clock_agrees = clock_agrees
     async def to_console(request: web.Request) -> web.StreamResponse:

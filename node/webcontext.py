@@ -18,7 +18,7 @@ from node.evidence import OPERATOR, operator_record
 from node.machine import Refusal
 from node.service import Node, now_ms
 from node.stats import Quarter, quarterly_report
-from node.status import gather_status
+from node.status import NOT_READY, gather_status
 from node.tokens import Principal, Tokens
 from protocol import Reason, new_message_id
 
@@ -26,6 +26,8 @@ StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 StatisticsProvider = Callable[[Quarter], Mapping[str, Any]]
 DeadLetterDepth = Callable[[], Awaitable[int | None]]
 ClockAgrees = Callable[[], bool]
+#: the running node's own checks, as /readyz answers them
+Readiness = Callable[[], Mapping[str, bool]]
 
 #: why the API and the console sign nothing while the running node distrusts its clock
 CLOCK_DISAGREES = ("the node's wall clock has jumped ahead of the time it measured since it "
@@ -88,6 +90,8 @@ class WebContext:
     #: False while the running node holds deliveries because its wall clock jumped
     #: ahead (node.clockwatch): a certificate signed then would carry that time
     clock_agrees: ClockAgrees = _clock_trusted
+    #: the running node's /readyz checks; None where nothing runs (tests, tools)
+    readiness: Readiness | None = None
     #: bounds the evidence entries of calls made without a working token
     anonymous: AnonymousBudget = field(default_factory=AnonymousBudget)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +100,12 @@ class WebContext:
         if self.status is not None:
             return await self.status()
         return await gather_status(self.node, letters=False)
+
+    def not_ready(self) -> list[str]:
+        """What keeps the running node from exchanging, in words (empty when ready)."""
+        checks = self.readiness() if self.readiness is not None else {}
+        return [NOT_READY.get(name, f"{name}: failing") for name, ok in checks.items()
+                if not ok]
 
     def figures(self, quarter: Quarter) -> Mapping[str, Any]:
         if self.statistics is not None:

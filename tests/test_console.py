@@ -564,3 +564,20 @@ async def test_an_evidence_entry_that_cannot_be_written_changes_no_answer(
     done = await india.client.post(path, data={"csrf": officer_csrf}, allow_redirects=False)
     assert done.status == 303
     assert india.node.store.get(Side.IMPORT, "ZA-2026-0600").state is State.CONFIRMED  # type: ignore[union-attr]
+
+
+async def test_the_overview_says_when_the_running_node_is_not_ready(
+        pair: tuple[Served, Served]) -> None:
+    """The console's overview counted loops from the database only: a node that consumed
+    nothing (another connection holding its inbox's claim) or whose broker blocked its
+    publishes looked as healthy to a monitor as one exchanging."""
+    za, _ = pair
+    checks = {"broker_connected": True, "consuming": False, "store_writable": True,
+              "clock_agrees": True, "publishing_allowed": True}
+    za.context.readiness = lambda: checks
+    await login(za, "monitor")
+    page = await (await za.client.get(f"{C}/")).text()
+    assert "Not ready: the running node does not consume its inbox" in page
+    checks["consuming"] = True
+    page = await (await za.client.get(f"{C}/")).text()
+    assert "Not ready" not in page
