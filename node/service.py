@@ -526,11 +526,18 @@ class Node:
         self._after_commit("warning", "refused", reason=refusal.reason, text=refusal.text,
                            sender=refusal.answer_to, message_id=refusal.in_reply_to)
         answer = rejection_for(ctx, refusal)
-        if answer is not None:
-            frame_id = refusal.in_reply_to or ""
-            self.store.append_evidence("in", delivery.body, frame_id, None, ctx.now_ms)
-            self._commit(ctx, Decision(send=(answer,)))
-        return Verdict(dead_letter=refusal, kept=answer is not None)
+        if answer is None:
+            return Verdict(dead_letter=refusal)
+        frame_id = refusal.in_reply_to or ""
+        if self.store.logged("in", frame_id, delivery.body):
+            # These very bytes are in the log already: refused and answered when they
+            # first came, or accepted then. Answered again, every copy that anyone who
+            # got the frame publishes here would make this node sign and send a rejection
+            # to its signer. Refused afresh all the same, and dead-lettered again.
+            return Verdict(dead_letter=refusal, kept=True)
+        self.store.append_evidence("in", delivery.body, frame_id, None, ctx.now_ms)
+        self._commit(ctx, Decision(send=(answer,)))
+        return Verdict(dead_letter=refusal, kept=True)
 
     # -- queries -----------------------------------------------------------------
 

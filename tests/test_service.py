@@ -835,6 +835,44 @@ def test_a_refusal_is_logged_once_it_commits_not_at_every_retry(nodes: Nodes,
     assert [e["reason"] for e in logs if e["event"] == "refused"] == ["message.not_for_us"]
 
 
+def test_a_frame_replayed_into_a_third_inbox_is_answered_once_however_often(
+        nodes: Nodes) -> None:
+    """EU, which got ZA's certificate, published it into India's inbox again and again.
+    India refused each copy (message.not_for_us) and signed a new rejection to ZA for
+    every one: anyone holding a frame could make a node sign and send at will, and grow
+    both evidence logs. The same bytes are answered once; every copy is still refused
+    and dead-lettered. So is an accepted frame replayed under another broker login."""
+    za, india = nodes["ZA"], nodes["IN"]
+    record = za.issue(certificate("ZA-2026-0001", "ZA", "EU"))  # not India's
+    frame = za.store.outbox_frame(record.message_id)
+    assert frame is not None
+    entries = india.store.last_evidence_seq()
+    for _ in range(3):
+        (verdict,) = india.handle_batch([Delivery(frame, user_id="kpx-eu")])
+        assert verdict.dead_letter is not None and verdict.kept
+        assert verdict.dead_letter.reason == "message.not_for_us"
+    answers = india.store.due(2**62, 10)
+    assert [(r.recipient, r.kind) for r in answers] == [("ZA", "rejection")]
+    assert india.store.last_evidence_seq() - entries == 2  # the frame and the answer
+    # a second batch holding two copies: none answered
+    verdicts = india.handle_batch([Delivery(frame), Delivery(frame)])
+    assert all(v.dead_letter is not None for v in verdicts)
+    assert len(india.store.due(2**62, 10)) == 1
+    # A frame India accepted, replayed under another login with check_broker_user: refused
+    # (message.broker_user_mismatch) but not answered: ZA's own certificate was taken.
+    mine = za.issue(certificate("ZA-2026-0002", "ZA", "IN"))
+    theirs = za.store.outbox_frame(mine.message_id)
+    assert theirs is not None
+    (taken,) = india.handle_batch([Delivery(theirs, user_id="kpx-za")])
+    assert taken.dead_letter is None
+    sent = {r.message_id for r in india.store.due(2**62, 10)}
+    india.check_broker_user = True
+    (replayed,) = india.handle_batch([Delivery(theirs, user_id="kpx-eu")])
+    assert replayed.dead_letter is not None
+    assert replayed.dead_letter.reason == "message.broker_user_mismatch"
+    assert {r.message_id for r in india.store.due(2**62, 10)} == sent
+
+
 def test_a_nodes_own_frame_published_back_into_its_inbox_is_not_answered(
         nodes: Nodes) -> None:
     """IN published ZA's certificate to IN back into ZA's inbox (any partner can publish
