@@ -569,9 +569,12 @@ class Store:
         """Queue a sent message again (a resend, a restore). Its ``created_at`` becomes now:
         the column says since when a row waits to be sent (the outbox's oldest age in
         status and /metrics, and nothing else reads it). Kept from the first queueing, a
-        resend that met a broker down for a minute showed an outbox stuck for days."""
-        self.db.execute("UPDATE outbox SET published_at=NULL, next_attempt_at=?, "
-                        "created_at=? WHERE message_id=?", (now_ms, now_ms, message_id))
+        resend that met a broker down for a minute showed an outbox stuck for days. A row
+        not yet sent (an answer asked for again by a duplicate) keeps its age: it has
+        waited all along, and a partner's hourly resends would otherwise hide that."""
+        self.db.execute("UPDATE outbox SET created_at=CASE WHEN published_at IS NULL "
+                        "THEN created_at ELSE ? END, published_at=NULL, next_attempt_at=? "
+                        "WHERE message_id=?", (now_ms, now_ms, message_id))
 
     def unanswered(self, now_ms: int, after_ms: int) -> list[str]:
         """Message ids of issued certificates (or replacements) sent but not yet receipted,

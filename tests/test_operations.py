@@ -453,3 +453,30 @@ def build_status_of(node: Node, now: int) -> dict[str, Any]:
                         own_public_key=bytes(node.signing_key(now).verify_key),
                         broker=BrokerView(reachable=True, inbox_consumers=1),
                         **read_store(node))
+
+
+def test_an_answer_still_waiting_keeps_its_age_when_a_duplicate_asks_for_it_again(
+        tmp_path: Path) -> None:
+    """A receipt that cannot leave (its recipient's inbox missing, say) waits in the
+    outbox; the exporter, without the receipt, sends the certificate again every hour,
+    and each duplicate queues the same receipt again. Resetting the age there too made
+    kpx_outbox_oldest_age_seconds fall back to 0 every hour: an outbox stuck for days
+    never reached the RUNBOOK's 15 minutes. Only a row already sent starts a new wait."""
+    network = create_network(tmp_path, ["BW", "BE"], [])
+    bw, be = Node.open(network.configs["BW"]), Node.open(network.configs["BE"])
+    try:
+        first = now_ms() - 3 * 86_400_000
+        bw.clock = be.clock = lambda: first
+        bw.issue(certificate("BW-1", "BW", "BE", issued_on=day_of(first).isoformat()))
+        (sent,) = bw.store.due(2**62, 10)
+        be.handle_batch([Delivery(sent.frame)])  # its receipt waits, never published
+        assert [r.kind for r in be.store.backlog()] == ["receipt"]
+        now = now_ms()
+        be.clock = lambda: now
+        be.handle_batch([Delivery(sent.frame)])  # the exporter's resend: a duplicate
+        status = build_status_of(be, now)
+        assert status["outbox"]["backlog"] == 1
+        assert status["outbox"]["oldest_age_seconds"] >= 3 * 86_400 - 60, status["outbox"]
+    finally:
+        bw.close()
+        be.close()
