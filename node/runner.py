@@ -75,6 +75,8 @@ RELAY_OVERTAKE_SECONDS = 0.005
 RELAY_IN_FLIGHT = 2
 #: while the outbox waits for the same reason, how often that is logged again
 RELAY_WAIT_LOG_SECONDS = 60.0
+#: while the same records cannot be read, how often the sweep says so again
+UNREADABLE_LOG_SECONDS = 3600.0
 IDLE_POLL_SECONDS = 0.25
 SWEEP_SECONDS = 5.0
 #: tries at putting a refused message on the dead-letter queue (0.2 s, then 0.4 s apart)
@@ -163,6 +165,8 @@ class RunningNode:
         self._unmarked: set[int] = set()
         #: why the outbox waits, while it does (logged once, not every second)
         self._relay_waiting: RelayWaiting | None = None
+        #: the records the sweep could not read when it last said so, and when
+        self._unreadable_logged: tuple[tuple[str, ...], float] | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._batch_lock = asyncio.Lock()
@@ -669,10 +673,7 @@ class RunningNode:
                 if expired:
                     log.warning("certificates expired unconfirmed",
                                 numbers=[r.number for r in expired])
-                if unreadable:
-                    log.error("records kpx cannot read are left out of expiry; restore them "
-                              "from a backup (kpnode verify-log names them)",
-                              count=len(unreadable), first=str(unreadable[0]))
+                self._unreadable_seen(unreadable)
             with self._sweep_step("resends"):
                 resent = self.node.resend_unanswered(self.config.resend_after_seconds * 1000)
                 if resent:
@@ -680,6 +681,21 @@ class RunningNode:
                                 "message id", count=len(resent), message_ids=resent[:20])
                     self._wake.set()
             await asyncio.sleep(SWEEP_SECONDS)
+
+    def _unreadable_seen(self, unreadable: Sequence[UnreadableRecord]) -> None:
+        """Log the records the sweep's expiry could not read: once, again when what cannot
+        be read changes, and every ``UNREADABLE_LOG_SECONDS`` while it lasts. Every sweep
+        (5 s) said it again otherwise: 17,000 errors a day for one row edited by hand."""
+        if not unreadable:
+            self._unreadable_logged = None
+            return
+        what, now = tuple(str(u) for u in unreadable), time.monotonic()
+        last = self._unreadable_logged
+        if last is not None and last[0] == what and now - last[1] < UNREADABLE_LOG_SECONDS:
+            return
+        self._unreadable_logged = (what, now)
+        log.error("records kpx cannot read are left out of expiry; restore them from a "
+                  "backup (kpnode verify-log names them)", count=len(what), first=what[0])
 
     @contextlib.contextmanager
     def _sweep_step(self, step: str) -> Iterator[None]:

@@ -100,6 +100,44 @@ async def test_a_record_changed_outside_kpx_stops_neither_the_sweep_nor_the_metr
         node.close()
 
 
+async def test_a_record_changed_outside_kpx_is_logged_once_not_every_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep runs every 5 s: it said 'records kpx cannot read' each time, 17,000
+    errors a day for one row edited by hand, as the relay's outage lines did before
+    8b41b26. Once, again when what cannot be read changes, and hourly while it lasts."""
+    import structlog
+
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    node = Node.open(network.configs["ZA"])
+    try:
+        for n, expires_on in ((1, "2099-01-01"), (2, "2099-01-01"), (3, "2200-01-01")):
+            node.issue(certificate(f"ZA-2026-000{n}", "ZA", "IN", issued_on="2020-01-01",
+                                   expires_on=expires_on))
+        with node.store.transaction():
+            node.store.db.execute("UPDATE certificates SET certificate=x'00' "
+                                  "WHERE number='ZA-2026-0001'")
+        later = now_ms() + 100 * 365 * 86_400_000
+        node.clock = lambda: later  # past the first two's expiry, not the third's
+        monkeypatch.setattr(runner, "SWEEP_SECONDS", 0.01)
+        running = RunningNode(network.configs["ZA"])
+        running.node = node
+
+        def said(logs: list[Any]) -> list[Any]:
+            return [e for e in logs if e["event"].startswith("records kpx cannot read")]
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(running._sweep())
+            await asyncio.sleep(0.5)  # dozens of sweeps
+            assert len(said(logs)) == 1, len(said(logs))
+            with node.store.transaction():  # a second one: what is unreadable changed
+                node.store.db.execute("UPDATE certificates SET certificate=x'00', "
+                                      "expires_on='2020-02-01' WHERE number='ZA-2026-0003'")
+            await asyncio.sleep(0.3)
+            task.cancel()
+        assert [e["count"] for e in said(logs)] == [1, 2]
+    finally:
+        node.close()
+
+
 class DeadLetterQueueDown:
     """A transport whose dead-letter publishes fail ``failures`` times (a full queue that
     nacks, a timeout), recording what is acknowledged, rejected and dead-lettered."""
