@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import structlog
 from aiohttp import web
@@ -252,6 +252,10 @@ def after_login(asked: object) -> str:
             or "//" in asked or not asked.isprintable() or len(asked) > 2000
             or asked.split("?")[0].rstrip("/") in (f"{CONSOLE_PREFIX}/login",
                                                    f"{CONSOLE_PREFIX}/logout")):
+        return home
+    # A browser resolves dot segments, written '%2e' too: /console/../api is not the
+    # console's, nor /console/./login the login page, which the check above lets pass.
+    if {".", ".."} & set(unquote(asked.split("?")[0]).split("/")):
         return home
     return asked
 

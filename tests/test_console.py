@@ -119,6 +119,25 @@ async def test_a_login_goes_back_to_the_page_asked_for_and_only_to_the_console(
     assert response.headers["Location"] == f"{C}/"
 
 
+async def test_a_login_does_not_go_out_of_the_console_by_dot_segments(
+        pair: tuple[Served, Served]) -> None:
+    """'A path of this console only': /console/../api/v1/status starts with /console/
+    and passed, and a browser resolves the dot segments (%2e too) to a page outside it."""
+    za, _ = pair
+    for going in (f"{C}/../api/v1/status", f"{C}/%2e%2e/metrics", f"{C}/./login",
+                  f"{C}/incoming/..%2F..", f"{C}/.%2E?x=1"):
+        page = await (await za.client.get(f"{C}/login")).text()
+        csrf = re.search(r"name=csrf value='([^']+)'", page)
+        assert csrf is not None
+        response = await za.client.post(f"{C}/login", allow_redirects=False, data={
+            "csrf": csrf[1], "token": za.tokens["monitor"], "next": going})
+        assert response.headers["Location"] == f"{C}/", going
+    assert console.after_login(f"{C}/certificates/ZA-2026-0001") == \
+        f"{C}/certificates/ZA-2026-0001"
+    assert console.after_login(f"{C}/outgoing?state=issued&partner=..") == \
+        f"{C}/outgoing?state=issued&partner=.."  # a query is not a path
+
+
 async def test_a_new_login_ends_the_browsers_earlier_session(
         pair: tuple[Served, Served]) -> None:
     """Logging in again left the earlier session alive on the server until it timed out:
