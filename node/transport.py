@@ -272,9 +272,13 @@ class Transport:
             if self._set_up_failure is not None:
                 # It answered: 'no broker answered' sent operators looking at the network
                 # for what is a missing or differently declared queue.
+                # Not the only word, though, when a later attempt failed otherwise (the
+                # broker restarted to load definitions, and still away).
+                since = (f"; last attempt: {last}" if last and last != self._set_up_failure
+                         else "")
                 raise TransportUnavailable(
                     f"the broker answered but the node could not set up its queues within "
-                    f"{timeout:g} s ({self._set_up_failure})") from None
+                    f"{timeout:g} s ({self._set_up_failure}){since}") from None
             raise TransportUnavailable(
                 f"no broker answered at {urls} within {timeout:g} s"
                 + (f" (last attempt: {last})" if last else "")) from None

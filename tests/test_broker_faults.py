@@ -368,6 +368,45 @@ async def test_a_lost_member_is_followed_by_the_whole_list_before_the_node_waits
     assert times[5] - times[4] >= 0.2, "no pause after a whole round without an answer"
 
 
+async def test_a_set_up_failure_does_not_hide_a_broker_gone_since(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker answered once but the inbox was missing, and was then restarted (to load
+    the definitions, say) and stayed away: connect() gave up naming only the old set-up
+    failure, as if the broker still answered; the last attempt, refused, went unsaid."""
+    import node.transport as transport_module
+
+    class Up:
+        def __init__(self) -> None:
+            self.close_callbacks: set[Callable[..., object]] = set()
+
+        async def close(self) -> None:
+            pass
+
+    calls: list[str] = []
+
+    async def fake_connect(url: str, timeout: float = 0) -> Up:
+        calls.append(url)
+        if len(calls) == 1:
+            return Up()
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    class Missing(Transport):
+        async def _set_up(self, connection: AbstractConnection) -> None:
+            raise RuntimeError("NOT_FOUND - no queue 'kpx.inbox.ZA'")
+
+    monkeypatch.setattr(transport_module, "connect", fake_connect)
+    transport = Missing(["amqp://one/"], "ZA")
+    try:
+        with pytest.raises(TransportUnavailable) as failed:
+            await transport.connect(timeout=1.0)
+    finally:
+        await transport.close()
+    assert len(calls) >= 2
+    text = str(failed.value)
+    assert "NOT_FOUND" in text, text  # why it never connected, still said
+    assert "last attempt" in text and "refused" in text.split("last attempt")[1], text
+
+
 async def test_a_broker_that_blocks_publishing_is_not_called_ready(
         own_broker: LocalBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A broker low on disk or memory blocks every connection that publishes (a resource
