@@ -288,13 +288,25 @@ NOT_READY = {
 }
 
 
+#: checks that fail whenever the node has no broker connection: said by broker_connected
+#: alone then, their words (another connection's claim, a resource alarm) being untrue
+NEED_A_CONNECTION = ("consuming", "publishing_allowed")
+
+
+def not_ready(checks: Mapping[str, bool]) -> list[str]:
+    """The running node's failing checks (``/readyz``), in words, for people."""
+    disconnected = checks.get("broker_connected") is False
+    return [NOT_READY.get(name, f"{name}: failing") for name, ok in checks.items()
+            if not ok and not (disconnected and name in NEED_A_CONNECTION)]
+
+
 def with_readiness(status: Mapping[str, Any], checks: Mapping[str, bool]) -> dict[str, Any]:
     """``status`` as the running node serves it: its own checks (``/readyz``) under
-    ``node.ready``, each failing one an error. Counted from outside, a consumer its
-    broken connection left behind looked like the node consuming, and a held delivery
-    like nothing at all."""
-    problems = [{"level": "error", "text": NOT_READY.get(name, f"{name}: failing")}
-                for name, ok in checks.items() if not ok] + list(status["problems"])
+    ``node.ready``, each failing one an error (see :func:`not_ready`). Counted from
+    outside, a consumer its broken connection left behind looked like the node consuming,
+    and a held delivery like nothing at all."""
+    problems = [{"level": "error", "text": text}
+                for text in not_ready(checks)] + list(status["problems"])
     level = ("error" if any(p["level"] == "error" for p in problems)
              else "warning" if problems else "ok")
     return {**status, "health": level, "problems": problems,

@@ -18,7 +18,7 @@ from node.evidence import OPERATOR, operator_record
 from node.machine import Refusal
 from node.service import Node, now_ms
 from node.stats import Quarter, quarterly_report
-from node.status import NOT_READY, gather_status
+from node.status import gather_status, not_ready
 from node.tokens import Principal, Tokens
 from protocol import Reason, new_message_id
 
@@ -103,9 +103,7 @@ class WebContext:
 
     def not_ready(self) -> list[str]:
         """What keeps the running node from exchanging, in words (empty when ready)."""
-        checks = self.readiness() if self.readiness is not None else {}
-        return [NOT_READY.get(name, f"{name}: failing") for name, ok in checks.items()
-                if not ok]
+        return not_ready(self.readiness() if self.readiness is not None else {})
 
     def figures(self, quarter: Quarter) -> Mapping[str, Any]:
         if self.statistics is not None:

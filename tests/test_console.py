@@ -600,3 +600,28 @@ async def test_the_overview_says_when_the_running_node_is_not_ready(
     checks["consuming"] = True
     page = await (await za.client.get(f"{C}/")).text()
     assert "Not ready" not in page
+
+
+async def test_a_node_without_its_broker_is_not_said_to_be_blocked_or_claimed(
+        pair: tuple[Served, Served]) -> None:
+    """Without a broker connection, consuming and publishing_allowed fail too: the overview
+    and the served status then also said another connection held the inbox's claim and
+    the broker was low on disk or memory, sending the operator after a second node and a
+    resource alarm during a plain outage."""
+    from node.status import with_readiness
+
+    za, _ = pair
+    checks = {"broker_connected": False, "consuming": False, "store_writable": True,
+              "clock_agrees": True, "publishing_allowed": False}
+    za.context.readiness = lambda: checks
+    await login(za, "monitor")
+    page = await (await za.client.get(f"{C}/")).text()
+    assert page.count("Not ready:") == 1 and "not connected to a broker" in page
+    served = with_readiness({"health": "ok", "problems": [], "node": {}}, checks)
+    assert [p["text"] for p in served["problems"]] == [
+        "the running node is not connected to a broker (it reconnects by itself; its "
+        "outbox waits)"]
+    assert served["node"]["ready"] == checks  # the checks themselves, all of them
+    checks.update(broker_connected=True, publishing_allowed=False, consuming=True)
+    page = await (await za.client.get(f"{C}/")).text()  # connected: that is the alarm
+    assert page.count("Not ready:") == 1 and "low on disk or memory" in page
