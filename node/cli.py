@@ -719,7 +719,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parser().parse_args(given)
     except UsageError as exc:  # a script that asked for JSON reads why on stdout
-        fail(argparse.Namespace(json="--json" in given), EXIT_USAGE, f"error: {exc.message}",
+        # argparse takes '--js' for '--json' too
+        asked_json = any(len(a) > 3 and "--json".startswith(a) for a in given)
+        fail(argparse.Namespace(json=asked_json), EXIT_USAGE, f"error: {exc.message}",
              prog=exc.prog)
     configure_logging(default_level="INFO" if args.command == "run" else "WARNING")
     try:

@@ -471,6 +471,7 @@ def test_a_command_line_that_does_not_parse_answers_json_too(
     from node import cli
 
     for argv, said in ((["list", "--json", "--state", "bogus"], "invalid choice: 'bogus'"),
+                       (["list", "--js", "--state", "bogus"], "invalid choice: 'bogus'"),
                        (["verify-log", "--anchor", "12", "--json"], "an anchor is SEQ:HASH"),
                        (["simulate", "--codes", "ZA,ZA", "--json"], "ZA given more than once")):
         with pytest.raises(SystemExit) as exited:
