@@ -235,6 +235,9 @@ class Transport:
         self._claim_waiter: asyncio.Task[None] | None = None
         #: the broker user may not declare the claim: said once, not at every reconnect
         self._claim_refusal_said = False
+        #: stop_consuming was called: a reconnect (or a claim come free) must not consume
+        #: again, or the deliveries it took in would go back as the node closes
+        self._consuming_stopped = False
 
     @property
     def connected(self) -> bool:
@@ -370,7 +373,7 @@ class Transport:
         self._connection = connection
         self._publish_channel = channel
         self._watch_publishing(connection, channel)
-        if self._on_batch is not None:
+        if self._on_batch is not None and not self._consuming_stopped:
             await self._start_consumer()
 
     def _watch_publishing(self, connection: AbstractConnection, channel: AbstractChannel
@@ -477,6 +480,7 @@ class Transport:
                       max_wait: float = 0.010) -> None:
         """Hand inbox deliveries to ``on_batch`` in batches; the caller acks or rejects."""
         self._on_batch = on_batch
+        self._consuming_stopped = False
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._batcher = asyncio.create_task(self._batches(), name="amqp-batcher")
@@ -532,9 +536,13 @@ class Transport:
     async def _await_claim(self, connection: AbstractConnection) -> None:
         """Try the claim again now and then; consume once it is held. A connection that
         goes meanwhile ends the wait: the supervisor sets everything up anew."""
-        while not self._closing and connection is self._connection and self.connected:
+        def ended() -> bool:
+            return (self._closing or self._consuming_stopped
+                    or connection is not self._connection or not self.connected)
+
+        while not ended():
             await asyncio.sleep(CLAIM_RETRY_SECONDS)
-            if self._closing or connection is not self._connection or not self.connected:
+            if ended():
                 return
             try:
                 if await self._claim(connection) is False:
@@ -578,6 +586,8 @@ class Transport:
         underlay.on_consumer_cancel_callbacks.add(
             lambda *_: self._reconnect(connection, "consumer cancelled by the broker"))
         self._consumer_tag = await inbox.consume(on_message, no_ack=False)
+        if self._consuming_stopped:  # stop_consuming came while this was under way
+            await self.stop_consuming()
 
     async def _batches(self) -> None:
         loop = asyncio.get_running_loop()
@@ -659,8 +669,14 @@ class Transport:
         go back to the queue when the channel closes, and in RabbitMQ 3.10 each such return
         counts towards the delivery limit — a node restarted a few times would dead-letter
         messages it never looked at."""
-        if self._claim_waiter is not None:
-            self._claim_waiter.cancel()
+        self._consuming_stopped = True
+        waiter, self._claim_waiter = self._claim_waiter, None
+        if waiter is not None and waiter is not asyncio.current_task():
+            # Awaited: cancelled half-way through its basic.consume, it would leave a
+            # consumer this method does not know of.
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiter
         if self._inbox is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
                 await self._inbox.cancel(self._consumer_tag, timeout=SHUTDOWN_STEP_TIMEOUT)

@@ -324,3 +324,57 @@ async def test_an_inbox_that_cannot_be_looked_at_fails_at_once(
     with pytest.raises(TransportUnavailable, match=r"could not look at kpx\.inbox"):
         await node._wait_for_inbox_free()
     assert time.monotonic() - started < 1
+
+
+async def test_a_reconnect_after_stop_consuming_does_not_consume_again(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graceful stop cancels the consumer, then waits up to 10 s for the batch in hand
+    and up to 10 s for the outbox. A reconnect meanwhile (a broker restart, a channel
+    error) consumed the inbox again: up to a prefetch of deliveries taken in, then handed
+    back as the node closed, each return counting towards the delivery limit. A node
+    waiting for its claim (see Transport.claim_inbox) consumed once the claim came free."""
+    from node import transport as transport_module
+    from node.transport import Transport
+
+    monkeypatch.setattr(transport_module, "CLAIM_RETRY_SECONDS", 0.3)
+    code, other = fresh_codes(2)
+
+    async def handler(batch: list[Any]) -> None:
+        return None
+
+    stopped = Transport([amqp_url], code)
+    try:
+        await stopped.connect()
+        await stopped.consume(handler)
+        assert stopped.consuming
+        await stopped.stop_consuming()
+        old = stopped._connection
+        assert old is not None
+        stopped._reconnect(old, "a test")
+        await until(lambda: stopped.connected and stopped._connection is not old, 20)
+        await asyncio.sleep(0.5)
+        assert not stopped.consuming
+        assert (await stopped.inbox_depth())[1] == 0
+    finally:
+        await stopped.close()
+
+    holder, waiting = Transport([amqp_url], other), Transport([amqp_url], other)
+    try:
+        await holder.connect()
+        await holder.consume(handler)
+        await waiting.connect()
+        await waiting.consume(handler)
+        await asyncio.sleep(0.5)
+        assert not waiting.consuming
+        await waiting.stop_consuming()
+        await holder.close()  # the claim comes free
+        old = waiting._connection
+        assert old is not None
+        waiting._reconnect(old, "a test")
+        await until(lambda: waiting.connected and waiting._connection is not old, 20)
+        await asyncio.sleep(1.0)
+        assert not waiting.consuming
+        assert (await waiting.inbox_depth())[1] == 0
+    finally:
+        await holder.close()
+        await waiting.close()
