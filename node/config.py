@@ -103,9 +103,12 @@ ENV_PREFIX = "KPX_"
 #: where ``kpnode key new`` puts keys for a rotation
 KEYS_DIR = "keys"
 #: held by the running node (kpnode run), which writes its pid into it at start, then a
-#: line of the ids of the keys it holds, after HELD_KEYS
+#: line of the ids of the keys it holds, after HELD_KEYS, and, while it does not consume
+#: its inbox because another connection holds it (see Transport.claim_inbox), a line of
+#: why, after NOT_CONSUMING
 LOCK_NAME = "node.lock"
 HELD_KEYS = "keys"
+NOT_CONSUMING = "not-consuming"
 #: settings whose environment value is a comma-separated list
 _LIST_SETTINGS = {"broker_urls", "former_chair_public_keys"}
 

@@ -43,7 +43,7 @@ from node.clockwatch import (
     resumed,
 )
 from node.clockwatch import save as save_clock
-from node.config import HELD_KEYS, LOCK_NAME, ConfigError, NodeConfig
+from node.config import HELD_KEYS, LOCK_NAME, NOT_CONSUMING, ConfigError, NodeConfig
 from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
@@ -120,6 +120,8 @@ class DirectoryLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_NAME
         self.file: IO[str] | None = None
+        self._keys: Sequence[str] | None = None
+        self._not_consuming: str | None = None
 
     def __enter__(self) -> DirectoryLock:
         # Not truncated before the lock is ours: a second 'kpnode run', refused, erased the
@@ -138,8 +140,27 @@ class DirectoryLock:
     def note_keys(self, key_ids: Sequence[str]) -> None:
         """Say which keys the running node holds (it reads them only at start), for
         ``kpnode status`` and ``key show`` to compare with the key files as they are now."""
-        assert self.file is not None
-        self.file.write(f"{HELD_KEYS} {' '.join(key_ids)}\n")
+        self._keys = list(key_ids)
+        self._rewrite()
+
+    def note_not_consuming(self, why: str | None) -> None:
+        """Say why the running node does not consume its inbox (another connection holds
+        it), or ``None`` once it does: ``kpnode status`` sees only the inbox's consumers,
+        and the one there may be the other node's."""
+        if why != self._not_consuming:
+            self._not_consuming = why
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        if self.file is None or self.file.closed:
+            return
+        lines = [str(os.getpid())]
+        if self._keys is not None:
+            lines.append(f"{HELD_KEYS} {' '.join(self._keys)}")
+        if self._not_consuming is not None:
+            lines.append(f"{NOT_CONSUMING} {' '.join(self._not_consuming.split())}")
+        self.file.truncate(0)  # opened to append: the write lands at the start
+        self.file.write("".join(f"{line}\n" for line in lines))
         self.file.flush()
 
     def __exit__(self, *exc: object) -> None:
@@ -207,6 +228,9 @@ class RunningNode:
                 prefetch=self.config.prefetch, delivery_limit=self.config.delivery_limit,
                 declare=self.config.declare_topology, broker_user=self.config.broker_user,
             )
+            claim = claim_queue(self.config.participant)
+            self.transport.on_claim_wait = lambda waiting: self._lock.note_not_consuming(
+                f"another connection holds {claim}" if waiting else None)
             await self.transport.connect()
             await self._wait_for_inbox_free()
             self._tasks = [asyncio.create_task(self._relay(), name="relay"),
@@ -268,6 +292,7 @@ class RunningNode:
                 await asyncio.sleep(1.0)
                 continue
             if asked and claimed is not False:  # held, or not permitted: the count alone
+                self._lock.note_not_consuming(None)
                 if held_by:
                     log.info("the other node's hold on the inbox is gone; starting",
                              queue=inbox)
@@ -280,6 +305,7 @@ class RunningNode:
                 holder = ""  # free, settling
                 free_since = now if free_since is None else free_since
             if holder:
+                self._lock.note_not_consuming(f"starting: {holder}")
                 if not held_by:
                     log.warning("another node holds the inbox; waiting for it to go before "
                                 "starting (a node whose host died is forgotten by the broker "

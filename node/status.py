@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from node.brokerclient import connect_any, queue_info
-from node.config import HELD_KEYS, LOCK_NAME, NodeConfig
+from node.config import HELD_KEYS, LOCK_NAME, NOT_CONSUMING, NodeConfig
 from node.deadletters import DeadLetter, DeadLetterQueue
 from node.machine import (
     OPEN_STATES,
@@ -113,13 +113,15 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                  partner_counts: Mapping[tuple[str, str, str], int],
                  outbox: Sequence[Pending], broker: BrokerView,
                  store_ok: bool = True, unheld_keys: Sequence[str] = (),
+                 not_consuming: str | None = None,
                  after_restart: tuple[str, bytes] | None = None,
                  other_public_keys: Sequence[bytes] = ()) -> dict[str, Any]:
     """The status of one node, JSON-ready. ``records`` are the open and expired loops
     (the rest only counts, through ``partner_counts``). ``own_public_key`` is the key the
     running node signs with; ``after_restart`` the key file (name, public key) it would
     sign with once restarted, when that is another (made since it started);
-    ``other_public_keys`` the node's other keys, among which a rotation's successor."""
+    ``other_public_keys`` the node's other keys, among which a rotation's successor;
+    ``not_consuming`` why the running node does not consume its inbox, as it says."""
     today = day_of(now)
     problems: list[dict[str, str]] = []
 
@@ -132,6 +134,12 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         problem("warning", f"key file(s) the running node does not hold "
                 f"({', '.join(unheld_keys)}): it reads its keys at start, so it cannot "
                 "sign with them until it is restarted (this view reads keys/ as it is now)")
+    if running_pid is not None and not_consuming:
+        # The inbox's one consumer, if any, is then another's: its count says nothing wrong.
+        problem("error", f"the running node does not consume {inbox_queue(participant)}: "
+                f"{not_consuming}. Another node for {participant} (a restored copy?) "
+                "has it, or this node's own earlier connection until the broker notices it "
+                "is gone (a minute or three); stop the other node")
     if not store_ok:
         problem("error", "the node's database cannot be written")
     if not broker.reachable:
@@ -347,6 +355,20 @@ def held_key_ids(directory: Path) -> set[str] | None:
     return None
 
 
+def not_consuming(directory: Path) -> str | None:
+    """Why the running node does not consume its inbox, as it wrote into its lock file
+    (another connection holds the inbox's claim); None when it has not."""
+    try:
+        lines = (directory / LOCK_NAME).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines[1:]:
+        word, _, why = line.partition(" ")
+        if word == NOT_CONSUMING:
+            return why or "it says so"
+    return None
+
+
 def keys_not_held(config: NodeConfig, keys: Sequence[Signer]) -> list[str]:
     """Which of ``keys`` (read from the files now) the running node does not hold: made,
     or copied in, since it started. Compared by key id, not by the files' times, which a
@@ -447,6 +469,7 @@ async def gather_status(node: Node, *, letters: bool = True) -> dict[str, Any]:
                         broker=broker, store_ok=store_ok,
                         unheld_keys=keys_not_held(config, node.signing_keys)
                         if pid else (), after_restart=after_restart,
+                        not_consuming=not_consuming(config.directory) if pid else None,
                         other_public_keys=[bytes(k.verify_key) for k in node.signing_keys
                                            if bytes(k.verify_key) != own],
                         **read_store(node))

@@ -235,6 +235,10 @@ class Transport:
         self._claim_waiter: asyncio.Task[None] | None = None
         #: the broker user may not declare the claim: said once, not at every reconnect
         self._claim_refusal_said = False
+        #: told True when the node waits for another connection to let go of the claim
+        #: (it does not consume meanwhile), False once it no longer waits (it consumes, or
+        #: the connection went: the next one claims anew)
+        self.on_claim_wait: Callable[[bool], None] | None = None
         #: stop_consuming was called: a reconnect (or a claim come free) must not consume
         #: again, or the deliveries it took in would go back as the node closes
         self._consuming_stopped = False
@@ -359,6 +363,7 @@ class Transport:
             log.info("broker connected", url=redact(url), participant=self.participant)
             await lost.wait()
             self._connected.clear()
+            self._tell_claim_wait(False)
             self._generation += 1
             if not self._closing:
                 log.warning("broker connection lost; reconnecting", url=redact(url))
@@ -530,6 +535,7 @@ class Transport:
                       retry_seconds=CLAIM_RETRY_SECONDS)
             self._claim_waiter = asyncio.create_task(self._await_claim(connection),
                                                      name="amqp-claim")
+            self._tell_claim_wait(True)
             return
         await self._consume_inbox()
 
@@ -586,8 +592,16 @@ class Transport:
         underlay.on_consumer_cancel_callbacks.add(
             lambda *_: self._reconnect(connection, "consumer cancelled by the broker"))
         self._consumer_tag = await inbox.consume(on_message, no_ack=False)
+        self._tell_claim_wait(False)
         if self._consuming_stopped:  # stop_consuming came while this was under way
             await self.stop_consuming()
+
+    def _tell_claim_wait(self, waiting: bool) -> None:
+        if self.on_claim_wait is not None:
+            try:
+                self.on_claim_wait(waiting)
+            except Exception:  # only a report: never the reason not to consume
+                log.exception("could not report the wait for the inbox's claim")
 
     async def _batches(self) -> None:
         loop = asyncio.get_running_loop()

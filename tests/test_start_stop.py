@@ -378,3 +378,73 @@ async def test_a_reconnect_after_stop_consuming_does_not_consume_again(
     finally:
         await holder.close()
         await waiting.close()
+
+
+async def test_kpnode_status_says_when_the_running_node_waits_for_its_claim(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that took the claim while the original reconnected consumes the inbox; the
+    original publishes but does not consume. `kpnode status` on the original counted one
+    consumer on the inbox (the copy's) and reported nothing wrong."""
+    from aiormq.exceptions import ChannelLockedResource
+
+    from node import transport as transport_module
+    from node.status import gather_status
+    from node.transport import claim_queue
+
+    monkeypatch.setattr(transport_module, "CLAIM_RETRY_SECONDS", 0.3)
+    code, partner = fresh_codes(2)
+    network = create_network(tmp_path, [code, partner], [amqp_url])
+    original = RunningNode(network.configs[code])
+    await original.start()
+    copy = await aio_pika.connect(amqp_url)
+    try:
+        assert original.transport is not None and original.node is not None
+        status = await gather_status(original.node, letters=False)
+        assert not [p for p in status["problems"] if p["level"] == "error"], status["problems"]
+        old = original.transport._connection
+        assert old is not None
+        # The original reconnects only once the copy holds the claim (a reconnect quicker
+        # than the copy would take the claim back).
+        gate, set_up = asyncio.Event(), original.transport._set_up
+
+        async def gated(connection: Any) -> None:
+            await gate.wait()
+            await set_up(connection)
+
+        monkeypatch.setattr(original.transport, "_set_up", gated)
+        original.transport._reconnect(old, "a test")
+        deadline = time.monotonic() + 10
+        while True:  # the copy takes the claim as soon as the old connection lets go
+            channel = await copy.channel()
+            try:
+                await channel.declare_queue(claim_queue(code), exclusive=True)
+                break
+            except ChannelLockedResource:  # a refused declare closes its channel
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        inbox = await channel.declare_queue(inbox_queue(code), passive=True)
+
+        async def ignore(message: Any) -> None:
+            return None
+
+        await inbox.consume(ignore)
+        gate.set()
+        transport = original.transport
+        await until(lambda: transport.connected and transport._connection is not old, 20)
+        await asyncio.sleep(1.0)
+        assert not transport.consuming
+        status = await gather_status(original.node, letters=False)
+        errors = [p["text"] for p in status["problems"] if p["level"] == "error"]
+        assert any(f"does not consume {inbox_queue(code)}" in e for e in errors), errors
+        await copy.close()  # the copy stops: the original consumes again
+        await until(lambda: transport.consuming, 10)
+        for _ in range(50):  # the copy's consumer may be counted a moment longer
+            status = await gather_status(original.node, letters=False)
+            errors = [p["text"] for p in status["problems"] if p["level"] == "error"]
+            if not errors:
+                break
+            await asyncio.sleep(0.2)
+        assert not errors, errors
+    finally:
+        await copy.close()
+        await original.stop()
