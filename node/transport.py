@@ -502,9 +502,47 @@ class Transport:
         return await self._claim(self._connection)
 
     async def _claim(self, connection: AbstractConnection) -> bool | None:
+        name = claim_queue(self.participant)
+        held = await self._declare_claim(connection, name)
+        if held is False and await self._remove_stray_claim(connection, name):
+            held = await self._declare_claim(connection, name)
+        return held
+
+    async def _remove_stray_claim(self, connection: AbstractConnection, name: str) -> bool:
+        """A claim queue that is not exclusive (declared by hand, or by this broker user,
+        which may configure it) refuses an exclusive declare as RESOURCE_LOCKED, as a
+        claim another connection holds does, and a durable one outlives broker restarts:
+        the node would wait for a holder that does not exist. No node holds such a queue
+        (a passive declare of another connection's exclusive queue is refused as well,
+        and none can be declared while it exists): delete it. True when worth claiming
+        again."""
+        from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
+
+        channel = await connection.channel()  # a refused declare closes its channel
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            await channel.queue_delete(name)
+        except ChannelLockedResource:
+            return False  # held, exclusively, by another connection
+        except ChannelNotFoundEntity:
+            return True  # gone meanwhile
+        except Exception as exc:
+            log.warning("could not look at or remove the inbox's claim", queue=name,
+                        error=str(exc))
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        log.warning("removed a claim queue no connection held (declared not exclusive, by "
+                    "hand?); it locked every node for this Participant out", queue=name,
+                    messages=result.message_count, consumers=result.consumer_count)
+        return True
+
+    async def _declare_claim(self, connection: AbstractConnection, name: str
+                             ) -> bool | None:
         from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 
-        name = claim_queue(self.participant)
         channel = await connection.channel()  # a refused declare closes its channel
         try:
             await channel.declare_queue(name, exclusive=True, auto_delete=True)

@@ -448,3 +448,41 @@ async def test_kpnode_status_says_when_the_running_node_waits_for_its_claim(
     finally:
         await copy.close()
         await original.stop()
+
+
+async def test_a_claim_queue_no_connection_holds_does_not_lock_the_node_out(
+        amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kpx.claim.CODE declared not exclusive (by hand in the management UI, or by the
+    node's broker user, which may configure it) refuses every exclusive declare as
+    RESOURCE_LOCKED, like a claim another node holds, and a durable one outlives broker
+    restarts: every start waited 200 s and exited 3 ('another node for CODE is running'),
+    with no such node to stop, and a running node never consumed again after a reconnect.
+    No node holds a claim that is not exclusive: it is removed, and the claim taken."""
+    from node.transport import Transport, claim_queue
+
+    monkeypatch.setattr(runner, "INBOX_TAKEN_WAIT_SECONDS", 3.0)
+    code, partner = fresh_codes(2)
+    network = create_network(tmp_path, [code, partner], [amqp_url])
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await (await connection.channel()).declare_queue(claim_queue(code), durable=True)
+    node = RunningNode(network.configs[code])
+    try:
+        await node.start()
+        try:
+            assert node.transport is not None and node.transport.consuming
+            assert await node.transport.claim_inbox() is True
+            other = Transport([amqp_url], code)  # a real holder is still respected
+            try:
+                await other.connect()
+                assert await other.claim_inbox() is False
+            finally:
+                await other.close()
+        finally:
+            await node.stop()
+    finally:
+        # Durable: left behind, it would outlive this session on a reused KPX_AMQP_URL
+        # broker, whose later sessions hand out the same codes.
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            await (await connection.channel()).queue_delete(claim_queue(code))
