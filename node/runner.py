@@ -272,12 +272,14 @@ class RunningNode:
         free_since: float | None = None
         while True:
             now = time.monotonic()
+            looking_at = inbox  # named in an error: the inbox, or its claim
             try:
                 consumers = (await self.transport.inbox_depth())[1]
                 settled = free_since is not None and now - free_since >= INBOX_SETTLE_SECONDS
                 # Claimed only once free and settled: held while settling, the claim would
                 # lock out an original reconnecting after a broker restart, for the copy.
                 asked = consumers == 0 and (not held_by or settled)
+                looking_at = claim
                 claimed = await self.transport.claim_inbox() if asked else False
             except TransportUnavailable:
                 # The broker went away meanwhile (a restart clears a stale consumer too):
@@ -285,10 +287,11 @@ class RunningNode:
                 await self.transport.connect(timeout=max(deadline - time.monotonic(), 60.0))
                 continue
             except ChannelClosed as exc:  # no such queue, no access: no use waiting
-                raise TransportUnavailable(f"could not look at {inbox}: {exc}") from exc
+                raise TransportUnavailable(f"could not look at {looking_at}: {exc}") from exc
             except Exception as exc:  # the connection going down as we asked
                 if time.monotonic() >= deadline:
-                    raise TransportUnavailable(f"could not look at {inbox}: {exc}") from exc
+                    raise TransportUnavailable(f"could not look at {looking_at}: {exc}"
+                                               ) from exc
                 await asyncio.sleep(1.0)
                 continue
             if asked and claimed is not False:  # held, or not permitted: the count alone

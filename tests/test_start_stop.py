@@ -326,6 +326,25 @@ async def test_an_inbox_that_cannot_be_looked_at_fails_at_once(
     assert time.monotonic() - started < 1
 
 
+async def test_a_claim_that_cannot_be_taken_is_named_not_the_inbox(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim the broker refused for another reason (a kpx.claim.CODE declared with other
+    arguments) ended the start with 'could not look at kpx.inbox.CODE': the operator went
+    looking at a queue that was fine."""
+    from aiormq.exceptions import ChannelPreconditionFailed
+
+    from node.transport import TransportUnavailable
+
+    node, _ = await _waiting(tmp_path, monkeypatch, [(0, 0)])
+
+    async def refused() -> bool:
+        raise ChannelPreconditionFailed("PRECONDITION_FAILED - inequivalent arg 'durable'")
+    node.transport.claim_inbox = refused  # type: ignore[union-attr,method-assign]
+    with pytest.raises(TransportUnavailable, match=r"could not look at kpx\.claim\..*"
+                                                    "PRECONDITION_FAILED"):
+        await node._wait_for_inbox_free()
+
+
 async def test_a_reconnect_after_stop_consuming_does_not_consume_again(
         amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A graceful stop cancels the consumer, then waits up to 10 s for the batch in hand
