@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from datetime import date, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from node.brokerclient import amqp_library_logs_quiet, connect_any, queue_info
@@ -31,7 +31,7 @@ SETTLE_SECONDS = 60.0
 
 
 def demo_certificate(number: str, issuer: str, destination: str, seq: int) -> Certificate:
-    today = date.today()
+    today = datetime.now(UTC).date()  # the nodes' day: a local one east of UTC is ahead
     carats = 180_000 + 37_500 * seq  # hundredths: 1,800 ct and up
     return Certificate(
         number=number, issuer=issuer, issuing_authority=f"{issuer}-KPA",
@@ -91,7 +91,7 @@ async def _exchange(nodes: dict[str, Node], per_pair: int, as_json: bool,
                 continue
             for _ in range(per_pair):
                 seq += 1
-                number = f"{exporter}-{date.today().year}-{seq:05d}"
+                number = f"{exporter}-{datetime.now(UTC).year}-{seq:05d}"
                 nodes[exporter].issue(demo_certificate(number, exporter, importer, seq))
                 issued.append((number, exporter, importer))
 

@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from protocol import (
     Certificate,
@@ -177,7 +177,10 @@ def plan_trade(codes: Sequence[str], count: int, *, rate: float = 0.0,
     if len(set(codes)) != len(codes) or len(codes) < 2:
         raise ValueError("a simulation needs at least two distinct Participants")
     rng = random.Random(seed)
-    today = today or date.today()
+    # The nodes judge dates by the UTC day (node.machine.day_of): a plan dated by the
+    # local day of a machine east of UTC was a day ahead of the nodes' from its midnight to
+    # UTC's, and every importer's confirmation was refused (received_on before issued_on).
+    today = today or datetime.now(UTC).date()
     members = [participant(c) for c in codes]
     pairs = [(e, i) for e in members for i in members if e is not i]
     cumulative: list[float] = []

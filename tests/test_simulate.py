@@ -738,3 +738,24 @@ def test_a_node_process_keeps_an_ignored_sigint(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@pytest.mark.parametrize("zone", ["Etc/GMT-14", "Etc/GMT+12"])
+def test_the_plan_is_dated_by_the_nodes_utc_day_whatever_the_local_zone(
+        zone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan was dated by the machine's local day: east of UTC, from local midnight to
+    UTC's, a day ahead of the nodes' (UTC) day, and every importer's confirmation was
+    refused ("received_on ... must lie between the date of issue and today"). Of these two
+    zones, one has another day than UTC at any hour."""
+    from datetime import UTC, datetime
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        plan = plan_trade(["EU", "AE"], 3, seed=1)
+        utc_day = datetime.now(UTC).date()
+        assert {s.certificate.issued_on for s in plan} == {utc_day}
+        assert all(s.number.split("-")[1] == str(utc_day.year) for s in plan)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
