@@ -18,7 +18,7 @@ On one broker, one after the other:
    time from the first issue to the last confirmation, as the nodes recorded them.
 3. **latency at half load** — the same networks issuing at half their maximum rate
    (Poisson arrivals): p50/p95/p99 from the certificate's planned issue instant (the
-   officer's click; the node's own wait before signing counts) to the exporter's receipt
+   officer's click; the node's own wait before signing counts) to the exporter's commit
    of the receipt;
    then at a quarter of it, to show where the latency bends (``--loads``). Each load runs
    ``--repeats`` times (default 3), each with its own trade seed, so its own bursts: the

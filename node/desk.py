@@ -42,6 +42,16 @@ class PlannedArrival:
 
 
 @dataclass
+class Answered:
+    """When an exporter's node committed a certificate's receipt and its import
+    confirmation (its commit, not the evidence's stamp: that is the instant the node began
+    the batch, before the batch's other messages and the fsync were done)."""
+
+    receipt_at: int | None = None
+    confirmation_at: int | None = None
+
+
+@dataclass
 class DeskStats:
     issued: int = 0
     confirmed: int = 0
@@ -82,6 +92,9 @@ class Desk:
         self.failure: str | None = None
         #: called once when that happens (the node process then ends, so the run sees it)
         self.on_failure: Callable[[str], None] | None = None
+        #: per certificate this desk issued: when its node committed the receipt and the
+        #: import confirmation (ms; see :attr:`Answered`), heard through ``on_records``
+        self.answered: dict[str, Answered] = {}
         node.on_records = self._noticed
 
     def start(self, start_at_ms: int) -> None:
@@ -122,8 +135,16 @@ class Desk:
             await asyncio.sleep(0)  # let the relay and the consumer run in between
 
     def _noticed(self, records: Sequence[Record]) -> None:
-        if any(r.side is Side.IMPORT and r.state is State.RECEIVED for r in records):
-            self._wake.set()
+        at = self.node.committed_at or now_ms()
+        for r in records:
+            if r.side is Side.IMPORT and r.state is State.RECEIVED:
+                self._wake.set()
+            elif r.side is Side.EXPORT and r.state in (State.DELIVERED, State.CONFIRMED):
+                answered = self.answered.setdefault(r.number, Answered())
+                if answered.receipt_at is None:  # a confirmation says it arrived, too
+                    answered.receipt_at = at
+                if r.state is State.CONFIRMED and answered.confirmation_at is None:
+                    answered.confirmation_at = at
 
     def _new_arrivals(self) -> list[str]:
         """Import records committed since the last look. Read-only SQL on the node's own
@@ -190,6 +211,7 @@ def desk_plan(code: str, shipments: Sequence[Shipment]
 
 
 PLAN_FILE = "simulation-plan.json"
+ANSWERED_FILE = "simulation-answered.json"
 
 
 def write_desk_plan(directory: Path, code: str, shipments: Sequence[Shipment]) -> Path:
@@ -210,3 +232,24 @@ def read_desk_plan(directory: Path
     arrivals = {str(n): PlannedArrival(int(d), None if k is None else str(k))
                 for n, (d, k) in data["arrivals"].items()}
     return exports, arrivals
+
+
+def write_answered(directory: Path, answered: Mapping[str, Answered]) -> Path:
+    """What a desk in a node process heard (:attr:`Desk.answered`), for the simulation to
+    read after the process ended: a file, since the JSON lines on stdout have a length
+    limit a large run's would pass."""
+    path = directory / ANSWERED_FILE
+    path.write_text(json.dumps({n: [a.receipt_at, a.confirmation_at]
+                                for n, a in answered.items()}))
+    return path
+
+
+def read_answered(directory: Path) -> dict[str, Answered]:
+    """:func:`write_answered`'s file; empty when there is none (a process that died)."""
+    try:
+        data = json.loads((directory / ANSWERED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(n): Answered(receipt_at=None if r is None else int(r),
+                             confirmation_at=None if c is None else int(c))
+            for n, (r, c) in data.items()}

@@ -164,6 +164,11 @@ class Node:
         #: called after each commit with the records it changed (a back office listening
         #: for arrivals, say), so nobody has to poll the store
         self.on_records: Callable[[Sequence[Record]], None] = lambda records: None
+        #: when the last transaction committed (``clock``, ms): from then on what it changed
+        #: is recorded, visible and durable. Its evidence is stamped with the transaction's
+        #: start, before a batch's other messages and the fsync; an ``on_records`` listener
+        #: that times what it hears (the simulation's desks) reads this instead.
+        self.committed_at: int | None = None
         self._changed: list[Record] = []
         #: log lines of the transaction under way, written once it commits (see _transaction)
         self._events: list[tuple[str, str, dict[str, object]]] = []
@@ -303,6 +308,7 @@ class Node:
             # while the disk is full would log the same ones again on every retry.
             self._changed, self._events = [], []
             raise
+        self.committed_at = self.clock()
         changed, self._changed = self._changed, []
         events, self._events = self._events, []
         for level, name, fields in events:

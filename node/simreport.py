@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.desk import Answered
 from node.evidence import unsupported_records
 from node.machine import (
     OPEN_STATES,
@@ -89,9 +90,13 @@ class Report:
     usd_cents: int = 0
     #: the instant the desks started the plan from (wall clock, ms); None: not known
     start_at_ms: int | None = None
+    #: answers timed at the exporter's commit (its desk heard it), and those timed by the
+    #: evidence's stamp instead (the start of the batch that took them in, earlier)
+    answers_at_commit: int = 0
+    answers_at_stamp: int = 0
     #: per loop, from the certificate's planned instant (its issue if the desk issued
-    #: early, or without ``start_at_ms``) to the exporter's recording of the receipt, of
-    #: the import confirmation, and to the issue itself (the desk's lag)
+    #: early, or without ``start_at_ms``) to the exporter's commit of the receipt, of the
+    #: import confirmation, and to the issue itself (the desk's lag)
     receipt_ms: list[int] = field(default_factory=list)
     confirmation_ms: list[int] = field(default_factory=list)
     issue_lag_ms: list[int] = field(default_factory=list)
@@ -129,6 +134,16 @@ class Report:
         return "planned issue instant"
 
     @property
+    def latency_end(self) -> str:
+        """What the latencies are timed to, for the report."""
+        if self.answers_at_stamp == 0:
+            return "exporter's commit of the answer"
+        if self.answers_at_commit == 0:
+            return "exporter's evidence stamp of the answer (the start of its batch)"
+        return (f"exporter's commit of the answer ({self.answers_at_stamp:,} answers: to "
+                "their evidence stamp, the start of their batch)")
+
+    @property
     def loops_per_second(self) -> float:
         return self.closed / (self.span_ms / 1000) if self.span_ms > 0 else 0.0
 
@@ -145,6 +160,8 @@ class Report:
                                        if self.issued else None),
                        "mean_usd": self.usd_cents / 100 / self.issued if self.issued else None},
             "latency_ms": {"measured_from": self.latency_origin,
+                           "measured_to": self.latency_end,
+                           "start_at_ms": self.start_at_ms,
                            "issue_to_receipt": latency_summary(self.receipt_ms),
                            "issue_to_confirmation": latency_summary(self.confirmation_ms),
                            "planned_to_issue": latency_summary(self.issue_lag_ms)},
@@ -193,8 +210,8 @@ def format_report(report: Report) -> str:
         lines.append(f"  {name:<22}" + "".join(f"{_ms(s[p]):>11}"
                                                for p in ("p50", "p95", "p99", "max")))
     lines.append(f"  (timed from each certificate's {report.latency_origin}"
-                 + (", or its issue if that came first)" if report.start_at_ms is not None
-                    else ")"))
+                 + (", or its issue if that came first," if report.start_at_ms is not None
+                    else "") + f" to the {report.latency_end})")
     lines += [
         "",
         f"  throughput            {t['loops_per_second']:,.1f} loops/s, "
@@ -326,14 +343,33 @@ def _timed_from(issued_at: int | None, planned_at: int | None) -> int | None:
     return min(known) if known else None
 
 
+def _answered_at(report: Report, stamped: int | None, committed: int | None) -> int | None:
+    """When the exporter had an answer its evidence log holds (``stamped``: None if it
+    holds none): its commit where the desk heard it, else the stamp; counted by which."""
+    if stamped is None:
+        return None
+    if committed is None:
+        report.answers_at_stamp += 1
+        return stamped
+    report.answers_at_commit += 1
+    return committed
+
+
 def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shipment],
-            start_at_ms: int | None = None) -> None:
+            start_at_ms: int | None = None, *,
+            answered: Mapping[str, Mapping[str, Answered]] | None = None) -> None:
     """Fill ``report`` from the nodes' stores and check the invariants.
 
     ``start_at_ms`` is the instant the desks were told to start the plan from (on the wall
     clock, :func:`node.service.now_ms`, that the nodes stamp their evidence with): latency
     is then timed from each certificate's planned instant, ``start_at_ms`` plus its
-    ``at_ms``. Without it (issues not timed by a plan) it is timed from the issue."""
+    ``at_ms``. Without it (issues not timed by a plan) it is timed from the issue.
+
+    ``answered``: per exporter, when its node committed each certificate's receipt and
+    import confirmation (:attr:`node.desk.Desk.answered`); latency is timed to those.
+    Where one is not known, to the evidence's stamp, which is earlier: the instant the
+    node began the batch that took the answer in, before the batch's other messages and
+    its fsync."""
     report.start_at_ms = start_at_ms
     exports = {code: {r.number: r for r in s.records(side=Side.EXPORT)}
                for code, s in stores.items()}
@@ -355,20 +391,24 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
         report.carats_hundredths += ours.certificate.carats_hundredths
         report.usd_cents += ours.certificate.usd_cents
         history = evidence[exporter].get(number, Evidence())
+        heard = (answered or {}).get(exporter, {}).get(number, Answered())
+        receipt_at = _answered_at(report, history.receipt_at, heard.receipt_at)
+        confirmation_at = _answered_at(report, history.confirmation_at,
+                                       heard.confirmation_at)
         if history.issued_at is not None:
             first_issue = min(first_issue or history.issued_at, history.issued_at)
             last_issue = max(last_issue or history.issued_at, history.issued_at)
-            if history.confirmation_at is not None:
-                last_close = max(last_close or 0, history.confirmation_at)
+            if confirmation_at is not None:
+                last_close = max(last_close or 0, confirmation_at)
         planned_at = None if start_at_ms is None else start_at_ms + shipment.at_ms
         due = _timed_from(history.issued_at, planned_at)
         if due is not None:
             if planned_at is not None and history.issued_at is not None:
                 report.issue_lag_ms.append(history.issued_at - due)
-            if history.receipt_at is not None:
-                report.receipt_ms.append(history.receipt_at - due)
-            if history.confirmation_at is not None:
-                report.confirmation_ms.append(history.confirmation_at - due)
+            if receipt_at is not None:
+                report.receipt_ms.append(receipt_at - due)
+            if confirmation_at is not None:
+                report.confirmation_ms.append(confirmation_at - due)
         if ours.state is not State.CONFIRMED:
             # The plan closes every loop with a confirmation: it plans no rejection,
             # cancellation or replacement, so any other end (or none) is one nobody asked

@@ -24,12 +24,14 @@ prints a report (``--json`` for machines) and exits 1 when an invariant fails.
 
 Latency (issue → receipt, issue → confirmation) is timed from each certificate's planned
 instant — the run's start instant plus the certificate's planned offset — to when the
-exporter's node recorded the answer, so the time a certificate waited for its desk to wake
-and for the node's other work (most in bursts) counts. The start instant is chosen here,
-sent to every desk (``{"start_at_ms": T}`` to a node process) and given to the analysis;
-nodes stamp their evidence with the same wall clock (:func:`node.service.now_ms`) on the
-same machine. A certificate its desk issued before its planned instant is timed from its
-issue, so no latency is negative. ``planned → issue`` is the desk's lag alone.
+exporter's node committed the answer (its desk hears each commit: the evidence's stamp is
+the start of the batch, before its other messages and the fsync), so the time a
+certificate waited for its desk to wake and for the node's other work (most in bursts)
+counts. The start instant is chosen here, sent to every desk (``{"start_at_ms": T}`` to
+a node process) and given to the analysis; nodes commit and stamp their evidence by the
+same wall clock (:func:`node.service.now_ms`) on the same machine. A certificate its desk
+issued before its planned instant is timed from its issue, so no latency is negative.
+``planned → issue`` is the desk's lag alone.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from typing import Any
 
 import structlog
 
-from node.desk import Desk, desk_plan, write_desk_plan
+from node.desk import Answered, Desk, desk_plan, read_answered, write_desk_plan
 from node.interrupt import sigterm_as_interrupt
 from node.machine import OPEN_STATES, Side, State
 from node.network import LocalNetwork, create_network
@@ -130,6 +132,8 @@ class Nodes:
         #: CPU seconds (user + system) each node process used, from its own report
         self.cpu_seconds: dict[str, float] = {}
         self.desk_stats: dict[str, dict[str, Any]] = {}
+        #: per node, when it committed each receipt and confirmation of its exports
+        self.answered: dict[str, dict[str, Answered]] = {}
         self.process_peak_rss_kib: int | None = None
 
     async def start(self) -> None:
@@ -180,6 +184,8 @@ class InProcessNodes(Nodes):
             await running.stop()
             self.desk_stats[code] = self.desks[code].stats.to_json() if code in self.desks \
                 else {}
+            if code in self.desks:
+                self.answered[code] = self.desks[code].answered
         self.process_peak_rss_kib = peak_rss_kib(os.getpid())  # one process, every node
         self.stores = {}
 
@@ -296,6 +302,8 @@ class ProcessNodes(Nodes):
                     await proc.wait()
 
         await asyncio.gather(*(finish(c, p) for c, p in procs.items()))
+        for code in procs:
+            self.answered[code] = read_answered(self.network.configs[code].directory)
         failed = {c: p.returncode for c, p in procs.items() if p.returncode != 0}
         if failed:
             log.warning("node processes did not exit cleanly", returncodes=failed)
@@ -531,7 +539,7 @@ async def _simulate(options: Options, codes: tuple[str, ...],
         report.wall_seconds = time.monotonic() - started
         stores = {code: stack.enter_context(contextlib.closing(Store(c.database_path)))
                   for code, c in network.configs.items()}
-        analyse(report, stores, shipments, start_at)
+        analyse(report, stores, shipments, start_at, answered=nodes.answered)
         for code in codes:
             node = report.nodes.setdefault(code, {})
             peak = nodes.peak_rss_kib.get(code)

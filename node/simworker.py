@@ -6,7 +6,9 @@ event loop, the desk that issues the node's planned certificates and confirms ar
 (:class:`~node.desk.Desk`), as an authority's own systems would next to its node.
 
 It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, and ``{"event":
-"done", ...}`` with its desk's counts, peak RSS and CPU time after a clean stop; on stdin
+"done", ...}`` with its desk's counts, peak RSS and CPU time after a clean stop (and when
+its node committed each receipt and confirmation, in a file: :func:`~node.desk.
+write_answered`); on stdin
 ``{"start_at_ms": T}`` (issue the plan from that instant on: the simulation times latency
 from T plus each certificate's planned offset, on the wall clock this process shares with
 it) and ``{"stop": true}`` (or end of input, SIGTERM, SIGINT): stop the desk, drain the
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import load_config
-from node.desk import Desk, read_desk_plan
+from node.desk import Desk, read_desk_plan, write_answered
 from node.logs import configure_logging
 from node.runner import RunningNode, freeze_start_up_objects
 from node.simreport import cpu_seconds, peak_rss_kib
@@ -94,6 +96,7 @@ async def run(directory: Path) -> int:
         listener.cancel()
         await desk.stop()
         await running.stop()
+        write_answered(directory, desk.answered)
     emit({"event": "done", "participant": config.participant,
           "desk": desk.stats.to_json(), "peak_rss_kib": peak_rss_kib(os.getpid()),
           "cpu_seconds": cpu_seconds()})

@@ -396,6 +396,8 @@ def test_kpnode_simulate_with_a_process_per_node(amqp_url: str, tmp_path: Path) 
     assert report["mode"] == "process"
     assert report["certificates"]["loops_closed"] == 200
     assert report["invariants"]["ok"] is True
+    # each node process's desk heard its commits, and the parent read them
+    assert report["latency_ms"]["measured_to"] == "exporter's commit of the answer"
     nodes = report["nodes"]
     assert set(nodes) == set(codes.split(","))
     assert all(n["peak_rss_mib"] and n["peak_rss_mib"] > 0 for n in nodes.values())
@@ -759,3 +761,34 @@ def test_the_plan_is_dated_by_the_nodes_utc_day_whatever_the_local_zone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.broker
+async def test_latency_is_timed_to_the_exporters_commit_of_the_answer(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latency ran to the answer's evidence stamp: the instant its node began the batch
+    that took it in, before the batch's other messages and its fsync were done. A node
+    whose every answer takes 300 ms to commit had receipts timed at a few ms."""
+    from node.service import Node
+    from protocol import Kind
+
+    commit = Node._commit
+
+    def slow(self: Node, ctx: object, decision: object, incoming: object = None) -> None:
+        commit(self, ctx, decision, incoming)  # type: ignore[arg-type]
+        kind = getattr(getattr(incoming, "envelope", None), "kind", None)
+        if kind in (Kind.RECEIPT, Kind.IMPORT_CONFIRMATION):
+            time.sleep(0.3)  # a slow disk: the commit lands this much after the stamp
+    monkeypatch.setattr(Node, "_commit", slow)
+    options = Options(codes=tuple(fresh_codes(2)), certificates=4, in_process=True,
+                      rate=0.0, confirm_delay=0.0, discrepancy_share=0.0, seed=3,
+                      progress=False, timeout=120.0)
+    report = await run_simulation(options, [amqp_url])
+    assert report.ok, report.failures
+    assert len(report.receipt_ms) == len(report.confirmation_ms) == 4
+    assert min(report.receipt_ms) >= 300
+    assert min(report.confirmation_ms) >= 300
+    latency = report.to_json()["latency_ms"]
+    assert latency["measured_to"] == "exporter's commit of the answer"
+    assert latency["start_at_ms"] == report.start_at_ms
+    assert "to the exporter's commit of the answer)" in format_report(report)
