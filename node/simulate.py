@@ -43,6 +43,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -59,7 +60,7 @@ from node.machine import OPEN_STATES, Side, State
 from node.network import LocalNetwork, create_network
 from node.service import now_ms
 from node.simreport import Report, analyse, format_report, peak_rss_kib
-from node.store import Store
+from node.store import Store, StoreError, UnreadableRecord
 from node.trade import MAX_PARTICIPANTS, PARTICIPANTS, Shipment, plan_trade
 from protocol.schema import PARTICIPANT_CODE
 
@@ -537,9 +538,12 @@ async def _simulate(options: Options, codes: tuple[str, ...],
         finally:
             await nodes.stop()
         report.wall_seconds = time.monotonic() - started
-        stores = {code: stack.enter_context(contextlib.closing(Store(c.database_path)))
-                  for code, c in network.configs.items()}
-        analyse(report, stores, shipments, start_at, answered=nodes.answered)
+        stores = _open_for_analysis(network, stack)
+        try:
+            analyse(report, stores, shipments, start_at, answered=nodes.answered)
+        except (StoreError, UnreadableRecord, sqlite3.DatabaseError) as exc:
+            raise SimulationError(f"the nodes' records cannot be read after the run: "
+                                  f"{exc}") from None
         for code in codes:
             node = report.nodes.setdefault(code, {})
             peak = nodes.peak_rss_kib.get(code)
@@ -554,6 +558,23 @@ async def _simulate(options: Options, codes: tuple[str, ...],
         for code, returncode in getattr(nodes, "unclean", {}).items():
             report.fail(f"node process {code} exited with {returncode}", cause=True)
     return report
+
+
+def _open_for_analysis(network: LocalNetwork, stack: contextlib.ExitStack
+                       ) -> dict[str, Store]:
+    """Every node's store, each record read once to say which node holds one kpx cannot
+    read: a database damaged, or a row changed outside kpx, ended the run in a traceback
+    (and printed nothing on stdout for --json)."""
+    stores = {}
+    for code, config in network.configs.items():
+        try:
+            store = stack.enter_context(contextlib.closing(Store(config.database_path)))
+            store.records()
+        except (StoreError, UnreadableRecord, sqlite3.DatabaseError) as exc:
+            raise SimulationError(f"node {code}'s records cannot be read after the run: "
+                                  f"{exc}") from None
+        stores[code] = store
+    return stores
 
 
 async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) -> int:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -792,3 +793,29 @@ async def test_latency_is_timed_to_the_exporters_commit_of_the_answer(
     assert latency["measured_to"] == "exporter's commit of the answer"
     assert latency["start_at_ms"] == report.start_at_ms
     assert "to the exporter's commit of the answer)" in format_report(report)
+
+
+@pytest.mark.broker
+async def test_a_record_unreadable_after_the_run_is_named_not_a_traceback(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A node's database damaged between the run and the check (a row changed outside
+    kpx) ended the command in a traceback, with nothing on stdout for --json: it is a
+    SimulationError (one line, exit 3) that names the node."""
+    from node.simulate import InProcessNodes
+
+    codes = tuple(fresh_codes(2))
+    stop = InProcessNodes.stop
+
+    async def stop_then_damage(self: InProcessNodes) -> None:
+        await stop(self)
+        with contextlib.closing(sqlite3.connect(
+                load_config(tmp_path / codes[1]).database_path)) as db:
+            db.execute("UPDATE certificates SET certificate = x'00' WHERE rowid = 1")
+            db.commit()
+    monkeypatch.setattr(InProcessNodes, "stop", stop_then_damage)
+    options = Options(codes=codes, certificates=6, in_process=True, rate=0.0,
+                      confirm_delay=0.0, discrepancy_share=0.0, seed=3, progress=False,
+                      directory=tmp_path, timeout=120.0)
+    with pytest.raises(SimulationError, match=rf"^node {codes[1]}'s records cannot be read "
+                       r"after the run: the database holds a record kpx cannot read"):
+        await run_simulation(options, [amqp_url])
