@@ -51,6 +51,7 @@ from protocol.codec import decode_body, unpack
 from protocol.frame import verify_frame
 from protocol.keys import key_id
 from protocol.schema import (
+    NONCE_SIZE,
     validate_cancellation,
     validate_import_confirmation,
     validate_replacement,
@@ -859,6 +860,9 @@ def expire(ctx: Context, records: Iterable[Record]) -> Decision:
 
 
 def ping(ctx: Context, partner: str, nonce: bytes) -> Decision:
+    if len(nonce) != NONCE_SIZE:  # signed all the same, a frame no receiver could decode
+        return refuse(Reason.BODY_SCHEMA, f"a ping's nonce is {NONCE_SIZE} bytes, not "
+                      f"{len(nonce)}")
     return Decision(send=(ctx.seal(partner, Ping(nonce=nonce)),))
 
 

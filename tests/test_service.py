@@ -920,3 +920,14 @@ def test_a_rejection_or_pong_refused_for_its_schema_is_not_answered(
     assert verdict.dead_letter.reason == "body.schema"
     assert verdict.dead_letter.answer_to == "IN"  # its signer is named all the same
     assert za.store.due(2**62, 10) == []
+
+
+def test_a_ping_with_a_nonce_of_the_wrong_size_is_refused_not_signed(nodes: Nodes) -> None:
+    """Node.ping signed any nonce: one not of 16 bytes made a frame the partner could not
+    decode (body.schema), refused without an answer, so the ping never came back."""
+    za = nodes["ZA"]
+    with pytest.raises(CommandRefused, match="nonce is 16 bytes, not 8"):
+        za.ping("IN", b"\0" * 8)
+    assert za.store.due(2**62, 10) == []
+    sealed = za.ping("IN", b"\0" * 16)
+    assert [r.message_id for r in za.store.due(2**62, 10)] == [sealed.envelope.message_id]
