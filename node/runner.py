@@ -159,9 +159,13 @@ class DirectoryLock:
             lines.append(f"{HELD_KEYS} {' '.join(self._keys)}")
         if self._not_consuming is not None:
             lines.append(f"{NOT_CONSUMING} {' '.join(self._not_consuming.split())}")
-        self.file.truncate(0)  # opened to append: the write lands at the start
-        self.file.write("".join(f"{line}\n" for line in lines))
-        self.file.flush()
+        # Written over in place, then cut to length: the pid line and the keys' come first
+        # and stay as they were, so a 'kpnode status' reading meanwhile never finds the
+        # file empty (emptied first, it could read no pid). Another handle: the one held
+        # is opened to append, where every write lands at the end.
+        with self.path.open("r+") as rewrite:
+            rewrite.write("".join(f"{line}\n" for line in lines))
+            rewrite.truncate()
 
     def __exit__(self, *exc: object) -> None:
         if self.file is not None:

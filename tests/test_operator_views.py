@@ -1239,6 +1239,28 @@ def test_a_node_toml_without_authority_follows_a_rotation_to_a_new_authority(
         node.close()
 
 
+def test_the_lock_file_says_what_the_running_node_notes_and_no_more(tmp_path: Path) -> None:
+    """Rewritten in place (so that a status reading meanwhile never finds it empty), the
+    lock file must still lose a line the node takes back, and keep the pid and keys."""
+    from node.runner import DirectoryLock
+    from node.status import running_pid
+
+    lock = DirectoryLock(tmp_path)
+    lock.__enter__()
+    try:
+        lock_file = tmp_path / "node.lock"
+        lock.note_keys(["ab" * 8])
+        lock.note_not_consuming("another connection holds kpx.claim.ZA")
+        assert lock_file.read_text().splitlines() == [
+            str(os.getpid()), f"keys {'ab' * 8}",
+            "not-consuming another connection holds kpx.claim.ZA"]
+        lock.note_not_consuming(None)
+        assert lock_file.read_text().splitlines() == [str(os.getpid()), f"keys {'ab' * 8}"]
+        assert running_pid(tmp_path) == os.getpid()
+    finally:
+        lock.__exit__()
+
+
 def test_a_refused_second_run_leaves_the_running_nodes_lock_file_as_it_was(
         tmp_path: Path) -> None:
     """The second 'kpnode run' opened the lock file for writing before trying the lock:
