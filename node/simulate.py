@@ -562,14 +562,17 @@ async def _simulate(options: Options, codes: tuple[str, ...],
 
 def _open_for_analysis(network: LocalNetwork, stack: contextlib.ExitStack
                        ) -> dict[str, Store]:
-    """Every node's store, each record read once to say which node holds one kpx cannot
-    read: a database damaged, or a row changed outside kpx, ended the run in a traceback
-    (and printed nothing on stdout for --json)."""
+    """Every node's store, each record and evidence entry read once to say which node holds
+    one kpx cannot read: a database damaged, or a row changed outside kpx, ended the run in
+    a traceback (and printed nothing on stdout for --json). The evidence log too: damaged
+    pages of it, the records intact, failed in the analysis without naming the node."""
     stores = {}
     for code, config in network.configs.items():
         try:
             store = stack.enter_context(contextlib.closing(Store(config.database_path)))
             store.records()
+            for _ in store.evidence():  # read through, as the analysis will
+                pass
         except (StoreError, UnreadableRecord, sqlite3.DatabaseError) as exc:
             raise SimulationError(f"node {code}'s records cannot be read after the run: "
                                   f"{exc}") from None

@@ -819,3 +819,35 @@ async def test_a_record_unreadable_after_the_run_is_named_not_a_traceback(
     with pytest.raises(SimulationError, match=rf"^node {codes[1]}'s records cannot be read "
                        r"after the run: the database holds a record kpx cannot read"):
         await run_simulation(options, [amqp_url])
+
+
+@pytest.mark.broker
+async def test_a_damaged_evidence_log_after_the_run_is_named_too(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only the records were read before the analysis: a node whose evidence log's pages
+    were damaged (its records intact) ended in "the nodes' records cannot be read after
+    the run: database disk image is malformed", naming no node, though README.md says a
+    damaged database is one line naming the node."""
+    from node.simulate import InProcessNodes
+
+    codes = tuple(fresh_codes(2))
+    stop = InProcessNodes.stop
+
+    async def stop_then_damage(self: InProcessNodes) -> None:
+        await stop(self)
+        path = load_config(tmp_path / codes[1]).database_path
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            root = db.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' "
+                              "AND name = 'evidence'").fetchone()[0]
+        with path.open("r+b") as database:  # the evidence table's root page, overwritten
+            database.seek((root - 1) * page_size)
+            database.write(b"\xff" * page_size)
+    monkeypatch.setattr(InProcessNodes, "stop", stop_then_damage)
+    options = Options(codes=codes, certificates=6, in_process=True, rate=0.0,
+                      confirm_delay=0.0, discrepancy_share=0.0, seed=3, progress=False,
+                      directory=tmp_path, timeout=120.0)
+    with pytest.raises(SimulationError, match=rf"^node {codes[1]}'s records cannot be read "
+                       r"after the run: .*malformed"):
+        await run_simulation(options, [amqp_url])
