@@ -237,7 +237,8 @@ def read_desk_plan(directory: Path
 def write_answered(directory: Path, answered: Mapping[str, Answered]) -> Path:
     """What a desk in a node process heard (:attr:`Desk.answered`), for the simulation to
     read after the process ended: a file, since the JSON lines on stdout have a length
-    limit a large run's would pass."""
+    limit a large run's would pass. An in-process run leaves one beside each store too, so
+    that a kept network gives the report's latency again in either mode."""
     path = directory / ANSWERED_FILE
     path.write_text(json.dumps({n: [a.receipt_at, a.confirmation_at]
                                 for n, a in answered.items()}))

@@ -54,7 +54,14 @@ from typing import Any
 
 import structlog
 
-from node.desk import Answered, Desk, desk_plan, read_answered, write_desk_plan
+from node.desk import (
+    Answered,
+    Desk,
+    desk_plan,
+    read_answered,
+    write_answered,
+    write_desk_plan,
+)
 from node.interrupt import sigterm_as_interrupt
 from node.machine import OPEN_STATES, Side, State
 from node.network import LocalNetwork, create_network
@@ -187,6 +194,11 @@ class InProcessNodes(Nodes):
                 else {}
             if code in self.desks:
                 self.answered[code] = self.desks[code].answered
+                # beside the store, as a node process leaves it: a kept network gives the
+                # report's figures again (start_at_ms, these), whichever the mode. This
+                # run's analysis has them in memory, so a file it cannot write fails nothing.
+                with contextlib.suppress(OSError):
+                    write_answered(self.network.configs[code].directory, self.answered[code])
         self.process_peak_rss_kib = peak_rss_kib(os.getpid())  # one process, every node
         self.stores = {}
 

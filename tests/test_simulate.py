@@ -851,3 +851,32 @@ async def test_a_damaged_evidence_log_after_the_run_is_named_too(
     with pytest.raises(SimulationError, match=rf"^node {codes[1]}'s records cannot be read "
                        r"after the run: .*malformed"):
         await run_simulation(options, [amqp_url])
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("in_process", [True, False])
+async def test_a_kept_network_reproduces_the_reports_latency(
+        amqp_url: str, tmp_path: Path, in_process: bool) -> None:
+    """The report gives start_at_ms for reproducing its figures from a kept network, and a
+    node process leaves when it committed each answer beside its store; an in-process run
+    left nothing, so its kept network gave figures timed to the evidence stamps instead."""
+    from node.desk import read_answered
+
+    codes = tuple(fresh_codes(2))
+    options = Options(codes=codes, certificates=8, in_process=in_process, rate=0.0,
+                      confirm_delay=0.0, discrepancy_share=0.0, seed=3, progress=False,
+                      directory=tmp_path, timeout=120.0)
+    report = await run_simulation(options, [amqp_url])
+    assert report.ok, report.failures
+    shipments = plan_trade(codes, 8, rate=0.0, confirm_delay=0.0, discrepancy_share=0.0,
+                           seed=3)
+    stores = {code: Store(load_config(tmp_path / code).database_path) for code in codes}
+    try:
+        again = Report(codes=codes, mode=report.mode, options={})
+        analyse(again, stores, shipments, report.start_at_ms,
+                answered={code: read_answered(tmp_path / code) for code in codes})
+    finally:
+        for store in stores.values():
+            store.close()
+    assert again.to_json()["latency_ms"] == report.to_json()["latency_ms"]
+    assert again.latency_end == "exporter's commit of the answer"
