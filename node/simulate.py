@@ -581,7 +581,9 @@ def _open_for_analysis(network: LocalNetwork, stack: contextlib.ExitStack
     stores = {}
     for code, config in network.configs.items():
         try:
-            store = stack.enter_context(contextlib.closing(Store(config.database_path)))
+            # never made anew: an empty store, created here, would fail the check unnamed
+            store = stack.enter_context(contextlib.closing(
+                Store(config.database_path, create=False)))
             store.records()
             for _ in store.evidence():  # read through, as the analysis will
                 pass

@@ -822,6 +822,30 @@ async def test_a_record_unreadable_after_the_run_is_named_not_a_traceback(
 
 
 @pytest.mark.broker
+async def test_a_database_gone_after_the_run_is_named_not_made_anew(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A node's database deleted between the run and the check was created anew, empty:
+    the check then failed without naming the node, and a kept network held a fresh
+    database where the node's had been."""
+    from node.simulate import InProcessNodes
+
+    codes = tuple(fresh_codes(2))
+    stop = InProcessNodes.stop
+
+    async def stop_then_delete(self: InProcessNodes) -> None:
+        await stop(self)
+        load_config(tmp_path / codes[1]).database_path.unlink()
+    monkeypatch.setattr(InProcessNodes, "stop", stop_then_delete)
+    options = Options(codes=codes, certificates=6, in_process=True, rate=0.0,
+                      confirm_delay=0.0, discrepancy_share=0.0, seed=3, progress=False,
+                      directory=tmp_path, timeout=120.0)
+    with pytest.raises(SimulationError, match=rf"^node {codes[1]}'s records cannot be read "
+                       r"after the run: no database at "):
+        await run_simulation(options, [amqp_url])
+    assert not load_config(tmp_path / codes[1]).database_path.exists()
+
+
+@pytest.mark.broker
 async def test_a_damaged_evidence_log_after_the_run_is_named_too(
         amqp_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Only the records were read before the analysis: a node whose evidence log's pages
