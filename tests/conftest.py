@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import string
+import time
 from collections.abc import Iterator
 
 import aio_pika
@@ -14,6 +15,13 @@ import pytest
 from node.localbroker import ENV_URL, broker_url
 from node.nodeprocess import NodeProcess
 from node.transport import EXCHANGES, dead_letter_queue, inbox_queue
+
+# Tests date certificates and arrivals by date.today(), the machine's local day, while nodes
+# judge dates by the UTC day: east of UTC, between local and UTC midnight, a confirmation
+# dated "today" is a day ahead of its node and refused. The session runs in UTC; tests of
+# other zones set TZ themselves (and undo it).
+os.environ["TZ"] = "UTC"
+time.tzset()
 
 # --- Real-broker harness ------------------------------------------------------------------
 # One RabbitMQ for the whole session: the broker named by KPX_AMQP_URL, else a container

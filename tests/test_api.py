@@ -277,7 +277,7 @@ async def test_overdue_and_the_current_quarter_are_judged_in_utc(
         # 8 days left in UTC, 7 in Kiritimati: not overdue yet (status's rule, 7 days)
         assert listed["certificates"] == []
     finally:
-        monkeypatch.delenv("TZ")
+        monkeypatch.undo()  # the session's TZ again (tests/conftest.py)
         time.tzset()
 
 
