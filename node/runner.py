@@ -126,7 +126,9 @@ class DirectoryLock:
     def __enter__(self) -> DirectoryLock:
         # Not truncated before the lock is ours: a second 'kpnode run', refused, erased the
         # running one's pid (and with it the start time kpnode status reads from the file).
-        self.file = self.path.open("a")
+        # Opened to read and write (made if missing), never truncated by the opening: every
+        # later note is written through this very handle, the file this run holds locked.
+        self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -161,11 +163,14 @@ class DirectoryLock:
             lines.append(f"{NOT_CONSUMING} {' '.join(self._not_consuming.split())}")
         # Written over in place, then cut to length: the pid line and the keys' come first
         # and stay as they were, so a 'kpnode status' reading meanwhile never finds the
-        # file empty (emptied first, it could read no pid). Another handle: the one held
-        # is opened to append, where every write lands at the end.
-        with self.path.open("r+") as rewrite:
-            rewrite.write("".join(f"{line}\n" for line in lines))
-            rewrite.truncate()
+        # file empty (emptied first, it could read no pid). Through the handle that holds
+        # the lock, not the path: a lock file removed while the node runs made the note
+        # fail (a start waiting for another node ended in a traceback), and once a second
+        # 'kpnode run' had made and locked a new one, the notes overwrote its file.
+        self.file.seek(0)
+        self.file.write("".join(f"{line}\n" for line in lines))
+        self.file.truncate()  # flushes the write first, then cuts where it ended
+        self.file.flush()
 
     def __exit__(self, *exc: object) -> None:
         if self.file is not None:

@@ -1261,6 +1261,34 @@ def test_the_lock_file_says_what_the_running_node_notes_and_no_more(tmp_path: Pa
         lock.__exit__()
 
 
+def test_the_running_nodes_notes_go_to_the_lock_file_it_holds_not_its_path(
+        tmp_path: Path) -> None:
+    """Rewritten through a second handle opened by path: once the lock file had been removed
+    while the node ran (an operator clearing a 'stale' lock), each note raised
+    FileNotFoundError (a start waiting for another node's inbox ended in a traceback), and
+    once a second 'kpnode run' had made and locked a new file, the notes overwrote it."""
+    from node.runner import DirectoryLock
+
+    lock_file = tmp_path / "node.lock"
+    first = DirectoryLock(tmp_path)
+    first.__enter__()
+    try:
+        first.note_keys(["ab" * 8])
+        lock_file.unlink()
+        first.note_not_consuming("starting: 1 consumer(s) on kpx.inbox.ZA")  # no traceback
+        second = DirectoryLock(tmp_path)
+        second.__enter__()
+        try:
+            theirs = lock_file.read_text()
+            first.note_not_consuming(None)
+            first.note_not_consuming("another connection holds kpx.claim.ZA")
+            assert lock_file.read_text() == theirs
+        finally:
+            second.__exit__()
+    finally:
+        first.__exit__()
+
+
 def test_a_refused_second_run_leaves_the_running_nodes_lock_file_as_it_was(
         tmp_path: Path) -> None:
     """The second 'kpnode run' opened the lock file for writing before trying the lock:
