@@ -535,7 +535,10 @@ class Node:
         if answer is None:
             return Verdict(dead_letter=refusal)
         frame_id = refusal.in_reply_to or ""
-        if self.store.logged("in", frame_id, delivery.body):
+        # Only under a message id: a frame that could not be decoded has none, and all
+        # such frames share '' in the log, where comparing against each would slow every
+        # delivery as the log grows (its signer is a peer, at worst a newer one).
+        if frame_id and self.store.logged("in", frame_id, delivery.body):
             # These very bytes are in the log already: refused and answered when they
             # first came, or accepted then. Answered again, every copy that anyone who
             # got the frame publishes here would make this node sign and send a rejection
