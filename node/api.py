@@ -48,6 +48,8 @@ log = structlog.get_logger("kpx.api")
 
 API_PREFIX = "/api/v1"
 PRINCIPAL = web.RequestKey("kpx_principal", Principal)
+#: the bearer token a call came with, to ask again once its body has arrived
+TOKEN = web.RequestKey("kpx_token", str)
 #: the certificate a call is about, for its evidence-log entry
 CERTIFICATE = web.RequestKey("kpx_certificate", str)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -163,18 +165,38 @@ async def _authenticated(request: web.Request, handler: Handler,
         raise ApiError(401, "auth.missing_token", "send 'Authorization: Bearer <token>' "
                        "(kpnode token add NAME --role officer|monitor)",
                        headers={"WWW-Authenticate": 'Bearer realm="kpx"'})
+    request[PRINCIPAL] = _holder(tokens, token.strip())
+    request[TOKEN] = token.strip()
+    return await handler(request)
+
+
+def _holder(tokens: Tokens, token: str) -> Principal:
+    """Who holds ``token`` now, or the 401 (or 503) that says why no one can be named."""
     try:
-        principal = tokens.authenticate(token.strip())
+        principal = tokens.authenticate(token)
     except TokenError as exc:
         log.error("tokens file unreadable", error=str(exc))
         raise ApiError(503, "node.tokens_unavailable", "the node cannot read its tokens "
                        "file", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     if principal is None:
-        raise ApiError(401, "auth.bad_token", "unknown or revoked token",
-                       headers={"WWW-Authenticate": 'Bearer realm="kpx", '
-                                'error="invalid_token"'})
+        raise _bad_token()
+    return principal
+
+
+def _bad_token() -> ApiError:
+    return ApiError(401, "auth.bad_token", "unknown or revoked token",
+                    headers={"WWW-Authenticate": 'Bearer realm="kpx", error="invalid_token"'})
+
+
+def still_officer(request: web.Request) -> None:
+    """Ask again, once the body has arrived, whether the call's token may act: a body may
+    take up to IDLE_SECONDS to arrive, and a token revoked (or made a monitor's) meanwhile
+    must not issue, replace, cancel or confirm on the strength of the check made before."""
+    principal = _holder(request.app[WEB_CONTEXT].tokens, request[TOKEN])
+    if principal.name != request[PRINCIPAL].name:  # only a hand-edited tokens file
+        raise _bad_token()
     request[PRINCIPAL] = principal
-    return await handler(request)
+    officer(request)
 
 
 def officer(request: web.Request) -> Principal:
@@ -304,6 +326,7 @@ async def idempotent(request: web.Request,
     """Run ``act`` (given the raw body) once per Idempotency-Key; replay its success."""
     key = request.headers.get("Idempotency-Key")
     body = await read_body(request)
+    still_officer(request)
     if key is None:
         clock_trusted(request)
         return act(body, None)

@@ -1098,3 +1098,42 @@ async def test_no_answer_of_the_api_is_cached(pair: tuple[Served, Served]) -> No
                           ("/nowhere", za.auth("monitor"))):
         r = await za.client.get(API + path, headers=headers)
         assert r.headers.get("Cache-Control") == "no-store", (path, r.status)
+
+
+async def test_a_token_revoked_while_its_body_arrives_does_not_act(
+        pair: tuple[Served, Served]) -> None:
+    """The token was checked when the headers came; the body may take up to 15 s more. A
+    token made a monitor's, or revoked, meanwhile issued the certificate all the same."""
+    za, _ = pair
+    tokens = za.context.tokens
+
+    async def post_while(change: Callable[[], None], number: str, token: str) -> Any:
+        body = json.dumps(certificate_json(number, "ZA", "IN")).encode()
+
+        async def slowly() -> AsyncIterator[bytes]:
+            yield body[:10]
+            await asyncio.sleep(0.3)
+            change()
+            yield body[10:]
+        return await za.client.post(f"{API}/certificates", data=slowly(),
+                                    headers={"Authorization": f"Bearer {token}",
+                                             "Content-Type": "application/json",
+                                             "Idempotency-Key": number})
+
+    def demote() -> None:  # by hand: the file says the officer's token is a monitor's
+        data = json.loads(tokens.path.read_text())
+        for entry in data["tokens"]:
+            entry["role"] = "monitor" if entry["name"] == "za-officer" else entry["role"]
+        replaced = tokens.path.with_suffix(".new")
+        replaced.write_text(json.dumps(data))
+        replaced.replace(tokens.path)
+    response = await post_while(demote, "ZA-2026-0001", za.tokens["officer"])
+    assert response.status == 403, await response.text()
+    assert (await response.json())["error"] == "auth.forbidden"
+    clerk = tokens.add("za-clerk", Role.OFFICER, now_ms())
+    response = await post_while(lambda: tokens.revoke("za-clerk"), "ZA-2026-0002", clerk)
+    assert response.status == 401, await response.text()
+    assert (await response.json())["error"] == "auth.bad_token"
+    assert za.node.records() == [] and za.node.store.backlog() == []
+    assert [(e["status"], e["role"]) for e in api_entries(za.node)] == [
+        (403, "monitor"), (401, "officer")]
