@@ -220,8 +220,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         checked = "in form and dates only; give --dir to check it against a registry"
         problems = calendar_problems(certificate, day_of(now_ms()), DAYS_AHEAD_AT_ISSUE)
         if problems:
-            refusal = Refusal(str(problems[0][0]), "; ".join(t for _, t in problems),
-                              certificate=certificate.number)
+            refusal = Refusal(str(problems[0].reason), "; ".join(p.message for p in problems),
+                              certificate=certificate.number, problems=tuple(problems))
     if refusal is not None:
         raise CommandRefused(refusal)
     emit(args, {"valid": True, "number": certificate.number, "checked": checked},

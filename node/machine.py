@@ -512,34 +512,40 @@ DAYS_AHEAD_ON_RECEIPT = 2
 
 
 def _trade_problems(ctx: Context, certificate: Certificate,
-                    days_ahead: int) -> list[tuple[Reason, str]]:
-    """Registry and calendar rules that hold at issue time and again on receipt."""
-    found: list[tuple[Reason, str]] = []
-    for code in (certificate.issuer, certificate.destination):
+                    days_ahead: int) -> list[Problem]:
+    """Registry and calendar rules that hold at issue time and again on receipt, each with
+    the path of the certificate's field it is about."""
+    found: list[Problem] = []
+    for path, code in (("issuer", certificate.issuer),
+                       ("destination", certificate.destination)):
         standing = ctx.registry.standing(code)
         if standing is not None:
-            found.append((standing, f"{code} may not trade under the Scheme ({standing})"))
+            found.append(Problem(path, standing,
+                                 f"{code} may not trade under the Scheme ({standing})"))
     if ctx.registry.authority(certificate.issuer, certificate.issuing_authority) is None:
-        found.append((Reason.AUTHORITY_UNKNOWN, f"{certificate.issuing_authority} is not an "
-                      f"issuing authority of {certificate.issuer}"))
-    for origin in certificate.origins:
+        found.append(Problem("issuing_authority", Reason.AUTHORITY_UNKNOWN,
+                             f"{certificate.issuing_authority} is not an issuing authority "
+                             f"of {certificate.issuer}"))
+    for i, origin in enumerate(certificate.origins):
         if ctx.registry.embargoed(origin):
-            found.append((Reason.ORIGIN_EMBARGOED, f"origin {origin} is under embargo"))
+            found.append(Problem(f"origins[{i}]", Reason.ORIGIN_EMBARGOED,
+                                 f"origin {origin} is under embargo"))
     found.extend(calendar_problems(certificate, ctx.today, days_ahead))
     return found
 
 
 def calendar_problems(certificate: Certificate, today: date, days_ahead: int
-                      ) -> list[tuple[Reason, str]]:
+                      ) -> list[Problem]:
     """What the calendar alone says of a certificate (no registry needed): expired, or
     dated more than ``days_ahead`` days after ``today``."""
-    found: list[tuple[Reason, str]] = []
+    found: list[Problem] = []
     if certificate.expires_on < today:
-        found.append((Reason.CERTIFICATE_EXPIRED,
-                      f"certificate expired on {certificate.expires_on.isoformat()}"))
+        found.append(Problem("expires_on", Reason.CERTIFICATE_EXPIRED,
+                             f"certificate expired on {certificate.expires_on.isoformat()}"))
     if certificate.issued_on > today + timedelta(days=days_ahead):
-        found.append((Reason.BAD_DATE, f"issued_on {certificate.issued_on.isoformat()} "
-                      f"is in the future (today is {today.isoformat()} UTC)"))
+        found.append(Problem("issued_on", Reason.BAD_DATE,
+                             f"issued_on {certificate.issued_on.isoformat()} is in the "
+                             f"future (today is {today.isoformat()} UTC)"))
     return found
 
 
@@ -551,35 +557,37 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
     if admitted.signer is not None and admitted.signer.authority.id != (
         certificate.issuing_authority
     ):
-        problems.append((Reason.AUTHORITY_UNKNOWN, f"signed by {admitted.signer.authority.id}, "
-                         f"not by the issuing authority {certificate.issuing_authority}"))
+        problems.append(Problem("issuing_authority", Reason.AUTHORITY_UNKNOWN,
+                                f"signed by {admitted.signer.authority.id}, not by the "
+                                f"issuing authority {certificate.issuing_authority}"))
     existing = known.get((Side.IMPORT, number))
     if existing is not None:
-        problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
-                            f"certificate {number} was already received"))
+        problems.insert(0, Problem("number", Reason.CERTIFICATE_DUPLICATE_NUMBER,
+                                   f"certificate {number} was already received"))
     old = known.get((Side.IMPORT, replacement.replaces)) if replacement else None
     if old is not None and old.partner != env.sender:
         # Another Participant's certificate: left alone, and answered as if unknown, so a
         # sender can neither replace nor probe what this node received from others.
         old = None
     if old is not None and old.state not in OPEN_STATES | {State.EXPIRED}:
-        problems.append((Reason.CERTIFICATE_WRONG_STATE,
-                         f"{old.number} is {old.state} and can no longer be replaced"))
+        problems.append(Problem("", Reason.CERTIFICATE_WRONG_STATE,
+                                f"{old.number} is {old.state} and can no longer be replaced"))
     record = Record(
         side=Side.IMPORT, number=number, partner=env.sender, state=State.RECEIVED,
         certificate=certificate, certificate_digest=admitted.frame.digest,
         message_id=env.message_id, updated_at=ctx.now_ms,
         replaces=replacement.replaces if replacement else None,
     )
-    if replacement is None and problems and all(r is Reason.BAD_DATE for r, _ in problems):
+    if replacement is None and problems and all(p.reason is Reason.BAD_DATE
+                                                for p in problems):
         # Dated ahead of this node's today, and nothing else: a refusal for now only. Not
         # a replacement: held back, it would leave its old certificate open here while
         # the exporter holds it replaced; refused, the exporter takes the old one back.
-        return Decision(refusal=Refusal(str(Reason.BAD_DATE), problems[0][1],
+        return Decision(refusal=Refusal(str(Reason.BAD_DATE), problems[0].message,
                                         certificate=number, final=False))
     if problems:
-        reason, _ = problems[0]
-        text = "; ".join(t for _, t in problems)
+        reason = problems[0].reason
+        text = "; ".join(p.message for p in problems)
         # Keep a record of the refused certificate, unless its number is already taken.
         refused = () if existing else (record.moved(State.REJECTED, ctx.now_ms,
                                                     rejection_reason=str(reason),
@@ -750,29 +758,31 @@ def issue(ctx: Context, certificate: Certificate, known: Known,
     """Issue a certificate (or, with ``replacing=(old, reason)``, its replacement)."""
     problems = _trade_problems(ctx, certificate, days_ahead=DAYS_AHEAD_AT_ISSUE)
     if certificate.issuer != ctx.me:
-        problems.insert(0, (Reason.SENDER_MISMATCH,
-                            f"this node issues for {ctx.me}, not {certificate.issuer}"))
+        problems.insert(0, Problem("issuer", Reason.SENDER_MISMATCH,
+                                   f"this node issues for {ctx.me}, not {certificate.issuer}"))
     if certificate.issuing_authority != ctx.own_authority:
-        problems.append((Reason.AUTHORITY_UNKNOWN, f"this node signs for "
-                         f"{ctx.own_authority}, not {certificate.issuing_authority}"))
+        problems.append(Problem("issuing_authority", Reason.AUTHORITY_UNKNOWN,
+                                f"this node signs for {ctx.own_authority}, not "
+                                f"{certificate.issuing_authority}"))
     if (Side.EXPORT, certificate.number) in known:
-        problems.insert(0, (Reason.CERTIFICATE_DUPLICATE_NUMBER,
-                            f"certificate {certificate.number} was already issued"))
+        problems.insert(0, Problem("number", Reason.CERTIFICATE_DUPLICATE_NUMBER,
+                                   f"certificate {certificate.number} was already issued"))
     if replacing is not None and replacing[0].state not in OPEN_STATES | {State.EXPIRED}:
         old = replacing[0]
-        problems.append((Reason.CERTIFICATE_WRONG_STATE,
-                         f"{old.number} is {old.state} and can no longer be replaced"))
+        problems.append(Problem("", Reason.CERTIFICATE_WRONG_STATE,
+                                f"{old.number} is {old.state} and can no longer be replaced"))
     if replacing is not None and certificate.destination != replacing[0].partner:
         # Sent elsewhere, the replacement would leave the old certificate replaced here
         # and open at its importer, who never hears of it.
         old = replacing[0]
-        problems.append((Reason.RECIPIENT_MISMATCH,
-                         f"a replacement goes to {old.number}'s importer {old.partner}, not "
-                         f"{certificate.destination}: cancel {old.number} and issue a new "
-                         "certificate instead"))
+        problems.append(Problem("destination", Reason.RECIPIENT_MISMATCH,
+                                f"a replacement goes to {old.number}'s importer "
+                                f"{old.partner}, not {certificate.destination}: cancel "
+                                f"{old.number} and issue a new certificate instead"))
     if problems:
-        return refuse(problems[0][0], "; ".join(t for _, t in problems),
-                      certificate=certificate.number)
+        # every problem with the path of its field (the API's validate lists them all)
+        return refuse(problems[0].reason, "; ".join(p.message for p in problems),
+                      certificate=certificate.number, problems=tuple(problems))
     payload: Payload = certificate
     if replacing is not None:
         payload = Replacement(replaces=replacing[0].number, reason=replacing[1],
@@ -833,8 +843,9 @@ def confirm(ctx: Context, record: Record, *, lines: tuple[Line, ...] | None = No
                       "can be confirmed")
     day = received_on or ctx.today
     if day > ctx.today or day < record.certificate.issued_on:
-        return refuse(Reason.BAD_DATE, f"received_on {day.isoformat()} must lie between the "
-                      "date of issue and today")
+        text = f"received_on {day.isoformat()} must lie between the date of issue and today"
+        return refuse(Reason.BAD_DATE, text, problems=(Problem("received_on", Reason.BAD_DATE,
+                                                               text),))
     certificate = record.certificate
     confirmation = ImportConfirmation(
         certificate=record.number, certificate_digest=record.certificate_digest,

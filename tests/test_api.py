@@ -1137,3 +1137,40 @@ async def test_a_token_revoked_while_its_body_arrives_does_not_act(
     assert za.node.records() == [] and za.node.store.backlog() == []
     assert [(e["status"], e["role"]) for e in api_entries(za.node)] == [
         (403, "monitor"), (401, "officer")]
+
+
+async def test_every_scheme_and_calendar_problem_comes_with_its_field(
+        pair: tuple[Served, Served]) -> None:
+    """validate promises every problem with its field path: a certificate to a suspended
+    partner, for another authority and expired came back as one problem with the path ''
+    and the first reason, the others only in its text; one dated ahead, and a confirmation
+    received after today, named no field either."""
+    za, india = pair
+    today = date.today()
+    bad = certificate_json("ZA-2026-0001", "ZA", "XX", issuing_authority="ZA-OTHER",
+                           issued_on=(today - timedelta(days=3)).isoformat(),
+                           expires_on=(today - timedelta(days=1)).isoformat())
+    response = await za.client.post(f"{API}/certificates/validate",
+                                    headers=za.auth("monitor"), json=bad)
+    assert response.status == 200
+    found = [(p["path"], p["reason"]) for p in (await response.json())["problems"]]
+    assert found == [("destination", "participant.suspended"),
+                     ("issuing_authority", "authority.unknown"),
+                     ("expires_on", "certificate.expired"),
+                     ("issuing_authority", "authority.unknown")], found
+    ahead = certificate_json("ZA-2026-0002", "ZA", "IN",
+                             issued_on=(today + timedelta(days=5)).isoformat(),
+                             expires_on=(today + timedelta(days=50)).isoformat())
+    response = await za.client.post(f"{API}/certificates", headers=za.auth("officer"),
+                                    json=ahead)
+    assert response.status == 400
+    assert [(p["path"], p["reason"]) for p in (await response.json())["problems"]] == [
+        ("issued_on", "field.bad_date")]
+    await issue(za, "ZA-2026-0003")
+    carry(za.node, {"IN": india.node})
+    response = await india.client.post(
+        f"{API}/certificates/ZA-2026-0003/confirm", headers=india.auth("officer"),
+        json={"received_on": (today + timedelta(days=1)).isoformat()})
+    assert response.status == 400
+    assert [(p["path"], p["reason"]) for p in (await response.json())["problems"]] == [
+        ("received_on", "field.bad_date")]
