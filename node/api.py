@@ -324,6 +324,7 @@ def answered(status: int, command: Callable[[OnCommit], Record],
 async def idempotent(request: web.Request,
                      act: Callable[[bytes, Remember | None], web.Response]) -> web.Response:
     """Run ``act`` (given the raw body) once per Idempotency-Key; replay its success."""
+    no_query(request)
     key = request.headers.get("Idempotency-Key")
     body = await read_body(request)
     still_officer(request)
@@ -353,6 +354,13 @@ async def idempotent(request: web.Request,
         store.remember_idempotent(principal.name, key, fingerprint, response.status,
                                   response.body, clock())
     return act(body, remember)
+
+
+def no_query(request: web.Request) -> None:
+    """Refuse a query string on a call that takes its arguments in the body: ignored, a
+    ``confirm?received_on=...`` signed a confirmation received today, for good."""
+    if problems := _query(request, ()):
+        raise ValidationError(tuple(problems), "query is not valid")
 
 
 def clock_trusted(request: web.Request) -> None:
@@ -392,6 +400,7 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 async def post_validate(request: web.Request) -> web.Response:
     node = request.app[WEB_CONTEXT].node
+    no_query(request)
     try:
         certificate = validate_certificate(await json_body(request))
     except ValidationError as exc:
@@ -471,10 +480,12 @@ def _query(request: web.Request, single: tuple[str, ...],
     ``state=`` would otherwise give the whole list, unfiltered) or given twice where only
     one value is taken."""
     problems = []
+    known = (f"known: {', '.join((*single, *repeatable))}" if single or repeatable else
+             "this call takes none: its arguments go in the JSON body")
     for name in dict.fromkeys(request.query):
         if name not in single and name not in repeatable:
-            problems.append(Problem(name, Reason.UNKNOWN_FIELD, "unknown query parameter; "
-                                    f"known: {', '.join((*single, *repeatable))}"))
+            problems.append(Problem(name, Reason.UNKNOWN_FIELD,
+                                    f"unknown query parameter; {known}"))
         elif name in single and len(request.query.getall(name)) > 1:
             problems.append(Problem(name, Reason.BAD_FORMAT, "given more than once"))
     return problems

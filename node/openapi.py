@@ -295,7 +295,9 @@ _DOCUMENT: dict[str, Any] = {
                             "name. Roles: officer (issue, replace, cancel, confirm) and "
                             "monitor (read only); tokens: 'kpnode token add'. Every GET "
                             "also answers HEAD; a method a path does not serve gets 405 "
-                            "(request.method_not_allowed) with an Allow header."},
+                            "(request.method_not_allowed) with an Allow header. A query "
+                            "parameter a call does not list is a 400 (field.unknown): the "
+                            "POSTs take none, their arguments go in the body."},
     "servers": [{"url": "/api/v1"}],
     "security": [{"bearer": []}],
     "paths": _PATHS,

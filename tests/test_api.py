@@ -1174,3 +1174,30 @@ async def test_every_scheme_and_calendar_problem_comes_with_its_field(
     assert response.status == 400
     assert [(p["path"], p["reason"]) for p in (await response.json())["problems"]] == [
         ("received_on", "field.bad_date")]
+
+
+async def test_a_query_string_on_an_action_is_refused_not_ignored(
+        pair: tuple[Served, Served]) -> None:
+    """The actions take their arguments in the body. A back office that put them in the
+    query (`confirm?received_on=...`, `certificates?dry_run=true`) got them ignored: a
+    confirmation received today, signed for good, and a certificate issued for real."""
+    za, india = pair
+    await issue(za, "ZA-2026-0001")
+    carry(za.node, {"IN": india.node})
+    yesterday = (date.today() - timedelta(days=1)).isoformat()
+    r = await india.client.post(f"{API}/certificates/ZA-2026-0001/confirm?received_on="
+                                f"{yesterday}", headers=india.auth("officer"))
+    assert r.status == 400, await r.text()
+    assert [(p["path"], p["reason"]) for p in (await r.json())["problems"]] == [
+        ("received_on", "field.unknown")]
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0001").state is State.RECEIVED
+    body = certificate_json("ZA-2026-0002", "ZA", "IN")
+    for path in ("certificates?dry_run=true", "certificates/validate?strict=1",
+                 "certificates/ZA-2026-0001/cancel?reason=x",
+                 "certificates/ZA-2026-0001/replace?reason=x"):
+        r = await za.client.post(f"{API}/{path}", headers=za.auth("officer"),
+                                 json=body if "cancel" not in path else {"reason": "x"})
+        assert r.status == 400, (path, await r.text())
+        assert (await r.json())["problems"][0]["reason"] == "field.unknown"
+    assert [r.number for r in za.node.records()] == ["ZA-2026-0001"]
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.ISSUED
