@@ -56,13 +56,15 @@ _NUMBER = {"name": "number", "in": "path", "required": True, "schema": _STR,
            "description": "certificate number, e.g. ZA-2026-0001; percent-encoded, so a "
                           "'/' in a number is sent as %2F"}
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+                           "pattern": "^[\\x21-\\x7e]{1,255}$"},
                 "description": "retrying with the same key returns the first successful "
                                "answer (header Idempotent-Replayed: true) and never acts "
-                               "twice; the same JSON counts as the same request, however "
-                               "spaced or ordered. Keys belong to the token's name (a "
-                               "token replaced under the same name keeps them); a refused "
-                               "call does not use its key up"}
+                               "twice; visible ASCII only, no spaces (else a 400, "
+                               "idempotency.bad_key); the same JSON counts as the same "
+                               "request, however spaced or ordered. Keys belong to the "
+                               "token's name (a token replaced under the same name keeps "
+                               "them); a refused call does not use its key up"}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {

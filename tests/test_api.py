@@ -1201,3 +1201,19 @@ async def test_a_query_string_on_an_action_is_refused_not_ignored(
         assert (await r.json())["problems"][0]["reason"] == "field.unknown"
     assert [r.number for r in za.node.records()] == ["ZA-2026-0001"]
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.ISSUED
+
+
+def test_the_documented_idempotency_key_is_the_one_the_node_takes() -> None:
+    """The document allowed any 1 to 255 characters; a key with a space, or a letter
+    outside ASCII, was a 400 (idempotency.bad_key) a client built from it could not expect."""
+    import re
+
+    from node.api import IDEMPOTENCY_KEY
+
+    (schema,) = {p["schema"]["pattern"] for item in openapi_document()["paths"].values()
+                 for op in item.values() for p in op.get("parameters", ())
+                 if p["name"] == "Idempotency-Key"}
+    documented = re.compile(schema)
+    for key in ("a", "x" * 255, "x" * 256, "", "two words", "k\t", "café", "~!{}",
+                "550e8400-e29b-41d4-a716-446655440000"):
+        assert bool(documented.match(key)) == bool(IDEMPOTENCY_KEY.match(key)), key
