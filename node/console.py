@@ -207,9 +207,7 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
         try:
             principal = request.app[WEB_CONTEXT].tokens.holder_of(session.token_hash)
         except TokenError as exc:
-            log.error("tokens file unreadable", error=str(exc))
-            return page(request, "Unavailable", "<p class=error>The node cannot read its "
-                        "tokens file; see its log.</p>", status=503)
+            return tokens_unreadable(request, exc)
         if principal is None:  # revoked since login
             del sessions[sid]
             session = None
@@ -227,6 +225,18 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
     request[SESSION] = session
     if request.method == "POST":
         form = await read_form(request)
+        # Asked again once the form is in: it may take up to IDLE_SECONDS to arrive, and a
+        # token revoked (or made a monitor's) meanwhile must not act on the earlier check.
+        try:
+            principal = request.app[WEB_CONTEXT].tokens.holder_of(session.token_hash)
+        except TokenError as exc:
+            return tokens_unreadable(request, exc)
+        if principal is None:
+            sessions.pop(sid, None)
+            record_refused(request, None, 401)
+            return page(request, "Session ended", "<p>Your token was revoked. Please <a "
+                        f"href='{CONSOLE_PREFIX}/login'>log in</a> again.</p>", status=401)
+        session.principal = principal
         if not csrf_matches(form.get("csrf"), session.csrf):
             record_refused(request, session.principal, 403)
             return page(request, "Refused", "<p class=error>The form's security token does "
@@ -258,6 +268,12 @@ def after_login(asked: object) -> str:
     if {".", ".."} & set(unquote(asked.split("?")[0]).split("/")):
         return home
     return asked
+
+
+def tokens_unreadable(request: web.Request, exc: TokenError) -> web.Response:
+    log.error("tokens file unreadable", error=str(exc))
+    return page(request, "Unavailable", "<p class=error>The node cannot read its tokens "
+                "file; see its log.</p>", status=503)
 
 
 async def get_login(request: web.Request) -> web.Response:

@@ -625,3 +625,26 @@ async def test_a_node_without_its_broker_is_not_said_to_be_blocked_or_claimed(
     checks.update(broker_connected=True, publishing_allowed=False, consuming=True)
     page = await (await za.client.get(f"{C}/")).text()  # connected: that is the alarm
     assert page.count("Not ready:") == 1 and "low on disk or memory" in page
+
+
+async def test_a_token_revoked_while_a_form_arrives_does_not_act(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's token was checked when the request's headers came; the form may take
+    up to 15 s more to arrive, and a token revoked (or made a monitor's) meanwhile still
+    issued. The holder is asked again once the form is in."""
+    za, _ = pair
+    csrf = await login(za, "officer")
+    holder_of = za.context.tokens.holder_of
+    asked: list[object] = []
+
+    def revoked_after_the_headers(token_hash: str) -> object:
+        asked.append(token_hash)
+        return holder_of(token_hash) if len(asked) == 1 else None  # type: ignore[arg-type]
+    monkeypatch.setattr(za.context.tokens, "holder_of", revoked_after_the_headers)
+    response = await za.client.post(f"{C}/issue", data=issue_form(csrf, "ZA-2026-0301"),
+                                    allow_redirects=False)
+    assert response.status == 401 and len(asked) == 2
+    assert za.node.records() == []
+    monkeypatch.setattr(za.context.tokens, "holder_of", holder_of)
+    response = await za.client.get(f"{C}/outgoing", allow_redirects=False)
+    assert response.status == 303  # the session ended with the token
