@@ -270,7 +270,8 @@ def confirm_arguments(data: dict[str, Any]) -> dict[str, Any]:
                 bad = [f for f, t in zip(fields, (str, int, int), strict=True)
                        if not isinstance(item[f], t) or isinstance(item[f], bool)]
                 problems.extend(Problem(f"lines[{i}].{f}", Reason.WRONG_TYPE,
-                                        "wrong type (amounts are integers)") for f in bad)
+                                        "must be a string" if f == "hs_code"
+                                        else "must be an integer") for f in bad)
                 if not bad:
                     built.append(Line(hs_code=item["hs_code"],
                                       carats_hundredths=item["carats_hundredths"],

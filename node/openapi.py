@@ -282,7 +282,8 @@ _PATHS: dict[str, Any] = {
         "operationId": "quarterStatistics",
         "summary": "a quarter's certificate-based trade figures per partner and HS code",
         "parameters": [{"name": "quarter", "in": "query", "description": "default: this one",
-                        "schema": {"type": "string", "pattern": "^[0-9]{4}-?Q[1-4]$"}}],
+                        "schema": {"type": "string", "pattern": "^[0-9]{4}-?Q[1-4]$",
+                                   "description": "years 0001 to 9998"}}],
         "responses": {"200": _json(_ref("Statistics"), "the figures"), **_errors(400, 401)}}},
     "/status": {"get": {
         "operationId": "nodeStatus", "summary": "the node's status",

@@ -44,7 +44,8 @@ class Quarter:
         """``2026Q1`` (or ``2026-Q1``); ValueError with a readable message otherwise."""
         found = _QUARTER.fullmatch(text.strip())
         if found is None or not 1 <= int(found[1]) <= 9998:  # dates run from year 1 to 9999
-            raise ValueError(f"a quarter looks like 2026Q1, not {text!r}")
+            raise ValueError(f"a quarter looks like 2026Q1 (years 0001 to 9998), not "
+                             f"{text!r}")
         return cls(int(found[1]), int(found[2]))
 
     @property

@@ -1217,3 +1217,17 @@ def test_the_documented_idempotency_key_is_the_one_the_node_takes() -> None:
     for key in ("a", "x" * 255, "x" * 256, "", "two words", "k\t", "café", "~!{}",
                 "550e8400-e29b-41d4-a716-446655440000"):
         assert bool(documented.match(key)) == bool(IDEMPOTENCY_KEY.match(key)), key
+
+
+async def test_a_confirm_line_of_the_wrong_type_says_which_type(
+        pair: tuple[Served, Served]) -> None:
+    """Every wrong field of a confirm's line said 'wrong type (amounts are integers)', the
+    HS code too, which is a string."""
+    za, _ = pair
+    response = await za.client.post(
+        f"{API}/certificates/ZA-2026-0404/confirm", headers=za.auth("officer"),
+        json={"received_on": "2026-11-30", "lines": [
+            {"hs_code": 7102, "carats_hundredths": "12", "usd_cents": 1}]})
+    problems = {p["path"]: p["message"] for p in (await response.json())["problems"]}
+    assert problems == {"lines[0].hs_code": "must be a string",
+                        "lines[0].carats_hundredths": "must be an integer"}, problems

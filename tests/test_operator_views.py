@@ -898,7 +898,8 @@ def test_stats_and_list_take_what_an_operator_types(tmp_path: Path) -> None:
     listed = subprocess.run([*kpnode, "list", "--partner", "in", "--json", "--dir", za],
                             capture_output=True, text=True, check=True)
     assert [r["number"] for r in json.loads(listed.stdout)] == ["ZA-2026-0001"]
-    for args, says in ((["--quarter", "0000Q1"], "a quarter looks like 2026Q1, not '0000Q1'"),
+    for args, says in ((["--quarter", "0000Q1"], "a quarter looks like 2026Q1 (years 0001 "
+                        "to 9998), not '0000Q1'"),
                        (["--quarter", "2026Q1", "--valuation-threshold", "NaN"],
                         "--valuation-threshold must be a percentage above 0, e.g. 10")):
         done = subprocess.run([*kpnode, "stats", *args, "--dir", za], capture_output=True,
