@@ -48,8 +48,8 @@ from node.deadletters import USER_ID_HEADER, publisher_of
 from node.metrics import NodeMetrics
 from node.service import Delivery, Node, Verdict, now_ms
 from node.store import MAX_RETRY_DELAY_MS, OutboxRow, StoreError, UnreadableRecord
-from node.transport import Delivery as BrokerDelivery
 from node.transport import (
+    DEAD_CONNECTION_SECONDS,
     Outgoing,
     PublishResult,
     Transport,
@@ -57,6 +57,7 @@ from node.transport import (
     claim_queue,
     inbox_queue,
 )
+from node.transport import Delivery as BrokerDelivery
 from node.wait import wait_set
 from protocol import key_id
 
@@ -88,8 +89,8 @@ DEAD_LETTER_ATTEMPTS = 3
 LOCK_WAIT_SECONDS = 0.5
 UNROUTABLE_RETRY_MS = 30_000  # within MAX_RETRY_DELAY_MS, like every planned retry
 #: how long a starting node waits for another consumer of its inbox to go: a node whose
-#: host died holds its consumer until the broker's heartbeat gives up, some three minutes
-INBOX_TAKEN_WAIT_SECONDS = 200.0
+#: host died holds its consumer until the broker's heartbeat gives up
+INBOX_TAKEN_WAIT_SECONDS = DEAD_CONNECTION_SECONDS
 #: how long the inbox must stay free after another consumer was seen on it: longer than
 #: a live node takes to reconnect (its back-off reaches 10 s) after a broker restart
 INBOX_SETTLE_SECONDS = 15.0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,9 @@ CONNECT_TIMEOUT = 10.0
 SHUTDOWN_STEP_TIMEOUT = 2.0
 #: how often a node whose claim another connection holds tries again (see _await_claim)
 CLAIM_RETRY_SECONDS = 5.0
+#: how long the broker may take to drop a connection whose node is gone (its heartbeat gives
+#: up, some three minutes): a consumer or claim held longer than this is another node's
+DEAD_CONNECTION_SECONDS = 200.0
 NACKED = "nacked by the broker"
 
 
@@ -566,11 +570,13 @@ class Transport:
         connection = self._connection
         self._consumer_tag = None  # one of a closed connection: not consuming until claimed
         if await self._claim(connection) is False:
-            log.error("another connection holds the inbox's claim: this node's own earlier "
-                      "connection until the broker notices it is gone (within about three "
-                      "minutes), or another node for this Participant. Not consuming until "
-                      "it is free", queue=claim_queue(self.participant),
-                      retry_seconds=CLAIM_RETRY_SECONDS)
+            # A warning, not yet an error: after a network blip the holder is most often
+            # this node's own earlier connection, which the broker drops in time.
+            log.warning("another connection holds the inbox's claim: this node's own earlier "
+                        "connection until the broker notices it is gone (within about three "
+                        "minutes), or another node for this Participant. Not consuming until "
+                        "it is free", queue=claim_queue(self.participant),
+                        retry_seconds=CLAIM_RETRY_SECONDS)
             self._claim_waiter = asyncio.create_task(self._await_claim(connection),
                                                      name="amqp-claim")
             self._tell_claim_wait(True)
@@ -584,12 +590,22 @@ class Transport:
             return (self._closing or self._consuming_stopped
                     or connection is not self._connection or not self.connected)
 
+        started = time.monotonic()
+        said = False
         while not ended():
             await asyncio.sleep(CLAIM_RETRY_SECONDS)
             if ended():
                 return
             try:
                 if await self._claim(connection) is False:
+                    waited = time.monotonic() - started
+                    if not said and waited > DEAD_CONNECTION_SECONDS:
+                        said = True
+                        log.error("another node for this Participant holds the inbox's "
+                                  "claim: the broker would have dropped this node's own "
+                                  "earlier connection by now. Not consuming until it is "
+                                  "free; stop the other node", queue=claim_queue(
+                                      self.participant), waited_seconds=round(waited))
                     continue
                 await self._consume_inbox()
             except Exception as exc:

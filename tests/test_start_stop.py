@@ -11,6 +11,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+import structlog.testing
 
 from node import runner
 from node.config import ConfigError, load_config
@@ -232,13 +233,25 @@ async def test_a_reconnect_does_not_consume_while_another_connection_holds_the_c
     async def handler(batch: list[Any]) -> None:
         return None
 
+    # A wait past the broker's window for dropping a dead connection is another node's
+    # doing, and an error; before, most often the node's own earlier connection: a warning.
+    monkeypatch.setattr(transport_module, "DEAD_CONNECTION_SECONDS", 1.0)
     holder, waiting = Transport([amqp_url], code), Transport([amqp_url], code)
     try:
         await holder.connect()
         await holder.consume(handler)
         await waiting.connect()
-        await waiting.consume(handler)
-        await asyncio.sleep(0.8)  # a few retries
+        with structlog.testing.capture_logs() as logs:
+            await waiting.consume(handler)
+            await asyncio.sleep(0.5)
+            said = [(entry["log_level"], entry["event"]) for entry in logs
+                    if "claim" in entry["event"]]
+            assert [level for level, _ in said] == ["warning"]
+            await asyncio.sleep(1.5)  # past the window, a few retries
+        said = [(entry["log_level"], entry["event"]) for entry in logs
+                if "claim" in entry["event"]]
+        assert [level for level, _ in said] == ["warning", "error"]  # the error once
+        assert "another node for this Participant" in said[1][1]
         assert holder.consuming and not waiting.consuming
         assert (await waiting.inbox_depth())[1] == 1
         assert await waiting.claim_inbox() is False
