@@ -104,7 +104,9 @@ def _write(config: NodeConfig, fd: int, scratch: Path) -> list[str]:
     members: list[str] = []
     with os.fdopen(fd, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            snapshot = scratch / f"snapshot-{config.database}"
+            # A flat name: `database` may name a subdirectory ("data/node.sqlite3", a
+            # volume of its own), which the scratch folder does not have.
+            snapshot = scratch / "snapshot.sqlite3"
             source = sqlite3.connect(config.database_path)
             target = sqlite3.connect(snapshot)
             try:

@@ -551,6 +551,35 @@ def test_a_backup_is_written_where_hard_links_are_not_to_be_had(
         backup(nodes["ZA"].config, out)
 
 
+def test_a_node_whose_database_is_in_a_subdirectory_is_backed_up_and_restored(
+        nodes: Nodes, tmp_path: Path) -> None:
+    """`database = "data/node.sqlite3"` (a volume of its own): the snapshot was made as
+    `snapshot-data/node.sqlite3` in the scratch folder, which has no such subdirectory,
+    and every backup failed with "the node's database: unable to open database file"."""
+    import dataclasses
+
+    from node.backup import backup, restore
+
+    za = nodes["ZA"]
+    za.issue(certificate("ZA-2026-0300", "ZA", "IN"))
+    za.close()
+    config = za.config
+    config.path("data").mkdir()
+    config.database_path.rename(config.path("data") / "node.sqlite3")
+    toml = config.path("node.toml")
+    toml.write_text(toml.read_text().replace('database = "node.sqlite3"',
+                                             'database = "data/node.sqlite3"'))
+    moved = dataclasses.replace(config, database="data/node.sqlite3")
+    archive = tmp_path / "za.tar.gz"
+    assert "data/node.sqlite3" in backup(moved, archive)
+    restored = Node.open(restore(archive, tmp_path / "restored"))
+    try:
+        assert restored.config.database_path == tmp_path / "restored" / "data" / "node.sqlite3"
+        assert restored.store.get(Side.EXPORT, "ZA-2026-0300").state is State.ISSUED
+    finally:
+        restored.close()
+
+
 def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: Path) -> None:
     """`cd /tmp && kpnode restore backup.tar.gz` must not scatter a node's key and database
     among someone else's files: one line, exit 3 (an environment error), nothing written."""
