@@ -17,6 +17,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from node.jsontext import JsonTextError, parse_json
+from node.registry import utc_text
 from protocol import (
     BROADCAST,
     CHAIR,
@@ -216,9 +217,19 @@ def end_key(update: RegistryUpdate, public_key: bytes, at_ms: int) -> RegistryUp
 
 
 def revoke_key(update: RegistryUpdate, public_key: bytes, at_ms: int) -> RegistryUpdate:
-    """Refused from ``at_ms`` on, whatever its validity window said (a compromised key)."""
-    return _change_key(update, public_key,
-                       lambda k: dataclasses.replace(k, revoked_at=at_ms))
+    """Refused from ``at_ms`` on, whatever its validity window said (a compromised key).
+
+    A revocation only ever moves earlier: run again on a key revoked already (a second
+    'revoke-key' to be sure, a script run twice), it set the revocation to the new --at,
+    default now, and what the key signed in between was accepted again everywhere."""
+    def change(k: RegistryKey) -> RegistryKey:
+        if k.revoked_at is not None and at_ms >= k.revoked_at:
+            raise RegistryEditError(
+                f"that key is revoked already, from {utc_text(k.revoked_at)}: a later "
+                "revocation would make what it signed in between valid again (an earlier "
+                "--at is taken)")
+        return dataclasses.replace(k, revoked_at=at_ms)
+    return _change_key(update, public_key, change)
 
 
 def set_status(update: RegistryUpdate, code: str, status: ParticipantStatus) -> RegistryUpdate:
