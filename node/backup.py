@@ -111,9 +111,19 @@ def _write(config: NodeConfig, fd: int, scratch: Path) -> list[str]:
             target = sqlite3.connect(snapshot)
             try:
                 source.backup(target)
+                verdict = _integrity(target)
             finally:
                 target.close()
                 source.close()
+            if verdict != "ok":
+                # The backup API copies pages as they are: a damaged database made an
+                # archive that 'kpnode restore' refuses, found out only on the day it
+                # was needed.
+                raise ConfigError(
+                    f"the database {config.database_path} fails SQLite's integrity check "
+                    f"({verdict}): an archive of it would not restore, so none was written. "
+                    "Keep the last good backup; copy the damaged file aside for a closer "
+                    "look (deploy/RUNBOOK.md, 'Backing up and restoring a node')")
             tar.add(snapshot, arcname=config.database)
             members.append(config.database)
             snapshot.unlink()
@@ -134,6 +144,15 @@ def _write(config: NodeConfig, fd: int, scratch: Path) -> list[str]:
         raw.flush()
         os.fsync(raw.fileno())
     return members
+
+
+def _integrity(db: sqlite3.Connection) -> str:
+    """SQLite's integrity check of ``db``: "ok", or what it found (its first lines)."""
+    try:
+        rows = db.execute("PRAGMA integrity_check(5)").fetchall()
+    except sqlite3.DatabaseError as exc:  # too damaged to be checked at all
+        return str(exc)
+    return "; ".join(str(row[0]) for row in rows)
 
 
 def restore(archive: Path, directory: Path) -> NodeConfig:

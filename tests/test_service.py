@@ -580,6 +580,32 @@ def test_a_node_whose_database_is_in_a_subdirectory_is_backed_up_and_restored(
         restored.close()
 
 
+def test_a_damaged_database_is_not_backed_up_into_an_archive_restore_refuses(
+        nodes: Nodes, tmp_path: Path) -> None:
+    """A damaged index page: the node still lists its records and verify-log passes, and
+    the backup API copies pages as they are, so 'kpnode backup' wrote an archive and said
+    so, which 'kpnode restore' then refused ("database disk image is malformed") on the
+    day it was needed."""
+    from node.backup import backup
+
+    za = nodes["ZA"]
+    za.issue(certificate("ZA-2026-0400", "ZA", "IN"))
+    za.close()
+    db = sqlite3.connect(za.config.database_path)
+    (page,) = db.execute("SELECT rootpage FROM sqlite_master "
+                         "WHERE name = 'certificates_by_partner'").fetchone()
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with za.config.database_path.open("r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(b"\xff" * size)
+    out = tmp_path / "backups" / "za.tar.gz"
+    out.parent.mkdir()
+    with pytest.raises(ConfigError, match=r"fails SQLite's integrity check.*none was written"):
+        backup(za.config, out)
+    assert list(out.parent.iterdir()) == []
+
+
 def test_restore_refuses_a_directory_that_is_not_empty(nodes: Nodes, tmp_path: Path) -> None:
     """`cd /tmp && kpnode restore backup.tar.gz` must not scatter a node's key and database
     among someone else's files: one line, exit 3 (an environment error), nothing written."""
