@@ -42,6 +42,7 @@ from node.registry import utc_text
 from node.service import now_ms
 from node.terminal import emit
 from protocol import ParticipantStatus, ProtocolError, RegistryUpdate, key_id
+from protocol.keys import KEY_ID_SIZE
 
 DRAFT = "registry.json"
 SIGNED = "registry.kpx"
@@ -97,6 +98,23 @@ def parse_public_key(text: str) -> bytes:
     if len(key) != 32:
         raise ChairError("a public key is 32 bytes (64 hex characters)")
     return key
+
+
+def listed_key(update: RegistryUpdate, text: str) -> bytes:
+    """The public key ``text`` names in the draft: the key itself (64 hex digits) or its
+    key id (32), which is how 'registry show' and 'kpnode key show' name keys."""
+    if len(text.strip()) != 2 * KEY_ID_SIZE:
+        return parse_public_key(text)
+    try:
+        wanted = bytes.fromhex(text)
+    except ValueError:
+        raise ChairError(f"key id {text!r} is not hex") from None
+    for p in update.participants:
+        for a in p.authorities:
+            for k in a.keys:
+                if key_id(k.public_key) == wanted:
+                    return k.public_key
+    raise ChairError(f"no key with id {wanted.hex()} in the registry draft")
 
 
 def _iso(ms: int | None) -> str:
@@ -271,13 +289,13 @@ def cmd_add_key(args: argparse.Namespace) -> None:
 
 def cmd_end_key(args: argparse.Namespace) -> None:
     at = parse_instant(args.at)
-    _edit(args, lambda u: end_key(u, parse_public_key(args.key), at),
+    _edit(args, lambda u: end_key(u, listed_key(u, args.key), at),
           f"key ends at {_iso(at)}")
 
 
 def cmd_revoke_key(args: argparse.Namespace) -> None:
     at = parse_instant(args.at)
-    _edit(args, lambda u: revoke_key(u, parse_public_key(args.key), at),
+    _edit(args, lambda u: revoke_key(u, listed_key(u, args.key), at),
           f"key revoked from {_iso(at)}")
 
 
@@ -432,10 +450,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp.add_argument("--valid-from", default="now")
     sp.add_argument("--valid-until")
     sp = add("end-key", cmd_end_key, "let a key lapse at a time (end of a rotation)")
-    sp.add_argument("--key", required=True)
+    sp.add_argument("--key", required=True, help="public key, hex, or its key id ('registry "
+                    "show')")
     sp.add_argument("--at", required=True)
     sp = add("revoke-key", cmd_revoke_key, "revoke a key: refused from --at (default now)")
-    sp.add_argument("--key", required=True)
+    sp.add_argument("--key", required=True, help="public key, hex, or its key id ('registry "
+                    "show')")
     sp.add_argument("--at", default="now")
     for name, status, text in (
             ("suspend", ParticipantStatus.SUSPENDED, "suspend a Participant"),

@@ -814,6 +814,32 @@ def test_registry_end_key_echoes_the_instant_it_read(tmp_path: Path) -> None:
     assert "write a date as 2026-12-31" in refused.stderr
 
 
+def test_registry_end_and_revoke_key_take_the_key_id_registry_show_prints(
+        tmp_path: Path) -> None:
+    """'registry show' and 'kpnode key show' name keys by their id only, and the Chair who
+    gave one to end-key was told "a public key is 32 bytes (64 hex characters)"."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    za = bytes(network.configs["ZA"].signing_key().verify_key)
+    chair = str(network.base / "chair")
+    shown = kpnode("registry", "show", "--dir", chair).stdout
+    za_id = key_id(za).hex()
+    assert f"key {za_id}" in shown and za.hex() not in shown
+    ended = kpnode("registry", "end-key", "--key", za_id, "--at", "2026-12-31", "--dir", chair,
+                   check=False)
+    assert ended.returncode == 0, ended.stderr
+    india = key_id(bytes(network.configs["IN"].signing_key().verify_key)).hex().upper()
+    assert kpnode("registry", "revoke-key", "--key", india, "--dir", chair,
+                  check=False).returncode == 0
+    keys = {k.public_key: k for p in ChairDirectory(Path(chair)).load().participants
+            for a in p.authorities for k in a.keys}
+    assert keys[za].valid_until == 1_798_675_200_000
+    assert keys[bytes(network.configs["IN"].signing_key().verify_key)].revoked_at is not None
+    unknown = kpnode("registry", "end-key", "--key", "ab" * 16, "--at", "2026-12-31",
+                     "--dir", chair, check=False)
+    assert (unknown.returncode, unknown.stderr.strip()) == (
+        1, f"kpnode: no key with id {'ab' * 16} in the registry draft")
+
+
 def test_registry_publish_refuses_a_bad_broker_or_out_before_signing(tmp_path: Path) -> None:
     """A version once signed stays on record: bad options are refused before it is."""
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
