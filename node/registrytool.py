@@ -41,7 +41,14 @@ from node.keyfile import read_signing_key, write_signing_key
 from node.registry import utc_text
 from node.service import now_ms
 from node.terminal import emit
-from protocol import ParticipantStatus, ProtocolError, RegistryUpdate, key_id
+from protocol import (
+    ParticipantStatus,
+    ProtocolError,
+    RegistryUpdate,
+    decode_body,
+    key_id,
+    parse_frame,
+)
 from protocol.keys import KEY_ID_SIZE
 
 DRAFT = "registry.json"
@@ -312,6 +319,27 @@ def cmd_embargo(args: argparse.Namespace) -> None:
           f"origin {origin} {'no longer ' if args.lift else ''}embargoed")
 
 
+def newest_signed(directory: Path) -> tuple[int, Path] | None:
+    """The newest version the Chair has signed, and the file that holds it: in
+    ``published/``, or ``registry.kpx`` (which ``kpnode deploy network`` signs as version 1
+    without a copy in ``published/``), read without its signature: the Chair's own file,
+    perhaps signed by a former key."""
+    found = []
+    for path in (directory / PUBLISHED).glob("registry-v*.kpx"):
+        digits = path.name.removeprefix("registry-v").removesuffix(".kpx")
+        if digits.isascii() and digits.isdigit():
+            found.append((int(digits), path))
+    try:
+        payload = decode_body(parse_frame((directory / SIGNED).read_bytes()).body).payload
+    except (OSError, ProtocolError):
+        pass
+    else:
+        if isinstance(payload, RegistryUpdate):
+            found.append((payload.version, directory / SIGNED))
+    # the first of equal versions: the file in published/ is the record
+    return max(found, key=lambda f: f[0], default=None)
+
+
 def cmd_publish(args: argparse.Namespace) -> None:
     from node.brokerurl import broker_url_problem
     from node.registry import open_registry_frame
@@ -361,11 +389,15 @@ def cmd_publish(args: argparse.Namespace) -> None:
         version = update.version
         published = chair.directory / PUBLISHED
         on_record = published / f"registry-v{version:06d}.kpx"
-        if on_record.exists():
+        newest = newest_signed(chair.directory)
+        if newest is not None and version <= newest[0]:
             # A draft set back (restored from a backup, edited by hand): a second, other
-            # frame for a version nodes may hold already would split the network.
-            raise ChairError(f"version {version} was signed already ({on_record}); set the "
-                             "draft's version above the newest in published/")
+            # frame for a version nodes may hold already would split the network, and a
+            # lower one every node ignores (versions only move forward), so a suspension
+            # or a revocation in it would never take effect.
+            raise ChairError(f"version {version} is not above version {newest[0]}, signed "
+                             f"already ({newest[1]}); set the draft's version to "
+                             f"{newest[0] + 1} or above")
         try:
             frame = sign_registry(update, chair.key(), now_ms())
         except RegistryEditError as exc:

@@ -552,8 +552,24 @@ def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) ->
     draft = network.base / "chair" / "registry.json"
     draft.write_text(draft.read_text().replace('"version": 4', '"version": 3'))
     refused = kpnode("registry", "publish", "--dir", chair_dir, check=False)
-    assert refused.returncode == 1 and "version 3 was signed already" in refused.stderr
+    assert refused.returncode == 1 and "version 3 is not above version 3" in refused.stderr
     assert (network.base / "chair" / "registry.kpx").read_bytes() == v3.read_bytes()
+    # Set back further, to a version with no file in published/ (version 1, which
+    # 'deploy network' signs into registry.kpx alone): it was signed. Nodes ignore a lower
+    # version, so what it said never took effect, and a second version 1 split the network.
+    for older in (2, 1):
+        draft.write_text(re.sub(r'"version": \d+', f'"version": {older}', draft.read_text()))
+        refused = kpnode("registry", "publish", "--dir", chair_dir, check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert (f"version {older} is not above version 3, signed already ("
+                f"{network.base / 'chair' / 'published' / 'registry-v000003.kpx'}); set the "
+                "draft's version to 4 or above") in refused.stderr
+    assert (network.base / "chair" / "registry.kpx").read_bytes() == v3.read_bytes()
+    fresh = create_network(tmp_path / "fresh", fresh_codes(2), [])
+    fresh_draft = fresh.base / "chair" / "registry.json"
+    fresh_draft.write_text(fresh_draft.read_text().replace('"version": 2', '"version": 1'))
+    refused = kpnode("registry", "publish", "--dir", str(fresh.base / "chair"), check=False)
+    assert refused.returncode == 1 and "version 1 is not above version 1" in refused.stderr
 
 
 # -- the private key at rest ------------------------------------------------------------
