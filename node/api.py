@@ -31,7 +31,13 @@ from node.service import CommandRefused, Node, OnCommit
 from node.stats import Quarter
 from node.store import StoreError, UnreadableRecord
 from node.tokens import Principal, TokenError, Tokens
-from node.views import history_json, parse_date, parse_whole_number, record_json
+from node.views import (
+    history_json,
+    parse_date,
+    parse_whole_number,
+    partner_filter,
+    record_json,
+)
 from node.webcontext import (
     CLOCK_DISAGREES,
     WEB_CONTEXT,
@@ -520,9 +526,14 @@ async def get_certificates(request: web.Request) -> web.Response:
              if "after" in query else None)
     if after is not None and ("offset" in query or overdue == "true"):
         problems.append(Problem("after", Reason.BAD_FORMAT, "not with offset or overdue"))
+    partner: str | None = None
+    if query.get("partner"):  # empty, as in a form's "any partner": no filter
+        try:
+            partner = partner_filter(query["partner"])
+        except ValueError as exc:
+            problems.append(Problem("partner", Reason.BAD_FORMAT, str(exc)))
     if problems:
         raise ValidationError(tuple(problems), "query is not valid")
-    partner = query["partner"].upper() if query.get("partner") else None  # as kpnode list
     if after is not None:
         total = node.store.count_records(side=side, states=states, partner=partner)
         page, last = node.store.records_after(after, limit, side=side, states=states,

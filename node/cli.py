@@ -49,6 +49,7 @@ from node.views import (
     history_json,
     parse_amount,
     parse_date,
+    partner_filter,
     record_json,
     record_note,
     usd,
@@ -263,7 +264,10 @@ def cmd_confirm(args: argparse.Namespace) -> None:
 def cmd_list(args: argparse.Namespace) -> None:
     states = [State(s) for s in args.state or []]
     side = Side(args.side) if args.side else None
-    partner = args.partner.upper() if args.partner else None  # as the registry commands
+    try:
+        partner = partner_filter(args.partner) if args.partner else None
+    except ValueError as exc:
+        raise UserError(f"--partner: {exc}") from None
     with_node(args, lambda node: show_records(
         args, node.records(side=side, states=states, partner=partner), None))
 

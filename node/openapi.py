@@ -219,7 +219,8 @@ _PATHS: dict[str, Any] = {
                  "schema": {"type": "array", "items": {"type": "string", "enum":
                                                        [s.value for s in State]}},
                  "style": "form", "explode": True},
-                {"name": "partner", "in": "query", "schema": _STR},
+                {"name": "partner", "in": "query", "description": "a Participant code, "
+                 "either case", "schema": {"type": "string", "pattern": "^[A-Za-z]{2}$"}},
                 {"name": "overdue", "in": "query", "schema": {"type": "boolean"},
                  "description": "only overdue loops, as `kpnode status` says: open with "
                                 "the certificate expiring within 7 days (or past), or "

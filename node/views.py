@@ -17,7 +17,16 @@ from typing import Any
 from node.machine import Record
 from node.store import Store
 from protocol import ProtocolError, decode_body, parse_frame
-from protocol.schema import DATE
+from protocol.schema import DATE, PARTICIPANT_CODE
+
+
+def partner_filter(text: str) -> str:
+    """A partner to list by, as typed ('za' or 'ZA') → 'ZA'. ``ValueError`` when it is no
+    Participant code: a typo ('ZA1') listed nothing, as if there were no such trade."""
+    code = text.strip().upper()
+    if not PARTICIPANT_CODE.fullmatch(code):
+        raise ValueError(f"{text[:12]!r} is not a Participant code (two letters)")
+    return code
 
 
 def carats(hundredths: int) -> str:

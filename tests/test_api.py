@@ -306,6 +306,13 @@ async def test_list_filters_both_ways_and_show_gives_the_signed_history(
     assert await listed("state=delivered&state=cancelled&limit=1&offset=1") == [
         "ZA-2026-0002"]
     assert await listed("partner=BW") == []
+    assert len(await listed("partner=")) == 2  # a form's "any partner"
+    # a typo listed nothing, as if there were no trade with that partner
+    for partner in ("IN1", "I", "%20IN%201"):
+        response = await za.client.get(f"{API}/certificates?partner={partner}",
+                                       headers=monitor)
+        assert response.status == 400, partner
+        assert [p["path"] for p in (await response.json())["problems"]] == ["partner"]
     response = await za.client.get(f"{API}/certificates?state=lost&side=up", headers=monitor)
     assert response.status == 400
     assert {p["path"] for p in (await response.json())["problems"]} == {"state", "side"}

@@ -495,12 +495,29 @@ def test_text_that_is_not_utf8_is_one_clear_line_not_a_traceback(tmp_path: Path)
     network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
     directory = str(network.configs["ZA"].directory)
     kpnode = [sys.executable.encode(), b"-m", b"node.cli"]
-    for argv in ([b"show", b"ZA\xff", b"--dir", directory.encode()],
-                 [b"list", b"--partner", b"\xff", b"--dir", directory.encode()]):
+    for argv, said in (([b"show", b"ZA\xff", b"--dir", directory.encode()],
+                        "kpnode: text that is not valid UTF-8"),
+                       ([b"list", b"--partner", b"\xff", b"--dir", directory.encode()],
+                        "kpnode: --partner: '\\udcff' is not a Participant code")):
         done = subprocess.run([*kpnode, *argv], capture_output=True, text=True)
         assert done.returncode == 1, done.stderr
-        assert done.stderr.startswith("kpnode: text that is not valid UTF-8")
+        assert done.stderr.startswith(said)
         assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_list_refuses_a_partner_that_is_no_participant_code(tmp_path: Path) -> None:
+    """`kpnode list --partner zz1` said "no certificates", as if there were no trade with
+    that partner, where the code was mistyped."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    directory = str(network.configs["ZA"].directory)
+    for partner in ("zz1", "Z", "ZAF"):
+        done = subprocess.run([sys.executable, "-m", "node.cli", "list", "--partner", partner,
+                               "--dir", directory], capture_output=True, text=True)
+        assert done.returncode == 1, done.stderr
+        assert "is not a Participant code" in done.stderr and partner in done.stderr
+    done = subprocess.run([sys.executable, "-m", "node.cli", "list", "--partner", "in",
+                           "--dir", directory], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # either case, as before
 
 
 async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path: Path) -> None:
