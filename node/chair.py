@@ -207,11 +207,20 @@ def _change_key(update: RegistryUpdate, public_key: bytes,
     raise RegistryEditError(f"no key {public_key.hex()} in the registry")
 
 
-def end_key(update: RegistryUpdate, public_key: bytes, at_ms: int) -> RegistryUpdate:
-    """The key stays valid until ``at_ms`` (the end of a rotation's overlap)."""
+def end_key(update: RegistryUpdate, public_key: bytes, at_ms: int,
+            now_ms: int) -> RegistryUpdate:
+    """The key stays valid until ``at_ms`` (the end of a rotation's overlap).
+
+    An end still to come may move either way; a key that has lapsed by ``now_ms`` is not
+    brought back: what it would sign in between could not be told from what someone holding
+    a retired key's copy signed meanwhile. A rotation adds a new key instead."""
     def change(k: RegistryKey) -> RegistryKey:
         if at_ms <= k.valid_from:
             raise RegistryEditError("a key's end must come after its start")
+        if k.valid_until is not None and k.valid_until <= now_ms and at_ms > k.valid_until:
+            raise RegistryEditError(
+                f"that key lapsed at {utc_text(k.valid_until)}: a lapsed key is not brought "
+                "back (an earlier end is taken); add a new key instead")
         return dataclasses.replace(k, valid_until=at_ms)
     return _change_key(update, public_key, change)
 

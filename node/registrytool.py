@@ -296,7 +296,7 @@ def cmd_add_key(args: argparse.Namespace) -> None:
 
 def cmd_end_key(args: argparse.Namespace) -> None:
     at = parse_instant(args.at)
-    _edit(args, lambda u: end_key(u, listed_key(u, args.key), at),
+    _edit(args, lambda u: end_key(u, listed_key(u, args.key), at, now_ms()),
           f"key ends at {_iso(at)}")
 
 

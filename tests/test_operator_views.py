@@ -1247,7 +1247,7 @@ def test_a_node_toml_without_authority_follows_a_rotation_to_a_new_authority(
     now = int(time.time() * 1000)
     update = add_key(dataclasses.replace(network.registry, version=2), "ZA", "ZA-MINES",
                      bytes(new.verify_key), now - 60_000, authority_name="ZA Mines")
-    update = end_key(update, old, now - 30_000)
+    update = end_key(update, old, now - 30_000, now)
     (za / "registry.kpx").write_bytes(sign_registry(update, network.chair_key, now))
     toml = za / "node.toml"
     toml.write_text("\n".join(line for line in toml.read_text().splitlines()
@@ -1478,7 +1478,7 @@ async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
     now = now_ms()
     update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
                      now - 3_600_000)
-    update = end_key(update, old, now - 60_000)  # lapsed a minute ago
+    update = end_key(update, old, now - 60_000, now)  # lapsed a minute ago
     network.publish_registry(dataclasses.replace(update, version=2))
     with DirectoryLock(config.directory) as lock:  # as `kpnode run`, started before key new
         lock.note_keys([key_id(old).hex()])
@@ -1521,7 +1521,8 @@ async def test_status_and_key_show_see_a_successor_the_registry_holds(tmp_path: 
     now = now_ms()
     starts, ends = now + 86_400_000, now + 2 * 86_400_000
     update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key), starts)
-    network.publish_registry(dataclasses.replace(end_key(update, old, ends), version=2))
+    network.publish_registry(dataclasses.replace(end_key(update, old, ends, now),
+                                                version=2))
     node = Node.open(config)
     try:
         s = await gather_status(node)
@@ -1540,7 +1541,7 @@ async def test_status_and_key_show_see_a_successor_the_registry_holds(tmp_path: 
 
     # The successor starting only after the old key ends leaves the node without a key
     # in between: that is still a warning, and says so.
-    gap = end_key(update, old, starts - 3_600_000)
+    gap = end_key(update, old, starts - 3_600_000, now)
     network.publish_registry(dataclasses.replace(gap, version=3))
     node = Node.open(config)
     try:
@@ -1574,7 +1575,7 @@ async def test_status_judges_the_running_nodes_key_when_its_key_file_was_overwri
     now = now_ms()
     update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
                      now - 3_600_000)
-    update = end_key(update, old, now - 60_000)  # lapsed a minute ago
+    update = end_key(update, old, now - 60_000, now)  # lapsed a minute ago
     network.publish_registry(dataclasses.replace(update, version=2))
     with DirectoryLock(config.directory) as lock:
         lock.note_keys([key_id(old).hex()])

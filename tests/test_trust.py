@@ -97,7 +97,15 @@ def test_registry_edits_refuse_what_does_not_fit() -> None:
     with pytest.raises(RegistryEditError, match="has an authority BW-KPA already"):
         add_key(base, "BW", "BW-KPA", _pub(), 0, authority_name="BW Second")
     with pytest.raises(RegistryEditError, match="after its start"):
-        end_key(end_key(base, first, 10), first, 0)
+        end_key(end_key(base, first, 10, 0), first, 0, 0)
+    # A lapsed key brought back made valid what a retired key's copy signed meanwhile;
+    # an end still to come moves either way, a lapsed one only earlier.
+    ended = end_key(base, first, 10, 0)
+    with pytest.raises(RegistryEditError, match=r"lapsed at .* not brought back"):
+        end_key(ended, first, 20, 15)
+    for at, now, ends in ((5, 15, 5), (20, 5, 20)):
+        keys = end_key(ended, first, at, now).participants[0].authorities[0].keys
+        assert keys[0].valid_until == ends
     # A second revoke-key (to be sure, a script run twice) moved the revocation to its
     # own --at, now by default: what a compromised key signed in between was valid again.
     revoked = revoke_key(base, first, 5_000)
@@ -191,7 +199,7 @@ def test_key_rotation_overlap_and_revocation(pair: tuple[Node, Node, object]) ->
 
     update = network.registry  # type: ignore[attr-defined]
     update = add_key(update, me, exporter.config.authority, bytes(new.verify_key), starts)
-    update = end_key(update, bytes(old.verify_key), old_ends)
+    update = end_key(update, bytes(old.verify_key), old_ends, now_ms())
     update = dataclasses.replace(update, version=2)
     for node, at in ((exporter, t0), (importer, t0)):
         node.clock = lambda at=at: at  # type: ignore[misc]
@@ -257,7 +265,7 @@ def _make_unusable(how: str, node: Node, update: RegistryUpdate, at: int) -> tup
     if how == "revoked":
         return revoke_key(update, bytes(key.verify_key), at), key
     if how == "lapsed":
-        return end_key(update, bytes(key.verify_key), at), key
+        return end_key(update, bytes(key.verify_key), at, now_ms()), key
     # The operator swapped node.key for a key the registry does not hold (yet).
     swapped = SigningKey.generate()
     path = node.config.path(node.config.signing_key_file)
@@ -1081,7 +1089,7 @@ def test_a_key_that_ends_at_midnight_is_judged_by_its_last_day(tmp_path: Path) -
         old = {"ZA": za.signing_key(), "IN": india.signing_key()}
         update = dataclasses.replace(network.registry, version=2)
         for key in old.values():
-            update = end_key(update, bytes(key.verify_key), ends)
+            update = end_key(update, bytes(key.verify_key), ends, now_ms())
         for node in nodes.values():
             node.handle_batch([Delivery(sign_registry(update, network.chair_key, now_ms()))])
             node.clock = lambda: ends + 86_400_000
@@ -1282,7 +1290,7 @@ def test_two_nodes_with_lapsed_keys_do_not_answer_each_others_rejections(
         ends = t0 + 7 * DAY
         update = dataclasses.replace(network.registry, version=2)
         for node in nodes.values():
-            update = end_key(update, bytes(node.signing_keys[0].verify_key), ends)
+            update = end_key(update, bytes(node.signing_keys[0].verify_key), ends, t0)
         frame = sign_registry(update, network.chair_key, t0)
         for node in nodes.values():
             node.handle_batch([Delivery(frame)])
