@@ -400,9 +400,12 @@ def touches(envelope: Envelope, me: str) -> list[RecordKey]:
 
 
 def linked(known: Known) -> list[RecordKey]:
-    """Records the loaded ones point to (the certificate a replacement replaced): a
-    rejection of the replacement must give the old certificate back its loop."""
-    return [(r.side, r.replaces) for r in known.values() if r.replaces]
+    """Records the loaded ones point to: the certificate a replacement replaced (a
+    rejection of the replacement must give the old certificate back its loop) and an
+    export's replacement (an importer answers one of the two, never both)."""
+    return ([(r.side, r.replaces) for r in known.values() if r.replaces]
+            + [(r.side, r.replaced_by) for r in known.values()
+               if r.replaced_by and r.side is Side.EXPORT])
 
 
 def receive(ctx: Context, admitted: Admitted, known: Known,
@@ -629,8 +632,30 @@ def _on_receipt(ctx: Context, env: Envelope, receipt: Receipt, known: Known) -> 
         return refuse(Reason.CERTIFICATE_DIGEST_MISMATCH, "receipt names other certificate "
                       "bytes than the ones sent", certificate=record.number)
     if record.state is State.ISSUED:
+        if why := _other_taken_up(record, known):
+            return refuse(Reason.CERTIFICATE_WRONG_STATE, f"certificate {record.number} "
+                          f"cannot be received: {why}", certificate=record.number)
         return Decision(records=(record.moved(State.DELIVERED, ctx.now_ms),))
     return Decision()  # late or repeated receipt: the record has moved on already
+
+
+def _other_taken_up(record: Record, known: Known) -> str | None:
+    """Why an export's importer cannot have taken it up: it took up the other one of the
+    certificate and its replacement. An importer that follows SPEC §9.6 confirms the old
+    certificate (and then refuses the replacement) or receives the replacement (and then
+    holds the old one replaced), never both. Taken both, one shipment counted twice in
+    this node's statistics, on the word of an importer whose own records count it once.
+    A replacement still ``issued`` has had no answer: a confirmation of the old certificate
+    may have crossed it (SPEC §9.5)."""
+    successor = known.get((Side.EXPORT, record.replaced_by)) if record.replaced_by else None
+    if (record.state is State.REPLACED and successor is not None
+            and successor.state in (State.DELIVERED, State.CONFIRMED)):
+        return (f"its importer has answered its replacement {successor.number} "
+                f"({successor.state.value})")
+    old = known.get((Side.EXPORT, record.replaces)) if record.replaces else None
+    if old is not None and old.state is State.CONFIRMED:
+        return f"its importer has confirmed {old.number}, the certificate it replaces"
+    return None
 
 
 def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmation,
@@ -654,6 +679,9 @@ def _on_confirmation(ctx: Context, env: Envelope, confirmation: ImportConfirmati
             certificate=record.number, final=False))
     if record.state is State.CONFIRMED and record.confirmation == confirmation:
         return Decision()
+    if why := _other_taken_up(record, known):
+        return refuse(Reason.CERTIFICATE_WRONG_STATE, f"certificate {record.number} cannot "
+                      f"be confirmed: {why}", certificate=record.number)
     if record.state in (State.CANCELLED, State.REPLACED):
         # The importer confirmed before our cancellation or replacement reached it (the
         # two crossed): the goods arrived under this certificate, and the importer refuses

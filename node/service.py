@@ -453,7 +453,7 @@ class Node:
                 # Applied again: it can only move an issued certificate to delivered, and
                 # one is issued again when the importer refused its replacement (it is
                 # resent, and the importer answers with the receipt it sent before).
-                again = receive(ctx, admitted, self.store.load(touches(env, self.me)))
+                again = receive(ctx, admitted, self._known(env))
                 if again.records:
                     self._commit(ctx, again, admitted)
             self._after_commit("info", "duplicate", message_id=env.message_id,
@@ -469,9 +469,7 @@ class Node:
                 return Verdict(dead_letter=before, duplicate=True, kind=str(env.kind),
                                kept=True)
             return Verdict(duplicate=True, kind=str(env.kind))
-        known = self.store.load(touches(env, self.me))
-        if more := [k for k in linked(known) if k not in known]:
-            known = {**known, **self.store.load(more)}
+        known = self._known(env)
         decision = receive(ctx, admitted, known, self._before(env, known))
         refusal = decision.refusal
         if refusal is not None and not refusal.final:
@@ -493,6 +491,13 @@ class Node:
                                reason=refusal.reason, text=refusal.text,
                                certificate=refusal.certificate)
         return Verdict(dead_letter=refusal, kind=str(env.kind), kept=True)
+
+    def _known(self, env: Envelope) -> Known:
+        """The records a message touches, and those they link to (machine.linked)."""
+        known = self.store.load(touches(env, self.me))
+        if more := [k for k in linked(known) if k not in known]:
+            known = {**known, **self.store.load(more)}
+        return known
 
     def _answer_again(self, ctx: Context, answer_id: str) -> None:
         """The same answer again, byte for byte, or signed afresh where its recipient

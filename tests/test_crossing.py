@@ -18,8 +18,20 @@ from node.chair import embargo, sign_registry
 from node.machine import Side, State, day_of
 from node.network import create_network
 from node.service import CommandRefused, Delivery, Node, now_ms
+from node.stats import NOT_TRADE
 from node.store import OutboxRow
-from protocol import Cancellation, Envelope, RegistryKey, RegistryUpdate, seal
+from protocol import (
+    Cancellation,
+    Envelope,
+    ImportConfirmation,
+    Payload,
+    Receipt,
+    RegistryKey,
+    RegistryUpdate,
+    decode_body,
+    parse_frame,
+    seal,
+)
 from tests.netutil import carry, certificate
 
 Nodes = dict[str, Node]
@@ -376,3 +388,82 @@ def test_a_lapsed_key_cannot_sign_a_certificate_dated_after_its_end(tmp_path: Pa
     finally:
         za.close()
         india.close()
+
+
+# -- an importer that answers both a certificate and its replacement --------------------
+
+
+def from_be(pair: Nodes, payload: Payload, times: int = 1) -> str | None:
+    """BE, registered and with its own valid key, signs ``payload`` by hand (not through
+    its node's rules) and BW takes it ``times`` times: the reason BW refused it the last
+    time, or None."""
+    be = pair["BE"]
+    frame = seal(Envelope(sender="BE", recipient="BW", created_at=be.clock(),
+                          payload=payload), be.signing_key())
+    for _ in range(times):
+        (verdict,) = pair["BW"].handle_batch([Delivery(frame)])
+    return verdict.dead_letter.reason if verdict.dead_letter else None
+
+
+def confirmation(pair: Nodes, number: str, digest: bytes) -> ImportConfirmation:
+    sent = pair["BW"].store.get(Side.EXPORT, number)
+    assert sent is not None
+    c = sent.certificate
+    return ImportConfirmation(certificate=number, certificate_digest=digest, destination="BE",
+                              importer=c.importer, lines=c.lines, parcels=c.parcels,
+                              received_on=c.issued_on, remarks="")
+
+
+def traded(node: Node) -> list[str]:
+    """The exports the statistics count (stats.NOT_TRADE)."""
+    return sorted(r.number for r in node.records(side=Side.EXPORT)
+                  if r.state not in NOT_TRADE)
+
+
+def test_an_importer_that_took_the_replacement_cannot_confirm_the_old_certificate_too(
+        pair: Nodes) -> None:
+    """BE receipted the replacement (its own record of the old certificate says replaced),
+    then signed an import confirmation of the old one. BW took it as a confirmation that
+    crossed its replacement: the old certificate confirmed, the replacement delivered, one
+    shipment counted twice in BW's exports."""
+    bw = pair["BW"]
+    delivered(pair, "BW-1")
+    old = bw.store.get(Side.EXPORT, "BW-1")
+    assert old is not None
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE"), "typo")
+    settle(pair)
+    assert states(pair, "BW-1") == (State.REPLACED, State.REPLACED)
+    assert states(pair, "BW-2") == (State.DELIVERED, State.RECEIVED)
+    assert from_be(pair, confirmation(pair, "BW-1", old.certificate_digest)
+                   ) == "certificate.wrong_state"
+    assert states(pair, "BW-1") == (State.REPLACED, State.REPLACED)
+    assert traded(bw) == ["BW-2"]
+    closes(pair, "BW-2")
+    assert traded(bw) == ["BW-2"]
+
+
+def test_an_importer_that_confirmed_the_old_certificate_cannot_take_the_replacement_too(
+        pair: Nodes) -> None:
+    """BE confirmed the old certificate while the replacement was on its way, which BW
+    takes as a crossing; BE then signed a receipt and a confirmation of the replacement
+    instead of refusing it, and BW counted both."""
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-1")
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE"), "typo")
+    replacement = held(bw)
+    be.confirm("BW-1")
+    settle(pair)
+    assert states(pair, "BW-1") == (State.CONFIRMED, State.CONFIRMED)
+    (row,) = replacement
+    digest = parse_frame(row.frame).digest
+    assert decode_body(parse_frame(row.frame).body).kind == "replacement"
+    # (a repeated receipt is applied again, SPEC §13: so is this rule)
+    assert from_be(pair, Receipt(certificate="BW-2", certificate_digest=digest), times=2
+                   ) == "certificate.wrong_state"
+    assert from_be(pair, confirmation(pair, "BW-2", digest)) == "certificate.wrong_state"
+    assert states(pair, "BW-2") == (State.ISSUED, None)
+    assert traded(bw) == ["BW-1", "BW-2"]  # open until BE's refusal comes
+    deliver(be, replacement)  # BE's node refuses it, as it should
+    settle(pair)
+    assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)
+    assert traded(bw) == ["BW-1"]
