@@ -467,3 +467,24 @@ def test_an_importer_that_confirmed_the_old_certificate_cannot_take_the_replacem
     settle(pair)
     assert states(pair, "BW-2") == (State.REJECTED, State.REJECTED)
     assert traded(bw) == ["BW-1"]
+
+
+def test_an_importer_that_confirmed_the_old_certificate_cannot_take_a_later_replacement(
+        pair: Nodes) -> None:
+    """As above, one link further: BW replaced the replacement before BE's refusal came,
+    and BE signed a receipt of that one instead."""
+    bw, be = pair["BW"], pair["BE"]
+    delivered(pair, "BW-1")
+    bw.replace("BW-1", certificate("BW-2", "BW", "BE"), "typo")
+    first = held(bw)
+    be.confirm("BW-1")
+    settle(pair)
+    bw.replace("BW-2", certificate("BW-3", "BW", "BE"), "another typo")
+    second = held(bw)
+    digest = parse_frame(second[0].frame).digest
+    assert from_be(pair, Receipt(certificate="BW-3", certificate_digest=digest)
+                   ) == "certificate.wrong_state"
+    deliver(be, first + second)
+    settle(pair)
+    assert states(pair, "BW-3") == (State.REJECTED, State.REJECTED)
+    assert traded(bw) == ["BW-1"]
