@@ -419,6 +419,11 @@ def _replacement(problems: list[Problem], value: object, path: str) -> Replaceme
     certificate = r.nested("certificate", parse_certificate)
     if replaces and replaces == certificate.number:
         r.problem(join(path, "replaces"), Reason.BAD_FORMAT, "must differ from the new number")
+    elif replaces and certificate.issuer and not replaces.startswith(certificate.issuer):
+        # A Participant replaces only its own certificates: naming another's, the new one
+        # was received with a link to a certificate its sender never issued.
+        r.problem(join(path, "replaces"), Reason.NUMBER_PREFIX,
+                  f"must start with the issuer's code {certificate.issuer}")
     return Replacement(replaces=replaces, reason=r.text("reason", max_len=MAX_TEXT),
                        certificate=certificate)
 

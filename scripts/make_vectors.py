@@ -870,12 +870,18 @@ def schema_faults() -> None:
     schema("replacement-replaces-itself", "replaces equals the new certificate's number.",
            rep, ZA, [(p + "replaces", Reason.BAD_FORMAT)])
     rep = wire(REPLACEMENT_ENV)
+    rep["payload"]["replaces"] = "BW/2026/1"
+    schema("replacement-of-another-issuer", "replaces names a number of another issuer "
+           "(BW's, in ZA's replacement).", rep, ZA, [(p + "replaces", Reason.NUMBER_PREFIX)])
+    rep = wire(REPLACEMENT_ENV)
     rep["payload"]["certificate"]["issuer"] = "BW"
     rep["payload"]["certificate"]["number"] = "BW/2026/9"
     rep["payload"]["certificate"]["issuing_authority"] = "BW-MMGE"
     schema("replacement-inner-sender-mismatch",
-           "A replacement whose inner certificate is issued by BW, sent by ZA.", rep, ZA,
-           [(p + "certificate.issuer", Reason.SENDER_MISMATCH)])
+           "A replacement whose inner certificate is issued by BW, sent by ZA (and so "
+           "replacing ZA's number, not one of its issuer's).", rep, ZA,
+           [(p + "replaces", Reason.NUMBER_PREFIX),
+            (p + "certificate.issuer", Reason.SENDER_MISMATCH)])
     cancel = wire(CANCELLATION_ENV)
     cancel["payload"]["reason"] = ""
     cancel["payload"]["certificate"] = "ZA"

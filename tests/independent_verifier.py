@@ -451,6 +451,8 @@ class Walk:
                 "number": "", "issuer": "", "destination": ""}
             if replaces and replaces == parties["number"]:
                 self.add(self.at(path, "replaces"), "bad_format")
+            elif replaces and parties["issuer"] and not replaces.startswith(parties["issuer"]):
+                self.add(self.at(path, "replaces"), "number_prefix")
             return parties
         if kind == "registry_update":
             f = self.fields(v, path, ("version", "participants", "embargoed_origins"))

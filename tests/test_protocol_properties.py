@@ -188,7 +188,7 @@ def envelopes(draw: st.DrawFn, kind: str) -> Envelope:
         payload = Cancellation(certificate=draw(cert_numbers), reason=draw(texts(80)))
     elif kind == "replacement":
         new = draw(certificates(sender, recipient))
-        replaces = draw(cert_numbers)
+        replaces = sender + draw(cert_numbers)[2:]  # one of the issuer's own numbers
         assume(replaces != new.number)
         payload = Replacement(replaces=replaces, reason=draw(texts(80)), certificate=new)
     elif kind == "registry_update":

@@ -328,13 +328,17 @@ def test_certificate_issuer_and_destination_must_be_the_envelope_parties() -> No
 
 
 def test_replacement_certificate_parties() -> None:
-    payload = {"replaces": "ZA/2026/000001", "reason": "typo",
+    payload = {"replaces": "BW/2026/000001", "reason": "typo",
                "certificate": certificate(issuer="BW", number="BW/1",
                                           issuing_authority="BW-MMGE", destination="ZA")}
     assert problems(envelope(payload, kind="replacement")) == [
         ("payload.certificate.issuer", "field.sender_mismatch"),
         ("payload.certificate.destination", "field.recipient_mismatch"),
     ]
+    # A Participant replaces only its own certificates.
+    payload = {"replaces": "BW/2026/000001", "reason": "typo", "certificate": certificate()}
+    assert problems(envelope(payload, kind="replacement")) == [
+        ("payload.replaces", "field.number_prefix")]
     payload = {"replaces": "ZA/2026/000123", "reason": "typo", "certificate": certificate()}
     assert problems(envelope(payload, kind="replacement")) == [
         ("payload.replaces", "field.bad_format")]

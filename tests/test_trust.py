@@ -935,10 +935,15 @@ def test_a_participant_cannot_replace_another_participants_certificate(
     bw.issue(certificate("BW-2026-0001", "BW", "BE"))
     carry(bw, three)
     carry(be, three)
-    _from_za(three, Replacement(replaces="BW-2026-0001", reason="issued in error",
-                                certificate=certificate("ZA-2026-0777", "ZA", "BE")))
+    answers = _from_za(three, Replacement(replaces="BW-2026-0001", reason="issued in error",
+                                          certificate=certificate("ZA-2026-0777", "ZA", "BE")))
     held = be.store.get(Side.IMPORT, "BW-2026-0001")
     assert held is not None and held.state is State.RECEIVED and held.replaced_by is None
+    # Refused as a whole: taken, ZA-2026-0777 was recorded as replacing BW's certificate,
+    # a link between two Participants' certificates that the console showed.
+    ((reason, text),) = answers
+    assert reason == "body.schema", text  # problems: (payload.replaces, number_prefix)
+    assert be.store.get(Side.IMPORT, "ZA-2026-0777") is None
     be.confirm("BW-2026-0001")  # BE can still close BW's loop
     carry(be, three)
     assert bw.store.get(Side.EXPORT, "BW-2026-0001").state is State.CONFIRMED  # type: ignore[union-attr]
