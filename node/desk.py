@@ -51,15 +51,42 @@ class Answered:
     confirmation_at: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RefusedCommand:
+    """A desk's command its node refused: the loop it was for cannot close as planned, and
+    nothing in the plan will move it on (the desk does not try again)."""
+
+    #: "issue" (the exporter's node refused it) or "confirm" (the importer's)
+    command: str
+    number: str
+    #: the Participant whose node refused it
+    by: str
+    #: the node's refusal: its reason code and text
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.command} {self.number}: {self.why}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"command": self.command, "number": self.number, "by": self.by,
+                "why": self.why}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RefusedCommand:
+        return cls(command=str(data["command"]), number=str(data["number"]),
+                   by=str(data["by"]), why=str(data["why"]))
+
+
 @dataclass
 class DeskStats:
     issued: int = 0
     confirmed: int = 0
-    refused: list[str] = field(default_factory=list)
+    refused: list[RefusedCommand] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"issued": self.issued, "confirmed": self.confirmed,
-                "refused": self.refused[:20], "refused_count": len(self.refused)}
+                "refused": [str(r) for r in self.refused[:20]],
+                "refused_count": len(self.refused)}
 
 
 class Desk:
@@ -92,6 +119,9 @@ class Desk:
         self.failure: str | None = None
         #: called once when that happens (the node process then ends, so the run sees it)
         self.on_failure: Callable[[str], None] | None = None
+        #: called for each command the node refused, as it happens: the simulation stops
+        #: waiting for that loop (a node process tells its parent through this)
+        self.on_refused: Callable[[RefusedCommand], None] | None = None
         #: per certificate this desk issued: when its node committed the receipt and the
         #: import confirmation (ms; see :attr:`Answered`), heard through ``on_records``
         self.answered: dict[str, Answered] = {}
@@ -195,8 +225,11 @@ class Desk:
         done = 0
         for number, outcome in zip(numbers, outcomes, strict=True):
             if isinstance(outcome, Refusal):
-                self.stats.refused.append(f"{command} {number}: {outcome}")
+                refused = RefusedCommand(command, number, self.node.me, str(outcome))
+                self.stats.refused.append(refused)
                 log.warning(f"{command} refused", number=number, refusal=str(outcome))
+                if self.on_refused is not None:
+                    self.on_refused(refused)
             else:
                 done += 1
         return done

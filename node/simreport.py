@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.desk import Answered
+from node.desk import Answered, RefusedCommand
 from node.evidence import unsupported_records
 from node.machine import (
     OPEN_STATES,
@@ -84,6 +84,8 @@ class Report:
     issued: int = 0
     closed: int = 0
     rejected: int = 0
+    #: loops whose issue or import confirmation the desk asked for and its node refused
+    refused: int = 0
     open: int = 0
     discrepancies: int = 0
     carats_hundredths: int = 0
@@ -153,7 +155,8 @@ class Report:
             "participants": list(self.codes), "mode": self.mode, "options": self.options,
             "certificates": {"planned": self.planned, "issued": self.issued,
                              "loops_closed": self.closed, "rejected": self.rejected,
-                             "open": self.open, "with_discrepancies": self.discrepancies},
+                             "refused": self.refused, "open": self.open,
+                             "with_discrepancies": self.discrepancies},
             "share_of_world_year": self.planned / WORLD_CERTIFICATES_PER_YEAR,
             "volume": {"carats": self.carats_hundredths / 100, "usd": self.usd_cents / 100,
                        "mean_carats": (self.carats_hundredths / 100 / self.issued
@@ -193,6 +196,7 @@ def format_report(report: Report) -> str:
         f"  certificates issued   {c['issued']:>10,}",
         f"  loops closed          {c['loops_closed']:>10,}",
         f"  rejected              {c['rejected']:>10,}",
+        f"  refused by a node     {c['refused']:>10,}",
         f"  still open            {c['open']:>10,}",
         f"  with discrepancies    {c['with_discrepancies']:>10,}",
         f"  carats                {v['carats']:>16,.2f}   (mean "
@@ -357,7 +361,8 @@ def _answered_at(report: Report, stamped: int | None, committed: int | None) -> 
 
 def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shipment],
             start_at_ms: int | None = None, *,
-            answered: Mapping[str, Mapping[str, Answered]] | None = None) -> None:
+            answered: Mapping[str, Mapping[str, Answered]] | None = None,
+            refused: Mapping[str, RefusedCommand] | None = None) -> None:
     """Fill ``report`` from the nodes' stores and check the invariants.
 
     ``start_at_ms`` is the instant the desks were told to start the plan from (on the wall
@@ -369,8 +374,13 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
     import confirmation (:attr:`node.desk.Desk.answered`); latency is timed to those.
     Where one is not known, to the evidence's stamp, which is earlier: the instant the
     node began the batch that took the answer in, before the batch's other messages and
-    its fsync."""
+    its fsync.
+
+    ``refused``: per certificate number, the desk's command for it that a node refused
+    (:attr:`node.desk.DeskStats.refused`). Such a loop fails once, with the node's
+    reason, and counts as refused rather than open or never issued."""
     report.start_at_ms = start_at_ms
+    refused = refused or {}
     exports = {code: {r.number: r for r in s.records(side=Side.EXPORT)}
                for code, s in stores.items()}
     imports = {code: {r.number: r for r in s.records(side=Side.IMPORT)}
@@ -384,8 +394,14 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
         number, exporter, importer = shipment.number, shipment.exporter, shipment.importer
         ours = exports[exporter].get(number)
         theirs = imports[importer].get(number)
+        refusal = refused.get(number)
         if ours is None:
-            report.fail(f"{number}: never issued by {exporter}")
+            if refusal is not None:
+                report.refused += 1
+                report.fail(f"{number}: {refusal.by} refused to {refusal.command} it: "
+                            f"{refusal.why}")
+            else:
+                report.fail(f"{number}: never issued by {exporter}")
             continue
         report.issued += 1
         report.carats_hundredths += ours.certificate.carats_hundredths
@@ -413,12 +429,16 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
             # The plan closes every loop with a confirmation: it plans no rejection,
             # cancellation or replacement, so any other end (or none) is one nobody asked
             # for, however consistent both sides are about it.
-            if ours.state is State.REJECTED:
+            if refusal is not None:
+                report.refused += 1
+            elif ours.state is State.REJECTED:
                 report.rejected += 1
             elif ours.state in OPEN_STATES:
                 report.open += 1
-            report.fail(f"{number}: planned to close confirmed, but {exporter} "
-                        f"{_end_state(ours)} and {importer} {_end_state(theirs)}")
+            report.fail(f"{number}: planned to close confirmed, but "
+                        + (f"{refusal.by} refused to {refusal.command} it: {refusal.why}; "
+                           if refusal is not None else "")
+                        + f"{exporter} {_end_state(ours)} and {importer} {_end_state(theirs)}")
             continue
         if theirs is None or theirs.state is not State.CONFIRMED:
             report.fail(f"{number}: confirmed at {exporter} but "
@@ -441,12 +461,17 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
             _check_side(report, code, record, evidence[code].get(number, Evidence()), shipment)
         if ours.discrepancies:
             report.discrepancies += 1
+    # A refused command the plan did not ask for (a desk confirming an arrival nobody
+    # planned) has no loop above to fail with: said on its own.
+    planned_numbers = {s.number for s in shipments}
+    for number, refusal in sorted(refused.items()):
+        if number not in planned_numbers:
+            report.fail(f"{refusal.by}: {refusal}")
     if first_issue is not None and last_close is not None:
         report.span_ms = last_close - first_issue
     if first_issue is not None and last_issue is not None:
         report.issue_span_ms = last_issue - first_issue
     # Mirror statistics: what X reports exporting to Y is what Y reports importing from X.
-    planned_numbers = {s.number for s in shipments}
     for x in stores:
         for y in stores:
             if x == y:

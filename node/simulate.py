@@ -17,10 +17,12 @@ second.
 
 At the end it reads every node's own records and evidence log and checks the invariants:
 every certificate's loop is closed as planned (the plan confirms every one, so a loop
-rejected, cancelled or still open when the wait ends is a failure), both sides hold equal
-records and the same signed frames, the discrepancies are the planned ones on both sides,
-and the mirror statistics of every pair of partners agree (:mod:`node.simreport`). It
-prints a report (``--json`` for machines) and exits 1 when an invariant fails.
+rejected, cancelled or still open when the wait ends is a failure, and so is one whose
+issue or confirmation its node refused: the wait ends without it, since nothing in the
+plan would close it), both sides hold equal records and the same signed frames, the
+discrepancies are the planned ones on both sides, and the mirror statistics of every pair
+of partners agree (:mod:`node.simreport`). It prints a report (``--json`` for machines)
+and exits 1 when an invariant fails.
 
 Latency (issue → receipt, issue → confirmation) is timed from each certificate's planned
 instant — the run's start instant plus the certificate's planned offset — to when the
@@ -57,6 +59,7 @@ import structlog
 from node.desk import (
     Answered,
     Desk,
+    RefusedCommand,
     desk_plan,
     read_answered,
     write_answered,
@@ -147,6 +150,11 @@ class Nodes:
     async def start(self) -> None:
         raise NotImplementedError
 
+    def refused(self) -> dict[str, RefusedCommand]:
+        """Per loop (its certificate's number), the desk's command for it that a node
+        refused so far: that loop will not close, and the run need not wait for it."""
+        raise NotImplementedError
+
     def begin(self, start_at_ms: int) -> None:
         raise NotImplementedError
 
@@ -185,6 +193,10 @@ class InProcessNodes(Nodes):
         for desk in self.desks.values():
             desk.start(start_at_ms)
 
+    def refused(self) -> dict[str, RefusedCommand]:
+        return {r.number: r for desk in getattr(self, "desks", {}).values()
+                for r in desk.stats.refused}
+
     async def stop(self) -> None:
         for desk in getattr(self, "desks", {}).values():
             await desk.stop()
@@ -211,6 +223,9 @@ class ProcessNodes(Nodes):
 
     async def start(self) -> None:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        #: per node process, the task reading what it says after "ready" (:meth:`_listen`)
+        self.listeners: dict[str, asyncio.Task[None]] = {}
+        self._refused: dict[str, RefusedCommand] = {}
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "KPX_LOG_LEVEL": self.options.log_level,
                "KPX_LOG_FORMAT": "json",
@@ -234,6 +249,31 @@ class ProcessNodes(Nodes):
                                   f"{self.START_TIMEOUT:.0f} s") from None
         for code, config in self.network.configs.items():
             self.stores[code] = Store(config.database_path)
+        for code in self.procs:
+            self.listeners[code] = asyncio.create_task(self._listen(code),
+                                                       name=f"listen-{code}")
+
+    async def _listen(self, code: str) -> None:
+        """Read what node process ``code`` says until it is done: its desk's refused
+        commands as they happen, then its final counts. All along, since a process whose
+        stdout pipe is full would block in the middle of its work."""
+        while True:
+            try:
+                reply = await self._read(code)
+            except SimulationError:
+                return  # it ended without "done": check_alive and stop say how
+            if reply.get("event") == "refused":
+                refused = RefusedCommand.from_json(reply)
+                self._refused.setdefault(refused.number, refused)
+            elif reply.get("event") == "done":
+                self.desk_stats[code] = reply.get("desk", {})
+                self.peak_rss_kib.setdefault(code, int(reply.get("peak_rss_kib") or 0))
+                if reply.get("cpu_seconds") is not None:
+                    self.cpu_seconds[code] = float(reply["cpu_seconds"])
+                return
+
+    def refused(self) -> dict[str, RefusedCommand]:
+        return dict(getattr(self, "_refused", {}))
 
     async def _read(self, code: str) -> dict[str, Any]:
         proc = self.procs[code]
@@ -286,6 +326,7 @@ class ProcessNodes(Nodes):
             store.close()
         self.stores = {}
         procs = getattr(self, "procs", {})
+        self.listeners = getattr(self, "listeners", {})
         for code, proc in procs.items():
             if proc.returncode is None:
                 peak = peak_rss_kib(proc.pid)
@@ -297,19 +338,13 @@ class ProcessNodes(Nodes):
                     proc.stdin.close()
 
         async def finish(code: str, proc: asyncio.subprocess.Process) -> None:
+            # a process that did not get to "ready" (start failed part-way) has no listener
+            listener = self.listeners.get(code) or asyncio.create_task(self._listen(code))
             try:
                 async with asyncio.timeout(self.STOP_TIMEOUT):
-                    while True:
-                        reply = await self._read(code)
-                        if reply.get("event") == "done":
-                            self.desk_stats[code] = reply.get("desk", {})
-                            self.peak_rss_kib.setdefault(code, int(reply.get("peak_rss_kib")
-                                                                   or 0))
-                            if reply.get("cpu_seconds") is not None:
-                                self.cpu_seconds[code] = float(reply["cpu_seconds"])
-                            break
+                    await listener
                     await proc.wait()
-            except (TimeoutError, SimulationError):
+            except TimeoutError:
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
@@ -339,7 +374,8 @@ class Progress:
         self._last_line = 0.0
         self._last_text = ""
 
-    def update(self, issued: int, receipted: int, closed: int, final: bool = False) -> None:
+    def update(self, issued: int, receipted: int, closed: int, refused: int = 0,
+               final: bool = False) -> None:
         if not self.enabled:
             return
         elapsed = time.monotonic() - self.started
@@ -349,7 +385,8 @@ class Progress:
         done = closed / self.total if self.total else 1.0
         bar = "#" * int(done * self.WIDTH)
         text = (f"[{bar:<{self.WIDTH}}] {closed:,}/{self.total:,} loops closed  "
-                f"issued {issued:,}  receipts {receipted:,}  {elapsed:5.1f} s")
+                f"issued {issued:,}  receipts {receipted:,}  "
+                + (f"refused {refused:,}  " if refused else "") + f"{elapsed:5.1f} s")
         if self.tty:
             sys.stderr.write("\r" + text + ("\n" if final else ""))
         elif text != self._last_text:
@@ -552,7 +589,8 @@ async def _simulate(options: Options, codes: tuple[str, ...],
         report.wall_seconds = time.monotonic() - started
         stores = _open_for_analysis(network, stack)
         try:
-            analyse(report, stores, shipments, start_at, answered=nodes.answered)
+            analyse(report, stores, shipments, start_at, answered=nodes.answered,
+                    refused=nodes.refused())
         except (StoreError, UnreadableRecord, sqlite3.DatabaseError) as exc:
             raise SimulationError(f"the nodes' records cannot be read after the run: "
                                   f"{exc}") from None
@@ -562,9 +600,7 @@ async def _simulate(options: Options, codes: tuple[str, ...],
             node["peak_rss_mib"] = None if peak is None else round(peak / 1024, 1)
             cpu = nodes.cpu_seconds.get(code)
             node["cpu_seconds"] = None if cpu is None else round(cpu, 2)
-            node["desk"] = nodes.desk_stats.get(code, {})
-            for refused in node["desk"].get("refused", []):
-                report.fail(f"{code}: {refused}")
+            node["desk"] = nodes.desk_stats.get(code, {})  # refusals: failed in analyse
         if nodes.process_peak_rss_kib is not None:
             report.process_peak_rss_mib = round(nodes.process_peak_rss_kib / 1024, 1)
         for code, returncode in getattr(nodes, "unclean", {}).items():
@@ -595,8 +631,8 @@ def _open_for_analysis(network: LocalNetwork, stack: contextlib.ExitStack
 
 
 async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) -> int:
-    """Start the desks, wait until every loop is finished (or the timeout); returns the
-    instant the desks started the plan from."""
+    """Start the desks, wait until every loop is finished or refused (or the timeout);
+    returns the instant the desks started the plan from."""
     total = len(shipments)
     last_at = max((s.at_ms for s in shipments), default=0) / 1000
     longest_delay = max((s.confirm_delay_ms for s in shipments), default=0) / 1000
@@ -611,14 +647,20 @@ async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) ->
         await asyncio.sleep(0.25)
         nodes.check_alive()
         issued, receipted, closed, finished = count_progress(nodes.stores)
-        progress.update(issued, receipted, closed)
-        if finished >= total:
+        # A refused loop stays where the refusal left it (an issue refused leaves no
+        # record, a confirmation refused leaves it delivered): nothing in the plan moves
+        # it on, so it is accounted for, not waited for until the timeout.
+        refused = len(nodes.refused())
+        progress.update(issued, receipted, closed, refused)
+        if finished + refused >= total:
+            if refused:
+                log.warning("commands refused: their loops will not close", refused=refused)
             break
         if time.monotonic() > deadline:
-            log.warning("simulation timed out with loops open", open=total - finished,
-                        timeout=timeout)
+            log.warning("simulation timed out with loops open",
+                        open=total - finished - refused, timeout=timeout)
             break
-    progress.update(issued, receipted, closed, final=True)
+    progress.update(issued, receipted, closed, refused, final=True)
     return start_at
 
 

@@ -5,10 +5,11 @@ node exactly as ``kpnode run`` does (:class:`~node.runner.RunningNode`) and, in 
 event loop, the desk that issues the node's planned certificates and confirms arrivals
 (:class:`~node.desk.Desk`), as an authority's own systems would next to its node.
 
-It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, and ``{"event":
-"done", ...}`` with its desk's counts, peak RSS and CPU time after a clean stop (and when
-its node committed each receipt and confirmation, in a file: :func:`~node.desk.
-write_answered`); on stdin
+It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, ``{"event":
+"refused", "command": ..., "number": ..., "by": ..., "why": ...}`` for each of its desk's
+commands the node refused, as it happens, and ``{"event": "done", ...}`` with its desk's
+counts, peak RSS and CPU time after a clean stop (and when its node committed each
+receipt and confirmation, in a file: :func:`~node.desk.write_answered`); on stdin
 ``{"start_at_ms": T}`` (issue the plan from that instant on: the simulation times latency
 from T plus each certificate's planned offset, on the wall clock this process shares with
 it) and ``{"stop": true}`` (or end of input, SIGTERM, SIGINT): stop the desk, drain the
@@ -75,6 +76,10 @@ async def run(directory: Path) -> int:
         failed.append(why)
         stop.set()
     desk.on_failure = desk_failed
+    # As each happens, not in the final report: the parent stops waiting for a loop that
+    # was refused, instead of waiting out its timeout for it. (It reads this process's
+    # stdout all along, so the write does not block.)
+    desk.on_refused = lambda refused: emit({"event": "refused", **refused.to_json()})
     emit({"event": "ready", "participant": config.participant, "pid": os.getpid()})
 
     async def commands() -> None:

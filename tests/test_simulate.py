@@ -185,6 +185,62 @@ async def test_a_desk_that_fails_ends_the_run_at_once(
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize("in_process", [True, False])
+async def test_refused_commands_end_the_wait_and_fail_the_run(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch, in_process: bool) -> None:
+    """A desk's issue or import confirmation that its node refused left a loop nobody
+    would ever close, and the run waited its whole timeout for it (then listed a refused
+    issue twice, as refused and as never issued). It ends once every other loop is closed,
+    counts the refused ones apart and fails each once, with its node's reason."""
+    from datetime import UTC, datetime, timedelta
+
+    from node import simulate
+
+    now = datetime.now(UTC)
+    if (24 * 3600 - (now.hour * 3600 + now.minute * 60 + now.second)) < 600:
+        pytest.skip("a run crossing UTC midnight would move 'tomorrow'")
+    today = now.date()
+    planned = simulate.plan_trade
+    ahead = {}
+
+    def dated_ahead(*args: object, **kwargs: object) -> list[Shipment]:
+        """The plan, with one certificate dated two days ahead (its exporter's node refuses
+        to issue it) and one dated tomorrow (issued and received, but its importer's node
+        refuses to confirm an arrival before the date of issue)."""
+        shipments = list(planned(*args, **kwargs))  # type: ignore[arg-type]
+        for i, days in ((0, 2), (1, 1)):
+            certificate = dataclasses.replace(
+                shipments[i].certificate, issued_on=today + timedelta(days=days),
+                expires_on=today + timedelta(days=days + 90))
+            shipments[i] = dataclasses.replace(shipments[i], certificate=certificate)
+            ahead[days] = shipments[i]
+        return shipments
+    monkeypatch.setattr(simulate, "plan_trade", dated_ahead)
+    options = Options(codes=tuple(fresh_codes(2)), certificates=10, in_process=in_process,
+                      rate=0.0, confirm_delay=0.0, discrepancy_share=0.0, seed=3,
+                      progress=False, timeout=90.0)
+    started = time.monotonic()
+    report = await run_simulation(options, [amqp_url])
+    assert time.monotonic() - started < 45  # not the 90 s timeout
+    assert not report.ok
+    assert (report.issued, report.closed, report.refused, report.open) == (9, 8, 2, 0)
+    unissued, unconfirmed = ahead[2], ahead[1]
+    future = (f"issued_on {unissued.certificate.issued_on} is in the future (today is "
+              f"{today} UTC)")
+    early = f"received_on {today} must lie between the date of issue and today"
+    assert report.failures[:2] == [
+        f"{unissued.number}: {unissued.exporter} refused to issue it: field.bad_date: "
+        f"{future} (issued_on: {future})",
+        f"{unconfirmed.number}: planned to close confirmed, but {unconfirmed.importer} "
+        f"refused to confirm it: field.bad_date: {early} (received_on: {early}); "
+        f"{unconfirmed.exporter} holds it delivered and {unconfirmed.importer} holds it "
+        "received"]
+    assert sum(unissued.number in f for f in report.failures) == 1
+    assert report.to_json()["certificates"]["refused"] == 2
+    assert "refused by a node              2" in format_report(report)
+
+
+@pytest.mark.broker
 async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: Path) -> None:
     options = Options(codes=tuple(fresh_codes(5)), certificates=200, in_process=True,
                       rate=400.0, confirm_delay=0.2, discrepancy_share=0.1, seed=5,
