@@ -72,6 +72,7 @@ from node.simulate import (  # noqa: E402
     check_broker_free,
     check_new_directory,
     claimed,
+    remove_left_empty,
     run_simulation,
 )
 from node.trade import PARTICIPANTS, plan_trade  # noqa: E402
@@ -605,10 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", help="keep the networks' directories here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    made: list[Path] = []
     try:
-        if args.keep is not None:
-            args.keep = check_new_directory(args.keep, "--keep")
         check_broker_choice(args.broker)
+        if args.keep is not None:  # last: a refused option left it made and empty
+            args.keep = check_new_directory(args.keep, "--keep", made)
     except ValueError as exc:
         p.error(str(exc))
     from node.logs import configure_logging
@@ -626,6 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("bench: interrupted; its networks and any broker it started are gone")
         return 130
+    finally:
+        remove_left_empty(made)  # --keep made for a bench that never wrote a network there
     # Figures get published: the command that made them, with no broker password in it.
     result["command"] = " ".join(["bench/bench.py", *map(redact, argv or sys.argv[1:])])
     print(json.dumps(result, indent=2) if args.json else format_result(result))

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -111,6 +112,9 @@ class Options:
     log_level: str = "WARNING"
     #: keep the network's directories here (default: a temporary directory)
     directory: Path | None = None
+    #: the directories reading the options made for ``directory`` (it, and any parents that
+    #: were missing), outermost first: a run that fails before it writes there removes them
+    made_directories: tuple[Path, ...] = ()
 
     def chosen_codes(self) -> tuple[str, ...]:
         if self.codes is not None:
@@ -697,10 +701,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
 
-def check_new_directory(text: str, option: str) -> Path:
+def check_new_directory(text: str, option: str, made: list[Path] | None = None) -> Path:
     """The directory for a network's keys, stores and logs, made if need be: it must be
     new or empty, since a file there or an earlier run's network would be mixed with the
-    new one, and writable (ValueError saying which)."""
+    new one, and writable (ValueError saying which). Made here, not when the network is
+    written, so that a path that cannot be one is said before anything starts; ``made``
+    gets the directories made (outermost first), for :func:`remove_left_empty`."""
     if not text.strip():
         raise ValueError(f"{option} is empty")
     path = Path(text)
@@ -709,13 +715,28 @@ def check_new_directory(text: str, option: str) -> Path:
     if path.is_dir() and any(path.iterdir()):
         raise ValueError(f"{option} {path} is not empty (an earlier run's network?); "
                          "give a new or empty directory")
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"{option} {path}: cannot make it ({exc.strerror})") from None
+    if made is not None:
+        made.extend(reversed(missing))
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: not writable")
     return path
+
+
+def remove_left_empty(made: Sequence[Path]) -> None:
+    """Remove the directories :func:`check_new_directory` made for a run that left them
+    empty (a broker that did not answer: the network was never written), innermost first.
+    Only empty ones, which ``rmdir`` alone removes, so nothing written there is lost; and
+    never one the user had before the run."""
+    for directory in reversed(made):
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (the network, or something put there meanwhile): it stays
 
 
 def check_broker_choice(option: str | None) -> None:
@@ -755,17 +776,20 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError(f"--confirm-delay is at most {MAX_CONFIRM_DELAY} seconds")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError("--timeout must be a number of seconds above 0")
-    keep = None if args.keep is None else check_new_directory(args.keep, "--keep")
     check_broker_choice(args.broker)
     options = Options(participants=10 if args.participants is None else args.participants,
                       certificates=args.certificates,
                       codes=codes, in_process=args.in_process, rate=args.rate,
                       confirm_delay=args.confirm_delay, discrepancy_share=args.discrepancies,
                       seed=args.seed, timeout=args.timeout, progress=not args.no_progress,
-                      log_level=args.log_level.upper(),
-                      directory=keep)
+                      log_level=args.log_level.upper())
     options.chosen_codes()  # validates the count
-    return options
+    if args.keep is None:
+        return options
+    # Last, once every other option is known good: a refused one left it made and empty.
+    made: list[Path] = []
+    keep = check_new_directory(args.keep, "--keep", made)
+    return dataclasses.replace(options, directory=keep, made_directories=tuple(made))
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -787,6 +811,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                       f"kept in {options.directory}", file=sys.stderr)
     except (SimulationError, BrokerError) as exc:
         fail(args, 3, str(exc), prog="kpnode simulate")
+    finally:
+        # --keep made for a run that failed (or was interrupted) before writing anything
+        remove_left_empty(options.made_directories)
     raise SystemExit(0 if report.ok else 1)
 
 

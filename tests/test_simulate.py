@@ -150,6 +150,23 @@ def test_keep_must_be_a_new_or_empty_directory(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 3  # past the options, stopped by the missing broker
     assert afile.read_text() == "x" and list(used.iterdir()) == [used / "chair"]
+    assert empty.is_dir()  # the user's own, though this run left it empty
+
+
+@pytest.mark.parametrize(("broker", "exit_status"), [
+    ("amqp://guest:guest@127.0.0.1:1/", 3), ("http://127.0.0.1:1/", 2)])
+def test_a_keep_directory_made_for_a_run_that_failed_is_removed(
+        tmp_path: Path, broker: str, exit_status: int) -> None:
+    """--keep made its directory, and any parents missing, while it read the options: a
+    broker that does not answer (or a --broker option refused after --keep) left them
+    behind, empty. What the run made and left empty goes; what was there stays."""
+    keep = tmp_path / "runs" / "network"
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "simulate", "--participants", "2", "--keep",
+         str(keep), "--broker", broker, "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == exit_status, result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unreachable_broker_is_said_at_once_without_its_password() -> None:
