@@ -45,10 +45,13 @@ class PlannedArrival:
 class Answered:
     """When an exporter's node committed a certificate's receipt and its import
     confirmation (its commit, not the evidence's stamp: that is the instant the node began
-    the batch, before the batch's other messages and the fsync were done)."""
+    the batch, before the batch's other messages and the fsync were done), and its issue:
+    a batch of issues shares one stamp, its start, so the last batch's own work is in its
+    commit only."""
 
     receipt_at: int | None = None
     confirmation_at: int | None = None
+    issued_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,10 @@ class Desk:
         for r in records:
             if r.side is Side.IMPORT and r.state is State.RECEIVED:
                 self._wake.set()
+            elif r.side is Side.EXPORT and r.state is State.ISSUED:
+                issued = self.answered.setdefault(r.number, Answered())
+                if issued.issued_at is None:
+                    issued.issued_at = at
             elif r.side is Side.EXPORT and r.state in (State.DELIVERED, State.CONFIRMED):
                 answered = self.answered.setdefault(r.number, Answered())
                 if answered.receipt_at is None:  # a confirmation says it arrived, too
@@ -273,17 +280,22 @@ def write_answered(directory: Path, answered: Mapping[str, Answered]) -> Path:
     limit a large run's would pass. An in-process run leaves one beside each store too, so
     that a kept network gives the report's latency again in either mode."""
     path = directory / ANSWERED_FILE
-    path.write_text(json.dumps({n: [a.receipt_at, a.confirmation_at]
+    path.write_text(json.dumps({n: [a.receipt_at, a.confirmation_at, a.issued_at]
                                 for n, a in answered.items()}))
     return path
 
 
 def read_answered(directory: Path) -> dict[str, Answered]:
-    """:func:`write_answered`'s file; empty when there is none (a process that died)."""
+    """:func:`write_answered`'s file; empty when there is none (a process that died). A
+    network kept before issues were timed has two instants a certificate, not three."""
     try:
         data = json.loads((directory / ANSWERED_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return {str(n): Answered(receipt_at=None if r is None else int(r),
-                             confirmation_at=None if c is None else int(c))
-            for n, (r, c) in data.items()}
+
+    def instant(times: Sequence[int | None], i: int) -> int | None:
+        at = times[i] if i < len(times) else None
+        return None if at is None else int(at)
+    return {str(n): Answered(receipt_at=instant(t, 0), confirmation_at=instant(t, 1),
+                             issued_at=instant(t, 2))
+            for n, t in data.items()}

@@ -104,8 +104,11 @@ class Report:
     issue_lag_ms: list[int] = field(default_factory=list)
     #: first issue to last confirmation, from the nodes' own timestamps
     span_ms: int = 0
-    #: first issue to last issue
+    #: first issue (its stamp: the start of its batch) to the end of the last issue (its
+    #: commit as the desk heard it, else its stamp): the time the desks took to issue them
     issue_span_ms: int = 0
+    #: whether that window ends at the last issue's commit (not known: at its stamp)
+    issue_span_to_commit: bool = True
     wall_seconds: float = 0.0
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     partner_pairs: int = 0
@@ -146,6 +149,12 @@ class Report:
                 "their evidence stamp, the start of their batch)")
 
     @property
+    def all_at_once(self) -> bool:
+        """Whether the plan issued everything at once (``--rate 0``): no pace was asked
+        for, and the issue window is how fast the desks got through their queue."""
+        return self.options.get("rate") == 0
+
+    @property
     def loops_per_second(self) -> float:
         return self.closed / (self.span_ms / 1000) if self.span_ms > 0 else 0.0
 
@@ -170,10 +179,18 @@ class Report:
                            "planned_to_issue": latency_summary(self.issue_lag_ms)},
             "throughput": {"seconds": span, "wall_seconds": self.wall_seconds,
                            "loops_per_second": self.loops_per_second,
-                           # the pace the desks issued at, first to last issue (the plan
-                           # asks for --rate; desks on a busy machine lag a little)
+                           # the pace the desks issued at, first issue to the last one's
+                           # commit, to hold against --rate (desks on a busy machine lag a
+                           # little). None with --rate 0: everything was due at once, so
+                           # it was no pace but how fast a desk signs and writes its queue
+                           # (thousands a second, next to a few hundred loops): the issue
+                           # window says that. (A batch of up to 200 issues shares one
+                           # stamp, its start: the window ends at the last one's commit, or
+                           # it would leave the last batch's own work out.)
                            "issued_per_second": (self.issued / (self.issue_span_ms / 1000)
-                                                 if self.issue_span_ms > 0 else None),
+                                                 if self.issue_span_ms > 0
+                                                 and not self.all_at_once else None),
+                           "issue_seconds": self.issue_span_ms / 1000,
                            "messages_per_second": 3 * self.closed / span if span else 0.0},
             "nodes": self.nodes, "process_peak_rss_mib": self.process_peak_rss_mib,
             "invariants": {"ok": self.ok, "partner_pairs_compared": self.partner_pairs,
@@ -222,9 +239,14 @@ def format_report(report: Report) -> str:
         f"{t['messages_per_second']:,.1f} messages/s over {t['seconds']:.1f} s "
         f"(first issue to last confirmation; {t['wall_seconds']:.1f} s wall in all)",
     ]
-    if t["issued_per_second"] is not None:
+    window = ("first issue to the last one's "
+              + ("commit" if report.issue_span_to_commit else "stamp, the start of its batch"))
+    if report.all_at_once and report.issued:
+        lines.append(f"  issued                all {report.issued:,} at once (--rate 0) in "
+                     f"{t['issue_seconds']:.2f} s ({window}; no pace asked for)")
+    elif t["issued_per_second"] is not None:
         lines.append(f"  issued                {t['issued_per_second']:,.1f} certificates/s "
-                     "(first issue to last)")
+                     f"({window})")
     lines += [
         "",
         "  node   exports  imports  peak RSS      CPU",
@@ -371,7 +393,8 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
     ``at_ms``. Without it (issues not timed by a plan) it is timed from the issue.
 
     ``answered``: per exporter, when its node committed each certificate's receipt and
-    import confirmation (:attr:`node.desk.Desk.answered`); latency is timed to those.
+    import confirmation (:attr:`node.desk.Desk.answered`); latency is timed to those. And
+    its issue: the window the issue pace is taken over ends at the last one's commit.
     Where one is not known, to the evidence's stamp, which is earlier: the instant the
     node began the batch that took the answer in, before the batch's other messages and
     its fsync.
@@ -413,7 +436,10 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
                                        heard.confirmation_at)
         if history.issued_at is not None:
             first_issue = min(first_issue or history.issued_at, history.issued_at)
-            last_issue = max(last_issue or history.issued_at, history.issued_at)
+            issue_done = history.issued_at if heard.issued_at is None else heard.issued_at
+            if last_issue is None or issue_done > last_issue:
+                last_issue, report.issue_span_to_commit = (issue_done,
+                                                           heard.issued_at is not None)
             if confirmation_at is not None:
                 last_close = max(last_close or 0, confirmation_at)
         planned_at = None if start_at_ms is None else start_at_ms + shipment.at_ms

@@ -9,7 +9,7 @@ It speaks JSON lines: on stdout ``{"event": "ready"}`` once connected, ``{"event
 "refused", "command": ..., "number": ..., "by": ..., "why": ...}`` for each of its desk's
 commands the node refused, as it happens, and ``{"event": "done", ...}`` with its desk's
 counts, peak RSS and CPU time after a clean stop (and when its node committed each
-receipt and confirmation, in a file: :func:`~node.desk.write_answered`); on stdin
+issue, receipt and confirmation, in a file: :func:`~node.desk.write_answered`); on stdin
 ``{"start_at_ms": T}`` (issue the plan from that instant on: the simulation times latency
 from T plus each certificate's planned offset, on the wall clock this process shares with
 it) and ``{"stop": true}`` (or end of input, SIGTERM, SIGINT): stop the desk, drain the

@@ -303,6 +303,42 @@ async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: 
     assert any(victim.number in failure for failure in again.failures)
 
 
+@pytest.mark.broker
+async def test_issued_per_second_counts_the_last_batch_of_issues(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --rate 0 nothing is paced: 'issued' read thousands of certificates a second
+    (how fast a desk signs and writes its queue) beside a few hundred loops, and even that
+    was high: a batch of issues shares one stamp, its start, and the window from the first
+    stamp to the last left the last batch's work out. With --rate 0 the report gives the
+    window, to the last issue's commit (every issue takes 20 ms here: 20 take 400 ms), and
+    no pace."""
+    from node.service import Node
+
+    commit = Node._commit
+
+    def slow(self: Node, ctx: object, decision: object, incoming: object = None) -> None:
+        commit(self, ctx, decision, incoming)  # type: ignore[arg-type]
+        if incoming is None and any(r.side is Side.EXPORT and r.state is State.ISSUED
+                                    for r in getattr(decision, "records", ())):
+            time.sleep(0.02)  # signing and writing each certificate takes this long
+    monkeypatch.setattr(Node, "_commit", slow)
+    codes = tuple(fresh_codes(2))
+    exporters = Counter(s.exporter for s in plan_trade(codes, 20, seed=3))
+    assert len(exporters) == 2  # both desks issue, one batch each
+    options = Options(codes=codes, certificates=20, in_process=True, rate=0.0,
+                      confirm_delay=0.0, discrepancy_share=0.0, seed=3, progress=False,
+                      timeout=120.0)
+    report = await run_simulation(options, [amqp_url])
+    assert report.ok, report.failures
+    assert report.issue_span_ms >= 20 * 20
+    throughput = report.to_json()["throughput"]
+    assert throughput["issued_per_second"] is None
+    assert throughput["issue_seconds"] == report.issue_span_ms / 1000
+    assert (f"  issued                all 20 at once (--rate 0) in "
+            f"{report.issue_span_ms / 1000:.2f} s (first issue to the last one's commit; no "
+            "pace asked for)") in format_report(report).splitlines()
+
+
 @dataclasses.dataclass(frozen=True)
 class FinishedRun:
     """A small in-process simulation that ran to the end, every invariant holding: tests
@@ -977,3 +1013,6 @@ async def test_a_kept_network_reproduces_the_reports_latency(
             store.close()
     assert again.to_json()["latency_ms"] == report.to_json()["latency_ms"]
     assert again.latency_end == "exporter's commit of the answer"
+    # and the issue window, to the last issue's commit
+    assert again.issue_span_ms == report.issue_span_ms > 0
+    assert again.issue_span_to_commit
