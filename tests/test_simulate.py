@@ -27,6 +27,7 @@ import pytest
 
 from node.config import load_config
 from node.desk import Desk
+from node.localbroker import _proc_cmdline
 from node.machine import Side, State
 from node.simreport import Report, analyse, format_report
 from node.simulate import Options, SimulationError, run_simulation
@@ -521,10 +522,10 @@ def test_kpnode_simulate_with_a_process_per_node(amqp_url: str, tmp_path: Path) 
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if text in cmdline:
-                found.append(f"{pid}: {cmdline[:120]}")
+        # decoded leniently: another process's arguments need not be UTF-8
+        cmdline = " ".join(_proc_cmdline(int(pid)))
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:120]}")
     return found
 
 
