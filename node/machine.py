@@ -647,19 +647,14 @@ def _other_taken_up(record: Record, known: Known) -> str | None:
     this node's statistics, on the word of an importer whose own records count it once.
     A replacement still ``issued`` has had no answer: a confirmation of the old certificate
     may have crossed it (SPEC §9.5)."""
-    # Along the whole chain (a replacement replaced in turn): the importer holds each link
-    # only once it took the one before, and none after one it confirmed.
-    later = record if record.state is State.REPLACED else None
-    while later is not None and later.replaced_by:
-        later = known.get((Side.EXPORT, later.replaced_by))
-        if later is not None and later.state in (State.DELIVERED, State.CONFIRMED):
-            return (f"its importer has answered its replacement {later.number} "
-                    f"({later.state.value})")
-    earlier: Record | None = record
-    while earlier is not None and earlier.replaces:
-        earlier = known.get((Side.EXPORT, earlier.replaces))
-        if earlier is not None and earlier.state is State.CONFIRMED:
-            return f"its importer has confirmed {earlier.number}, which it replaces"
+    successor = known.get((Side.EXPORT, record.replaced_by)) if record.replaced_by else None
+    if (record.state is State.REPLACED and successor is not None
+            and successor.state in (State.DELIVERED, State.CONFIRMED)):
+        return (f"its importer has answered its replacement {successor.number} "
+                f"({successor.state.value})")
+    old = known.get((Side.EXPORT, record.replaces)) if record.replaces else None
+    if old is not None and old.state is State.CONFIRMED:
+        return f"its importer has confirmed {old.number}, the certificate it replaces"
     return None
 
 

@@ -493,14 +493,10 @@ class Node:
         return Verdict(dead_letter=refusal, kind=str(env.kind), kept=True)
 
     def _known(self, env: Envelope) -> Known:
-        """The records a message touches, and those they link to (machine.linked): an
-        export's whole chain of replacements (this node's own, as long as its operators
-        made it), an import's one step (a sender could make its chain as long as it likes)."""
+        """The records a message touches, and those they link to (machine.linked)."""
         known = self.store.load(touches(env, self.me))
-        more = [k for k in linked(known) if k not in known]
-        while more:
+        if more := [k for k in linked(known) if k not in known]:
             known = {**known, **self.store.load(more)}
-            more = [k for k in linked(known) if k not in known and k[0] is Side.EXPORT]
         return known
 
     def _answer_again(self, ctx: Context, answer_id: str) -> None:
