@@ -570,7 +570,9 @@ def _on_certificate(ctx: Context, admitted: Admitted, certificate: Certificate, 
     old = known.get((Side.IMPORT, replacement.replaces)) if replacement else None
     if old is not None and old.partner != env.sender:
         # Another Participant's certificate: left alone, and answered as if unknown, so a
-        # sender can neither replace nor probe what this node received from others.
+        # sender can neither replace nor probe what this node received from others. The
+        # schema refuses a replaces of another issuer's number first; this stays so that
+        # the rule does not rest on numbering alone.
         old = None
     if old is not None and old.state not in OPEN_STATES | {State.EXPIRED}:
         problems.append(Problem("", Reason.CERTIFICATE_WRONG_STATE,
