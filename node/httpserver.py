@@ -48,7 +48,8 @@ GAUGES: web.AppKey[GaugeReadings] = web.AppKey("kpx_gauges")
 GAUGE_SECONDS = 5.0
 #: a scrape asks the broker for queue depths; never let a slow broker stall it
 BROKER_QUERY_SECONDS = 2.0
-#: a connection that sends no request (or not all of its headers) for this long is closed
+#: a connection that sends no request (or not all of its headers) for this long is closed,
+#: as is one that reads nothing of its answers for this long
 IDLE_SECONDS = 15.0
 #: connections served at once; those beyond are closed as they are accepted
 MAX_CONNECTIONS = 256
@@ -181,6 +182,69 @@ def oldest_idle(handlers: Iterable[RequestHandler]) -> RequestHandler | None:
                default=None)
 
 
+class _ReadByPeer(asyncio.Protocol):
+    """A served connection, closed when its peer reads nothing of its answers for
+    :data:`IDLE_SECONDS`.
+
+    The idle limit ends connections waiting for a request, not those in the middle of an
+    answer: a client that pipelines requests (or asks for a large page) and never reads
+    the answers kept its connection busy for good, stuck writing, where no limit reached
+    it and the slot could not go to a newcomer; :data:`MAX_CONNECTIONS` of them shut
+    everyone out. The transport says when its buffer is full (``pause_writing``) and when
+    the peer has read it down again (``resume_writing``); in between, the buffer is looked
+    at every IDLE_SECONDS, so a slow reader of a long answer keeps its connection as long
+    as it reads some; everything else is the handler's."""
+
+    def __init__(self, handler: RequestHandler) -> None:
+        self.handler = handler
+        self._transport: asyncio.WriteTransport | None = None
+        self._stalled: asyncio.TimerHandle | None = None
+        self._unread = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.WriteTransport):
+            self._transport = transport
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:  # None: the transport closes once its peer's half does
+        self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+        self._watch()
+
+    def resume_writing(self) -> None:
+        self._stop_watching()
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watching()
+        self.handler.connection_lost(exc)
+
+    def _watch(self) -> None:
+        if self._transport is not None:
+            self._unread = self._transport.get_write_buffer_size()
+            self._stalled = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._check)
+
+    def _check(self) -> None:
+        if self._transport is None:
+            return
+        if self._transport.get_write_buffer_size() < self._unread:
+            self._watch()  # the peer reads, however slowly
+        else:
+            # abort, not close: a close waits to send what is buffered, which this peer
+            # does not take, and the slot stayed held
+            self._transport.abort()
+
+    def _stop_watching(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+
 class _Refused(asyncio.Protocol):
     """A connection over :data:`MAX_CONNECTIONS`: closed as soon as it is accepted."""
 
@@ -193,8 +257,9 @@ class HttpServer:
 
     Anyone who reaches the port can open connections before any token is checked, so
     their number and their idle time are bounded: aiohttp by itself keeps a connection
-    that sends nothing, or half a request, for an hour, and enough of them use up the
-    process's file descriptors, the broker connection's and the database's included."""
+    that sends nothing, or half a request, for an hour (and one whose answers are never
+    read for ever: :class:`_ReadByPeer`), and enough of them use up the process's file
+    descriptors, the broker connection's and the database's included."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
         self.app = app
@@ -213,7 +278,7 @@ class HttpServer:
 
         def connection() -> asyncio.BaseProtocol:
             if len(server.connections) < MAX_CONNECTIONS:
-                return server()
+                return _ReadByPeer(server())
             idle = oldest_idle(server.connections)
             if idle is not None:
                 # Whoever holds the slots with cheap requests now and then keeps most of
@@ -224,7 +289,7 @@ class HttpServer:
                 if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
                     log.warning("http connections over the limit: closing idle ones",
                                 limit=MAX_CONNECTIONS, closed=self.evicted)
-                return server()
+                return _ReadByPeer(server())
             self.refused += 1
             if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
                 log.warning("http connections over the limit are being closed",

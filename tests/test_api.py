@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from openapi_spec_validator import validate
 
 from node import httpserver
@@ -676,13 +678,7 @@ async def test_one_client_cannot_hold_every_connection_slot_with_cheap_requests(
     probe. Scaled down: 5 slots, 1 s idle limit, a request every 0.5 s on each."""
     monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
     monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 5)
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"alive": True})
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    server = httpserver.HttpServer(app, "127.0.0.1", 0)
-    await server.start()
+    server = await _healthz_server()
 
     async def hold() -> None:
         while True:  # when the server closes this one, take a slot again at once
@@ -710,6 +706,102 @@ async def test_one_client_cannot_hold_every_connection_slot_with_cheap_requests(
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
         await server.stop()
+
+
+async def test_clients_that_never_read_their_answers_cannot_hold_every_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests pipelined on every slot and their answers never read: each connection
+    stayed in the middle of an answer, stuck writing, which neither the idle limit nor
+    the eviction of idle connections reaches; the node answered no one, for good.
+    Scaled down: 5 slots, 1 s limit."""
+    monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 5)
+
+    # each connection whose answers have filled the buffers to its peer, and not been
+    # read down since (the transport pauses writing, and would resume it)
+    stuck: set[int] = set()
+    pause, resume = RequestHandler.pause_writing, RequestHandler.resume_writing
+
+    def paused(handler: RequestHandler) -> None:
+        stuck.add(id(handler))
+        pause(handler)
+
+    def resumed(handler: RequestHandler) -> None:
+        stuck.discard(id(handler))
+        resume(handler)
+    monkeypatch.setattr(RequestHandler, "pause_writing", paused)
+    monkeypatch.setattr(RequestHandler, "resume_writing", resumed)
+    server = await _healthz_server()
+    held = []
+    try:
+        for _ in range(5):
+            _, writer = await _small_window_connection(server.port)
+            writer.transport.pause_reading()  # nothing of the answers is taken
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 20_000)
+            held.append(writer)
+        async with asyncio.timeout(30):  # filling the buffers takes a busy machine a while
+            while len(stuck) < 5:
+                await asyncio.sleep(0.05)
+        # every slot taken by a connection stuck writing: within the limit of a peer that
+        # reads nothing, they are free again
+        answer = b""
+        for _ in range(10):
+            await asyncio.sleep(0.5)
+            if (answer := await _get_once(server.port, "/healthz")).startswith(b"HTTP/1.1 200"):
+                break
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        await server.stop()
+
+
+async def test_a_slow_reader_of_a_long_answer_keeps_its_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the limit on unread answers must not cut: a client on a slow link reading a
+    long answer (a page of 5,000 certificates) for longer than the limit, a little at a
+    time. Scaled down: 1 s limit, 8 MB read at some 2.5 MB/s."""
+    monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
+    body = b"x" * (8 << 20)
+
+    async def long(_: web.Request) -> web.Response:
+        return web.Response(body=body)
+    app = web.Application()
+    app.router.add_get("/long", long)
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        reader, writer = await _small_window_connection(server.port)
+        writer.write(b"GET /long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = 0
+        while chunk := await reader.read(1 << 20):
+            received += len(chunk)
+            await asyncio.sleep(0.4)
+        assert received > len(body)  # the headers and all of the body
+        writer.close()
+    finally:
+        await server.stop()
+
+
+async def _healthz_server() -> httpserver.HttpServer:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    return server
+
+
+async def _small_window_connection(port: int | None
+                                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose receive buffer is small: what it does not read soon fills the
+    server's buffers, not its own."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return await asyncio.open_connection(sock=sock, limit=1 << 20)
 
 
 async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
