@@ -2,7 +2,8 @@
 
 Served only when ``http_port`` is configured, on ``http_host`` (loopback by default:
 metrics and health name partners and volumes, so exposing them is a deliberate act, e.g.
-behind a reverse proxy). ``http_port = 0`` takes a free port (see ``HttpServer.port``).
+behind a reverse proxy; on loopback they answer only requests naming a loopback host,
+:func:`loopback_names_only`). ``http_port = 0`` takes a free port (see ``HttpServer.port``).
 
 Other parts of kpx extend the same application: :func:`build_app` returns the
 ``web.Application`` before it starts, and a :class:`~node.runner.RunningNode` calls every
@@ -19,6 +20,7 @@ function in its ``http_extensions`` list on it, so routes and sub-applications
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import time
 from collections import Counter
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -150,9 +153,50 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+#: what needs no token, and is kept to loopback callers when the server listens there
+TOKENLESS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine's
+    loopback: ``localhost`` or an address in 127.0.0.0/8 or ::1."""
+    name = host.strip().lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def loopback_names_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer the token-less endpoints only to a request that names a loopback host.
+
+    Listening on loopback keeps the figures (partners, volumes) on this machine, but not
+    from a web page that a browser here opens: its own domain, made to resolve to
+    127.0.0.1 (DNS rebinding), is then the page's origin, and it reads /metrics like any
+    same-origin answer. Such a request still names the page's domain in its Host header;
+    Prometheus and probes on this machine name 127.0.0.1 or localhost. The API and the
+    console need a token or a session cookie, which the page has not, and a proxy in
+    front may pass them on with its own name."""
+    if request.path in TOKENLESS:
+        try:
+            host = request.url.host or ""
+        except ValueError:  # a Host header that is no host at all
+            host = ""
+        if not is_loopback(host):
+            return web.json_response(
+                {"error": "request.misdirected", "message": "served to loopback names "
+                 "only (127.0.0.1, ::1, localhost): the server listens on loopback"},
+                status=421)
+    return await handler(request)
+
+
 def build_app(running: RunningNode) -> web.Application:
     """The node's application; add routes or sub-applications before it starts."""
-    app = web.Application()
+    listening_on_loopback = is_loopback(running.config.http_host)
+    app = web.Application(middlewares=[loopback_names_only] if listening_on_loopback else [])
     app[NODE] = running
     app[GAUGES] = GaugeReadings(running)
     app.router.add_get("/healthz", healthz)

@@ -852,7 +852,7 @@ async def test_scrapes_of_metrics_by_anyone_cannot_keep_the_node_busy(
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         text = b""
         for _ in range(times):
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             await writer.drain()
             text = await reader.readuntil(b"kpx_registry_version ")
             await reader.readline()
@@ -995,6 +995,42 @@ def test_a_token_name_written_by_hand_before_the_naming_rule_still_works(
     (tmp_path / "tokens.json").write_text(json.dumps(data))
     assert tokens.authenticate(token) == Principal("dashboard", Role.MONITOR)
     assert tokens.authenticate("kpx_handmade") == Principal("Customs Desk", Role.OFFICER)
+
+
+async def test_a_web_page_cannot_read_the_metrics_by_rebinding_its_name_to_loopback(
+        tmp_path: Path) -> None:
+    """The server listens on loopback so that the figures stay on the machine, but a page
+    a browser here opened, its domain made to resolve to 127.0.0.1 (DNS rebinding), read
+    /metrics as its own: partners and volumes. Its requests name its domain in Host."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.httpserver import build_app, is_loopback
+    from node.runner import RunningNode
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    running = RunningNode(network.configs["ZA"])
+    running.node = Node.open(network.configs["ZA"])
+    client = TestClient(TestServer(build_app(running)))
+    await client.start_server()
+    try:
+        for path in ("/metrics", "/readyz", "/healthz"):
+            for host in ("attacker.example", "attacker.example:8080",
+                         "localhost.attacker.example", "127.0.0.1.nip.io"):
+                response = await client.get(path, headers={"Host": host})
+                assert response.status == 421, (path, host)
+                assert (await response.json())["error"] == "request.misdirected"
+            for host in ("127.0.0.1:9101", "localhost:9101", "[::1]:9101", "localhost"):
+                response = await client.get(path, headers={"Host": host})
+                assert response.status in (200, 503), (path, host)  # /readyz: no broker
+        # the API and the console keep their own guard (a token, a session), and may be
+        # passed on by a proxy under its own name
+        response = await client.get(f"{API}/openapi.json", headers={"Host": "kpx.example"})
+        assert response.status == 200
+    finally:
+        await client.close()
+        running.node.close()
+    assert is_loopback("127.8.0.1") and is_loopback("::1") and is_loopback("LocalHost.")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
 
 
 async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
