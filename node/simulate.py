@@ -416,6 +416,23 @@ def count_progress(stores: Mapping[str, Store]) -> tuple[int, int, int, int]:
     return issued, receipted, closed, finished
 
 
+def stuck(refused: Mapping[str, RefusedCommand], stores: Mapping[str, Store],
+          exporters: Mapping[str, str]) -> int:
+    """The planned loops a refused command left where nothing in the plan moves them on:
+    never issued, or still open at their exporter. Counted once: a refused loop that
+    finished after all (expired, say) is among ``finished`` already, and a refusal for a
+    number nobody planned is no planned loop."""
+    count = 0
+    for number in refused:
+        exporter = exporters.get(number)
+        if exporter is None:
+            continue
+        record = stores[exporter].get(Side.EXPORT, number)
+        if record is None or record.state in OPEN_STATES:
+            count += 1
+    return count
+
+
 # -- the simulation -----------------------------------------------------------------------
 
 
@@ -647,6 +664,7 @@ async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) ->
     nodes.begin(start_at)
     progress = Progress(total, options.progress)
     deadline = time.monotonic() + timeout
+    exporters = {s.number: s.exporter for s in shipments}
     while True:
         await asyncio.sleep(0.25)
         nodes.check_alive()
@@ -656,7 +674,7 @@ async def _run(nodes: Nodes, shipments: Sequence[Shipment], options: Options) ->
         # it on, so it is accounted for, not waited for until the timeout.
         refused = len(nodes.refused())
         progress.update(issued, receipted, closed, refused)
-        if finished + refused >= total:
+        if finished + stuck(nodes.refused(), nodes.stores, exporters) >= total:
             if refused:
                 log.warning("commands refused: their loops will not close", refused=refused)
             break

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
 
-from node.machine import Record, Side, State, discrepancies
+from node.machine import OPEN_STATES, Record, Side, State, discrepancies
 
 #: Records in these states are not trade: the certificate never travelled as issued.
 NOT_TRADE = frozenset({State.REJECTED, State.CANCELLED, State.REPLACED})
@@ -239,12 +239,15 @@ def quarterly_report(participant: str, records: Iterable[Record], quarter: Quart
 def mirror_statistics(records: Sequence[Record]) -> dict[tuple[str, str, str], list[int]]:
     """Per (partner, HS code, state) as one node records them: certificates, declared
     carats and US$, received carats and US$ — what both sides of a pair must agree on
-    (the simulation compares an exporter's with its importer's)."""
+    (the simulation compares an exporter's with its importer's). An open loop's state is
+    "open": its exporter holds it issued or delivered, its importer received, and a
+    difference of those words alone is no disagreement."""
     stats: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for r in records:
         received = {x.hs_code: x for x in r.confirmation.lines} if r.confirmation else {}
+        state = "open" if r.state in OPEN_STATES else str(r.state)
         for line in r.certificate.lines:
-            row = stats[(r.partner, line.hs_code, str(r.state))]
+            row = stats[(r.partner, line.hs_code, state)]
             got = received.get(line.hs_code)
             row[0] += 1
             row[1] += line.carats_hundredths
