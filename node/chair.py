@@ -232,7 +232,9 @@ def revoke_key(update: RegistryUpdate, public_key: bytes, at_ms: int) -> Registr
     'revoke-key' to be sure, a script run twice), it set the revocation to the new --at,
     default now, and what the key signed in between was accepted again everywhere."""
     def change(k: RegistryKey) -> RegistryKey:
-        if k.revoked_at is not None and at_ms >= k.revoked_at:
+        if k.revoked_at == at_ms:
+            return k  # the same revocation again (a script run twice): nothing changes
+        if k.revoked_at is not None and at_ms > k.revoked_at:
             raise RegistryEditError(
                 f"that key is revoked already, from {utc_text(k.revoked_at)}: a later "
                 "revocation would make what it signed in between valid again (an earlier "

@@ -338,7 +338,7 @@ async def test_in_process_simulation_closes_every_loop(amqp_url: str, tmp_path: 
 
 
 @pytest.mark.broker
-async def test_issued_per_second_counts_the_last_batch_of_issues(
+async def test_the_issue_window_counts_the_last_batch_of_issues(
         amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --rate 0 nothing is paced: 'issued' read thousands of certificates a second
     (how fast a desk signs and writes its queue) beside a few hundred loops, and even that
