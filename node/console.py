@@ -197,6 +197,11 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 async def _in_session(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path.removeprefix(CONSOLE_PREFIX)
+    if request.method == "POST" and from_another_site(request):
+        record_refused(request, None, 403)
+        return page(request, "Refused", "<p class=error>A form sent from another site is "
+                    "not taken; open the console's own page and send it from there.</p>",
+                    status=403)
     if path in ("/login", "/login/"):
         return await handler(request)
     sessions: dict[str, Session] = request.app[SESSIONS]
@@ -243,6 +248,20 @@ async def _in_session(request: web.Request, handler: Handler) -> web.StreamRespo
                         "not match this session; reload the page and try again.</p>",
                         status=403)
     return await handler(request)
+
+
+def from_another_site(request: web.Request) -> bool:
+    """Whether the browser says another page than the console's own made it send this.
+
+    The CSRF tokens stop other sites, but their login form's half is a cookie, and cookies
+    are not kept apart by port or by subdomain: a page on another port of the same host,
+    or on a sibling subdomain, could plant its own and log the officer's browser into the
+    attacker's session. Browsers say who asked in Sec-Fetch-Site, which no page can set
+    and no proxy needs to rewrite ('same-site' is such a neighbour; 'none' the officer's
+    own typing or bookmark). One without the header (an old browser, a script) is left
+    to the tokens."""
+    return request.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site",
+                                                                          "same-site")
 
 
 def login_url(after: str) -> str:

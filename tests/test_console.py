@@ -648,3 +648,33 @@ async def test_a_token_revoked_while_a_form_arrives_does_not_act(
     monkeypatch.setattr(za.context.tokens, "holder_of", holder_of)
     response = await za.client.get(f"{C}/outgoing", allow_redirects=False)
     assert response.status == 303  # the session ended with the token
+
+
+async def test_a_form_another_site_made_the_browser_send_is_refused(
+        pair: tuple[Served, Served]) -> None:
+    """A page on another port of the same host, or a sibling subdomain, can plant the
+    login form's cookie (cookies are not kept apart by port or subdomain) and post a login
+    with a token of its own: the officer's browser then acts in the attacker's session.
+    The browser's Sec-Fetch-Site says another page asked; such posts are refused, logins
+    and actions alike, and nothing is done."""
+    za, _ = pair
+    page = await (await za.client.get(f"{C}/login")).text()
+    csrf = re.search(r"name=csrf value='([^']+)'", page)
+    assert csrf is not None
+    for site in ("same-site", "cross-site", "Cross-Site"):
+        response = await za.client.post(f"{C}/login", data={"csrf": csrf[1],
+                                                             "token": za.tokens["officer"]},
+                                        headers={"Sec-Fetch-Site": site})
+        assert response.status == 403, site
+        assert "from another site" in await response.text()
+    session_csrf = await login(za, "officer")  # no header, as before: the tokens decide
+    response = await za.client.post(f"{C}/issue", data=issue_form(session_csrf,
+                                                                  "ZA-2026-0301"),
+                                    headers={"Sec-Fetch-Site": "same-site"})
+    assert response.status == 403
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0301") is None
+    for site in ("same-origin", "none"):  # the console's own page; the officer's typing
+        response = await za.client.post(f"{C}/issue", data=issue_form(
+            session_csrf, f"ZA-2026-03{len(site):02d}"), headers={"Sec-Fetch-Site": site})
+        assert response.status == 200, site
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0311") is not None
