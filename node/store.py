@@ -328,6 +328,19 @@ class Store:
             if not durable:
                 self.db.execute("PRAGMA synchronous=FULL")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that all see the database as it was at the first of them, however long
+        they take: a read transaction, not a write one, so a running node goes on
+        committing meanwhile (WAL). For work that reads the same tables more than once
+        (``verify-log`` reads the log twice) and must not find the one read newer than
+        the other."""
+        self.db.execute("BEGIN DEFERRED")
+        try:
+            yield
+        finally:
+            self._roll_back()  # nothing was written: ends the read transaction
+
     def _roll_back(self) -> None:
         # SQLite rolls back by itself on some errors (a full disk): a second ROLLBACK would
         # fail and hide the first error.

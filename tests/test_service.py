@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
+from node import evidence
 from node.config import KEYS_DIR, ConfigError
 from node.evidence import unsupported_records, verify_chain
 from node.keyfile import write_signing_key
@@ -152,6 +153,30 @@ def test_evidence_log_verifies_and_detects_a_changed_byte(nodes: Nodes) -> None:
     za.store.db.execute("UPDATE evidence SET frame=? WHERE seq=?", (bytes(changed), seq))
     faults = verify_chain(za.store.evidence(), keys, chair)
     assert faults and all(f.seq == seq for f in faults)
+
+
+def test_verifying_the_chain_decodes_only_the_frames_the_chair_signed(
+        nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify_chain learns keys from registry updates; it decoded every frame's body to
+    find them, a quarter of verify-log's time on a node with years of trade."""
+    za, india = nodes["ZA"], nodes["IN"]
+    for i in range(3):
+        za.issue(certificate(f"ZA-2026-002{i}", "ZA", "IN"))
+    carry(za, nodes)
+    carry(india, nodes)
+    decoded: list[bytes] = []
+    original = evidence.decode_body
+
+    def counting(body: bytes) -> Any:
+        decoded.append(body)
+        return original(body)
+    monkeypatch.setattr(evidence, "decode_body", counting)
+    keys = [bytes(n.signing_key().verify_key) for n in nodes.values()]
+    assert verify_chain(za.store.evidence(), keys, za.config.chair_public_key) == []
+    registry_entries = za.store.db.execute(  # the one entry about no certificate
+        "SELECT count(*) FROM evidence WHERE certificate IS NULL").fetchone()[0]
+    logged = za.store.last_evidence_seq()
+    assert 1 <= len(decoded) == registry_entries < logged
 
 
 def test_evidence_cut_short_at_its_end_is_caught_by_the_records_it_no_longer_backs(
