@@ -43,7 +43,7 @@ from node.registry import (
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.status import held_key_ids, running_pid
 from node.store import StoreError, UnreadableRecord
-from node.terminal import complain, emit, fail, printable, table
+from node.terminal import complain, emit, emit_list, fail, printable, table
 from node.views import (
     carats,
     history_json,
@@ -268,8 +268,9 @@ def cmd_list(args: argparse.Namespace) -> None:
         partner = partner_filter(args.partner) if args.partner else None
     except ValueError as exc:
         raise UserError(f"--partner: {exc}") from None
-    with_node(args, lambda node: show_records(
-        args, node.records(side=side, states=states, partner=partner), None))
+    with_node(args, lambda node: emit_list(
+        args, node.store.each_record(side=side, states=states, partner=partner),
+        record_row, RECORD_HEADERS, record_json, "no certificates"))
 
 
 def cmd_show(args: argparse.Namespace) -> None:

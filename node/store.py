@@ -433,6 +433,19 @@ class Store:
         A row kpx cannot read raises :class:`UnreadableRecord`, unless ``unreadable`` is
         given: then it is left out and added there, for work that should go on with every
         other record (the sweep's expiry, the metrics)."""
+        return list(self.each_record(side=side, states=states, partner=partner,
+                                     expiring_before=expiring_before,
+                                     issued_between=issued_between, limit=limit,
+                                     offset=offset, unreadable=unreadable))
+
+    def each_record(self, *, side: Side | None = None, states: Iterable[State] = (),
+                    partner: str | None = None, expiring_before: str | None = None,
+                    issued_between: tuple[date, date] | None = None,
+                    limit: int | None = None, offset: int = 0,
+                    unreadable: list[UnreadableRecord] | None = None) -> Iterator[Record]:
+        """:meth:`records` one at a time, as they are read: a caller that writes each out
+        (``kpnode list`` of a node's years) holds one, not tens of thousands. Read to the
+        end (or closed) before the next write: the open read holds a snapshot."""
         where, args = self._where(side=side, states=states, partner=partner,
                                   expiring_before=expiring_before,
                                   issued_between=issued_between)
@@ -441,15 +454,13 @@ class Store:
             f"SELECT {self._COLUMNS} FROM certificates WHERE {where} "
             f"ORDER BY created_at, number{page}", args,
         )
-        if unreadable is None:
-            return [_record(row) for row in rows]
-        found = []
         for row in rows:
             try:
-                found.append(_record(row))
+                yield _record(row)
             except UnreadableRecord as exc:
+                if unreadable is None:
+                    raise
                 unreadable.append(exc)
-        return found
 
     def records_after(self, after: int, limit: int, *, side: Side | None = None,
                       states: Iterable[State] = (), partner: str | None = None,

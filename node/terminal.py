@@ -15,7 +15,8 @@ import contextlib
 import json
 import re
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
@@ -54,6 +55,26 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """A command's result: ``data`` as JSON with ``--json``, else ``text`` for people."""
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))
+
+
+def emit_list(args: argparse.Namespace, items: Iterable[Any],
+              row: Callable[[Any], Sequence[object]], headers: Sequence[str],
+              json_of: Callable[[Any], Any], empty: str) -> None:
+    """:func:`emit` of a list that may be long (``kpnode list`` of a node's years): with
+    ``--json`` each item is written as it comes, the same text ``json.dumps`` of the whole
+    list gives; for people only the table's cells are held, not the items. Holding every
+    item, its JSON and the text at once took a gigabyte for 60,000 certificates."""
+    if args.json:
+        out = sys.stdout
+        first = True
+        for item in items:
+            text = json.dumps(json_of(item), indent=2, sort_keys=True)
+            out.write(("[\n" if first else ",\n") + textwrap.indent(text, "  "))
+            first = False
+        out.write("[]\n" if first else "\n]\n")
+        return
+    rows = [row(item) for item in items]
+    print(printable(table(rows, headers) if rows else empty))
 
 
 def complain(text: str, prog: str = "kpnode") -> None:

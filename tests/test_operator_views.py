@@ -62,7 +62,7 @@ from node.status import (
     render_status,
 )
 from node.store import Store, StoreError
-from node.terminal import table
+from node.terminal import emit, emit_list, table
 from protocol import (
     Authority,
     ImportConfirmation,
@@ -1592,3 +1592,28 @@ async def test_status_judges_the_running_nodes_key_when_its_key_file_was_overwri
     assert s["key"]["after_restart"] == key_id(bytes(new.verify_key)).hex()
     (error,) = [p for p in s["problems"] if "key" in p["text"] and p["level"] == "error"]
     assert "Restart 'kpnode run'" in error["text"], error
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_a_long_list_is_written_as_it_is_read_and_reads_as_emit_would_write_it(
+        capsys: pytest.CaptureFixture[str], json_out: bool, count: int) -> None:
+    """kpnode list of a node's years held every record, its JSON and the text at once (a
+    gigabyte for 60,000); emit_list writes each item as it comes, and the output must
+    stay what emit of the whole list gave."""
+    items = [{"number": f"ZA-{i}", "nested": {"b": [1, 2], "a": "x\ny"}, "n": i}
+             for i in range(count)]
+    args = SimpleNamespace(json=json_out)
+    rows = [[i["number"], i["n"]] for i in items]
+    emit(args, items, table(rows, ("number", "n")) if rows else "none")
+    whole = capsys.readouterr().out
+    taken = []
+
+    def one_by_one() -> Iterator[dict[str, Any]]:
+        for item in items:
+            taken.append(item)
+            yield item
+    emit_list(args, one_by_one(), lambda i: [i["number"], i["n"]], ("number", "n"),
+              lambda i: i, "none")
+    assert capsys.readouterr().out == whole
+    assert taken == items
