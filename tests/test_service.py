@@ -1030,3 +1030,30 @@ def test_an_authentic_frame_that_cannot_be_decoded_is_answered_without_a_log_sea
         (verdict,) = za.handle_batch([Delivery(frame)])
         assert verdict.dead_letter is not None and verdict.dead_letter.in_reply_to is None
     assert [r.recipient for r in za.store.due(2**62, 10)] == ["IN", "IN"]
+
+
+def test_what_is_read_on_every_call_comes_from_an_index_not_the_whole_table(
+        nodes: Nodes) -> None:
+    """Status, the console and the API count per partner, select a quarter and page the
+    records on every call; each scanned (and sorted) every certificate of a node's years:
+    86 ms for the counts, 25 ms for a first page of 50 at 60,000 records."""
+    za = nodes["ZA"]
+    za.issue(certificate("ZA-2026-0031", "ZA", "IN"))
+    db = za.store.db
+
+    def plan(call: Callable[[], object]) -> list[str]:
+        """The query plan of the one statement ``call`` runs (values bound as it ran)."""
+        statements: list[str] = []
+        db.set_trace_callback(statements.append)
+        try:
+            call()
+        finally:
+            db.set_trace_callback(None)
+        (sql,) = statements
+        return [str(row[3]).split(" (")[0] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+    assert plan(za.store.partner_counts) == [
+        "SCAN certificates USING COVERING INDEX certificates_by_partner_state"]
+    assert plan(lambda: za.store.records(issued_between=(date(2026, 1, 1), date(2026, 3, 31)))
+                )[0] == "SEARCH certificates USING INDEX certificates_by_issue"
+    assert plan(lambda: za.store.records(limit=50)) == [
+        "SCAN certificates USING INDEX certificates_by_creation"]
