@@ -415,9 +415,13 @@ class Store:
     def successor(self, number: str, partner: str) -> Record | None:
         """The certificate received from ``partner`` as the replacement of ``number`` and
         not refused, if one came before ``number`` itself (machine.Before)."""
+        # Asked for every certificate that arrives. Left to choose, SQLite takes the index
+        # on (partner, side, state), which reads all of a partner's imports (5 ms per
+        # message at 60,000 records) where this one holds only replacements.
         row = self.db.execute(
-            f"SELECT {self._COLUMNS} FROM certificates WHERE replaces=? AND side=? "
-            "AND partner=? AND state<>? ORDER BY created_at LIMIT 1",
+            f"SELECT {self._COLUMNS} FROM certificates INDEXED BY certificates_by_replaces "
+            "WHERE replaces=? AND side=? AND partner=? AND state<>? ORDER BY created_at "
+            "LIMIT 1",
             (number, str(Side.IMPORT), partner, str(State.REJECTED)),
         ).fetchone()
         return None if row is None else _record(row)

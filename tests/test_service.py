@@ -1057,3 +1057,7 @@ def test_what_is_read_on_every_call_comes_from_an_index_not_the_whole_table(
                 )[0] == "SEARCH certificates USING INDEX certificates_by_issue"
     assert plan(lambda: za.store.records(limit=50)) == [
         "SCAN certificates USING INDEX certificates_by_creation"]
+    # and asked for every certificate that arrives, the replacement of one: not all of
+    # the partner's imports through the index on (partner, side, state)
+    assert plan(lambda: za.store.successor("IN-2026-0001", "IN"))[0] == (
+        "SEARCH certificates USING INDEX certificates_by_replaces")
