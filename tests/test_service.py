@@ -618,7 +618,7 @@ def test_a_damaged_database_is_not_backed_up_into_an_archive_restore_refuses(
     za.close()
     db = sqlite3.connect(za.config.database_path)
     (page,) = db.execute("SELECT rootpage FROM sqlite_master "
-                         "WHERE name = 'certificates_by_partner'").fetchone()
+                         "WHERE name = 'certificates_by_partner_state'").fetchone()
     size = db.execute("PRAGMA page_size").fetchone()[0]
     db.close()
     with za.config.database_path.open("r+b") as f:
