@@ -237,17 +237,23 @@ class _ReadByPeer(asyncio.Protocol):
     everyone out. The transport says when its buffer is full (``pause_writing``) and when
     the peer has read it down again (``resume_writing``); in between, the buffer is looked
     at every IDLE_SECONDS, so a slow reader of a long answer keeps its connection as long
-    as it reads some; everything else is the handler's."""
+    as it reads some. A tail under the high-water mark never pauses writing, yet once the
+    connection is closed (the idle limit, an eviction) the close waits to send it, for
+    ever if the peer reads nothing: a closing transport with unsent bytes is watched the
+    same way. Everything else is the handler's."""
 
     def __init__(self, handler: RequestHandler) -> None:
         self.handler = handler
         self._transport: asyncio.WriteTransport | None = None
         self._stalled: asyncio.TimerHandle | None = None
+        self._closing: asyncio.TimerHandle | None = None
         self._unread = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if isinstance(transport, asyncio.WriteTransport):
             self._transport = transport
+            self._closing = asyncio.get_running_loop().call_later(IDLE_SECONDS,
+                                                                  self._closing_tail)
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -266,7 +272,22 @@ class _ReadByPeer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_watching()
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
         self.handler.connection_lost(exc)
+
+    def _closing_tail(self) -> None:
+        """Every IDLE_SECONDS: a connection closed with an answer's tail unsent is watched
+        like a paused one (its close waits for a peer that may never read)."""
+        transport = self._transport
+        if transport is None:
+            return
+        if self._stalled is None and transport.is_closing() \
+                and transport.get_write_buffer_size():
+            self._watch()
+        self._closing = asyncio.get_running_loop().call_later(IDLE_SECONDS,
+                                                              self._closing_tail)
 
     def _watch(self) -> None:
         if self._transport is not None:

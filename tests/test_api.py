@@ -783,6 +783,51 @@ async def test_a_slow_reader_of_a_long_answer_keeps_its_connection(
         await server.stop()
 
 
+async def test_an_answer_left_unread_below_the_buffers_limit_does_not_hold_its_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer whose unread tail stays under the transport's high-water mark never
+    pauses writing, so nothing watched it: the idle limit then closed the connection, and
+    a close waits to send that tail, which a peer that reads nothing never takes. The
+    connection stayed counted for good, neither idle nor in an answer, and the slot was
+    lost. Scaled down: 1 slot, 1 s limit; the server's kernel buffer made small so that
+    60,000 bytes leave a tail under 64 KiB in the transport."""
+    monkeypatch.setattr(httpserver, "IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 1)
+    tails: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and request.path == "/tail":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return web.Response(body=b"x" * (60_000 if request.path == "/tail" else 2))
+    app = web.Application()
+    app.router.add_get("/tail", answer)
+    app.router.add_get("/healthz", answer)
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        _, writer = await _small_window_connection(server.port)
+        writer.transport.pause_reading()  # nothing of the answer is taken
+        writer.write(b"GET /tail HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.3)
+        assert server._runner.server is not None
+        for handler in server._runner.server.connections:
+            assert handler.transport is not None and not handler.writing_paused
+            tails.append(handler.transport.get_write_buffer_size())
+        assert tails and 0 < tails[0] < 65_536  # a tail left, writing never paused
+        await asyncio.sleep(1.5)  # the idle limit closes it: a close that waits for ever
+        answer_ = b""
+        for _ in range(10):
+            await asyncio.sleep(0.5)
+            if (answer_ := await _get_once(server.port, "/healthz")).startswith(
+                    b"HTTP/1.1 200"):
+                break
+        assert answer_.startswith(b"HTTP/1.1 200")
+        writer.transport.abort()
+    finally:
+        await server.stop()
+
+
 async def _healthz_server() -> httpserver.HttpServer:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"alive": True})
