@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -65,13 +67,18 @@ def emit_list(args: argparse.Namespace, items: Iterable[Any],
     list gives; for people only the table's cells are held, not the items. Holding every
     item, its JSON and the text at once took a gigabyte for 60,000 certificates."""
     if args.json:
-        out = sys.stdout
-        first = True
-        for item in items:
-            text = json.dumps(json_of(item), indent=2, sort_keys=True)
-            out.write(("[\n" if first else ",\n") + textwrap.indent(text, "  "))
-            first = False
-        out.write("[]\n" if first else "\n]\n")
+        # Spooled to a file, not to stdout: an item that fails midway (a record kpx cannot
+        # read) must leave stdout to the error's own JSON line (fail), not glued to the
+        # start of a list; the memory stays that of one item.
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as out:
+            first = True
+            for item in items:
+                text = json.dumps(json_of(item), indent=2, sort_keys=True)
+                out.write(("[\n" if first else ",\n") + textwrap.indent(text, "  "))
+                first = False
+            out.write("[]\n" if first else "\n]\n")
+            out.seek(0)
+            shutil.copyfileobj(out, sys.stdout)
         return
     rows = [row(item) for item in items]
     print(printable(table(rows, headers) if rows else empty))

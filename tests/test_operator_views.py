@@ -1617,3 +1617,23 @@ def test_a_long_list_is_written_as_it_is_read_and_reads_as_emit_would_write_it(
               lambda i: i, "none")
     assert capsys.readouterr().out == whole
     assert taken == items
+
+
+def test_list_json_that_meets_an_unreadable_record_midway_is_still_one_json_document(
+        tmp_path: Path) -> None:
+    """`kpnode list --json` writes the records as it reads them: a row kpx cannot read
+    after the first ones left the start of a list on stdout with the error object glued
+    to it, where a script reads the error object alone (as it did before the streaming)."""
+    network = create_network(tmp_path / "net", ["ZA"], ["amqp://guest:guest@127.0.0.1:1/"])
+    config = network.configs["ZA"]
+    with contextlib.closing(Store(config.database_path)) as store, store.transaction():
+        store.save([record(f"ZA-2026-000{i}", partner="BW") for i in range(1, 4)])
+    with contextlib.closing(sqlite3.connect(config.database_path)) as db:
+        db.execute("UPDATE certificates SET certificate = x'00' WHERE number = 'ZA-2026-0002'")
+        db.commit()
+    env = {k: v for k, v in os.environ.items() if k != "KPX_NODE_DIR"}
+    done = subprocess.run([sys.executable, "-m", "node.cli", "list", "--json", "--dir",
+                           str(config.directory)], capture_output=True, text=True, env=env)
+    assert done.returncode == 3, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["ok"] is False and "ZA-2026-0002" in answer["error"]
