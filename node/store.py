@@ -347,7 +347,7 @@ class Store:
         they take: a read transaction, not a write one, so a running node goes on
         committing meanwhile (WAL). For work that reads the same tables more than once
         (``verify-log`` reads the log twice) and must not find the one read newer than
-        the other."""
+        the other. Not inside another transaction: SQLite has no nested ones."""
         self.db.execute("BEGIN DEFERRED")
         try:
             yield
