@@ -589,7 +589,7 @@ async def get_statistics(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ValidationError((Problem("quarter", Reason.BAD_FORMAT, str(exc)),),
                               "query is not valid") from None
-    return ok(dict(ctx.figures(quarter)))
+    return ok(dict(await ctx.figures(quarter)))
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -935,7 +935,7 @@ async def statistics(request: web.Request) -> web.Response:
             else quarter_of(today_of(ctx))
     except ValueError as exc:
         return page(request, "Statistics", f"<p class=error>{h(exc)}</p>", status=400)
-    figures = ctx.figures(quarter)
+    figures = await ctx.figures(quarter)
     tables = []
     for key in ("exports", "imports"):
         rows = "".join(f"<tr{' class=total' if ALL in (x['partner'], x['hs_code']) else ''}>"

@@ -462,6 +462,38 @@ async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
     assert len([r for r in india.node.store.backlog()]) == 0
 
 
+async def test_a_quarters_statistics_do_not_hold_up_the_node_meanwhile(
+        pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub's quarter is thousands of certificates, each parsed: half a second on the
+    event loop, during which the running node took no delivery and answered nothing. The
+    figures are made in a worker thread: another request is answered meanwhile."""
+    import threading
+
+    from node import webcontext
+
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    release = threading.Event()
+    order: list[str] = []
+    made = webcontext.quarterly_report
+
+    def slow(*args: Any, **kwargs: Any) -> dict[str, object]:
+        release.wait(10)  # held until the other request is answered (at most 10 s)
+        order.append("statistics")
+        return made(*args, **kwargs)
+    monkeypatch.setattr(webcontext, "quarterly_report", slow)
+    monitor = za.auth("monitor")
+    statistics = asyncio.create_task(za.client.get(f"{API}/statistics", headers=monitor))
+    await asyncio.sleep(0.3)  # its handler is in the figures now
+    listed = await za.client.get(f"{API}/certificates", headers=monitor)
+    order.append("certificates")
+    release.set()
+    response = await statistics
+    assert listed.status == 200 and response.status == 200
+    assert order == ["certificates", "statistics"]
+    assert (await response.json())["trade"]  # the figures themselves, as before
+
+
 async def test_statistics_and_status(pair: tuple[Served, Served]) -> None:
     za, _ = pair
     today = date.today()
