@@ -11,15 +11,16 @@ with ``BEGIN IMMEDIATE`` and waits for the lock.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node.evidence import GENESIS, Entry, entry_hash
 from node.machine import Record, RecordKey, Sealed, Side, State
@@ -191,6 +192,24 @@ def require_database(path: Path) -> None:
             wal.exists() and wal.stat().st_size > 0):
         raise StoreError(f"the database {path} is empty (0 bytes): it was truncated or "
                          "replaced. Restore it from a backup ('kpnode restore')")
+
+
+T = TypeVar("T")
+
+
+async def read_apart(database: Path, read: Callable[[Store], T]) -> T:
+    """``read`` on a connection of its own, in a worker thread: for reads of thousands of
+    records (a quarter's statistics, the metrics' open loops) that would otherwise hold a
+    running node's event loop, its consumer and its HTTP answers with it, for the whole
+    read. WAL lets the connection read beside the node's writes; the loop has the
+    interpreter back every few milliseconds."""
+    def run() -> T:
+        store = Store(database, create=False)  # used by the thread that made it, only
+        try:
+            return read(store)
+        finally:
+            store.close()
+    return await asyncio.to_thread(run)
 
 
 def is_store_fault(exc: BaseException) -> bool:

@@ -3,14 +3,12 @@ statistics come from, how a call is recorded as evidence, and how a refusal maps
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,7 +19,7 @@ from node.machine import Refusal
 from node.service import Node, now_ms
 from node.stats import Quarter, quarterly_report
 from node.status import gather_status, not_ready
-from node.store import Store
+from node.store import read_apart
 from node.tokens import Principal, Tokens
 from protocol import Reason, new_message_id
 
@@ -80,17 +78,6 @@ class AnonymousBudget:
         return left_out
 
 
-def quarter_figures(database: Path, participant: str, quarter: Quarter) -> dict[str, Any]:
-    """``kpnode stats``'s report of ``quarter``, read through a connection of its own (for
-    a worker thread: a connection is used by the thread that made it)."""
-    store = Store(database, create=False)
-    try:
-        return quarterly_report(participant, store.records(
-            issued_between=(quarter.first_day, quarter.last_day)), quarter)
-    finally:
-        store.close()
-
-
 @dataclass(slots=True)
 class WebContext:
     node: Node
@@ -124,10 +111,10 @@ class WebContext:
             return self.statistics(quarter)
         # A hub's quarter is thousands of certificates, each parsed: about half a second
         # at 5,000, during which the event loop took no delivery and answered no probe.
-        # A connection of its own in a worker thread reads them beside the node's writes
-        # (WAL), and the loop has the interpreter back every few milliseconds.
-        return await asyncio.to_thread(quarter_figures, self.node.store.path, self.node.me,
-                                       quarter)
+        me = self.node.me
+        return await read_apart(self.node.store.path, lambda store: quarterly_report(
+            me, store.records(issued_between=(quarter.first_day, quarter.last_day)),
+            quarter))
 
     def record_call(self, principal: Principal | None, method: str, path: str, status: int,
                     *, certificate: str | None = None, idempotency_key: str | None = None,

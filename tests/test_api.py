@@ -950,6 +950,55 @@ async def test_scrapes_of_metrics_by_anyone_cannot_keep_the_node_busy(
     assert reads <= 2 + int(elapsed / httpserver.GAUGE_SECONDS), (reads, elapsed)
 
 
+async def test_a_scrapes_reading_of_the_records_does_not_hold_up_the_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrape reads every open and expired record (some 170 ms at a hub's size) and did
+    so on the event loop: no delivery was taken meanwhile. It reads them in a worker
+    thread, and another request is answered while it does."""
+    import threading
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    node.issue(certificate("ZA-2026-00001", "ZA", "IN"))
+    running = SimpleNamespace(config=node.config, node=None, transport=None,
+                              metrics=NodeMetrics(), store_ok=True, clock_agrees=lambda: True)
+    app = httpserver.build_app(running)  # type: ignore[arg-type]
+    running.node = node
+    server = httpserver.HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    release = threading.Event()
+    order: list[str] = []
+    counted = httpserver.loop_counts
+
+    def slow(*args: Any) -> Any:
+        release.wait(10)  # held until the other request is answered (at most 10 s)
+        order.append("metrics")
+        return counted(*args)
+    monkeypatch.setattr(httpserver, "loop_counts", slow)
+
+    async def get(path: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     "\r\n".encode())
+        try:
+            return await reader.read()
+        finally:
+            writer.close()
+    try:
+        scrape = asyncio.create_task(get("/metrics"))
+        await asyncio.sleep(0.3)  # its refresh is reading the records now
+        alive = await get("/healthz")
+        order.append("healthz")
+        release.set()
+        text = await scrape
+    finally:
+        await server.stop()
+        node.close()
+    assert alive.startswith(b"HTTP/1.1 200")
+    assert order == ["healthz", "metrics"]
+    assert b'kpx_open_loops{age="0-1d",side="export"} 1.0' in text
+
+
 async def _raw_http(s: Served, request: bytes) -> bytes:
     """Bytes a client library would not send (header values that are not UTF-8)."""
     assert s.client.server.port is not None
