@@ -7,6 +7,7 @@ moved or mounted as a volume as a whole.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class NodeConfig:
     #: 0 picks a free port (tests). Loopback by default: put a proxy in front to expose it.
     http_host: str = "127.0.0.1"
     http_port: int | None = None
+    #: names besides loopback ones that requests for /metrics, /healthz and /readyz may
+    #: give as their Host (a container's service name): with any set, or on a loopback
+    #: http_host, other names get 421 (DNS rebinding; node/httpserver.py)
+    http_allowed_hosts: tuple[str, ...] = ()
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -110,7 +115,7 @@ LOCK_NAME = "node.lock"
 HELD_KEYS = "keys"
 NOT_CONSUMING = "not-consuming"
 #: settings whose environment value is a comma-separated list
-_LIST_SETTINGS = {"broker_urls", "former_chair_public_keys"}
+_LIST_SETTINGS = {"broker_urls", "former_chair_public_keys", "http_allowed_hosts"}
 
 
 def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
@@ -132,6 +137,8 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+#: a host name as a Host header gives it, without its port
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9.])?")
 
 
 def default_authority(participant: str) -> str:
@@ -236,6 +243,11 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
     for url in urls:
         if (problem := broker_url_problem(url)) is not None:
             raise ConfigError(f"{where('broker_urls')}: {problem}")
+    allowed = data.get("http_allowed_hosts", [])
+    if (not isinstance(allowed, list)
+            or not all(isinstance(h, str) and HOST_NAME.fullmatch(h) for h in allowed)):
+        raise ConfigError(f"{where('http_allowed_hosts')} must be a list of host names "
+                          f"(letters, digits, '.', '-'; no port), not {allowed!r}")
     port = data.get("http_port")
     return NodeConfig(
         directory=directory, participant=participant, authority=authority,
@@ -252,6 +264,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         resend_after_seconds=number("resend_after_seconds", 3600, 1),
         http_host=text("http_host", "127.0.0.1"),
         http_port=None if port in (None, "") else number("http_port", 0, 0, 65535),
+        http_allowed_hosts=tuple(h.lower().rstrip(".") for h in allowed),
     )
 
 
@@ -288,6 +301,8 @@ def write_config(config: NodeConfig) -> Path:
     if config.http_port is not None:
         lines.append(f"http_host = {_toml_value(config.http_host)}")
         lines.append(f"http_port = {config.http_port}")
+    if config.http_allowed_hosts:
+        lines.append(f"http_allowed_hosts = {_toml_value(list(config.http_allowed_hosts))}")
     if config.broker_user:
         lines.append(f"broker_user = {_toml_value(config.broker_user)}")
     path = config.directory / CONFIG_NAME

@@ -3,7 +3,7 @@
 Served only when ``http_port`` is configured, on ``http_host`` (loopback by default:
 metrics and health name partners and volumes, so exposing them is a deliberate act, e.g.
 behind a reverse proxy; on loopback they answer only requests naming a loopback host,
-:func:`loopback_names_only`). ``http_port = 0`` takes a free port (see ``HttpServer.port``).
+:func:`named_hosts_only`). ``http_port = 0`` takes a free port (see ``HttpServer.port``).
 
 Other parts of kpx extend the same application: :func:`build_app` returns the
 ``web.Application`` before it starts, and a :class:`~node.runner.RunningNode` calls every
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -180,34 +180,41 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@web.middleware
-async def loopback_names_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer the token-less endpoints only to a request that names a loopback host.
+def named_hosts_only(allowed: frozenset[str]) -> Middleware:
+    """A middleware that answers the token-less endpoints only to a request whose Host is a
+    loopback name or one of ``allowed``.
 
     Listening on loopback keeps the figures (partners, volumes) on this machine, but not
     from a web page that a browser here opens: its own domain, made to resolve to
     127.0.0.1 (DNS rebinding), is then the page's origin, and it reads /metrics like any
     same-origin answer. Such a request still names the page's domain in its Host header;
-    Prometheus and probes on this machine name 127.0.0.1 or localhost. The API and the
-    console need a token or a session cookie, which the page has not, and a proxy in
-    front may pass them on with its own name."""
-    if request.path in TOKENLESS:
-        try:
-            host = request.url.host or ""
-        except ValueError:  # a Host header that is no host at all
-            host = ""
-        if not is_loopback(host):
-            return web.json_response(
-                {"error": "request.misdirected", "message": "served to loopback names "
-                 "only (127.0.0.1, ::1, localhost): the server listens on loopback"},
-                status=421)
-    return await handler(request)
+    Prometheus and probes name 127.0.0.1, localhost, or a name given in
+    ``http_allowed_hosts`` (a container's service name, where the server listens on all
+    addresses and a port is published to the host's loopback). The API and the console
+    need a token or a session cookie, which the page has not, and a proxy in front may
+    pass them on with its own name."""
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in TOKENLESS:
+            try:
+                host = request.url.host or ""
+            except ValueError:  # a Host header that is no host at all
+                host = ""
+            if not is_loopback(host) and host.lower().rstrip(".") not in allowed:
+                names = ", ".join(["127.0.0.1", "::1", "localhost", *sorted(allowed)])
+                return web.json_response(
+                    {"error": "request.misdirected", "message": f"served to {names} only"},
+                    status=421)
+        return await handler(request)
+    return middleware
 
 
 def build_app(running: RunningNode) -> web.Application:
     """The node's application; add routes or sub-applications before it starts."""
-    listening_on_loopback = is_loopback(running.config.http_host)
-    app = web.Application(middlewares=[loopback_names_only] if listening_on_loopback else [])
+    config = running.config
+    guarded = is_loopback(config.http_host) or bool(config.http_allowed_hosts)
+    app = web.Application(middlewares=[named_hosts_only(frozenset(config.http_allowed_hosts))]
+                          if guarded else [])
     app[NODE] = running
     app[GAUGES] = GaugeReadings(running)
     app.router.add_get("/healthz", healthz)

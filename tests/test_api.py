@@ -26,6 +26,7 @@ from openapi_spec_validator import validate
 from node import httpserver
 from node import store as store_module
 from node.api import ROUTES, api_app
+from node.config import ConfigError
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Record, Side, State, day_of
 from node.metrics import NodeMetrics
@@ -1157,6 +1158,45 @@ async def test_a_web_page_cannot_read_the_metrics_by_rebinding_its_name_to_loopb
         running.node.close()
     assert is_loopback("127.8.0.1") and is_loopback("::1") and is_loopback("LocalHost.")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+
+
+async def test_a_container_names_the_hosts_its_metrics_answer_to(tmp_path: Path) -> None:
+    """A container's node listens on 0.0.0.0 and its port is published to the host's
+    loopback (docker-compose.yml): a page a browser on the host opened, rebound to
+    127.0.0.1, read /metrics, since the check applied to a loopback http_host only. With
+    http_allowed_hosts (a service name) the check applies there too; without, the
+    exposure stays the operator's choice."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.config import load_config
+    from node.httpserver import build_app
+    from node.runner import RunningNode
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    directory = network.configs["ZA"].directory
+    for allowed, answers in ((" node-za , Node-EU. ", {"node-za:8080": 200, "NODE-EU": 200,
+                                                       "127.0.0.1:9101": 200,
+                                                       "attacker.example": 421}),
+                             ("", {"attacker.example": 200})):
+        config = load_config(directory, environ={"KPX_HTTP_HOST": "0.0.0.0",
+                                                 "KPX_HTTP_ALLOWED_HOSTS": allowed})
+        running = RunningNode(config)
+        running.node = Node.open(config)
+        client = TestClient(TestServer(build_app(running)))
+        await client.start_server()
+        try:
+            for host, status in answers.items():
+                response = await client.get("/healthz", headers={"Host": host})
+                assert response.status == status, (allowed, host)
+        finally:
+            await client.close()
+            running.node.close()
+    with pytest.raises(ConfigError, match=r"KPX_HTTP_ALLOWED_HOSTS \(environment\) must be a "
+                       "list of host names"):
+        load_config(directory, environ={"KPX_HTTP_ALLOWED_HOSTS": "node-za:8080"})
+    from node.config import write_config  # kept by 'kpnode deploy configure', which writes
+    write_config(load_config(directory, environ={"KPX_HTTP_ALLOWED_HOSTS": "node-za"}))
+    assert load_config(directory, environ={}).http_allowed_hosts == ("node-za",)
 
 
 async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(

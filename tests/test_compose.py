@@ -59,6 +59,11 @@ def test_compose_network_has_the_documented_services_and_ports() -> None:
     # node's graceful stop (DRAIN_SECONDS to settle its deliveries, as much to flush).
     grace = re.findall(r"stop_grace_period: (\d+)s", text)
     assert len(grace) == 3 and all(int(g) >= 2 * DRAIN_SECONDS + 5 for g in grace), grace
+    # A node listens on all addresses in its container: its token-less endpoints answer
+    # its service names (and loopback ones) only, not a rebound web page's domain.
+    allowed = re.findall(r"KPX_HTTP_ALLOWED_HOSTS: (\S+)", text)
+    assert len(allowed) == 3 and all(set(a.split(",")) == {"node-za", "node-eu", "node-in"}
+                                     for a in allowed), allowed
     conf = (ROOT / "deploy" / "rabbitmq" / "20-kpx.conf").read_text().splitlines()
     assert set(BROKER_CONFIG) <= set(conf)  # what every kpx broker needs
 
