@@ -456,6 +456,15 @@ class Node:
                 again = receive(ctx, admitted, self._known(env))
                 if again.records:
                     self._commit(ctx, again, admitted)
+            if seen.kind and seen.kind != str(env.kind):
+                # SPEC §13: a repeated id is a duplicate, whatever it carries. One that
+                # carries another kind of message is a sender's fault (an id used twice),
+                # and it is not processed: said, so that the partner can be told.
+                self._after_commit("warning", "a message id used before came again with "
+                                   "another kind of message: taken for a duplicate, not "
+                                   "processed; the sender reused the id",
+                                   message_id=env.message_id, sender=env.sender,
+                                   kind=str(env.kind), first_kind=seen.kind)
             self._after_commit("info", "duplicate", message_id=env.message_id,
                                sender=env.sender, kind=str(env.kind),
                                answered_again=answer_id is not None)

@@ -168,6 +168,7 @@ class Seen:
     outcome: str  # "accepted" or "refused"
     answer_message_id: str | None
     reason: str | None  # the refusal's reason
+    kind: str = ""  # the message's kind, as it came the first time
 
 
 class StoreError(Exception):
@@ -731,9 +732,9 @@ class Store:
         """How this sender's message was decided, if it was processed before.
 
         Keyed by sender too, so one Participant cannot pre-empt another's message id."""
-        row = self.db.execute("SELECT outcome, answer_message_id, reason FROM inbox WHERE "
-                              "sender=? AND message_id=?", (sender, message_id)).fetchone()
-        return None if row is None else Seen(row[0], row[1], row[2])
+        row = self.db.execute("SELECT outcome, answer_message_id, reason, kind FROM inbox "
+                              "WHERE sender=? AND message_id=?", (sender, message_id)).fetchone()
+        return None if row is None else Seen(row[0], row[1], row[2], row[3])
 
     def remember(self, message_id: str, sender: str, kind: str, outcome: str,
                  reason: str | None, answer_message_id: str | None, now_ms: int) -> None:

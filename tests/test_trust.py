@@ -59,6 +59,7 @@ from protocol import (
     Rejection,
     Replacement,
     key_id,
+    new_message_id,
     parse_frame,
     seal,
 )
@@ -947,6 +948,36 @@ def test_a_participant_cannot_replace_another_participants_certificate(
     be.confirm("BW-2026-0001")  # BE can still close BW's loop
     carry(be, three)
     assert bw.store.get(Side.EXPORT, "BW-2026-0001").state is State.CONFIRMED  # type: ignore[union-attr]
+
+
+def test_a_message_id_reused_for_another_kind_is_said_not_dropped_silently(
+        three: dict[str, Node]) -> None:
+    """SPEC §13: a repeated message id is a duplicate, whatever it carries. A (buggy)
+    exporter that reused its certificate's id for its cancellation had it acknowledged as
+    a duplicate without a trace: the two ends then disagreed, and neither log said why.
+    The receiver still takes it for the duplicate it claims to be, and says so."""
+    import structlog.testing
+
+    za, be = three["ZA"], three["BE"]
+    za.issue(certificate("ZA-2026-0001", "ZA", "BE"))
+    carry(za, three)
+    record = za.store.get(Side.EXPORT, "ZA-2026-0001")
+    assert record is not None
+    with structlog.testing.capture_logs() as logs:
+        _from_za(three, Cancellation(certificate="ZA-2026-0001", reason="in error"),
+                 message_id=record.message_id)
+    said = [e for e in logs if e["log_level"] == "warning"]
+    assert len(said) == 1 and "another kind of message" in said[0]["event"], logs
+    assert (said[0]["kind"], said[0]["first_kind"]) == ("cancellation", "certificate")
+    held = be.store.get(Side.IMPORT, "ZA-2026-0001")
+    assert held is not None and held.state is State.RECEIVED  # not processed, as before
+    again = new_message_id()
+    with structlog.testing.capture_logs() as logs:  # a duplicate of the same kind: quiet
+        for _ in range(2):
+            _from_za(three, Cancellation(certificate="ZA-2026-0002", reason="x"),
+                     message_id=again)
+    assert not [e for e in logs if e["log_level"] == "warning"], logs
+    assert [e["event"] for e in logs].count("duplicate") == 1
 
 
 def test_a_participant_cannot_cancel_a_certificate_on_its_way_under_anothers_message_id(
