@@ -100,6 +100,7 @@ async def refresh_gauges(running: RunningNode) -> None:
     now = now_ms()
     metrics.set_outbox([(r, n, oldest) for r, n, oldest, _, _ in node.store.outbox_summary()],
                        now)
+    metrics.set_unanswered(node.store.unanswered_summary())
     today = datetime.fromtimestamp(now / 1000, UTC).date()
     # Every open and expired record, parsed: at a hub's size some 170 ms, read apart from
     # the event loop so that a scrape does not hold up the node's deliveries.

@@ -49,6 +49,9 @@ class NodeMetrics:
                                     registry=r)
         self.outbox_oldest = Gauge("kpx_outbox_oldest_age_seconds", "Age of the oldest "
                                    "unsent outbox message (0 when empty)", registry=r)
+        self.unanswered = Gauge("kpx_unanswered_certificates", "Certificates sent again "
+                                "for want of a receipt and still without one, by partner "
+                                "(its node does not answer)", ["partner"], registry=r)
         self.open_loops = Gauge("kpx_open_loops", "Open certificate loops by side and days "
                                 "since issue", ["side", "age"], registry=r)
         self.expired = Gauge("kpx_expired_certificates", "Certificates expired without "
@@ -86,6 +89,12 @@ class NodeMetrics:
             self.outbox_backlog.labels(recipient=recipient).set(messages)
         oldest = min((o for _, _, o in pending), default=None)
         self.outbox_oldest.set(0 if oldest is None else max(0, now_ms - oldest) / 1000)
+
+    def set_unanswered(self, unanswered: Sequence[tuple[str, int, int]]) -> None:
+        """``unanswered``: (partner, certificates, oldest created_at ms) per partner."""
+        self.unanswered.clear()  # a partner that answered again drops out, not stays at n
+        for partner, certificates, _ in unanswered:
+            self.unanswered.labels(partner=partner).set(certificates)
 
     def set_loops(self, by_side_age: Mapping[tuple[str, str], int],
                   expired: Mapping[str, int]) -> None:

@@ -97,6 +97,15 @@ class Pending:
     last_error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """Certificates to one partner sent again for want of a receipt, still without one."""
+
+    partner: str
+    certificates: int
+    oldest_ms: int  # when the oldest of them was issued
+
+
 def _loop(r: Record, today: date) -> dict[str, Any]:
     return {"number": r.number, "side": str(r.side), "partner": r.partner, "state": str(r.state),
             "issued_on": r.certificate.issued_on.isoformat(),
@@ -112,6 +121,7 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                  registry: Registry, own_public_key: bytes, records: Sequence[Record],
                  partner_counts: Mapping[tuple[str, str, str], int],
                  outbox: Sequence[Pending], broker: BrokerView,
+                 unanswered: Sequence[Unanswered] = (),
                  store_ok: bool = True, unheld_keys: Sequence[str] = (),
                  not_consuming: str | None = None,
                  after_restart: tuple[str, bytes] | None = None,
@@ -121,7 +131,8 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
     running node signs with; ``after_restart`` the key file (name, public key) it would
     sign with once restarted, when that is another (made since it started);
     ``other_public_keys`` the node's other keys, among which a rotation's successor;
-    ``not_consuming`` why the running node does not consume its inbox, as it says."""
+    ``not_consuming`` why the running node does not consume its inbox, as it says;
+    ``unanswered`` the certificates per partner sent again and still without a receipt."""
     today = day_of(now)
     problems: list[dict[str, str]] = []
 
@@ -175,6 +186,14 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         if p.last_error:
             problem("warning", f"{p.messages} message(s) to {p.recipient} not sent: "
                     f"{p.last_error}")
+
+    for u in unanswered:
+        # Sent and confirmed by the broker, so the outbox is empty and nothing else warns:
+        # a partner's node down for days looked like a quiet day.
+        problem("warning", f"{u.certificates} certificate(s) to {u.partner} without a "
+                f"receipt though sent again (the oldest issued "
+                f"{max(0, now - u.oldest_ms) // 1000} s ago): {u.partner}'s node does not "
+                "answer (down, or not consuming its inbox, where they wait); ask its operator")
 
     dead_count = broker.dead_letters
     if dead_count:
@@ -266,6 +285,9 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
                                      "oldest_age_seconds": (now - p.oldest_ms) // 1000,
                                      "attempts": p.attempts, "last_error": p.last_error}
                                     for p in outbox]},
+        "unanswered": [{"partner": u.partner, "certificates": u.certificates,
+                        "oldest_age_seconds": max(0, now - u.oldest_ms) // 1000}
+                       for u in unanswered],
         "open_loops": {"total": len(open_loops), "by_age": loops_by_age(open_loops, today),
                        "by_state": dict(Counter(str(r.state) for r in open_loops))},
         "overdue": [_loop(r, today) for r in overdue],
@@ -448,6 +470,7 @@ def read_store(node: Node) -> dict[str, Any]:
         "records": store.records(states=[*OPEN_STATES, State.EXPIRED]),
         "partner_counts": store.partner_counts(),
         "outbox": [Pending(*row) for row in store.outbox_summary()],
+        "unanswered": [Unanswered(*row) for row in store.unanswered_summary()],
     }
 
 
@@ -539,6 +562,9 @@ def render_status(s: dict[str, Any]) -> str:
     for p in o["by_recipient"]:
         lines.append(f"            to {p['recipient']}: {p['messages']}, attempts "
                      f"{p['attempts']}{', ' + p['last_error'] if p['last_error'] else ''}")
+    for u in s["unanswered"]:
+        lines.append(f"            {u['certificates']} certificate(s) to {u['partner']} sent "
+                     f"again, no receipt yet (oldest issued {u['oldest_age_seconds']} s ago)")
     d = s["dead_letters"]
     count = "?" if d["count"] is None else d["count"]
     lines.append(f"dead      {count} in {d['queue']}"

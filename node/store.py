@@ -710,6 +710,19 @@ class Store:
         return [(str(r), int(n), int(oldest), int(attempts), None if err is None else str(err))
                 for r, n, oldest, attempts, err in rows]
 
+    def unanswered_summary(self) -> list[tuple[str, int, int]]:
+        """Per partner, certificates (and replacements) this node has already sent again
+        for want of a receipt, and still has none: (partner, certificates, oldest
+        created_at). Their messages left the outbox (the partner's inbox holds them), so
+        the outbox shows nothing: a partner's node down for hours or days is seen here
+        only. A resend (``sends`` above 1) means ``resend_after_seconds`` passed unanswered."""
+        rows = self.db.execute(
+            """SELECT c.partner, count(*), min(c.created_at) FROM certificates c
+               JOIN outbox o ON o.message_id = c.message_id
+               WHERE c.side = 'export' AND c.state = 'issued' AND o.sends > 1
+               GROUP BY c.partner ORDER BY c.partner""")
+        return [(str(p), int(n), int(oldest)) for p, n, oldest in rows]
+
     def sent_at(self, message_id: str) -> tuple[int | None, str | None] | None:
         """(published_at, last_error) of one outbox message, ``None`` if not in the outbox."""
         row = self.db.execute("SELECT published_at, last_error FROM outbox WHERE message_id=?",

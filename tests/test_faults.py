@@ -25,9 +25,11 @@ import structlog
 
 from node.logs import configure_logging
 from node.machine import Side, State
+from node.metrics import NodeMetrics
 from node.network import create_network
 from node.runner import DRAIN_SECONDS, RunningNode, run_until_signalled
 from node.service import Delivery, Node, Verdict
+from node.status import BrokerView, build_status, read_store, render_status
 from node.store import StoreError
 from node.transport import (
     EXCHANGE,
@@ -335,6 +337,65 @@ def test_unanswered_certificate_is_resent_with_the_same_bytes_and_backoff(
     assert za.resend_unanswered(hour) == []
     for n in nodes.values():
         n.close()
+
+
+def test_a_partner_that_does_not_answer_is_named_in_status_and_metrics(
+        tmp_path: Path) -> None:
+    """The importer's node is down for hours: the certificates reached its inbox, so the
+    exporter's outbox was empty and its status said OK, with resends going out hourly.
+    Once a certificate was sent again without a receipt, status and /metrics say so."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    hour = 3_600_000
+    now = [1_800_000_000_000]
+    nodes = {c: Node.open(cfg) for c, cfg in network.configs.items()}
+    za = nodes["ZA"]
+    za.clock = lambda: now[0]
+    broker = BrokerView(reachable=True, inbox_messages=0, inbox_consumers=1, dead_letters=0)
+
+    def status() -> dict[str, object]:
+        return build_status(participant="ZA", authority=za.config.authority, now=now[0],
+                            running_pid=1, registry=za.registry,
+                            own_public_key=bytes(za.signing_key(now[0]).verify_key),
+                            broker=broker, **read_store(za))
+
+    def gauge() -> bytes:
+        metrics = NodeMetrics()
+        metrics.set_unanswered(za.store.unanswered_summary())
+        return metrics.exposition()
+
+    inbox: list[bytes] = []  # IN's inbox on the broker, while IN's node is down
+
+    def published() -> None:
+        rows = za.store.due(now[0], 10)
+        with za.store.transaction():
+            za.store.mark_published([r.seq for r in rows], now[0])
+        inbox.extend(r.frame for r in rows)
+
+    try:
+        for n in ("ZA-U1", "ZA-U2"):
+            za.issue(certificate(n, "ZA", "IN"))
+        published()
+        assert za.store.unanswered_summary() == []  # sent once: not yet overdue
+        assert status()["health"] == "ok"
+        now[0] += hour
+        assert len(za.resend_unanswered(hour)) == 2
+        published()
+        s = status()
+        assert s["health"] == "warning"
+        assert s["unanswered"] == [{"partner": "IN", "certificates": 2,
+                                    "oldest_age_seconds": 3600}]
+        assert any("2 certificate(s) to IN without a receipt though sent again" in p["text"]
+                   for p in s["problems"])  # type: ignore[attr-defined]
+        assert "certificate(s) to IN sent again, no receipt yet" in render_status(s)
+        assert b'kpx_unanswered_certificates{partner="IN"} 2.0' in gauge()
+        # IN's node is back: it answers, and the warning and the gauge go
+        nodes["IN"].handle_batch([Delivery(frame) for frame in inbox])
+        carry(nodes["IN"], nodes)
+        assert status()["unanswered"] == [] and status()["health"] == "ok"
+        assert b"kpx_unanswered_certificates{" not in gauge()
+    finally:
+        for n in nodes.values():
+            n.close()
 
 
 def test_a_clock_stepped_back_delays_no_resend_or_retry_by_the_step(tmp_path: Path) -> None:
