@@ -27,7 +27,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -194,6 +194,8 @@ class RunningNode:
         #: outbox rows the broker confirmed but the store could not yet mark sent (its write
         #: lock held by another process): never published again, marked when it can be
         self._unmarked: set[int] = set()
+        #: per recipient without an inbox: when that was last logged, messages returned since
+        self._unroutable_logged: dict[str, tuple[float, int]] = {}
         #: why the outbox waits, while it does (logged once, not every second)
         self._relay_waiting: RelayWaiting | None = None
         #: the records the sweep could not read when it last said so, and when
@@ -639,19 +641,37 @@ class RunningNode:
         store = self.node.store
         # Not waiting for the disk: should a power cut undo these marks, the rows are sent
         # again with the same message ids, and the receivers recognise them.
+        returned: dict[str, list[str]] = {}
         with store.transaction(durable=False):
             store.mark_published(confirmed, now)
             for row, result in zip(rows, results, strict=True):
                 if result.confirmed:
+                    self._unroutable_logged.pop(row.recipient, None)
                     continue
                 if result.returned:
-                    log.warning("unroutable: no inbox for recipient; kept in outbox",
-                                recipient=row.recipient, message_id=row.message_id)
+                    returned.setdefault(row.recipient, []).append(row.message_id)
                     store.mark_failed(row.seq, f"unroutable: no inbox for {row.recipient}",
                                       now + UNROUTABLE_RETRY_MS)
                 else:
                     store.mark_failed(row.seq, result.error or "not confirmed",
                                       now + retry_delay_ms(row.attempts))
+        self._unroutable_seen(returned)
+
+    def _unroutable_seen(self, returned: Mapping[str, list[str]]) -> None:
+        """Log the messages the broker returned for want of their recipient's inbox: once
+        per recipient, then every ``RELAY_WAIT_LOG_SECONDS`` with how many came back since.
+        A line per message at every retry (30 s) wrote 10,000 lines a minute for 5,000
+        certificates to a new Participant whose node had not started yet."""
+        now = time.monotonic()
+        for recipient, message_ids in returned.items():
+            logged_at, since = self._unroutable_logged.get(recipient, (None, 0))
+            since += len(message_ids)
+            if logged_at is not None and now - logged_at < RELAY_WAIT_LOG_SECONDS:
+                self._unroutable_logged[recipient] = (logged_at, since)
+                continue
+            log.warning("unroutable: no inbox for recipient; kept in outbox",
+                        recipient=recipient, messages=since, message_ids=message_ids[:20])
+            self._unroutable_logged[recipient] = (now, 0)
 
     async def _drain(self) -> None:
         """Publish what is due, and wait for the relay's batches under way to be confirmed

@@ -174,6 +174,29 @@ async def test_batches_nacked_together_renew_the_publishing_channel_once() -> No
     assert nacking.closed == 1
 
 
+async def test_messages_without_an_inbox_are_logged_per_recipient_not_per_message(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new Participant whose node has not started: each of its messages came back
+    unroutable at every retry, and each was logged, every 30 s: 5,000 certificates made
+    10,000 warnings a minute. Now one line per recipient, again only every minute."""
+    import structlog
+
+    monkeypatch.setattr(runner, "UNROUTABLE_RETRY_MS", 20)
+    calls: list[int] = []
+
+    async def no_inbox(items: Sequence[Outgoing]) -> list[PublishResult]:
+        calls.append(len(items))
+        return [PublishResult(confirmed=False, returned=True) for _ in items]
+    relay.broker.publish = no_inbox  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        for n in range(30):
+            relay.issue(n)
+        await until(lambda: sum(calls) >= 90)  # every message returned three times or more
+    said = [e for e in logs if e["event"].startswith("unroutable")]
+    assert len(said) == 1, len(said)
+    assert said[0]["recipient"] == "IN" and 1 <= said[0]["messages"] <= 30
+
+
 async def test_an_outage_is_logged_once_not_every_second(relay: Relay) -> None:
     """With rows due and the broker away, the relay said 'broker unavailable; outbox
     waits' every second: an hour's outage wrote 3,600 lines saying the same, burying the
