@@ -205,7 +205,10 @@ async def read_apart(database: Path, read: Callable[[Store], T]) -> T:
     read. WAL lets the connection read beside the node's writes; the loop has the
     interpreter back every few milliseconds."""
     def run() -> T:
-        store = Store(database, create=False)  # used by the thread that made it, only
+        # Used by the thread that made it, only. Not migrated: the running node's store is
+        # already, and a migration's check takes the write lock, which another process
+        # (a CLI command, a sqlite3 shell) may hold for long where a read needs none.
+        store = Store(database, create=False, migrate=False)
         try:
             return read(store)
         finally:
@@ -224,12 +227,13 @@ def is_store_fault(exc: BaseException) -> bool:
 
 class Store:
     def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, migrate: bool = True) -> None:
         """Open (``create``: or make) the database at ``path``. A node opens its own with
         ``create=False``: a database gone missing (a volume not mounted, a typo in
         ``node.toml``) must be an error, not a fresh empty store that forgets every loop.
         With ``owner``, another Participant's database is refused before anything in it
-        changes, and one without an owner is claimed (:meth:`claim`)."""
+        changes, and one without an owner is claimed (:meth:`claim`). ``migrate=False``
+        leaves the schema as it is, for a reader of a store its node has migrated."""
         self.path = Path(path)
         if not create:
             require_database(self.path)
@@ -250,7 +254,8 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             if owner is not None and (problem := self._not_owned_by(owner)) is not None:
                 raise problem
-            self._migrate()
+            if migrate:
+                self._migrate()
             if owner is not None:
                 self.claim(owner)
         except sqlite3.Error as exc:  # not a database, a directory, no permission ...

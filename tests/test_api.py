@@ -1000,6 +1000,30 @@ async def test_a_scrapes_reading_of_the_records_does_not_hold_up_the_node(
     assert b'kpx_open_loops{age="0-1d",side="export"} 1.0' in text
 
 
+async def test_a_read_apart_needs_no_write_lock(tmp_path: Path) -> None:
+    """The metrics' and the statistics' worker-thread reads opened the store as a node
+    does, migration check included, which takes the write lock: while another process
+    held it (a CLI command mid-transaction, a sqlite3 shell), a scrape waited up to 30 s
+    where a read needs no lock at all (WAL)."""
+    import sqlite3
+
+    from node.store import read_apart
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    node = Node.open(network.configs["ZA"])
+    node.issue(certificate("ZA-2026-00001", "ZA", "IN"))
+    other = sqlite3.connect(node.store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction, left open
+    try:
+        numbers = await asyncio.wait_for(read_apart(
+            node.store.path, lambda store: [r.number for r in store.records()]), 10)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        node.close()
+    assert numbers == ["ZA-2026-00001"]
+
+
 async def _raw_http(s: Served, request: bytes) -> bytes:
     """Bytes a client library would not send (header values that are not UTF-8)."""
     assert s.client.server.port is not None
