@@ -1000,28 +1000,33 @@ async def test_a_scrapes_reading_of_the_records_does_not_hold_up_the_node(
     assert b'kpx_open_loops{age="0-1d",side="export"} 1.0' in text
 
 
-async def test_a_read_apart_needs_no_write_lock(tmp_path: Path) -> None:
-    """The metrics' and the statistics' worker-thread reads opened the store as a node
-    does, migration check included, which takes the write lock: while another process
-    held it (a CLI command mid-transaction, a sqlite3 shell), a scrape waited up to 30 s
-    where a read needs no lock at all (WAL)."""
+async def test_a_scrape_is_not_held_up_by_another_process_holding_the_write_lock(
+        tmp_path: Path) -> None:
+    """Another process holding the database's write lock is the fault kpx_store_ok says.
+    The scrape's reading apart opened a Store, whose migration began a write transaction:
+    it waited for that lock (30 s) and failed, so /metrics said nothing when it mattered.
+    A reader takes no write lock; the scrape answers at once, kpx_store_ok 0."""
     import sqlite3
-
-    from node.store import read_apart
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
     node = Node.open(network.configs["ZA"])
     node.issue(certificate("ZA-2026-00001", "ZA", "IN"))
-    other = sqlite3.connect(node.store.path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process's write transaction, left open
+    running = SimpleNamespace(config=node.config, node=node, transport=None,
+                              metrics=NodeMetrics(), store_ok=True, clock_agrees=lambda: True)
+    blocker = sqlite3.connect(node.config.database_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
     try:
-        numbers = await asyncio.wait_for(read_apart(
-            node.store.path, lambda store: [r.number for r in store.records()]), 10)
+        await asyncio.wait_for(httpserver.refresh_gauges(running), 5)  # type: ignore[arg-type]
+        figures = await asyncio.wait_for(store_module.read_apart(
+            node.config.database_path, lambda store: len(store.records())), 5)
     finally:
-        other.execute("ROLLBACK")
-        other.close()
+        blocker.execute("ROLLBACK")
+        blocker.close()
         node.close()
-    assert numbers == ["ZA-2026-00001"]
+    text = running.metrics.exposition()
+    assert b"kpx_store_ok 0.0" in text
+    assert b'kpx_open_loops{age="0-1d",side="export"} 1.0' in text
+    assert figures == 1
 
 
 async def _raw_http(s: Served, request: bytes) -> bytes:
