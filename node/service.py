@@ -442,24 +442,25 @@ class Node:
             answer_id = seen.answer_message_id
             if answer_id is not None:
                 self._answer_again(ctx, answer_id)
-            number = arriving(env)
+            # SPEC §13: a repeated id is a duplicate, whatever it carries. One that carries
+            # another kind of message is a sender's fault (an id used twice): answered as
+            # the first was, and not processed, neither applied again nor answered anew.
+            reused = bool(seen.kind) and seen.kind != str(env.kind)
+            number = None if reused else arriving(env)
             if number is not None and (confirmed := self.store.sent_confirmation(
                     number, env.sender)) is not None:
                 # An exporter sends a certificate again when it has no receipt, as after a
                 # restore from a backup; one restored to before our confirmation would
                 # never learn of it otherwise, and the loop would stay open on its side.
                 self._answer_again(ctx, confirmed)
-            if env.kind is Kind.RECEIPT:
+            if env.kind is Kind.RECEIPT and not reused:
                 # Applied again: it can only move an issued certificate to delivered, and
                 # one is issued again when the importer refused its replacement (it is
                 # resent, and the importer answers with the receipt it sent before).
                 again = receive(ctx, admitted, self._known(env))
                 if again.records:
                     self._commit(ctx, again, admitted)
-            if seen.kind and seen.kind != str(env.kind):
-                # SPEC §13: a repeated id is a duplicate, whatever it carries. One that
-                # carries another kind of message is a sender's fault (an id used twice),
-                # and it is not processed: said, so that the partner can be told.
+            if reused:  # said, so that the partner can be told
                 self._after_commit("warning", "a message id used before came again with "
                                    "another kind of message: taken for a duplicate, not "
                                    "processed; the sender reused the id",

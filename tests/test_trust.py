@@ -978,6 +978,14 @@ def test_a_message_id_reused_for_another_kind_is_said_not_dropped_silently(
                      message_id=again)
     assert not [e for e in logs if e["log_level"] == "warning"], logs
     assert [e["event"] for e in logs].count("duplicate") == 1
+    # Not processed means not applied either: a receipt under an id used for another kind
+    # left BE's certificate delivered though ZA, which has not got it, never received it.
+    be.issue(certificate("BE-2026-0001", "BE", "ZA"))
+    sent = be.store.get(Side.EXPORT, "BE-2026-0001")
+    assert sent is not None
+    _from_za(three, Receipt(certificate="BE-2026-0001",
+                            certificate_digest=sent.certificate_digest), message_id=again)
+    assert be.store.get(Side.EXPORT, "BE-2026-0001").state is State.ISSUED  # type: ignore[union-attr]
 
 
 def test_a_participant_cannot_cancel_a_certificate_on_its_way_under_anothers_message_id(
