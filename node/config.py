@@ -6,6 +6,7 @@ moved or mounted as a volume as a whole.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -137,8 +138,19 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-#: a host name as a Host header gives it, without its port
-HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9.])?")
+#: a host name as a Host header gives it, without its port (Compose allows '_' in a
+#: service's name)
+HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
+
+
+def host_name(text: str) -> str | None:
+    """``text`` as requests name the host (lower case, no trailing dot, an IPv6 address
+    without brackets), or None when it is no host name or address."""
+    name = text.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        return name if HOST_NAME.fullmatch(name) else None
 
 
 def default_authority(participant: str) -> str:
@@ -244,10 +256,11 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         if (problem := broker_url_problem(url)) is not None:
             raise ConfigError(f"{where('broker_urls')}: {problem}")
     allowed = data.get("http_allowed_hosts", [])
-    if (not isinstance(allowed, list)
-            or not all(isinstance(h, str) and HOST_NAME.fullmatch(h) for h in allowed)):
-        raise ConfigError(f"{where('http_allowed_hosts')} must be a list of host names "
-                          f"(letters, digits, '.', '-'; no port), not {allowed!r}")
+    hosts = ([host_name(h) if isinstance(h, str) else None for h in allowed]
+             if isinstance(allowed, list) else [None])
+    if not all(hosts):
+        raise ConfigError(f"{where('http_allowed_hosts')} must be a list of host names or "
+                          f"addresses (no port), not {allowed!r}")
     port = data.get("http_port")
     return NodeConfig(
         directory=directory, participant=participant, authority=authority,
@@ -264,7 +277,7 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
         resend_after_seconds=number("resend_after_seconds", 3600, 1),
         http_host=text("http_host", "127.0.0.1"),
         http_port=None if port in (None, "") else number("http_port", 0, 0, 65535),
-        http_allowed_hosts=tuple(h.lower().rstrip(".") for h in allowed),
+        http_allowed_hosts=tuple(h for h in hosts if h),
     )
 
 

@@ -34,6 +34,7 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from node.config import host_name
 from node.machine import OPEN_STATES, State
 from node.runner import LOCK_WAIT_SECONDS
 from node.service import now_ms
@@ -201,7 +202,7 @@ def named_hosts_only(allowed: frozenset[str]) -> Middleware:
                 host = request.url.host or ""
             except ValueError:  # a Host header that is no host at all
                 host = ""
-            if not is_loopback(host) and host.lower().rstrip(".") not in allowed:
+            if not is_loopback(host) and host_name(host) not in allowed:
                 names = ", ".join(["127.0.0.1", "::1", "localhost", *sorted(allowed)])
                 return web.json_response(
                     {"error": "request.misdirected", "message": f"served to {names} only"},

@@ -192,8 +192,10 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
         # a partner's node down for days looked like a quiet day.
         problem("warning", f"{u.certificates} certificate(s) to {u.partner} without a "
                 f"receipt though sent again (the oldest issued "
-                f"{max(0, now - u.oldest_ms) // 1000} s ago): {u.partner}'s node does not "
-                "answer (down, or not consuming its inbox, where they wait); ask its operator")
+                f"{max(0, now - u.oldest_ms) // 1000} s ago): no receipt reached this "
+                f"node. Most often {u.partner}'s node is down or not consuming its inbox, "
+                f"where they wait (ask its operator); else this node refuses or does not "
+                "take its receipts (see the dead letters and whether this node consumes)")
 
     dead_count = broker.dead_letters
     if dead_count:

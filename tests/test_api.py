@@ -1203,9 +1203,11 @@ async def test_a_container_names_the_hosts_its_metrics_answer_to(tmp_path: Path)
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
     directory = network.configs["ZA"].directory
-    for allowed, answers in ((" node-za , Node-EU. ", {"node-za:8080": 200, "NODE-EU": 200,
-                                                       "127.0.0.1:9101": 200,
-                                                       "attacker.example": 421}),
+    for allowed, answers in ((" node-za , Node-EU., node_in, [FD00::1], 10.0.0.5",
+                              {"node-za:8080": 200, "NODE-EU": 200, "node_in": 200,
+                               "[fd00::1]:8080": 200, "10.0.0.5:8080": 200,
+                               "127.0.0.1:9101": 200, "attacker.example": 421,
+                               "10.0.0.6": 421}),
                              ("", {"attacker.example": 200})):
         config = load_config(directory, environ={"KPX_HTTP_HOST": "0.0.0.0",
                                                  "KPX_HTTP_ALLOWED_HOSTS": allowed})
