@@ -211,12 +211,30 @@ def named_hosts_only(allowed: frozenset[str]) -> Middleware:
     return middleware
 
 
+#: Headers every answer carries unless its handler chose its own (the console's pages set a
+#: policy that lets their nonce'd script run). Nothing the node serves is meant to be framed
+#: (clickjacking of the console's forms) or sniffed into another type (a JSON answer quoting
+#: a partner's text, read as HTML).
+SAFE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+async def add_safe_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """An ``on_response_prepare`` hook: :data:`SAFE_HEADERS`, on error pages too."""
+    for name, value in SAFE_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def build_app(running: RunningNode) -> web.Application:
     """The node's application; add routes or sub-applications before it starts."""
     config = running.config
     guarded = is_loopback(config.http_host) or bool(config.http_allowed_hosts)
     app = web.Application(middlewares=[named_hosts_only(frozenset(config.http_allowed_hosts))]
                           if guarded else [])
+    app.on_response_prepare.append(add_safe_headers)
     app[NODE] = running
     app[GAUGES] = GaugeReadings(running)
     app.router.add_get("/healthz", healthz)

@@ -1153,6 +1153,42 @@ def test_a_token_name_written_by_hand_before_the_naming_rule_still_works(
     assert tokens.authenticate("kpx_handmade") == Principal("Customs Desk", Role.OFFICER)
 
 
+async def test_no_answer_of_the_node_may_be_framed_or_sniffed(tmp_path: Path) -> None:
+    """A web security review found the anti-framing and no-sniff headers on the console's
+    pages only: the login page's redirect, the API's JSON (which quotes partners' text),
+    /metrics and every error page could be framed by another site or sniffed as HTML."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from node.httpserver import build_app
+    from node.runner import RunningNode
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
+    running = RunningNode(network.configs["ZA"])
+    running.node = Node.open(network.configs["ZA"])
+    client = TestClient(TestServer(build_app(running)))
+    await client.start_server()
+    try:
+        answers = {}
+        for path in ("/metrics", "/healthz", "/readyz", "/nowhere", f"{API}/openapi.json",
+                     f"{API}/certificates", f"{API}/nowhere", "/console",
+                     "/console/", "/console/login"):
+            response = await client.get(path, allow_redirects=False)
+            answers[path] = response.status
+            assert response.headers.get("X-Frame-Options") == "DENY", path
+            assert response.headers.get("X-Content-Type-Options") == "nosniff", path
+            assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"], path
+        assert answers == {"/metrics": 200, "/healthz": 200, "/readyz": 503, "/nowhere": 404,
+                           f"{API}/openapi.json": 200, f"{API}/certificates": 401,
+                           f"{API}/nowhere": 401, "/console": 302, "/console/": 303,
+                           "/console/login": 200}
+        # the console's pages keep their own policy, which lets their nonce'd script run
+        response = await client.get("/console/login")
+        assert "script-src 'nonce-" in response.headers["Content-Security-Policy"]
+    finally:
+        await client.close()
+        running.node.close()
+
+
 async def test_a_web_page_cannot_read_the_metrics_by_rebinding_its_name_to_loopback(
         tmp_path: Path) -> None:
     """The server listens on loopback so that the figures stay on the machine, but a page
