@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
 import subprocess
@@ -26,12 +27,13 @@ from openapi_spec_validator import validate
 from node import httpserver
 from node import store as store_module
 from node.api import ROUTES, api_app
-from node.config import ConfigError
+from node.config import ConfigError, NodeConfig
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Record, Side, State, day_of
 from node.metrics import NodeMetrics
 from node.network import create_network
 from node.openapi import openapi_document
+from node.runner import RunningNode
 from node.service import Delivery, Node, now_ms
 from node.stats import Quarter
 from node.store import Store, StoreError
@@ -1153,21 +1155,29 @@ def test_a_token_name_written_by_hand_before_the_naming_rule_still_works(
     assert tokens.authenticate("kpx_handmade") == Principal("Customs Desk", Role.OFFICER)
 
 
+@contextlib.asynccontextmanager
+async def served_node(config: NodeConfig) -> AsyncIterator[tuple[RunningNode, Any]]:
+    """``config``'s node (no broker) served by the running node's own application, as
+    ``kpnode run`` serves it: /metrics, the probes, the API and the console."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    running = RunningNode(config)
+    running.node = Node.open(config)
+    client = TestClient(TestServer(httpserver.build_app(running)))
+    await client.start_server()
+    try:
+        yield running, client
+    finally:
+        await client.close()
+        running.node.close()
+
+
 async def test_no_answer_of_the_node_may_be_framed_or_sniffed(tmp_path: Path) -> None:
     """A web security review found the anti-framing and no-sniff headers on the console's
     pages only: the login page's redirect, the API's JSON (which quotes partners' text),
     /metrics and every error page could be framed by another site or sniffed as HTML."""
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from node.httpserver import build_app
-    from node.runner import RunningNode
-
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
-    running = RunningNode(network.configs["ZA"])
-    running.node = Node.open(network.configs["ZA"])
-    client = TestClient(TestServer(build_app(running)))
-    await client.start_server()
-    try:
+    async with served_node(network.configs["ZA"]) as (_, client):
         answers = {}
         for path in ("/metrics", "/healthz", "/readyz", "/nowhere", f"{API}/openapi.json",
                      f"{API}/certificates", f"{API}/nowhere", "/console",
@@ -1184,9 +1194,6 @@ async def test_no_answer_of_the_node_may_be_framed_or_sniffed(tmp_path: Path) ->
         # the console's pages keep their own policy, which lets their nonce'd script run
         response = await client.get("/console/login")
         assert "script-src 'nonce-" in response.headers["Content-Security-Policy"]
-    finally:
-        await client.close()
-        running.node.close()
 
 
 async def test_a_web_page_cannot_read_the_metrics_by_rebinding_its_name_to_loopback(
@@ -1194,17 +1201,10 @@ async def test_a_web_page_cannot_read_the_metrics_by_rebinding_its_name_to_loopb
     """The server listens on loopback so that the figures stay on the machine, but a page
     a browser here opened, its domain made to resolve to 127.0.0.1 (DNS rebinding), read
     /metrics as its own: partners and volumes. Its requests name its domain in Host."""
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from node.httpserver import build_app, is_loopback
-    from node.runner import RunningNode
+    from node.httpserver import is_loopback
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
-    running = RunningNode(network.configs["ZA"])
-    running.node = Node.open(network.configs["ZA"])
-    client = TestClient(TestServer(build_app(running)))
-    await client.start_server()
-    try:
+    async with served_node(network.configs["ZA"]) as (_, client):
         for path in ("/metrics", "/readyz", "/healthz"):
             for host in ("attacker.example", "attacker.example:8080",
                          "localhost.attacker.example", "127.0.0.1.nip.io"):
@@ -1218,9 +1218,6 @@ async def test_a_web_page_cannot_read_the_metrics_by_rebinding_its_name_to_loopb
         # passed on by a proxy under its own name
         response = await client.get(f"{API}/openapi.json", headers={"Host": "kpx.example"})
         assert response.status == 200
-    finally:
-        await client.close()
-        running.node.close()
     assert is_loopback("127.8.0.1") and is_loopback("::1") and is_loopback("LocalHost.")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
 
@@ -1231,11 +1228,7 @@ async def test_a_container_names_the_hosts_its_metrics_answer_to(tmp_path: Path)
     127.0.0.1, read /metrics, since the check applied to a loopback http_host only. With
     http_allowed_hosts (a service name) the check applies there too; without, the
     exposure stays the operator's choice."""
-    from aiohttp.test_utils import TestClient, TestServer
-
     from node.config import load_config
-    from node.httpserver import build_app
-    from node.runner import RunningNode
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
     directory = network.configs["ZA"].directory
@@ -1247,17 +1240,10 @@ async def test_a_container_names_the_hosts_its_metrics_answer_to(tmp_path: Path)
                              ("", {"attacker.example": 200})):
         config = load_config(directory, environ={"KPX_HTTP_HOST": "0.0.0.0",
                                                  "KPX_HTTP_ALLOWED_HOSTS": allowed})
-        running = RunningNode(config)
-        running.node = Node.open(config)
-        client = TestClient(TestServer(build_app(running)))
-        await client.start_server()
-        try:
+        async with served_node(config) as (_, client):
             for host, status in answers.items():
                 response = await client.get("/healthz", headers={"Host": host})
                 assert response.status == status, (allowed, host)
-        finally:
-            await client.close()
-            running.node.close()
     with pytest.raises(ConfigError, match=r"KPX_HTTP_ALLOWED_HOSTS \(environment\) must be a "
                        "list of host names"):
         load_config(directory, environ={"KPX_HTTP_ALLOWED_HOSTS": "node-za:8080"})
@@ -1272,22 +1258,16 @@ async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
     measured, but the API went on signing with that clock: a certificate a year ahead,
     which its importer refuses. Commands now get a 503 until the clock agrees again; an
     answer already given under an Idempotency-Key is still replayed."""
-    from aiohttp.test_utils import TestClient, TestServer
-
     from node.clockwatch import ClockWatch, elapsed_ms
-    from node.httpserver import build_app
-    from node.runner import RunningNode
 
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://127.0.0.1:1/"])
-    running = RunningNode(network.configs["ZA"])
-    running.node = node = Node.open(network.configs["ZA"])
-    running._clock = ClockWatch(node.clock(), elapsed_ms())
-    right = node.clock
-    officer = {"Authorization": "Bearer " + Tokens(running.config.directory).add(
-        "za-officer", Role.OFFICER, now_ms())}
-    client = TestClient(TestServer(build_app(running)))
-    await client.start_server()
-    try:
+    async with served_node(network.configs["ZA"]) as (running, client):
+        assert running.node is not None
+        node = running.node
+        running._clock = ClockWatch(node.clock(), elapsed_ms())
+        right = node.clock
+        officer = {"Authorization": "Bearer " + Tokens(running.config.directory).add(
+            "za-officer", Role.OFFICER, now_ms())}
         keyed = {**officer, "Idempotency-Key": "first"}
         first = await client.post(f"{API}/certificates", headers=keyed,
                                   json=certificate_json("ZA-2026-0001", "ZA", "IN"))
@@ -1309,9 +1289,6 @@ async def test_nothing_is_signed_while_the_running_node_distrusts_its_clock(
         response = await client.post(f"{API}/certificates", headers=officer,
                                      json=certificate_json("ZA-2026-0002", "ZA", "IN"))
         assert response.status == 201
-    finally:
-        await client.close()
-        running.node.close()
 
 
 def test_tokens_added_and_revoked_at_once_are_all_kept(tmp_path: Path) -> None:
