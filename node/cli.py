@@ -43,7 +43,7 @@ from node.registry import (
 from node.service import CommandRefused, Node, RegistryFileError, now_ms
 from node.status import held_key_ids, running_pid
 from node.store import StoreError, UnreadableRecord
-from node.terminal import complain, emit, emit_list, fail, printable, table
+from node.terminal import at_least_one, complain, emit, emit_list, fail, printable, table
 from node.views import (
     carats,
     history_json,
@@ -268,9 +268,15 @@ def cmd_list(args: argparse.Namespace) -> None:
         partner = partner_filter(args.partner) if args.partner else None
     except ValueError as exc:
         raise UserError(f"--partner: {exc}") from None
-    with_node(args, lambda node: emit_list(
-        args, node.store.each_record(side=side, states=states, partner=partner),
-        record_row, RECORD_HEADERS, record_json, "no certificates"))
+    def run(node: Node) -> None:
+        offset = 0
+        if args.last is not None:  # the newest, still oldest first: the tail of the list
+            total = node.store.count_records(side=side, states=states, partner=partner)
+            offset = max(0, total - args.last)
+        emit_list(args, node.store.each_record(side=side, states=states, partner=partner,
+                                               limit=args.last, offset=offset),
+                  record_row, RECORD_HEADERS, record_json, "no certificates")
+    with_node(args, run)
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -658,6 +664,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--state", action="append", choices=[s.value for s in State])
     sp.add_argument("--partner")
     sp.add_argument("--side", choices=[s.value for s in Side])
+    sp.add_argument("--last", type=at_least_one, metavar="N",
+                    help="only the N made last (still oldest first)")
     sp = add("verify-log", cmd_verify_log, "re-check the evidence log's chain and "
              "signatures")
     sp.add_argument("--anchor", type=_anchor, action="append", default=[],

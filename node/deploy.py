@@ -44,7 +44,7 @@ from node.network import create_network
 from node.registry import Registry, open_registry_frame, unverified_registry_version
 from node.registrytool import CHAIR_PUBLIC
 from node.service import broker_user_for
-from node.terminal import emit, table
+from node.terminal import at_least_one, emit, table
 from protocol import ProtocolError, Reason
 from protocol.schema import PARTICIPANT_CODE
 
@@ -396,16 +396,6 @@ def _same_as_provisioned(base: Path, codes: Sequence[str], broker_templates: Seq
     return before
 
 
-def _delivery_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return value
-
-
 def cmd_network(args: argparse.Namespace) -> None:
     from node.cli import UserError
 
@@ -478,7 +468,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     def topology(sp: argparse.ArgumentParser, vhost: str | None = DEFAULT_VHOST) -> None:
         sp.add_argument("--vhost", default=vhost, help="virtual host (default kpx)")
-        sp.add_argument("--delivery-limit", type=_delivery_limit, default=5,
+        sp.add_argument("--delivery-limit", type=at_least_one, default=5,
                         help="deliveries before an inbox message is dead-lettered (1 or more)")
 
     help_ = "RabbitMQ definitions (users, permissions, queues, policies) from the registry"

@@ -54,6 +54,17 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def at_least_one(text: str) -> int:
+    """An argparse ``type`` for a count that must be a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """A command's result: ``data`` as JSON with ``--json``, else ``text`` for people."""
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))

@@ -520,6 +520,39 @@ def test_list_refuses_a_partner_that_is_no_participant_code(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr  # either case, as before
 
 
+def test_list_last_shows_the_newest_records_still_oldest_first(tmp_path: Path) -> None:
+    """A hub's `kpnode list` runs through years of records; an operator checking today's
+    work wants the tail of it, in the same order and filters, and a clear refusal for a
+    count that is none."""
+    network = create_network(tmp_path / "net", ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    with contextlib.closing(Store(config.database_path)) as store, store.transaction():
+        # 0001 made last (a number chosen out of turn): "newest" is the time it was made
+        store.save([dataclasses.replace(record(f"ZA-2026-000{i}",
+                                               partner="BW" if i % 2 else "IN"),
+                                        updated_at=9_000 if i == 1 else 1_000 * i)
+                    for i in range(1, 8)])
+    env = {k: v for k, v in os.environ.items() if k != "KPX_NODE_DIR"}
+
+    def listed(*args: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "node.cli", "list", "--json", "--dir",
+                               str(config.directory), *args],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return [r["number"] for r in json.loads(done.stdout)]
+
+    assert listed("--last", "3") == ["ZA-2026-0006", "ZA-2026-0007", "ZA-2026-0001"]
+    assert listed("--last", "2", "--partner", "BW") == ["ZA-2026-0007", "ZA-2026-0001"]
+    everything = [*(f"ZA-2026-000{i}" for i in range(2, 8)), "ZA-2026-0001"]
+    assert listed("--last", "100") == listed() == everything
+    for bad in ("0", "-2", "three"):
+        done = subprocess.run([sys.executable, "-m", "node.cli", "list", "--last", bad,
+                               "--dir", str(config.directory)],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 2 and "--last: must be a whole number of at least 1" in (
+            done.stderr), done.stderr
+
+
 async def test_status_reports_an_unreachable_broker_instead_of_failing(tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
     node = Node.open(network.configs["ZA"])
