@@ -83,7 +83,7 @@ async def running_status(running: RunningNode) -> dict[str, Any]:
     """``GET /api/v1/status``: what ``kpnode status`` says, and what the node knows of
     itself that the broker cannot show from outside (see :func:`with_readiness`)."""
     assert running.node is not None
-    document = await gather_status(running.node, letters=False)
+    document = await gather_status(running.node, served=True)
     return with_readiness(document, readiness(running))
 
 

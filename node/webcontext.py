@@ -100,7 +100,7 @@ class WebContext:
     async def status_document(self) -> Mapping[str, Any]:
         if self.status is not None:
             return await self.status()
-        return await gather_status(self.node, letters=False)
+        return await gather_status(self.node, served=True)
 
     def not_ready(self) -> list[str]:
         """What keeps the running node from exchanging, in words (empty when ready)."""

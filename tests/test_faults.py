@@ -356,7 +356,7 @@ def test_a_partner_that_does_not_answer_is_named_in_status_and_metrics(
         return build_status(participant="ZA", authority=za.config.authority, now=now[0],
                             running_pid=1, registry=za.registry,
                             own_public_key=bytes(za.signing_key(now[0]).verify_key),
-                            broker=broker, **read_store(za))
+                            broker=broker, **read_store(za.store))
 
     def gauge() -> bytes:
         metrics = NodeMetrics()

@@ -452,7 +452,7 @@ def build_status_of(node: Node, now: int) -> dict[str, Any]:
                         running_pid=1, registry=node.registry,
                         own_public_key=bytes(node.signing_key(now).verify_key),
                         broker=BrokerView(reachable=True, inbox_consumers=1),
-                        **read_store(node))
+                        **read_store(node.store))
 
 
 def test_an_answer_still_waiting_keeps_its_age_when_a_duplicate_asks_for_it_again(

@@ -431,7 +431,7 @@ async def test_kpnode_status_says_when_the_running_node_waits_for_its_claim(
     copy = await aio_pika.connect(amqp_url)
     try:
         assert original.transport is not None and original.node is not None
-        status = await gather_status(original.node, letters=False)
+        status = await gather_status(original.node, served=True)
         assert not [p for p in status["problems"] if p["level"] == "error"], status["problems"]
         old = original.transport._connection
         assert old is not None
@@ -465,13 +465,13 @@ async def test_kpnode_status_says_when_the_running_node_waits_for_its_claim(
         await until(lambda: transport.connected and transport._connection is not old, 20)
         await asyncio.sleep(1.0)
         assert not transport.consuming
-        status = await gather_status(original.node, letters=False)
+        status = await gather_status(original.node, served=True)
         errors = [p["text"] for p in status["problems"] if p["level"] == "error"]
         assert any(f"does not consume {inbox_queue(code)}" in e for e in errors), errors
         await copy.close()  # the copy stops: the original consumes again
         await until(lambda: transport.consuming, 10)
         for _ in range(50):  # the copy's consumer may be counted a moment longer
-            status = await gather_status(original.node, letters=False)
+            status = await gather_status(original.node, served=True)
             errors = [p["text"] for p in status["problems"] if p["level"] == "error"]
             if not errors:
                 break
