@@ -268,15 +268,10 @@ def cmd_list(args: argparse.Namespace) -> None:
         partner = partner_filter(args.partner) if args.partner else None
     except ValueError as exc:
         raise UserError(f"--partner: {exc}") from None
-    def run(node: Node) -> None:
-        offset = 0
-        if args.last is not None:  # the newest, still oldest first: the tail of the list
-            total = node.store.count_records(side=side, states=states, partner=partner)
-            offset = max(0, total - args.last)
-        emit_list(args, node.store.each_record(side=side, states=states, partner=partner,
-                                               limit=args.last, offset=offset),
-                  record_row, RECORD_HEADERS, record_json, "no certificates")
-    with_node(args, run)
+    with_node(args, lambda node: emit_list(
+        args, node.store.each_record(side=side, states=states, partner=partner,
+                                     last=args.last),
+        record_row, RECORD_HEADERS, record_json, "no certificates"))
 
 
 def cmd_show(args: argparse.Namespace) -> None:

@@ -567,9 +567,11 @@ class Node:
 
     def records(self, *, side: Side | None = None, states: Sequence[State] = (),
                 partner: str | None = None, issued_between: tuple[date, date] | None = None,
-                limit: int | None = None, offset: int = 0) -> list[Record]:
+                limit: int | None = None, offset: int = 0, last: int | None = None,
+                ) -> list[Record]:
         return self.store.records(side=side, states=states, partner=partner,
-                                  issued_between=issued_between, limit=limit, offset=offset)
+                                  issued_between=issued_between, limit=limit, offset=offset,
+                                  last=last)
 
     def find(self, number: str) -> list[Record]:
         return self.store.find(number)

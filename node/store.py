@@ -467,10 +467,12 @@ class Store:
     def records(self, *, side: Side | None = None, states: Iterable[State] = (),
                 partner: str | None = None, expiring_before: str | None = None,
                 issued_between: tuple[date, date] | None = None, limit: int | None = None,
-                offset: int = 0, unreadable: list[UnreadableRecord] | None = None,
-                ) -> list[Record]:
+                offset: int = 0, last: int | None = None,
+                unreadable: list[UnreadableRecord] | None = None) -> list[Record]:
         """Records in the order they were made; ``limit`` and ``offset`` page in SQL, so a
         page costs what it holds, not what the node has recorded in all its years.
+        ``last`` keeps only the ``last`` made, still oldest first (the tail of a list, read
+        from its end: what it holds, not the years before it).
 
         A row kpx cannot read raises :class:`UnreadableRecord`, unless ``unreadable`` is
         given: then it is left out and added there, for work that should go on with every
@@ -478,24 +480,32 @@ class Store:
         return list(self.each_record(side=side, states=states, partner=partner,
                                      expiring_before=expiring_before,
                                      issued_between=issued_between, limit=limit,
-                                     offset=offset, unreadable=unreadable))
+                                     offset=offset, last=last, unreadable=unreadable))
 
     def each_record(self, *, side: Side | None = None, states: Iterable[State] = (),
                     partner: str | None = None, expiring_before: str | None = None,
                     issued_between: tuple[date, date] | None = None,
-                    limit: int | None = None, offset: int = 0,
+                    limit: int | None = None, offset: int = 0, last: int | None = None,
                     unreadable: list[UnreadableRecord] | None = None) -> Iterator[Record]:
         """:meth:`records` one at a time, as they are read: a caller that writes each out
         (``kpnode list`` of a node's years) holds one, not tens of thousands. Read to the
         end (or closed) before the next write: the open read holds a snapshot."""
+        if last is not None and limit is not None:
+            raise ValueError("last and limit are each a page of their own")
+        # The tail is read newest first along certificates_by_creation, stopping at
+        # ``last`` (0.2 ms for the newest 200 of 60,000); left to itself, SQLite chose the
+        # filters' index and sorted every match (36 ms).
         where, args = self._where(side=side, states=states, partner=partner,
                                   expiring_before=expiring_before,
-                                  issued_between=issued_between)
+                                  issued_between=issued_between, by_index=last is None)
         page = "" if limit is None else f" LIMIT {int(limit)} OFFSET {int(offset)}"
-        rows = self.db.execute(
-            f"SELECT {self._COLUMNS} FROM certificates WHERE {where} "
-            f"ORDER BY created_at, number{page}", args,
-        )
+        chosen = "certificates"
+        if last is not None:
+            chosen = (f"(SELECT {self._COLUMNS}, created_at FROM certificates WHERE {where} "
+                      f"ORDER BY created_at DESC, number DESC LIMIT {int(last)})")
+            where = "1=1"
+        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM {chosen} WHERE {where} "
+                               f"ORDER BY created_at, number{page}", args)
         for row in rows:
             try:
                 yield _record(row)
@@ -530,23 +540,28 @@ class Store:
     @staticmethod
     def _where(*, side: Side | None, states: Iterable[State], partner: str | None,
                expiring_before: str | None = None,
-               issued_between: tuple[date, date] | None = None) -> tuple[str, list[str]]:
+               issued_between: tuple[date, date] | None = None,
+               by_index: bool = True) -> tuple[str, list[str]]:
+        """The filters as SQL. ``by_index=False`` keeps SQLite from reading by their
+        indexes (a column named ``+column`` is not looked up in an index), for a read
+        that walks another index and stops early."""
+        c = "" if by_index else "+"
         where, args = ["1=1"], []
         if side is not None:
-            where.append("side=?")
+            where.append(f"{c}side=?")
             args.append(str(side))
         state_list = [str(s) for s in states]
         if state_list:
-            where.append(f"state IN ({','.join('?' * len(state_list))})")
+            where.append(f"{c}state IN ({','.join('?' * len(state_list))})")
             args.extend(state_list)
         if partner is not None:
-            where.append("partner=?")
+            where.append(f"{c}partner=?")
             args.append(partner)
         if expiring_before is not None:
-            where.append("expires_on < ?")
+            where.append(f"{c}expires_on < ?")
             args.append(expiring_before)
         if issued_between is not None:
-            where.append("issued_on BETWEEN ? AND ?")
+            where.append(f"{c}issued_on BETWEEN ? AND ?")
             args.extend(d.isoformat() for d in issued_between)
         return " AND ".join(where), args
 
