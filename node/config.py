@@ -291,9 +291,33 @@ def _toml_value(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+CONFIG_HEADER = "# kpx node configuration. Paths are relative to this directory."
+_SETTING_LINE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def _comments_by_setting(text: str) -> tuple[dict[str, list[str]], list[str]]:
+    """The comment lines of a node.toml (and the blank lines among them), each block by
+    the setting it stands above, and those below the last setting. What a person wrote
+    there (who changed the broker, and why) outlives ``write_config``. Lines inside a
+    value written over several lines are the value's and go with it."""
+    above: dict[str, list[str]] = {}
+    block: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line == CONFIG_HEADER:
+            continue  # written anew
+        if not stripped or stripped.startswith("#"):
+            block.append(line)
+        elif (setting := _SETTING_LINE.match(line)) is not None:
+            if any(kept.strip() for kept in block):
+                above.setdefault(setting.group(1), []).extend(block)
+            block = []
+    return above, block if any(kept.strip() for kept in block) else []
+
+
 def write_config(config: NodeConfig) -> Path:
+    """Write ``config`` to its node.toml, keeping the comments an existing one has."""
     lines = [
-        "# kpx node configuration. Paths are relative to this directory.",
         f"participant = {_toml_value(config.participant)}",
         *([] if config.authority_defaulted
           else [f"authority = {_toml_value(config.authority)}"]),
@@ -319,12 +343,23 @@ def write_config(config: NodeConfig) -> Path:
     if config.broker_user:
         lines.append(f"broker_user = {_toml_value(config.broker_user)}")
     path = config.directory / CONFIG_NAME
+    try:
+        above, below = _comments_by_setting(path.read_text())
+    except (OSError, UnicodeDecodeError):
+        above, below = {}, []
+    written = [CONFIG_HEADER]
+    for line in lines:
+        written += above.pop(line.split(" = ", 1)[0], [])
+        written.append(line)
+    # comments above a setting no longer written (a default left out) stay, at the end
+    for block in [*above.values(), below]:
+        written += block
     # It may hold broker passwords (in broker_urls): readable by the node's user alone,
     # written whole or not at all.
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write("\n".join(lines) + "\n")
+        out.write("\n".join(written) + "\n")
     os.chmod(tmp, 0o600)
     tmp.replace(path)
     return path

@@ -816,6 +816,38 @@ def test_deploy_configure_keeps_the_environment_out_of_node_toml(
     assert (directory / "node.toml").stat().st_mode & 0o777 == 0o600
 
 
+def test_deploy_configure_keeps_the_comments_an_operator_wrote_in_node_toml(
+        tmp_path: Path) -> None:
+    """`deploy configure` wrote node.toml anew, and what the operator had noted there
+    (which broker, who changed it, why a setting is what it is) was gone."""
+    from node.deploy import configure_node
+
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    path = config.directory / "node.toml"
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("broker_urls"))
+    lines[at:at] = ["", "# the authority's broker; changed 2026-11 (ticket 4711)"]
+    lines.insert(next(i for i, line in enumerate(lines) if line.startswith("prefetch")),
+                 "# prefetch = 64 was too slow at the quarter's end")
+    lines.append("# questions: ops@kpa.example")
+    path.write_text("\n".join(lines) + "\n")
+    for _ in range(2):  # again: nothing is doubled
+        configure_node(load_config(config.directory, environ={}),
+                       ["amqp://{user}:{password}@broker/kpx"], "s3cret")
+        written = path.read_text().splitlines()
+        broker = written.index("# the authority's broker; changed 2026-11 (ticket 4711)")
+        assert written[broker - 1] == "" and written[broker + 1].startswith("broker_urls =")
+        prefetch = written.index("# prefetch = 64 was too slow at the quarter's end")
+        assert written[prefetch + 1] == "prefetch = 256"
+        assert written[-1] == "# questions: ops@kpa.example"
+        assert written[0].startswith("# kpx node configuration")
+        assert len([line for line in written if line.startswith("#")]) == 4
+    loaded = load_config(config.directory, environ={})
+    assert loaded.broker_urls == ("amqp://kpx-za:s3cret@broker/kpx",)
+    assert loaded.prefetch == 256 and loaded.check_broker_user
+
+
 def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
     """Each used to end in a Python traceback (exit 1)."""
     network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
