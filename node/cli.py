@@ -749,7 +749,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         fail(args, EXIT_REFUSED, f"{exc.text}:", problems=exc.problems)
     except CommandRefused as exc:
-        fail(args, EXIT_REFUSED, f"refused: {exc.refusal}", reason=exc.refusal.reason)
+        refusal = exc.refusal
+        if refusal.problems:  # each with its field path, as 'validate' lists them
+            fail(args, EXIT_REFUSED, f"refused: {refusal.reason}:", reason=refusal.reason,
+                 problems=refusal.problems)
+        fail(args, EXIT_REFUSED, f"refused: {refusal}", reason=refusal.reason)
     except registrytool.BrokerUnreachable as exc:
         fail(args, EXIT_ENVIRONMENT, str(exc))
     except ProtocolError as exc:

@@ -465,6 +465,31 @@ def test_a_failing_command_with_json_says_why_on_stdout_too(tmp_path: Path) -> N
     assert answer["exit_code"] == 3 and "127.0.0.1:1" in answer["error"]
 
 
+def test_a_certificate_refused_against_the_registry_lists_each_problem_with_its_path(
+        tmp_path: Path) -> None:
+    """`validate` (and `issue`) refused what the registry does not allow as one line that
+    said every problem twice, and with `--json` gave `"problems": []`: a script learnt the
+    first reason code only, and no field path, where the API answers each of them."""
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    bad = certificate_json("ZA-2026-0001", "ZA", "XX", issuing_authority="ZA-XX")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    done = subprocess.run([sys.executable, "-m", "node.cli", "validate", "bad.json", "--json",
+                           "--dir", str(network.configs["ZA"].directory)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    answer = json.loads(done.stdout)
+    paths = {(p["path"], p["reason"]) for p in answer["problems"]}
+    assert ("destination", "participant.unknown") in paths, answer
+    assert ("issuing_authority", "authority.unknown") in paths, answer
+    assert answer["reason"] in {reason for _, reason in paths}
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"kpnode: refused: {answer['reason']}:", done.stderr
+    for problem in answer["problems"]:  # one line each, said once
+        line = f"  {problem['path']}: {problem['message']}  [{problem['reason']}]"
+        assert lines.count(line) == 1, done.stderr
+    assert done.stderr.count("may not trade") == 1, done.stderr
+
+
 def test_a_command_line_that_does_not_parse_answers_json_too(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A usage error (exit 2: an unknown choice, a bad --anchor, simulate's bad options)
