@@ -44,6 +44,11 @@ def broker_url_problem(url: str) -> str | None:
         return f"{redact(url)!r} is not a URL: {exc}"
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         return f"{redact(url)!r} is not an amqp:// or amqps:// URL with a host"
+    if "{user}" in url or "{password}" in url:
+        # A template given where a URL is taken (`registry publish` without
+        # --password-file): it would log in as the user '{user}' and be refused.
+        return (f"{redact(url)!r} is a template: its {{user}} and {{password}} are filled "
+                "in only from a --password-file")
     if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
         # amqp://user:pa/ss@host/ would go to host "user"; the password must be encoded.
         return (f"{redact(url)!r}: a '/', '?' or '#' in the user name or password must be "

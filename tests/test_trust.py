@@ -1412,6 +1412,14 @@ def test_publish_takes_the_chairs_password_from_a_file_not_the_command_line(
                          "--password-file", password_file, check=False)
         assert refused.returncode in (1, 3) and "Traceback" not in refused.stderr, refused
         assert not (network.base / "chair" / "published" / "registry-v000003.kpx").exists()
+    # A template without --password-file logged in as the user '{user}': refused by the
+    # broker only after version 3 was signed, and the draft had moved on to 4.
+    refused = kpnode("registry", "publish", "--dir", chair_dir, "--broker",
+                     "amqp://{user}:{password}@127.0.0.1:1/kpx", check=False)
+    assert refused.returncode == 1, refused.stderr
+    assert "is a template" in refused.stderr and "--password-file" in refused.stderr
+    assert not (network.base / "chair" / "published" / "registry-v000003.kpx").exists()
+    assert json.loads((network.base / "chair" / "registry.json").read_text())["version"] == 3
     # The runbook puts no password file's content on a command line.
     runbook = (Path(__file__).resolve().parents[1] / "deploy" / "RUNBOOK.md").read_text()
     assert not re.search(r"\$\(cat [^)]*\.password\)", runbook)
