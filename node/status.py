@@ -237,7 +237,14 @@ def build_status(*, participant: str, authority: str, now: int, running_pid: int
     if fault is None and owner is not None and owner.key.valid_until is not None \
             and owner.key.valid_until - now <= KEY_WARNING_DAYS * DAY_MS:
         ends = owner.key.valid_until
-        if successor is None:
+        if successor is None and restart_cures:
+            assert after_restart is not None
+            # The successor is valid already, in a key file made since the node started.
+            problem("warning", f"this node's key stops being valid on {_iso(ends)}; its "
+                    f"successor {after_restart[0]} (key {key_id(after_restart[1]).hex()}) "
+                    "is valid already: restart 'kpnode run', which reads keys/ at start, "
+                    "to sign with it")
+        elif successor is None:
             problem("warning", f"this node's key stops being valid on {_iso(ends)}: ask "
                     "the Chair for a registry with its successor")
         elif successor.valid_from > ends:

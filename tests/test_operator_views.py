@@ -1589,6 +1589,43 @@ async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
     assert "CANNOT SIGN (key.not_valid_now)" in text
 
 
+async def test_status_names_a_restart_when_the_successor_is_valid_already(
+        tmp_path: Path) -> None:
+    """The runbook's rotation: `key new` while `kpnode run` runs, the Chair adds the key
+    valid now and ends the old one in a week. Status warned 'ask the Chair for a registry
+    with its successor', which the registry held already; a restart is what it takes."""
+    from nacl.signing import SigningKey
+
+    from node.chair import add_key, end_key
+    from node.keyfile import write_signing_key
+    from node.runner import DirectoryLock
+    from node.service import now_ms
+    from protocol import key_id
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
+    config = network.configs["ZA"]
+    old = bytes(config.signing_key().verify_key)
+    new = SigningKey.generate()
+    config.path("keys").mkdir()
+    write_signing_key(config.path("keys") / "next.key", new)
+    now = now_ms()
+    update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
+                     now - 60_000)
+    update = end_key(update, old, now + 7 * 86_400_000, now)
+    network.publish_registry(dataclasses.replace(update, version=2))
+    with DirectoryLock(config.directory) as lock:  # as `kpnode run`, started before key new
+        lock.note_keys([key_id(old).hex()])
+        node = Node.open(config)
+        try:
+            s = await gather_status(node)
+        finally:
+            node.close()
+    assert s["key"]["key_id"] == key_id(old).hex() and s["key"]["fault"] is None
+    (warning,) = [p for p in s["problems"] if "stops being valid" in p["text"]]
+    assert "ask the Chair" not in warning["text"], warning
+    assert "restart 'kpnode run'" in warning["text"] and "next.key" in warning["text"]
+
+
 async def test_status_and_key_show_see_a_successor_the_registry_holds(tmp_path: Path) -> None:
     """A rotation under way: the new key is in keys/ and in the registry from tomorrow, the
     old one ends the day after. `kpnode status` still warned 'ask the Chair for a registry
