@@ -110,6 +110,9 @@ def parse_public_key(text: str) -> bytes:
 def listed_key(update: RegistryUpdate, text: str) -> bytes:
     """The public key ``text`` names in the draft: the key itself (64 hex digits) or its
     key id (32), which is how 'registry show' and 'kpnode key show' name keys."""
+    if len(text.strip()) not in (2 * KEY_ID_SIZE, 64):
+        raise ChairError(f"{text!r} is neither a public key (64 hex characters) nor a key "
+                         f"id ({2 * KEY_ID_SIZE}, as 'registry show' prints it)")
     if len(text.strip()) != 2 * KEY_ID_SIZE:
         return parse_public_key(text)
     try:

@@ -863,6 +863,11 @@ def test_registry_end_and_revoke_key_take_the_key_id_registry_show_prints(
                      "--dir", chair, check=False)
     assert (unknown.returncode, unknown.stderr.strip()) == (
         1, f"kpnode: no key with id {'ab' * 16} in the registry draft")
+    # the 16 digits 'kpnode ping' prints, or a prefix: neither a key nor an id, said so
+    short = kpnode("registry", "end-key", "--key", za_id[:16], "--at", "2026-12-31",
+                   "--dir", chair, check=False)
+    assert short.returncode == 1
+    assert "neither a public key (64 hex characters) nor a key id (32" in short.stderr
 
 
 def test_registry_publish_refuses_a_bad_broker_or_out_before_signing(tmp_path: Path) -> None:
