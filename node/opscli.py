@@ -303,13 +303,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp.add_argument("id", help="the dead letter's id (or at least 6 of its first digits)")
     sp = add("replay", cmd_dead_replay, "send a dead letter to this node's inbox again, to "
              "be verified and decided afresh", dead_sub)
-    sp.add_argument("id")
+    sp.add_argument("id", help="the dead letter's id (or at least 6 of its first digits)")
     # Required as for discard: the evidence log says who replayed a message, when and why.
     sp.add_argument("--reason", required=True, help="why (kept in the evidence log)")
     sp = add("discard", cmd_dead_discard, "remove a dead letter; its bytes and the reason "
              "stay in the evidence log", dead_sub)
-    sp.add_argument("id")
-    sp.add_argument("--reason", required=True)
+    sp.add_argument("id", help="the dead letter's id (or at least 6 of its first digits)")
+    sp.add_argument("--reason", required=True, help="why (kept in the evidence log)")
     sp = add("ping", cmd_ping, "send a signed ping to a partner through the running node "
              "and wait for its signed pong")
     sp.add_argument("partner", help="the partner's two-letter code")

@@ -475,23 +475,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sp.add_argument("--key", required=True, help="the node's public key, hex "
                     "(printed by 'kpnode init')")
     sp.add_argument("--authority", help="issuing authority id (default CODE-KPA)")
-    sp.add_argument("--authority-name")
+    sp.add_argument("--authority-name", help="the authority's name (default: "
+                    "'NAME KP authority')")
     sp.add_argument("--valid-from", default="now", help="date, ISO instant or ms (default now)")
     sp = add("add-key", cmd_add_key, "add a key (rotation) or an authority with its key")
     sp.add_argument("code")
     sp.add_argument("--key", required=True, help="public key, hex ('kpnode key new')")
     sp.add_argument("--authority", help="authority id (default CODE-KPA)")
     sp.add_argument("--authority-name", help="add the authority with this name")
-    sp.add_argument("--valid-from", default="now")
-    sp.add_argument("--valid-until")
+    sp.add_argument("--valid-from", default="now", help="WHEN it may sign from: a date, "
+                    "ISO instant or ms (default now)")
+    sp.add_argument("--valid-until", help="WHEN it lapses (default: until 'end-key')")
     sp = add("end-key", cmd_end_key, "let a key lapse at a time (end of a rotation)")
     sp.add_argument("--key", required=True, help="public key, hex, or its key id ('registry "
                     "show')")
-    sp.add_argument("--at", required=True)
+    sp.add_argument("--at", required=True, help="WHEN it lapses: a date, ISO instant or ms")
     sp = add("revoke-key", cmd_revoke_key, "revoke a key: refused from --at (default now)")
     sp.add_argument("--key", required=True, help="public key, hex, or its key id ('registry "
                     "show')")
-    sp.add_argument("--at", default="now")
+    sp.add_argument("--at", default="now", help="WHEN: a date, ISO instant or ms "
+                    "(default now)")
     for name, status, text in (
             ("suspend", ParticipantStatus.SUSPENDED, "suspend a Participant"),
             ("reactivate", ParticipantStatus.ACTIVE, "reactivate a suspended Participant"),

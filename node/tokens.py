@@ -169,14 +169,19 @@ class Tokens:
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     token = sub.add_parser("token", help="API and console tokens: add, list, revoke")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    sp = token_sub.add_parser("add", parents=[common], help="create a token (printed once)")
+    text = "create a token (printed once)"
+    sp = token_sub.add_parser("add", parents=[common], help=text, description=text)
     sp.add_argument("name", help="who holds it, e.g. customs-system or j.doe")
-    sp.add_argument("--role", required=True, choices=[r.value for r in Role])
+    sp.add_argument("--role", required=True, choices=[r.value for r in Role],
+                    help="an officer may issue, replace, cancel and confirm; a monitor "
+                    "only reads")
     sp.set_defaults(handler=_cmd_add)
-    sp = token_sub.add_parser("list", parents=[common], help="the tokens' names and roles")
+    text = "the tokens' names and roles"
+    sp = token_sub.add_parser("list", parents=[common], help=text, description=text)
     sp.set_defaults(handler=_cmd_list)
-    sp = token_sub.add_parser("revoke", parents=[common], help="remove a token")
-    sp.add_argument("name")
+    text = "remove a token (its sessions end at once)"
+    sp = token_sub.add_parser("revoke", parents=[common], help=text, description=text)
+    sp.add_argument("name", help="the name it was added under")
     sp.set_defaults(handler=_cmd_revoke)
 
 
