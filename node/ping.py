@@ -103,4 +103,7 @@ async def ping_partner(node: Node, partner: str, timeout: float = 10.0,
                          "withdrawn from the outbox")
     took = now_ms() - queued
     raise PingFailed(f"no pong from {partner} within {timeout:g} s ({took} ms): the broker "
-                     f"took the ping (message {ping_id}); {partner}'s node is down or behind")
+                     f"took the ping (message {ping_id}); {partner}'s node is down or behind, "
+                     "or could not verify it and dead-lettered it unanswered (a key of this "
+                     f"node its registry does not list yet: {partner}'s 'kpnode dead-letters "
+                     "list' shows it)")

@@ -359,6 +359,12 @@ async def test_ping_reports_the_signed_pong_and_a_partner_that_cannot_answer(
     with pytest.raises(PingFailed, match="never left this node"):
         await ping_partner(cli_view, absent, timeout=1.5)
     assert cli_view.store.backlog() == []  # the undeliverable ping was withdrawn
+    # Its inbox there and nobody answering: down, or (a key its registry does not list
+    # yet) dead-lettered unanswered, which 'no pong' named no way to see.
+    gone = await start(stack, network, absent)
+    await gone.stop()
+    with pytest.raises(PingFailed, match=r"down or behind.*'kpnode dead-letters list'"):
+        await ping_partner(cli_view, absent, timeout=1.5)
     with pytest.raises(PingFailed, match="not a Participant"):
         await ping_partner(cli_view, "QQ", timeout=1)
     # in a thread: the nodes in this process must keep running while the command waits
