@@ -32,7 +32,14 @@ from typing import Any
 
 from node.brokerurl import broker_url_problem
 from node.chair import registry_to_json
-from node.config import CONFIG_NAME, ConfigError, NodeConfig, load_config, write_config
+from node.config import (
+    CONFIG_NAME,
+    DEFAULT_DELIVERY_LIMIT,
+    ConfigError,
+    NodeConfig,
+    load_config,
+    write_config,
+)
 from node.definitions import (
     DEFAULT_VHOST,
     broker_definitions,
@@ -468,8 +475,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     def topology(sp: argparse.ArgumentParser, vhost: str | None = DEFAULT_VHOST) -> None:
         sp.add_argument("--vhost", default=vhost, help="virtual host (default kpx)")
-        sp.add_argument("--delivery-limit", type=at_least_one, default=5,
-                        help="deliveries before an inbox message is dead-lettered (1 or more)")
+        sp.add_argument("--delivery-limit", type=at_least_one,
+                        default=DEFAULT_DELIVERY_LIMIT,
+                        help="deliveries before an inbox message is dead-lettered (1 or more; "
+                        f"default {DEFAULT_DELIVERY_LIMIT}, as node.toml's delivery_limit)")
 
     help_ = "RabbitMQ definitions (users, permissions, queues, policies) from the registry"
     sp = dsub.add_parser("definitions", help=help_, description=help_, parents=[json_only])
