@@ -415,7 +415,8 @@ def cmd_key_new(args: argparse.Namespace) -> None:
         # another passphrase would keep the node from starting.
         passphrase = passphrase_from_environment()
         if passphrase is None:
-            raise UserError(f"this node's keys are encrypted ({encrypted[0]}): set "
+            # exit 3, as for issue or run without it: the environment lacks it
+            raise ConfigError(f"this node's keys are encrypted ({encrypted[0]}): set "
                             "KPX_KEY_PASSPHRASE or KPX_KEY_PASSPHRASE_FILE to their "
                             "passphrase, or run from a terminal; nothing was written")
         require_passphrase_of(encrypted, passphrase)
