@@ -754,6 +754,43 @@ def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -
         "  discrepancy lines[7102.31].carats_hundredths: declared 250000, received 250050"]
 
 
+def test_confirm_by_line_refuses_to_leave_out_a_declared_line(tmp_path: Path) -> None:
+    """'--line' for the one line that differed, or with its HS code mistyped, signed the
+    other declared line as not arrived (received 0): a confirmation cannot be taken back."""
+    from node.network import create_network
+    from node.service import Node
+    from tests.netutil import carry, certificate
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {code: Node.open(config) for code, config in network.configs.items()}
+    try:
+        nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN"))  # 7102.31 and 7102.21
+        carry(nodes["ZA"], nodes)
+    finally:
+        for node in nodes.values():
+            node.close()
+    kpnode = [sys.executable, "-m", "node.cli", "confirm", "ZA-2026-0001", "--dir",
+              str(network.configs["IN"].directory)]
+    for lines in (["7102.31=2400:400000"],  # only the line that differs
+                  ["7102.31=2500:400000", "7102.12=300:100000"]):  # 7102.21 mistyped
+        refused = subprocess.run([*kpnode, *(a for line in lines for a in ("--line", line))],
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert "declares HS 7102.21 too" in refused.stderr, refused.stderr
+    nothing = subprocess.run([*kpnode, "--line", "7102.31=0:0", "--line", "7102.21=0.00:0"],
+                             capture_output=True, text=True, check=False)
+    assert nothing.returncode == 1 and "every line given as not arrived" in nothing.stderr
+    shown = subprocess.run([sys.executable, "-m", "node.cli", "list", "--json", "--dir",
+                            str(network.configs["IN"].directory)],
+                           capture_output=True, text=True, check=True)
+    assert [r["state"] for r in json.loads(shown.stdout)] == ["received"]
+    confirmed = subprocess.run([*kpnode, "--line", "7102.31=2500:400000",
+                                "--line", "7102.21=0:0"],  # named, as not arrived
+                               capture_output=True, text=True, check=False)
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert "lines[7102.21].carats_hundredths: declared 30000, received 0" in confirmed.stdout
+
+
 def test_settings_are_read_as_their_type_and_a_bad_one_names_its_source(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """'declare_topology = \"false\"' and KPX_DECLARE_TOPOLOGY=no both loaded as True."""
