@@ -6,6 +6,7 @@ moved or mounted as a volume as a whole.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -119,6 +120,30 @@ NOT_CONSUMING = "not-consuming"
 _LIST_SETTINGS = {"broker_urls", "former_chair_public_keys", "http_allowed_hosts"}
 
 
+#: KPX_* variables read elsewhere (a command, the logs, the test harness): not settings
+_OTHER_VARIABLES = {"node_dir", "key_passphrase", "key_passphrase_file", "log_level",
+                    "log_format", "operator", "amqp_url", "docker", "rabbitmq_image",
+                    "update_screenshot", "authority_defaulted"}
+
+
+def misspelt_setting(environ: Mapping[str, str]) -> str | None:
+    """Why a ``KPX_*`` variable looks like a setting's misspelt (``KPX_BROKER_URL``), or
+    None. Such a variable would be ignored without a word, and the node would run on the
+    file's value (or the default broker) instead."""
+    settings = sorted(f for f in NodeConfig.__dataclass_fields__
+                      if f not in ("directory", "authority_defaulted"))
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        name = variable[len(ENV_PREFIX):].lower()
+        if name in settings or name in _OTHER_VARIABLES:
+            continue
+        if close := difflib.get_close_matches(name, settings, n=1, cutoff=0.75):
+            return (f"{variable} (environment) is not a setting: did you mean "
+                    f"{ENV_PREFIX}{close[0].upper()}? (as it is, it would be ignored)")
+    return None
+
+
 def environment_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     """``KPX_<SETTING>`` overrides ``<setting>`` of node.toml (e.g. ``KPX_BROKER_URLS``,
     comma-separated; ``KPX_BROKER_USER``), so containers can be configured from outside.
@@ -177,7 +202,10 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
-    overrides = environment_overrides(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    if (misspelt := misspelt_setting(environ)) is not None:
+        raise ConfigError(misspelt)
+    overrides = environment_overrides(environ)
     data.update(overrides)
     known = {f for f in NodeConfig.__dataclass_fields__
              if f not in ("directory", "authority_defaulted")}

@@ -848,6 +848,25 @@ def test_a_kpx_variable_that_is_no_setting_is_not_blamed_on_node_toml(
     assert loaded.authority == load_config(config.directory, environ={}).authority
 
 
+def test_a_misspelt_setting_in_the_environment_is_refused_not_ignored(tmp_path: Path) -> None:
+    """KPX_BROKER_URL (no S) was ignored without a word: the node went to the file's
+    broker, or the default guest@127.0.0.1, and said only that no broker answered there.
+    A misspelt key in node.toml is refused; so is one in the environment now. The other
+    KPX_* variables kpx reads (and the test harness's) stay allowed."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    directory = network.configs["ZA"].directory
+    for variable, meant in (("KPX_BROKER_URL", "KPX_BROKER_URLS"),
+                            ("KPX_HTTP_ALLOWED_HOST", "KPX_HTTP_ALLOWED_HOSTS"),
+                            ("KPX_PREFECH", "KPX_PREFETCH")):
+        with pytest.raises(ConfigError, match=f"{variable} .*did you mean {meant}\\?"):
+            load_config(directory, environ={variable: "x"})
+    others = {"KPX_NODE_DIR": ".", "KPX_KEY_PASSPHRASE": "x", "KPX_KEY_PASSPHRASE_FILE": "x",
+              "KPX_LOG_LEVEL": "INFO", "KPX_LOG_FORMAT": "json", "KPX_OPERATOR": "j.doe",
+              "KPX_AMQP_URL": "amqp://x/", "KPX_DOCKER": "0", "KPX_RABBITMQ_IMAGE": "x",
+              "KPX_UPDATE_SCREENSHOT": "1", "KPX_MODEL_EXAMPLES": "9", "KPX_BROKER_USER": "u"}
+    assert load_config(directory, environ=others).broker_user == "u"
+
+
 def test_deploy_configure_keeps_the_environment_out_of_node_toml(
         tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
