@@ -152,9 +152,11 @@ class ChairDirectory:
     def load(self) -> RegistryUpdate:
         try:
             data = parse_json(self.draft_path.read_bytes())
-        except FileNotFoundError:
-            raise ChairError(f"no {DRAFT} in {self.directory}: run 'kpnode registry init' "
-                             "first") from None
+        except FileNotFoundError:  # exit 3, as a node's missing node.toml or registry
+            from node.config import ConfigError
+
+            raise ConfigError(f"no {DRAFT} in {self.directory}: run 'kpnode registry init' "
+                              "first (or give the Chair's directory with --dir)") from None
         except JsonTextError as exc:
             raise ChairError(f"{self.draft_path}: {exc}") from None
         return registry_from_json(data)

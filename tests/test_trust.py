@@ -871,6 +871,16 @@ def test_registry_end_and_revoke_key_take_the_key_id_registry_show_prints(
     assert "neither a public key (64 hex characters) nor a key id (32" in short.stderr
 
 
+def test_a_registry_command_without_the_chairs_directory_is_exit_3(tmp_path: Path) -> None:
+    """No registry.json where --dir points (a mistyped path, a volume not mounted) exited
+    1, as a refused input; a node's missing node.toml or registry, and the Chair's own
+    missing key, exit 3 (README: missing configuration)."""
+    for command in (["show"], ["publish"], ["suspend", "ZA"]):
+        done = kpnode("registry", *command, "--dir", str(tmp_path / "chair"), check=False)
+        assert done.returncode == 3, done.stderr
+        assert "run 'kpnode registry init' first" in done.stderr, done.stderr
+
+
 def test_registry_publish_refuses_a_bad_broker_or_out_before_signing(tmp_path: Path) -> None:
     """A version once signed stays on record: bad options are refused before it is."""
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
