@@ -602,9 +602,17 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
                 ) from exc
     path: Path = config.registry_path
     if path.exists():
+        data = path.read_bytes()
         try:
-            from_file = open_registry_frame(path.read_bytes(), config.chair_public_key, former)
+            from_file = open_registry_frame(data, config.chair_public_key, former)
         except ProtocolError as exc:
+            if str(exc.reason).startswith("frame."):  # no signed frame: no key to blame
+                draft = data.lstrip()[:1] == b"{"
+                raise RegistryFileError(
+                    f"{path} is not a signed registry ({exc})"
+                    + (": it holds JSON, as the Chair's draft registry.json does"
+                       if draft else "")
+                    + "; put the Chair-signed registry.kpx there") from exc
             raise RegistryFileError(f"{path} does not verify against chair_public_key "
                                     f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}"
                                     ) from exc

@@ -531,6 +531,24 @@ def test_a_wrong_chair_key_names_the_setting_and_is_an_environment_error(
         assert "does not verify against chair_public_key" in done.stderr
 
 
+def test_a_registry_file_that_is_no_frame_is_not_blamed_on_the_chair_key(
+        tmp_path: Path) -> None:
+    """The Chair's draft registry.json copied in as registry.kpx (or a truncated copy) was
+    reported as 'does not verify against chair_public_key', sending the operator to check
+    a key that was right."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    directory = network.configs["ZA"].directory
+    draft = (network.base / "chair" / "registry.json").read_bytes()
+    for content, says in ((draft, "it holds JSON, as the Chair's draft registry.json does"),
+                          (b"kpx", "put the Chair-signed registry.kpx there")):
+        (directory / "registry.kpx").write_bytes(content)
+        done = subprocess.run([*KPNODE, "list", "--dir", str(directory)],
+                              capture_output=True, text=True)
+        assert done.returncode == 3, done.stderr
+        assert "is not a signed registry" in done.stderr and says in done.stderr
+        assert "chair_public_key" not in done.stderr, done.stderr
+
+
 def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     chair_dir = str(network.base / "chair")
