@@ -119,8 +119,10 @@ def unsupported_records(records: Iterable[Record], entries: Iterable[Entry], *,
     what its signed message says: the very certificate (and its digest) that the frame
     under its message id carries, between the partners that frame names; and its state
     must be one the logged messages lead to (:func:`_state_problem`). ``today`` (UTC) lets
-    an ``expired`` record be checked against its certificate's expiry date."""
-    records = list(records)
+    an ``expired`` record be checked against its certificate's expiry date.
+
+    The records are read once, as they come (a hub's years of them are not held): a check
+    that needs another record (an open one's replacement) waits for the end."""
     log = _Log()
     for e in entries:
         log.frames.setdefault(e.message_id, [])
@@ -131,41 +133,82 @@ def unsupported_records(records: Iterable[Record], entries: Iterable[Entry], *,
             except ProtocolError:
                 continue  # verify_chain reports it
             log.add(e, envelope, frame.digest)
-    by_key = {(r.side, r.number): r for r in records}
-    problems = []
+    #: of every record, what another's check needs: what it replaces, and its state
+    links: dict[tuple[Side, str], tuple[str | None, State]] = {}
+    problems: list[str] = []
+    waiting: list[tuple[int, Record, list[str], str | None]] = []
     for r in records:
+        links[(r.side, r.number)] = (r.replaces, r.state)
         what = f"{r.side} {r.number} ({r.state})"
         if r.message_id not in log.frames:
             problems.append(f"{what}: its message {r.message_id} is not in the log")
             continue
         if (problem := _carried(r, log.frames[r.message_id])) is not None:
             problems.append(f"{what}: {problem}")
-        elif r.state is State.CONFIRMED and r.confirmation not in log.confirmations.get(
-                (r.number, r.certificate.destination), ()):
+        elif r.state is State.CONFIRMED and (
+                r.confirmation is None or fingerprint(r.confirmation) not in
+                log.confirmations.get((r.number, r.certificate.destination), ())):
             problems.append(f"{r.side} {r.number} is confirmed, but no import confirmation "
                             "for it is in the log")
-        elif (problem := _state_problem(r, log, by_key, today)) is not None:
-            problems.append(f"{what}: {problem}")
+        else:
+            before, replacements, after = _state_problem(r, log, today)
+            if before is not None:
+                problems.append(f"{what}: {before}")
+            elif replacements:
+                # its place in the list kept, for a report in the records' order
+                waiting.append((len(problems), r, replacements, after))
+                problems.append("")
+            elif after is not None:
+                problems.append(f"{what}: {after}")
+    for at, r, replacements, after in waiting:
+        for number in replacements:
+            # Open again only when its replacement was refused (rejected here too).
+            successor = links.get((r.side, number))
+            if successor is None or (successor[0] == r.number
+                                     and successor[1] is not State.REJECTED):
+                after = f"its replacement {number} is in the log, yet it is open"
+                break
+        if after is not None:
+            problems[at] = f"{r.side} {r.number} ({r.state}): {after}"
+    problems = [p for p in problems if p]
     # and the other way: what this node signed for a certificate needs its record
     problems.extend(f"export {number}: the log holds the certificate this node sent, but "
                     "there is no record of it" for number in sorted(log.sent_certificates)
-                    if (Side.EXPORT, number) not in by_key)
+                    if (Side.EXPORT, number) not in links)
     problems.extend(f"import {number}: the log holds this node's receipt of it, but there "
                     "is no record of it" for number in sorted(log.sent_receipts)
-                    if (Side.IMPORT, number) not in by_key)
+                    if (Side.IMPORT, number) not in links)
     return problems
+
+
+def fingerprint(message: Certificate | ImportConfirmation) -> bytes:
+    """What the audit keeps of a logged certificate or import confirmation, to compare a
+    record's with: the SHA-256 of its canonical form, equal exactly when the values are.
+    The parsed messages of a hub's years took most of verify-log's memory."""
+    return hashlib.sha256(pack(message.to_wire())).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Carried:
+    """A logged frame that carries a certificate (or a replacement), as far as a record's
+    check needs it."""
+
+    direction: str
+    sender: str
+    recipient: str
+    certificate: bytes  # its fingerprint
+    digest: bytes  # the frame's
 
 
 @dataclass
 class _Log:
     """What the logged messages say about certificates, by number."""
 
-    #: frames by message id: (direction, envelope, frame digest) of those that carry a
-    #: certificate (or a replacement); every logged message id is a key
-    frames: dict[str, list[tuple[str, Envelope, bytes]]] = field(default_factory=dict)
-    #: import confirmations by (number, sender)
-    confirmations: dict[tuple[str, str], list[ImportConfirmation]] = field(
-        default_factory=dict)
+    #: frames by message id, of those that carry a certificate (or a replacement); every
+    #: logged message id is a key
+    frames: dict[str, list[_Carried]] = field(default_factory=dict)
+    #: import confirmations' fingerprints by (number, sender)
+    confirmations: dict[tuple[str, str], set[bytes]] = field(default_factory=dict)
     #: (number, sender, recipient) of cancellations and rejections; (number, digest,
     #: sender) of receipts
     cancellations: set[tuple[str, str, str]] = field(default_factory=set)
@@ -178,11 +221,12 @@ class _Log:
     sent_receipts: set[str] = field(default_factory=set)
 
     def add(self, entry: Entry, envelope: Envelope, digest: bytes) -> None:
-        if isinstance(envelope.payload, Certificate | Replacement):
-            # Only these can carry a record (_carried); the others' envelopes, kept for
-            # every entry of years of trade, made most of verify-log's memory.
-            self.frames[entry.message_id].append((entry.direction, envelope, digest))
         payload, pair = envelope.payload, (envelope.sender, envelope.recipient)
+        if isinstance(payload, Certificate | Replacement):
+            # Only these can carry a record (_carried)
+            sent = payload.certificate if isinstance(payload, Replacement) else payload
+            self.frames[entry.message_id].append(
+                _Carried(entry.direction, *pair, fingerprint(sent), digest))
         if entry.direction == "out":
             if isinstance(payload, Certificate | Replacement):
                 self.sent_certificates.add(
@@ -192,7 +236,7 @@ class _Log:
                 self.sent_receipts.add(payload.certificate)
         if isinstance(payload, ImportConfirmation):
             self.confirmations.setdefault((payload.certificate, envelope.sender),
-                                          []).append(payload)
+                                          set()).add(fingerprint(payload))
         elif isinstance(payload, Cancellation):
             self.cancellations.add((payload.certificate, *pair))
         elif isinstance(payload, Rejection) and payload.certificate is not None:
@@ -205,65 +249,62 @@ class _Log:
                 payload.certificate.number)
 
 
-def _state_problem(r: Record, log: _Log, records: dict[tuple[Side, str], Record],
-                   today: date | None) -> str | None:
-    """Why the logged messages cannot have left ``r`` in its state, or None. Each state
-    needs the message that makes it; and a certificate whose cancellation or replacement
-    its issuer sent, or whose import confirmation this node sent, is no longer open."""
+def _state_problem(r: Record, log: _Log, today: date | None
+                   ) -> tuple[str | None, list[str], str | None]:
+    """Why the logged messages cannot have left ``r`` in its state. Each state needs the
+    message that makes it; and a certificate whose cancellation or replacement its issuer
+    sent, or whose import confirmation this node sent, is no longer open.
+
+    As (a problem; else the replacements in the log of an open record, each one a problem
+    unless that replacement was refused, which only its record says; else a problem
+    after those), each None or empty when there is none."""
     pair = (r.certificate.issuer, r.certificate.destination)
     state = r.state
     cancelled = (r.number, *pair) in log.cancellations
+    replacements = log.replacements.get((r.number, *pair), [])
+    after = None
+    if r.side is Side.IMPORT and state is not State.CONFIRMED and log.confirmations.get(
+            (r.number, r.certificate.destination)):
+        after = "this node's import confirmation of it is in the log, yet it is not confirmed"
     if state is State.CANCELLED and not cancelled:
-        return "no cancellation of it is in the log"
+        return "no cancellation of it is in the log", [], None
     if state is State.REJECTED and (r.number, *pair) not in log.rejections \
             and (r.number, *reversed(pair)) not in log.rejections:
-        return "no rejection of it is in the log"
-    replacements = log.replacements.get((r.number, *pair), [])
+        return "no rejection of it is in the log", [], None
     if state is State.REPLACED and not replacements:
-        return "no replacement of it is in the log"
+        return "no replacement of it is in the log", [], None
     if state is State.DELIVERED and (r.number, r.certificate_digest,
                                      r.certificate.destination) not in log.receipts:
-        return "no receipt for it is in the log"
+        return "no receipt for it is in the log", [], None
     # A day's grace, as for dates on receipt (machine.DAYS_AHEAD_AT_ISSUE): a node whose
     # clock ran ahead past midnight UTC expired it on its last day, and verify-log, run
     # once the clock is right again, is not to call that history tampered with.
     if state is State.EXPIRED and today is not None \
             and r.certificate.expires_on >= today + timedelta(days=EXPIRY_GRACE_DAYS):
         return (f"it expires on {r.certificate.expires_on.isoformat()}, not before "
-                f"{today.isoformat()} (UTC)")
+                f"{today.isoformat()} (UTC)"), [], None
     if state in OPEN_STATES | {State.EXPIRED}:
         if cancelled:
-            return "its cancellation is in the log, yet it is open"
-        for number in replacements:
-            # Open again only when its replacement was refused (rejected here too).
-            successor = records.get((r.side, number))
-            if successor is None or (successor.replaces == r.number
-                                     and successor.state is not State.REJECTED):
-                return f"its replacement {number} is in the log, yet it is open"
-    if r.side is Side.IMPORT and state is not State.CONFIRMED and log.confirmations.get(
-            (r.number, r.certificate.destination)):
-        return "this node's import confirmation of it is in the log, yet it is not confirmed"
-    return None
+            return "its cancellation is in the log, yet it is open", [], None
+        return None, list(replacements), after
+    return None, [], after
 
 
-def _carried(record: Record, found: list[tuple[str, Envelope, bytes]]) -> str | None:
+def _carried(record: Record, found: list[_Carried]) -> str | None:
     """Why the frames logged under a record's message id do not carry that record, or None.
     An export's is the certificate (or replacement) this node sent its importer, an
     import's the one its issuer sent this node."""
     export = record.side is Side.EXPORT
-    carried = [(env, digest) for direction, env, digest in found
-               if direction == ("out" if export else "in")
-               and isinstance(env.payload, Certificate | Replacement)]
+    carried = [c for c in found if c.direction == ("out" if export else "in")]
     if not carried:
         return f"its message {record.message_id} in the log carries no certificate"
-    for env, digest in carried:
-        payload = env.payload
-        sent = payload.certificate if isinstance(payload, Replacement) else payload
-        partner = env.recipient if export else env.sender
-        if sent == record.certificate and digest == record.certificate_digest:
+    stored = fingerprint(record.certificate)
+    for c in carried:
+        partner = c.recipient if export else c.sender
+        if c.certificate == stored and c.digest == record.certificate_digest:
             if partner != record.partner:
                 return (f"recorded with partner {record.partner}, but its message is "
-                        f"between {env.sender} and {env.recipient}")
+                        f"between {c.sender} and {c.recipient}")
             return None
     return "the certificate stored differs from the one its message carries"
 
