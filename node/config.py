@@ -327,20 +327,41 @@ def _comments_by_setting(text: str) -> tuple[dict[str, list[str]], list[str]]:
     """The comment lines of a node.toml (and the blank lines among them), each block by
     the setting it stands above, and those below the last setting. What a person wrote
     there (who changed the broker, and why) outlives ``write_config``. Lines inside a
-    value written over several lines are the value's and go with it."""
+    value written over several lines are the value's: its comments go above it."""
     above: dict[str, list[str]] = {}
     block: list[str] = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    at = 0
+    while at < len(lines):
+        line = lines[at]
+        at += 1
         stripped = line.strip()
         if line == CONFIG_HEADER:
             continue  # written anew
         if not stripped or stripped.startswith("#"):
             block.append(line)
         elif (setting := _SETTING_LINE.match(line)) is not None:
+            # A value over several lines (broker_urls a URL a line) is written back on one:
+            # the comments inside it go above it, not above the setting after it.
+            end = _value_end(lines, at - 1)
+            block += [kept for kept in lines[at:end] if kept.strip().startswith("#")]
+            at = end
             if any(kept.strip() for kept in block):
                 above.setdefault(setting.group(1), []).extend(block)
             block = []
     return above, block if any(kept.strip() for kept in block) else []
+
+
+def _value_end(lines: list[str], start: int) -> int:
+    """The index after the last line of the setting at ``lines[start]``: the first after
+    which its lines parse as TOML (only the setting's line, if none does)."""
+    for end in range(start + 1, len(lines) + 1):
+        try:
+            tomllib.loads("\n".join(lines[start:end]))
+        except tomllib.TOMLDecodeError:
+            continue
+        return end
+    return start + 1
 
 
 def write_config(config: NodeConfig) -> Path:

@@ -929,6 +929,33 @@ def test_deploy_configure_keeps_the_comments_an_operator_wrote_in_node_toml(
     assert loaded.prefetch == 256 and loaded.check_broker_user
 
 
+def test_comments_inside_a_setting_written_over_several_lines_stay_with_that_setting(
+        tmp_path: Path) -> None:
+    """A broker list written a URL a line, each with its note, is written back on one
+    line: the notes inside it went above the next setting (the Chair's key), where they
+    read as that setting's, and stayed there on every later run."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    config = network.configs["ZA"]
+    path = config.directory / "node.toml"
+    path.write_text(path.read_text().replace('broker_urls = ["amqp://unused/"]', "\n".join([
+        "# brokers, changed 2026-11",
+        "broker_urls = [",
+        "    # primary, Gaborone",
+        '    "amqp://a/",',
+        "    # standby, since the outage of 2026-10",
+        '    "amqp://b/",',
+        "]"])))
+    for _ in range(2):
+        write_config(load_config(config.directory, environ={}))
+        written = path.read_text().splitlines()
+        at = next(i for i, line in enumerate(written) if line.startswith("broker_urls ="))
+        assert [line.strip() for line in written[at - 3:at]] == [
+            "# brokers, changed 2026-11", "# primary, Gaborone",
+            "# standby, since the outage of 2026-10"]
+        assert written[at + 1].startswith("chair_public_key =")
+    assert load_config(config.directory, environ={}).broker_urls == ("amqp://a/", "amqp://b/")
+
+
 def test_bad_files_and_directories_are_one_line_errors(tmp_path: Path) -> None:
     """Each used to end in a Python traceback (exit 1)."""
     network = create_network(tmp_path / "net", ["ZA", "IN"], ["amqp://unused/"])
