@@ -126,6 +126,11 @@ _OTHER_VARIABLES = {"node_dir", "key_passphrase", "key_passphrase_file", "log_le
                     "update_screenshot", "authority_defaulted"}
 
 
+#: the value of a service link, which Kubernetes (every service of the pod's namespace:
+#: kpx-https gives KPX_HTTPS_PORT) and Docker's links set: no setting takes one
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://\S*")
+
+
 def misspelt_setting(environ: Mapping[str, str]) -> str | None:
     """Why a ``KPX_*`` variable looks like a setting's misspelt (``KPX_BROKER_URL``), or
     None. Such a variable would be ignored without a word, and the node would run on the
@@ -138,6 +143,8 @@ def misspelt_setting(environ: Mapping[str, str]) -> str | None:
         name = variable[len(ENV_PREFIX):].lower()
         if name in settings or name in _OTHER_VARIABLES:
             continue
+        if _SERVICE_LINK.fullmatch(environ[variable]):
+            continue  # set by the platform for a service named kpx-..., not by a person
         if close := difflib.get_close_matches(name, settings, n=1, cutoff=0.75):
             return (f"{variable} (environment) is not a setting: did you mean "
                     f"{ENV_PREFIX}{close[0].upper()}? (as it is, it would be ignored)")

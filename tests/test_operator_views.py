@@ -867,6 +867,23 @@ def test_a_misspelt_setting_in_the_environment_is_refused_not_ignored(tmp_path: 
     assert load_config(directory, environ=others).broker_user == "u"
 
 
+def test_a_service_link_the_container_platform_sets_is_no_misspelt_setting(
+        tmp_path: Path) -> None:
+    """Kubernetes gives every pod <SERVICE>_PORT=tcp://... for each service of its
+    namespace (Docker's links do the same): a proxy service named kpx-https made
+    KPX_HTTPS_PORT, refused as a misspelt KPX_HTTP_PORT, and the node would not start
+    where it had run before. Typed by an operator, with a port, it is still refused."""
+    network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
+    directory = network.configs["ZA"].directory
+    links = {"KPX_HTTPS_PORT": "tcp://10.96.0.7:443",
+             "KPX_DATABASE_PORT": "tcp://10.96.0.8:5432",
+             "KPX_HTTPS_PORT_443_TCP": "tcp://10.96.0.7:443",
+             "KPX_HTTPS_SERVICE_HOST": "10.96.0.7", "KPX_HTTPS_SERVICE_PORT": "443"}
+    assert load_config(directory, environ=links).http_port is None
+    with pytest.raises(ConfigError, match=r"KPX_HTTPS_PORT .*did you mean KPX_HTTP_PORT\?"):
+        load_config(directory, environ={"KPX_HTTPS_PORT": "8443"})
+
+
 def test_deploy_configure_keeps_the_environment_out_of_node_toml(
         tmp_path: Path) -> None:
     network = create_network(tmp_path, ["ZA"], ["amqp://unused/"])
