@@ -155,7 +155,10 @@ _SCHEMAS: dict[str, Any] = {
     "ConfirmRequest": {
         "type": "object", "additionalProperties": False,
         "description": "what arrived; a field left out means 'as declared' (received today)",
-        "properties": {"lines": {"type": "array", "items": _ref("Line")}, "parcels": _INT,
+        "properties": {"lines": {"type": "array", "items": _ref("Line"),
+                                 "description": "every line that arrived: a declared line "
+                                 "left out is signed as not arrived"},
+                       "parcels": _INT,
                        "received_on": {"type": "string", "format": "date"},
                        "remarks": _STR},
     },
