@@ -248,6 +248,23 @@ def test_codes_and_numbers() -> None:
         ("destination", "field.self_trade")]
 
 
+def test_a_lone_surrogate_is_not_text() -> None:
+    # Only local input (JSON, a form) can hold one: it has no UTF-8, so it could never be
+    # signed, and must be refused as a field, not fail later at signing.
+    assert certificate_problems(certificate(remarks="ok \ud800")) == [
+        ("remarks", "field.bad_format")]
+    assert certificate_problems(certificate(remarks="ok \U0001f48e")) == []
+
+
+def test_message_ids_are_16_to_64_characters() -> None:
+    for ok in ("a" * 16, "A-_9" * 16):
+        assert problems(envelope(certificate(), message_id=ok, in_reply_to=ok)) == []
+    assert problems(envelope(certificate(), message_id="a" * 15, in_reply_to="b" * 15)) == [
+        ("message_id", "field.bad_format"), ("in_reply_to", "field.bad_format")]
+    assert problems(envelope(certificate(), message_id="a" * 65)) == [
+        ("message_id", "field.too_long")]
+
+
 def test_bytes_are_not_text_and_text_is_not_bytes() -> None:
     assert certificate_problems(certificate(issuer=b"ZA")) == [("issuer", "field.wrong_type")]
     assert _confirmation_problems(confirmation(certificate_digest=bytes(32).hex())) == [
@@ -356,6 +373,16 @@ def test_no_message_to_oneself() -> None:
         ("recipient", "field.self_trade")]
 
 
+def test_a_rejection_lists_at_most_100_problems() -> None:
+    listed = [{"path": "x", "reason": "field.empty", "message": "must not be empty"}]
+    rejection = {"reason": "body.schema", "text": "no", "certificate": None,
+                 "problems": listed * 100}
+    assert problems(envelope(rejection, kind="rejection")) == []
+    rejection["problems"] = listed * 101
+    assert problems(envelope(rejection, kind="rejection")) == [
+        ("payload.problems", "field.too_long")]
+
+
 # -- the registry belongs to the Chair ---------------------------------------------------
 
 
@@ -395,6 +422,41 @@ def test_registry_content() -> None:
         ("payload.embargoed_origins[0]", "field.bad_format"),
         ("payload.participants", "field.bad_format"),
     ])
+
+
+def test_registry_lists_are_capped() -> None:
+    """At most 500 Participants, 50 authorities each, 20 keys each, 500 embargoed origins:
+    the caps in SPEC that bound what one registry update can make a node hold."""
+    def participant(i: int) -> dict[str, Any]:
+        code = chr(65 + i // 26 % 26) + chr(65 + i % 26)
+        return {"code": code, "name": code, "status": "active", "authorities": []}
+
+    def authority(i: int, keys: int = 1) -> dict[str, Any]:
+        return {"id": f"ZA-{i}", "name": "A", "keys": [
+            {"public_key": i.to_bytes(2, "big") + bytes([k]) * 30, "valid_from": 0,
+             "valid_until": None, "revoked_at": None} for k in range(keys)]}
+
+    def registry_problems(reg: dict[str, Any]) -> list[tuple[str, str]]:
+        return problems(envelope(reg, kind="registry_update", sender="KPCS", recipient="*"))
+
+    # 26 * 26 codes, no two alike: 500 are a valid registry, and 501 too many
+    assert registry_problems(registry(participants=[participant(i) for i in range(500)])) == []
+    assert registry_problems(registry(participants=[participant(i) for i in range(501)])) == [
+        ("payload.participants", "field.too_long")]
+    za = registry()["participants"][0]
+    za["authorities"] = [authority(i) for i in range(50)]
+    assert registry_problems(registry(participants=[za])) == []
+    za["authorities"].append(authority(50))
+    assert registry_problems(registry(participants=[za])) == [
+        ("payload.participants[0].authorities", "field.too_long")]
+    za["authorities"] = [authority(0, keys=20)]
+    assert registry_problems(registry(participants=[za])) == []
+    za["authorities"] = [authority(0, keys=21)]
+    assert registry_problems(registry(participants=[za])) == [
+        ("payload.participants[0].authorities[0].keys", "field.too_long")]
+    assert registry_problems(registry(embargoed_origins=["CF"] * 500)) == []
+    assert registry_problems(registry(embargoed_origins=["CF"] * 501)) == [
+        ("payload.embargoed_origins", "field.too_long")]
 
 
 def test_participants_without_a_code_do_not_repeat_one() -> None:
