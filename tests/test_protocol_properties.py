@@ -52,7 +52,8 @@ from protocol import (
     parse_frame,
     seal,
 )
-from protocol.frame import seal_body
+from protocol.codec import unpack
+from protocol.frame import OVERHEAD, seal_body
 from protocol.schema import (
     AUTHORITY_ID,
     CERTIFICATE_NUMBER,
@@ -301,6 +302,31 @@ def test_oversize_and_non_bytes_frames() -> None:
         parse_frame("KPX")  # type: ignore[arg-type]
     with pytest.raises(ProtocolError):
         seal_body(bytes(MAX_FRAME_SIZE), KEY)
+
+
+def test_seal_makes_no_frame_larger_than_a_receiver_accepts() -> None:
+    """The signature counts towards the limit: a frame sealed at most MAX_FRAME_SIZE."""
+    largest = seal_body(bytes(MAX_FRAME_SIZE - OVERHEAD), KEY)
+    assert len(largest) == MAX_FRAME_SIZE
+    assert parse_frame(largest).body == bytes(MAX_FRAME_SIZE - OVERHEAD)
+    with pytest.raises(ProtocolError) as caught:
+        seal_body(bytes(MAX_FRAME_SIZE - OVERHEAD + 1), KEY)
+    assert caught.value.reason == Reason.FRAME_TOO_LARGE
+
+
+@pytest.mark.parametrize("data", [
+    b"\x82\xa1a\x01\xa1a\x02",  # {"a": 1, "a": 2}
+    msgpack.packb([1, msgpack.Timestamp(1, 0)]),
+    msgpack.packb({"a": [msgpack.Timestamp(1, 0)]}),
+    msgpack.packb({"a": msgpack.Timestamp(1, 0)}),
+], ids=["duplicate-key", "timestamp-in-array", "timestamp-in-nested-array",
+        "timestamp-in-map"])
+def test_unpack_on_its_own_refuses_duplicate_keys_and_timestamps(data: bytes) -> None:
+    """Stored certificates and evidence records are read with unpack alone: no schema or
+    canonical re-encoding follows to catch what it lets through."""
+    with pytest.raises(ProtocolError) as caught:
+        unpack(data)
+    assert caught.value.reason == Reason.BODY_MALFORMED
 
 
 def only_protocol_errors(body: bytes) -> None:
