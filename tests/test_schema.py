@@ -183,6 +183,14 @@ def test_limits_are_inclusive() -> None:
     assert problems(envelope(certificate(), created_at=2**53 + 1)) == [
         ("created_at", "field.too_large")]
     assert problems(envelope(certificate(), created_at=-1)) == [("created_at", "field.negative")]
+    reg = registry()
+    key = reg["participants"][0]["authorities"][0]["keys"][0]
+    key.update(valid_from=2**53, valid_until=2**53, revoked_at=2**53)
+    assert problems(envelope(reg, kind="registry_update", sender="KPCS", recipient="*")) == []
+    key.update(valid_until=2**53 + 1, revoked_at=2**53 + 1)
+    prefix = "payload.participants[0].authorities[0].keys[0]"
+    assert problems(envelope(reg, kind="registry_update", sender="KPCS", recipient="*")) == [
+        (f"{prefix}.valid_until", "field.too_large"), (f"{prefix}.revoked_at", "field.too_large")]
 
 
 # -- dates -------------------------------------------------------------------------------
@@ -233,6 +241,9 @@ def test_lengths_count_code_points_not_bytes() -> None:
     assert certificate_problems(ok) == []
     long = certificate(exporter={"name": "é" * 201, "address": "x"})
     assert certificate_problems(long) == [("exporter.name", "field.too_long")]
+    assert certificate_problems(certificate(remarks="é" * 2000)) == []
+    assert certificate_problems(certificate(remarks="é" * 2001)) == [
+        ("remarks", "field.too_long")]
 
 
 def test_codes_and_numbers() -> None:
