@@ -832,6 +832,38 @@ def test_every_key_of_a_sixty_participant_registry_resolves_to_its_own_authority
     assert registry.participant("ZZ") is None
 
 
+def test_a_keys_window_holds_its_start_and_not_its_end_or_revocation() -> None:
+    """valid_from is the first instant a key signs, valid_until and revoked_at the first it
+    does not; a lapsed (not revoked) key's grace runs for LAPSED_GRACE_MS from its end."""
+    from node.registry import Registry
+    from protocol import Authority, ParticipantEntry, Reason, RegistryKey, SignatureError
+
+    ending, revoked = (bytes(SigningKey(bytes([i]) * 32).verify_key) for i in (1, 2))
+    keys = (RegistryKey(public_key=ending, valid_from=1_000, valid_until=5_000),
+            RegistryKey(public_key=revoked, valid_from=0, valid_until=2_000, revoked_at=3_000))
+    registry = Registry(RegistryUpdate(version=1, participants=(ParticipantEntry(
+        code="ZA", name="ZA", status=ParticipantStatus.ACTIVE,
+        authorities=(Authority(id="ZA-A", name="A", keys=keys),)),)), b"", "r-1")
+
+    def refusal(key: bytes, at: int) -> str | None:
+        try:
+            assert registry.public_key_for(key_id(key), at) == key
+        except SignatureError as exc:
+            return str(exc.reason)
+        return None
+
+    assert [refusal(ending, at) for at in (999, 1_000, 4_999, 5_000)] == [
+        Reason.KEY_NOT_VALID_NOW, None, None, Reason.KEY_NOT_VALID_NOW]
+    assert [refusal(revoked, at) for at in (1_999, 2_000, 3_000)] == [
+        None, Reason.KEY_NOT_VALID_NOW, Reason.KEY_REVOKED]
+    lapsed = [registry.lapsed_key(key_id(ending), at) is not None
+              for at in (4_999, 5_000, 5_000 + LAPSED_GRACE_MS - 1, 5_000 + LAPSED_GRACE_MS)]
+    assert lapsed == [False, True, True, False]
+    # Revocation ends the grace too, from its own instant.
+    assert [registry.lapsed_key(key_id(revoked), at) is not None
+            for at in (2_999, 3_000)] == [True, False]
+
+
 def test_a_key_end_written_as_a_compact_date_is_refused_not_read_as_ms() -> None:
     """'--at 20261231' was taken as 20,261 seconds after 1970: a key ended then, published,
     would be expired at once. Now it is refused; dates and 13-digit ms still work."""
