@@ -115,6 +115,21 @@ def test_refusals_reach_the_exporter_with_their_reason(nodes: Nodes, tmp_path: P
         assert unsupported_records(node.store.records(), node.store.evidence()) == []
 
 
+def test_no_certificate_is_issued_to_a_withdrawn_or_unlisted_participant(
+        tmp_path: Path) -> None:
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"],
+                             others=[("XW", ParticipantStatus.WITHDRAWN)])
+    za = Node.open(network.configs["ZA"])
+    try:
+        for to, reason in (("XW", "participant.withdrawn"), ("ZZ", "participant.unknown")):
+            with pytest.raises(CommandRefused) as refused:
+                za.issue(certificate(f"ZA-2026-{to}", "ZA", to))
+            assert refused.value.refusal.reason == reason
+            assert za.store.get(Side.EXPORT, f"ZA-2026-{to}") is None
+    finally:
+        za.close()
+
+
 def test_cancel_and_replace_propagate(nodes: Nodes) -> None:
     za, india = nodes["ZA"], nodes["IN"]
     za.issue(certificate("ZA-2026-0006", "ZA", "IN"))
