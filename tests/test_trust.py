@@ -864,6 +864,30 @@ def test_a_keys_window_holds_its_start_and_not_its_end_or_revocation() -> None:
             for at in (2_999, 3_000)] == [True, False]
 
 
+def test_a_node_may_sign_only_with_a_key_the_registry_lists_for_its_own_authority() -> None:
+    """A key file copied from another Participant, or a key listed for another authority
+    of the node's own: partners refuse what it signs (key.wrong_sender, or a certificate
+    'signed by' another authority), so the node must not take it as able to sign."""
+    from node.registry import Registry, own_key_fault
+    from protocol import Authority, ParticipantEntry, Reason, RegistryKey
+
+    mine, other_authority, other_participant = (
+        bytes(SigningKey(bytes([i]) * 32).verify_key) for i in (1, 2, 3))
+
+    def entry(code: str, *authorities: tuple[str, bytes]) -> ParticipantEntry:
+        return ParticipantEntry(code=code, name=code, status=ParticipantStatus.ACTIVE,
+                                authorities=tuple(Authority(id=a, name=a, keys=(
+                                    RegistryKey(public_key=k, valid_from=0),))
+                                    for a, k in authorities))
+    registry = Registry(RegistryUpdate(version=1, participants=(
+        entry("ZA", ("ZA-A", mine), ("ZA-B", other_authority)),
+        entry("IN", ("IN-A", other_participant)))), b"", "r-1")
+    assert own_key_fault(registry, "ZA", "ZA-A", mine, 1) is None
+    for key in (other_authority, other_participant):
+        fault = own_key_fault(registry, "ZA", "ZA-A", key, 1)
+        assert fault is not None and fault.reason is Reason.KEY_WRONG_SENDER
+
+
 def test_a_key_end_written_as_a_compact_date_is_refused_not_read_as_ms() -> None:
     """'--at 20261231' was taken as 20,261 seconds after 1970: a key ended then, published,
     would be expired at once. Now it is refused; dates and 13-digit ms still work."""
