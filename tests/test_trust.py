@@ -1158,14 +1158,14 @@ def test_what_a_key_signed_while_valid_is_accepted_after_it_lapses(tmp_path: Pat
         za.issue(certificate("ZA-2026-0001", "ZA", "IN"))
         carry(za, nodes)
         (receipt,) = india.store.due(2**62, 10)  # signed with IN's first key; ZA is down
-        ends = t0 + 7 * 86_400_000
+        starts, ends = t0 - DAY, t0 + 7 * 86_400_000
         old_key, new_key = india.signing_key(), SigningKey.generate()
 
         def rotated(p: Any) -> Any:
             if p.code != "IN":
                 return p
             authority = p.authorities[0]
-            keys = (dataclasses.replace(authority.keys[0], valid_until=ends),
+            keys = (dataclasses.replace(authority.keys[0], valid_from=starts, valid_until=ends),
                     RegistryKey(public_key=bytes(new_key.verify_key), valid_from=0))
             return dataclasses.replace(p, authorities=(
                 dataclasses.replace(authority, keys=keys),))
@@ -1187,6 +1187,13 @@ def test_what_a_key_signed_while_valid_is_accepted_after_it_lapses(tmp_path: Pat
         (verdict,) = za.handle_batch([Delivery(seal(late, old_key))])
         assert verdict.dead_letter is not None
         assert verdict.dead_letter.reason == "key.not_valid_now"
+        # Nor what claims to be signed before its start, or at its end: its window is
+        # [valid_from, valid_until), for a lapsed key as for a valid one.
+        for created_at, mid in ((starts - 1, "s"), (ends, "u")):
+            claimed = dataclasses.replace(late, created_at=created_at, message_id=mid * 32)
+            (verdict,) = za.handle_batch([Delivery(seal(claimed, old_key))])
+            assert verdict.dead_letter is not None
+            assert verdict.dead_letter.reason == "key.not_valid_now", created_at
         # Past the grace period nothing the old key signed is taken.
         za.clock = lambda: ends + LAPSED_GRACE_MS
         early = dataclasses.replace(late, created_at=t0, message_id="e" * 32)
