@@ -368,6 +368,14 @@ def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nod
     (wrong,) = eu.handle_batch([Delivery(row.frame)])
     assert wrong.dead_letter is not None and wrong.dead_letter.reason == "message.not_for_us"
     assert len(eu.store.due(2**62, 10)) == 1
+    # a genuine signature speaks only for its own Participant: EU cannot write as ZA
+    from protocol import Envelope, seal
+
+    as_za = seal(Envelope(sender="ZA", recipient="IN", created_at=now_ms(),
+                          payload=certificate("ZA-2026-0011", "ZA", "IN")), eu.signing_key())
+    (posing,) = india.handle_batch([Delivery(as_za)])
+    assert posing.dead_letter is not None and posing.dead_letter.reason == "key.wrong_sender"
+    assert india.store.records() == []
 
 
 def test_backup_taken_live_restores_a_node_that_verifies(nodes: Nodes, tmp_path: Path) -> None:
