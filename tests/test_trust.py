@@ -243,6 +243,26 @@ def test_key_rotation_overlap_and_revocation(pair: tuple[Node, Node, object]) ->
     assert importer.store.counts() == before
 
 
+def test_a_certificate_is_signed_by_a_key_of_its_own_issuing_authority(
+        pair: tuple[Node, Node, object]) -> None:
+    """A key of one authority of a Participant does not sign in the name of another."""
+    exporter, importer, network = pair
+    chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
+    me, you = exporter.me, importer.me
+    mines = SigningKey.generate()
+    update = add_key(network.registry, me, f"{me}-MINES",  # type: ignore[attr-defined]
+                     bytes(mines.verify_key), 0, authority_name="Mines")
+    _deliver_registry(dataclasses.replace(update, version=2), chair, importer)
+    (other,) = importer.handle_batch([Delivery(_signed_by(mines, exporter, f"{me}-1", you))])
+    assert other.dead_letter is not None and other.dead_letter.reason == "authority.unknown"
+    assert state(importer, Side.IMPORT, f"{me}-1") is State.REJECTED
+    own = seal(Envelope(sender=me, recipient=you, created_at=now_ms(), payload=certificate(
+        f"{me}-2", me, you, issuing_authority=f"{me}-MINES")), mines)
+    (verdict,) = importer.handle_batch([Delivery(own)])
+    assert verdict.dead_letter is None
+    assert state(importer, Side.IMPORT, f"{me}-2") is State.RECEIVED
+
+
 def test_a_stale_registry_version_changes_nothing(pair: tuple[Node, Node, object]) -> None:
     exporter, importer, network = pair
     chair: SigningKey = network.chair_key  # type: ignore[attr-defined]
