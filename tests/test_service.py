@@ -337,6 +337,8 @@ def test_a_confirmation_that_contradicts_its_certificate_is_refused(nodes: Nodes
              "certificate.digest_mismatch", True),
             ({"received_on": record.certificate.issued_on - timedelta(days=1)},
              "certificate.digest_mismatch", True),
+            # a confirmation binds to the certificate bytes sent, not just to the number
+            ({"certificate_digest": bytes(32)}, "certificate.digest_mismatch", True),
             # ahead of the exporter's today: its own clock may be behind, so held back
             ({"received_on": date.today() + timedelta(days=3)}, "field.bad_date", False)):
         bad = dataclasses.replace(honest, **changed)
@@ -351,6 +353,20 @@ def test_a_confirmation_that_contradicts_its_certificate_is_refused(nodes: Nodes
     india.confirm("ZA-2026-0400")
     carry(india, nodes)
     assert za.store.get(Side.EXPORT, "ZA-2026-0400").state is State.CONFIRMED  # type: ignore[union-attr]
+
+
+def test_a_receipt_for_other_certificate_bytes_does_not_deliver(nodes: Nodes) -> None:
+    from protocol import Envelope, Receipt, seal
+
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0401", "ZA", "IN"))
+    receipt = Receipt(certificate="ZA-2026-0401", certificate_digest=bytes(32))
+    frame = seal(Envelope(sender="IN", recipient="ZA", created_at=now_ms(), payload=receipt),
+                 india.signing_key())
+    (verdict,) = za.handle_batch([Delivery(frame)])
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "certificate.digest_mismatch"
+    assert za.store.get(Side.EXPORT, "ZA-2026-0401").state is State.ISSUED  # type: ignore[union-attr]
 
 
 def test_forged_and_garbage_messages_are_refused_without_state_change(nodes: Nodes) -> None:
