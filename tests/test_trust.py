@@ -1294,6 +1294,18 @@ def test_a_third_participant_cannot_write_into_a_loops_signed_history(
     history = history_json(be.store, "BW-2026-0001", be.find("BW-2026-0001"))
     assert [(x["kind"], x["from"], x["to"]) for x in history] == [
         ("certificate", "BW", "BE"), ("receipt", "BE", "BW")]
+    # nor into either end's record: only the loop's partner's rejection is heard
+    imported = be.store.get(Side.IMPORT, "BW-2026-0001")
+    assert imported is not None and imported.state is State.RECEIVED
+    assert imported.rejection_reason is imported.rejection_text is None
+    za, exported = three["ZA"], bw.store.get(Side.EXPORT, "BW-2026-0001")
+    assert exported is not None
+    posing = seal(Envelope(sender="ZA", recipient="BW", created_at=za.clock(),
+                           in_reply_to=exported.message_id, payload=Rejection(
+                               reason="certificate.invalid", text="seized",
+                               certificate="BW-2026-0001")), za.signing_key())
+    bw.handle_batch([Delivery(posing)])
+    assert bw.store.get(Side.EXPORT, "BW-2026-0001") == exported
 
 
 def test_registry_init_writes_the_chair_public_key_the_runbook_reads(tmp_path: Path) -> None:
