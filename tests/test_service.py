@@ -98,6 +98,11 @@ def test_refusals_reach_the_exporter_with_their_reason(nodes: Nodes, tmp_path: P
     with pytest.raises(CommandRefused) as refused:
         za.issue(certificate("ZA-2026-0004", "ZA", "XS"))
     assert refused.value.refusal.reason == "participant.suspended"
+    # a node issues for its own Participant only, and says so first
+    with pytest.raises(CommandRefused) as refused:
+        za.issue(certificate("IN-2026-0004", "IN", "EU"))
+    assert refused.value.refusal.reason == "field.sender_mismatch"
+    assert refused.value.refusal.problems[0].path == "issuer"
     # the importer's registry disagrees (here: number already used) → signed rejection back
     za.issue(certificate("ZA-2026-0005", "ZA", "IN"))
     carry(za, nodes)
