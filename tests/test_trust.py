@@ -252,7 +252,11 @@ def test_a_certificate_is_signed_by_a_key_of_its_own_issuing_authority(
     mines = SigningKey.generate()
     update = add_key(network.registry, me, f"{me}-MINES",  # type: ignore[attr-defined]
                      bytes(mines.verify_key), 0, authority_name="Mines")
-    _deliver_registry(dataclasses.replace(update, version=2), chair, importer)
+    _deliver_registry(dataclasses.replace(update, version=2), chair, exporter, importer)
+    # nor does a node issue in the name of an authority other than its own
+    with pytest.raises(CommandRefused) as refused:
+        exporter.issue(certificate(f"{me}-0", me, you, issuing_authority=f"{me}-MINES"))
+    assert refused.value.refusal.reason == "authority.unknown"
     (other,) = importer.handle_batch([Delivery(_signed_by(mines, exporter, f"{me}-1", you))])
     assert other.dead_letter is not None and other.dead_letter.reason == "authority.unknown"
     assert state(importer, Side.IMPORT, f"{me}-1") is State.REJECTED
