@@ -17,7 +17,7 @@ from node import evidence
 from node.config import KEYS_DIR, ConfigError
 from node.evidence import unsupported_records, verify_chain
 from node.keyfile import write_signing_key
-from node.machine import Record, Refusal, Side, State, day_of
+from node.machine import Record, Refusal, Side, State, day_of, is_overdue
 from node.network import create_network
 from node.service import Arrival, CommandRefused, Delivery, Node, now_ms
 from node.store import StoreError
@@ -820,6 +820,26 @@ def test_a_full_disk_is_a_store_fault_not_a_poison_message(nodes: Nodes) -> None
     verdicts = india.handle_batch([Delivery(r.frame) for r in rows])
     assert [v.dead_letter for v in verdicts] == [None] * 40
     assert len(india.store.records()) == 40
+
+
+def test_a_loop_is_overdue_a_week_before_expiry_and_expires_after_its_last_day(
+        nodes: Nodes) -> None:
+    za = nodes["ZA"]
+    now = now_ms()
+    za.clock = lambda: now  # type: ignore[method-assign]
+    today = day_of(now)
+    for days in (0, 7, 8):  # a certificate is valid on its expires_on day itself
+        za.issue(certificate(f"ZA-2026-070{days}", "ZA", "IN",
+                             issued_on=(today - timedelta(days=1)).isoformat(),
+                             expires_on=(today + timedelta(days=days)).isoformat()))
+    assert {r.number: is_overdue(r, today) for r in za.store.records()} == {
+        "ZA-2026-0700": True, "ZA-2026-0707": True, "ZA-2026-0708": False}
+    assert za.expire_overdue() == []
+    za.clock = lambda: now + 86_400_000  # type: ignore[method-assign]
+    assert [r.number for r in za.expire_overdue()] == ["ZA-2026-0700"]
+    expired = za.store.get(Side.EXPORT, "ZA-2026-0700")
+    assert expired is not None and expired.state is State.EXPIRED
+    assert is_overdue(expired, today + timedelta(days=1))  # expired unconfirmed: to chase
 
 
 def test_a_certificate_dated_after_tomorrow_is_refused_at_issue(nodes: Nodes) -> None:
