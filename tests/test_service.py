@@ -842,6 +842,23 @@ def test_a_loop_is_overdue_a_week_before_expiry_and_expires_after_its_last_day(
     assert is_overdue(expired, today + timedelta(days=1))  # expired unconfirmed: to chase
 
 
+def test_an_expired_loop_can_still_be_cancelled_and_the_importer_hears_of_it(
+        nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    today = date.today()
+    za.issue(certificate("ZA-2026-0800", "ZA", "IN",
+                         issued_on=(today - timedelta(days=1)).isoformat(),
+                         expires_on=today.isoformat()))
+    carry(za, nodes)
+    for node in (za, india):
+        node.clock = lambda: now_ms() + 86_400_000  # type: ignore[method-assign]
+        assert [r.number for r in node.expire_overdue()] == ["ZA-2026-0800"]
+    za.cancel("ZA-2026-0800", "shipment stopped")
+    carry(za, nodes)
+    assert za.store.get(Side.EXPORT, "ZA-2026-0800").state is State.CANCELLED  # type: ignore[union-attr]
+    assert india.store.get(Side.IMPORT, "ZA-2026-0800").state is State.CANCELLED  # type: ignore[union-attr]
+
+
 def test_a_certificate_dated_after_tomorrow_is_refused_at_issue(nodes: Nodes) -> None:
     """A certificate issued 'next month' went out, and its importer could not confirm it
     (a shipment cannot arrive before its certificate's date) until then."""
