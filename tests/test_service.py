@@ -740,6 +740,31 @@ def test_confirm_many_confirms_each_arrival_as_received(nodes: Nodes) -> None:
         ("parcels", 3, 2)}
 
 
+def test_an_arrival_is_dated_between_the_date_of_issue_and_today(nodes: Nodes) -> None:
+    za, india = nodes["ZA"], nodes["IN"]
+    today = day_of(india.clock())
+    issued = today - timedelta(days=3)
+    za.issue_many([certificate(f"ZA-2026-03{i:02}", "ZA", "IN", issued_on=issued.isoformat())
+                   for i in range(2)])
+    carry(za, nodes)
+    outcomes = india.confirm_many([
+        Arrival("ZA-2026-0300", received_on=today + timedelta(days=1)),
+        Arrival("ZA-2026-0300", received_on=issued - timedelta(days=1)),
+        Arrival("ZA-2026-0300", received_on=issued),
+        Arrival("ZA-2026-0301", received_on=today)])
+    assert [o.reason if isinstance(o, Refusal) else o.state for o in outcomes] == [
+        "field.bad_date", "field.bad_date", State.CONFIRMED, State.CONFIRMED]
+
+
+def test_a_cancellation_needs_a_reason_that_is_not_blank(nodes: Nodes) -> None:
+    za = nodes["ZA"]
+    za.issue(certificate("ZA-2026-0310", "ZA", "IN"))
+    with pytest.raises(CommandRefused) as refused:
+        za.cancel("ZA-2026-0310", " \t ")
+    assert refused.value.refusal.reason == "field.required"
+    assert za.store.get(Side.EXPORT, "ZA-2026-0310").state is State.ISSUED  # type: ignore[union-attr]
+
+
 def test_a_store_failure_in_a_batch_commits_none_of_it(nodes: Nodes, monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
     za = nodes["ZA"]
