@@ -1515,6 +1515,35 @@ def test_a_rejection_refused_for_its_broker_user_is_not_answered(tmp_path: Path)
             n.close()
 
 
+def test_a_missing_broker_user_is_a_mismatch_and_the_chairs_registry_needs_none(
+        tmp_path: Path) -> None:
+    """The broker vouches only for a user_id that is set: a message without one is not
+    taken as the sender's. The Chair's registry updates carry their own authority (the
+    Chair's signature), whoever published them."""
+    from node.service import broker_user_for
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    nodes = {c: Node.open(cfg, check_broker_user=True) for c, cfg in network.configs.items()}
+    try:
+        za, india = nodes["ZA"], nodes["IN"]
+        za.issue(certificate("ZA-U1", "ZA", "IN"))
+        (row,) = za.store.due(2**62, 10)
+        (unnamed,) = india.handle_batch([Delivery(row.frame, user_id=None)])
+        assert unnamed.dead_letter is not None
+        assert unnamed.dead_letter.reason == "message.broker_user_mismatch"
+        (named,) = india.handle_batch([Delivery(row.frame, user_id=broker_user_for("ZA"))])
+        assert named.dead_letter is None
+        for version, user in ((2, None), (3, "guest")):
+            update = dataclasses.replace(network.registry, version=version)
+            (verdict,) = india.handle_batch([Delivery(sign_registry(
+                update, network.chair_key, now_ms()), user_id=user)])
+            assert verdict.dead_letter is None
+            assert india.registry.version == version
+    finally:
+        for n in nodes.values():
+            n.close()
+
+
 def test_publish_takes_the_chairs_password_from_a_file_not_the_command_line(
         tmp_path: Path) -> None:
     """The runbook had the Chair type `--broker "amqp://kpx-chair:$(cat
