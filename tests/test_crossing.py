@@ -28,6 +28,7 @@ from protocol import (
     Receipt,
     RegistryKey,
     RegistryUpdate,
+    Replacement,
     decode_body,
     parse_frame,
     seal,
@@ -328,6 +329,23 @@ def test_a_cancellation_of_another_issuers_certificate_is_still_unknown(
         (verdict,) = be.handle_batch([Delivery(seal(probe, bw.signing_key()))])
         assert verdict.dead_letter is not None, number
         assert verdict.dead_letter.reason == "certificate.unknown"
+
+
+def test_a_cancelled_certificate_is_not_brought_back_as_replaced(pair: Nodes) -> None:
+    """An exporter that follows SPEC never replaces what it cancelled (issue refuses it);
+    one that sends such a replacement all the same leaves the importer's record as it
+    was: cancelled, as the exporter's own."""
+    bw, be = pair["BW"], pair["BE"]
+    bw.issue(certificate("BW-C1", "BW", "BE"))
+    bw.cancel("BW-C1", "stopped at the border")
+    settle(pair)
+    assert states(pair, "BW-C1") == (State.CANCELLED, State.CANCELLED)
+    late = Envelope(sender="BW", recipient="BE", created_at=now_ms(), payload=Replacement(
+        replaces="BW-C1", reason="typo", certificate=certificate("BW-C2", "BW", "BE")))
+    (verdict,) = be.handle_batch([Delivery(seal(late, bw.signing_key()))])
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "certificate.wrong_state"
+    assert states(pair, "BW-C1") == (State.CANCELLED, State.CANCELLED)
 
 
 def test_a_replacement_to_another_importer_is_refused(tmp_path: Path) -> None:
