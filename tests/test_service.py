@@ -1108,6 +1108,25 @@ def test_a_rejection_or_pong_refused_for_its_schema_is_not_answered(
     assert za.store.due(2**62, 10) == []
 
 
+@pytest.mark.parametrize("kind", ["pong", "rejection"])
+def test_a_rejection_or_pong_refused_on_admission_is_not_answered(
+        nodes: Nodes, kind: str) -> None:
+    """SPEC §14 again, for a well-formed one refused before its content is read: here,
+    delivered to a node it is not addressed to."""
+    from protocol import Envelope, Pong, Rejection, seal
+
+    za, india, eu = nodes["ZA"], nodes["IN"], nodes["EU"]
+    payload = Pong(nonce=bytes(16)) if kind == "pong" else Rejection(
+        reason="body.schema", text="no", certificate=None)
+    frame = seal(Envelope(sender="IN", recipient="ZA", created_at=now_ms(), payload=payload),
+                 india.signing_key())
+    (verdict,) = eu.handle_batch([Delivery(frame)])
+    assert verdict.dead_letter is not None
+    assert verdict.dead_letter.reason == "message.not_for_us"
+    assert eu.store.due(2**62, 10) == []
+    assert za.store.due(2**62, 10) == []
+
+
 def test_a_ping_with_a_nonce_of_the_wrong_size_is_refused_not_signed(nodes: Nodes) -> None:
     """Node.ping signed any nonce: one not of 16 bytes made a frame the partner could not
     decode (body.schema), refused without an answer, so the ping never came back."""
