@@ -392,12 +392,17 @@ def test_a_receipt_signed_under_a_revoked_key_is_signed_afresh_once_a_key_can_si
     carry(exporter, nodes)
     assert [v.dead_letter.reason for _, v in carry(importer, nodes)  # type: ignore[union-attr]
             ] == ["key.revoked"]
+    # While no key of the importer can sign, a duplicate gets the stored bytes: signed
+    # afresh under the revoked key, they would be refused all the same.
+    sent = exporter.store.get(Side.EXPORT, f"{me}-1").message_id  # type: ignore[union-attr]
+    receipt = importer.store.seen(me, sent).answer_message_id  # type: ignore[union-attr]
+    stored = importer.store.outbox_frame(receipt)  # type: ignore[arg-type]
+    importer.handle_batch([Delivery(exporter.store.outbox_frame(sent))])  # type: ignore[arg-type]
+    assert importer.store.outbox_frame(receipt) == stored  # type: ignore[arg-type]
 
     importer, new = _new_key_added(importer, update, t0, chair, exporter)
     nodes[you] = importer
     try:
-        sent = exporter.store.get(Side.EXPORT, f"{me}-1").message_id  # type: ignore[union-attr]
-        receipt = importer.store.seen(me, sent).answer_message_id  # type: ignore[union-attr]
         assert exporter.resend_unanswered(0) == [sent]
         carry(exporter, nodes)
         assert [v.dead_letter for _, v in carry(importer, nodes)] == [None]
