@@ -878,6 +878,8 @@ def test_an_expired_loop_can_still_be_cancelled_and_the_importer_hears_of_it(
     for node in (za, india):
         node.clock = lambda: now_ms() + 86_400_000  # type: ignore[method-assign]
         assert [r.number for r in node.expire_overdue()] == ["ZA-2026-0800"]
+    carry(india, nodes)  # the receipt, late: the loop stays expired, to chase
+    assert za.store.get(Side.EXPORT, "ZA-2026-0800").state is State.EXPIRED  # type: ignore[union-attr]
     za.cancel("ZA-2026-0800", "shipment stopped")
     carry(za, nodes)
     assert za.store.get(Side.EXPORT, "ZA-2026-0800").state is State.CANCELLED  # type: ignore[union-attr]

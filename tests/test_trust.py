@@ -361,6 +361,7 @@ def test_a_node_whose_key_cannot_sign_refuses_to_send_and_writes_nothing(
         assert isinstance(many, Refusal) and many.reason == reason
         check = exporter.check_issue(certificate(f"{me}-5", me, you))  # kpnode validate
         assert check is not None and check.reason == reason
+        assert exporter.expire_overdue() == []  # a command that signs nothing still runs
         assert (exporter.store.counts(), len(list(exporter.store.evidence())),
                 exporter.store.backlog()) == before
 
