@@ -24,10 +24,13 @@ is a key to revoke, not to use.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import getpass
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +159,30 @@ _typed: list[str] = []
 
 def write_signing_key(path: Path, key: SigningKey, *, passphrase: str | None = None,
                       strength: str = "moderate") -> None:
-    """Write a new key file, mode 0600, never over an existing one."""
+    """Write a new key file, mode 0600, never over an existing one, and whole or not at
+    all: written under a temporary name, then linked to its own. A file made empty by a
+    command stopped between its creation and its write (Ctrl-C, kill -9, a full disk)
+    stopped every later command of the node, which reads every key file it has."""
     text = (bytes(key).hex() + "\n" if passphrase is None
             else encrypt_seed(bytes(key), passphrase, strength))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # FileExistsError rather than over an existing key
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # no hard links here (vfat, some SMB shares): a rename after one more look
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+            os.rename(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def is_encrypted(path: Path) -> bool:

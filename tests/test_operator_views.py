@@ -1046,6 +1046,39 @@ def test_a_missing_database_is_an_error_not_a_fresh_empty_one(tmp_path: Path) ->
     assert sorted(p.name for p in leftover.iterdir()) == ["node.sqlite3"]
 
 
+def test_a_key_file_cut_short_is_never_left_under_its_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'kpnode key new' (and init) stopped between the key file's creation and its write
+    left an empty keys/ID.key: every later command of the node, run too, stopped with
+    "must hold a 32-byte seed". The file is written under another name and linked."""
+    from node import keyfile
+
+    network = create_network(tmp_path / "net", ["ZA", "IN"], [])
+    config = network.configs["ZA"]
+    (config.directory / "keys").mkdir()
+    real_fdopen = os.fdopen
+
+    class Cut:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Cut:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> int:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(keyfile.os, "fdopen", lambda *a, **k: Cut(real_fdopen(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        keyfile.write_signing_key(config.directory / "keys" / "cut.key", SigningKey.generate())
+    monkeypatch.undo()
+    assert list((config.directory / "keys").iterdir()) == []
+    Node.open(config).close()  # the node still opens
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--participant", "za"], "participant must be a two-letter code in capitals, not 'za'"),
     (["--participant", "ZAF"], "participant must be a two-letter code in capitals, not 'ZAF'"),
