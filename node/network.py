@@ -4,6 +4,7 @@ them with a Chair and a signed registry (the demo, the tests, the simulation).""
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,10 @@ from nacl.signing import SigningKey
 from node.brokerurl import broker_url_problem
 from node.chair import sign_registry
 from node.config import CONFIG_NAME, ConfigError, NodeConfig, default_authority, write_config
-from node.keyfile import write_signing_key
+from node.keyfile import KeyFileError, is_encrypted, read_signing_key, write_signing_key
 from node.registrytool import ChairDirectory
 from node.service import now_ms
-from node.store import Store
+from node.store import Store, StoreError
 from protocol import (
     Authority,
     ParticipantEntry,
@@ -55,16 +56,59 @@ def init_node(directory: Path, participant: str, *, authority: str | None = None
     directory.mkdir(parents=True, exist_ok=True)
     config = NodeConfig(directory=directory, participant=participant,
                         authority=authority, chair_public_key=chair_public_key)
-    for existing in (directory / CONFIG_NAME, config.database_path):
-        if existing.exists():
-            raise ConfigError(f"{existing} exists already; not overwriting it")
+    if (directory / CONFIG_NAME).exists():
+        raise ConfigError(f"{directory / CONFIG_NAME} exists already; not overwriting it")
+    # node.toml is written last: without it, a key and a database that an init stopped
+    # part-way left (Ctrl-C, kill -9, a full disk) are taken up again, not refused. The key
+    # was never printed, so never sent to the Chair; a database is taken only as init
+    # makes it, empty.
+    key_path = config.path(config.signing_key_file)
+    key = _left_by_init(key_path)
+    if config.database_path.exists() and not _empty_database(config.database_path,
+                                                             participant):
+        raise ConfigError(f"{config.database_path} exists already; not overwriting it")
     if broker_urls:
         config = dataclasses.replace(config, broker_urls=tuple(broker_urls))
-    key = SigningKey.generate()
-    write_signing_key(config.path(config.signing_key_file), key)
+    if key is None:
+        write_signing_key(key_path, SigningKey.generate())
     Store(config.database_path, owner=participant).close()
     write_config(config)
     return config
+
+
+def _left_by_init(path: Path) -> SigningKey | None:
+    """The plain key an interrupted ``init`` wrote at ``path``, or None if there is none;
+    ConfigError for any other file there."""
+    if not path.exists():
+        return None
+    try:
+        if not is_encrypted(path):
+            return read_signing_key(path)
+    except KeyFileError:
+        pass
+    raise ConfigError(f"{path} exists already; not overwriting it")
+
+
+def _empty_database(path: Path, participant: str) -> bool:
+    """Whether ``path`` is a kpx database of ``participant`` (or of no one) holding
+    nothing: what an interrupted ``init`` leaves."""
+    wal = path.with_name(path.name + "-wal")
+    if path.is_file() and path.stat().st_size == 0 and not (
+            wal.exists() and wal.stat().st_size > 0):
+        return True  # made, not yet written: its schema was never committed
+    try:
+        store = Store(path, create=False, owner=participant, migrate=False)
+    except StoreError:
+        return False
+    try:
+        tables = [name for (name,) in store.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'owner'")]
+        return all(store.db.execute(f'SELECT 1 FROM "{name}" LIMIT 1').fetchone() is None
+                   for name in tables)
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        store.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from node.evidence import (
     read_operator_record,
     verify_chain,
 )
+from node.keyfile import read_signing_key
 from node.logs import configure_logging
 from node.machine import Record, Side, State
 from node.network import create_network
@@ -1044,6 +1045,52 @@ def test_a_missing_database_is_an_error_not_a_fresh_empty_one(tmp_path: Path) ->
     assert (done.returncode, done.stderr) == (
         3, f"kpnode: {leftover / 'node.sqlite3'} exists already; not overwriting it\n")
     assert sorted(p.name for p in leftover.iterdir()) == ["node.sqlite3"]
+
+
+@pytest.mark.parametrize("stopped_at", ["node.network.Store", "node.network.write_config"])
+def test_an_init_stopped_part_way_is_finished_by_running_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped_at: str) -> None:
+    """An init stopped after it wrote the key (Ctrl-C, kill -9, a full disk), or the key
+    and the database, but not yet node.toml, left a directory every command refused:
+    init with "node.key: File exists" (or "node.sqlite3 exists already"), the others with
+    "no node.toml ... run 'kpnode init' first". The key was never printed: the rerun takes
+    it and the empty database up and finishes."""
+    from node import network
+
+    directory = tmp_path / "node"
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(stopped_at, stop)
+        with pytest.raises(KeyboardInterrupt):
+            network.init_node(directory, "ZA", chair_public_key=bytes(32))
+    left = read_signing_key(directory / "node.key")
+    assert not (directory / "node.toml").exists()
+    done = subprocess.run([sys.executable, "-m", "node.cli", "init", "--participant", "ZA",
+                           "--json", "--dir", str(directory)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["public_key"] == bytes(left.verify_key).hex()
+    assert (directory / "node.toml").exists()
+    listed = subprocess.run([sys.executable, "-m", "node.cli", "list", "--dir",
+                             str(directory)], capture_output=True, text=True, check=False)
+    assert "no node.toml" not in listed.stderr and "database" not in listed.stderr
+    # ... but never a database that holds anything, nor a key file it cannot read
+    used = create_network(tmp_path / "net", ["ZA", "IN"], []).configs["ZA"]
+    assert network._empty_database(used.database_path, "ZA")
+    assert not network._empty_database(used.database_path, "IN")
+    Node.open(used).close()  # it now holds the registry
+    assert not network._empty_database(used.database_path, "ZA")
+    (used.directory / "node.toml").unlink()
+    with pytest.raises(ConfigError, match=r"node\.sqlite3 exists already"):
+        network.init_node(used.directory, "ZA")
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "node.key").write_text("not a key")
+    (tmp_path / "garbled" / "node.key").chmod(0o600)
+    with pytest.raises(ConfigError, match=r"node\.key exists already; not overwriting it"):
+        network.init_node(tmp_path / "garbled", "ZA")
+    assert sorted(p.name for p in (tmp_path / "garbled").iterdir()) == ["node.key"]
 
 
 def test_a_key_file_cut_short_is_never_left_under_its_name(
