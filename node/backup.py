@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import io
+import json
 import os
 import shutil
 import sqlite3
@@ -162,26 +163,70 @@ def restore(archive: Path, directory: Path) -> NodeConfig:
     files are moved up only when every check passed: a refused or broken archive leaves
     ``directory`` as it was, so a retry with a good one is not refused. The folder is
     inside, not beside: the directory may be a volume's mount point, or sit in a parent
-    the node's user may not write, and a rename across either would fail."""
-    # lost+found: a freshly made ext4 volume mounted as the node directory has one
-    if directory.exists() and (not directory.is_dir() or any(
-            p.name != "lost+found" for p in directory.iterdir())):
-        raise ConfigError(f"{directory} exists and is not an empty directory; restore into "
-                          "a new or empty one")
-    # what to remove on failure: the first folder this restore creates, if any
-    created = next((p for p in (*reversed(directory.parents), directory) if not p.exists()),
-                   None)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".kpx-restore-", dir=directory))
-    try:
-        config = _unpack_and_check(archive, staging)
-        for entry in list(staging.iterdir()):
-            entry.rename(directory / entry.name)
-        staging.rmdir()
-    except BaseException:
-        shutil.rmtree(created or staging, ignore_errors=True)
-        raise
+    the node's user may not write, and a rename across either would fail. A restore
+    killed part-way leaves that folder (and what it had moved up): the next one in the
+    same directory takes both away first."""
+    with sigterm_as_interrupt():  # a timeout's SIGTERM cleans up as Ctrl-C does
+        if directory.is_dir():
+            _clear_interrupted_restore(directory)
+        # lost+found: a freshly made ext4 volume mounted as the node directory has one
+        if directory.exists() and (not directory.is_dir() or any(
+                p.name != "lost+found" for p in directory.iterdir())):
+            raise ConfigError(f"{directory} exists and is not an empty directory; restore "
+                              "into a new or empty one")
+        # what to remove on failure: the first folder this restore creates, if any
+        created = next((p for p in (*reversed(directory.parents), directory)
+                        if not p.exists()), None)
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        try:
+            config = _unpack_and_check(archive, staging)
+            # node.toml last: a directory with it (and no staging folder) is a whole node
+            names = sorted((e.name for e in staging.iterdir()),
+                           key=lambda name: name == CONFIG_NAME)
+            # what a restore stopped while moving them up (kill -9) had put there, for
+            # the next one to take away (_clear_interrupted_restore)
+            (staging / MOVING).write_text(json.dumps(names))
+            for name in names:
+                (staging / name).rename(directory / name)
+            (staging / MOVING).unlink()
+            staging.rmdir()
+        except BaseException:
+            shutil.rmtree(created or staging, ignore_errors=True)
+            raise
     return dataclasses.replace(config, directory=directory)
+
+
+STAGING_PREFIX = ".kpx-restore-"
+MOVING = ".moving-up"
+
+
+def _clear_interrupted_restore(directory: Path) -> None:
+    """Take away what a restore stopped part-way (kill -9, a power cut) left in
+    ``directory``: its staging folder and the files it had moved up from it, so that the
+    restore can simply run again; it refused the directory as not empty. Only when
+    everything beside the staging folders is what they say was moved up, and node.toml
+    (moved last) is not among it: otherwise the directory is left alone."""
+    stagings = [p for p in directory.iterdir()
+                if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink()]
+    if not stagings:
+        return
+    moved: set[str] = set()
+    for staging in stagings:
+        try:
+            moved.update(json.loads((staging / MOVING).read_text()))
+        except FileNotFoundError:
+            pass  # stopped while unpacking: nothing moved up yet
+        except (OSError, ValueError, TypeError):
+            return
+    others = [p for p in directory.iterdir() if p.name != "lost+found" and p not in stagings]
+    if any(p.name not in moved or p.name == CONFIG_NAME for p in others):
+        return
+    for path in [*others, *stagings]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _unpack_and_check(archive: Path, directory: Path) -> NodeConfig:

@@ -535,6 +535,50 @@ def test_a_refused_restore_leaves_the_directory_as_it_was(nodes: Nodes, tmp_path
         assert not any(p.name.startswith(".kpx-restore") for p in target.iterdir())
 
 
+@pytest.mark.parametrize("killed_at_rename", [1, 2, 4])
+def test_a_restore_killed_part_way_can_simply_run_again(
+        nodes: Nodes, tmp_path: Path, killed_at_rename: int) -> None:
+    """A restore killed (kill -9, a host going down) while it unpacked or moved the files
+    up left its staging folder, and some of the files, in the directory: the rerun refused
+    it as not empty, and every other command said there was no node.toml or no database.
+    The rerun now takes away what the interrupted one left, and restores."""
+    import subprocess
+    import sys
+
+    from node.backup import backup, restore
+
+    archive = tmp_path / "za.tar.gz"
+    backup(nodes["ZA"].config, archive)
+    target = tmp_path / "restored"
+    killer = ("import os, pathlib, signal, sys\n"
+              "from node.backup import restore\n"
+              "real, calls = pathlib.Path.rename, []\n"
+              "def rename(self, to):\n"
+              "    calls.append(to)\n"
+              f"    if len(calls) == {killed_at_rename}:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(self, to)\n"
+              "pathlib.Path.rename = rename\n"
+              "restore(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))\n")
+    killed = subprocess.run([sys.executable, "-c", killer, str(archive), str(target)],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    assert any(p.name.startswith(".kpx-restore-") for p in target.iterdir())
+    config = restore(archive, target)
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["BACKUP-INFO", "node.key", "node.sqlite3", "node.toml", "registry.kpx"])
+    Node.open(config).close()
+    # a directory holding anything else beside the staging folder is left as it was
+    other = tmp_path / "other"
+    subprocess.run([sys.executable, "-c", killer, str(archive), str(other)],
+                   capture_output=True, check=False, timeout=60)
+    (other / "notes.txt").write_text("someone's notes")
+    before = sorted(other.rglob("*"))
+    with pytest.raises(ConfigError, match="is not an empty directory"):
+        restore(archive, other)
+    assert sorted(other.rglob("*")) == before
+
+
 def test_a_backup_that_fails_part_way_leaves_no_archive(nodes: Nodes, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
