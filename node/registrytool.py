@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -345,6 +347,36 @@ def newest_signed(directory: Path) -> tuple[int, Path] | None:
     return max(found, key=lambda f: f[0], default=None)
 
 
+def write_whole(path: Path, data: bytes) -> None:
+    """``path`` holds ``data``, or what it held before: written and synced under a
+    temporary name, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _stopped_publish(path: Path, draft: RegistryUpdate, key: SigningKey) -> bytes | None:
+    """The frame at ``path`` if the Chair's current key signed it over exactly ``draft``:
+    a publish that was stopped before it moved the draft on; else None."""
+    from node.registry import open_registry_frame
+
+    try:
+        frame = path.read_bytes()
+        signed = open_registry_frame(frame, bytes(key.verify_key)).update
+    except (OSError, ProtocolError):
+        return None
+    return frame if signed == draft else None
+
+
 def cmd_publish(args: argparse.Namespace) -> None:
     from node.brokerurl import broker_url_problem
     from node.registry import open_registry_frame
@@ -395,7 +427,11 @@ def cmd_publish(args: argparse.Namespace) -> None:
         published = chair.directory / PUBLISHED
         on_record = published / f"registry-v{version:06d}.kpx"
         newest = newest_signed(chair.directory)
-        if newest is not None and version <= newest[0]:
+        # A publish stopped after it signed (Ctrl-C, kill -9) left the version on record
+        # with the draft not moved on: the rerun finishes it with the same frame.
+        finished = (_stopped_publish(newest[1], update, chair.key())
+                    if newest is not None and newest[0] == version else None)
+        if finished is None and newest is not None and version <= newest[0]:
             # A draft set back (restored from a backup, edited by hand): a second, other
             # frame for a version nodes may hold already would split the network, and a
             # lower one every node ignores (versions only move forward), so a suspension
@@ -403,13 +439,20 @@ def cmd_publish(args: argparse.Namespace) -> None:
             raise ChairError(f"version {version} is not above version {newest[0]}, signed "
                              f"already ({newest[1]}); set the draft's version to "
                              f"{newest[0] + 1} or above")
-        try:
-            frame = sign_registry(update, chair.key(), now_ms())
-        except RegistryEditError as exc:
-            raise ChairError(str(exc)) from None
+        if finished is not None:
+            frame = finished
+        else:
+            try:
+                frame = sign_registry(update, chair.key(), now_ms())
+            except RegistryEditError as exc:
+                raise ChairError(str(exc)) from None
         published.mkdir(exist_ok=True)
-        on_record.write_bytes(frame)
-        signed.write_bytes(frame)
+        # each whole or not at all: a file cut short was still counted as signed (so the
+        # rerun was refused), and an empty registry.kpx was resent as 'signed by a
+        # former Chair key'
+        if not on_record.exists():
+            write_whole(on_record, frame)
+        write_whole(signed, frame)
         outputs.append(str(signed))
         # The draft moves on as soon as the version is signed and on record, whether or not
         # the broker takes it: a retry resends these bytes (--resend), it does not re-sign.

@@ -579,6 +579,42 @@ def test_a_registry_file_that_is_no_frame_is_not_blamed_on_the_chair_key(
         assert "chair_public_key" not in done.stderr, done.stderr
 
 
+def test_a_publish_killed_after_signing_is_finished_by_running_it_again(
+        tmp_path: Path) -> None:
+    """A publish killed (kill -9, Ctrl-C) after it had put the signed version on record
+    but before the draft moved on: the rerun was refused ('version 2 is not above version
+    2, signed already'), and --resend sent the version before. The rerun now finishes it
+    with the very frame on record: one version, one frame."""
+    network = create_network(tmp_path, fresh_codes(2), [])
+    chair_dir = network.base / "chair"
+    before = (chair_dir / "registry.kpx").read_bytes()
+    killer = ("import os, signal, sys\n"
+              "from node import registrytool\n"
+              "registrytool.ChairDirectory.save = "
+              "lambda self, update: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "from node.cli import main\n"
+              "main(sys.argv[1:])\n")
+    killed = subprocess.run([sys.executable, "-c", killer, "registry", "publish", "--dir",
+                             str(chair_dir)], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    on_record = (chair_dir / "published" / "registry-v000002.kpx").read_bytes()
+    assert json.loads((chair_dir / "registry.json").read_text())["version"] == 2
+    out = kpnode("registry", "publish", "--json", "--dir", str(chair_dir))
+    assert json.loads(out.stdout)["version"] == 2
+    assert (chair_dir / "registry.kpx").read_bytes() == on_record != before
+    assert json.loads((chair_dir / "registry.json").read_text())["version"] == 3
+    again = tmp_path / "again.kpx"
+    kpnode("registry", "publish", "--resend", "--out", str(again), "--dir", str(chair_dir))
+    assert again.read_bytes() == on_record
+    # a draft changed since is not taken for the stopped publish: refused as before
+    kpnode("registry", "suspend", network.registry.participants[0].code, "--dir",
+           str(chair_dir))
+    (chair_dir / "registry.json").write_text((chair_dir / "registry.json").read_text()
+                                             .replace('"version": 3', '"version": 2'))
+    refused = kpnode("registry", "publish", "--dir", str(chair_dir), check=False)
+    assert refused.returncode == 1 and "is not above version 2" in refused.stderr
+
+
 def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     chair_dir = str(network.base / "chair")
@@ -606,6 +642,9 @@ def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) ->
     assert refused.returncode == 1 and "is not a file" in refused.stderr
     assert not (network.base / "chair" / "published" / "registry-v000004.kpx").exists()
     # A draft set back to a version signed already: refused, not signed a second time.
+    # (Changed since: one that says just what that version says is taken for a publish
+    # stopped before it moved the draft on, and finished with the frame on record.)
+    kpnode("registry", "embargo", "CF", "--dir", chair_dir)
     draft = network.base / "chair" / "registry.json"
     draft.write_text(draft.read_text().replace('"version": 4', '"version": 3'))
     refused = kpnode("registry", "publish", "--dir", chair_dir, check=False)
@@ -624,6 +663,7 @@ def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) ->
     assert (network.base / "chair" / "registry.kpx").read_bytes() == v3.read_bytes()
     fresh = create_network(tmp_path / "fresh", fresh_codes(2), [])
     fresh_draft = fresh.base / "chair" / "registry.json"
+    kpnode("registry", "embargo", "CF", "--dir", str(fresh.base / "chair"))
     fresh_draft.write_text(fresh_draft.read_text().replace('"version": 2', '"version": 1'))
     refused = kpnode("registry", "publish", "--dir", str(fresh.base / "chair"), check=False)
     assert refused.returncode == 1 and "version 1 is not above version 1" in refused.stderr
