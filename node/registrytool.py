@@ -242,8 +242,18 @@ def cmd_rotate_chair_key(args: argparse.Namespace) -> None:
     earlier = sorted((p for p in former.glob("*.key") if p != kept),
                      key=lambda p: p.stat().st_mtime)
     formers = [*(bytes(read_signing_key(p).verify_key).hex() for p in earlier), old.hex()]
-    os.replace(chair.directory / CHAIR_KEY, kept)
-    new = bytes(chair.make_key().verify_key)
+    # The old key is kept in former-chair-keys/ before the new one takes its name, and the
+    # new one takes it in one rename: moved away first, a rotation stopped in between
+    # (Ctrl-C, kill -9) left no chair.key, and the Chair could sign nothing.
+    with contextlib.suppress(FileExistsError):  # kept there by a rotation stopped since
+        os.link(chair.directory / CHAIR_KEY, kept)
+    fresh = chair.directory / (CHAIR_KEY + ".new")  # never printed, never given out
+    fresh.unlink(missing_ok=True)
+    key = SigningKey.generate()
+    write_signing_key(fresh, key)
+    os.replace(fresh, chair.directory / CHAIR_KEY)
+    new = bytes(key.verify_key)
+    write_whole(chair.directory / CHAIR_PUBLIC, (new.hex() + "\n").encode())
     listed = ", ".join(f'"{k}"' for k in formers)
     emit(args, {"chair_public_key": new.hex(), "former_chair_public_key": old.hex(),
                 "former_chair_public_keys": formers, "former_key_file": str(kept)},

@@ -615,6 +615,35 @@ def test_a_publish_killed_after_signing_is_finished_by_running_it_again(
     assert refused.returncode == 1 and "is not above version 2" in refused.stderr
 
 
+def test_a_chair_key_rotation_killed_part_way_leaves_a_key_and_runs_again(
+        tmp_path: Path) -> None:
+    """rotate-chair-key moved chair.key into former-chair-keys/, then wrote the new one:
+    killed in between, the Chair had no key ('signing key chair/chair.key not found'),
+    could neither publish nor rotate again. The old key is now kept before the new one
+    takes its name in one rename, and the rerun rotates."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    chair_dir = network.base / "chair"
+    first = bytes(network.chair_key.verify_key).hex()
+    killer = ("import os, signal, sys\n"
+              "from node import registrytool\n"
+              "registrytool.write_signing_key = "
+              "lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "from node.cli import main\n"
+              "main(sys.argv[1:])\n")
+    killed = subprocess.run([sys.executable, "-c", killer, "registry", "rotate-chair-key",
+                             "--dir", str(chair_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    assert ChairDirectory(chair_dir).key().verify_key == network.chair_key.verify_key
+    rotated = json.loads(kpnode("registry", "rotate-chair-key", "--json", "--dir",
+                                str(chair_dir)).stdout)
+    assert rotated["former_chair_public_keys"] == [first]
+    assert (chair_dir / "chair.pub").read_text().strip() == rotated["chair_public_key"]
+    assert bytes(ChairDirectory(chair_dir).key().verify_key).hex() \
+        == rotated["chair_public_key"]
+    kpnode("registry", "publish", "--dir", str(chair_dir))
+
+
 def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     chair_dir = str(network.base / "chair")
