@@ -311,11 +311,29 @@ class DeadLetterQueue:
                                  f"not confirmed by the broker (it may have taken it): "
                                  f"{type(exc).__name__}: {exc}"[:1000])
             raise
-        await held.message.ack()
-        self._held.remove(held)
+        copies = await self._remove_copies(held)
         log.info("dead letter replayed", dead_letter=held.letter.id,
-                 message_id=held.letter.message_id, reason=held.letter.reason, evidence=seq)
+                 message_id=held.letter.message_id, reason=held.letter.reason, evidence=seq,
+                 copies=copies)
         return seq
+
+    async def _remove_copies(self, held: Held) -> int:
+        """Acknowledge ``held`` and every other copy of its bytes this look holds (the
+        same id): a replay stopped between the broker's confirm and the acknowledgement
+        (Ctrl-C, kill -9, the broker gone) left the dead letter in place beside the copy
+        the node dead-letters again, and a replay or discard of that id then took one of
+        the two, saying it was done while the other stayed listed. Only copies one and
+        the same broker user published: a replay is judged by that user. Returns how
+        many."""
+        def publisher(h: Held) -> str | None:
+            return publisher_of(h.message.user_id, dict(h.message.headers or {}),
+                                self.config.broker_user)
+        copies = [h for h in self._held if h is held or (
+            h.letter.id == held.letter.id and publisher(h) == publisher(held))]
+        for copy in copies:
+            await copy.message.ack()
+            self._held.remove(copy)
+        return len(copies)
 
     @staticmethod
     def _record_failure(node: Node, held: Held, replay_seq: int, why: str) -> None:
@@ -332,10 +350,10 @@ class DeadLetterQueue:
         if not reason.strip():
             raise DeadLetterError("a discard needs a --reason")
         seq = record_action(node, "dead_letter.discard", held, reason)
-        await held.message.ack()
-        self._held.remove(held)
+        copies = await self._remove_copies(held)
         log.info("dead letter discarded", dead_letter=held.letter.id,
-                 message_id=held.letter.message_id, reason=reason, evidence=seq)
+                 message_id=held.letter.message_id, reason=reason, evidence=seq,
+                 copies=copies)
         return seq
 
 

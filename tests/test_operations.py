@@ -21,7 +21,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from node.deadletters import DeadLetterQueue
+from node.deadletters import DeadLetterQueue, dead_letter_id
 from node.evidence import OPERATOR, read_operator_record
 from node.machine import Side, State, day_of
 from node.metrics import NodeMetrics
@@ -338,6 +338,65 @@ async def test_a_replay_is_recorded_before_it_is_published_and_a_failed_one_says
         ("dead_letter.replay", "after the fix"),
         ("dead_letter.replay_failed", "no inbox on the broker")]
     assert await queue_depth(amqp_url, dead_queue) == 1  # still there to replay
+
+
+async def test_a_replay_stopped_before_its_ack_leaves_no_second_dead_letter(
+        amqp_url: str, tmp_path: Path, stack: AsyncExitStack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay stopped after the broker confirmed the publish but before the dead letter
+    was acknowledged (Ctrl-C, kill -9, the broker gone) leaves the dead letter where it
+    was, and the node dead-letters the replayed copy again: two letters with one id. A
+    replay or discard of that id took one of them and said it was done, the other still
+    listed. Now every copy of those bytes from the same publisher goes with it."""
+    import aio_pika.message
+
+    india, other = fresh_codes(2)
+    network = create_network(tmp_path, [india, other], [amqp_url])
+    await start(stack, network, india)
+    dead_queue = f"kpx.dead.{india}"
+    for body in (b"junk replayed twice", b"junk discarded twice"):
+        await publish_raw(amqp_url, india, body, "junk")
+    for _ in range(600):
+        if await queue_depth(amqp_url, dead_queue) == 2:
+            break
+        await asyncio.sleep(0.05)
+    node = Node.open(network.configs[india])
+    stack.callback(node.close)
+    replayed, discarded = (dead_letter_id(b"junk replayed twice"),
+                           dead_letter_id(b"junk discarded twice"))
+
+    class Stopped(Exception):
+        pass
+
+    real_ack = aio_pika.message.IncomingMessage.ack
+
+    async def stopped(self: aio_pika.message.IncomingMessage, *args: Any,
+                      **kwargs: Any) -> None:
+        if self.exchange == "kpx.dlx":  # the dead letter's, not the running node's
+            raise Stopped  # as kill -9 between the confirm and the ack
+        await real_ack(self, *args, **kwargs)
+    with monkeypatch.context() as patched:
+        patched.setattr(aio_pika.message.IncomingMessage, "ack", stopped)
+        for letter in (replayed, discarded):
+            async with DeadLetterQueue(network.configs[india]) as queue:
+                with pytest.raises(Stopped):
+                    await queue.replay(node, await queue.find(letter), "stopped")
+    for _ in range(600):  # each replayed copy refused again, beside the one left
+        if await queue_depth(amqp_url, dead_queue) == 4:
+            break
+        await asyncio.sleep(0.05)
+    async with DeadLetterQueue(network.configs[india]) as queue:
+        ids = sorted(letter.id for letter in await queue.letters())
+    assert ids == sorted([replayed, replayed, discarded, discarded])
+
+    async with DeadLetterQueue(network.configs[india]) as queue:
+        await queue.replay(node, await queue.find(replayed), "again, to the end")
+    async with DeadLetterQueue(network.configs[india]) as queue:
+        await queue.discard(node, await queue.find(discarded), "junk")
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+    async with DeadLetterQueue(network.configs[india]) as queue:
+        assert [letter.id for letter in await queue.letters()] == [replayed]  # once
 
 
 async def test_ping_reports_the_signed_pong_and_a_partner_that_cannot_answer(
