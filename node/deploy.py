@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -68,13 +69,24 @@ def ensure_password(directory: Path, user: str) -> str:
 
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = password_file(directory, user)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return read_password(path)
+    # Written under another name and linked: made first and written after, a command
+    # stopped in between (Ctrl-C, kill -9, a full disk) left an empty file, which every
+    # later run refused ('password file ... is empty').
     password = secrets.token_urlsafe(24)
-    with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:  # another run made it meanwhile: that one stands
+        return read_password(path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return password
 
 
