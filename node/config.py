@@ -202,6 +202,9 @@ def load_config(directory: Path | str, *, environ: Mapping[str, str] | None = No
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
+        if any(directory.glob(".kpx-restore-*")):  # node.backup moves node.toml up last
+            raise ConfigError(f"no {CONFIG_NAME} in {directory}: a 'kpnode restore' into it "
+                              "was stopped part-way; run that restore again") from None
         raise ConfigError(f"no {CONFIG_NAME} in {directory} (run 'kpnode init' first, or "
                           "pass --dir)") from None
     except tomllib.TOMLDecodeError as exc:

@@ -564,6 +564,12 @@ def test_a_restore_killed_part_way_can_simply_run_again(
                             capture_output=True, text=True, check=False, timeout=60)
     assert killed.returncode == -9, killed.stderr
     assert any(p.name.startswith(".kpx-restore-") for p in target.iterdir())
+    # what every other command says meanwhile: not 'run kpnode init first'
+    said = subprocess.run([sys.executable, "-m", "node.cli", "list", "--dir", str(target)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert (said.returncode, said.stderr) == (
+        3, f"kpnode: no node.toml in {target}: a 'kpnode restore' into it was stopped "
+        "part-way; run that restore again\n")
     config = restore(archive, target)
     assert sorted(p.name for p in target.iterdir()) == sorted(
         ["BACKUP-INFO", "node.key", "node.sqlite3", "node.toml", "registry.kpx"])
