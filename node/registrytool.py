@@ -148,7 +148,7 @@ class ChairDirectory:
         """A new Chair key, with its public half in chair.pub beside it."""
         key = SigningKey.generate()
         write_signing_key(self.directory / CHAIR_KEY, key)
-        (self.directory / CHAIR_PUBLIC).write_text(bytes(key.verify_key).hex() + "\n")
+        write_whole(self.directory / CHAIR_PUBLIC, (bytes(key.verify_key).hex() + "\n").encode())
         return key
 
     def load(self) -> RegistryUpdate:
@@ -280,8 +280,14 @@ def cmd_init(args: argparse.Namespace) -> None:
     if not (directory / CHAIR_KEY).exists():
         chair.make_key()
     public = bytes(chair.key().verify_key).hex()
-    if not (directory / CHAIR_PUBLIC).exists():  # a Chair key from before chair.pub
-        (directory / CHAIR_PUBLIC).write_text(public + "\n")
+    try:
+        listed = (directory / CHAIR_PUBLIC).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        listed = None
+    # missing for a Chair key from before chair.pub; empty or other when an init was
+    # stopped while it wrote it (Ctrl-C, kill -9, a full disk)
+    if listed != public:
+        write_whole(directory / CHAIR_PUBLIC, (public + "\n").encode())
     chair.save(RegistryUpdate(version=1, participants=()))
     emit(args, {"directory": str(directory), "chair_public_key": public},
           f"Chair directory ready in {directory}\n  Chair public key {public}\n"

@@ -644,6 +644,20 @@ def test_a_chair_key_rotation_killed_part_way_leaves_a_key_and_runs_again(
     kpnode("registry", "publish", "--dir", str(chair_dir))
 
 
+def test_a_registry_init_stopped_while_writing_chair_pub_is_repaired_by_its_rerun(
+        tmp_path: Path) -> None:
+    """'registry init' killed while it wrote chair.pub (after chair.key) left it empty;
+    the rerun wrote chair.pub only when missing, so the Chair handed out, and 'deploy
+    network' read, an empty public key. The rerun now writes it from the key."""
+    chair = tmp_path / "chair"
+    chair.mkdir()
+    key = SigningKey.generate()
+    write_signing_key(chair / "chair.key", key)
+    (chair / "chair.pub").write_text("")  # what the kill left
+    kpnode("registry", "init", "--dir", str(chair))
+    assert (chair / "chair.pub").read_text().strip() == bytes(key.verify_key).hex()
+
+
 def test_publish_without_a_broker_explains_and_keeps_the_file(tmp_path: Path) -> None:
     network = create_network(tmp_path, fresh_codes(2), [])
     chair_dir = str(network.base / "chair")
