@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.brokerurl import broker_url_problem
+from node.files import write_whole
 from protocol.schema import AUTHORITY_ID, PARTICIPANT_CODE
 
 if TYPE_CHECKING:
@@ -413,12 +414,6 @@ def write_config(config: NodeConfig) -> Path:
     # comments above a setting no longer written (a default left out) stay, at the end
     for block in [*above.values(), below]:
         written += block
-    # It may hold broker passwords (in broker_urls): readable by the node's user alone,
-    # written whole or not at all.
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("\n".join(written) + "\n")
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    # It may hold broker passwords (in broker_urls): readable by the node's user alone.
+    write_whole(path, "\n".join(written) + "\n")
     return path

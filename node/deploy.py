@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ from node.definitions import (
     broker_users,
     password_hash,
 )
+from node.files import write_whole
 from node.jsontext import parse_json
 from node.network import create_network
 from node.registry import Registry, open_registry_frame, unverified_registry_version
@@ -75,18 +75,10 @@ def ensure_password(directory: Path, user: str) -> str:
     # stopped in between (Ctrl-C, kill -9, a full disk) left an empty file, which every
     # later run refused ('password file ... is empty').
     password = secrets.token_urlsafe(24)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(password + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
+        write_whole(path, password + "\n", exclusive=True)
     except FileExistsError:  # another run made it meanwhile: that one stands
         return read_password(path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     return password
 
 

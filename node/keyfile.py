@@ -24,13 +24,10 @@ is a key to revoke, not to use.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import getpass
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +39,7 @@ from nacl.secret import SecretBox
 from nacl.signing import SignedMessage, SigningKey, VerifyKey
 
 from node.config import ConfigError
+from node.files import write_whole
 from node.jsontext import parse_json
 
 ENCRYPTED_FORMAT = "kpx-encrypted-key-v1"
@@ -165,24 +163,7 @@ def write_signing_key(path: Path, key: SigningKey, *, passphrase: str | None = N
     stopped every later command of the node, which reads every key file it has."""
     text = (bytes(key).hex() + "\n" if passphrase is None
             else encrypt_seed(bytes(key), passphrase, strength))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # FileExistsError rather than over an existing key
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # no hard links here (vfat, some SMB shares): a rename after one more look
-            if path.exists():
-                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
-            os.rename(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    write_whole(path, text, exclusive=True)
 
 
 def is_encrypted(path: Path) -> bool:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from node.chair import (
     sign_registry,
 )
 from node.config import CONFIG_NAME, default_authority, node_directory
+from node.files import write_whole
 from node.jsontext import JsonTextError, parse_json
 from node.keyfile import read_signing_key, write_signing_key
 from node.registry import utc_text
@@ -148,7 +148,7 @@ class ChairDirectory:
         """A new Chair key, with its public half in chair.pub beside it."""
         key = SigningKey.generate()
         write_signing_key(self.directory / CHAIR_KEY, key)
-        write_whole(self.directory / CHAIR_PUBLIC, (bytes(key.verify_key).hex() + "\n").encode())
+        write_whole(self.directory / CHAIR_PUBLIC, bytes(key.verify_key).hex() + "\n", mode=0o644)
         return key
 
     def load(self) -> RegistryUpdate:
@@ -164,9 +164,8 @@ class ChairDirectory:
         return registry_from_json(data)
 
     def save(self, update: RegistryUpdate) -> None:
-        tmp = self.draft_path.with_suffix(".json.new")
-        tmp.write_text(json.dumps(registry_to_json(update), indent=2) + "\n")
-        os.replace(tmp, self.draft_path)
+        write_whole(self.draft_path, json.dumps(registry_to_json(update), indent=2) + "\n",
+                    mode=0o644)
 
 
 def chair_directory(given: str | None) -> ChairDirectory:
@@ -253,7 +252,7 @@ def cmd_rotate_chair_key(args: argparse.Namespace) -> None:
     write_signing_key(fresh, key)
     os.replace(fresh, chair.directory / CHAIR_KEY)
     new = bytes(key.verify_key)
-    write_whole(chair.directory / CHAIR_PUBLIC, (new.hex() + "\n").encode())
+    write_whole(chair.directory / CHAIR_PUBLIC, new.hex() + "\n", mode=0o644)
     listed = ", ".join(f'"{k}"' for k in formers)
     emit(args, {"chair_public_key": new.hex(), "former_chair_public_key": old.hex(),
                 "former_chair_public_keys": formers, "former_key_file": str(kept)},
@@ -287,7 +286,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     # missing for a Chair key from before chair.pub; empty or other when an init was
     # stopped while it wrote it (Ctrl-C, kill -9, a full disk)
     if listed != public:
-        write_whole(directory / CHAIR_PUBLIC, (public + "\n").encode())
+        write_whole(directory / CHAIR_PUBLIC, public + "\n", mode=0o644)
     chair.save(RegistryUpdate(version=1, participants=()))
     emit(args, {"directory": str(directory), "chair_public_key": public},
           f"Chair directory ready in {directory}\n  Chair public key {public}\n"
@@ -361,23 +360,6 @@ def newest_signed(directory: Path) -> tuple[int, Path] | None:
             found.append((payload.version, directory / SIGNED))
     # the first of equal versions: the file in published/ is the record
     return max(found, key=lambda f: f[0], default=None)
-
-
-def write_whole(path: Path, data: bytes) -> None:
-    """``path`` holds ``data``, or what it held before: written and synced under a
-    temporary name, then renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _stopped_publish(path: Path, draft: RegistryUpdate, key: SigningKey) -> bytes | None:
@@ -467,8 +449,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
         # rerun was refused), and an empty registry.kpx was resent as 'signed by a
         # former Chair key'
         if not on_record.exists():
-            write_whole(on_record, frame)
-        write_whole(signed, frame)
+            write_whole(on_record, frame, mode=0o644)
+        write_whole(signed, frame, mode=0o644)
         outputs.append(str(signed))
         # The draft moves on as soon as the version is signed and on record, whether or not
         # the broker takes it: a retry resends these bytes (--resend), it does not re-sign.

@@ -17,13 +17,13 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from node.files import write_whole
 from node.jsontext import parse_json
 from node.terminal import emit, table
 from protocol.schema import encodable
@@ -149,17 +149,7 @@ class Tokens:
     def _write(self, entries: list[dict[str, Any]]) -> None:
         # a temporary file of its own: a shared name let one writer rename another's
         # half-written file into place
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"tokens": entries}, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_whole(self.path, json.dumps({"tokens": entries}, indent=2))
         self._stamp = None
 
 

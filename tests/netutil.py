@@ -3,12 +3,16 @@ depths."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import string
+from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
 import aio_pika
+import pytest
 
 from node.service import Delivery, Node, Verdict
 from protocol import Certificate, Line, Party, validate_certificate
@@ -66,7 +70,33 @@ def carry(sender: Node, nodes: dict[str, Node]) -> list[tuple[str, Verdict]]:
     return verdicts
 
 
-__all__ = ["Line", "Party", "carry", "certificate", "certificate_json", "fresh_codes"]
+@contextlib.contextmanager
+def writes_cut_short(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every file written through ``os.fdopen`` meanwhile (``node.files.write_whole``'s
+    temporary file) is stopped at its first write, as Ctrl-C would stop a command between
+    a file's creation and its contents."""
+    real_fdopen = os.fdopen
+
+    class Cut:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data: object) -> int:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fdopen", lambda *a, **k: Cut(real_fdopen(*a, **k)))
+        yield
+
+
+__all__ = ["Line", "Party", "carry", "certificate", "certificate_json", "fresh_codes",
+           "writes_cut_short"]
 
 
 async def queue_depth(amqp_url: str, queue: str) -> int:

@@ -20,6 +20,7 @@ from node.network import create_network
 from node.registry import open_registry_frame
 from node.transport import inbox_arguments
 from protocol import ParticipantStatus
+from tests.netutil import writes_cut_short
 
 
 def test_password_hash_is_rabbitmq_sha256_with_a_four_byte_salt() -> None:
@@ -57,31 +58,12 @@ def test_a_password_file_cut_short_is_never_left_under_its_name(
     """'deploy definitions' stopped between a password file's creation and its write
     (Ctrl-C, kill -9, a full disk) left it empty: every later run stopped with 'password
     file ... is empty'. It is written under another name and linked."""
-    from node import deploy
-
     net = create_network(tmp_path / "net", ["ZA", "IN"], ())
     registry = open_registry_frame((tmp_path / "net/chair/registry.kpx").read_bytes(),
                                    net.chair_public_key)
     out, secrets = tmp_path / "broker/definitions.json", tmp_path / "passwords"
-    real_fdopen = os.fdopen
-
-    class Cut:
-        def __init__(self, f: Any) -> None:
-            self.f = f
-
-        def __enter__(self) -> Cut:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.f.close()
-
-        def write(self, text: str) -> int:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patched:
-        patched.setattr(deploy.os, "fdopen", lambda *a, **k: Cut(real_fdopen(*a, **k)))
-        with pytest.raises(KeyboardInterrupt):
-            write_definitions(registry, out, secrets)
+    with writes_cut_short(monkeypatch), pytest.raises(KeyboardInterrupt):
+        write_definitions(registry, out, secrets)
     assert list(secrets.iterdir()) == []
     write_definitions(registry, out, secrets)
     assert all(password_file(secrets, u).read_text().strip()

@@ -73,7 +73,7 @@ from protocol import (
     RegistryKey,
     RegistryUpdate,
 )
-from tests.netutil import carry, certificate, certificate_json
+from tests.netutil import carry, certificate, certificate_json, writes_cut_short
 
 DAY_MS = 86_400_000
 NOW = int(datetime(2026, 2, 15, 12, tzinfo=UTC).timestamp() * 1000)
@@ -724,14 +724,10 @@ def test_an_amount_open_to_two_readings_is_refused(text: str) -> None:
         parse_amount(text, "carats")
 
 
-def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -> None:
-    """'2500,50' carats was read as 250,050.00 and signed into the confirmation; now it
-    is refused and nothing is confirmed. A confirmation that differs from the certificate
-    says how, on the spot."""
-    from node.network import create_network
-    from node.service import Node
-    from tests.netutil import carry, certificate
 
+def confirm_command_for_one_received(tmp_path: Path) -> list[str]:
+    """IN holding ZA-2026-0001 received (declared 7102.31 and 7102.21): the start of its
+    `kpnode confirm` command, ending in IN's directory."""
     network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
     nodes = {code: Node.open(config) for code, config in network.configs.items()}
     try:
@@ -740,8 +736,15 @@ def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -
     finally:
         for node in nodes.values():
             node.close()
-    kpnode = [sys.executable, "-m", "node.cli", "confirm", "ZA-2026-0001", "--dir",
-              str(network.configs["IN"].directory)]
+    return [sys.executable, "-m", "node.cli", "confirm", "ZA-2026-0001", "--dir",
+            str(network.configs["IN"].directory)]
+
+
+def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -> None:
+    """'2500,50' carats was read as 250,050.00 and signed into the confirmation; now it
+    is refused and nothing is confirmed. A confirmation that differs from the certificate
+    says how, on the spot."""
+    kpnode = confirm_command_for_one_received(tmp_path)
     refused = subprocess.run([*kpnode, "--line", "7102.31=2500,50:400000",
                               "--line", "7102.21=300:100000"],
                              capture_output=True, text=True, check=False)
@@ -758,20 +761,7 @@ def test_confirm_refuses_a_decimal_comma_and_says_what_differs(tmp_path: Path) -
 def test_confirm_by_line_refuses_to_leave_out_a_declared_line(tmp_path: Path) -> None:
     """'--line' for the one line that differed, or with its HS code mistyped, signed the
     other declared line as not arrived (received 0): a confirmation cannot be taken back."""
-    from node.network import create_network
-    from node.service import Node
-    from tests.netutil import carry, certificate
-
-    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
-    nodes = {code: Node.open(config) for code, config in network.configs.items()}
-    try:
-        nodes["ZA"].issue(certificate("ZA-2026-0001", "ZA", "IN"))  # 7102.31 and 7102.21
-        carry(nodes["ZA"], nodes)
-    finally:
-        for node in nodes.values():
-            node.close()
-    kpnode = [sys.executable, "-m", "node.cli", "confirm", "ZA-2026-0001", "--dir",
-              str(network.configs["IN"].directory)]
+    kpnode = confirm_command_for_one_received(tmp_path)  # 7102.31 and 7102.21 declared
     for lines in (["7102.31=2400:400000"],  # only the line that differs
                   ["7102.31=2500:400000", "7102.12=300:100000"]):  # 7102.21 mistyped
         refused = subprocess.run([*kpnode, *(a for line in lines for a in ("--line", line))],
@@ -782,7 +772,7 @@ def test_confirm_by_line_refuses_to_leave_out_a_declared_line(tmp_path: Path) ->
                              capture_output=True, text=True, check=False)
     assert nothing.returncode == 1 and "every line given as not arrived" in nothing.stderr
     shown = subprocess.run([sys.executable, "-m", "node.cli", "list", "--json", "--dir",
-                            str(network.configs["IN"].directory)],
+                            kpnode[-1]],
                            capture_output=True, text=True, check=True)
     assert [r["state"] for r in json.loads(shown.stdout)] == ["received"]
     confirmed = subprocess.run([*kpnode, "--line", "7102.31=2500:400000",
@@ -1103,25 +1093,8 @@ def test_a_key_file_cut_short_is_never_left_under_its_name(
     network = create_network(tmp_path / "net", ["ZA", "IN"], [])
     config = network.configs["ZA"]
     (config.directory / "keys").mkdir()
-    real_fdopen = os.fdopen
-
-    class Cut:
-        def __init__(self, f: Any) -> None:
-            self.f = f
-
-        def __enter__(self) -> Cut:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.f.close()
-
-        def write(self, text: str) -> int:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(keyfile.os, "fdopen", lambda *a, **k: Cut(real_fdopen(*a, **k)))
-    with pytest.raises(KeyboardInterrupt):
+    with writes_cut_short(monkeypatch), pytest.raises(KeyboardInterrupt):
         keyfile.write_signing_key(config.directory / "keys" / "cut.key", SigningKey.generate())
-    monkeypatch.undo()
     assert list((config.directory / "keys").iterdir()) == []
     Node.open(config).close()  # the node still opens
 
@@ -1725,12 +1698,11 @@ async def test_a_replay_whose_failure_cannot_be_recorded_still_says_why_it_faile
     assert attempted == ["dead_letter.replay", "dead_letter.replay_failed"]
 
 
-async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
-        tmp_path: Path) -> None:
-    """A rotation whose new key was made after `kpnode run` started, the old key then
-    lapsing before a restart: the running node signed its receipts with the lapsed key
-    (partners dead-lettered them, key.not_valid_now), yet `kpnode status` read the new key
-    from keys/, showed it 'valid until further notice' and rated the node a WARNING."""
+async def status_of_a_running_rotation(tmp_path: Path, new_from_ms: int, old_ends_ms: int
+                                       ) -> tuple[dict[str, Any], bytes, bytes]:
+    """A rotation `key new` made while `kpnode run` ran (its lock file names the old key
+    only): the new key in keys/next.key and in the registry from ``new_from_ms`` (from
+    now), the old one ending at ``old_ends_ms``. The status, the old and the new key."""
     from nacl.signing import SigningKey
 
     from node.chair import add_key, end_key
@@ -1747,20 +1719,31 @@ async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
     write_signing_key(config.path("keys") / "next.key", new)
     now = now_ms()
     update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
-                     now - 3_600_000)
-    update = end_key(update, old, now - 60_000, now)  # lapsed a minute ago
+                     now + new_from_ms)
+    update = end_key(update, old, now + old_ends_ms, now)
     network.publish_registry(dataclasses.replace(update, version=2))
     with DirectoryLock(config.directory) as lock:  # as `kpnode run`, started before key new
         lock.note_keys([key_id(old).hex()])
         node = Node.open(config)
         try:
-            s = await gather_status(node)
+            return await gather_status(node), old, bytes(new.verify_key)
         finally:
             node.close()
+
+
+async def test_status_is_an_error_when_the_running_node_holds_only_a_lapsed_key(
+        tmp_path: Path) -> None:
+    """A rotation whose new key was made after `kpnode run` started, the old key then
+    lapsing before a restart: the running node signed its receipts with the lapsed key
+    (partners dead-lettered them, key.not_valid_now), yet `kpnode status` read the new key
+    from keys/, showed it 'valid until further notice' and rated the node a WARNING."""
+    from protocol import key_id
+
+    s, old, new = await status_of_a_running_rotation(tmp_path, -3_600_000, -60_000)
     assert s["health"] == "error"
     assert s["key"]["key_id"] == key_id(old).hex()  # what the running node signs with
     assert s["key"]["fault"] == "key.not_valid_now"
-    assert s["key"]["after_restart"] == key_id(bytes(new.verify_key)).hex()
+    assert s["key"]["after_restart"] == key_id(new).hex()
     (error,) = [p for p in s["problems"] if "key" in p["text"] and p["level"] == "error"]
     assert error["text"].startswith("the running node's key cannot sign"), error
     assert "Restart 'kpnode run'" in error["text"], error
@@ -1774,32 +1757,9 @@ async def test_status_names_a_restart_when_the_successor_is_valid_already(
     """The runbook's rotation: `key new` while `kpnode run` runs, the Chair adds the key
     valid now and ends the old one in a week. Status warned 'ask the Chair for a registry
     with its successor', which the registry held already; a restart is what it takes."""
-    from nacl.signing import SigningKey
-
-    from node.chair import add_key, end_key
-    from node.keyfile import write_signing_key
-    from node.runner import DirectoryLock
-    from node.service import now_ms
     from protocol import key_id
 
-    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://guest:guest@127.0.0.1:1/"])
-    config = network.configs["ZA"]
-    old = bytes(config.signing_key().verify_key)
-    new = SigningKey.generate()
-    config.path("keys").mkdir()
-    write_signing_key(config.path("keys") / "next.key", new)
-    now = now_ms()
-    update = add_key(network.registry, "ZA", config.authority, bytes(new.verify_key),
-                     now - 60_000)
-    update = end_key(update, old, now + 7 * 86_400_000, now)
-    network.publish_registry(dataclasses.replace(update, version=2))
-    with DirectoryLock(config.directory) as lock:  # as `kpnode run`, started before key new
-        lock.note_keys([key_id(old).hex()])
-        node = Node.open(config)
-        try:
-            s = await gather_status(node)
-        finally:
-            node.close()
+    s, old, _ = await status_of_a_running_rotation(tmp_path, -60_000, 7 * 86_400_000)
     assert s["key"]["key_id"] == key_id(old).hex() and s["key"]["fault"] is None
     (warning,) = [p for p in s["problems"] if "stops being valid" in p["text"]]
     assert "ask the Chair" not in warning["text"], warning
