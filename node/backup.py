@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import io
 import json
 import os
@@ -25,6 +26,7 @@ import sqlite3
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from node.config import CONFIG_NAME, KEYS_DIR, ConfigError, NodeConfig, load_config
@@ -36,6 +38,10 @@ from node.tokens import TOKENS_NAME
 
 #: Files of a node directory the archive carries besides the database.
 CARRIED = (CONFIG_NAME, TOKENS_NAME)
+#: A file in a backup's temporary folder, locked for as long as the backup runs: a folder
+#: whose file nobody holds was left by a backup that was killed (``kill -9``, a host that
+#: went down), with a partial archive and a snapshot of the database in it.
+IN_PROGRESS = ".kpx-backup-in-progress"
 
 
 def _secrets(config: NodeConfig) -> list[str]:
@@ -61,9 +67,10 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
     folder = out.parent
     if not folder.is_dir():
         raise ConfigError(f"no directory {folder} to write {out.name} into")
+    clear_stopped_backups(folder)
     try:
         with sigterm_as_interrupt(), tempfile.TemporaryDirectory(
-                prefix=f".{out.name}.", dir=folder) as tmp:
+                prefix=f".{out.name}.", dir=folder) as tmp, _in_progress(Path(tmp)):
             partial = Path(tmp) / out.name
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             members = _write(config, fd, Path(tmp))
@@ -74,6 +81,50 @@ def backup(config: NodeConfig, out: Path) -> list[str]:
         if exc.filename is None:
             exc.filename = str(out)
         raise
+
+
+@contextlib.contextmanager
+def _in_progress(scratch: Path) -> Iterator[None]:
+    """Hold :data:`IN_PROGRESS` in ``scratch`` locked while the backup runs. It is locked
+    under another name and then renamed, so that no other backup ever finds it unlocked
+    while this one lives."""
+    fd = os.open(scratch / (IN_PROGRESS + ".new"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(scratch / (IN_PROGRESS + ".new"), scratch / IN_PROGRESS)
+        yield
+    finally:
+        os.close(fd)
+
+
+def clear_stopped_backups(folder: Path) -> list[str]:
+    """Remove what killed backups left in ``folder`` (their temporary folders, each with a
+    partial archive holding the node's private key); returns their names. A folder is
+    removed only when its :data:`IN_PROGRESS` file is there and nobody holds its lock: a
+    backup running now (in another process, or on another host sharing the folder) keeps
+    its own."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    cleared = []
+    for entry in entries:
+        if not entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry / IN_PROGRESS, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not a backup's, or gone meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a backup running now
+            shutil.rmtree(entry, ignore_errors=True)
+            cleared.append(entry.name)
+        finally:
+            os.close(fd)
+    return cleared
 
 
 def _give_name(partial: Path, out: Path) -> None:

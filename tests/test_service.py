@@ -650,6 +650,50 @@ def test_a_backup_stopped_by_sigterm_leaves_nothing_behind(nodes: Nodes, tmp_pat
         assert info.mode == 0o600 and info.mtime > 1_700_000_000
 
 
+def test_what_a_killed_backup_left_is_cleared_by_the_next(nodes: Nodes, tmp_path: Path
+                                                           ) -> None:
+    """A backup killed part-way (kill -9, a host going down) left its temporary folder
+    beside the archives: a partial archive with the node's private key in it and a copy
+    of the database, for good. The next backup into that folder clears it; a backup
+    running meanwhile keeps its own."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from node.backup import IN_PROGRESS, backup
+
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    killer = ("import os, signal, sys, tarfile\n"
+              "real = tarfile.TarFile.addfile\n"
+              "def killed(self, info, fileobj=None):\n"
+              "    real(self, info, fileobj)\n"
+              "    if info.name == 'node.sqlite3':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "tarfile.TarFile.addfile = killed\n"
+              "from node.cli import main\n"
+              "main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", killer, "backup", "--out",
+                           str(folder / "monday.tar.gz"), "--dir",
+                           str(nodes["ZA"].config.directory)], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    (left,) = folder.iterdir()
+    assert left.name.startswith(".monday.tar.gz.") and (left / IN_PROGRESS).exists()
+    # a backup running now, in another process: its folder is locked
+    running = folder / ".tuesday.tar.gz.x1y2z3"
+    running.mkdir()
+    fd = os.open(running / IN_PROGRESS, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    (folder / ".not-a-backup").mkdir()  # something else's, left alone
+    try:
+        backup(nodes["ZA"].config, folder / "tuesday.tar.gz")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".not-a-backup", ".tuesday.tar.gz.x1y2z3", "tuesday.tar.gz"]
+
+
 def test_a_backup_is_written_where_hard_links_are_not_to_be_had(
         nodes: Nodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """vfat and exFAT disks and many SMB shares answer link() with EPERM: the archive was
