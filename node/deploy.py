@@ -46,7 +46,7 @@ from node.definitions import (
     broker_users,
     password_hash,
 )
-from node.files import write_whole
+from node.files import read_secret, write_whole
 from node.jsontext import parse_json
 from node.network import create_network
 from node.registry import Registry, open_registry_frame, unverified_registry_version
@@ -83,21 +83,8 @@ def ensure_password(directory: Path, user: str) -> str:
 
 
 def read_password(path: Path) -> str:
-    """A broker user's password from its file; refused when others may read the file, as
-    a signing key is (node.keyfile): whoever reads it may publish as that user. A file
-    owned by root may be read by its group too (PostgreSQL's rule for its TLS key): a
-    Kubernetes secret is mounted so, 0440 for the pod's fsGroup, and the image's
-    unprivileged user could read it no other way."""
-    try:
-        st = path.stat()
-        password = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from exc
-    mode = st.st_mode
-    if mode & (0o037 if st.st_uid == 0 else 0o077):
-        raise ConfigError(f"password file {path} is readable by others (mode "
-                          f"{mode & 0o777:o}); chmod 600 it, and consider the password "
-                          "exposed")
+    """A broker user's password from its file (:func:`node.files.read_secret`)."""
+    password = read_secret(path, "password file").strip()
     if not password:
         raise ConfigError(f"password file {path} is empty")
     return password

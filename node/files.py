@@ -1,4 +1,5 @@
-"""Writing a file whole or not at all.
+"""Files of a node's state and secrets: written whole or not at all, and secrets read
+only from files kept private.
 
 A file created first and written after is left empty, or cut short, by a command stopped
 in between (Ctrl-C, ``kill -9``, a full disk), and every later command that reads it
@@ -44,3 +45,24 @@ def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The text of a file holding a secret (a broker password, the key's passphrase), as
+    it is; ``what`` names the file in the errors. Refused when others may read the file, as
+    a signing key is (node.keyfile): whoever reads it holds the secret. A file owned by
+    root may be read by its group too (PostgreSQL's rule for its TLS key): a Kubernetes
+    secret is mounted so, 0440 for the pod's fsGroup, and the image's unprivileged user
+    could read it no other way."""
+    from node.config import ConfigError  # config writes node.toml with write_whole
+
+    try:
+        st = path.stat()
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    mode = st.st_mode
+    if mode & (0o037 if st.st_uid == 0 else 0o077):
+        raise ConfigError(f"{what} {path} is readable by others (mode {mode & 0o777:o}); "
+                          "chmod 600 it, and consider the secret exposed")
+    return text

@@ -39,7 +39,7 @@ from nacl.secret import SecretBox
 from nacl.signing import SignedMessage, SigningKey, VerifyKey
 
 from node.config import ConfigError
-from node.files import write_whole
+from node.files import read_secret, write_whole
 from node.jsontext import parse_json
 
 ENCRYPTED_FORMAT = "kpx-encrypted-key-v1"
@@ -136,10 +136,12 @@ def passphrase_from_environment(environ: Mapping[str, str] = os.environ,
         return environ[ENV_PASSPHRASE]
     secret = environ.get(ENV_PASSPHRASE_FILE)
     if secret:
+        # as a broker password's file: one that others may read exposes the key with it
         try:
-            return Path(secret).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise KeyFileError(f"{ENV_PASSPHRASE_FILE}={secret}: {exc.strerror}") from None
+            # a passphrase may end in spaces; the file's line ending is not part of it
+            return read_secret(Path(secret), ENV_PASSPHRASE_FILE).rstrip("\r\n")
+        except ConfigError as exc:
+            raise KeyFileError(str(exc)) from None
     if prompt is not None:
         return prompt("passphrase for the node's signing key: ")
     if sys.stdin.isatty():

@@ -172,7 +172,7 @@ def test_a_password_secret_owned_by_root_and_readable_by_its_group_is_read(
     mounted owned by root, and a pod that runs as the image's unprivileged user reads it
     through its fsGroup: mode 0440 with `defaultMode: 0400` (the narrowest there is). So
     `deploy configure --password-file` could not read a secret at all in such a pod
-    (KPX_KEY_PASSPHRASE_FILE, the passphrase's secret, is read with no mode check). As
+    (KPX_KEY_PASSPHRASE_FILE, the passphrase's secret, now follows the same rule). As
     PostgreSQL does for its TLS key: a file owned by root may be read by its group; one
     that others may read, or a group-readable one of any other owner, is still refused."""
     from node.deploy import read_password

@@ -753,6 +753,31 @@ def test_encrypted_key_needs_the_passphrase(tmp_path: Path) -> None:
         kpnode("list", "--json", "--dir", where, env=plain_env).stdout)] == [f"{code}-2026-0001"]
 
 
+def test_a_passphrase_file_others_may_read_is_refused_as_a_password_file_is(
+        tmp_path: Path) -> None:
+    """KPX_KEY_PASSPHRASE_FILE was read whatever its mode, while a broker password file or
+    a key file that others may read is refused: a passphrase anyone on the host can read
+    leaves the encrypted key as open as a plain one. The same rule now holds for all
+    three (a Kubernetes secret, root's and 0440, still reads; test_definitions)."""
+    from node.keyfile import KeyFileError, passphrase_from_environment
+
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse battery \n")  # a space at its end is its own
+    secret.chmod(0o600)
+    environ = {"KPX_KEY_PASSPHRASE_FILE": str(secret)}
+    assert passphrase_from_environment(environ) == "correct horse battery "
+    secret.chmod(0o644)
+    with pytest.raises(KeyFileError, match=r"KPX_KEY_PASSPHRASE_FILE .* is readable by others"):
+        passphrase_from_environment(environ)
+    network = create_network(tmp_path / "net", fresh_codes(2), [])
+    config = next(iter(network.configs.values()))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KPX_KEY")},
+           "KPX_KEY_PASSPHRASE_FILE": str(secret)}
+    done = kpnode("key", "encrypt", "--dir", str(config.directory), env=env, check=False)
+    assert done.returncode == 3 and "readable by others" in done.stderr, done.stderr
+    assert not config.path(config.signing_key_file).read_text().lstrip().startswith("{")
+
+
 def test_an_encrypted_key_whose_public_half_was_changed_does_not_sign(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The public key is kept in the clear for commands that only read; one that is not
