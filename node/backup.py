@@ -94,6 +94,10 @@ def _in_progress(scratch: Path) -> Iterator[None]:
         os.rename(scratch / (IN_PROGRESS + ".new"), scratch / IN_PROGRESS)
         yield
     finally:
+        # gone before the lock is: the folder, removed next, is never taken for a killed
+        # backup's by another one meanwhile
+        with contextlib.suppress(OSError):
+            os.unlink(scratch / IN_PROGRESS)
         os.close(fd)
 
 
@@ -112,7 +116,8 @@ def clear_stopped_backups(folder: Path) -> list[str]:
         if not entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
             continue
         try:
-            fd = os.open(entry / IN_PROGRESS, os.O_RDONLY | os.O_NOFOLLOW)
+            # for writing: on NFS an exclusive lock needs it
+            fd = os.open(entry / IN_PROGRESS, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             continue  # not a backup's, or gone meanwhile
         try:
