@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -120,13 +119,9 @@ def read_certificate(path: str) -> Certificate:
     return validate_certificate(read_json(path))
 
 
-#: the amounts of a --line that did not arrive at all (HS=0:0)
-NOTHING = re.compile(r"0+(\.0+)?")
-
-
-def decimal_amount(text: str, what: str) -> int:
+def decimal_amount(text: str, what: str, *, zero: bool = False) -> int:
     try:
-        return parse_amount(text, what)
+        return parse_amount(text, what, zero=zero)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -137,27 +132,18 @@ def received_lines(args: argparse.Namespace, record: Record) -> tuple[Line, ...]
     if args.line:
         if args.carats or args.value:
             raise UserError("use either --line or --carats/--value, not both")
-        lines, named = [], set()
+        lines = []
         for spec in args.line:
             try:
                 hs, amounts = spec.split("=", 1)
                 ct, value = amounts.split(":", 1)
             except ValueError:
                 raise UserError(f"--line {spec!r}: expected HS=CARATS:USD") from None
-            named.add(hs.strip())
-            if NOTHING.fullmatch(ct.strip()) and NOTHING.fullmatch(value.strip()):
-                continue  # HS=0:0, the line did not arrive: left out of what arrived
-            lines.append(Line(hs_code=hs, carats_hundredths=decimal_amount(ct, "carats"),
-                              usd_cents=decimal_amount(value, "value")))
-        # A declared line left out is signed as not arrived, irrevocably: most often one
-        # not meant to differ, or its HS code mistyped. It must be named, if as HS=0:0.
-        if missing := [d.hs_code for d in record.certificate.lines if d.hs_code not in named]:
-            raise UserError(f"--line: {record.number} declares HS {', '.join(missing)} too: "
-                            "give every declared line, each as it arrived (HS=0:0 for one "
-                            "that did not); nothing was confirmed")
-        if not lines:
-            raise UserError("--line: every line given as not arrived (HS=0:0): a "
-                            "confirmation says what arrived; nothing was confirmed")
+            # HS=0:0 names a declared line that did not arrive; every declared line must
+            # be named (machine.arrived_lines), none signed as not arrived by omission
+            lines.append(Line(hs_code=hs.strip(),
+                              carats_hundredths=decimal_amount(ct, "carats", zero=True),
+                              usd_cents=decimal_amount(value, "value", zero=True)))
         return tuple(lines)
     if not (args.carats or args.value):
         return None

@@ -565,6 +565,7 @@ def incoming_page(request: web.Request, kept: Kept | None = None,
         return (f"<form method=post action='{CONSOLE_PREFIX}/incoming/{in_path(r.number)}/confirm' "
                 f"class=confirm>{csrf_field(session)}<button>Confirm arrival</button>"
                 f"<details{' open' if again else ''}><summary>arrived differently…</summary>"
+                f"<small>0 carats and US$ 0 for a line that did not arrive</small>"
                 f"{lines}<label>parcels <input name=parcels size=4 value='{h(v['parcels'])}'>"
                 f"</label><label>received on <input type=date name=received_on "
                 f"value='{h(v['received_on'])}'></label><label>remarks <input name=remarks "
@@ -599,9 +600,10 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
                 lines.append(Line(
                     hs_code=line.hs_code,
                     carats_hundredths=parse_amount(str(form.get(f"carats{i}", "")) or
-                                                   carats(line.carats_hundredths), "carats"),
+                                                   carats(line.carats_hundredths), "carats",
+                                                   zero=True),
                     usd_cents=parse_amount(str(form.get(f"usd{i}", "")) or
-                                           usd(line.usd_cents), "US$")))
+                                           usd(line.usd_cents), "US$", zero=True)))
             except ValueError as exc:
                 problems.append(f"{line.hs_code}: {exc}")
         try:

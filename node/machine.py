@@ -877,6 +877,11 @@ def confirm(ctx: Context, record: Record, *, lines: tuple[Line, ...] | None = No
         return refuse(Reason.BAD_DATE, text, problems=(Problem("received_on", Reason.BAD_DATE,
                                                                text),))
     certificate = record.certificate
+    if lines is not None:
+        lines, problems = arrived_lines(certificate.lines, lines)
+        if problems:
+            return refuse(problems[0].reason, f"{record.number}: {problems[0].message}; "
+                          "nothing was confirmed", problems=problems)
     confirmation = ImportConfirmation(
         certificate=record.number, certificate_digest=record.certificate_digest,
         destination=ctx.me, importer=certificate.importer,
@@ -891,6 +896,39 @@ def confirm(ctx: Context, record: Record, *, lines: tuple[Line, ...] | None = No
     sealed = ctx.seal(record.partner, confirmation)
     return Decision(records=(record.moved(State.CONFIRMED, ctx.now_ms,
                                           confirmation=confirmation),), send=(sealed,))
+
+
+def arrived_lines(declared: tuple[Line, ...], given: tuple[Line, ...]
+                  ) -> tuple[tuple[Line, ...], tuple[Problem, ...]]:
+    """What arrived, from an importer's account of every declared line: ``(lines to sign,
+    problems)``. A line of 0 carats and US$ 0 names a declared line that did not arrive
+    (the wire has no zero line: it is left out of what is signed). Every declared line
+    must be named: one left out would be signed as not arrived, irrevocably, and is far
+    more often one not meant to differ, or its HS code mistyped. Lines not declared may
+    be added (goods found in the shipment)."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for i, line in enumerate(given):
+        if line.hs_code in seen:
+            problems.append(Problem(f"lines[{i}].hs_code", Reason.DUPLICATE_HS_CODE,
+                                    f"HS code {line.hs_code} appears twice"))
+        seen.add(line.hs_code)
+        if (line.carats_hundredths == 0) != (line.usd_cents == 0):
+            zero = "carats_hundredths" if line.carats_hundredths == 0 else "usd_cents"
+            problems.append(Problem(f"lines[{i}].{zero}", Reason.NOT_POSITIVE,
+                                    f"must be > 0 for HS {line.hs_code}, which arrived (0 "
+                                    "carats and US$ 0 for a line that did not)"))
+    if missing := [d.hs_code for d in declared if d.hs_code not in seen]:
+        problems.append(Problem("lines", Reason.REQUIRED,
+                                f"the certificate declares HS {', '.join(missing)} too: give "
+                                "every declared line as it arrived (0 carats and US$ 0 for "
+                                "one that did not)"))
+    arrived = tuple(x for x in given if x.carats_hundredths or x.usd_cents)
+    if given and not arrived:
+        problems.append(Problem("lines", Reason.REQUIRED,
+                                "every line given as not arrived (0 carats and US$ 0): a "
+                                "confirmation says what arrived"))
+    return arrived, tuple(problems)
 
 
 def expire(ctx: Context, records: Iterable[Record]) -> Decision:
@@ -909,7 +947,7 @@ def ping(ctx: Context, partner: str, nonce: bytes) -> Decision:
 
 __all__ = [
     "OPEN_STATES", "Admitted", "Before", "Context", "Decision", "Discrepancy", "Record",
-    "Refusal", "Sealed", "Side", "State", "admit", "arriving", "cancel", "confirm",
+    "Refusal", "Sealed", "Side", "State", "admit", "arrived_lines", "arriving", "cancel", "confirm",
     "discrepancies", "expire", "issue", "ping", "receive", "rejection_for", "side_of",
     "signed_afresh", "touches", "with_valid_key",
 ]

@@ -156,8 +156,11 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "description": "what arrived; a field left out means 'as declared' (received today)",
         "properties": {"lines": {"type": "array", "items": _ref("Line"),
-                                 "description": "every line that arrived: a declared line "
-                                 "left out is signed as not arrived"},
+                                 "description": "every declared line as it arrived, "
+                                 "carats_hundredths and usd_cents 0 for one that did "
+                                 "not (left out of what is signed); a declared line "
+                                 "left out is refused (400, path lines). Lines not "
+                                 "declared may be added"},
                        "parcels": _INT,
                        "received_on": {"type": "string", "format": "date"},
                        "remarks": _STR},

@@ -41,11 +41,12 @@ def usd(cents: int) -> str:
 _AMOUNT = re.compile(r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]{1,2})?")
 
 
-def parse_amount(text: str, what: str) -> int:
-    """'2500.5' or '2,500.50' → 250050 hundredths; at most two decimals, > 0. ``ValueError``
-    says why. A confirmation is signed and final, so an amount must not be open to two
-    readings: a decimal comma ('2500,50') is refused, not read as 250050, and so is a dot
-    between thousands ('2.400', 2,400 where a dot groups thousands), not read as 2.40."""
+def parse_amount(text: str, what: str, *, zero: bool = False) -> int:
+    """'2500.5' or '2,500.50' → 250050 hundredths; at most two decimals, > 0 (or 0 with
+    ``zero``: what arrived of a declared line that did not). ``ValueError`` says why. A
+    confirmation is signed and final, so an amount must not be open to two readings: a
+    decimal comma ('2500,50') is refused, not read as 250050, and so is a dot between
+    thousands ('2.400', 2,400 where a dot groups thousands), not read as 2.40."""
     cleaned = text.strip()
     if not _AMOUNT.fullmatch(cleaned):
         raise ValueError(f"{what} must be a number like 2500.50 or 2,500.50 (a dot before "
@@ -56,8 +57,10 @@ def parse_amount(text: str, what: str) -> int:
     except InvalidOperation:
         raise ValueError(f"{what} must be a number, not {text!r}") from None
     scaled = value * 100
-    if not scaled.is_finite() or scaled != scaled.to_integral_value() or scaled <= 0:
-        raise ValueError(f"{what} must be > 0 with at most two decimals, not {text!r}")
+    if not scaled.is_finite() or scaled != scaled.to_integral_value() or scaled < 0 or (
+            scaled == 0 and not zero):
+        raise ValueError(f"{what} must be {'0 or more' if zero else '> 0'} with at most two "
+                         f"decimals, not {text!r}")
     return int(scaled)
 
 

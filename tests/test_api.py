@@ -419,6 +419,7 @@ async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
     za, india = pair
     await issue(za, "ZA-2026-0001")
     await issue(za, "ZA-2026-0002")
+    await issue(za, "ZA-2026-0003")
     carry(za.node, {"IN": india.node})
     officer = india.auth("officer")
     url = f"{API}/certificates/ZA-2026-0001/confirm"
@@ -435,6 +436,16 @@ async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
     response = await india.client.post(url, headers=officer, json={"remarks": False})
     assert response.status == 400
     assert (await response.json())["problems"][0]["path"] == "remarks"
+    # A declared line left out was signed as not arrived (the CLI refused it): refused
+    # now; 0 and 0 names one that did not arrive.
+    response = await india.client.post(url, headers=officer, json={"lines": [
+        {"hs_code": "7102.31", "carats_hundredths": 240_000, "usd_cents": 40_000_000}]})
+    assert response.status == 400, await response.text()
+    refused = await response.json()
+    assert [(p["path"], p["reason"]) for p in refused["problems"]] == [
+        ("lines", "field.required")]
+    assert "declares HS 7102.21 too" in refused["problems"][0]["message"]
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0001").state is State.RECEIVED
     arrived = {"lines": [{"hs_code": "7102.31", "carats_hundredths": 240_000,
                           "usd_cents": 40_000_000},
                          {"hs_code": "7102.21", "carats_hundredths": 30_000,
@@ -460,6 +471,13 @@ async def test_confirm_records_what_arrived_and_refuses_what_it_cannot(
     response = await za.client.post(f"{API}/certificates/ZA-2026-0002/confirm",
                                     headers=za.auth("officer"))
     assert response.status == 404  # the exporter holds no import of that number
+    response = await india.client.post(
+        f"{API}/certificates/ZA-2026-0003/confirm", headers=officer, json={"lines": [
+            {"hs_code": "7102.21", "carats_hundredths": 0, "usd_cents": 0},  # not arrived
+            {"hs_code": "7102.31", "carats_hundredths": 250_000, "usd_cents": 40_000_000}]})
+    assert response.status == 200, await response.text()
+    assert {d["field"] for d in (await response.json())["discrepancies"]} == {
+        "lines[7102.21].carats_hundredths", "lines[7102.21].usd_cents"}
     carry(india.node, {"ZA": za.node})
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0001").state is State.CONFIRMED
     assert len([r for r in india.node.store.backlog()]) == 0

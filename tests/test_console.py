@@ -226,6 +226,26 @@ async def test_confirming_what_arrived_differently_records_the_discrepancy(
     assert "import_confirmation" in page and "discrepancy" in page
 
 
+async def test_a_line_that_did_not_arrive_is_confirmed_as_0_and_0(
+        pair: tuple[Served, Served]) -> None:
+    """The form lists every declared line, but 0 was refused as 'must be > 0': a line
+    that did not arrive could not be confirmed from the console at all."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0104", "ZA", "IN"))  # 7102.31 and 7102.21
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    page = await (await india.client.get(f"{C}/incoming")).text()
+    assert "0 carats and US$ 0 for a line that did not arrive" in page
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0104/confirm",
+                                       data={"csrf": csrf, "carats1": "0", "usd1": "0.00"})
+    assert response.status == 200 and "flash=confirmed" in str(response.url)
+    record = india.node.store.get(Side.IMPORT, "ZA-2026-0104")
+    assert record.confirmation is not None
+    assert [x.hs_code for x in record.confirmation.lines] == ["7102.31"]
+    assert {d.field for d in record.discrepancies} == {
+        "lines[7102.21].carats_hundredths", "lines[7102.21].usd_cents"}
+
+
 async def test_a_number_with_slashes_can_be_opened_and_confirmed(
         pair: tuple[Served, Served]) -> None:
     """SPEC allows '/' in certificate numbers; the console's links and form actions put

@@ -77,6 +77,47 @@ def test_discrepancy_is_recorded_on_both_sides(nodes: Nodes) -> None:
             ("parcels", 3, 2), ("lines[7102.31].carats_hundredths", 250_000, 249_000)}
 
 
+def test_every_declared_line_is_named_in_a_confirmation_zero_for_one_not_arrived(
+        nodes: Nodes) -> None:
+    """The CLI refused a declared line left out while the API signed it as not arrived, and
+    the console could not say 'not arrived' at all: one rule now, in the decision."""
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0005", "ZA", "IN"))  # 7102.31 and 7102.21 declared
+    carry(za, nodes)
+    carry(india, nodes)  # the receipt
+    arrived = Line(hs_code="7102.31", carats_hundredths=250_000, usd_cents=40_000_000)
+    none = Line(hs_code="7102.21", carats_hundredths=0, usd_cents=0)
+    typo = Line(hs_code="7102.29", carats_hundredths=30_000, usd_cents=10_000_000)
+    refusals = {
+        "left out": ((arrived,), "lines", "field.required", "declares HS 7102.21 too"),
+        "mistyped": ((arrived, typo), "lines", "field.required", "declares HS 7102.21 too"),
+        "twice": ((arrived, none, dataclasses.replace(none, carats_hundredths=1,
+                                                      usd_cents=1)),
+                  "lines[2].hs_code", "field.duplicate_hs_code", "appears twice"),
+        "half zero": ((arrived, dataclasses.replace(none, usd_cents=5)),
+                      "lines[1].carats_hundredths", "field.not_positive", "which arrived"),
+        "nothing": ((dataclasses.replace(arrived, carats_hundredths=0, usd_cents=0), none),
+                    "lines", "field.required", "every line given as not arrived"),
+    }
+    for case, (lines, path, reason, says) in refusals.items():
+        with pytest.raises(CommandRefused) as refused:
+            india.confirm("ZA-2026-0005", lines=lines)
+        problem = refused.value.refusal.problems[0]
+        assert (problem.path, problem.reason) == (path, reason), case
+        assert says in problem.message, (case, problem.message)
+        assert india.store.get(Side.IMPORT, "ZA-2026-0005").state is State.RECEIVED, case
+        assert india.store.due(2**62, 10) == [], case  # nothing signed, nothing to send
+    india.confirm("ZA-2026-0005", lines=(none, arrived))
+    carry(india, nodes)
+    for node, side in ((za, Side.EXPORT), (india, Side.IMPORT)):
+        record = node.store.get(side, "ZA-2026-0005")
+        assert record.state is State.CONFIRMED
+        assert record.confirmation is not None and record.confirmation.lines == (arrived,)
+        assert {(d.field, d.declared, d.received) for d in record.discrepancies} == {
+            ("lines[7102.21].carats_hundredths", 30_000, 0),
+            ("lines[7102.21].usd_cents", 10_000_000, 0)}
+
+
 def test_duplicate_delivery_gets_the_original_answer_and_one_record(nodes: Nodes) -> None:
     za, india = nodes["ZA"], nodes["IN"]
     za.issue(certificate("ZA-2026-0003", "ZA", "IN"))
