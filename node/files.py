@@ -5,7 +5,7 @@ A file created first and written after is left empty, or cut short, by a command
 in between (Ctrl-C, ``kill -9``, a full disk), and every later command that reads it
 refuses it: a key file, a password, node.toml, the tokens. Each is written and synced
 under a temporary name in its own directory, then renamed over the old one or linked to
-its name.
+its name; a temporary file that a killed write left there is removed by a later write.
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
+
+#: a temporary file this old is one a killed write left: a write takes milliseconds
+STALE_SECONDS = 600
+#: the name of write_whole's temporary file: mkstemp's eight characters between
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
@@ -23,6 +30,7 @@ def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
     an existing file (:class:`FileExistsError`), where two commands at once would each
     make a key or a password and one would be lost."""
     raw = data.encode() if isinstance(data, str) else data
+    _clear_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -45,6 +53,19 @@ def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove what killed writes left in ``path``'s directory: each a whole copy of what
+    it wrote, a private key's too, kept there for good (a key's copy outliving the key's
+    deletion; a new key has a new name, so not only copies of ``path``). Only old ones: a
+    write under way in another command is no older than a moment, and its temporary
+    file must stay."""
+    cutoff = time.time() - STALE_SECONDS
+    for left in path.parent.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if _TEMPORARY.fullmatch(left.name) and left.lstat().st_mtime < cutoff:
+                left.unlink()
 
 
 def read_secret(path: Path, what: str) -> str:

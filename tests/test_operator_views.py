@@ -1099,6 +1099,31 @@ def test_a_key_file_cut_short_is_never_left_under_its_name(
     Node.open(config).close()  # the node still opens
 
 
+def test_what_a_killed_key_write_left_is_cleared_by_the_next_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key write killed outright (kill -9, the host going down) left its temporary file,
+    a whole copy of the private key, in keys/ for good: after the key's rotation and
+    deletion too. The next write there removes it, but never one a write under way holds."""
+    from node import files, keyfile
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    with writes_cut_short(monkeypatch), pytest.raises(KeyboardInterrupt):
+        keyfile.write_signing_key(keys / "old.key", SigningKey.generate())
+    left = keys / ".old.key.k1ll3d_x.tmp"  # as kill -9 leaves it: written, never linked
+    left.write_bytes(b"a private key")
+    aged = time.time() - files.STALE_SECONDS - 60
+    os.utime(left, (aged, aged))
+    under_way = keys / ".other.key.w0rk1ng_.tmp"
+    under_way.write_bytes(b"being written")
+    unrelated = keys / ".operator-notes.tmp"
+    unrelated.write_text("not ours")
+    os.utime(unrelated, (aged, aged))
+    keyfile.write_signing_key(keys / "new.key", SigningKey.generate())
+    assert sorted(p.name for p in keys.iterdir()) == [
+        ".operator-notes.tmp", ".other.key.w0rk1ng_.tmp", "new.key"]
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--participant", "za"], "participant must be a two-letter code in capitals, not 'za'"),
     (["--participant", "ZAF"], "participant must be a two-letter code in capitals, not 'ZAF'"),
