@@ -73,17 +73,22 @@ class ApiError(Exception):
 
     def __init__(self, status: int, reason: str, message: str,
                  problems: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, *, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.reason, self.message = status, reason, message
         self.problems = problems or []
         self.headers = headers or {}
+        #: end the connection after this answer: the request left it unusable
+        self.close = close
 
     def response(self) -> web.Response:
         body: dict[str, Any] = {"error": self.reason, "message": self.message}
         if self.problems:
             body["problems"] = self.problems
-        return web.json_response(body, status=self.status, headers=self.headers)
+        response = web.json_response(body, status=self.status, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 def dumps(data: Any) -> str:
@@ -226,6 +231,13 @@ async def read_body(request: web.Request) -> bytes:
     except TimeoutError:
         raise ApiError(408, "request.timeout", f"the body did not arrive within "
                        f"{IDLE_SECONDS:g} s") from None
+    except web.RequestPayloadError:
+        # A body its Content-Encoding does not describe (gzip that is not): the client's
+        # mistake, which a 500 blamed on the node, and a retry with the same bytes met again.
+        # The rest of the body cannot be read past, so the connection ends with the answer
+        # (kept open, aiohttp dropped it under the client's next request).
+        raise ApiError(400, "request.malformed", "the body could not be decoded as its "
+                       "Content-Encoding says", close=True) from None
 
 
 async def json_body(request: web.Request) -> Any:

@@ -335,6 +335,13 @@ async def read_form(request: web.Request) -> Any:
         raise web.HTTPRequestTimeout(text="the form took too long to arrive") from None
     except (UnicodeDecodeError, ValueError, LookupError):
         raise web.HTTPBadRequest(text="the form could not be read (it must be UTF-8)") from None
+    except web.RequestPayloadError:
+        # gzip that is not, say: aiohttp's bare 500 otherwise. The rest of the body cannot
+        # be read past, so the connection ends with the answer (the API's request.malformed).
+        refused = web.HTTPBadRequest(text="the form could not be decoded as its "
+                                     "Content-Encoding says")
+        refused.force_close()
+        raise refused from None
 
 
 async def post_login(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import socket
 import subprocess
@@ -1619,3 +1620,30 @@ async def test_a_confirm_line_of_the_wrong_type_says_which_type(
     problems = {p["path"]: p["message"] for p in (await response.json())["problems"]}
     assert problems == {"lines[0].hs_code": "must be a string",
                         "lines[0].carats_hundredths": "must be an integer"}, problems
+
+
+async def test_a_body_its_content_encoding_does_not_describe_is_a_400_not_a_node_failure(
+        pair: tuple[Served, Served]) -> None:
+    """A body sent as gzip (or deflate) that is not was a 500 node.processing_failed with
+    a traceback in the node's log: the docs tell a client to retry that, and the retry
+    met the same 500. In the console, aiohttp's bare plain-text 500."""
+    za, _ = pair
+    garbled = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    for path in ("certificates/validate", "certificates", "certificates/ZA-2026-0001/cancel"):
+        response = await za.client.post(f"{API}/{path}", data=b"not gzip at all",
+                                         headers={**za.auth("officer"), **garbled,
+                                                  "Idempotency-Key": "k-1"})
+        assert response.status == 400, (path, await response.text())
+        assert (await response.json())["error"] == "request.malformed"
+    assert za.node.records() == [] and za.node.store.backlog() == []
+    assert [e["status"] for e in api_entries(za.node)] == [400, 400, 400]
+    # The same body, encoded as it says, is taken.
+    response = await za.client.post(
+        f"{API}/certificates", headers={**za.auth("officer"), **garbled},
+        data=gzip.compress(json.dumps(certificate_json("ZA-2026-0001", "ZA", "IN")).encode()))
+    assert response.status == 201, await response.text()
+    await za.client.get("/console/login")  # the login form's cookie, as a browser has it
+    response = await za.client.post("/console/login", data=b"token=x&csrf=x", headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "deflate"})
+    assert response.status == 400, await response.text()
+    assert (await za.client.get("/console/login")).status == 200  # the client goes on
