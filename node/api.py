@@ -376,8 +376,9 @@ async def idempotent(request: web.Request,
 
 
 def no_query(request: web.Request) -> None:
-    """Refuse a query string on a call that takes its arguments in the body: ignored, a
-    ``confirm?received_on=...`` signed a confirmation received today, for good."""
+    """Refuse a query string on a call that takes none: ignored, a POST's
+    ``confirm?received_on=...`` signed a confirmation received today, for good, and a
+    GET's ``?side=import`` looked like a filter that had been applied."""
     if problems := _query(request, ()):
         raise ValidationError(tuple(problems), "query is not valid")
 
@@ -414,6 +415,7 @@ def parse_json_bytes(body: bytes) -> Any:
 
 
 async def get_openapi(request: web.Request) -> web.Response:
+    no_query(request)
     return ok(openapi_document())
 
 
@@ -500,7 +502,8 @@ def _query(request: web.Request, single: tuple[str, ...],
     one value is taken."""
     problems = []
     known = (f"known: {', '.join((*single, *repeatable))}" if single or repeatable else
-             "this call takes none: its arguments go in the JSON body")
+             "this call takes none" + (": its arguments go in the JSON body"
+                                       if request.method == "POST" else ""))
     for name in dict.fromkeys(request.query):
         if name not in single and name not in repeatable:
             problems.append(Problem(name, Reason.UNKNOWN_FIELD,
@@ -581,6 +584,7 @@ def _int_query(text: str, name: str, low: int, high: int, problems: list[Problem
 
 
 async def get_certificate(request: web.Request) -> web.Response:
+    no_query(request)
     node = request.app[WEB_CONTEXT].node
     number = request[CERTIFICATE] = request.match_info["number"]
     records = node.find(number)
@@ -605,6 +609,7 @@ async def get_statistics(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
+    no_query(request)
     return ok(dict(await request.app[WEB_CONTEXT].status_document()))
 
 

@@ -200,7 +200,9 @@ _WRITE = _errors(400, 401, 403, 404, 408, 409, 413, 422)
 _PATHS: dict[str, Any] = {
     "/openapi.json": {"get": {
         "operationId": "openapi", "summary": "this document", "security": [],
-        "responses": {"200": _json({"type": "object"}, "the OpenAPI document")}}},
+        "responses": {"200": _json({"type": "object"}, "the OpenAPI document"),
+                      "400": _json(_ref("Error"), "a query string (this call takes none: "
+                                   "field.unknown)")}}},
     "/certificates/validate": {"post": {
         "operationId": "validateCertificate",
         "summary": "check a certificate as issuing it would: every problem, nothing sent",
@@ -261,7 +263,7 @@ _PATHS: dict[str, Any] = {
         "responses": {"200": _json({"type": "object", "properties": {
             "records": {"type": "array", "items": _ref("Record")},
             "history": {"type": "array", "items": _ref("HistoryItem")}}}, "found"),
-            **_errors(401, 404)}}},
+            **_errors(400, 401, 404)}}},
     "/certificates/{number}/replace": {"post": {
         "operationId": "replaceCertificate",
         "summary": "issue a new certificate replacing one issued in error (officer)",
@@ -294,7 +296,7 @@ _PATHS: dict[str, Any] = {
         "responses": {"200": _json(_ref("Statistics"), "the figures"), **_errors(400, 401)}}},
     "/status": {"get": {
         "operationId": "nodeStatus", "summary": "the node's status",
-        "responses": {"200": _json(_ref("Status"), "status"), **_errors(401)}}},
+        "responses": {"200": _json(_ref("Status"), "status"), **_errors(400, 401)}}},
 }
 
 _DOCUMENT: dict[str, Any] = {

@@ -1647,3 +1647,25 @@ async def test_a_body_its_content_encoding_does_not_describe_is_a_400_not_a_node
         "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "deflate"})
     assert response.status == 400, await response.text()
     assert (await za.client.get("/console/login")).status == 200  # the client goes on
+
+
+async def test_a_query_parameter_a_get_does_not_list_is_refused_not_ignored(
+        pair: tuple[Served, Served]) -> None:
+    """The document says a query parameter a call does not list is a 400; showing one
+    certificate, the status and the document itself ignored any: `?side=import` on an
+    export came back with the export, as if it had been asked for, without a word."""
+    za, _ = pair
+    await issue(za, "ZA-2026-0001")
+    for path in ("certificates/ZA-2026-0001?side=import", "status?verbose=1",
+                 "openapi.json?format=yaml"):
+        r = await za.client.get(f"{API}/{path}", headers=za.auth("monitor"))
+        assert r.status == 400, (path, r.status)
+        problems = (await r.json())["problems"]
+        assert [(p["path"], p["reason"]) for p in problems] == [
+            (path.partition("?")[2].partition("=")[0], "field.unknown")], problems
+        assert "JSON body" not in problems[0]["message"]  # a GET has none
+    for path in ("certificates/ZA-2026-0001", "status", "openapi.json"):
+        assert (await za.client.get(f"{API}/{path}", headers=za.auth("monitor"))).status == 200
+    documented = openapi_document()["paths"]
+    for path in ("/certificates/{number}", "/status", "/openapi.json"):
+        assert "400" in documented[path]["get"]["responses"], path
