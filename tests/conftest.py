@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import string
+import threading
 import time
 from collections.abc import Iterator
 
@@ -35,12 +37,62 @@ time.tzset()
 # must serve tests only. The kpx exchanges are deleted too: nodes declare them again.
 
 
+#: held, exclusively, by the test session that uses a broker
+SESSION_CLAIM = "kpx.tests.session"
+#: pytest's exit code when the broker serves another session already
+SESSION_CLAIMED_EXIT = 3
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
-    with broker_url() as url:
+    with broker_url() as url, one_session_at_a_time(url):
         if os.environ.get(ENV_URL, "").strip():
             asyncio.run(delete_participant_queues(url))
         yield url
+
+
+@contextlib.contextmanager
+def one_session_at_a_time(url: str) -> Iterator[None]:
+    """Hold :data:`SESSION_CLAIM` for the session. Two sessions on one broker (two
+    terminals given the same KPX_AMQP_URL) failed each other's tests in ways that looked
+    like kpx's faults: each deletes every kpx queue and exchange as it starts, and the
+    tests reuse the same Participant codes. The second now stops at once, and says why.
+    The claim is an exclusive queue on a connection of its own, in a thread of its own:
+    the tests' event loops come and go, and it must outlive each of them."""
+    from aiormq.exceptions import ChannelLockedResource
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="kpx-test-session-claim",
+                              daemon=True)
+    thread.start()
+
+    async def claim() -> aio_pika.abc.AbstractConnection:
+        connection = await aio_pika.connect(url)
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(SESSION_CLAIM, exclusive=True, auto_delete=True)
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
+
+    try:
+        connection = asyncio.run_coroutine_threadsafe(claim(), loop).result(60)
+    except ChannelLockedResource:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        pytest.exit(f"another test session is using the broker at {ENV_URL}: each deletes "
+                    "the kpx queues as it starts and the tests share Participant codes, so "
+                    "they would fail each other's tests. Wait for it to end, or give this "
+                    "session a broker (or vhost) of its own", returncode=SESSION_CLAIMED_EXIT)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(connection.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 async def delete_participant_queues(url: str) -> None:

@@ -94,6 +94,30 @@ async def count_then_consume_after_restart(url: str, queue_name: str,
 @pytest.mark.skipif(not RABBITMQ_SERVER.exists(),
                     reason="needs a local rabbitmq-server (scripts/test installs it when "
                            "neither KPX_AMQP_URL nor Docker is there)")
+async def test_a_second_test_session_on_the_same_broker_stops_before_deleting_anything(
+        amqp_url: str) -> None:
+    """Two sessions given one KPX_AMQP_URL deleted each other's queues as they started and
+    failed each other's tests: a lost inbox, a closed channel, a stuck outbox, each read as
+    a fault of kpx. The second one now stops at once (exit 3) and says why."""
+    import os
+    import subprocess
+    import sys
+
+    from node.transport import inbox_queue
+    from tests.conftest import SESSION_CLAIMED_EXIT
+
+    inbox = inbox_queue("QS")  # a queue this session's start would delete
+    await publish_persistent(amqp_url, inbox, b"kept")
+    second = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         f"{__file__}::test_quorum_queue_round_trip_with_confirms"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+        env={**os.environ, "KPX_AMQP_URL": amqp_url})
+    assert second.returncode == SESSION_CLAIMED_EXIT, second.stdout + second.stderr
+    assert "another test session is using the broker" in second.stdout + second.stderr
+    assert await consume_one(amqp_url, inbox) == b"kept"  # nothing of ours deleted
+
+
 def test_local_broker_restart_keeps_durable_messages() -> None:
     queue_name = "kpx-restart-check"
     body = b"survives a broker restart"
