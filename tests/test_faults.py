@@ -51,9 +51,11 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit_and_rest
     network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
     poison = b"KPX\x01" + b"\xee" * 200  # the bytes this node's code cannot survive
     original = Node._handle
+    tries = []
 
     def handle(self: Node, ctx: object, delivery: Delivery) -> Verdict:
         if delivery.body == poison:
+            tries.append(delivery)
             raise RuntimeError("a bug this message triggers every time")
         return original(self, ctx, delivery)  # type: ignore[arg-type]
     monkeypatch.setattr(Node, "_handle", handle)
@@ -78,6 +80,9 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit_and_rest
             assert time.monotonic() < deadline, "poison message never dead-lettered"
             await asyncio.sleep(0.2)
         assert await queue_depth(amqp_url, inbox_queue(importer_code)) == 0
+        # set aside only once the broker's delivery limit ran out, not at the first failure
+        # (a fault of a moment would dead-letter a message that needed only another try)
+        assert len(tries) > network.configs[importer_code].delivery_limit
         await until(lambda: all(
             state(exporter.node, Side.EXPORT, f"{exporter_code}-P{i}")  # type: ignore[arg-type]
             is State.DELIVERED for i in range(20)))
