@@ -1,0 +1,127 @@
+"""What the transport tells the broker is what happened, without a broker: an ack covers
+only the deliveries decided (never one still in hand, as AMQP's 'multiple' would), a
+delivery of a closed channel settles nothing on the new one, and a publish the broker did
+not confirm is never reported as sent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from aio_pika.exceptions import DeliveryError
+from pamqp.commands import Basic
+
+from node.transport import Delivery, Outgoing, Transport
+
+
+class Channel:
+    """A consumer channel as the broker keeps it: the delivery tags not yet settled, and
+    what each basic.ack settles (with ``multiple``, every tag up to its own)."""
+
+    def __init__(self, tags: Sequence[int], *, closed: bool = False) -> None:
+        self.unsettled = set(tags)
+        self.acked: set[int] = set()
+        self.closed = closed
+
+    def settle(self, tag: int, *, multiple: bool, ack: bool) -> None:
+        if self.closed:
+            raise ConnectionError("channel closed")
+        settled = {t for t in self.unsettled if t <= tag} if multiple else {tag}
+        self.unsettled -= settled
+        if ack:
+            self.acked |= settled
+
+
+class Message:
+    def __init__(self, channel: Channel, tag: int) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+        self.body = b"frame %d" % tag
+        self.message_id = f"m{tag}"
+        self.user_id = None
+        self.headers: dict[str, Any] = {}
+        self.redelivered = False
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.channel.settle(self.delivery_tag, multiple=multiple, ack=True)
+
+    async def reject(self, requeue: bool = True) -> None:
+        self.channel.settle(self.delivery_tag, multiple=False, ack=False)
+
+
+def consuming(tags: Sequence[int], generation: int = 0) -> tuple[Transport, Channel,
+                                                                 dict[int, Delivery]]:
+    """A transport whose current channel has delivered ``tags``, none settled yet."""
+    transport = Transport(["amqp://unused/"], "ZA")
+    transport._generation = generation
+    channel = Channel(tags)
+    transport._outstanding = set(tags)
+    message: Any
+    deliveries = {}
+    for tag in tags:
+        message = Message(channel, tag)
+        deliveries[tag] = Delivery(message, generation)
+    return transport, channel, deliveries
+
+
+async def test_acking_a_batch_never_acks_an_older_delivery_still_in_hand() -> None:
+    transport, channel, d = consuming([1, 2, 3])
+    await transport.ack([d[2], d[3]])  # 1 is still being decided
+    assert channel.acked == {2, 3}
+    assert channel.unsettled == {1}
+    await transport.ack([d[1]])
+    assert channel.acked == {1, 2, 3}
+
+
+async def test_acking_a_batch_with_a_gap_never_acks_the_delivery_in_the_gap() -> None:
+    transport, channel, d = consuming([1, 2, 3, 4])
+    await transport.ack([d[1], d[3]])  # 2 and 4 are still in hand
+    assert channel.acked == {1, 3}
+    await transport.ack([d[4]])
+    assert channel.acked == {1, 3, 4}
+    assert channel.unsettled == {2}
+
+
+async def test_a_delivery_of_a_closed_channel_settles_nothing_on_the_new_one() -> None:
+    """After a reconnect the new channel numbers its deliveries from 1 again: a delivery
+    of the old channel rejected (its batch failed) must not count as settling the new
+    channel's delivery of the same number, or a later 'multiple' ack covers that one
+    while it is still in hand."""
+    transport, channel, d = consuming([1, 2, 3], generation=1)
+    old: Any = Message(Channel([1], closed=True), 1)
+    stale = Delivery(old, generation=0)
+    await transport.reject(stale, requeue=True)
+    await transport.ack([stale])
+    assert channel.unsettled == {1, 2, 3}
+    await transport.ack([d[2], d[3]])
+    assert channel.acked == {2, 3}
+    assert channel.unsettled == {1}
+
+
+class Exchange:
+    """An exchange whose publish ends as the test says."""
+
+    def __init__(self, outcome: BaseException | None) -> None:
+        self.outcome = outcome
+
+    async def publish(self, *_: Any, **__: Any) -> None:
+        if self.outcome is not None:
+            raise self.outcome
+
+
+@pytest.mark.parametrize("outcome", [
+    DeliveryError(None, Basic.Nack(delivery_tag=1)),  # a full quorum queue, reject-publish
+    TimeoutError(),  # no confirm in time: a blocked or silent broker
+    ConnectionError("connection reset"),
+])
+async def test_a_publish_the_broker_did_not_confirm_is_never_reported_sent(
+        outcome: BaseException) -> None:
+    """Reported confirmed, the relay would mark the outbox row sent and never send it
+    again: a receipt or confirmation lost for good, the loop open on the other side."""
+    transport = Transport(["amqp://unused/"], "ZA")
+    exchange: Any = Exchange(outcome)
+    result = await transport._publish_one(
+        exchange, Outgoing(message_id="m1", recipient="IN", body=b"frame", kind="receipt"))
+    assert not result.confirmed
+    assert result.error
