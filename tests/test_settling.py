@@ -1,18 +1,27 @@
 """What the transport tells the broker is what happened, without a broker: an ack covers
 only the deliveries decided (never one still in hand, as AMQP's 'multiple' would), a
-delivery of a closed channel settles nothing on the new one, and a publish the broker did
-not confirm is never reported as sent."""
+delivery of a closed channel settles nothing on the new one, a publish the broker did not
+confirm is never reported as sent, and a node that stops decides and acks every delivery
+it took in."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aio_pika.exceptions import DeliveryError
 from pamqp.commands import Basic
 
+from node import runner
+from node.network import create_network
+from node.runner import RunningNode
+from node.service import Node
 from node.transport import Delivery, Outgoing, Transport
+from tests.netutil import certificate
+from tests.test_network import until
 
 
 class Channel:
@@ -34,10 +43,10 @@ class Channel:
 
 
 class Message:
-    def __init__(self, channel: Channel, tag: int) -> None:
+    def __init__(self, channel: Channel, tag: int, body: bytes | None = None) -> None:
         self.channel = channel
         self.delivery_tag = tag
-        self.body = b"frame %d" % tag
+        self.body = b"frame %d" % tag if body is None else body
         self.message_id = f"m{tag}"
         self.user_id = None
         self.headers: dict[str, Any] = {}
@@ -125,3 +134,60 @@ async def test_a_publish_the_broker_did_not_confirm_is_never_reported_sent(
         exchange, Outgoing(message_id="m1", recipient="IN", body=b"frame", kind="receipt"))
     assert not result.confirmed
     assert result.error
+
+
+class Inbox:
+    """The broker's side of the node's consumer: delivers bursts of one frame (after the
+    first, duplicates the node acks) until the consumer is cancelled."""
+
+    def __init__(self, transport: Transport, channel: Channel, frame: bytes) -> None:
+        self.transport, self.channel, self.frame = transport, channel, frame
+        self.cancelled = False
+        self.tags = 0
+
+    async def cancel(self, consumer_tag: str, timeout: float | None = None) -> None:
+        self.cancelled = True
+
+    def burst(self, count: int) -> None:
+        for _ in range(count):
+            self.tags += 1
+            message: Any = Message(self.channel, self.tags, self.frame)
+            self.channel.unsettled.add(self.tags)
+            self.transport._outstanding.add(self.tags)
+            self.transport._pending.put_nowait(Delivery(message, 0))
+
+    async def stream(self) -> None:
+        while not self.cancelled:
+            self.burst(10)
+            await asyncio.sleep(0.005)
+
+
+async def test_a_node_that_stops_decides_and_acks_every_delivery_it_took_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliveries received but not yet decided when the node stops go back to the queue
+    when the channel closes, each return counted towards the delivery limit: a node
+    stopped a few times in a busy hour dead-lettered messages it never read. Stopping
+    cancels the consumer, then decides and acks what came before the cancel."""
+    monkeypatch.setattr(runner, "DRAIN_SECONDS", 1.0)
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    za = Node.open(network.configs["ZA"])
+    za.issue(certificate("ZA-2026-0001", "ZA", "IN"))
+    (row,) = za.store.due(2**62, 10)
+    za.close()
+    running = RunningNode(network.configs["IN"])
+    running.node = Node.open(network.configs["IN"])
+    transport = running.transport = Transport(["amqp://unused/"], "IN")
+    channel = Channel([])
+    inbox = Inbox(transport, channel, row.frame)
+    inbox_queue: Any = inbox
+    transport._inbox, transport._consumer_tag = inbox_queue, "ctag"
+    await transport.consume(running._on_batch)
+    streaming = asyncio.create_task(inbox.stream())
+    try:
+        await until(lambda: len(channel.acked) >= 50)
+        inbox.burst(50)  # just in, not yet handed over, as the stop begins
+        await running.stop()
+    finally:
+        streaming.cancel()
+    assert len(channel.acked) == inbox.tags
+    assert channel.unsettled == set()
