@@ -110,3 +110,37 @@ def test_a_rolled_back_batch_leaves_no_gap_in_the_evidence_chain(
     entries = list(india.store.evidence())
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
     assert verify_chain(entries, keys, india.config.chair_public_key) == []
+
+
+def test_a_registry_update_in_a_batch_that_failed_to_commit_is_applied_when_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch is held and decided again once the store recovers; had the node kept the
+    uncommitted registry in memory, the retried update would be taken for one it already
+    has and never reach the database: the next start would run with the old registry."""
+    import dataclasses
+
+    from protocol import ParticipantEntry, ParticipantStatus
+
+    network = create_network(tmp_path, ["ZA", "IN"], ["amqp://unused/"])
+    running = Node.open(network.configs["ZA"])
+    try:
+        update = dataclasses.replace(network.registry, version=2, participants=(
+            *network.registry.participants,
+            ParticipantEntry(code="ZB", name="filler", status=ParticipantStatus.WITHDRAWN,
+                             authorities=())))
+        frame = network.publish_registry(update)
+        remember = running.store.remember
+
+        def full_disk(*_: Any) -> None:  # after the update was applied, before the commit
+            raise sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(running.store, "remember", full_disk)
+        with pytest.raises(StoreError):
+            running.handle_batch([Delivery(frame)])
+        assert running.registry.version == 1
+        monkeypatch.setattr(running.store, "remember", remember)
+        (verdict,) = running.handle_batch([Delivery(frame)])
+        assert verdict.dead_letter is None
+        assert running.registry.version == 2
+        assert running.store.latest_registry_frame() == frame
+    finally:
+        running.close()
