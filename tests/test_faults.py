@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aio_pika
@@ -86,6 +86,42 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit_and_rest
         await until(lambda: all(
             state(exporter.node, Side.EXPORT, f"{exporter_code}-P{i}")  # type: ignore[arg-type]
             is State.DELIVERED for i in range(20)))
+
+
+async def test_a_refused_message_is_not_acked_into_a_dead_letter_queue_that_is_gone(
+        amqp_url: str, tmp_path: Path) -> None:
+    """An operator deleted the dead-letter queue (to empty it) while the node ran: the copy
+    of a refused message has nowhere to go. Published without 'mandatory' the broker would
+    confirm it and drop it, and the node would ack a message kept nowhere; it stays in the
+    inbox instead, and reaches the dead-letter queue once there is one again."""
+    code = fresh_codes(1)[0]
+    network = create_network(tmp_path, [code], [amqp_url])
+    garbage = b"not a kpx frame, from nobody"
+    async with RunningNode(network.configs[code]):
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.queue_delete(dead_letter_queue(code))
+            await channel.default_exchange.publish(
+                aio_pika.Message(garbage, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=inbox_queue(code))
+        await asyncio.sleep(1.5)  # refused, its copy tried and returned as unroutable
+    async with RunningNode(network.configs[code]):  # declares its dead-letter queue again
+        await until_async(lambda: queue_depth(amqp_url, dead_letter_queue(code)), 1)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        copy = await (await channel.declare_queue(dead_letter_queue(code), passive=True)
+                      ).get(no_ack=True)
+        assert copy is not None and copy.body == garbage
+
+
+async def until_async(depth: Callable[[], Awaitable[int]], at_least: int,
+                      timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await depth() < at_least:
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.2)
 
 
 async def test_store_that_cannot_commit_holds_deliveries_and_recovers(
