@@ -36,6 +36,11 @@ class Channel:
     def settle(self, tag: int, *, multiple: bool, ack: bool) -> None:
         if self.closed:
             raise ConnectionError("channel closed")
+        if tag not in self.unsettled:
+            # PRECONDITION_FAILED - unknown delivery tag: the broker closes the channel,
+            # and every delivery in hand goes back to the queue
+            self.closed = True
+            raise ConnectionError(f"unknown delivery tag {tag}")
         settled = {t for t in self.unsettled if t <= tag} if multiple else {tag}
         self.unsettled -= settled
         if ack:
@@ -106,6 +111,27 @@ async def test_a_delivery_of_a_closed_channel_settles_nothing_on_the_new_one() -
     await transport.ack([d[2], d[3]])
     assert channel.acked == {2, 3}
     assert channel.unsettled == {1}
+
+
+async def test_a_failed_batch_hands_back_only_the_deliveries_it_had_not_settled() -> None:
+    """The batch handler raised after it had handed one delivery back already (a refused
+    message whose dead-letter copy could not be made): the rest go back after a pause,
+    but the one settled must not be rejected a second time, which closes the channel."""
+    transport, channel, d = consuming([1, 2, 3])
+
+    async def on_batch(batch: list[Delivery]) -> None:
+        await transport.reject(batch[0], requeue=True)
+        raise RuntimeError("a fault once the first delivery was handed back")
+    transport._on_batch = on_batch
+    for tag in (1, 2, 3):
+        transport._pending.put_nowait(d[tag])
+    batches = asyncio.create_task(transport._batches())
+    try:
+        await until(lambda: not channel.unsettled or channel.closed)
+    finally:
+        batches.cancel()
+    assert not channel.closed
+    assert channel.unsettled == set() and channel.acked == set()
 
 
 class Exchange:
