@@ -39,6 +39,22 @@ def test_a_row_waiting_for_its_retry_holds_back_later_rows_to_its_recipient(
     store.close()
 
 
+def test_a_row_already_sent_holds_back_nothing_whatever_its_retry_time(
+        tmp_path: Path) -> None:
+    """Only a row still waiting for its retry holds back the rows behind it: one sent long
+    ago whose retry time a clock running ahead wrote (then stepped back) must not keep a
+    recipient's later messages waiting for as long as the step."""
+    store = Store(tmp_path / "node.db")
+    with store.transaction():
+        store.db.executemany(
+            "INSERT INTO outbox (message_id, recipient, kind, frame, created_at, "
+            "next_attempt_at, published_at) VALUES (?, ?, ?, x'00', 0, ?, ?)",
+            [("cert", "IN", "certificate", 3_600_000, 500),  # sent after a failed try
+             ("cancel", "IN", "cancellation", 0, None)])
+    assert [r.message_id for r in store.due(1_000, 10)] == ["cancel"]
+    store.close()
+
+
 def attempts(node: Node, message_id: str) -> int:
     row = node.store.db.execute("SELECT attempts FROM outbox WHERE message_id=?",
                                 (message_id,)).fetchone()
