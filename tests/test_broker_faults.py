@@ -8,6 +8,7 @@ only those; the nodes are real ``kpnode run`` processes that are never restarted
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -174,6 +175,39 @@ async def test_consumer_cancelled_by_the_broker_is_restored(
                 assert time.monotonic() < deadline, "the consumer was never restored"
                 await asyncio.sleep(0.2)
         number = f"{exporter_code}-C0001"
+        exporter.node.issue(certificate(number, exporter_code, importer_code))
+        await until(lambda: state(importer.node, Side.IMPORT, number)  # type: ignore[arg-type]
+                    is State.RECEIVED, 60)
+        await until(lambda: state(exporter.node, Side.EXPORT, number)  # type: ignore[arg-type]
+                    is State.DELIVERED, 60)
+
+
+@pytest.mark.parametrize("closed", ["consuming", "publishing"])
+async def test_a_channel_the_broker_closes_is_set_up_again(
+        amqp_url: str, tmp_path: Path, closed: str) -> None:
+    """The broker closes a channel on a channel error while the connection stays up; aio-
+    pika's plain channels do not come back, so a node that missed it stayed deaf (its
+    consuming channel) or could publish nothing (its publishing channel) until restarted,
+    every loop with it waiting. The node reconnects and sets both up again."""
+    exporter_code, importer_code = fresh_codes(2)
+    network = create_network(tmp_path, [exporter_code, importer_code], [amqp_url])
+    async with RunningNode(network.configs[importer_code]) as importer, \
+            RunningNode(network.configs[exporter_code]) as exporter:
+        assert importer.node is not None and exporter.node is not None
+        transport = (importer if closed == "consuming" else exporter).transport
+        assert transport is not None
+        channel = (transport._consume_channel if closed == "consuming"
+                   else transport._publish_channel)
+        assert channel is not None
+        underlay = await channel.get_underlay_channel()
+        if closed == "consuming":  # PRECONDITION_FAILED: unknown delivery tag
+            await underlay.basic_ack(999_999)
+        else:  # NOT_FOUND: no such exchange
+            with contextlib.suppress(Exception):
+                await underlay.basic_publish(b"x", exchange="kpx.no-such-exchange",
+                                             routing_key="x")
+        await until(lambda: channel.is_closed, 10)
+        number = f"{exporter_code}-H0001"
         exporter.node.issue(certificate(number, exporter_code, importer_code))
         await until(lambda: state(importer.node, Side.IMPORT, number)  # type: ignore[arg-type]
                     is State.RECEIVED, 60)
