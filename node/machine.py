@@ -17,6 +17,7 @@ Lifecycles (design brief §1)::
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -877,7 +878,10 @@ def confirm(ctx: Context, record: Record, *, lines: tuple[Line, ...] | None = No
         return refuse(Reason.BAD_DATE, text, problems=(Problem("received_on", Reason.BAD_DATE,
                                                                text),))
     certificate = record.certificate
+    # where each line that is signed stands among those given (the others did not arrive)
+    given_at: list[int] = []
     if lines is not None:
+        given_at = [i for i, x in enumerate(lines) if x.carats_hundredths or x.usd_cents]
         lines, problems = arrived_lines(certificate.lines, lines)
         if problems:
             return refuse(problems[0].reason, f"{record.number}: {problems[0].message}; "
@@ -892,10 +896,19 @@ def confirm(ctx: Context, record: Record, *, lines: tuple[Line, ...] | None = No
     try:  # the same field rules a receiving node applies
         validate_import_confirmation(confirmation.to_wire())
     except ProtocolError as exc:
-        return refuse(exc.reason, exc.text, problems=exc.problems)
+        # The lines checked are those that arrived: a problem's lines[j] is the j-th of
+        # those, and named the given line at j (one given as not arrived, say) instead.
+        return refuse(exc.reason, exc.text, problems=tuple(
+            dataclasses.replace(p, path=_LINE_AT.sub(
+                lambda m: f"lines[{given_at[int(m[1])]}]", p.path)) if given_at else p
+            for p in exc.problems))
     sealed = ctx.seal(record.partner, confirmation)
     return Decision(records=(record.moved(State.CONFIRMED, ctx.now_ms,
                                           confirmation=confirmation),), send=(sealed,))
+
+
+#: a problem's path into the lines of a confirmation, as the schema names it
+_LINE_AT = re.compile(r"^lines\[(\d+)\]")
 
 
 def arrived_lines(declared: tuple[Line, ...], given: tuple[Line, ...]
@@ -905,13 +918,20 @@ def arrived_lines(declared: tuple[Line, ...], given: tuple[Line, ...]
     (the wire has no zero line: it is left out of what is signed). Every declared line
     must be named: one left out would be signed as not arrived, irrevocably, and is far
     more often one not meant to differ, or its HS code mistyped. Lines not declared may
-    be added (goods found in the shipment)."""
+    be added (goods found in the shipment), as they arrived: not as 0 and 0."""
     problems: list[Problem] = []
     seen: set[str] = set()
+    codes = {d.hs_code for d in declared}
     for i, line in enumerate(given):
         if line.hs_code in seen:
             problems.append(Problem(f"lines[{i}].hs_code", Reason.DUPLICATE_HS_CODE,
                                     f"HS code {line.hs_code} appears twice"))
+        elif not (line.carats_hundredths or line.usd_cents) and line.hs_code not in codes:
+            # Left out of what is signed, it would never be checked: a stray space or a
+            # mistyped code said nothing, unseen, where the officer meant a declared line.
+            problems.append(Problem(f"lines[{i}].hs_code", Reason.UNKNOWN_HS_CODE,
+                                    f"HS {line.hs_code!r} is not declared: 0 carats and "
+                                    "US$ 0 name a declared line that did not arrive"))
         seen.add(line.hs_code)
         if (line.carats_hundredths == 0) != (line.usd_cents == 0):
             zero = "carats_hundredths" if line.carats_hundredths == 0 else "usd_cents"

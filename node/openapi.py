@@ -160,7 +160,8 @@ _SCHEMAS: dict[str, Any] = {
                                  "carats_hundredths and usd_cents 0 for one that did "
                                  "not (left out of what is signed); a declared line "
                                  "left out is refused (400, path lines). Lines not "
-                                 "declared may be added"},
+                                 "declared may be added, as they arrived (0 and 0 "
+                                 "only for a declared line)"},
                        "parcels": _INT,
                        "received_on": {"type": "string", "format": "date"},
                        "remarks": _STR},

@@ -118,6 +118,42 @@ def test_every_declared_line_is_named_in_a_confirmation_zero_for_one_not_arrived
             ("lines[7102.21].usd_cents", 10_000_000, 0)}
 
 
+def test_a_line_not_declared_cannot_be_named_as_not_arrived(nodes: Nodes) -> None:
+    """0 carats and US$ 0 says a declared line did not arrive. Named for an HS code not
+    declared ('7102.10', a stray space before a declared one, text that is no HS code at
+    all) it said nothing and was dropped unseen, never checked against the HS codes: the
+    confirmation was signed as if the line had not been there."""
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0006", "ZA", "IN"))  # 7102.31 and 7102.21 declared
+    carry(za, nodes)
+    arrived = Line(hs_code="7102.31", carats_hundredths=250_000, usd_cents=40_000_000)
+    other = Line(hs_code="7102.21", carats_hundredths=30_000, usd_cents=10_000_000)
+    for stray in ("7102.10", " 7102.21", "not an HS code"):
+        with pytest.raises(CommandRefused) as refused:
+            india.confirm("ZA-2026-0006", lines=(
+                arrived, other, Line(hs_code=stray, carats_hundredths=0, usd_cents=0)))
+        assert [(p.path, p.reason) for p in refused.value.refusal.problems] == [
+            ("lines[2].hs_code", "field.unknown_hs_code")], stray
+        assert "not declared" in refused.value.refusal.problems[0].message
+        assert india.store.get(Side.IMPORT, "ZA-2026-0006").state is State.RECEIVED
+
+
+def test_a_problem_of_a_line_after_one_not_arrived_names_that_line(nodes: Nodes) -> None:
+    """The lines that did not arrive are left out before the confirmation is checked, so a
+    problem of a later line was reported at its place among those that arrived: lines[0],
+    the line given as not arrived, for the fault of lines[1]."""
+    za, india = nodes["ZA"], nodes["IN"]
+    za.issue(certificate("ZA-2026-0007", "ZA", "IN"))  # 7102.31 and 7102.21 declared
+    carry(za, nodes)
+    with pytest.raises(CommandRefused) as refused:
+        india.confirm("ZA-2026-0007", lines=(
+            Line(hs_code="7102.21", carats_hundredths=0, usd_cents=0),
+            Line(hs_code="7102.31", carats_hundredths=10**13, usd_cents=40_000_000)))
+    assert [p.path for p in refused.value.refusal.problems] == [
+        "lines[1].carats_hundredths"], refused.value.refusal
+    assert "lines[0]" not in str(refused.value.refusal)
+
+
 def test_duplicate_delivery_gets_the_original_answer_and_one_record(nodes: Nodes) -> None:
     za, india = nodes["ZA"], nodes["IN"]
     za.issue(certificate("ZA-2026-0003", "ZA", "IN"))
