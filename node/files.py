@@ -14,8 +14,8 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import tempfile
-import time
 from pathlib import Path
 
 #: a temporary file this old is one a killed write left: a write takes milliseconds
@@ -30,9 +30,10 @@ def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
     an existing file (:class:`FileExistsError`), where two commands at once would each
     make a key or a password and one would be lost."""
     raw = data.encode() if isinstance(data, str) else data
-    _clear_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        with contextlib.suppress(OSError):  # the cleaning is no reason to fail the write
+            _clear_stale(path.parent, os.fstat(fd).st_mtime)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -55,16 +56,22 @@ def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
             os.unlink(tmp)
 
 
-def _clear_stale(path: Path) -> None:
-    """Remove what killed writes left in ``path``'s directory: each a whole copy of what
-    it wrote, a private key's too, kept there for good (a key's copy outliving the key's
-    deletion; a new key has a new name, so not only copies of ``path``). Only old ones: a
-    write under way in another command is no older than a moment, and its temporary
-    file must stay."""
-    cutoff = time.time() - STALE_SECONDS
-    for left in path.parent.glob(".*.tmp"):
+def _clear_stale(directory: Path, now: float) -> None:
+    """Remove what killed writes left in ``directory``: each a whole copy of what it
+    wrote, a private key's too, kept there for good (a key's copy outliving the key's
+    deletion; a new key has a new name, so not only copies of the file written). Only old
+    ones: a write under way in another command is no older than a moment, and its
+    temporary file must stay. ``now`` is the directory's own clock, the mtime of the
+    temporary file just made: an NFS or SMB server stamps files by its clock, vfat in local
+    time, and by the host's a share behind it made a write under way look stale."""
+    cutoff = now - STALE_SECONDS
+    for left in directory.glob(".*.tmp"):
         with contextlib.suppress(OSError):
-            if _TEMPORARY.fullmatch(left.name) and left.lstat().st_mtime < cutoff:
+            if not _TEMPORARY.fullmatch(left.name):
+                continue
+            found = left.lstat()
+            # write_whole's temporaries are regular files: a link of the name is not ours
+            if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
                 left.unlink()
 
 

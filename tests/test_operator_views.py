@@ -1124,6 +1124,36 @@ def test_what_a_killed_key_write_left_is_cleared_by_the_next_write(
         ".operator-notes.tmp", ".other.key.w0rk1ng_.tmp", "new.key"]
 
 
+def test_a_write_under_way_stays_when_the_files_clock_is_not_the_hosts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temporaries were judged stale by the host's clock against the file's mtime, which
+    an NFS or SMB server stamps by its own clock, and vfat in local time: on a share an
+    hour behind, another command's write under way looked an hour old, its file was
+    removed and that write failed. They are judged by the directory's own clock now (the
+    mtime of the write's own temporary), and only a regular file is write_whole's: a
+    symbolic link of that name is someone else's."""
+    from node import files
+
+    host = time.time
+    # the host an hour ahead of the share
+    monkeypatch.setattr(files, "time", SimpleNamespace(time=lambda: host() + 3600),
+                        raising=False)
+    under_way = tmp_path / ".other.key.w0rk1ng_.tmp"
+    under_way.write_bytes(b"being written")
+    left = tmp_path / ".old.key.k1ll3d_x.tmp"
+    left.write_bytes(b"a private key")
+    aged = host() - files.STALE_SECONDS - 60
+    os.utime(left, (aged, aged))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not ours")
+    link = tmp_path / ".linked.key.l1nk3d_x.tmp"
+    link.symlink_to(elsewhere)
+    os.utime(link, (aged, aged), follow_symlinks=False)
+    files.write_whole(tmp_path / "new.key", "a new key")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".linked.key.l1nk3d_x.tmp", ".other.key.w0rk1ng_.tmp", "elsewhere", "new.key"]
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--participant", "za"], "participant must be a two-letter code in capitals, not 'za'"),
     (["--participant", "ZAF"], "participant must be a two-letter code in capitals, not 'ZAF'"),
