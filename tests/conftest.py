@@ -41,6 +41,10 @@ time.tzset()
 SESSION_CLAIM = "kpx.tests.session"
 #: pytest's exit code when the broker serves another session already
 SESSION_CLAIMED_EXIT = 3
+#: how long the session waits for its claim: the broker's answer takes milliseconds
+CLAIM_SECONDS = 60.0
+#: the name of the thread that holds the claim
+CLAIM_THREAD = "kpx-test-session-claim"
 
 
 @pytest.fixture(scope="session")
@@ -62,37 +66,46 @@ def one_session_at_a_time(url: str) -> Iterator[None]:
     from aiormq.exceptions import ChannelLockedResource
 
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="kpx-test-session-claim",
-                              daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name=CLAIM_THREAD, daemon=True)
     thread.start()
 
     async def claim() -> aio_pika.abc.AbstractConnection:
-        connection = await aio_pika.connect(url)
-        try:
-            channel = await connection.channel()
-            await channel.declare_queue(SESSION_CLAIM, exclusive=True, auto_delete=True)
-        except BaseException:
-            await connection.close()
-            raise
+        # bounded here, in the claim's own loop: a broker that takes the connection but
+        # never answers is given up on there, the attempt ended, not left running on
+        async with asyncio.timeout(CLAIM_SECONDS):
+            connection = await aio_pika.connect(url)
+            try:
+                channel = await connection.channel()
+                await channel.declare_queue(SESSION_CLAIM, exclusive=True, auto_delete=True)
+            except BaseException:
+                await connection.close()
+                raise
         return connection
 
+    claiming = asyncio.run_coroutine_threadsafe(claim(), loop)
+    connection: aio_pika.abc.AbstractConnection | None = None
     try:
-        connection = asyncio.run_coroutine_threadsafe(claim(), loop).result(60)
-    except ChannelLockedResource:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        pytest.exit(f"another test session is using the broker at {ENV_URL}: each deletes "
-                    "the kpx queues as it starts and the tests share Participant codes, so "
-                    "they would fail each other's tests. Wait for it to end, or give this "
-                    "session a broker (or vhost) of its own", returncode=SESSION_CLAIMED_EXIT)
-    try:
+        try:
+            connection = claiming.result(CLAIM_SECONDS + 15)  # should claim() not end
+        except ChannelLockedResource:
+            pytest.exit(f"another test session is using the broker at {ENV_URL}: each "
+                        "deletes the kpx queues as it starts and the tests share Participant "
+                        "codes, so they would fail each other's tests. Wait for it to end, or "
+                        "give this session a broker (or vhost) of its own",
+                        returncode=SESSION_CLAIMED_EXIT)
         yield
     finally:
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(connection.close(), loop).result(10)
+        # Every way out ends the thread and its loop: a broker that refused the claim or
+        # never answered, Ctrl-C while claiming (no claim is made after it), pytest.exit,
+        # the session's end. They were left running on all but the last.
+        claiming.cancel()
+        if connection is not None:
+            with contextlib.suppress(Exception):  # a broker slow or gone: at most 10 s
+                asyncio.run_coroutine_threadsafe(connection.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
-        loop.close()
+        if not thread.is_alive():  # a loop still running cannot be closed
+            loop.close()
 
 
 async def delete_participant_queues(url: str) -> None:

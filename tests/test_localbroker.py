@@ -91,9 +91,6 @@ async def count_then_consume_after_restart(url: str, queue_name: str,
             await asyncio.sleep(0.5)
 
 
-@pytest.mark.skipif(not RABBITMQ_SERVER.exists(),
-                    reason="needs a local rabbitmq-server (scripts/test installs it when "
-                           "neither KPX_AMQP_URL nor Docker is there)")
 async def test_a_second_test_session_on_the_same_broker_stops_before_deleting_anything(
         amqp_url: str) -> None:
     """Two sessions given one KPX_AMQP_URL deleted each other's queues as they started and
@@ -118,6 +115,38 @@ async def test_a_second_test_session_on_the_same_broker_stops_before_deleting_an
     assert await consume_one(amqp_url, inbox) == b"kept"  # nothing of ours deleted
 
 
+def test_a_claim_that_fails_leaves_no_thread_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's claim runs in a thread of its own. A broker that refused it, or took
+    the connection and never answered, left that thread and its loop running (the attempt
+    too, which could still claim the broker after the session had given up on it)."""
+    import socket
+    import threading
+
+    from tests import conftest
+
+    monkeypatch.setattr(conftest, "CLAIM_SECONDS", 1.0)
+    before = set(threading.enumerate())  # this session's own claim among them, maybe
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, not listening: the connection is refused
+        with (pytest.raises((ConnectionError, aio_pika.exceptions.AMQPConnectionError)),
+              conftest.one_session_at_a_time(
+                  f"amqp://guest:guest@127.0.0.1:{refusing.getsockname()[1]}/")):
+            pass
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # takes the connection, never answers
+        with (pytest.raises(TimeoutError),
+              conftest.one_session_at_a_time(
+                  f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/")):
+            pass
+    assert [t for t in set(threading.enumerate()) - before
+            if t.name == conftest.CLAIM_THREAD] == []
+
+
+@pytest.mark.skipif(not RABBITMQ_SERVER.exists(),
+                    reason="needs a local rabbitmq-server (scripts/test installs it when "
+                           "neither KPX_AMQP_URL nor Docker is there)")
 def test_local_broker_restart_keeps_durable_messages() -> None:
     queue_name = "kpx-restart-check"
     body = b"survives a broker restart"
