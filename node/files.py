@@ -20,8 +20,10 @@ from pathlib import Path
 
 #: a temporary file this old is one a killed write left: a write takes milliseconds
 STALE_SECONDS = 600
-#: the name of write_whole's temporary file: mkstemp's eight characters between
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+#: the name of write_whole's temporary file (mkstemp's eight characters before .tmp); its
+#: own prefix, for some directories written to are the user's (registrytool's output), where
+#: another program's temporaries must never be taken for ours
+_TEMPORARY = re.compile(r"\.kpx\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
@@ -30,7 +32,8 @@ def write_whole(path: Path, data: bytes | str, *, mode: int = 0o600,
     an existing file (:class:`FileExistsError`), where two commands at once would each
     make a key or a password and one would be lost."""
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".kpx.{path.name}.",
+                               suffix=".tmp")
     try:
         with contextlib.suppress(OSError):  # the cleaning is no reason to fail the write
             _clear_stale(path.parent, os.fstat(fd).st_mtime)
@@ -65,7 +68,7 @@ def _clear_stale(directory: Path, now: float) -> None:
     temporary file just made: an NFS or SMB server stamps files by its clock, vfat in local
     time, and by the host's a share behind it made a write under way look stale."""
     cutoff = now - STALE_SECONDS
-    for left in directory.glob(".*.tmp"):
+    for left in directory.glob(".kpx.*.tmp"):
         with contextlib.suppress(OSError):
             if not _TEMPORARY.fullmatch(left.name):
                 continue

@@ -1110,18 +1110,22 @@ def test_what_a_killed_key_write_left_is_cleared_by_the_next_write(
     keys.mkdir()
     with writes_cut_short(monkeypatch), pytest.raises(KeyboardInterrupt):
         keyfile.write_signing_key(keys / "old.key", SigningKey.generate())
-    left = keys / ".old.key.k1ll3d_x.tmp"  # as kill -9 leaves it: written, never linked
+    left = keys / ".kpx.old.key.k1ll3d_x.tmp"  # as kill -9 leaves it: written, never linked
     left.write_bytes(b"a private key")
     aged = time.time() - files.STALE_SECONDS - 60
     os.utime(left, (aged, aged))
-    under_way = keys / ".other.key.w0rk1ng_.tmp"
+    under_way = keys / ".kpx.other.key.w0rk1ng_.tmp"
     under_way.write_bytes(b"being written")
     unrelated = keys / ".operator-notes.tmp"
     unrelated.write_text("not ours")
     os.utime(unrelated, (aged, aged))
+    another_program = keys / ".notes.txt.a1b2c3d4.tmp"  # Python's tempfile's shape too
+    another_program.write_text("not ours either")
+    os.utime(another_program, (aged, aged))
     keyfile.write_signing_key(keys / "new.key", SigningKey.generate())
     assert sorted(p.name for p in keys.iterdir()) == [
-        ".operator-notes.tmp", ".other.key.w0rk1ng_.tmp", "new.key"]
+        ".kpx.other.key.w0rk1ng_.tmp", ".notes.txt.a1b2c3d4.tmp", ".operator-notes.tmp",
+        "new.key"]
 
 
 def test_a_write_under_way_stays_when_the_files_clock_is_not_the_hosts(
@@ -1138,20 +1142,20 @@ def test_a_write_under_way_stays_when_the_files_clock_is_not_the_hosts(
     # the host an hour ahead of the share
     monkeypatch.setattr(files, "time", SimpleNamespace(time=lambda: host() + 3600),
                         raising=False)
-    under_way = tmp_path / ".other.key.w0rk1ng_.tmp"
+    under_way = tmp_path / ".kpx.other.key.w0rk1ng_.tmp"
     under_way.write_bytes(b"being written")
-    left = tmp_path / ".old.key.k1ll3d_x.tmp"
+    left = tmp_path / ".kpx.old.key.k1ll3d_x.tmp"
     left.write_bytes(b"a private key")
     aged = host() - files.STALE_SECONDS - 60
     os.utime(left, (aged, aged))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.write_text("not ours")
-    link = tmp_path / ".linked.key.l1nk3d_x.tmp"
+    link = tmp_path / ".kpx.linked.key.l1nk3d_x.tmp"
     link.symlink_to(elsewhere)
     os.utime(link, (aged, aged), follow_symlinks=False)
     files.write_whole(tmp_path / "new.key", "a new key")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".linked.key.l1nk3d_x.tmp", ".other.key.w0rk1ng_.tmp", "elsewhere", "new.key"]
+        ".kpx.linked.key.l1nk3d_x.tmp", ".kpx.other.key.w0rk1ng_.tmp", "elsewhere", "new.key"]
 
 
 @pytest.mark.parametrize(("args", "says"), [
