@@ -353,6 +353,13 @@ def _check_side(report: Report, code: str, record: Record, signed: Evidence,
                     f"{_described(planned)}")
 
 
+def _fields_differing(planned: Certificate, issued: Certificate) -> str:
+    """The certificate's fields that differ between the plan and the issue, for a failure."""
+    return ", ".join(f"{f.name} {getattr(planned, f.name)!r}→{getattr(issued, f.name)!r}"
+                     for f in dataclasses.fields(planned)
+                     if getattr(planned, f.name) != getattr(issued, f.name))
+
+
 def _end_state(record: Record | None) -> str:
     """Where one side's loop stands, for a failure: its state and any rejection reason."""
     if record is None:
@@ -427,6 +434,13 @@ def analyse(report: Report, stores: Mapping[str, Store], shipments: Sequence[Shi
                 report.fail(f"{number}: never issued by {exporter}")
             continue
         report.issued += 1
+        if ours.certificate != shipment.certificate:
+            # Records, frames and discrepancies are held against each other, and the
+            # discrepancies against the plan's, but all of them follow the certificate
+            # issued: one other than planned (a desk, a node or the plan's file changing
+            # it on the way) agreed with every one of them, and its loop passed as planned.
+            report.fail(f"{number}: {exporter} issued it other than planned "
+                        f"({_fields_differing(shipment.certificate, ours.certificate)})")
         report.carats_hundredths += ours.certificate.carats_hundredths
         report.usd_cents += ours.certificate.usd_cents
         history = evidence[exporter].get(number, Evidence())

@@ -19,10 +19,10 @@ At the end it reads every node's own records and evidence log and checks the inv
 every certificate's loop is closed as planned (the plan confirms every one, so a loop
 rejected, cancelled or still open when the wait ends is a failure, and so is one whose
 issue or confirmation its node refused: the wait ends without it, since nothing in the
-plan would close it), both sides hold equal records and the same signed frames, the
-discrepancies are the planned ones on both sides, and the mirror statistics of every pair
-of partners agree (:mod:`node.simreport`). It prints a report (``--json`` for machines)
-and exits 1 when an invariant fails.
+plan would close it), each certificate issued is the planned one, both sides hold equal
+records and the same signed frames, the discrepancies are the planned ones on both
+sides, and the mirror statistics of every pair of partners agree (:mod:`node.simreport`).
+It prints a report (``--json`` for machines) and exits 1 when an invariant fails.
 
 Latency (issue → receipt, issue → confirmation) is timed from each certificate's planned
 instant — the run's start instant plus the certificate's planned offset — to when the

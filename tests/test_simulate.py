@@ -500,6 +500,24 @@ def test_records_are_held_against_their_signed_frames(finished_run: FinishedRun,
 
 
 @pytest.mark.broker
+def test_a_certificate_issued_other_than_planned_fails(finished_run: FinishedRun,
+                                                       tmp_path: Path) -> None:
+    """Records, frames and discrepancies were held against each other, and discrepancies
+    against the plan's, but every one of them follows the certificate issued: a loop whose
+    certificate was not the planned one (a parcel count changed on the way from the plan to
+    the desk, say) agreed with all of them and passed as planned."""
+    victim = next(s for s in finished_run.shipments if s.discrepancy is None)
+    planned = dataclasses.replace(victim.certificate, parcels=victim.certificate.parcels + 3)
+    replanned = [dataclasses.replace(s, certificate=planned) if s is victim else s
+                 for s in finished_run.shipments]
+    report = finished_run.reanalyse(tmp_path, lambda stores: None, replanned)
+    assert report.failures == [
+        f"{victim.number}: {victim.exporter} issued it other than planned (parcels "
+        f"{planned.parcels}→{victim.certificate.parcels})"]
+    assert report.closed == len(replanned)
+
+
+@pytest.mark.broker
 @pytest.mark.parametrize("desk_lag_ms", [400, -2000])
 async def test_latency_is_timed_from_the_planned_instant(
         amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, desk_lag_ms: int
