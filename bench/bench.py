@@ -261,6 +261,10 @@ def cpu_times() -> tuple[int, int] | None:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
+    # user nice system idle iowait irq softirq steal, then guest and guest_nice: those two
+    # are counted in user and nice already, and summed again they made a machine running
+    # virtual machines look busier than it was.
+    fields = fields[:8]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
 

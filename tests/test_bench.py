@@ -127,3 +127,25 @@ async def test_the_bench_never_deletes_a_queue_someone_consumes(amqp_url: str) -
         kept = await queue_info(connection, queue.name)
         assert kept is not None and kept.consumers == 1  # untouched, its message held
         await channel.queue_delete(queue.name)
+
+
+def test_machine_busy_counts_guest_time_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/stat's guest and guest_nice columns are already inside user and nice: summed
+    with the rest, a host running virtual machines counted that time twice, in the busy
+    jiffies and in the total, and the bench's "machine busy" came out too high."""
+    bench = _bench_module()
+
+    class Stat:
+        lines = iter(["cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 ...\n",
+                      # 40 of the 100 further user jiffies ran a guest: in user and in guest
+                      "cpu  200 0 100 1500 100 0 0 0 40 0\ncpu0 ...\n"])
+
+        def __init__(self, path: str) -> None:
+            assert path == "/proc/stat"
+
+        def read_text(self) -> str:
+            return next(self.lines)
+    monkeypatch.setattr(bench, "Path", Stat)
+    before, after = bench.cpu_times(), bench.cpu_times()
+    assert (before, after) == ((150, 1000), (300, 1900))
+    assert bench.busy_share(before, after) == pytest.approx(150 / 900, abs=0.001)
