@@ -768,6 +768,11 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
     lines = []
     for i in range(3):
         if not values[f"hs{i}"]:
+            # A line with amounts but no HS code is a slip, not an empty line: skipped,
+            # the certificate would be signed without goods the officer typed in.
+            if values[f"carats{i}"] or values[f"usd{i}"]:
+                problems.append(f"line {i + 1}: choose its HS code, or clear its carats "
+                                "and US$")
             continue
         try:
             lines.append({"hs_code": values[f"hs{i}"],

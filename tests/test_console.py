@@ -701,3 +701,25 @@ async def test_a_form_another_site_made_the_browser_send_is_refused(
             session_csrf, f"ZA-2026-03{len(site):02d}"), headers={"Sec-Fetch-Site": site})
         assert response.status == 200, site
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0311") is not None
+
+
+async def test_an_issue_line_with_amounts_but_no_hs_code_is_refused_not_dropped(
+        pair: tuple[Served, Served]) -> None:
+    """A line whose HS code was left at '—' was skipped whatever its carats and US$ said:
+    the certificate was signed and sent without the goods the officer had typed in."""
+    za, _ = pair
+    csrf = await login(za, "officer")
+    for typed in ({"carats1": "300.00", "usd1": "99000.00"}, {"carats1": "300.00"},
+                  {"usd1": "99000"}):
+        response = await za.client.post(f"{C}/issue", data={
+            **issue_form(csrf, "ZA-2026-0700"), "hs1": "", **typed})
+        assert response.status == 400, typed
+        text = await response.text()
+        assert "line 2: choose its HS code" in text, typed
+        for name, value in typed.items():
+            assert f"name={name} size=" in text and f"value='{value}'" in text
+    assert za.node.records() == []
+    # a line left wholly empty is no line
+    response = await za.client.post(f"{C}/issue", data={
+        **issue_form(csrf, "ZA-2026-0700"), "hs1": "", "carats1": " ", "usd1": ""})
+    assert response.status == 200 and "flash=issued" in str(response.url)
