@@ -606,16 +606,15 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
             try:
                 lines.append(Line(
                     hs_code=line.hs_code,
-                    carats_hundredths=parse_amount(str(form.get(f"carats{i}", "")) or
-                                                   carats(line.carats_hundredths), "carats",
-                                                   zero=True),
-                    usd_cents=parse_amount(str(form.get(f"usd{i}", "")) or
-                                           usd(line.usd_cents), "US$", zero=True)))
+                    carats_hundredths=parse_amount(typed_or(form, f"carats{i}", carats(
+                        line.carats_hundredths)), "carats", zero=True),
+                    usd_cents=parse_amount(typed_or(form, f"usd{i}", usd(line.usd_cents)),
+                                           "US$", zero=True)))
             except ValueError as exc:
                 problems.append(f"{line.hs_code}: {exc}")
         try:
-            parcels = parse_whole_number(str(form.get("parcels") or
-                                             record.certificate.parcels).strip())
+            parcels = parse_whole_number(typed_or(form, "parcels",
+                                                  str(record.certificate.parcels)).strip())
             received_on = (parse_date(str(form["received_on"]).strip())
                            if form.get("received_on") else None)
         except ValueError:
@@ -642,6 +641,14 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
         return incoming_page(request, Kept(number, values, problems), status)
     return refused_page(request, f"Confirming {number} was refused", problems, status,
                         back="incoming")
+
+
+def typed_or(form: Mapping[str, Any], name: str, declared: str) -> str:
+    """A confirm form's field as typed, or ``declared`` when the form has no such field
+    (a client posting none means as declared, as the API's empty body). A field the
+    officer emptied stays empty, and is refused: taken as declared, a line cleared as
+    'did not arrive' would be signed as having arrived in full."""
+    return str(form[name]) if name in form else declared
 
 
 def refused_page(request: web.Request, title: str, problems: Iterable[str],

@@ -723,3 +723,24 @@ async def test_an_issue_line_with_amounts_but_no_hs_code_is_refused_not_dropped(
     response = await za.client.post(f"{C}/issue", data={
         **issue_form(csrf, "ZA-2026-0700"), "hs1": "", "carats1": " ", "usd1": ""})
     assert response.status == 200 and "flash=issued" in str(response.url)
+
+
+async def test_a_confirm_field_the_officer_emptied_is_refused_not_signed_as_declared(
+        pair: tuple[Served, Served]) -> None:
+    """An amount or the parcels cleared on the form was taken as the declared figure: an
+    officer who emptied a line that did not arrive had it signed as arrived in full."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0710", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    for emptied in ({"carats1": "", "usd1": ""}, {"usd0": " "}, {"parcels": ""}):
+        response = await india.client.post(f"{C}/incoming/ZA-2026-0710/confirm",
+                                           data={"csrf": csrf, **emptied})
+        assert response.status == 400, emptied
+        text = await response.text()
+        assert "nothing was signed" in text and "<details open>" in text, emptied
+        assert india.node.store.get(Side.IMPORT, "ZA-2026-0710").state is State.RECEIVED  # type: ignore[union-attr]
+    # a client that posts no amounts at all still means as declared
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0710/confirm",
+                                       data={"csrf": csrf, "carats1": "0", "usd1": "0"})
+    assert response.status == 200 and "flash=confirmed" in str(response.url)
