@@ -612,13 +612,18 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
                                            "US$", zero=True)))
             except ValueError as exc:
                 problems.append(f"{line.hs_code}: {exc}")
+        # Each checked and named apart: one message for both blamed the parcels for a
+        # date the calendar lacks (2026-02-30), and left a second mistake for next time.
         try:
             parcels = parse_whole_number(typed_or(form, "parcels",
                                                   str(record.certificate.parcels)).strip())
+        except ValueError as exc:
+            problems.append(f"parcels: {exc}")
+        try:
             received_on = (parse_date(str(form["received_on"]).strip())
                            if form.get("received_on") else None)
-        except ValueError:
-            problems.append("parcels must be a whole number and the date YYYY-MM-DD")
+        except ValueError as exc:
+            problems.append(f"received on: {exc}")
     status = 400
     if not problems:
         try:

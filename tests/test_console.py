@@ -744,3 +744,26 @@ async def test_a_confirm_field_the_officer_emptied_is_refused_not_signed_as_decl
     response = await india.client.post(f"{C}/incoming/ZA-2026-0710/confirm",
                                        data={"csrf": csrf, "carats1": "0", "usd1": "0"})
     assert response.status == 200 and "flash=confirmed" in str(response.url)
+
+
+async def test_a_refused_confirmation_names_which_of_parcels_and_date_is_wrong(
+        pair: tuple[Served, Served]) -> None:
+    """A bad parcels count or date was answered 'parcels must be a whole number and the
+    date YYYY-MM-DD' alike: for 2026-02-30, written as asked, the officer was left to
+    guess, and a wrong date behind wrong parcels went unmentioned."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0720", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    today = date.today().isoformat()
+    for typed, said in ((("3", "2026-02-30"), ["received on: day is out of range"]),
+                        (("-1", today), ["parcels: a whole number in digits 0-9"]),
+                        (("x", "20261115"), ["parcels: a whole number",
+                                            "received on: a date YYYY-MM-DD is required"])):
+        response = await india.client.post(f"{C}/incoming/ZA-2026-0720/confirm", data={
+            "csrf": csrf, "parcels": typed[0], "received_on": typed[1]})
+        assert response.status == 400
+        text = await response.text()
+        assert all(s in text for s in said), (typed, text)
+        assert ("parcels:" in text) is (typed[0] != "3")
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0720").state is State.RECEIVED  # type: ignore[union-attr]
