@@ -403,7 +403,8 @@ def record_refused(request: web.Request, principal: Principal | None, status: in
                                          via="console")
 
 
-def acting(request: web.Request) -> Principal | web.Response:
+def officer(request: web.Request) -> Principal | web.Response:
+    """The session's principal if it may act, else the refusal (recorded) to answer."""
     session: Session = request[SESSION]
     principal = session.principal
     if not principal.may_act:
@@ -411,6 +412,15 @@ def acting(request: web.Request) -> Principal | web.Response:
         return page(request, "Refused", f"<p class=error>{h(principal.name)} is a "
                     f"{h(principal.role)}: only an officer may issue, confirm or cancel."
                     "</p>", status=403)
+    return principal
+
+
+def acting(request: web.Request) -> Principal | web.Response:
+    """As ``officer``, and refused while the node distrusts its clock. The issue and
+    confirm forms ask the clock themselves, so that they come back as typed."""
+    principal = officer(request)
+    if isinstance(principal, web.Response):
+        return principal
     if not request.app[WEB_CONTEXT].clock_agrees():
         record_refused(request, principal, 503)
         return page(request, "Not now", f"<p class=error>{h(CLOCK_DISAGREES)}.</p>",
@@ -590,7 +600,7 @@ def incoming_page(request: web.Request, kept: Kept | None = None,
 
 
 async def confirm_import(request: web.Request) -> web.StreamResponse:
-    principal = acting(request)
+    principal = officer(request)
     if isinstance(principal, web.Response):
         return principal
     ctx = request.app[WEB_CONTEXT]
@@ -625,7 +635,10 @@ async def confirm_import(request: web.Request) -> web.StreamResponse:
         except ValueError as exc:
             problems.append(f"received on: {exc}")
     status = 400
-    if not problems:
+    if not ctx.clock_agrees():  # a refusal as any other: the form comes back as typed
+        problems.append(f"{CLOCK_DISAGREES}.")
+        status = 503
+    elif not problems:
         try:
             ctx.node.confirm(number, lines=tuple(lines) or None, parcels=parcels,
                              received_on=received_on, remarks=str(form.get("remarks", "")))
@@ -769,7 +782,7 @@ async def get_issue(request: web.Request) -> web.Response:
 
 
 async def post_issue(request: web.Request) -> web.StreamResponse:
-    principal = acting(request)
+    principal = officer(request)
     if isinstance(principal, web.Response):
         return principal
     ctx = request.app[WEB_CONTEXT]
@@ -807,7 +820,10 @@ async def post_issue(request: web.Request) -> web.StreamResponse:
         "expires_on": values["expires_on"], "remarks": values["remarks"],
     }
     status = 400
-    if not problems:
+    if not ctx.clock_agrees():  # a refusal as any other: the form comes back as typed
+        problems.append(f"{CLOCK_DISAGREES}.")
+        status = 503
+    elif not problems:
         try:
             ctx.node.issue(validate_certificate(data))
             status = 303

@@ -767,3 +767,36 @@ async def test_a_refused_confirmation_names_which_of_parcels_and_date_is_wrong(
         assert all(s in text for s in said), (typed, text)
         assert ("parcels:" in text) is (typed[0] != "3")
     assert india.node.store.get(Side.IMPORT, "ZA-2026-0720").state is State.RECEIVED  # type: ignore[union-attr]
+
+
+async def test_a_form_refused_while_the_node_distrusts_its_clock_comes_back_as_typed(
+        pair: tuple[Served, Served]) -> None:
+    """The clock's refusal came before the form was read, on a page of its own: a refused
+    confirmation lost everything the officer had typed (README: refused, it comes back as
+    it was filled in, with the reasons), and so did the issue form."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0730", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    india.context.clock_agrees = lambda: False
+    entered = {"carats0": "2490.50", "usd0": "399000.00", "carats1": "0", "usd1": "0",
+               "parcels": "2", "remarks": "one parcel held by customs"}
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0730/confirm",
+                                       data={"csrf": csrf, **entered})
+    assert response.status == 503
+    text = await response.text()
+    assert "wall clock has jumped ahead" in text and "nothing was signed" in text
+    form = re.search(r"<form[^>]*ZA-2026-0730/confirm.*?</form>", text, re.DOTALL)
+    assert form is not None and "<details open>" in form[0]
+    for name, value in entered.items():
+        assert re.search(rf"name={name}\b[^>]*value='{re.escape(escape(value))}'", form[0]), name
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0730").state is State.RECEIVED  # type: ignore[union-attr]
+    csrf = await login(za, "officer")
+    za.context.clock_agrees = lambda: False
+    typed = {**issue_form(csrf, "ZA-2026-0731"), "exporter_name": "Kimberley Rough Ltd"}
+    response = await za.client.post(f"{C}/issue", data=typed)
+    assert response.status == 503
+    text = await response.text()
+    assert "wall clock has jumped ahead" in text
+    assert "value='Kimberley Rough Ltd'" in text and "value='ZA-2026-0731'" in text
+    assert za.node.store.get(Side.EXPORT, "ZA-2026-0731") is None
