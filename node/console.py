@@ -325,12 +325,13 @@ def login_form(csrf: str, error: str, after: object = None) -> str:
 
 
 async def read_form(request: web.Request) -> Any:
-    """The posted form; one that is not UTF-8 (or not a form) is a 400, not a 500. A body
-    still coming after IDLE_SECONDS is a 408: the server's idle limit covers headers only,
-    and a connection trickling its body would hold one of its few slots for ever."""
+    """The posted form; one that is not UTF-8 (or not a form) is a 400, not a 500, and so
+    is one with a file. A body still coming after IDLE_SECONDS is a 408: the server's idle
+    limit covers headers only, and a connection trickling its body would hold one of its
+    few slots for ever."""
     try:
         async with asyncio.timeout(IDLE_SECONDS):
-            return await request.post()
+            form = await request.post()
     except TimeoutError:
         raise web.HTTPRequestTimeout(text="the form took too long to arrive") from None
     except (UnicodeDecodeError, ValueError, LookupError):
@@ -342,6 +343,11 @@ async def read_form(request: web.Request) -> Any:
                                      "Content-Encoding says")
         refused.force_close()
         raise refused from None
+    # No console form has a file: one posted as a field would reach the handlers as a
+    # FileField, whose str() (a Python repr, with a memory address) was signed as text.
+    if any(isinstance(value, web.FileField) for value in form.values()):
+        raise web.HTTPBadRequest(text="the console's forms take text fields only, no files")
+    return form
 
 
 async def post_login(request: web.Request) -> web.StreamResponse:

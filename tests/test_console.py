@@ -9,6 +9,7 @@ from datetime import date, timedelta
 from html import escape
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from node import console
@@ -800,3 +801,21 @@ async def test_a_form_refused_while_the_node_distrusts_its_clock_comes_back_as_t
     assert "wall clock has jumped ahead" in text
     assert "value='Kimberley Rough Ltd'" in text and "value='ZA-2026-0731'" in text
     assert za.node.store.get(Side.EXPORT, "ZA-2026-0731") is None
+
+
+async def test_a_form_with_a_file_is_refused_not_signed_as_its_python_repr(
+        pair: tuple[Served, Served]) -> None:
+    """A multipart form whose remarks were a file part was confirmed with remarks
+    "FileField(name='remarks', filename=..., file=<tempfile... at 0x...>": the form field's
+    Python repr, signed and sent to the exporter."""
+    za, india = pair
+    za.node.issue(certificate("ZA-2026-0740", "ZA", "IN"))
+    carry(za.node, {"IN": india.node})
+    csrf = await login(india, "officer")
+    form = aiohttp.FormData()
+    form.add_field("csrf", csrf)
+    form.add_field("remarks", b"seal intact", filename="remarks.txt")
+    response = await india.client.post(f"{C}/incoming/ZA-2026-0740/confirm", data=form)
+    assert response.status == 400
+    assert "text fields only" in await response.text()
+    assert india.node.store.get(Side.IMPORT, "ZA-2026-0740").state is State.RECEIVED  # type: ignore[union-attr]
