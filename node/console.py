@@ -895,15 +895,19 @@ async def dead_letters(request: web.Request) -> web.Response:
     rows = "".join(f"<tr><td>{dt.datetime.fromtimestamp(at / 1000, dt.UTC):%Y-%m-%d %H:%M:%S}"
                    " UTC</td>"
                    f"<td>{h(sender)}</td><td>{h(kind)}</td><td><code>{h(mid)}</code></td>"
-                   f"<td>{h(reason or '')}</td></tr>"
-                   for at, sender, kind, mid, reason in refused)
+                   f"<td>{h(reason or '')}</td><td>"
+                   + (f"<code>{h(answer)}</code>" if answer else "<span class=muted>none"
+                      "</span>") + "</td></tr>"
+                   for at, sender, kind, mid, reason, answer in refused)
     body = (f"<div class=cards><div class=card><b>{'?' if depth is None else depth}</b>"
             "messages in the broker's dead-letter queue</div></div>"
             "<p class=muted>Messages that failed to parse, verify or validate are copied to "
             "the dead-letter queue with the reason. Below: the authentic messages this node "
-            "refused (each answered with a signed rejection).</p>"
+            "refused, and the signed rejection that answered each (none to a rejection, a "
+            "pong or a registry update, nor while no key could sign).</p>"
             "<table id=refused><thead><tr><th>received</th><th>from</th><th>kind</th>"
-            f"<th>message id</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table>")
+            "<th>message id</th><th>reason</th><th>answered by</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
     return page(request, "Dead letters", body, active="dead-letters")
 
 

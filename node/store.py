@@ -777,13 +777,16 @@ class Store:
             (message_id, sender, kind, now_ms, outcome, reason, answer_message_id),
         )
 
-    def refused_messages(self, limit: int) -> list[tuple[int, str, str, str, str | None]]:
-        """``(received_at, sender, kind, message id, reason)`` of the newest refusals."""
-        rows = self.db.execute("SELECT received_at, sender, kind, message_id, reason FROM "
-                               "inbox WHERE outcome='refused' ORDER BY received_at DESC "
-                               "LIMIT ?", (limit,))
-        return [(int(a), str(b), str(c), str(d), None if e is None else str(e))
-                for a, b, c, d, e in rows]
+    def refused_messages(self, limit: int
+                         ) -> list[tuple[int, str, str, str, str | None, str | None]]:
+        """``(received_at, sender, kind, message id, reason, answer's message id)`` of the
+        newest refusals; the answer is None where none was sent (a rejection, pong or
+        registry update is never answered, nor anything while no key could sign)."""
+        rows = self.db.execute("SELECT received_at, sender, kind, message_id, reason, "
+                               "answer_message_id FROM inbox WHERE outcome='refused' "
+                               "ORDER BY received_at DESC LIMIT ?", (limit,))
+        return [(int(a), str(b), str(c), str(d), None if e is None else str(e),
+                 None if f is None else str(f)) for a, b, c, d, e, f in rows]
 
     # -- evidence log ----------------------------------------------------------------
 

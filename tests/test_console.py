@@ -819,3 +819,24 @@ async def test_a_form_with_a_file_is_refused_not_signed_as_its_python_repr(
     assert response.status == 400
     assert "text fields only" in await response.text()
     assert india.node.store.get(Side.IMPORT, "ZA-2026-0740").state is State.RECEIVED  # type: ignore[union-attr]
+
+
+async def test_the_dead_letters_page_says_which_refusals_were_answered(
+        pair: tuple[Served, Served]) -> None:
+    """The page said every refused message was 'answered with a signed rejection', but a
+    refused rejection, pong or registry update is never answered, nor is anything while
+    no key of the node can sign: it told the officer of rejections never sent."""
+    _, india = pair
+    store = india.node.store
+    with store.transaction():
+        store.remember("m-answered", "ZA", "certificate", "refused", "field.bad_format",
+                       "r-1234", 1_000)
+        store.remember("m-unanswered", "ZA", "rejection", "refused", "certificate.unknown",
+                       None, 2_000)
+    await login(india, "monitor")
+    text = await (await india.client.get(f"{C}/dead-letters")).text()
+    assert "each answered with a signed rejection" not in text
+    rows = dict(re.findall(r"<code>(m-\w+)</code>.*?<td>(<code>r-1234</code>|"
+                           r"<span class=muted>none</span>)</td></tr>", text))
+    assert rows == {"m-answered": "<code>r-1234</code>",
+                    "m-unanswered": "<span class=muted>none</span>"}, rows
