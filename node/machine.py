@@ -436,7 +436,7 @@ def receive(ctx: Context, admitted: Admitted, known: Known,
         candidate = Registry(payload, admitted.frame.raw, env.message_id)
         if candidate.frame == ctx.registry.frame:
             decision = Decision()  # the registry we hold already (e.g. also given as a file)
-        elif not newer(ctx.registry, candidate):
+        elif not newer(ctx.registry, candidate, ctx.chair_public_key):
             decision = refuse(Reason.REGISTRY_STALE, f"registry version {payload.version} is "
                               f"not newer than {ctx.registry.version}")
         else:

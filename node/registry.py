@@ -250,6 +250,20 @@ def _registry_update(envelope: Envelope) -> RegistryUpdate:
     return envelope.payload
 
 
-def newer(current: Registry | None, candidate: Registry) -> bool:
-    """Registry versions only move forward."""
-    return current is None or candidate.version > current.version
+def signed_by(registry: Registry, chair_public_key: bytes) -> bool:
+    """Whether ``chair_public_key`` signed ``registry`` (not a former Chair key)."""
+    return parse_frame(registry.frame).key_id == key_id(chair_public_key)
+
+
+def newer(current: Registry | None, candidate: Registry, chair_public_key: bytes) -> bool:
+    """Registry versions only move forward, under one Chair key: one the current key
+    (``chair_public_key``) signed replaces one a former key signed, whatever their versions.
+    A Chair key is rotated because it was exposed; what its holder forged before the nodes
+    were reconfigured, they applied, and at a version as high as the wire allows the Chair
+    could never sign one above it, nor know which version to go above."""
+    if current is None:
+        return True
+    by_current = signed_by(candidate, chair_public_key)
+    if by_current != signed_by(current, chair_public_key):
+        return by_current
+    return candidate.version > current.version

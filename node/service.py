@@ -52,6 +52,7 @@ from node.registry import (
     open_registry_frame,
     own_key_fault,
     registered_authority,
+    signed_by,
     signing_key_choice,
 )
 from node.store import Store, UnreadableRecord
@@ -590,7 +591,11 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
     # Held before a rotation of the Chair's key: a former key verifies them (it verified
     # them when they came); what arrives from now on needs the current one.
     former = config.former_chair_public_keys
-    for frame in store.registry_frames()[-1:]:
+    frames = store.registry_frames()
+    # The newest the current Chair key signed, else the newest of all (see newer()).
+    current = key_id(config.chair_public_key)
+    held = [f for f in frames if _signer(f) == current][-1:] or frames[-1:]
+    for frame in held:
         try:
             best = open_registry_frame(frame, config.chair_public_key, former)
         except ProtocolError as exc:
@@ -616,14 +621,14 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
             raise RegistryFileError(f"{path} does not verify against chair_public_key "
                                     f"(node.toml, or KPX_CHAIR_PUBLIC_KEY if set): {exc}"
                                     ) from exc
-        if newer(best, from_file) and parse_frame(from_file.frame).key_id != key_id(
-                config.chair_public_key):
+        if newer(best, from_file, config.chair_public_key) and not signed_by(
+                from_file, config.chair_public_key):
             raise RegistryFileError(
                 f"{path} (version {from_file.version}) is signed by a former Chair key and "
                 "is newer than the registry this node holds: a registry from before the "
                 "rotation is taken only as it came then; ask the Chair for one its current "
                 "key signed")
-        if newer(best, from_file):
+        if newer(best, from_file, config.chair_public_key):
             best = from_file
             with store.transaction():
                 store.save_registry(best.version, best.frame, now_ms())
@@ -632,6 +637,13 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
     if best is None:
         raise RegistryFileError(f"no registry: put the Chair-signed registry at {path}")
     return best
+
+
+def _signer(frame: bytes) -> bytes | None:
+    try:
+        return parse_frame(frame).key_id
+    except ProtocolError:
+        return None  # verified below, if it is the one taken
 
 
 class RegistryFileError(Exception):

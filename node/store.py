@@ -850,7 +850,10 @@ class Store:
     # -- registry --------------------------------------------------------------------
 
     def save_registry(self, version: int, frame: bytes, now_ms: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO registry (version, frame, received_at) "
+        # Only a registry the node took is saved: one at a version held already was
+        # signed by the current Chair key over one a former key signed (forged, perhaps,
+        # with the key the rotation retired), which must not come back at the next start.
+        self.db.execute("INSERT OR REPLACE INTO registry (version, frame, received_at) "
                         "VALUES (?,?,?)", (version, frame, now_ms))
 
     def registry_frames(self) -> list[bytes]:

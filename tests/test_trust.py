@@ -1838,6 +1838,58 @@ def test_the_chairs_own_key_is_rotated_and_the_loops_go_on(tmp_path: Path) -> No
     assert refused.returncode != 0 and "former Chair key" in refused.stderr, refused.stderr
 
 
+def test_the_new_chair_key_replaces_a_registry_the_exposed_one_forged(tmp_path: Path) -> None:
+    """A Chair key is rotated because it was exposed; what its holder signed before the
+    nodes were reconfigured, they applied. A forged registry (listing a key of the forger's
+    for IN) stayed a node's for good: the former key still verifies it, and the RUNBOOK's
+    'set the draft's version above it' could go nowhere above 2**63-1, nor could the Chair
+    know the version to go above; at the version the Chair signs next, the node dropped
+    the Chair's copy when it saved it and took the forged one back at its next start. Now
+    a registry the current key signed replaces one a former key signed, whatever their
+    versions, through the broker and as a file, and after a restart too."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    chair_dir = network.base / "chair"
+    ChairDirectory(chair_dir).save(dataclasses.replace(network.registry, version=2))
+    forger = SigningKey.generate()
+    forged_registry = add_key(network.registry, "IN", "IN-KPA",
+                              bytes(forger.verify_key), now_ms() - 1000)
+    forged = {version: sign_registry(dataclasses.replace(forged_registry, version=version),
+                                     network.chair_key, now_ms())
+              for version in (2, 2**63 - 1)}
+    for code, version in (("ZA", 2), ("IN", 2**63 - 1)):
+        node = Node.open(network.configs[code])  # signed by the key it trusts still
+        (verdict,) = node.handle_batch([Delivery(forged[version])])
+        assert verdict.dead_letter is None and node.registry.version == version
+        node.close()
+
+    rotated = json.loads(kpnode("registry", "rotate-chair-key", "--dir", str(chair_dir),
+                                "--json").stdout)
+    kpnode("registry", "publish", "--dir", str(chair_dir))  # version 2, the new key's
+    v2 = (chair_dir / "registry.kpx").read_bytes()
+    configs = {}
+    for code, config in network.configs.items():
+        write_config(dataclasses.replace(
+            config, chair_public_key=bytes.fromhex(rotated["chair_public_key"]),
+            former_chair_public_keys=tuple(bytes.fromhex(k)
+                                           for k in rotated["former_chair_public_keys"])))
+        configs[code] = load_config(config.directory)
+    za = Node.open(configs["ZA"])  # through the broker, at the forged one's version
+    (verdict,) = za.handle_batch([Delivery(v2)])
+    assert verdict.dead_letter is None and za.registry.frame == v2
+    za.close()
+    configs["IN"].registry_path.write_bytes(v2)  # as a file, below the forged version
+    for code in ("ZA", "IN"):
+        node = Node.open(configs[code])
+        assert node.registry.frame == v2, code
+        assert node.registry.key_owner(key_id(bytes(forger.verify_key))) is None
+        for version in (2, 2**63 - 1):  # nor does the forged one come back
+            (verdict,) = node.handle_batch([Delivery(forged[version])])
+            assert verdict.dead_letter is not None and node.registry.frame == v2
+        node.close()
+        assert json.loads(kpnode("verify-log", "--dir", str(configs[code].directory),
+                                 "--json").stdout)["ok"]
+
+
 def test_a_second_rotation_of_the_chairs_key_keeps_the_first_former_key(tmp_path: Path) -> None:
     """RUNBOOK's step 3 showed one former key, 'the key it replaces': an operator following
     it at the Chair's second rotation listed only the second key. The registries the first
