@@ -287,9 +287,28 @@ def cmd_init(args: argparse.Namespace) -> None:
     # stopped while it wrote it (Ctrl-C, kill -9, a full disk)
     if listed != public:
         write_whole(directory / CHAIR_PUBLIC, public + "\n", mode=0o644)
-    chair.save(RegistryUpdate(version=1, participants=()))
-    emit(args, {"directory": str(directory), "chair_public_key": public},
-          f"Chair directory ready in {directory}\n  Chair public key {public}\n"
+    # A draft lost (deleted, not restored with the rest) where versions were signed: an
+    # empty version 1 was written, which publish refused, and whose advice (a higher
+    # version) signed a registry without a Participant, every certificate then refused.
+    # The draft starts from the newest signed registry instead, as publish leaves it.
+    draft = RegistryUpdate(version=1, participants=())
+    newest = newest_signed(directory)
+    if newest is not None:
+        try:
+            signed = decode_body(parse_frame(newest[1].read_bytes()).body).payload
+        except (OSError, ProtocolError) as exc:
+            raise ChairError(f"{newest[1]} is no registry to start the draft from: {exc}"
+                             ) from None
+        if not isinstance(signed, RegistryUpdate):
+            raise ChairError(f"{newest[1]} is no registry to start the draft from")
+        draft = RegistryUpdate(version=signed.version + 1, participants=signed.participants,
+                               embargoed_origins=signed.embargoed_origins)
+    chair.save(draft)
+    started = (f"\n  draft of version {draft.version}, from the signed {newest[1]}"
+               if newest is not None else "")
+    emit(args, {"directory": str(directory), "chair_public_key": public,
+                "version": draft.version},
+          f"Chair directory ready in {directory}\n  Chair public key {public}{started}\n"
           "Give it to every node (chair_public_key in node.toml).")
 
 
@@ -510,7 +529,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         sp.set_defaults(handler=handler)
         return sp
 
-    add("init", cmd_init, "create the Chair's key (if missing) and an empty registry draft")
+    add("init", cmd_init, "create the Chair's key (if missing) and an empty registry draft "
+        "(or, with the draft lost, one from the newest signed registry)")
     add("show", cmd_show, "the draft: Participants, authorities, keys, embargoes")
     sp = add("add-participant", cmd_add_participant, "add a Participant with its first key")
     sp.add_argument("code")

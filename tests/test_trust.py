@@ -1426,6 +1426,28 @@ def test_a_third_participant_cannot_write_into_a_loops_signed_history(
     assert bw.store.get(Side.EXPORT, "BW-2026-0001") == exported
 
 
+def test_registry_init_after_a_lost_draft_starts_from_the_newest_signed(
+        tmp_path: Path) -> None:
+    """With registry.json lost, 'registry init' said 'Chair directory ready' and wrote an
+    empty draft of version 1: publish refused it, and its advice (a version above the
+    newest signed) signed a registry without a Participant, every certificate refused at
+    every node. init now starts the draft from the newest signed registry."""
+    chair = tmp_path / "chair"
+    kpnode("registry", "init", "--dir", str(chair))
+    kpnode("registry", "add-participant", "BW", "--name", "Botswana", "--key",
+           bytes(SigningKey.generate().verify_key).hex(), "--dir", str(chair))
+    kpnode("registry", "embargo", "XX", "--dir", str(chair))
+    kpnode("registry", "publish", "--dir", str(chair))
+    (chair / "registry.json").unlink()
+    kpnode("registry", "init", "--dir", str(chair))
+    draft = ChairDirectory(chair).load()
+    assert draft.version == 2
+    assert [p.code for p in draft.participants] == ["BW"]
+    assert draft.embargoed_origins == ("XX",)
+    kpnode("registry", "publish", "--dir", str(chair))
+    assert (chair / "published" / "registry-v000002.kpx").exists()
+
+
 def test_registry_init_writes_the_chair_public_key_the_runbook_reads(tmp_path: Path) -> None:
     """RUNBOOK passes `$(cat chair/chair.pub)` on; only `deploy network` wrote that file."""
     done = subprocess.run([sys.executable, "-m", "node.cli", "registry", "init", "--json",
