@@ -592,7 +592,8 @@ def load_registry(config: NodeConfig, store: Store) -> Registry:
     # them when they came); what arrives from now on needs the current one.
     former = config.former_chair_public_keys
     frames = store.registry_frames()
-    # The newest the current Chair key signed, else the newest of all (see newer()).
+    # The newest the current Chair key signed, else the newest of all: the one the node
+    # held last, since save_registry drops the rows a registry it took replaced (newer()).
     current = key_id(config.chair_public_key)
     held = [f for f in frames if _signer(f) == current][-1:] or frames[-1:]
     for frame in held:

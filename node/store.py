@@ -850,11 +850,16 @@ class Store:
     # -- registry --------------------------------------------------------------------
 
     def save_registry(self, version: int, frame: bytes, now_ms: int) -> None:
-        # Only a registry the node took is saved: one at a version held already was
-        # signed by the current Chair key over one a former key signed (forged, perhaps,
-        # with the key the rotation retired), which must not come back at the next start.
-        self.db.execute("INSERT OR REPLACE INTO registry (version, frame, received_at) "
-                        "VALUES (?,?,?)", (version, frame, now_ms))
+        # Only a registry the node took is saved, and it is the one the node holds: a row
+        # at its version or above was signed by a former Chair key (forged, perhaps, with
+        # the key a rotation retired, at a version as high as the wire allows) and this
+        # one, the current key's, replaced it. Kept, it must not come back at a start:
+        # after the Chair's next rotation both keys are former ones, and the newest row by
+        # version was the forged one again. Its frame stays in the evidence log, where
+        # verify-log learns its keys.
+        self.db.execute("DELETE FROM registry WHERE version >= ?", (version,))
+        self.db.execute("INSERT INTO registry (version, frame, received_at) VALUES (?,?,?)",
+                        (version, frame, now_ms))
 
     def registry_frames(self) -> list[bytes]:
         return [bytes(r[0]) for r in self.db.execute("SELECT frame FROM registry "

@@ -1912,6 +1912,52 @@ def test_the_new_chair_key_replaces_a_registry_the_exposed_one_forged(tmp_path: 
                                  "--json").stdout)["ok"]
 
 
+def test_a_forged_registry_stays_superseded_across_a_second_rotation(tmp_path: Path) -> None:
+    """The first Chair key was exposed and a registry forged with it, at the highest
+    version, reached a node; the second key's registry replaced it, but its row stayed in
+    the database. At the Chair's next rotation both keys are former ones, and a node
+    restarted with the new key before the new key's registry reached it took 'the newest of
+    all' by version: the forged one, trusting the forger's key for IN until the Chair's
+    registry came. A node now starts with the registry it held last."""
+    network = create_network(tmp_path, ["ZA", "IN"], [])
+    chair_dir = network.base / "chair"
+    ChairDirectory(chair_dir).save(dataclasses.replace(network.registry, version=2))
+    forger = SigningKey.generate()
+    forged = sign_registry(dataclasses.replace(
+        add_key(network.registry, "IN", "IN-KPA", bytes(forger.verify_key), now_ms() - 1000),
+        version=2**63 - 1), network.chair_key, now_ms())
+    config = network.configs["ZA"]
+    node = Node.open(config)
+    (verdict,) = node.handle_batch([Delivery(forged)])
+    assert verdict.dead_letter is None and node.registry.version == 2**63 - 1
+    node.close()
+
+    held = []
+    for _ in range(2):
+        rotated = json.loads(kpnode("registry", "rotate-chair-key", "--dir", str(chair_dir),
+                                    "--json").stdout)
+        kpnode("registry", "publish", "--dir", str(chair_dir))
+        held.append((chair_dir / "registry.kpx").read_bytes())
+        write_config(dataclasses.replace(
+            load_config(config.directory),
+            chair_public_key=bytes.fromhex(rotated["chair_public_key"]),
+            former_chair_public_keys=tuple(bytes.fromhex(k)
+                                           for k in rotated["former_chair_public_keys"])))
+        node = Node.open(load_config(config.directory))  # before the new key's registry
+        if len(held) > 1:  # the second key's, as it held it; at first the forged one
+            assert node.registry.frame == held[-2]
+            assert node.registry.key_owner(key_id(bytes(forger.verify_key))) is None
+        (verdict,) = node.handle_batch([Delivery(forged)])
+        assert verdict.dead_letter is not None
+        (verdict,) = node.handle_batch([Delivery(held[-1])])  # the broker brings it
+        assert verdict.dead_letter is None and node.registry.frame == held[-1]
+        node.close()
+    node = Node.open(load_config(config.directory))
+    assert node.registry.frame == held[-1]
+    node.close()
+    assert json.loads(kpnode("verify-log", "--dir", str(config.directory), "--json").stdout)["ok"]
+
+
 def test_a_second_rotation_of_the_chairs_key_keeps_the_first_former_key(tmp_path: Path) -> None:
     """RUNBOOK's step 3 showed one former key, 'the key it replaces': an operator following
     it at the Chair's second rotation listed only the second key. The registries the first
